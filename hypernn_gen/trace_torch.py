@@ -1,0 +1,303 @@
+"""Trace a PyTorch target into a :class:`~hypernn_gen.layout.Layout`.
+
+Two entry points:
+
+* :func:`trace_module` reads a live ``nn.Module`` (the runtime library's input). Init statistics
+  are measured from its current values.
+* :func:`trace_factory` builds the target on the ``meta`` device, so no parameter memory is
+  allocated, and records the initialisers torch runs on each tensor (``kaiming_uniform_``,
+  ``normal_``, ``fill_``, ...) to know its default init scale without any values. If the
+  target cannot be built on ``meta`` it falls back to a real build and says so in the notes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import TraceError
+from .layout import Layout, TensorSpec
+
+__all__ = ["trace_factory", "trace_module"]
+
+Stats = tuple[float, float, str]  # (mean, std, source)
+
+
+def trace_module(
+    module: nn.Module,
+    *,
+    init_stats: dict[int, Stats] | None = None,
+    notes: tuple[str, ...] = (),
+    include: Callable[[str], bool] | None = None,
+) -> Layout:
+    """Layout of a live (or meta) module, in ``named_parameters()`` order, then buffers.
+
+    Args:
+        module: the target.
+        init_stats: statistics keyed by storage key (see :func:`_storage_key`); measured from
+            the values when missing and the tensor is not on ``meta``.
+        notes: carried into the layout (shown by ``inspect`` and in generated headers).
+        include: a predicate on parameter paths; trainable parameters it rejects stay state
+            (``reason="excluded"``). ``None`` generates every trainable parameter.
+    """
+    if not isinstance(module, nn.Module):
+        raise TraceError(
+            f"expected a torch.nn.Module target, got {type(module).__name__}; pass the module "
+            "instance (or a class or factory to the CLI)"
+        )
+    init_stats = init_stats or {}
+    specs: list[TensorSpec] = []
+    canonical: dict[int, int] = {}  # id(tensor) -> index in specs
+
+    for kind, items in (
+        ("parameter", module.named_parameters(remove_duplicate=False)),
+        ("buffer", module.named_buffers(remove_duplicate=False)),
+    ):
+        for name, tensor in items:
+            if tensor is None:
+                continue
+            keys = tuple(name.split("."))
+            if id(tensor) in canonical:  # tied: generated once, under its first name
+                i = canonical[id(tensor)]
+                specs[i] = _with_alias(specs[i], keys)
+                continue
+            canonical[id(tensor)] = len(specs)
+            if kind == "parameter" and tensor.requires_grad:
+                excluded = include is not None and not include(name)
+                role, reason = ("state", "excluded") if excluded else ("generated", "")
+            elif kind == "parameter":
+                role, reason = "state", "frozen"
+            else:
+                role, reason = "state", "buffer"
+            fan_in, fan_out = _fans(tuple(tensor.shape))
+            mean, std, source = init_stats.get(_storage_key(tensor)) or _measure(tensor, fan_in)
+            specs.append(
+                TensorSpec(
+                    keys=keys,
+                    shape=tuple(int(s) for s in tensor.shape),
+                    dtype=str(tensor.dtype).removeprefix("torch."),
+                    role=role,
+                    collection=kind,
+                    fan_in=fan_in,
+                    fan_out=fan_out,
+                    init_mean=_round(mean),
+                    init_std=_round(std),
+                    init_source=source,
+                    reason=reason,
+                )
+            )
+    layout = Layout.build("torch", type(module).__name__, specs, notes)
+    if layout.num_generated == 0:
+        raise TraceError(
+            f"{type(module).__name__} has no trainable floating-point parameters to generate; "
+            "check requires_grad and the include/exclude patterns"
+        )
+    return layout
+
+
+def trace_factory(
+    factory: Callable[[], nn.Module],
+    *,
+    include: Callable[[str], bool] | None = None,
+) -> tuple[Layout, nn.Module]:
+    """Build the target with ``factory`` on the meta device and trace it.
+
+    Returns the layout and the (meta, or real on fallback) module, whose structure the
+    generator reads. Falls back to a real CPU build when the meta build fails.
+    """
+    recorder = _InitRecorder()
+    try:
+        with torch.device("meta"), recorder:
+            module = factory()
+        notes: tuple[str, ...] = ()
+    except Exception as exc:  # noqa: BLE001 - any failure on meta means "try for real"
+        module = factory()
+        recorder.stats.clear()
+        notes = (
+            f"traced by a real build: building on the meta device failed "
+            f"({type(exc).__name__}: {exc})",
+        )
+    if not isinstance(module, nn.Module):
+        raise TraceError(
+            f"the factory returned {type(module).__name__}, not a torch.nn.Module; "
+            "return the module instance"
+        )
+    return trace_module(module, init_stats=recorder.stats, notes=notes, include=include), module
+
+
+# -- init statistics ----------------------------------------------------------------------------
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    """Identity of the storage behind a tensor; a Parameter shares it with the tensor it wraps."""
+    try:
+        return tensor.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001 - tensor subclasses without storage
+        return id(tensor)
+
+
+def _measure(tensor: torch.Tensor, fan_in: int) -> Stats:
+    if tensor.device.type == "meta":
+        # No initialiser was recorded: assume a variance-preserving weight and a zero 1-D tensor.
+        if tensor.dim() >= 2:
+            return 0.0, 1.0 / math.sqrt(fan_in), "assumed"
+        return 0.0, 0.0, "assumed"
+    if not (tensor.is_floating_point() and tensor.numel()):
+        return 0.0, 0.0, "measured"
+    values = tensor.detach().float()
+    std = float(values.std(unbiased=False)) if values.numel() > 1 else 0.0
+    return float(values.mean()), std, "measured"
+
+
+def _round(x: float) -> float:
+    """Round to 6 significant digits so generated constants are short and stable."""
+    return float(f"{x:.6g}") if x else 0.0
+
+
+def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``torch.nn.init``'s fan_in/fan_out; a 1-D tensor's fans are its length."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def _with_alias(spec: TensorSpec, keys: tuple[str, ...]) -> TensorSpec:
+    from dataclasses import replace
+
+    return replace(spec, aliases=(*spec.aliases, keys))
+
+
+class _InitRecorder(TorchFunctionMode):
+    """Records the distribution each initialiser leaves in a tensor, keyed by storage.
+
+    Handles torch.nn.init's functions and the in-place tensor methods they use; any other
+    in-place write makes the tensor "unknown" (and :func:`_measure` then assumes a scale).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats: dict[int, Stats] = {}
+        self._keep: list[torch.Tensor] = []  # keep storages alive so keys stay unique
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        try:
+            self._record(getattr(func, "__name__", ""), args, kwargs, result)
+        except Exception:  # noqa: BLE001 - recording must never break the target's build
+            pass
+        return result
+
+    def __enter__(self) -> _InitRecorder:
+        # trunc_normal_ returns early on meta tensors without touching them: wrap it to see it.
+        original = self._trunc_normal = nn.init.trunc_normal_
+
+        def trunc_normal_(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            self._record("trunc_normal_", (tensor, *args), kwargs, tensor)
+            return original(tensor, *args, **kwargs)
+
+        nn.init.trunc_normal_ = trunc_normal_
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        nn.init.trunc_normal_ = self._trunc_normal
+        super().__exit__(*exc)
+
+    def _set(self, tensor: Any, stats: Stats | None) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            return
+        key = _storage_key(tensor)
+        if stats is None:
+            self.stats.pop(key, None)
+        else:
+            self.stats[key] = stats
+            self._keep.append(tensor)
+
+    def _record(self, name: str, args: tuple, kwargs: dict, result: Any) -> None:  # noqa: C901
+        def arg(i: int, key: str, default: Any) -> Any:
+            return args[i] if len(args) > i else kwargs.get(key, default)
+
+        first = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+        if name == "uniform_":
+            lo, hi = float(arg(1, "a", arg(1, "from", 0.0))), float(arg(2, "b", arg(2, "to", 1.0)))
+            self._set(first, ((lo + hi) / 2, (hi - lo) / math.sqrt(12), "uniform_"))
+        elif name == "normal_":
+            self._set(first, (float(arg(1, "mean", 0.0)), float(arg(2, "std", 1.0)), "normal_"))
+        elif name in ("fill_", "constant_"):
+            value = arg(1, "val", arg(1, "value", 0.0))
+            if isinstance(value, torch.Tensor):
+                self._set(first, None)
+            else:
+                self._set(first, (float(value), 0.0, "constant"))
+        elif name == "zero_":
+            self._set(first, (0.0, 0.0, "constant"))
+        elif name in ("kaiming_uniform_", "kaiming_normal_"):
+            a = float(arg(1, "a", 0.0))
+            mode = arg(2, "mode", "fan_in")
+            nonlinearity = arg(3, "nonlinearity", "leaky_relu")
+            fan = nn.init._calculate_correct_fan(first, mode)
+            std = nn.init.calculate_gain(nonlinearity, a) / math.sqrt(fan)
+            self._set(first, (0.0, std, name))
+        elif name == "trunc_normal_":  # reported by the wrapper in __enter__ (a no-op on meta)
+            self._set(first, (float(arg(1, "mean", 0.0)), float(arg(2, "std", 1.0)), name))
+        elif name in ("mul_", "div_", "add_", "sub_"):
+            key = _storage_key(first)
+            other = arg(1, "other", None)
+            if key not in self.stats or not isinstance(other, (int, float)):
+                self._set(first, None)
+                return
+            mean, std, source = self.stats[key]
+            if name == "mul_":
+                mean, std = mean * other, std * abs(other)
+            elif name == "div_":
+                mean, std = mean / other, std / abs(other)
+            elif name == "add_":
+                mean += other * float(kwargs.get("alpha", 1))
+            else:
+                mean -= other * float(kwargs.get("alpha", 1))
+            self._set(first, (mean, std, source))
+        elif name in ("clamp_", "clip_"):
+            pass  # trunc_normal_'s final clamp: keep the statistics
+        elif name in ("randn", "rand", "zeros", "ones", "full", "empty"):
+            stats = {
+                "randn": (0.0, 1.0, "randn"),
+                "rand": (0.5, 1 / math.sqrt(12), "rand"),
+                "zeros": (0.0, 0.0, "constant"),
+                "ones": (1.0, 0.0, "constant"),
+            }.get(name)
+            if name == "full":
+                fill = arg(1, "fill_value", 0.0)
+                stats = (float(fill), 0.0, "constant") if isinstance(fill, (int, float)) else None
+            self._set(result, stats)
+        elif name in ("mul", "__mul__", "__rmul__", "div", "__truediv__", "add", "__add__", "sub"):
+            # out-of-place scalar arithmetic, e.g. nn.Parameter(torch.randn(n) * 0.02)
+            if not isinstance(first, torch.Tensor) or _storage_key(first) not in self.stats:
+                return
+            other = arg(1, "other", None)
+            if not isinstance(other, (int, float)):
+                return
+            mean, std, source = self.stats[_storage_key(first)]
+            if name in ("mul", "__mul__", "__rmul__"):
+                mean, std = mean * other, std * abs(other)
+            elif name in ("div", "__truediv__"):
+                mean, std = mean / other, std / abs(other)
+            elif name in ("add", "__add__"):
+                mean += other
+            else:
+                mean -= other
+            self._set(result, (mean, std, source))
+        elif (
+            name.endswith("_")
+            and not name.startswith("__")
+            and isinstance(first, torch.Tensor)
+            and name != "requires_grad_"
+        ):
+            self._set(first, None)  # an in-place write we do not model
