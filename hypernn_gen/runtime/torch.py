@@ -1,0 +1,428 @@
+"""Hypernetworks for PyTorch targets, built at run time from a live module.
+
+This is the reference implementation: generated Torch modules are tested against it, and the
+two share parameter names, so ``generated.load_state_dict(runtime.state_dict())`` works.
+
+    hypernetwork = TorchHyperNetwork(target)                   # static, sensible defaults
+    output, generated_params = hypernetwork(x)
+
+    hypernetwork = TorchHyperNetwork(target, mode="dynamic", condition_dim=8)
+    output, generated_params = hypernetwork(x)                 # one weight set per sample
+
+How weights are made (see :mod:`hypernn_gen.layout` for the contract):
+
+* the embedding module returns a table ``(num_embeddings, embedding_dim)`` (static) or
+  ``(batch, num_embeddings, embedding_dim)`` (dynamic: the learned table scaled per sample by a
+  vector computed from the conditioning input, as in hyper-nn and Ha et al.);
+* the weight generator maps each embedding to a chunk of ``chunk_dim`` values (default: one
+  linear layer); the chunks, flattened, give the raw vector;
+* each generated tensor ``t`` is ``param_shift[t] + param_scale[t] * raw[slice of t]``, with
+  ``param_scale``/``param_shift`` learnable and initialised to the target's own init std/mean, so
+  the generated weights start at the scale the target's authors chose.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.utils import _pytree as pytree
+
+from ..errors import HyperNetworkError
+from ..layout import Chunking, Layout
+from ..trace_torch import trace_module
+
+__all__ = [
+    "DynamicEmbedding",
+    "LinearWeightGenerator",
+    "StaticEmbedding",
+    "TorchEmbeddingModule",
+    "TorchHyperNetwork",
+    "TorchWeightGenerator",
+]
+
+Mode = Literal["static", "dynamic"]
+
+
+class TorchEmbeddingModule(nn.Module):
+    """Base class of embedding modules: ``forward()`` (static) or ``forward(condition)`` (dynamic).
+
+    Subclasses return ``(num_embeddings, embedding_dim)`` in static mode and
+    ``(batch, num_embeddings, embedding_dim)`` in dynamic mode.
+    """
+
+    def __init__(self, embedding_dim: int, num_embeddings: int) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.num_embeddings = num_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+
+class TorchWeightGenerator(nn.Module):
+    """Base class of weight generators: ``forward(embedding)`` -> ``(..., num_embeddings, hidden_dim)``.
+
+    ``hidden_dim`` is the chunk size: the number of values made from one embedding. Returning the
+    chunks flattened (``.view(-1)``, as hyper-nn's examples do) is accepted too.
+    """
+
+    def __init__(self, embedding_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.hidden_dim = hidden_dim
+
+
+class StaticEmbedding(TorchEmbeddingModule):
+    """A learned table of ``num_embeddings`` vectors, entries ~ N(0, 1)."""
+
+    def __init__(self, embedding_dim: int, num_embeddings: int) -> None:
+        super().__init__(embedding_dim, num_embeddings)
+        self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class DynamicEmbedding(TorchEmbeddingModule):
+    """The learned table, scaled per sample: ``E[b, k] = (1 + m(c_b)[k]) * weight[k]``.
+
+    ``m`` is a small MLP of the flattened conditioning input ``c``. Its last layer starts at a
+    tenth of PyTorch's default scale, so weight sets start close together and drift apart as
+    the network learns to use the condition. ``condition_dim=None`` infers it on first call.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_embeddings: int,
+        condition_dim: int | None = None,
+        hidden_dim: int = 64,
+    ) -> None:
+        super().__init__(embedding_dim, num_embeddings)
+        self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
+        first = nn.Linear(condition_dim, hidden_dim) if condition_dim else nn.LazyLinear(hidden_dim)
+        last = nn.Linear(hidden_dim, num_embeddings)
+        with torch.no_grad():
+            last.weight.mul_(0.1)
+            last.bias.zero_()
+        self.modulation = nn.Sequential(first, nn.ReLU(), last)
+
+    def scales(self, condition: torch.Tensor) -> torch.Tensor:
+        """Per-sample scale of each embedding, ``(batch, num_embeddings)``."""
+        return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.scales(condition).unsqueeze(-1) * self.weight
+
+
+class LinearWeightGenerator(TorchWeightGenerator):
+    """One linear map from an embedding to a chunk; unit-variance output at init.
+
+    Linearity is what lets generated dynamic modules compute per-sample layers without
+    materialising per-sample weights.
+    """
+
+    def __init__(self, embedding_dim: int, hidden_dim: int) -> None:
+        super().__init__(embedding_dim, hidden_dim)
+        self.linear = nn.Linear(embedding_dim, hidden_dim)
+        with torch.no_grad():
+            self.linear.weight.normal_(0.0, 1.0 / math.sqrt(embedding_dim))
+            self.linear.bias.zero_()
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.linear(embedding)
+
+
+class TorchHyperNetwork(nn.Module):
+    """A hypernetwork for ``target_network``: its trainable parameters are generated.
+
+    Args:
+        target_network: any ``nn.Module``. It is copied; the copy keeps buffers and frozen
+            parameters (``requires_grad=False``) as ordinary state, and gives up the tensors the
+            hypernetwork generates.
+        embedding_module_constructor: ``(embedding_dim, num_embeddings) -> TorchEmbeddingModule``.
+            Default: :class:`StaticEmbedding` or :class:`DynamicEmbedding` by ``mode``.
+        weight_generator_constructor: ``(embedding_dim, hidden_dim) -> TorchWeightGenerator``.
+            Default: :class:`LinearWeightGenerator`.
+        embedding_dim: size of each embedding.
+        num_embeddings, chunk_dim: give one (or neither, then both are about the square root of
+            the generated parameter count); the other is derived so that
+            ``num_embeddings * chunk_dim`` covers the flat vector.
+        mode: ``"static"`` (one weight set) or ``"dynamic"`` (one weight set per sample).
+        condition_dim: dynamic mode, default embedding: the flattened size of one conditioning
+            input (``None``: inferred on the first call).
+        include: optional predicate on parameter paths; trainable parameters it rejects stay
+            ordinary parameters of the copied target.
+
+    ``forward(*inputs, generated_params=None, condition=None, **kwargs)`` returns
+    ``(output, generated_params)``; ``generated_params`` is the flat vector of the target's
+    generated tensors in layout order, ``(flat_size,)`` or ``(batch, flat_size)``.
+    """
+
+    def __init__(
+        self,
+        target_network: nn.Module,
+        embedding_module_constructor: Callable[[int, int], nn.Module] | None = None,
+        weight_generator_constructor: Callable[[int, int], nn.Module] | None = None,
+        embedding_dim: int = 32,
+        num_embeddings: int | None = None,
+        *,
+        chunk_dim: int | None = None,
+        mode: Mode = "static",
+        condition_dim: int | None = None,
+        include: Callable[[str], bool] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("static", "dynamic"):
+            raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        self.mode: Mode = mode
+        self.layout: Layout = trace_module(target_network, include=include)
+        self.chunking = Chunking.resolve(
+            self.layout.flat_size, num_embeddings=num_embeddings, chunk_dim=chunk_dim
+        )
+        self.embedding_dim = embedding_dim
+        self.num_embeddings = self.chunking.num_embeddings
+        self.hidden_dim = self.chunking.chunk_dim
+
+        if embedding_module_constructor is None:
+            if mode == "dynamic":
+                self.embedding_module = DynamicEmbedding(
+                    embedding_dim, self.num_embeddings, condition_dim
+                )
+            else:
+                self.embedding_module = StaticEmbedding(embedding_dim, self.num_embeddings)
+        else:
+            self.embedding_module = embedding_module_constructor(embedding_dim, self.num_embeddings)
+        if weight_generator_constructor is None:
+            weight_generator_constructor = LinearWeightGenerator
+        self.weight_generator = weight_generator_constructor(embedding_dim, self.hidden_dim)
+        for name, module in (("embedding", self.embedding_module), ("weight generator",
+                             self.weight_generator)):
+            if not isinstance(module, nn.Module):
+                raise HyperNetworkError(
+                    f"the {name} constructor returned {type(module).__name__}, not an nn.Module; "
+                    f"subclass Torch{'EmbeddingModule' if name == 'embedding' else 'WeightGenerator'}"
+                )
+
+        generated = self.layout.generated
+        self.param_scale = nn.Parameter(torch.tensor([t.init_std for t in generated]))
+        self.param_shift = nn.Parameter(torch.tensor([t.init_mean for t in generated]))
+        # Segment sizes covering [0, flat_size): each generated tensor, then any padding.
+        segments, owners, cursor = [], [], 0
+        for i, t in enumerate(generated):
+            if t.offset > cursor:
+                segments.append(t.offset - cursor)
+                owners.append(len(generated))  # padding reads the appended zero
+            segments.append(t.size)
+            owners.append(i)
+            cursor = t.end
+        if self.layout.flat_size > cursor:
+            segments.append(self.layout.flat_size - cursor)
+            owners.append(len(generated))
+        self.register_buffer("_segment_sizes", torch.tensor(segments), persistent=False)
+        self.register_buffer("_segment_owner", torch.tensor(owners), persistent=False)
+
+        self.target = _strip_generated(target_network, self.layout)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.param_scale.device
+
+    def embed(self, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding module's output for this mode."""
+        if self.mode == "static":
+            return self.embedding_module()
+        if condition is None:
+            raise HyperNetworkError(
+                "dynamic mode needs a conditioning input: pass the target's inputs or condition=..."
+            )
+        return self.embedding_module(condition)
+
+    def generate_params(self, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat vector of generated parameters: ``(flat_size,)`` or ``(batch, flat_size)``."""
+        embedding = self.embed(condition)
+        if not isinstance(embedding, torch.Tensor):
+            raise HyperNetworkError(
+                f"the embedding module returned {type(embedding).__name__}, expected a tensor of "
+                f"shape {self._expected_embedding(condition)}"
+            )
+        raw = self.weight_generator(embedding)
+        if not isinstance(raw, torch.Tensor):
+            raise HyperNetworkError(
+                f"the weight generator returned {type(raw).__name__}, expected a tensor of chunks "
+                f"(..., {self.num_embeddings}, {self.hidden_dim})"
+            )
+        if self.mode == "dynamic":
+            batch = condition.shape[0]
+            if raw.dim() == 0 or raw.numel() % batch:
+                raise HyperNetworkError(
+                    f"the weight generator returned shape {tuple(raw.shape)}, which does not split "
+                    f"into {batch} samples; keep the batch dimension first"
+                )
+            raw = raw.reshape(batch, -1)
+        else:
+            raw = raw.reshape(-1)
+        if raw.shape[-1] < self.layout.flat_size:
+            raise HyperNetworkError(
+                f"the weight generator made {raw.shape[-1]} values per weight set, the target needs "
+                f"{self.layout.flat_size}: return (num_embeddings={self.num_embeddings}, "
+                f"hidden_dim={self.hidden_dim}) chunks from an embedding of shape "
+                f"{self._expected_embedding(condition)}"
+            )
+        return self._decode(raw[..., : self.layout.flat_size])
+
+    def _decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """Per-tensor affine map from the raw vector to the target's parameters."""
+        pad = raw.new_zeros(1)
+        scale = torch.cat([self.param_scale.to(raw.dtype), pad])[self._segment_owner]
+        shift = torch.cat([self.param_shift.to(raw.dtype), pad])[self._segment_owner]
+        sizes, n = self._segment_sizes, self.layout.flat_size
+        scale = torch.repeat_interleave(scale, sizes, output_size=n)
+        shift = torch.repeat_interleave(shift, sizes, output_size=n)
+        return torch.addcmul(shift, raw, scale)
+
+    def _expected_embedding(self, condition: Any) -> tuple[int, ...]:
+        shape = (self.num_embeddings, self.embedding_dim)
+        if self.mode == "dynamic" and isinstance(condition, torch.Tensor):
+            return (condition.shape[0], *shape)
+        return shape
+
+    # -- flat vector <-> tensors --------------------------------------------------------------
+
+    def unflatten_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named tensors (state-dict names) from a flat vector; keeps any leading batch dims."""
+        batch = flat.shape[:-1]
+        return {
+            t.path: flat[..., t.offset : t.end].reshape(*batch, *t.shape)
+            for t in self.layout.generated
+        }
+
+    def flatten_params(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The flat vector for named tensors (the inverse of :meth:`unflatten_params`)."""
+        generated = self.layout.generated
+        missing = [t.path for t in generated if t.path not in params]
+        if missing:
+            raise HyperNetworkError(
+                f"flatten_params is missing {missing[0]!r} (and {len(missing) - 1} more); pass "
+                "every generated tensor, e.g. dict(target.named_parameters())"
+            )
+        first = params[generated[0].path]
+        flat = first.new_zeros(self.layout.flat_size)
+        for t in generated:
+            flat[t.offset : t.end] = params[t.path].detach().reshape(-1)
+        return flat
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        *args: Any,
+        generated_params: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, torch.Tensor]:
+        """Run the target with generated weights; returns ``(output, generated_params)``."""
+        if generated_params is None:
+            if self.mode == "dynamic" and condition is None:
+                condition = _first_tensor(args)
+            generated_params = self.generate_params(condition)
+        self._check_params(generated_params)
+        return self.target_forward(*args, generated_params=generated_params, **kwargs), (
+            generated_params
+        )
+
+    def target_forward(self, *args: Any, generated_params: torch.Tensor, **kwargs: Any) -> Any:
+        """The target's forward with the given flat weights (one set, or one per sample)."""
+        params = self.unflatten_params(generated_params)
+        if self.mode == "static":
+            return functional_call(self.target, params, args, kwargs)
+        return self._per_sample_forward(params, generated_params.shape[0], args, kwargs)
+
+    def _per_sample_forward(
+        self, params: dict[str, torch.Tensor], batch: int, args: tuple, kwargs: dict
+    ) -> Any:
+        """Sample b through the target alone with weight set b, batched with ``vmap``.
+
+        In training mode the target's buffers are given to each sample as its own copy (BatchNorm
+        then sees that sample's statistics) and the copies' mean is written back afterwards.
+        """
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] != batch):
+                raise HyperNetworkError(
+                    f"dynamic mode made {batch} weight sets but input {i} has batch size "
+                    f"{a.shape[0] if a.dim() else 'none (a scalar)'}; give the target inputs and "
+                    "the condition the same leading batch dimension"
+                )
+        in_args = tuple(0 if isinstance(a, torch.Tensor) else None for a in args)
+        buffers = dict(self.target.named_buffers()) if self.training else {}
+        batched = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
+
+        def one_sample(p: dict, b: dict, *xs: Any) -> Any:
+            xs = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in xs)
+            out = functional_call(self.target, {**p, **b}, xs, kwargs)
+            return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, torch.Tensor) else o, out)
+
+        out = vmap(one_sample, in_dims=(0, 0, *in_args), randomness="different")(
+            params, batched, *args
+        )
+        with torch.no_grad():
+            for name, value in batched.items():
+                mean = value.float().mean(0) if value.is_floating_point() else value[0]
+                buffers[name].copy_(mean.to(buffers[name].dtype))
+        return out
+
+    def _check_params(self, flat: torch.Tensor) -> None:
+        n = self.layout.flat_size
+        expected = (n,) if self.mode == "static" else ("batch", n)
+        ok = flat.shape[-1] == n and flat.dim() == len(expected)
+        if not ok:
+            raise HyperNetworkError(
+                f"generated_params has shape {tuple(flat.shape)}, expected {expected} for this "
+                f"{self.mode} hypernetwork; build it with flatten_params()"
+            )
+
+    # -- persistence (hyper-nn compatible) ----------------------------------------------------
+
+    def save(self, path: str) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str) -> None:
+        self.load_state_dict(torch.load(path, weights_only=True))
+
+
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def _strip_generated(target: nn.Module, layout: Layout) -> nn.Module:
+    """A copy of ``target`` without the tensors the hypernetwork generates.
+
+    The copy is made on the meta device for generated tensors (no memory), then those are
+    removed, so the hypernetwork owns no second copy of the weights.
+    """
+    generated = set()
+    for t in layout.generated:
+        generated.add(t.path)
+        generated.update(".".join(a) for a in t.aliases)
+    memo = {}
+    for name, p in target.named_parameters(remove_duplicate=False):
+        if name in generated:
+            memo[id(p)] = nn.Parameter(torch.empty(0, device="meta"))
+    import copy
+
+    clone = copy.deepcopy(target, memo)
+    for name in sorted(generated):
+        *parents, leaf = name.split(".")
+        owner = clone.get_submodule(".".join(parents))
+        owner._parameters.pop(leaf, None)
+    return clone
