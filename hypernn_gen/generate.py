@@ -1,0 +1,277 @@
+"""The generator pipeline: load -> trace -> render -> check/format -> (write).
+
+:func:`generate` turns :class:`GenerateOptions` into the final text of one generated file; the
+CLI decides whether to write it (:mod:`hypernn_gen.write`), diff it or check it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._version import __version__
+from .errors import GenerationError
+from .extract import extract_target_source
+from .layout import Chunking, Layout
+from .load import LoadedTarget, load_target
+from .render import (
+    CONTEXT_VERSION,
+    Names,
+    ParamView,
+    StateView,
+    TemplateContext,
+    render,
+    template_name,
+)
+from .select import path_filter
+from .trace import trace_target
+from .verify import check_source, dedupe_imports, format_source
+from .write import seal
+
+__all__ = ["GenerateOptions", "Generated", "generate"]
+
+BACKENDS = ("torch", "flax")
+MODES = ("static", "dynamic")
+MODULATION_HIDDEN = 64
+#: names the generated files define; copied target code must not use them at module level
+RESERVED_NAMES = frozenset(
+    {
+        "GENERATED",
+        "ParamSlice",
+        "EMBEDDING_DIM",
+        "NUM_EMBEDDINGS",
+        "CHUNK_DIM",
+        "FLAT_SIZE",
+        "LAYOUT_DIGEST",
+        "CONDITION_SHAPE",
+        "MODULATION_HIDDEN",
+        "check_layout",
+        "without_generated",
+    }
+)
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Everything that determines a generated file (the CLI flags, or one pyproject job)."""
+
+    target: str
+    backend: str = "torch"
+    mode: str = "static"
+    output: str | None = None
+    embedding_dim: int = 32
+    num_embeddings: int | None = None
+    chunk_dim: int | None = None
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    input_dtype: str = "float32"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    template_dir: str | None = None
+    formatter: str = "black"
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Generated:
+    path: Path
+    text: str
+    layout: Layout
+    loaded: LoadedTarget
+
+
+def default_output(options: GenerateOptions, loaded: LoadedTarget) -> str:
+    """``<target stem>_<framework>_<mode>.py`` next to where the user runs the tool."""
+    stem = Path(loaded.path).stem
+    return f"{stem}_{loaded.framework}_{options.mode}.py"
+
+
+def resolve_output(options: GenerateOptions, loaded: LoadedTarget) -> Path:
+    """``-o`` may name a file or an existing directory (or end with ``/``)."""
+    if options.output is None:
+        return Path(default_output(options, loaded))
+    out = Path(options.output)
+    if out.is_dir() or options.output.endswith(("/", os.sep)):
+        return out / default_output(options, loaded)
+    return out
+
+
+def generate(options: GenerateOptions) -> Generated:
+    """Run the pipeline for one file and return its final (formatted, sealed) text."""
+    if options.backend not in BACKENDS:
+        raise GenerationError(f"unknown backend {options.backend!r}; choose torch or flax")
+    if options.mode not in MODES:
+        raise GenerationError(f"unknown mode {options.mode!r}; choose static or dynamic")
+    if options.embedding_dim <= 0:
+        raise GenerationError(f"--embedding-dim must be positive, got {options.embedding_dim}")
+
+    loaded = load_target(
+        options.target, input_shapes=list(options.input_shapes) or None,
+        input_dtype=options.input_dtype,
+    )
+    backend = "torch" if loaded.framework == "torch" else "flax"
+    if backend != options.backend:
+        raise GenerationError(
+            f"{loaded.display} is a {loaded.framework} target but --backend {options.backend} was "
+            f"given; use --backend {backend}"
+        )
+    layout = trace_target(loaded, include=path_filter(list(options.include), list(options.exclude)))
+    chunking = Chunking.resolve(
+        layout.flat_size, num_embeddings=options.num_embeddings, chunk_dim=options.chunk_dim
+    )
+    path = resolve_output(options, loaded)
+    ctx = build_context(options, loaded, layout, chunking, path)
+    template_dir = Path(options.template_dir) if options.template_dir else None
+    source = render(ctx, template_dir=template_dir)
+    module = dedupe_imports(check_source(source, template=template_name(loaded.framework)))
+    text = seal(format_source(module.code, formatter=options.formatter))
+    return Generated(path, text, layout, loaded)
+
+
+# -- context --------------------------------------------------------------------------------
+
+
+def class_prefix(loaded: LoadedTarget) -> str:
+    """``SmallCNN`` for a class, ``SeedMlp`` for ``seed_mlp.py:make_target``."""
+    generic = {"Sequential", "ModuleList", "ModuleDict"}
+    if loaded.kind == "class":
+        return loaded.obj.__name__
+    if loaded.kind == "instance" and type(loaded.obj).__name__ not in generic:
+        return type(loaded.obj).__name__
+    name = loaded.name
+    if name in ("target", "make_target", "model", "make_model"):
+        name = Path(loaded.path).stem
+    name = re.sub(r"^(make|build|create|get)_", "", name)
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[^0-9a-zA-Z]+", name) if part)
+
+
+def factory_expression(loaded: LoadedTarget) -> str:
+    if loaded.kind == "instance":
+        return f"copy.deepcopy({loaded.name})"
+    return f"{loaded.name}()"
+
+
+def _relative(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_absolute():
+        try:
+            return Path(os.path.relpath(p)).as_posix()
+        except ValueError:
+            return p.name
+    return p.as_posix()
+
+
+def command_line(options: GenerateOptions, loaded: LoadedTarget, path: Path) -> str:
+    """The exact command that regenerates this file (relative paths, explicit options)."""
+    file_part, _, name = options.target.partition(":")
+    spec = _relative(file_part) + (f":{name}" if name else "")
+    args = ["hypernn-gen", spec, "--backend", options.backend, "--mode", options.mode]
+    args += ["--embedding-dim", str(options.embedding_dim)]
+    if options.num_embeddings is not None:
+        args += ["--num-embeddings", str(options.num_embeddings)]
+    if options.chunk_dim is not None:
+        args += ["--chunk-dim", str(options.chunk_dim)]
+    for shape in options.input_shapes:
+        args += ["--input-shape", ",".join(map(str, shape))]
+    if options.input_shapes and options.input_dtype != "float32":
+        args += ["--input-dtype", options.input_dtype]
+    for pattern in options.include:
+        args += ["--include", pattern]
+    for pattern in options.exclude:
+        args += ["--exclude", pattern]
+    if options.template_dir:
+        args += ["--template-dir", _relative(options.template_dir)]
+    if options.formatter != "black":
+        args += ["--formatter", options.formatter]
+    args += ["-o", _relative(path)]
+    return shlex.join(args)
+
+
+def build_context(
+    options: GenerateOptions,
+    loaded: LoadedTarget,
+    layout: Layout,
+    chunking: Chunking,
+    path: Path,
+) -> TemplateContext:
+    prefix = class_prefix(loaded)
+    names = Names(
+        prefix=prefix,
+        embedding=f"{prefix}Embedding",
+        weight_generator=f"{prefix}WeightGenerator",
+        hypernetwork=f"{prefix}HyperNetwork",
+        target_factory=factory_expression(loaded),
+    )
+    source = extract_target_source(Path(loaded.path), [loaded.name])
+    clash = sorted(source.names & (RESERVED_NAMES | {names.embedding, names.weight_generator,
+                                                     names.hypernetwork}))
+    if clash:
+        raise GenerationError(
+            f"{loaded.display} defines {clash[0]!r}, a name the generated file needs for itself; "
+            "rename it in the target file"
+        )
+    condition_shape = None
+    if options.mode == "dynamic":
+        if not loaded.input_specs:
+            raise GenerationError(
+                f"dynamic mode needs the shape of the conditioning input; pass --input-shape "
+                f"(e.g. --input-shape 1,8) or define example_input in {loaded.display}"
+            )
+        condition_shape = tuple(loaded.input_specs[0].shape[1:])
+    params = tuple(
+        ParamView(
+            path=t.path,
+            keys=t.keys,
+            shape=t.shape,
+            offset=t.offset,
+            size=t.size,
+            init_mean=t.init_mean,
+            init_std=t.init_std,
+            init_source=t.init_source,
+            aliases=tuple(".".join(map(str, a)) for a in t.aliases),
+        )
+        for t in layout.generated
+    )
+    state = tuple(StateView(t.path, t.shape, t.collection, t.reason) for t in layout.state)
+    command = command_line(options, loaded, path)
+    header = (
+        f"Generated by hypernn-gen {__version__}: a {options.mode} hypernetwork for {prefix}.",
+        "Do not edit by hand: change the options or templates and regenerate with the command below.",
+        "",
+        f"target:   {_relative(loaded.path)}:{loaded.name} ({loaded.framework}, {loaded.kind})",
+        f"options:  backend={options.backend} mode={options.mode} "
+        f"embedding_dim={options.embedding_dim} num_embeddings={chunking.num_embeddings} "
+        f"chunk_dim={chunking.chunk_dim}",
+        f"layout:   {len(params)} generated tensors, {layout.num_generated:,} values, "
+        f"{len(state)} state tensors, digest {layout.digest()}",
+        *(f"note:     {note}" for note in layout.notes),
+        f"command:  {command}",
+    )
+    return TemplateContext(
+        context_version=CONTEXT_VERSION,
+        generator_version=__version__,
+        framework=loaded.framework,
+        mode=options.mode,
+        names=names,
+        layout=layout,
+        params=params,
+        state=state,
+        chunking=chunking,
+        embedding_dim=options.embedding_dim,
+        condition_shape=condition_shape,
+        modulation_hidden=MODULATION_HIDDEN,
+        example_inputs=tuple((tuple(s.shape), s.dtype) for s in loaded.input_specs),
+        target_imports=source.imports,
+        target_source=source.body,
+        target_file=_relative(loaded.path),
+        header=header,
+        options={
+            "backend": options.backend,
+            "mode": options.mode,
+            "embedding_dim": options.embedding_dim,
+            "num_embeddings": chunking.num_embeddings,
+            "chunk_dim": chunking.chunk_dim,
+        },
+    )

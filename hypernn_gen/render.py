@@ -1,0 +1,193 @@
+"""Render a hypernetwork module from the Jinja templates in ``templates/``.
+
+Templates receive exactly one object, ``ctx`` (a :class:`TemplateContext`), whose fields are the
+documented, versioned template API (``hypernn-gen templates list`` prints it). A breaking change
+to those fields bumps :data:`CONTEXT_VERSION`.
+
+Template lookup, first match wins:
+
+1. the user's ``--template-dir`` (a file there with a built-in's name replaces it; it may start
+   with ``{% extends "builtin/torch/hypernetwork.py.jinja" %}`` and override single blocks);
+2. the built-in templates, also reachable under the ``builtin/`` prefix.
+
+The environment uses ``StrictUndefined``: a template that reads a name the context lacks fails
+with the template's file and line instead of rendering an empty string.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from .errors import GenerationError
+from .layout import Chunking, Layout
+
+__all__ = [
+    "CONTEXT_VERSION",
+    "Names",
+    "ParamView",
+    "TemplateContext",
+    "builtin_templates_dir",
+    "make_environment",
+    "render",
+    "template_name",
+]
+
+#: Version of the template context. Bump on any breaking change to :class:`TemplateContext`.
+CONTEXT_VERSION = 1
+
+
+def builtin_templates_dir() -> Path:
+    """The built-in templates: inside the package when installed from a wheel, else the repo's."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if candidate.is_dir():
+            return candidate
+    raise GenerationError(
+        "the built-in templates are missing from this installation; reinstall hypernn-gen"
+    )
+
+
+def template_name(framework: str) -> str:
+    """The entry template for a framework (``torch``, ``linen`` or ``nnx``)."""
+    return f"{framework}/hypernetwork.py.jinja"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Identifiers in the generated file (all derived from the target's name)."""
+
+    prefix: str  #: e.g. ``SeedMlp``
+    embedding: str  #: e.g. ``SeedMlpEmbedding``
+    weight_generator: str  #: e.g. ``SeedMlpWeightGenerator``
+    hypernetwork: str  #: e.g. ``SeedMlpHyperNetwork``
+    target_factory: str  #: Python expression that builds a fresh target, e.g. ``make_target()``
+
+
+@dataclass(frozen=True)
+class ParamView:
+    """One generated tensor as templates see it."""
+
+    path: str
+    keys: tuple[str | int, ...]
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+    init_mean: float
+    init_std: float
+    init_source: str
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StateView:
+    """One state tensor (buffer, frozen parameter, non-``params`` collection)."""
+
+    path: str
+    shape: tuple[int, ...]
+    collection: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TemplateContext:
+    """Everything a template may use. Field names are the template API (see ``CONTEXT_VERSION``)."""
+
+    context_version: int
+    generator_version: str
+    framework: str  #: ``torch``, ``linen`` or ``nnx``
+    mode: str  #: ``static`` or ``dynamic``
+    names: Names
+    layout: Layout
+    params: tuple[ParamView, ...]
+    state: tuple[StateView, ...]
+    chunking: Chunking
+    embedding_dim: int
+    condition_shape: tuple[int, ...] | None  #: one sample's conditioning input (dynamic)
+    modulation_hidden: int  #: hidden width of the dynamic embedding's modulation MLP
+    example_inputs: tuple[tuple[tuple[int, ...], str], ...]  #: (shape, dtype) per input
+    target_imports: tuple[str, ...]  #: import lines the copied target code needs
+    target_source: str  #: the copied target definition(s)
+    target_file: str  #: the target file, relative, as given
+    header: tuple[str, ...]  #: provenance comment lines (without ``# ``)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def condition_dim(self) -> int | None:
+        return math.prod(self.condition_shape) if self.condition_shape is not None else None
+
+
+def _py(value: Any) -> str:
+    """A deterministic Python literal for numbers, strings and tuples."""
+    if isinstance(value, float):
+        return repr(value) if value else "0.0"
+    if isinstance(value, tuple):
+        inner = ", ".join(_py(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return repr(value)
+
+
+def _int(value: int) -> str:
+    """An int literal with ``_`` thousands separators (black keeps them)."""
+    return f"{value:_}"
+
+
+def make_environment(template_dir: Path | None = None) -> jinja2.Environment:
+    builtin = jinja2.FileSystemLoader(str(builtin_templates_dir()))
+    loaders: list[jinja2.BaseLoader] = []
+    if template_dir is not None:
+        if not template_dir.is_dir():
+            raise GenerationError(
+                f"--template-dir {template_dir} is not a directory; create it, e.g. with "
+                f"`hypernn-gen templates export {template_dir}`"
+            )
+        loaders.append(jinja2.FileSystemLoader(str(template_dir)))
+    loaders += [jinja2.PrefixLoader({"builtin": builtin}), builtin]
+    env = jinja2.Environment(
+        loader=jinja2.ChoiceLoader(loaders),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["py"] = _py
+    env.filters["int"] = _int
+    env.filters["count"] = "{:,}".format
+    return env
+
+
+def render(ctx: TemplateContext, *, template_dir: Path | None = None) -> str:
+    """Render the entry template for ``ctx.framework``; errors name the template file and line."""
+    env = make_environment(template_dir)
+    name = template_name(ctx.framework)
+    try:
+        return env.get_template(name).render(ctx=ctx)
+    except jinja2.TemplateSyntaxError as exc:
+        where = f"{exc.filename or exc.name}:{exc.lineno}"
+        raise GenerationError(f"{where}: template syntax error: {exc.message}") from exc
+    except jinja2.UndefinedError as exc:
+        raise GenerationError(
+            f"{_template_frame(exc) or name}: {exc.message}; the template context has no such "
+            "name (see `hypernn-gen templates list`)"
+        ) from exc
+    except jinja2.TemplateNotFound as exc:
+        raise GenerationError(
+            f"template {exc.name!r} not found; built-in names are listed by "
+            "`hypernn-gen templates list`"
+        ) from exc
+
+
+def _template_frame(exc: BaseException) -> str | None:
+    """``file:line`` of the innermost template frame in a Jinja traceback."""
+    tb, where = exc.__traceback__, None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.endswith(".jinja"):
+            where = f"{filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
