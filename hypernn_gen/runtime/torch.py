@@ -344,6 +344,9 @@ class TorchHyperNetwork(nn.Module):
     def target_forward(self, *args: Any, generated_params: torch.Tensor, **kwargs: Any) -> Any:
         """The target's forward with the given flat weights (one set, or one per sample)."""
         params = self.unflatten_params(generated_params)
+        for t in self.layout.generated:  # tied weights: every name the target uses gets the tensor
+            for alias in t.aliases:
+                params[".".join(alias)] = params[t.path]
         if self.mode == "static":
             return functional_call(self.target, params, args, kwargs)
         return self._per_sample_forward(params, generated_params.shape[0], args, kwargs)
