@@ -18,10 +18,11 @@ use the CLI's flag names (``-`` or ``_`` both accepted); an unknown key is an er
 from __future__ import annotations
 
 import difflib
-import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .errors import GenerationError
 from .generate import GenerateOptions
@@ -62,7 +63,8 @@ def _convert(name: str, value: Any, where: str) -> Any:
     if name in ("include", "exclude"):
         return tuple(value if isinstance(value, list) else [value])
     if name in ("embedding_dim", "num_embeddings", "chunk_dim") and not isinstance(value, int):
-        raise GenerationError(f"{where}: {name.replace('_', '-')} must be an integer, got {value!r}")
+        flag = name.replace("_", "-")
+        raise GenerationError(f"{where}: {flag} must be an integer, got {value!r}")
     return value
 
 

@@ -55,10 +55,12 @@ def status_of(path: Path, expected: str) -> Status:
     existing = path.read_text()
     if existing == expected:
         return Status(FileStatus.CURRENT, existing)
-    body, sep, last = existing.rstrip("\n").rpartition("\n")
-    if not sep or not last.startswith(DIGEST_PREFIX):
+    start = existing.rfind("\n" + DIGEST_PREFIX)
+    if start < 0:
         return Status(FileStatus.FOREIGN, existing)
-    if _digest(body + "\n") != last.removeprefix(DIGEST_PREFIX).strip():
+    body, rest = existing[: start + 1], existing[start + 1 :]
+    digest_line, _, after = rest.partition("\n")
+    if after.strip() or _digest(body) != digest_line.removeprefix(DIGEST_PREFIX).strip():
         return Status(FileStatus.EDITED, existing)
     return Status(FileStatus.STALE, existing)
 

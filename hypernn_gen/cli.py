@@ -1,0 +1,285 @@
+"""The ``hypernn-gen`` command line.
+
+    hypernn-gen TARGET.py[:NAME] [options]          generate a hypernetwork (the default command)
+    hypernn-gen inspect TARGET.py[:NAME] [options]  show the target's parameter layout
+
+:func:`main` picks the command from the first argument: a name in :data:`COMMANDS`, else the
+default command (generation), which takes the target path as its first argument. Each command
+owns an :mod:`argparse` parser; adding one (``templates``, say) means adding a :class:`Command`
+to :data:`COMMANDS`.
+
+Every :class:`~hypernn_gen.errors.HypernnGenError` becomes ``hypernn-gen: error: <message>`` on
+stderr and exit code 2, without a traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._version import __version__
+from .config import find_pyproject, load_jobs
+from .errors import GenerationError, HypernnGenError
+from .generate import BACKENDS, MODES, GenerateOptions, generate
+from .layout import Chunking
+from .load import INPUT_DTYPES, load_target, parse_input_shape
+from .report import format_layout, layout_json
+from .trace import trace_selected
+from .verify import FORMATTERS
+from .write import FileStatus, status_of, summarise_diff, write_generated
+
+__all__ = [
+    "COMMANDS",
+    "DEFAULT_COMMAND",
+    "Command",
+    "add_debug_argument",
+    "add_target_arguments",
+    "main",
+]
+
+PROG = "hypernn-gen"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its one-line help, its arguments and what it runs (returns the exit code)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- shared options -------------------------------------------------------------------------------
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """TARGET, the example-input options and ``--include``/``--exclude``."""
+    parser.add_argument(
+        "target",
+        metavar="TARGET",
+        help="path/to/target.py[:NAME]: a module class, module instance or zero-argument factory",
+    )
+    parser.add_argument(
+        "--input-shape",
+        metavar="S",
+        action="append",
+        default=[],
+        help="shape of one forward input, e.g. 1,8 (repeat for several inputs; overrides the "
+        "file's example_input)",
+    )
+    parser.add_argument(
+        "--input-dtype",
+        metavar="D",
+        default="float32",
+        help=f"dtype of the --input-shape inputs: {', '.join(INPUT_DTYPES)} (default float32)",
+    )
+    parser.add_argument(
+        "--include",
+        metavar="GLOB",
+        action="append",
+        default=[],
+        help="generate only parameters whose path matches (repeatable), e.g. 'blocks.*'",
+    )
+    parser.add_argument(
+        "--exclude",
+        metavar="GLOB",
+        action="append",
+        default=[],
+        help="keep parameters whose path matches as ordinary state (repeatable)",
+    )
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+# -- inspect --------------------------------------------------------------------------------------
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    add_target_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the layout and chunking as JSON")
+    add_debug_argument(parser)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    loaded = load_target(args.target, input_shapes=args.input_shape, input_dtype=args.input_dtype)
+    layout = trace_selected(loaded, include=args.include, exclude=args.exclude)
+    chunking = Chunking.resolve(layout.flat_size)
+    if args.json:
+        print(layout_json(layout, chunking))
+    else:
+        print(format_layout(loaded, layout, chunking))
+    return 0
+
+
+# -- generate -------------------------------------------------------------------------------------
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_target_arguments(parser)
+    parser.set_defaults()
+    for action in parser._actions:  # TARGET is optional here: without it, pyproject jobs run
+        if action.dest == "target":
+            action.nargs = "?"
+            action.default = None
+    parser.add_argument("--backend", choices=BACKENDS, help="torch or flax (default: the target's)")
+    parser.add_argument(
+        "--mode", choices=MODES, default="static", help="static (default) or dynamic"
+    )
+    parser.add_argument("-o", "--output", metavar="PATH", help="output file or directory")
+    parser.add_argument("--embedding-dim", type=int, default=32, metavar="D", help="default 32")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--num-embeddings", type=int, metavar="N", help="number of chunks")
+    size.add_argument("--chunk-dim", type=int, metavar="C", help="values per chunk")
+    parser.add_argument("--template-dir", metavar="DIR", help="user templates, tried first")
+    parser.add_argument("--formatter", choices=FORMATTERS, default="black")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if a generated file is missing, stale or edited",
+    )
+    what.add_argument("--diff", action="store_true", help="print what would change; write nothing")
+    parser.add_argument("--force", action="store_true", help="overwrite a hand-edited file")
+    parser.add_argument("--config", metavar="PYPROJECT", help="pyproject.toml with the jobs")
+    add_debug_argument(parser)
+
+
+def _jobs(args: argparse.Namespace) -> list[GenerateOptions]:
+    if args.target is not None:
+        return [
+            GenerateOptions(
+                target=args.target,
+                backend=args.backend,
+                mode=args.mode,
+                output=args.output,
+                embedding_dim=args.embedding_dim,
+                num_embeddings=args.num_embeddings,
+                chunk_dim=args.chunk_dim,
+                input_shapes=tuple(parse_input_shape(s) for s in args.input_shape),
+                input_dtype=args.input_dtype,
+                include=tuple(args.include),
+                exclude=tuple(args.exclude),
+                template_dir=args.template_dir,
+                formatter=args.formatter,
+            )
+        ]
+    pyproject = Path(args.config) if args.config else find_pyproject()
+    if pyproject is None:
+        raise GenerationError(
+            "no target given and no pyproject.toml found; pass a target file "
+            "(hypernn-gen target.py --backend torch) or add [tool.hypernn-gen] jobs"
+        )
+    return load_jobs(pyproject)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    exit_code = 0
+    for options in _jobs(args):
+        result = generate(options)
+        state = status_of(result.path, result.text)
+        if args.check:
+            if state.status is FileStatus.CURRENT:
+                print(f"ok        {result.path}")
+                continue
+            exit_code = 1
+            detail = {
+                FileStatus.MISSING: "missing",
+                FileStatus.EDITED: "edited by hand (its digest no longer matches)",
+                FileStatus.FOREIGN: "not written by hypernn-gen",
+            }.get(state.status)
+            if detail is None:
+                detail = "stale: " + summarise_diff(state.existing or "", result.text, "")[0]
+            print(f"FAILED    {result.path}: {detail}")
+        elif args.diff:
+            if state.status is not FileStatus.CURRENT:
+                sys.stdout.write(
+                    summarise_diff(state.existing or "", result.text, str(result.path))[1]
+                )
+        else:
+            old = write_generated(result.path, result.text, force=args.force)
+            verb = "unchanged" if old is FileStatus.CURRENT else "wrote    "
+            layout = result.layout
+            print(
+                f"{verb} {result.path} ({options.mode}, {len(layout.generated)} tensors, "
+                f"{layout.num_generated:,} generated values)"
+            )
+    if args.check and exit_code:
+        print(
+            f"{PROG}: regenerate with `{PROG}` (or the command in each file's header)",
+            file=sys.stderr,
+        )
+    return exit_code
+
+
+#: Subcommands by name. The first argument selects one; anything else runs DEFAULT_COMMAND with
+#: all arguments (so ``hypernn-gen target.py ...`` generates). ``templates`` goes here too.
+COMMANDS: dict[str, Command] = {
+    "generate": Command(
+        "generate a hypernetwork module (the default command)",
+        _generate_arguments,
+        _run_generate,
+    ),
+    "inspect": Command(
+        "show the target's parameter layout, chunking and hypernetwork size",
+        _inspect_arguments,
+        _run_inspect,
+    ),
+}
+DEFAULT_COMMAND = "generate"
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    commands = "\n".join(f"  {name.ljust(width)}  {cmd.help}" for name, cmd in COMMANDS.items())
+    return (
+        f"usage: {PROG} TARGET.py[:NAME] [options]\n"
+        f"       {PROG} COMMAND ... (see {PROG} COMMAND --help)\n\n"
+        f"commands:\n{commands}\n"
+    )
+
+
+def _fail(message: str, *, debug: bool) -> int:
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hypernn-gen`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage(), end="")
+        return 0
+    if argv and argv[0] == "--version":
+        print(f"{PROG} {__version__}")
+        return 0
+    name, rest = (argv[0], argv[1:]) if argv and argv[0] in COMMANDS else (DEFAULT_COMMAND, argv)
+    command = COMMANDS[name]
+    parser = argparse.ArgumentParser(
+        prog=PROG if name == DEFAULT_COMMAND and rest is argv else f"{PROG} {name}",
+        description=command.help,
+    )
+    command.add_arguments(parser)
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return command.run(args)
+    except HypernnGenError as exc:
+        return _fail(str(exc), debug=debug)
+    except Exception as exc:  # noqa: BLE001 - the CLI must end with a message, not a traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        hint = "" if debug else "; rerun with --debug for the traceback"
+        return _fail(f"unexpected {type(exc).__name__}: {first}{hint}", debug=debug)
