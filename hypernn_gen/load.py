@@ -1,0 +1,557 @@
+"""Load a target network from ``path/to/target.py[:NAME]`` without allocating its parameters.
+
+The target file is imported under a private module name with its own directory on ``sys.path``
+(so ``from model import GPT`` next to it works). ``NAME`` may be a module class (built with no
+arguments), a module instance or a zero-argument factory function. Without ``NAME`` the loader
+takes a module-level ``target`` or ``make_target``, else the only module class or instance the
+file defines.
+
+Frameworks are detected from what the file itself imported (``sys.modules``), so a PyTorch-only
+user never needs JAX and vice versa:
+
+* ``torch.nn.Module``  -> ``"torch"``
+* ``flax.linen.Module`` -> ``"linen"``
+* ``flax.nnx.Module``  -> ``"nnx"``
+
+Factories are called once to learn what they build: on the ``meta`` device for PyTorch and under
+``jax.eval_shape`` for JAX, so no parameter memory is allocated.
+
+Every problem raises :class:`~hypernn_gen.errors.TargetLoadError` with a one-line message that
+names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import inspect
+import operator
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal, NamedTuple
+
+from .errors import TargetLoadError
+
+__all__ = [
+    "DEFAULT_NAMES",
+    "INPUT_DTYPES",
+    "InputSpec",
+    "LoadedTarget",
+    "load_target",
+    "parse_input_shape",
+]
+
+Framework = Literal["torch", "linen", "nnx"]
+Kind = Literal["class", "instance", "factory"]
+
+#: dtype names accepted by ``--input-dtype`` (NumPy-style, as layouts spell them).
+INPUT_DTYPES = (
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+)
+
+#: module-level names used when the spec gives no ``NAME``, in this order of preference.
+DEFAULT_NAMES = ("target", "make_target")
+
+_MODULE_PREFIX = "_hypernn_gen_target_"
+
+
+class InputSpec(NamedTuple):
+    """Shape and NumPy-style dtype name of one example input of the target's forward pass."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class LoadedTarget:
+    """A target network found in a Python file, ready to be traced.
+
+    Attributes:
+        spec: the spec as given, ``path/to/target.py[:NAME]``.
+        path: the target file, resolved.
+        name: the module-level name that was used (given or found).
+        framework: ``"torch"``, ``"linen"`` or ``"nnx"``.
+        kind: ``"class"`` (built with no arguments), ``"instance"`` or ``"factory"``.
+        obj: the object bound to ``name``: the class, the instance or the factory function.
+        factory: a zero-argument callable that builds a fresh target (with the file's directory
+            on ``sys.path`` while it runs); ``None`` for an instance.
+        input_specs: shape and dtype of each example input of the forward pass; empty when
+            neither ``--input-shape`` nor ``example_input(s)`` in the file gave any.
+        example_inputs: the file's own ``example_input(s)`` objects, as a tuple; ``None`` when the
+            file defines none or ``input_shapes`` overrode them.
+        source_module: the imported Python module of the target file.
+    """
+
+    spec: str
+    path: Path
+    name: str
+    framework: Framework
+    kind: Kind
+    obj: Any
+    factory: Callable[[], Any] | None
+    input_specs: tuple[InputSpec, ...]
+    example_inputs: tuple[Any, ...] | None
+    source_module: ModuleType
+
+    @property
+    def display(self) -> str:
+        """``target.py:NAME`` with the file as the user spelled it."""
+        return f"{_split_spec(self.spec)[0]}:{self.name}"
+
+    def describe_exception(self, exc: BaseException) -> str:
+        """``"ValueError: bad size (target.py line 12)"``: type, first message line, location.
+
+        The location is the innermost traceback frame inside the target file, so the user sees
+        the line of *their* code that failed, not a line deep inside the framework.
+        """
+        return _describe_exception(exc, self.path, _split_spec(self.spec)[0])
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """Parse ``--input-shape`` text such as ``"1,8"`` or ``"2, 1, 8, 8"`` into a shape tuple."""
+    parts = [p.strip() for p in text.strip().strip("()[]").split(",")]
+    if parts and parts[-1] == "":  # a trailing comma, as in "8,"
+        parts.pop()
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise TargetLoadError(
+            f"bad --input-shape {text!r}: expected comma-separated positive integers, "
+            "e.g. --input-shape 1,8 (repeat the option for each input)"
+        )
+    return shape
+
+
+def load_target(
+    spec: str,
+    *,
+    input_shapes: Sequence[Sequence[int] | str] | None = None,
+    input_dtype: str = "float32",
+    cwd: str | os.PathLike[str] | None = None,
+) -> LoadedTarget:
+    """Import ``path/to/target.py[:NAME]`` and find the target network in it.
+
+    Args:
+        spec: the target file, optionally followed by ``:NAME``.
+        input_shapes: one shape per positional input of the forward pass (tuples, or
+            ``--input-shape`` text such as ``"1,8"``); overrides the file's ``example_input(s)``.
+        input_dtype: dtype of the ``input_shapes`` inputs (one of :data:`INPUT_DTYPES`).
+        cwd: directory that a relative path is resolved against (default: the current one).
+
+    Raises:
+        TargetLoadError: the file, the NAME, the target or the example inputs cannot be used.
+    """
+    file_text, name = _split_spec(spec)
+    path = _resolve_file(file_text, cwd)
+    shapes = _normalise_shapes(input_shapes)
+    if input_dtype not in INPUT_DTYPES:
+        raise TargetLoadError(
+            f"unknown --input-dtype {input_dtype!r}; use one of {', '.join(INPUT_DTYPES)}"
+        )
+
+    module = _import_file(path, file_text)
+    frameworks = _framework_bases()
+    if name is None:
+        name = _find_default_name(module, path, file_text, frameworks)
+    elif not hasattr(module, name):
+        candidates = sorted(_candidates(module, path, frameworks) + _functions(module))
+        raise TargetLoadError(
+            f"{file_text} has no {name!r}; candidates: {_listing(candidates)}. "
+            f"Pass one as {file_text}:NAME"
+        )
+    obj = getattr(module, name)
+    kind, framework, factory = _classify(obj, name, file_text, path, frameworks)
+
+    if shapes:
+        input_specs = tuple(InputSpec(shape, input_dtype) for shape in shapes)
+        example_inputs = None
+    else:
+        example_inputs = _file_example_inputs(module, file_text)
+        input_specs = tuple(_input_spec(x, file_text) for x in example_inputs or ())
+    if framework == "linen" and not input_specs:
+        raise TargetLoadError(
+            f"{file_text}:{name} is a Flax linen module, which needs example inputs to create "
+            "its parameters; pass --input-shape 1,8 (once per input) or define example_input "
+            "in the target file"
+        )
+    return LoadedTarget(
+        spec=spec,
+        path=path,
+        name=name,
+        framework=framework,
+        kind=kind,
+        obj=obj,
+        factory=factory,
+        input_specs=input_specs,
+        example_inputs=example_inputs,
+        source_module=module,
+    )
+
+
+# -- the file -------------------------------------------------------------------------------------
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """``"a/b.py:Net"`` -> ``("a/b.py", "Net")``; a colon not after ``.py`` is part of the path."""
+    head, sep, tail = spec.rpartition(":")
+    if not sep or not head.endswith(".py"):
+        return spec, None
+    if not tail.isidentifier():
+        raise TargetLoadError(
+            f"bad target spec {spec!r}: NAME after ':' must be a Python identifier; "
+            "write path/to/target.py:NAME"
+        )
+    return head, tail
+
+
+def _resolve_file(file_text: str, cwd: str | os.PathLike[str] | None) -> Path:
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    path = (base / Path(file_text).expanduser()).resolve()
+    if not path.exists():
+        raise TargetLoadError(
+            f"target file {file_text} not found (looked in {path.parent}); "
+            "check the path, e.g. hypernn-gen inspect path/to/target.py"
+        )
+    if path.is_dir():
+        raise TargetLoadError(
+            f"{file_text} is a directory; pass the Python file that defines the target, "
+            "e.g. path/to/target.py"
+        )
+    if path.suffix != ".py":
+        raise TargetLoadError(
+            f"{file_text} is not a Python file; pass a .py file that defines the target, "
+            "e.g. path/to/target.py[:NAME]"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _on_sys_path(directory: Path) -> Iterator[None]:
+    """Put ``directory`` first on ``sys.path`` for the duration; restore ``sys.path`` after."""
+    saved = list(sys.path)
+    sys.path.insert(0, str(directory))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _import_file(path: Path, file_text: str) -> ModuleType:
+    """Execute the file as a fresh module registered under a name unique to its path.
+
+    The module stays registered in ``sys.modules`` afterwards: dataclasses, Flax and pickling
+    look classes up by ``cls.__module__``. Loading the same file again replaces it.
+    """
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    module_name = _MODULE_PREFIX + digest
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has a loader
+        raise TargetLoadError(f"cannot import {file_text}; pass a plain Python source file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        with _on_sys_path(path.parent):
+            spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(module_name, None)
+        where = _relative_to(exc.filename, path, file_text)
+        raise TargetLoadError(
+            f"syntax error in {where} line {exc.lineno}: {exc.msg}; fix the target file"
+        ) from exc
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(module_name, None)
+        fix = (
+            "install the missing package or fix the import"
+            if isinstance(exc, ImportError)
+            else "fix the target file"
+        )
+        raise TargetLoadError(
+            f"importing {file_text} failed: {_describe_exception(exc, path, file_text)}; {fix}"
+        ) from exc
+    return module
+
+
+def _relative_to(filename: str | None, path: Path, file_text: str) -> str:
+    """The target file as the user spelled it; any other file by its own name."""
+    if filename and Path(filename).resolve() == path:
+        return file_text
+    return filename or file_text
+
+
+def _describe_exception(exc: BaseException, path: Path, file_text: str) -> str:
+    lines = str(exc).strip().splitlines()
+    message = lines[0].rstrip(".") if lines else ""
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _same_file(f.filename, path)]
+    if frames:
+        text += f" ({file_text} line {frames[-1].lineno})"
+    return text
+
+
+def _same_file(filename: str, path: Path) -> bool:
+    try:
+        return Path(filename).resolve() == path
+    except (OSError, ValueError):
+        return False
+
+
+# -- finding the target ---------------------------------------------------------------------------
+
+
+def _framework_bases() -> dict[Framework, type]:
+    """Module base classes of the frameworks that are already imported (nothing is imported)."""
+    bases: dict[Framework, type] = {}
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "nn"):
+        bases["torch"] = torch.nn.Module
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None:
+        bases["nnx"] = nnx.Module
+    linen = sys.modules.get("flax.linen")
+    if linen is not None:
+        bases["linen"] = linen.Module
+    return bases
+
+
+def _framework_of(obj: Any, frameworks: dict[Framework, type]) -> Framework | None:
+    """The framework of a module class or instance, ``None`` for anything else."""
+    cls = obj if inspect.isclass(obj) else type(obj)
+    for framework, base in frameworks.items():
+        if issubclass(cls, base):
+            return framework
+    return None
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Names the file binds with ``import`` statements (anywhere in the file)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                names.add(alias.asname or alias.name.split(".")[0])
+    return names
+
+
+def _candidates(module: ModuleType, path: Path, frameworks: dict[Framework, type]) -> list[str]:
+    """Module classes defined in the file and module instances created there, sorted by name."""
+    imported = _imported_names(path)
+    found: list[str] = []
+    seen: set[int] = set()
+    for name in sorted(vars(module)):
+        value = vars(module)[name]
+        if name.startswith("__") or id(value) in seen or _framework_of(value, frameworks) is None:
+            continue
+        if inspect.isclass(value):
+            if value.__module__ != module.__name__:
+                continue
+        elif name in imported:
+            continue
+        seen.add(id(value))
+        found.append(name)
+    return found
+
+
+def _functions(module: ModuleType) -> list[str]:
+    """Public functions defined in the file: possible factories."""
+    return [
+        name
+        for name, value in vars(module).items()
+        if inspect.isfunction(value)
+        and value.__module__ == module.__name__
+        and not name.startswith("_")
+    ]
+
+
+def _listing(names: Sequence[str], limit: int = 8) -> str:
+    if not names:
+        return "(none)"
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _find_default_name(
+    module: ModuleType, path: Path, file_text: str, frameworks: dict[Framework, type]
+) -> str:
+    defaults = [n for n in DEFAULT_NAMES if hasattr(module, n)]
+    if len(defaults) == 1:
+        return defaults[0]
+    if len(defaults) > 1:
+        raise TargetLoadError(
+            f"{file_text} defines both {' and '.join(defaults)}; keep one, or pick one with "
+            f"{file_text}:NAME"
+        )
+    candidates = _candidates(module, path, frameworks)
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        raise TargetLoadError(
+            f"{file_text} defines several modules ({', '.join(candidates)}); pick one with "
+            f"{file_text}:NAME, e.g. {file_text}:{candidates[0]}, or define make_target()"
+        )
+    raise TargetLoadError(
+        f"{file_text} defines no torch or flax module; define a module class, a module "
+        f"instance or make_target() returning one, or pass {file_text}:NAME"
+    )
+
+
+def _classify(
+    obj: Any,
+    name: str,
+    file_text: str,
+    path: Path,
+    frameworks: dict[Framework, type],
+) -> tuple[Kind, Framework, Callable[[], Any] | None]:
+    """Kind, framework and zero-argument factory of the object bound to ``name``."""
+    shown = f"{file_text}:{name}"
+    framework = _framework_of(obj, frameworks)
+    if framework is not None and not inspect.isclass(obj):
+        return "instance", framework, None
+    if framework is not None:
+        _require_no_arguments(obj, shown, f"{name}()", file_text)
+        return "class", framework, _in_directory(obj, path.parent)
+    if inspect.isclass(obj) or not callable(obj):
+        what = f"the class {obj.__name__}" if inspect.isclass(obj) else _a(type(obj).__name__)
+        raise TargetLoadError(
+            f"{shown} is {what}, not a torch or flax module class, module instance or "
+            f"zero-argument factory; point NAME at one of those, e.g. {file_text}:make_target"
+        )
+    _require_no_arguments(obj, shown, f"{name}()", file_text)
+    factory = _in_directory(obj, path.parent)
+    try:
+        built = _build_abstractly(factory)
+    except Exception as exc:
+        raise TargetLoadError(
+            f"calling {name}() failed: {_describe_exception(exc, path, file_text)}; "
+            "fix the factory so it builds the target with no arguments"
+        ) from exc
+    framework = _framework_of(built, frameworks)
+    if framework is None or inspect.isclass(built):
+        what = f"the class {built.__name__}" if inspect.isclass(built) else type(built).__name__
+        raise TargetLoadError(
+            f"{name}() returned {what}, not a torch or flax module instance; "
+            "make the factory return the module instance"
+        )
+    return "factory", framework, factory
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
+def _require_no_arguments(obj: Any, shown: str, call: str, file_text: str) -> None:
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    try:
+        parameters = list(inspect.signature(obj).parameters.values())
+        if inspect.isclass(obj) and all(p.kind in variadic for p in parameters):
+            # a metaclass __call__(*args, **kwargs) (flax.nnx) hides __init__'s signature
+            parameters = list(inspect.signature(obj.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):  # builtins without a signature: find out when it is called
+        return
+    required = [
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty and p.kind not in variadic
+    ]
+    if required:
+        raise TargetLoadError(
+            f"{call} needs arguments ({', '.join(required)}), but {shown} must build with none; "
+            "pass a zero-argument factory make_target() or a module instance, e.g. "
+            f"{file_text}:make_target"
+        )
+
+
+def _in_directory(factory: Callable[[], Any], directory: Path) -> Callable[[], Any]:
+    """Wrap ``factory`` so imports it makes lazily resolve next to the target file."""
+
+    @functools.wraps(factory)
+    def build() -> Any:
+        with _on_sys_path(directory):
+            return factory()
+
+    return build
+
+
+def _build_abstractly(factory: Callable[[], Any]) -> Any:
+    """Call ``factory`` without allocating parameter memory, to learn what it builds.
+
+    PyTorch modules are built on the ``meta`` device, JAX ones under ``jax.eval_shape`` (their
+    arrays are abstract). A factory that cannot run under ``jax.eval_shape`` (it mutates an
+    ``nnx.Rngs`` created outside, say) is called for real instead.
+    """
+    torch = sys.modules.get("torch")
+    jax = sys.modules.get("jax")
+    with torch.device("meta") if torch is not None else contextlib.nullcontext():
+        if jax is None:
+            return factory()
+        built: list[Any] = []
+        try:
+            jax.eval_shape(lambda: built.append(factory()))
+        except Exception as exc:
+            if not type(exc).__module__.startswith(("jax", "flax")):
+                raise
+            return factory()
+        return built[0]
+
+
+# -- example inputs -------------------------------------------------------------------------------
+
+
+def _normalise_shapes(shapes: Sequence[Sequence[int] | str] | None) -> list[tuple[int, ...]]:
+    result = []
+    for shape in shapes or ():
+        if isinstance(shape, str):
+            result.append(parse_input_shape(shape))
+            continue
+        try:
+            dims = tuple(operator.index(d) for d in shape)
+        except TypeError:
+            dims = ()
+        if not dims or any(d <= 0 for d in dims):
+            raise TargetLoadError(
+                f"bad input shape {shape!r}: expected a tuple of positive integers such as "
+                "(1, 8), or --input-shape 1,8"
+            )
+        result.append(dims)
+    return result
+
+
+def _file_example_inputs(module: ModuleType, file_text: str) -> tuple[Any, ...] | None:
+    names = [n for n in ("example_input", "example_inputs") if hasattr(module, n)]
+    if len(names) > 1:
+        raise TargetLoadError(
+            f"{file_text} defines both example_input and example_inputs; keep one"
+        )
+    if not names:
+        return None
+    value = getattr(module, names[0])
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _input_spec(value: Any, file_text: str) -> InputSpec:
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        raise TargetLoadError(
+            f"example_input in {file_text} holds {_a(type(value).__name__)}, not a tensor or "
+            "array; set it to a tensor/array (or a tuple of them), or pass --input-shape 1,8"
+        )
+    return InputSpec(tuple(int(s) for s in shape), str(dtype).removeprefix("torch."))

@@ -1,0 +1,147 @@
+"""What ``hypernn-gen inspect`` prints: a layout as a readable table, or as JSON.
+
+The table lists every tensor of the target (path, shape, dtype, count, offset in the flat
+generated vector, role, initial distribution and its source, tied aliases), then totals: the
+generated parameter count, the state values, the flat size, the default chunking and the size of
+the default hypernetwork that would generate the target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from .layout import Chunking, Layout, TensorSpec
+from .load import LoadedTarget
+
+__all__ = [
+    "DEFAULT_EMBEDDING_DIM",
+    "format_layout",
+    "hypernetwork_param_count",
+    "layout_json",
+]
+
+#: embedding dimension of the default hypernetwork (``--embedding-dim`` of the generator).
+DEFAULT_EMBEDDING_DIM = 32
+
+
+def hypernetwork_param_count(
+    layout: Layout,
+    chunking: Chunking,
+    *,
+    embedding_dim: int = DEFAULT_EMBEDDING_DIM,
+) -> int:
+    """Parameters of the default hypernetwork: ``N*D + D*C + C + 2*T``.
+
+    ``N`` embeddings of dimension ``D`` feed one linear weight generator ``D -> C`` (with a bias
+    of ``C``), and each of the ``T`` generated tensors has a learnable scale and shift.
+    """
+    n, c, d = chunking.num_embeddings, chunking.chunk_dim, embedding_dim
+    return n * d + d * c + c + 2 * len(layout.generated)
+
+
+def layout_json(layout: Layout, chunking: Chunking) -> str:
+    """``layout.to_dict()`` plus a ``"chunking"`` entry, as indented JSON."""
+    hyper = hypernetwork_param_count(layout, chunking)
+    data = layout.to_dict()
+    data["chunking"] = {
+        "num_embeddings": chunking.num_embeddings,
+        "chunk_dim": chunking.chunk_dim,
+        "total": chunking.total,
+        "embedding_dim": DEFAULT_EMBEDDING_DIM,
+        "hypernetwork_params": hyper,
+        "compression": round(layout.num_generated / hyper, 4),
+    }
+    return json.dumps(data, indent=2)
+
+
+def format_layout(loaded: LoadedTarget, layout: Layout, chunking: Chunking) -> str:
+    """The ``inspect`` report: header, tensor table, totals and notes."""
+    inputs = ", ".join(f"{spec.shape} {spec.dtype}" for spec in loaded.input_specs)
+    lines = _columns(
+        [
+            ["target", loaded.display],
+            ["framework", f"{loaded.framework} ({loaded.kind} {layout.target_name})"],
+            ["inputs", inputs or "none"],
+        ],
+        right=(),
+    )
+    lines.append("")
+    lines += _columns(
+        [["path", "shape", "dtype", "count", "offset", "role", "init", "source", "tied"]]
+        + [_row(t) for t in layout.tensors],
+        right=(3, 4),
+    )
+    lines.append("")
+    lines += _totals(layout, chunking)
+    if layout.notes:
+        lines += ["", "notes:"] + [f"  - {note}" for note in layout.notes]
+    return "\n".join(lines)
+
+
+def _row(t: TensorSpec) -> list[str]:
+    role = "generated" if t.generated else f"state ({t.reason})" if t.reason else "state"
+    floating = t.dtype.startswith(("float", "bfloat"))
+    if not floating:
+        init, source = "-", "-"
+    elif t.init_std == 0:
+        init, source = f"const {t.init_mean:g}", t.init_source
+    else:
+        init, source = f"N({t.init_mean:.3g}, {t.init_std:.3g})", t.init_source
+    return [
+        t.path,
+        str(t.shape),
+        t.dtype,
+        f"{t.size:,}",
+        f"{t.offset:,}" if t.generated else "-",
+        role,
+        init,
+        source,
+        ", ".join(".".join(map(str, a)) for a in t.aliases),
+    ]
+
+
+def _totals(layout: Layout, chunking: Chunking) -> list[str]:
+    generated, state = layout.generated, layout.state
+    hyper = hypernetwork_param_count(layout, chunking)
+    n, c, d = chunking.num_embeddings, chunking.chunk_dim, DEFAULT_EMBEDDING_DIM
+    padding = chunking.total - layout.flat_size
+    return _columns(
+        [
+            ["generated parameters", f"{layout.num_generated:,}", _tensors(len(generated))],
+            ["state values", f"{layout.num_state:,}", _tensors(len(state))],
+            ["flat size", f"{layout.flat_size:,}", ""],
+            [
+                "default chunking",
+                f"{chunking.total:,}",
+                f"{n:,} embeddings x {c:,} values ({padding:,} padding)",
+            ],
+            [
+                f"hypernetwork (D={d})",
+                f"{hyper:,}",
+                f"parameters = {n}*{d} + {d}*{c} + {c} + 2*{len(generated)}",
+            ],
+            [
+                "compression",
+                f"{layout.num_generated / hyper:.2f}x",
+                "generated parameters per hypernetwork parameter",
+            ],
+        ],
+        right=(1,),
+    )
+
+
+def _tensors(count: int) -> str:
+    return f"in {count} tensor{'s' if count != 1 else ''}"
+
+
+def _columns(rows: Sequence[Sequence[str]], *, right: Sequence[int]) -> list[str]:
+    """Align ``rows`` in columns two spaces apart; ``right`` lists right-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]

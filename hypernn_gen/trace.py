@@ -1,0 +1,195 @@
+"""Trace a loaded target into a :class:`~hypernn_gen.layout.Layout`, whatever its framework.
+
+:func:`trace_target` dispatches on :attr:`LoadedTarget.framework`:
+
+* ``"torch"``: :func:`hypernn_gen.trace_torch.trace_factory` builds the target on the ``meta``
+  device (an instance is read with :func:`~hypernn_gen.trace_torch.trace_module`). With example
+  inputs, the target then runs once on ``meta`` tensors of those shapes, which checks that the
+  shapes fit without computing anything.
+* ``"linen"``: :func:`hypernn_gen.trace_flax.trace_linen` with the example inputs.
+* ``"nnx"``: :func:`hypernn_gen.trace_flax.trace_nnx_factory` (an instance:
+  :func:`~hypernn_gen.trace_flax.trace_nnx_module`).
+
+Each framework's tracer is imported only when needed, so a PyTorch-only user needs no JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import HypernnGenError, TraceError
+from .layout import Layout
+from .load import LoadedTarget
+from .select import check_patterns, path_filter
+
+__all__ = ["trace_selected", "trace_target"]
+
+
+def trace_target(
+    loaded: LoadedTarget,
+    *,
+    include: Callable[[str], bool] | None = None,
+) -> Layout:
+    """The layout of ``loaded``'s parameter tree, traced without allocating its parameters.
+
+    Args:
+        loaded: from :func:`hypernn_gen.load.load_target`.
+        include: a predicate on parameter paths (see :func:`hypernn_gen.select.path_filter`);
+            trainable parameters it rejects stay state with ``reason="excluded"``.
+
+    Raises:
+        TraceError: the target cannot be built, its example inputs do not fit it, or (raised by
+            the framework's tracer) it has no trainable floating-point parameters to generate.
+    """
+    tracers = {"torch": _trace_torch, "linen": _trace_linen, "nnx": _trace_nnx}
+    if loaded.framework not in tracers:
+        raise TraceError(
+            f"unknown framework {loaded.framework!r} for {loaded.display}; "
+            "targets must be torch, flax linen or flax nnx modules"
+        )
+    return tracers[loaded.framework](loaded, include)
+
+
+def trace_selected(
+    loaded: LoadedTarget,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> Layout:
+    """:func:`trace_target` with ``--include``/``--exclude`` globs (:mod:`hypernn_gen.select`).
+
+    The patterns are checked against the unfiltered layout first, so a pattern that matches no
+    parameter is reported by name (a typo, usually) rather than as "nothing to generate".
+
+    Raises:
+        TraceError: as :func:`trace_target`, or a pattern matches no trainable parameter.
+    """
+    layout = trace_target(loaded)
+    if not include and not exclude:
+        return layout
+    check_patterns(layout, include=include, exclude=exclude)
+    return trace_target(loaded, include=path_filter(include, exclude))
+
+
+def _build_failed(loaded: LoadedTarget, exc: Exception) -> TraceError:
+    return TraceError(
+        f"building {loaded.display} failed: {loaded.describe_exception(exc)}; fix the target "
+        "so that it builds with no arguments"
+    )
+
+
+def _shapes_text(loaded: LoadedTarget) -> str:
+    shapes = ", ".join(str(spec.shape) for spec in loaded.input_specs)
+    return f"input shape {shapes}" if len(loaded.input_specs) == 1 else f"input shapes {shapes}"
+
+
+def _inputs_do_not_fit(loaded: LoadedTarget, exc: Exception) -> TraceError:
+    verb = "does" if len(loaded.input_specs) == 1 else "do"
+    return TraceError(
+        f"{_shapes_text(loaded)} {verb} not fit the target: {loaded.describe_exception(exc)}; "
+        "pass the shapes the target's forward expects with --input-shape"
+    )
+
+
+# -- torch ----------------------------------------------------------------------------------------
+
+
+def _trace_torch(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> Layout:
+    from . import trace_torch
+
+    try:
+        if loaded.factory is None:
+            module = loaded.obj
+            layout = trace_torch.trace_module(module, include=include)
+        else:
+            layout, module = trace_torch.trace_factory(loaded.factory, include=include)
+    except HypernnGenError:
+        raise
+    except Exception as exc:
+        raise _build_failed(loaded, exc) from exc
+    if loaded.input_specs:
+        note = _check_torch_inputs(loaded, module)
+        if note:
+            layout = dataclasses.replace(layout, notes=(*layout.notes, note))
+    return layout
+
+
+def _check_torch_inputs(loaded: LoadedTarget, module: Any) -> str | None:
+    """Run ``module`` once on ``meta`` inputs; a note when the forward cannot run on ``meta``.
+
+    The module's own parameters are swapped for ``meta`` stand-ins, so a live instance is left
+    untouched and nothing is computed or allocated.
+    """
+    import torch
+    from torch.func import functional_call
+
+    inputs = tuple(
+        torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
+        for spec in loaded.input_specs
+    )
+    stand_ins = {
+        name: tensor if tensor.device.type == "meta" else torch.empty_like(tensor, device="meta")
+        for name, tensor in (*module.named_parameters(), *module.named_buffers())
+    }
+    try:
+        with torch.no_grad():
+            functional_call(module, stand_ins, inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported, with its location
+        if "meta" in str(exc).lower():
+            return (
+                f"{_shapes_text(loaded)} not checked: the forward pass cannot run on the meta "
+                f"device ({loaded.describe_exception(exc)})"
+            )
+        raise _inputs_do_not_fit(loaded, exc) from exc
+    return None
+
+
+# -- flax -----------------------------------------------------------------------------------------
+
+
+def _jax_inputs(loaded: LoadedTarget) -> tuple[Any, ...]:
+    if loaded.example_inputs is not None:
+        return loaded.example_inputs
+    if not loaded.input_specs:
+        raise TraceError(
+            f"{loaded.display} is a Flax module without example inputs; pass --input-shape 1,8 "
+            "(once per input) or define example_input in the target file"
+        )
+    import jax
+
+    return tuple(jax.ShapeDtypeStruct(spec.shape, spec.dtype) for spec in loaded.input_specs)
+
+
+def _trace_linen(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> Layout:
+    from . import trace_flax
+
+    inputs = _jax_inputs(loaded)
+    try:
+        module = loaded.obj if loaded.factory is None else loaded.factory()
+    except Exception as exc:
+        raise _build_failed(loaded, exc) from exc
+    try:
+        return trace_flax.trace_linen(module, inputs, include=include)
+    except HypernnGenError:
+        raise
+    except Exception as exc:
+        raise TraceError(
+            f"initialising {loaded.display} with {_shapes_text(loaded)} failed: "
+            f"{loaded.describe_exception(exc)}; pass the shapes its __call__ expects with "
+            "--input-shape, or fix the target"
+        ) from exc
+
+
+def _trace_nnx(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> Layout:
+    from . import trace_flax
+
+    try:
+        if loaded.factory is None:
+            return trace_flax.trace_nnx_module(loaded.obj, include=include)
+        return trace_flax.trace_nnx_factory(loaded.factory, include=include)
+    except HypernnGenError:
+        raise
+    except Exception as exc:
+        raise _build_failed(loaded, exc) from exc

@@ -1,0 +1,334 @@
+"""``hypernn-gen inspect``: the table, --json, --include/--exclude, and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hypernn_gen import cli
+from hypernn_gen.cli import main
+from hypernn_gen.layout import Chunking
+from hypernn_gen.load import load_target
+from hypernn_gen.trace import trace_target
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ROOT / "generated_examples" / "targets"
+SEED = str(TARGETS / "seed_mlp.py")
+
+
+def write(directory: Path, name: str, source: str) -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(source).lstrip())
+    return path
+
+
+def run_ok(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    code = main(["inspect", *argv])
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    return out
+
+
+def run_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run a failing ``inspect``; check exit code 2 and exactly one stderr line, no traceback."""
+    code = main(["inspect", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hypernn-gen: error: ")
+    return lines[0].removeprefix("hypernn-gen: error: ")
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+def test_table_lists_every_tensor_with_aligned_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_ok(capsys, SEED)
+    lines = out.splitlines()
+    assert lines[0] == f"target     {SEED}:make_target"
+    assert lines[1] == "framework  torch (factory Sequential)"
+    assert lines[2] == "inputs     (1, 8) float32"
+    header = lines[4]
+    assert header.split() == [
+        "path", "shape", "dtype", "count", "offset", "role", "init", "source", "tied"
+    ]  # fmt: skip
+    rows = lines[5:10]
+    assert [r.split()[0] for r in rows] == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
+    count_end, offset_end = header.index("count") + 5, header.index("offset") + 6
+    counts = ["2,048", "256", "65,536", "256", "1,024"]
+    offsets = ["0", "2,048", "2,304", "67,840", "68,096"]
+    for row, count, offset in zip(rows, counts, offsets, strict=True):
+        assert row[count_end - len(count) : count_end] == count  # right-aligned under "count"
+        assert row[offset_end - len(offset) : offset_end] == offset
+        assert "generated" in row
+    assert "N(0, 0.204)" in rows[0] and "kaiming_uniform_" in rows[0]
+    assert lines[10] == ""
+
+
+def test_totals_chunking_and_hypernetwork_size(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_ok(capsys, SEED)
+    totals = {line[:21].strip(): line[21:].split() for line in out.splitlines()[11:]}
+    assert totals["generated parameters"] == ["69,120", "in", "5", "tensors"]
+    assert totals["state values"][0] == "0"
+    assert totals["flat size"] == ["69,120"]
+    chunking = Chunking.resolve(69_120)
+    n, c = chunking.num_embeddings, chunking.chunk_dim
+    assert (n, c) == (263, 263)
+    assert totals["default chunking"][:5] == [f"{n * c:,}", "263", "embeddings", "x", "263"]
+    hyper = n * 32 + 32 * c + c + 2 * 5
+    assert totals["hypernetwork (D=32)"][0] == f"{hyper:,}" == "17,105"
+    assert totals["compression"][0] == f"{69_120 / hyper:.2f}x"
+
+
+def test_state_rows_tied_aliases_and_notes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = run_ok(capsys, str(TARGETS / "transformer.py"))
+    row = next(line for line in out.splitlines() if line.startswith("tok_emb.weight"))
+    assert row.split()[-1] == "head.weight"
+    mask = next(line for line in out.splitlines() if line.startswith("block.causal_mask"))
+    assert mask.split()[1:5] == ["(16,", "16)", "bool", "256"]
+    assert "state (buffer)" in mask
+    assert not any(line.startswith("head.weight") for line in out.splitlines())
+
+    out = run_ok(capsys, str(TARGETS / "cnn.py"))
+    assert "const 1" in next(ln for ln in out.splitlines() if ln.startswith("features.1.weight"))
+
+    path = write(
+        tmp_path,
+        "datadep.py",
+        """
+        import torch
+        from torch import nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(2, 2)
+            def forward(self, x):
+                return x if x.sum() > 0 else self.fc(x)
+        example_input = torch.zeros(1, 2)
+        """,
+    )
+    out = run_ok(capsys, str(path))
+    notes = out.split("\nnotes:\n")[1].splitlines()
+    assert len(notes) == 1 and notes[0].startswith("  - input shape (1, 2) not checked")
+
+
+def test_output_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = str(TARGETS / "transformer.py")
+    assert run_ok(capsys, spec) == run_ok(capsys, spec)
+
+
+def test_input_shape_and_dtype_options(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_ok(
+        capsys,
+        str(TARGETS / "transformer.py"),
+        "--input-shape",
+        "4,8",
+        "--input-dtype",
+        "int32",
+    )
+    assert out.splitlines()[2] == "inputs     (4, 8) int32"
+
+
+# -- --json ---------------------------------------------------------------------------------------
+
+
+def test_json_is_the_layout_plus_chunking(capsys: pytest.CaptureFixture[str]) -> None:
+    data = json.loads(run_ok(capsys, str(TARGETS / "transformer.py"), "--json"))
+    layout = trace_target(load_target(str(TARGETS / "transformer.py")))
+    chunking = data.pop("chunking")
+    assert data == json.loads(layout.to_json())
+    expected = Chunking.resolve(layout.flat_size)
+    hyper = expected.num_embeddings * 32 + 32 * expected.chunk_dim + expected.chunk_dim + 2 * 16
+    assert chunking == {
+        "num_embeddings": expected.num_embeddings,
+        "chunk_dim": expected.chunk_dim,
+        "total": expected.total,
+        "embedding_dim": 32,
+        "hypernetwork_params": hyper,
+        "compression": round(layout.num_generated / hyper, 4),
+    }
+
+
+def test_include_and_exclude(capsys: pytest.CaptureFixture[str]) -> None:
+    data = json.loads(run_ok(capsys, SEED, "--json", "--exclude", "*.bias", "--include", "[02].*"))
+    roles = {t["path"]: (t["role"], t["reason"]) for t in data["tensors"]}
+    assert roles == {
+        "0.weight": ("generated", ""),
+        "0.bias": ("state", "excluded"),
+        "2.weight": ("generated", ""),
+        "2.bias": ("state", "excluded"),
+        "4.weight": ("state", "excluded"),
+    }
+    assert data["num_generated"] == 8 * 256 + 256 * 256
+    out = run_ok(capsys, SEED, "--exclude", "4.*")
+    assert "state (excluded)" in next(ln for ln in out.splitlines() if ln.startswith("4.weight"))
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+BAD_TARGETS = {
+    "syntax.py": ("import torch\nx = (\n", "syntax error in {path} line 2"),
+    "raises.py": (
+        "import torch\n\nraise KeyError('missing')\n",
+        "importing {path} failed: KeyError: 'missing' ({path} line 3); fix the target file",
+    ),
+    "nomodule.py": ("import torch\nx = 1\n", "{path} defines no torch or flax module"),
+    "ctorargs.py": (
+        "from torch import nn\nclass Net(nn.Module):\n    def __init__(self, width):\n"
+        "        super().__init__()\n",
+        "Net() needs arguments (width), but {path}:Net must build with none; pass a "
+        "zero-argument factory make_target() or a module instance, e.g. {path}:make_target",
+    ),
+    "frozen.py": (
+        "from torch import nn\nnet = nn.Linear(2, 2).requires_grad_(False)\n",
+        "Linear has no trainable floating-point parameters to generate",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TARGETS))
+def test_bad_targets_fail_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str
+) -> None:
+    source, expected = BAD_TARGETS[name]
+    path = write(tmp_path, name, source)
+    assert expected.format(path=path) in run_error(capsys, str(path))
+
+
+def test_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    message = run_error(capsys, str(tmp_path / "absent.py"))
+    assert "absent.py not found" in message and "check the path" in message
+
+
+def test_name_not_found(capsys: pytest.CaptureFixture[str]) -> None:
+    message = run_error(capsys, f"{TARGETS / 'transformer.py'}:GPT")
+    assert message.endswith(
+        "has no 'GPT'; candidates: Block, TinyGPT, make_target. Pass one as "
+        + str(TARGETS / "transformer.py")
+        + ":NAME"
+    )
+
+
+def test_bad_input_shape_text(capsys: pytest.CaptureFixture[str]) -> None:
+    message = run_error(capsys, SEED, "--input-shape", "1xx8")
+    assert message.startswith(
+        "bad --input-shape '1xx8': expected comma-separated positive integers"
+    )
+
+
+def test_input_shape_that_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    message = run_error(capsys, SEED, "--input-shape", "1,9")
+    assert message.startswith("input shape (1, 9) does not fit the target: RuntimeError:")
+    assert message.endswith("pass the shapes the target's forward expects with --input-shape")
+
+
+def test_unmatched_pattern(capsys: pytest.CaptureFixture[str]) -> None:
+    message = run_error(capsys, SEED, "--include", "layers.*")
+    assert message.startswith("--include 'layers.*' matches no parameter; parameter paths look")
+
+
+def test_linen_target_without_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("flax")
+    path = write(
+        tmp_path,
+        "linen_bare.py",
+        """
+        import flax.linen as nn
+        class MLP(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return nn.Dense(3)(x)
+        """,
+    )
+    message = run_error(capsys, str(path))
+    assert "--input-shape 1,8" in message and "example_input" in message
+
+
+def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["inspect", str(tmp_path / "absent.py"), "--debug"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback (most recent call last)" in err and "TargetLoadError" in err
+    assert err.splitlines()[-1].startswith("hypernn-gen: error: ")
+
+
+def test_unexpected_exception(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("kaput\nmore detail")
+
+    monkeypatch.setattr(cli, "trace_selected", broken)
+    message = run_error(capsys, SEED)
+    assert message == "unexpected RuntimeError: kaput; rerun with --debug for the traceback"
+    assert main(["inspect", SEED, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "kaput" in err
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect"]) == 2
+    assert "the following arguments are required: TARGET" in capsys.readouterr().err
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("hypernn-gen ")
+    assert main(["--help"]) == 0
+    assert "inspect" in capsys.readouterr().out
+
+
+# -- Flax -----------------------------------------------------------------------------------------
+
+
+def test_inspect_linen_target(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("hypernn_gen.trace_flax")
+    out = run_ok(capsys, str(TARGETS / "linen_cnn.py"))
+    assert out.splitlines()[1] == "framework  linen (class SmallCNN)"
+    rows = {line.split()[0]: line for line in out.splitlines()[5:13]}
+    assert "state (collection)" in rows["BatchNorm_0.mean"]
+    assert "generated" in rows["Conv_0.kernel"]
+
+
+def test_inspect_nnx_target_json(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("hypernn_gen.trace_flax")
+    data = json.loads(run_ok(capsys, str(TARGETS / "nnx_mlp.py"), "--json"))
+    assert data["framework"] == "nnx"
+    assert data["num_generated"] == 8 * 64 + 64 + 64 * 64 + 64 + 64 * 4
+
+
+# -- python -m hypernn_gen ------------------------------------------------------------------------
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "hypernn_gen", "inspect", "targets/seed_mlp.py", "--json"],
+        cwd=ROOT / "generated_examples",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["num_generated"] == 69_120
+    bad = subprocess.run(
+        [sys.executable, "-m", "hypernn_gen", "inspect", "targets/seed_mlp.py:Nope"],
+        cwd=ROOT / "generated_examples",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert bad.returncode == 2
+    assert bad.stdout == "" and "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines() == [
+        "hypernn-gen: error: targets/seed_mlp.py has no 'Nope'; candidates: make_target. "
+        "Pass one as targets/seed_mlp.py:NAME"
+    ]
