@@ -4,6 +4,7 @@
 # target:   generated_examples/targets/transformer.py:make_target (torch, factory)
 # options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124
 # layout:   16 generated tensors, 15,328 values, 1 state tensors, digest 4e869ab506b9ea78
+# fusion:   no layer fused: every generated tensor is materialised per sample
 # command:  hypernn-gen generated_examples/targets/transformer.py --backend torch --mode dynamic --embedding-dim 32 -o generated_examples/transformer_torch_dynamic.py
 """Dynamic hypernetwork for Transformer (PyTorch).
 
@@ -23,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 # -- Target network (copied from generated_examples/targets/transformer.py) --
@@ -186,6 +188,155 @@ def without_generated(target_network: nn.Module) -> nn.Module:
     return clone
 
 
+# -- Fused per-sample layers: per-sample outputs without per-sample weights --
+#
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
+# (s: per-sample embedding scales, g0: the generator applied to the shared table, bg: its bias).
+# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1, one
+# shared GEMM/convolution with (S + 1) * out outputs and a per-sample weighted sum over the S
+# segments give exactly the per-sample outputs. Other modules that own generated tensors or
+# buffers run per sample (vmap) with just their own tensors materialised.
+
+
+class FusedLayer(NamedTuple):
+    """A Linear/Conv layer computed from shared weights: its module path, the indices of its
+    weight and bias in GENERATED (bias None: the layer keeps its own), and S."""
+
+    path: str
+    weight: int
+    bias: int | None
+    segments: int
+
+
+FUSED: tuple[FusedLayer, ...] = ()
+# Modules run per sample with their own generated tensors materialised, and why.
+PER_SAMPLE: tuple[tuple[str, str], ...] = (("", "TinyGPT has no fused form"),)
+
+
+class Shared(NamedTuple):
+    """One batch's generation inputs: per-sample chunk scales and what all samples share."""
+
+    scales: Tensor  # (batch, NUM_EMBEDDINGS)
+    g0: Tensor  # (NUM_EMBEDDINGS * CHUNK_DIM,): generator weight applied to the shared table
+    bias: Tensor  # (CHUNK_DIM,): generator bias
+    param_scale: Tensor
+    param_shift: Tensor
+
+    def materialise(self, i: int) -> Tensor:
+        """GENERATED[i] for every sample, ``(batch, *shape)``."""
+        p = GENERATED[i]
+        pos = torch.arange(p.offset, p.offset + p.size, device=self.g0.device)
+        raw = self.scales[:, pos // CHUNK_DIM] * self.g0[pos] + self.bias[pos % CHUNK_DIM]
+        return (self.param_shift[i] + self.param_scale[i] * raw).reshape(-1, *p.shape)
+
+
+class FusedIndex(nn.Module):
+    """Constant index tensors of one fused layer (non-persistent buffers: not in state_dict)."""
+
+    def __init__(self, layer: FusedLayer) -> None:
+        super().__init__()
+        p = GENERATED[layer.weight]
+        rows = p.shape[0]
+        pos = p.offset + torch.arange(p.size).view(rows, -1)
+        first = pos[:, 0] // CHUNK_DIM
+        chunk = first[None, :] + torch.arange(layer.segments)[:, None]
+        self.register_buffer("segment", pos // CHUNK_DIM - first[:, None], persistent=False)
+        self.register_buffer("chunk", chunk.clamp(max=NUM_EMBEDDINGS - 1), persistent=False)
+        self.register_buffer("bias_index", pos % CHUNK_DIM, persistent=False)
+        self.layer = layer
+
+    def stacked(self, shared: Shared) -> tuple[Tensor, Tensor]:
+        """Shared weights ``((S + 1) * out, *in_shape)`` and coefficients ``(batch, S + 1, out)``."""
+        i, p = self.layer.weight, GENERATED[self.layer.weight]
+        w0 = shared.g0[p.offset : p.offset + p.size].view(p.shape[0], -1) * shared.param_scale[i]
+        segments = w0.new_zeros(self.layer.segments, *w0.shape)
+        segments = segments.scatter(0, self.segment[None], w0[None])
+        constant = shared.param_shift[i] + shared.param_scale[i] * shared.bias[self.bias_index]
+        weight = torch.cat([segments.flatten(0, 1), constant]).view(-1, *p.shape[1:])
+        ones = shared.scales.new_ones(shared.scales.shape[0], 1, p.shape[0])
+        return weight, torch.cat([shared.scales[:, self.chunk], ones], 1)
+
+
+def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated)."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    index: FusedIndex = self.hyper_index[0]
+    weight, coeff = index.stacked(shared)
+    groups = index.layer.segments + 1
+    if isinstance(self, nn.Linear):  # (batch, ..., in) -> (batch, ..., groups, out)
+        z = F.linear(x, weight).unflatten(-1, (groups, -1))
+        y = (z * coeff.view(x.shape[0], *(1,) * (x.dim() - 2), *coeff.shape[1:])).sum(-2)
+        channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
+    else:  # (batch, in, *spatial) -> (batch, groups, out, *spatial)
+        z = self._conv_forward(x, weight, None).unflatten(1, (groups, -1))
+        y = (z * coeff.view(*coeff.shape, *(1,) * (x.dim() - 2))).sum(1)
+        channel_shape = (x.shape[0], -1, *(1,) * (x.dim() - 2))
+    if index.layer.bias is not None:
+        return y + shared.materialise(index.layer.bias).view(channel_shape)
+    if self.bias is not None:
+        return y + self.bias.view(
+            channel_shape[1:] if isinstance(self, nn.Linear) else (-1, *channel_shape[2:])
+        )
+    return y
+
+
+def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """forward() of a module run per sample with its own generated tensors materialised."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, *args, **kwargs)
+    params = {name: shared.materialise(i) for name, i in self.hyper_params}
+    batch = shared.scales.shape[0]
+    buffers = dict(self.named_buffers()) if self.training else {}
+    copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
+
+    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
+        xs = tuple(x.unsqueeze(0) if isinstance(x, Tensor) else x for x in xs)
+        out = functional_call(self, {**p, **b}, xs, kwargs)
+        return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
+
+    in_dims = (0, 0, *(0 if isinstance(x, Tensor) else None for x in args))
+    self.hyper_shared = None  # inside, the module's own forward runs
+    try:
+        output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
+    finally:
+        self.hyper_shared = shared
+    with torch.no_grad():
+        for name, value in copies.items():
+            mean = value.float().mean(0) if value.is_floating_point() else value[0]
+            buffers[name].copy_(mean.to(buffers[name].dtype))
+    return output
+
+
+def install_fusion(target: nn.Module, indices: nn.ModuleList) -> tuple[nn.Module, ...]:
+    """Swap the forward of fused and per-sample modules (their state and names are unchanged)."""
+    swapped = []
+    for layer, index in zip(FUSED, indices, strict=True):
+        module = target.get_submodule(layer.path)
+        module.__class__ = type(
+            f"Fused{type(module).__name__}", (type(module),), {"forward": fused_forward}
+        )
+        module.hyper_index = (index,)
+        swapped.append(module)
+    names = {p.path: i for i, p in enumerate(GENERATED)}
+    names.update({alias: names[path] for alias, path in TIED.items()})
+    for path, _ in PER_SAMPLE:
+        module = target.get_submodule(path)
+        module.__class__ = type(
+            f"PerSample{type(module).__name__}", (type(module),), {"forward": per_sample_forward}
+        )
+        prefix = f"{path}." if path else ""
+        module.hyper_params = tuple(
+            (n[len(prefix) :], i) for n, i in names.items() if n.startswith(prefix)
+        )
+        swapped.append(module)
+    for module in swapped:
+        module.hyper_shared = None
+    return tuple(swapped)
+
+
 class TransformerHyperNetwork(nn.Module):
     """Dynamic hypernetwork: generates the target's trainable tensors per sample.
 
@@ -209,6 +360,8 @@ class TransformerHyperNetwork(nn.Module):
         sizes = torch.tensor([p.size for p in GENERATED])
         self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
+        self.fused_index = nn.ModuleList(FusedIndex(layer) for layer in FUSED)
+        self.swapped = install_fusion(self.target, self.fused_index)
 
     def generate_params(self, condition: Tensor) -> Tensor:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -242,18 +395,56 @@ class TransformerHyperNetwork(nn.Module):
         *args: Any,
         generated_params: Tensor | None = None,
         condition: Tensor | None = None,
+        return_params: bool = False,
         **kwargs: Any,
-    ) -> tuple[Any, Tensor]:
-        """Run the target with generated weights; returns ``(output, generated_params)``."""
-        if generated_params is None:
-            generated_params = self.generate_params(args[0] if condition is None else condition)
-        batch = generated_params.shape[0]
+    ) -> tuple[Any, Tensor | None]:
+        """Run the target with per-sample weights; returns ``(output, generated_params)``.
+
+        Without ``generated_params`` the fused path runs and never builds the per-sample
+        weights, so ``generated_params`` is ``None`` unless ``return_params=True``.
+        """
+        batch = (
+            generated_params.shape[0]
+            if generated_params is not None
+            else (args[0] if condition is None else condition).shape[0]
+        )
         for i, x in enumerate(args):
             if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != batch):
                 raise ValueError(
                     f"{batch} weight sets but input {i} has shape {tuple(x.shape)}; give the "
                     "inputs and the condition the same leading batch dimension"
                 )
+        if generated_params is None and not return_params:
+            return (
+                self.fused_forward(args[0] if condition is None else condition, args, kwargs),
+                None,
+            )
+        if generated_params is None:
+            generated_params = self.generate_params(args[0] if condition is None else condition)
+        return self.materialised_forward(generated_params, args, kwargs), generated_params
+
+    def fused_forward(self, condition: Tensor, args: tuple, kwargs: dict) -> Any:
+        """The target on the whole batch, fused layers computing per-sample outputs."""
+        shared = Shared(
+            scales=self.embedding_module.scales(condition),
+            g0=F.linear(
+                self.embedding_module.weight, self.weight_generator.linear.weight
+            ).flatten(),
+            bias=self.weight_generator.linear.bias,
+            param_scale=self.param_scale,
+            param_shift=self.param_shift,
+        )
+        for module in self.swapped:
+            module.hyper_shared = shared
+        try:
+            return self.target(*args, **kwargs)
+        finally:
+            for module in self.swapped:
+                module.hyper_shared = None
+
+    def materialised_forward(self, generated_params: Tensor, args: tuple, kwargs: dict) -> Any:
+        """Sample b through the target alone with weight set b, batched with vmap."""
+        batch = generated_params.shape[0]
         params = self.unflatten_params(generated_params)
         # In training each sample gets its own copy of the buffers (BatchNorm statistics);
         # their mean is written back below.
@@ -271,7 +462,7 @@ class TransformerHyperNetwork(nn.Module):
             for name, value in copies.items():
                 mean = value.float().mean(0) if value.is_floating_point() else value[0]
                 buffers[name].copy_(mean.to(buffers[name].dtype))
-        return output, generated_params
+        return output
 
 
 if __name__ == "__main__":
@@ -280,8 +471,8 @@ if __name__ == "__main__":
     own = sum(p.numel() for p in hypernetwork.parameters())
     print(f"TransformerHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (torch.zeros((2, 16), dtype=torch.int64),)
-    output, generated_params = hypernetwork(*inputs)
+    output, generated_params = hypernetwork(*inputs, return_params=True)
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=7697ab6325e9f178e1e4751a79ca993f1020ab0c8b0323ddb8627b0fda7ea81f
+# hypernn-gen: sha256=7e1032d35b1dd3c8b245993f17e4f52d9feca494a43dff14664afd927f31c52d

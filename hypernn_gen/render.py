@@ -114,6 +114,7 @@ class TemplateContext:
     target_source: str  #: the copied target definition(s)
     target_file: str  #: the target file, relative, as given
     header: tuple[str, ...]  #: provenance comment lines (without ``# ``)
+    fusion: Any = None  #: dynamic Torch: a :class:`hypernn_gen.fuse.FusionPlan`, else ``None``
     options: dict[str, Any] = field(default_factory=dict)
 
     @property

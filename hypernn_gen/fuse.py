@@ -1,0 +1,123 @@
+"""Plan the fused dynamic path: per-sample layers without per-sample weights.
+
+With the default dynamic design, sample ``b``'s flat weights are
+``g[b, p] = shift_t + scale_t * (s[b, p // C] * G0[p] + bg[p % C])`` where ``G0 = E Wg^T`` is
+shared by all samples. For a Linear or Conv layer whose weight row ``o`` (one output channel,
+flattened) spans the chunks ``first(o) .. first(o) + S - 1``:
+
+    y_b[o] = sum_j s[b, first(o) + j] * (M_j x_b)[o] + (BG x_b)[o] + bias_b[o]
+
+where ``M_j`` holds ``scale_t * G0`` on the elements of segment ``j`` (zero elsewhere) and
+``BG = shift_t + scale_t * bg[p % C]``. One shared GEMM/convolution with ``(S + 1) * out``
+outputs, then a per-sample weighted sum: no ``batch x P`` weights are ever built.
+
+Everything else that owns generated tensors (LayerNorm, Embedding, attention, a parameter used
+directly in a ``forward``) or buffers (BatchNorm) falls back to the materialising path for that
+module only: its own tensors per sample, ``vmap`` over the batch. Parameter-free modules run on
+the whole batch, which is what they would compute sample by sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .layout import Chunking, Layout
+
+__all__ = ["FusionPlan", "FusedLayer", "plan_torch_fusion"]
+
+#: Layers whose rows span more chunks than this are materialised instead (the shared GEMM grows
+#: with the number of segments; past this point building the layer's weights is cheaper).
+MAX_SEGMENTS = 16
+FUSIBLE = {"Linear": "linear", "Conv1d": "conv1d", "Conv2d": "conv2d"}
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    path: str  #: module path in the target, e.g. ``"0"`` or ``"features.3"``
+    kind: str  #: ``linear``, ``conv1d`` or ``conv2d``
+    weight: int  #: index of the weight in ``layout.generated``
+    bias: int | None  #: index of the bias in ``layout.generated`` (``None``: no or kept bias)
+    segments: int  #: chunks one output row spans at most (``S``)
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    fused: tuple[FusedLayer, ...]
+    per_sample: tuple[str, ...]  #: module paths run per sample with materialised weights
+    reasons: tuple[tuple[str, str], ...]  #: (module path, why it is not fused)
+
+    def summary(self) -> str:
+        if not self.fused:
+            return "no layer fused: every generated tensor is materialised per sample"
+        names = ", ".join(f.path or "<root>" for f in self.fused)
+        rest = f"; per sample: {', '.join(p or '<root>' for p in self.per_sample)}"
+        return f"fused: {names}" + (rest if self.per_sample else "")
+
+
+def segments(offset: int, rows: int, row: int, chunk: int) -> int:
+    """The most chunks one row spans, for rows of length ``row`` starting at ``offset``."""
+    worst = 1
+    for o in range(rows):
+        start = offset + o * row
+        worst = max(worst, (start + row - 1) // chunk - start // chunk + 1)
+        if worst >= MAX_SEGMENTS + 1:
+            break
+    return worst
+
+
+def plan_torch_fusion(module, layout: Layout, chunking: Chunking) -> FusionPlan:  # noqa: ANN001
+    """Decide, module by module, what the generated dynamic Torch file fuses."""
+    index = {t.path: i for i, t in enumerate(layout.generated)}
+    generated_paths = set(index)
+    owners: dict[str, list[str]] = {}
+    for t in layout.generated:
+        owner, _, _ = t.path.rpartition(".")
+        owners.setdefault(owner, []).append(t.path)
+    buffer_owners = {t.path.rpartition(".")[0] for t in layout.state if t.collection == "buffer"}
+
+    fused: list[FusedLayer] = []
+    per_sample: list[str] = []
+    reasons: list[tuple[str, str]] = []
+    for path, sub in module.named_modules():
+        if any(path == p or path.startswith(p + ".") if p else True for p in per_sample):
+            continue  # inside a module that already runs per sample
+        own = owners.get(path, [])
+        has_buffers = path in buffer_owners
+        if not own and not has_buffers:
+            continue
+        kind = FUSIBLE.get(type(sub).__name__)
+        weight = f"{path}.weight" if path else "weight"
+        bias = f"{path}.bias" if path else "bias"
+        why = _unfusible(sub, kind, weight, bias, own, has_buffers, generated_paths)
+        if why is None:
+            t = layout.generated[index[weight]]
+            row = math.prod(t.shape[1:])
+            s = segments(t.offset, t.shape[0], row, chunking.chunk_dim)
+            if s > MAX_SEGMENTS:
+                why = f"a weight row spans {s} chunks (more than {MAX_SEGMENTS})"
+            else:
+                fused.append(FusedLayer(path, kind, index[weight], index.get(bias), s))
+                continue
+        per_sample.append(path)
+        reasons.append((path, why))
+    return FusionPlan(tuple(fused), tuple(per_sample), tuple(reasons))
+
+
+def _unfusible(sub, kind, weight, bias, own, has_buffers, generated) -> str | None:  # noqa: ANN001
+    if kind is None:
+        return f"{type(sub).__name__} has no fused form"
+    if has_buffers:
+        return "it has buffers"
+    if weight not in generated:
+        return "its weight is not generated"
+    if set(own) - {weight, bias}:
+        return "it owns other generated tensors"
+    if kind != "linear":
+        if getattr(sub, "groups", 1) != 1:
+            return "grouped convolution"
+        if getattr(sub, "padding_mode", "zeros") != "zeros":
+            return f"padding_mode={sub.padding_mode!r}"
+    if list(sub.children()):
+        return "it has submodules"
+    return None
