@@ -142,7 +142,9 @@ def extract_target_source(path: Path, roots: list[str]) -> TargetSource:
     try:
         module = cst.parse_module(path.read_text())
     except cst.ParserSyntaxError as exc:
-        raise GenerationError(f"{path}:{exc.raw_line}: cannot parse the target file: {exc.message}")
+        raise GenerationError(
+            f"{path}:{exc.raw_line}: cannot parse the target file: {exc.message}"
+        ) from exc
     stmts = [s for s in module.body if not _is_main_guard(s) and not _is_future(s)]
     bound = [_bound_names(s) for s in stmts]
     refs: list[set[str]] = []
