@@ -15,11 +15,14 @@ stderr and exit code 2, without a traceback unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import jinja2
 
 from ._version import __version__
 from .config import find_pyproject, load_jobs
@@ -27,6 +30,7 @@ from .errors import GenerationError, HypernnGenError
 from .generate import BACKENDS, MODES, GenerateOptions, generate
 from .layout import Chunking
 from .load import INPUT_DTYPES, load_target, parse_input_shape
+from .render import CONTEXT_VERSION, TemplateContext, builtin_templates_dir, make_environment
 from .report import format_layout, layout_json
 from .trace import trace_selected
 from .verify import FORMATTERS
@@ -217,6 +221,53 @@ def _run_generate(args: argparse.Namespace) -> int:
     return exit_code
 
 
+# -- templates ------------------------------------------------------------------------------------
+
+
+def _templates_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list", "export"), help="list blocks, or export files")
+    parser.add_argument("directory", nargs="?", help="export: where to copy the built-ins")
+    parser.add_argument("--force", action="store_true", help="export: overwrite existing files")
+    add_debug_argument(parser)
+
+
+def _run_templates(args: argparse.Namespace) -> int:
+    root = builtin_templates_dir()
+    files = sorted(p for p in root.rglob("*.jinja"))
+    if args.action == "export":
+        if not args.directory:
+            raise GenerationError(
+                "templates export needs a directory: hypernn-gen templates export DIR"
+            )
+        target = Path(args.directory)
+        clashes = [f for f in files if (target / f.relative_to(root)).exists()]
+        if clashes and not args.force:
+            raise GenerationError(
+                f"{target / clashes[0].relative_to(root)} exists; pass --force to overwrite it"
+            )
+        for f in files:
+            dest = target / f.relative_to(root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(f.read_text())
+            print(f"exported {dest}")
+        print(
+            f'Edit a copy, or better, replace its body with {{% extends "builtin/<name>" %}} and '
+            f"override only the blocks you change; then pass --template-dir {target}."
+        )
+        return 0
+    env = make_environment()
+    print(f"Built-in templates (context version {CONTEXT_VERSION}), in {root}:")
+    for f in files:
+        name = f.relative_to(root).as_posix()
+        blocks = [b.name for b in env.parse(f.read_text()).find_all(jinja2.nodes.Block)]
+        print(f"  {name}\n    blocks: {', '.join(blocks)}")
+    print("\nThe context: one object, `ctx` (hypernn_gen.render.TemplateContext):")
+    for field in dataclasses.fields(TemplateContext):
+        print(f"  ctx.{field.name}: {field.type}")
+    print("  ctx.condition_dim: int | None (property)")
+    return 0
+
+
 #: Subcommands by name. The first argument selects one; anything else runs DEFAULT_COMMAND with
 #: all arguments (so ``hypernn-gen target.py ...`` generates). ``templates`` goes here too.
 COMMANDS: dict[str, Command] = {
@@ -224,6 +275,11 @@ COMMANDS: dict[str, Command] = {
         "generate a hypernetwork module (the default command)",
         _generate_arguments,
         _run_generate,
+    ),
+    "templates": Command(
+        "list the built-in templates' blocks and context, or export them to start from",
+        _templates_arguments,
+        _run_templates,
     ),
     "inspect": Command(
         "show the target's parameter layout, chunking and hypernetwork size",

@@ -146,6 +146,18 @@ def make_environment(template_dir: Path | None = None) -> jinja2.Environment:
                 f"--template-dir {template_dir} is not a directory; create it, e.g. with "
                 f"`hypernn-gen templates export {template_dir}`"
             )
+        builtins = {
+            p.relative_to(builtin.searchpath[0]).as_posix()
+            for p in Path(builtin.searchpath[0]).rglob("*.jinja")
+        }
+        for user in sorted(template_dir.rglob("*.jinja")):
+            name = user.relative_to(template_dir).as_posix()
+            if name not in builtins and not user.name.startswith("_"):
+                raise GenerationError(
+                    f"{user}:1: user template {name!r} matches no built-in template, so it would "
+                    f"never be used; name it after one of: {', '.join(sorted(builtins))} "
+                    "(files starting with '_' are partials and may have any name)"
+                )
         loaders.append(jinja2.FileSystemLoader(str(template_dir)))
     loaders += [jinja2.PrefixLoader({"builtin": builtin}), builtin]
     env = jinja2.Environment(
