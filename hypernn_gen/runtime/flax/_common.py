@@ -1,0 +1,246 @@
+"""Pieces shared by the Linen and NNX hypernetworks: decoding, flat <-> tree, checks, batching.
+
+Everything here is a plain function of a :class:`~hypernn_gen.layout.Layout` and arrays, so it
+works the same under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ...errors import HyperNetworkError, TraceError
+from ...layout import Key, Layout
+
+__all__ = ["flatten_params", "unflatten_params"]
+
+
+class TargetHyperNetworkError(HyperNetworkError, TraceError):
+    """The target cannot be traced (no float parameters, integer params, ...).
+
+    Both a :class:`HyperNetworkError` (the runtime got a bad target) and a :class:`TraceError`
+    (what the tracer raised), so either ``except`` clause catches it.
+    """
+
+
+def traced(trace: Callable[[], Layout]) -> Layout:
+    """Run a tracer, re-raising its :class:`TraceError` as :class:`TargetHyperNetworkError`."""
+    try:
+        return trace()
+    except TargetHyperNetworkError:
+        raise
+    except TraceError as exc:
+        raise TargetHyperNetworkError(str(exc)) from exc
+
+
+# -- flat vector <-> parameter tree --------------------------------------------------------------
+
+
+def unflatten_params(layout: Layout, flat: jax.Array) -> dict:
+    """The generated tensors as a nested dict keyed like the target (``params`` tree for Linen,
+    the ``nnx.state`` path for NNX), from ``flat`` of shape ``(..., flat_size)``.
+
+    Leading batch dims are kept: ``(B, flat_size)`` gives leaves ``(B, *shape)``. Each leaf is cast
+    to the dtype the target declares. Compiled once per layout and shape (the layout is static).
+    """
+    return _unflatten(layout, jnp.asarray(flat))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unflatten(layout: Layout, flat: jax.Array) -> dict:
+    batch = flat.shape[:-1]
+    tree: dict = {}
+    for t in layout.generated:
+        leaf = flat[..., t.offset : t.end].reshape(*batch, *t.shape).astype(t.dtype)
+        set_path(tree, t.keys, leaf)
+    return tree
+
+
+def flatten_params(layout: Layout, params: Any) -> jax.Array:
+    """The flat vector ``(..., flat_size)`` for a tree holding the generated tensors.
+
+    ``params`` is a Linen ``params`` dict, an ``nnx.State``/pure dict, or anything indexable by
+    the layout's keys; leaves may be ``nnx.Variable``. Extra entries are ignored; leading batch
+    dims (the same on every leaf) are kept. The inverse of :func:`unflatten_params`.
+    """
+    pieces = []
+    for t in layout.generated:
+        try:
+            leaf = get_path(params, t.keys)
+        except (KeyError, IndexError, TypeError) as exc:
+            raise HyperNetworkError(
+                f"flatten_params: the parameter tree has no {t.path!r}; pass the target's own "
+                "params tree (Linen: variables['params'], NNX: nnx.state(target, nnx.Param))"
+            ) from exc
+        leaf = jnp.asarray(leaf)
+        if leaf.shape[leaf.ndim - len(t.shape) :] != t.shape:
+            raise HyperNetworkError(
+                f"flatten_params: {t.path!r} has shape {leaf.shape}, the layout says {t.shape}; "
+                "pass parameters of the target the hypernetwork was built for"
+            )
+        pieces.append(leaf)
+    return _concat(layout, pieces)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _concat(layout: Layout, leaves: list[jax.Array]) -> jax.Array:
+    pieces = [
+        x.reshape(*x.shape[: x.ndim - len(t.shape)], -1)
+        for t, x in zip(layout.generated, leaves, strict=True)
+    ]
+    return jnp.concatenate(pieces, axis=-1)
+
+
+def get_path(tree: Any, keys: tuple[Key, ...]) -> Any:
+    for k in keys:
+        tree = tree[k]
+    if hasattr(tree, "get_value"):  # nnx.Variable
+        tree = tree.get_value()
+    return tree
+
+
+def set_path(tree: dict, keys: tuple[Key, ...], value: Any) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode(layout: Layout, raw: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+    """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
+
+    ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(num_tensors,)``. Written as one
+    slice per tensor (not ``jnp.repeat`` with a constant index, which XLA would constant-fold
+    into a ``flat_size``-long table at compile time).
+    """
+    scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
+    pieces = [
+        shift[i] + scale[i] * raw[..., t.offset : t.end] for i, t in enumerate(layout.generated)
+    ]
+    return jnp.concatenate(pieces, axis=-1)
+
+
+def raw_vector(
+    layout: Layout, raw: Any, batch: int | None, num_embeddings: int, hidden_dim: int, emb: str
+) -> jax.Array:
+    """Check the weight generator's output and cut it to ``(flat_size,)``/``(batch, flat_size)``.
+
+    ``emb`` describes the expected embedding shape for the error message.
+    """
+    if not isinstance(raw, jax.Array | np.ndarray):
+        raise HyperNetworkError(
+            f"the weight generator returned {type(raw).__name__}, expected an array of chunks "
+            f"(..., {num_embeddings}, {hidden_dim})"
+        )
+    if batch is not None:
+        if raw.ndim == 0 or raw.shape[0] != batch:
+            raise HyperNetworkError(
+                f"the weight generator returned shape {tuple(raw.shape)}, which does not split "
+                f"into {batch} samples; keep the batch dimension first"
+            )
+        raw = raw.reshape(batch, -1)
+    else:
+        raw = raw.reshape(-1)
+    if raw.shape[-1] < layout.flat_size:
+        raise HyperNetworkError(
+            f"the weight generator made {raw.shape[-1]} values per weight set, the target needs "
+            f"{layout.flat_size}: return (num_embeddings={num_embeddings}, "
+            f"hidden_dim={hidden_dim}) chunks from an embedding of shape {emb}"
+        )
+    return raw[..., : layout.flat_size]
+
+
+def check_embedding(embedding: Any, batch: int | None, num_embeddings: int, dim: int) -> None:
+    """The embedding must be an array ``(num_embeddings, dim)``/``(batch, num_embeddings, dim)``."""
+    expected = (num_embeddings, dim) if batch is None else (batch, num_embeddings, dim)
+    if not isinstance(embedding, jax.Array | np.ndarray):
+        raise HyperNetworkError(
+            f"the embedding module returned {type(embedding).__name__}, expected an array of "
+            f"shape {expected}"
+        )
+    bad_batch = batch is not None and (embedding.ndim == 0 or embedding.shape[0] != batch)
+    if embedding.ndim == 0 or embedding.shape[-1] != dim or bad_batch:
+        raise HyperNetworkError(
+            f"the embedding module returned shape {tuple(embedding.shape)}, expected {expected}: "
+            f"embedding_dim={dim} last" + (", the batch first" if batch is not None else "")
+        )
+
+
+def check_flat(layout: Layout, flat: Any, mode: str) -> None:
+    """``generated_params`` must be ``(flat_size,)`` (static) or ``(batch, flat_size)``."""
+    n = layout.flat_size
+    expected = (n,) if mode == "static" else ("batch", n)
+    shape = tuple(getattr(flat, "shape", ()))
+    if len(shape) != len(expected) or shape[-1] != n:
+        raise HyperNetworkError(
+            f"generated_params has shape {shape}, expected {expected} for this {mode} "
+            "hypernetwork; build it with flatten_params()"
+        )
+
+
+# -- dynamic mode -------------------------------------------------------------------------------
+
+
+def is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray)
+
+
+def first_array(args: tuple) -> Any:
+    return next((a for a in args if is_array(a)), None)
+
+
+def check_batch(args: tuple, batch: int) -> None:
+    """Every positional array input must have the leading batch dimension ``batch``."""
+    for i, a in enumerate(args):
+        if is_array(a) and (a.ndim == 0 or a.shape[0] != batch):
+            size = a.shape[0] if a.ndim else "none (a scalar)"
+            raise HyperNetworkError(
+                f"dynamic mode made {batch} weight sets (condition batch {batch}) but input {i} "
+                f"has batch size {size}; give the target inputs and the condition the same "
+                "leading batch dimension"
+            )
+
+
+def condition_batch(condition: Any) -> int:
+    if not is_array(condition) or condition.ndim == 0:
+        raise HyperNetworkError(
+            "dynamic mode needs a conditioning input with a leading batch dimension: pass the "
+            "target's inputs or condition=..."
+        )
+    return int(condition.shape[0])
+
+
+def unsqueeze(x: Any) -> Any:
+    return x[None] if is_array(x) else x
+
+
+def squeeze(tree: Any) -> Any:
+    """Drop the per-sample batch of 1 from every output leaf (as ``torch.squeeze(0)`` does)."""
+    return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
+
+
+def per_sample(x: jax.Array, batch: int) -> jax.Array:
+    """``batch`` copies of ``x`` (typed rng keys: ``batch`` independent keys)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.split(x, batch)
+    return jnp.broadcast_to(x, (batch, *x.shape))
+
+
+def merge_samples(old: jax.Array, new: jax.Array) -> jax.Array:
+    """Write back per-sample copies: floats ``old + mean(new - old)``, keys ``old``, else ``new[0]``.
+
+    Unchanged copies (eval mode) give back ``old`` exactly.
+    """
+    if jnp.issubdtype(old.dtype, jax.dtypes.prng_key):
+        return old
+    if jnp.issubdtype(old.dtype, jnp.inexact):
+        return old + (new - old).mean(0).astype(old.dtype)
+    return new[0]

@@ -1,0 +1,435 @@
+"""Hypernetworks for Flax Linen targets (hyper-nn vocabulary).
+
+    hn = FlaxHyperNetwork(target)                                # static, sensible defaults
+    variables = hn.init(jax.random.key(0), x)
+    output, generated_params = hn.apply(variables, x)
+
+    hn = FlaxHyperNetwork(target, mode="dynamic")                # one weight set per sample
+    output, generated_params = hn.apply(variables, x)           # generated_params (B, flat_size)
+
+The target's ``params`` are made by the hypernetwork (see :mod:`hypernn_gen.layout` for the
+contract); its other collections (``batch_stats``, ...) are variables of the hypernetwork under the
+same collection name and the key ``target``, updated when the collection is mutable
+(``hn.apply(..., mutable=["batch_stats"])``) and frozen otherwise, like the target's own. Rngs
+given to ``apply`` (``rngs={"dropout": key}``) are passed on to the target.
+
+A Linen target's shapes are only known from its inputs, so the layout is traced from the inputs
+of each call (``jax.eval_shape``, cached per input shapes). The flat <-> tree helpers are
+therefore module-level functions of a layout: ``flatten_params(hn.layout(x), params)`` and
+``unflatten_params(hn.layout(x), flat)``; :meth:`FlaxHyperNetwork.layout` works unbound.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ...errors import HyperNetworkError
+from ...layout import Chunking, Layout
+from ...trace_flax import _array_inputs, trace_linen
+from . import _common as c
+
+__all__ = [
+    "DynamicEmbedding",
+    "FlaxEmbeddingModule",
+    "FlaxHyperNetwork",
+    "FlaxWeightGenerator",
+    "LinearWeightGenerator",
+    "StaticEmbedding",
+]
+
+
+def _scaled(init: Callable, factor: float) -> Callable:
+    def scaled(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
+        return factor * init(key, shape, dtype)
+
+    return scaled
+
+
+class FlaxEmbeddingModule(nn.Module):
+    """Base class of embedding modules: ``__call__()`` (static) or ``__call__(condition)`` (dynamic).
+
+    Return ``(num_embeddings, embedding_dim)`` in static mode and
+    ``(batch, num_embeddings, embedding_dim)`` in dynamic mode.
+    """
+
+    embedding_dim: int
+    num_embeddings: int
+
+
+class FlaxWeightGenerator(nn.Module):
+    """Base class of weight generators: ``__call__(embedding)`` -> ``(..., num_embeddings, hidden_dim)``.
+
+    ``hidden_dim`` is the chunk size; returning the chunks flattened (keeping a dynamic batch
+    dimension first) is accepted too.
+    """
+
+    embedding_dim: int
+    hidden_dim: int
+
+
+class StaticEmbedding(FlaxEmbeddingModule):
+    """A learned table ``weight`` of ``num_embeddings`` vectors, entries ~ N(0, 1)."""
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        shape = (self.num_embeddings, self.embedding_dim)
+        return self.param("weight", nn.initializers.normal(1.0), shape)
+
+
+class DynamicEmbedding(FlaxEmbeddingModule):
+    """The learned table, scaled per sample: ``E[b, k] = (1 + m(c_b)[k]) * weight[k]``.
+
+    ``m`` (``modulation``) is an MLP of the flattened condition: Dense(hidden_dim), ReLU,
+    Dense(num_embeddings) whose kernel starts at a tenth of lecun_normal and bias at zero.
+    ``condition_dim`` is optional (Dense infers it); when given, the condition is checked.
+    """
+
+    condition_dim: int | None = None
+    hidden_dim: int = 64
+
+    def setup(self) -> None:
+        self.weight = self.param(
+            "weight", nn.initializers.normal(1.0), (self.num_embeddings, self.embedding_dim)
+        )
+        last_init = _scaled(nn.initializers.lecun_normal(), 0.1)
+        self.modulation = nn.Sequential(
+            [
+                nn.Dense(self.hidden_dim),
+                nn.relu,
+                nn.Dense(self.num_embeddings, kernel_init=last_init),
+            ]
+        )
+
+    def scales(self, condition: jax.Array) -> jax.Array:
+        """Per-sample scale of each embedding, ``(batch, num_embeddings)``."""
+        flat = condition.reshape(condition.shape[0], -1).astype(self.weight.dtype)
+        if self.condition_dim is not None and flat.shape[-1] != self.condition_dim:
+            raise HyperNetworkError(
+                f"the condition has {flat.shape[-1]} values per sample, the embedding was built "
+                f"for condition_dim={self.condition_dim}; pass condition_dim=None to infer it"
+            )
+        return 1.0 + self.modulation(flat)
+
+    def __call__(self, condition: jax.Array) -> jax.Array:
+        return self.scales(condition)[..., None] * self.weight
+
+
+class LinearWeightGenerator(FlaxWeightGenerator):
+    """One linear map (``linear``) from an embedding to a chunk; unit-variance output at init.
+
+    Kernel ~ N(0, 1/embedding_dim), zero bias.
+    """
+
+    @nn.compact
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        std = 1.0 / math.sqrt(self.embedding_dim)
+        return nn.Dense(self.hidden_dim, kernel_init=nn.initializers.normal(std), name="linear")(
+            embedding
+        )
+
+
+class FlaxHyperNetwork(nn.Module):
+    """A hypernetwork for the Linen module ``target_network``: its ``params`` are generated.
+
+    Attributes:
+        target_network: any ``flax.linen.Module`` (unbound).
+        embedding_module_constructor: ``(embedding_dim, num_embeddings) -> FlaxEmbeddingModule``.
+            Default: :class:`StaticEmbedding` or :class:`DynamicEmbedding` by ``mode``.
+        weight_generator_constructor: ``(embedding_dim, hidden_dim) -> FlaxWeightGenerator``.
+            Default: :class:`LinearWeightGenerator`.
+        embedding_dim: size of each embedding.
+        num_embeddings, chunk_dim: give one (or neither: both about ``sqrt(flat_size)``).
+        mode: ``"static"`` (one weight set) or ``"dynamic"`` (one weight set per sample).
+        condition_dim: dynamic mode, default embedding: flattened size of one condition
+            (``None``: inferred).
+        include: predicate on dotted ``params`` paths; rejected parameters are ordinary
+            parameters of the hypernetwork, under ``params["target"]``.
+
+    ``hn.apply(variables, *inputs, generated_params=None, condition=None, **target_kwargs)``
+    returns ``(output, generated_params)``, the flat vector ``(flat_size,)`` (static) or
+    ``(batch, flat_size)`` (dynamic). ``variables["params"]`` holds ``embedding_module``,
+    ``weight_generator``, ``param_scale`` and ``param_shift`` (``(num_tensors,)``).
+    """
+
+    target_network: nn.Module
+    embedding_module_constructor: Callable[[int, int], nn.Module] | None = None
+    weight_generator_constructor: Callable[[int, int], nn.Module] | None = None
+    embedding_dim: int = 32
+    num_embeddings: int | None = None
+    chunk_dim: int | None = None
+    mode: str = "static"
+    condition_dim: int | None = None
+    include: Callable[[str], bool] | None = None
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def layout(self, *example_inputs: Any, **target_kwargs: Any) -> Layout:
+        """The target's layout for these inputs, with measured init statistics (works unbound).
+
+        ``target_kwargs`` are the keyword arguments the target is called with (``train=...``).
+        """
+        return _measured_layout(self, example_inputs, target_kwargs, ())
+
+    def chunking(self, layout: Layout) -> Chunking:
+        return c.traced(
+            lambda: Chunking.resolve(
+                layout.flat_size, num_embeddings=self.num_embeddings, chunk_dim=self.chunk_dim
+            )
+        )
+
+    # -- forward ------------------------------------------------------------------------------
+
+    @nn.compact
+    def __call__(
+        self,
+        *inputs: Any,
+        generated_params: jax.Array | None = None,
+        condition: jax.Array | None = None,
+        **target_kwargs: Any,
+    ) -> tuple[Any, jax.Array]:
+        """Run the target with generated weights; returns ``(output, generated_params)``."""
+        if self.mode not in ("static", "dynamic"):
+            raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {self.mode!r}")
+        target = _detached(self.target_network)
+        rng_names = [n for n in self.scope.rngs if n != "params"]
+        initializing = self.is_initializing()
+        if initializing:
+            layout = _measured_layout(self, inputs, target_kwargs, tuple(rng_names))
+        else:
+            layout = _structure(target, inputs, target_kwargs, self.include, tuple(rng_names))
+        chunking = self.chunking(layout)
+        generated = layout.generated
+        scale = self.param("param_scale", lambda _: _vector([t.init_std for t in generated]))
+        shift = self.param("param_shift", lambda _: _vector([t.init_mean for t in generated]))
+
+        # The target's own init gives its state collections and excluded params (init only).
+        target_init = functools.cache(
+            lambda: _target_init(target, layout, self._rngs(rng_names, True), inputs, target_kwargs)
+        )
+        state_cols = sorted({t.collection for t in layout.state if t.collection != "params"})
+        state = {
+            col: self.variable(col, "target", lambda k=col: target_init()[k]) for col in state_cols
+        }
+        excluded = {}
+        if any(t.collection == "params" for t in layout.state):
+            # A variable, not self.param: param's shape check would run the init in apply too.
+            excluded = self.variable("params", "target", lambda: target_init()["params"]).value
+
+        dynamic = self.mode == "dynamic"
+        if dynamic and condition is None:
+            condition = c.first_array(inputs)
+        batch = c.condition_batch(condition) if dynamic else None
+        if dynamic:
+            c.check_batch(inputs, batch)
+        if generated_params is None or initializing:
+            flat = self._generate(layout, chunking, scale, shift, condition, batch)
+        if generated_params is not None:
+            c.check_flat(layout, generated_params, self.mode)
+            flat = generated_params
+
+        params = c.unflatten_params(layout, flat)
+        mutable = [col for col in state_cols if self.is_mutable_collection(col)]
+        rngs = self._rngs(rng_names, False)
+        call = functools.partial(_apply_target, target, target_kwargs, mutable)
+        if dynamic:
+            out, updates = _per_sample(call, params, excluded, state, mutable, rngs, inputs, batch)
+        else:
+            variables = {col: v.value for col, v in state.items()}
+            variables["params"] = _merge(params, excluded)
+            out, updates = call(variables, rngs, inputs)
+        if not initializing:  # init keeps the target's own initial state
+            for col in mutable:
+                state[col].value = updates[col]
+        return out, flat
+
+    def _generate(
+        self,
+        layout: Layout,
+        chunking: Chunking,
+        scale: jax.Array,
+        shift: jax.Array,
+        condition: Any,
+        batch: int | None,
+    ) -> jax.Array:
+        """The decoded flat vector: ``(flat_size,)`` or ``(batch, flat_size)``."""
+        n, d, h = chunking.num_embeddings, self.embedding_dim, chunking.chunk_dim
+        embedding_ctor = self.embedding_module_constructor
+        if embedding_ctor is None:
+            if self.mode == "dynamic":
+                embedding_ctor = functools.partial(
+                    DynamicEmbedding, condition_dim=self.condition_dim
+                )
+            else:
+                embedding_ctor = StaticEmbedding
+        generator_ctor = self.weight_generator_constructor or LinearWeightGenerator
+        embedding_module = self._child(
+            embedding_ctor(d, n), "embedding_module", "FlaxEmbeddingModule"
+        )
+        weight_generator = self._child(
+            generator_ctor(d, h), "weight_generator", "FlaxWeightGenerator"
+        )
+
+        embedding = embedding_module(condition) if batch is not None else embedding_module()
+        c.check_embedding(embedding, batch, n, d)
+        expected = (n, d) if batch is None else (batch, n, d)
+        raw = c.raw_vector(layout, weight_generator(embedding), batch, n, h, str(expected))
+        return c.decode(layout, raw, scale, shift)
+
+    def _child(self, module: Any, name: str, base: str) -> nn.Module:
+        """Adopt a constructed submodule under a fixed name (``embedding_module``, ...)."""
+        if not isinstance(module, nn.Module):
+            raise HyperNetworkError(
+                f"the {name.replace('_', ' ')} constructor returned {type(module).__name__}, not a "
+                f"flax.linen.Module; return an instance of a {base} subclass"
+            )
+        return module.clone(parent=self, name=name)
+
+    def _rngs(self, names: list[str], with_params: bool) -> dict[str, jax.Array]:
+        rngs = {name: self.make_rng(name) for name in names}
+        if with_params:
+            rngs["params"] = self.make_rng("params")
+        return rngs
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _measured_layout(hn: FlaxHyperNetwork, inputs: tuple, kwargs: dict, rngs: tuple) -> Layout:
+    """The layout with measured init statistics (one compiled init run), cached like
+    :func:`_structure`."""
+    return _structure(_detached(hn.target_network), inputs, kwargs, hn.include, rngs, True)
+
+
+def _detached(module: nn.Module) -> nn.Module:
+    """An unbound copy of a (possibly adopted) target, to ``init``/``apply`` on its own."""
+    return module.clone(parent=None)
+
+
+_LAYOUTS: dict = {}
+
+
+def _structure(
+    target: nn.Module,
+    inputs: tuple,
+    kwargs: dict,
+    include: Any,
+    rng_names: tuple,
+    measure: bool = False,
+) -> Layout:
+    """The target's layout for these inputs (init statistics only with ``measure``).
+
+    Cached per target, input shapes, kwargs and include predicate when all are hashable, so
+    eager ``apply`` calls do not re-trace the target's init each time.
+    """
+
+    def trace() -> Layout:
+        return c.traced(
+            lambda: trace_linen(
+                target,
+                inputs,
+                include=include,
+                init_kwargs=kwargs,
+                measure=measure,
+                rng_names=rng_names,
+            )
+        )
+
+    avals, _ = _array_inputs(inputs)
+    statics = tuple(x for x in inputs if not hasattr(x, "shape"))
+    key = (target, avals, statics, tuple(sorted(kwargs.items())), include, rng_names, measure)
+    try:
+        hash(key)
+    except TypeError:
+        return trace()
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = trace()
+    return _LAYOUTS[key]
+
+
+def _target_init(
+    target: nn.Module, layout: Layout, rngs: dict, inputs: tuple, kwargs: dict
+) -> dict:
+    """The target's initial state collections and excluded params, compiled (params dropped)."""
+    _, rebuild = _array_inputs(inputs)
+    arrays = [x for x in inputs if hasattr(x, "shape") and hasattr(x, "dtype")]
+    keep = {t.collection for t in layout.state}
+    excluded = [t.keys for t in layout.state if t.collection == "params"]
+
+    @jax.jit
+    def init(rngs: dict, arrays: list) -> dict:
+        variables = nn.meta.unbox(target.init(rngs, *rebuild(arrays), **kwargs))
+        out = {col: variables[col] for col in keep if col != "params"}
+        if excluded:
+            out["params"] = {}
+            for keys in excluded:
+                c.set_path(out["params"], keys, c.get_path(variables["params"], keys))
+        return out
+
+    return init(rngs, arrays)
+
+
+def _merge(generated: dict, excluded: dict) -> dict:
+    """Deep merge of two ``params`` trees with disjoint leaves."""
+    out = dict(generated)
+    for k, v in excluded.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and k in out else v
+    return out
+
+
+def _apply_target(
+    target: nn.Module, kwargs: dict, mutable: list, variables: dict, rngs: dict, args: tuple
+) -> tuple[Any, dict]:
+    """``target.apply`` returning ``(output, updated mutable collections)``."""
+    if mutable:
+        out, updates = target.apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+        return out, {col: updates[col] for col in mutable}
+    return target.apply(variables, *args, rngs=rngs, **kwargs), {}
+
+
+def _per_sample(
+    call: Callable,
+    params: dict,
+    excluded: dict,
+    state: dict,
+    mutable: list,
+    rngs: dict,
+    inputs: tuple,
+    batch: int,
+) -> tuple[Any, dict]:
+    """Sample b through the target alone (a batch of 1) with weight set b, batched by ``vmap``.
+
+    Mutable collections are given to each sample as its own copy and written back as the mean
+    over samples; frozen ones are shared. Each sample gets its own rng keys.
+    """
+    positions = [i for i, x in enumerate(inputs) if c.is_array(x)]
+    frozen = {col: v.value for col, v in state.items() if col not in mutable}
+    copies = {
+        col: jax.tree.map(lambda x: c.per_sample(x, batch), state[col].value) for col in mutable
+    }
+    sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}
+
+    def one(p: dict, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
+        args = list(inputs)
+        for i, x in zip(positions, xs, strict=True):
+            args[i] = x[None]
+        variables = {**frozen, **own, "params": _merge(p, excluded)}
+        out, updates = call(variables, keys, tuple(args))
+        return c.squeeze(out), updates
+
+    xs = [inputs[i] for i in positions]
+    out, updates = jax.vmap(one)(params, copies, sample_rngs, xs)
+    merged = {col: jax.tree.map(c.merge_samples, state[col].value, updates[col]) for col in mutable}
+    return out, merged
+
+
+def _vector(values: list[float]) -> jax.Array:
+    return jnp.asarray(values, jnp.float32)

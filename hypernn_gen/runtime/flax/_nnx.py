@@ -1,0 +1,338 @@
+"""Hypernetworks for Flax NNX targets.
+
+    hn = NNXHyperNetwork(target, rngs=nnx.Rngs(0))              # static, sensible defaults
+    output, generated_params = hn(x)
+
+    hn = NNXHyperNetwork(target, mode="dynamic", condition_dim=64, rngs=nnx.Rngs(0))
+    output, generated_params = hn(x)                             # one weight set per sample
+
+The hypernetwork keeps a copy of the target as ``hn.target`` in which every generated
+``nnx.Param`` is replaced by an empty :class:`GeneratedSlot` placeholder, so
+``nnx.state(hn, nnx.Param)`` holds only the hypernetwork's own parameters, while the target's
+other state (``BatchStat``, Dropout ``RngKey``/``RngCount``, ...) is real state of the
+hypernetwork: updated in training, frozen in eval, and ``hn.train()``/``hn.eval()`` reach the
+target's BatchNorm/Dropout. Each call splits that copy, merges it with Params made from the
+generated weights, runs it and keeps the updated state.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ...errors import HyperNetworkError
+from ...layout import Chunking, Layout
+from ...trace_flax import trace_nnx_module
+from . import _common as c
+
+__all__ = [
+    "GeneratedSlot",
+    "NNXDynamicEmbedding",
+    "NNXEmbeddingModule",
+    "NNXHyperNetwork",
+    "NNXLinearWeightGenerator",
+    "NNXStaticEmbedding",
+    "NNXWeightGenerator",
+]
+
+
+class GeneratedSlot(nnx.Variable):
+    """Where a generated ``nnx.Param`` was in the hypernetwork's copy of the target.
+
+    Holds an empty ``(0,)`` array of the parameter's dtype; the weights come from the generator.
+    """
+
+
+class NNXEmbeddingModule(nnx.Module):
+    """Base class of embedding modules: ``__call__()`` (static) or ``__call__(condition)`` (dynamic).
+
+    Return ``(num_embeddings, embedding_dim)`` in static mode and
+    ``(batch, num_embeddings, embedding_dim)`` in dynamic mode.
+    """
+
+    def __init__(self, embedding_dim: int, num_embeddings: int, *, rngs: nnx.Rngs | None = None):
+        self.embedding_dim = embedding_dim
+        self.num_embeddings = num_embeddings
+
+
+class NNXWeightGenerator(nnx.Module):
+    """Base class of weight generators: ``__call__(embedding)`` -> ``(..., num_embeddings, hidden_dim)``.
+
+    ``hidden_dim`` is the chunk size; returning the chunks flattened (keeping a dynamic batch
+    dimension first) is accepted too.
+    """
+
+    def __init__(self, embedding_dim: int, hidden_dim: int, *, rngs: nnx.Rngs | None = None):
+        self.embedding_dim = embedding_dim
+        self.hidden_dim = hidden_dim
+
+
+class NNXStaticEmbedding(NNXEmbeddingModule):
+    """A learned table ``weight`` ``(num_embeddings, embedding_dim)``, entries ~ N(0, 1)."""
+
+    def __init__(self, embedding_dim: int, num_embeddings: int, *, rngs: nnx.Rngs):
+        super().__init__(embedding_dim, num_embeddings)
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, embedding_dim)))
+
+    def __call__(self) -> jax.Array:
+        return self.weight[...]
+
+
+class NNXDynamicEmbedding(NNXEmbeddingModule):
+    """The learned table, scaled per sample: ``E[b, k] = (1 + m(c_b)[k]) * weight[k]``.
+
+    ``m`` (``modulation``) is an MLP of the flattened condition ``(batch, condition_dim)``:
+    Linear(hidden_dim), ReLU, Linear(num_embeddings) whose kernel starts at a tenth of
+    lecun_normal and bias at zero. NNX layers need ``condition_dim`` up front.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_embeddings: int,
+        condition_dim: int | None = None,
+        hidden_dim: int = 64,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(embedding_dim, num_embeddings)
+        if condition_dim is None:
+            raise HyperNetworkError(
+                "dynamic mode with the default embedding needs condition_dim: pass "
+                "condition_dim=<values in one conditioning input> (e.g. prod(x.shape[1:]))"
+            )
+        self.condition_dim = condition_dim
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, embedding_dim)))
+        lecun = nnx.initializers.lecun_normal()
+
+        def last_init(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
+            return 0.1 * lecun(key, shape, dtype)
+
+        self.modulation = nnx.Sequential(
+            nnx.Linear(condition_dim, hidden_dim, rngs=rngs),
+            nnx.relu,
+            nnx.Linear(hidden_dim, num_embeddings, kernel_init=last_init, rngs=rngs),
+        )
+
+    def scales(self, condition: jax.Array) -> jax.Array:
+        """Per-sample scale of each embedding, ``(batch, num_embeddings)``."""
+        flat = condition.reshape(condition.shape[0], -1).astype(self.weight.dtype)
+        if flat.shape[-1] != self.condition_dim:
+            raise HyperNetworkError(
+                f"the condition has {flat.shape[-1]} values per sample, the embedding was built "
+                f"for condition_dim={self.condition_dim}; pass condition_dim={flat.shape[-1]}"
+            )
+        return 1.0 + self.modulation(flat)
+
+    def __call__(self, condition: jax.Array) -> jax.Array:
+        return self.scales(condition)[..., None] * self.weight[...]
+
+
+class NNXLinearWeightGenerator(NNXWeightGenerator):
+    """One linear map (``linear``) from an embedding to a chunk; kernel ~ N(0, 1/embedding_dim)."""
+
+    def __init__(self, embedding_dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
+        super().__init__(embedding_dim, hidden_dim)
+        init = nnx.initializers.normal(1.0 / math.sqrt(embedding_dim))
+        self.linear = nnx.Linear(embedding_dim, hidden_dim, kernel_init=init, rngs=rngs)
+
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        return self.linear(embedding)
+
+
+class NNXHyperNetwork(nnx.Module):
+    """A hypernetwork for the NNX module ``target``: its ``nnx.Param`` variables are generated.
+
+    Args:
+        target: a live ``nnx.Module``. It is copied (its Params replaced by empty
+            :class:`GeneratedSlot` placeholders, its other state copied); the original is untouched.
+        embedding_module_constructor: ``(embedding_dim, num_embeddings, rngs=rngs) ->
+            NNXEmbeddingModule``. Default: :class:`NNXStaticEmbedding` or
+            :class:`NNXDynamicEmbedding` by ``mode``.
+        weight_generator_constructor: ``(embedding_dim, hidden_dim, rngs=rngs) ->
+            NNXWeightGenerator``. Default: :class:`NNXLinearWeightGenerator`.
+        embedding_dim, num_embeddings, chunk_dim, mode, condition_dim, include: as in
+            :class:`~hypernn_gen.runtime.torch.TorchHyperNetwork`; params ``include`` rejects
+            stay ``nnx.Param`` of ``hn.target`` (trained directly).
+        rngs: initialises the embedding and the generator.
+
+    ``hn(*inputs, generated_params=None, condition=None, **kwargs)`` returns
+    ``(output, generated_params)``, the flat vector ``(flat_size,)`` or ``(batch, flat_size)``.
+    """
+
+    def __init__(
+        self,
+        target: nnx.Module,
+        embedding_module_constructor: Callable[..., nnx.Module] | None = None,
+        weight_generator_constructor: Callable[..., nnx.Module] | None = None,
+        embedding_dim: int = 32,
+        num_embeddings: int | None = None,
+        *,
+        chunk_dim: int | None = None,
+        mode: str = "static",
+        condition_dim: int | None = None,
+        include: Callable[[str], bool] | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if mode not in ("static", "dynamic"):
+            raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        self.mode = mode
+        self.layout: Layout = c.traced(lambda: trace_nnx_module(target, include=include))
+        self.chunking: Chunking = c.traced(
+            lambda: Chunking.resolve(
+                self.layout.flat_size, num_embeddings=num_embeddings, chunk_dim=chunk_dim
+            )
+        )
+        self.embedding_dim = embedding_dim
+        self.num_embeddings = self.chunking.num_embeddings
+        self.hidden_dim = self.chunking.chunk_dim
+
+        if embedding_module_constructor is None:
+            if mode == "dynamic":
+                embedding_module_constructor = functools.partial(
+                    NNXDynamicEmbedding, condition_dim=condition_dim
+                )
+            else:
+                embedding_module_constructor = NNXStaticEmbedding
+        if weight_generator_constructor is None:
+            weight_generator_constructor = NNXLinearWeightGenerator
+        self.embedding_module = embedding_module_constructor(
+            embedding_dim, self.num_embeddings, rngs=rngs
+        )
+        self.weight_generator = weight_generator_constructor(
+            embedding_dim, self.hidden_dim, rngs=rngs
+        )
+        for name, module, base in (
+            ("embedding", self.embedding_module, "NNXEmbeddingModule"),
+            ("weight generator", self.weight_generator, "NNXWeightGenerator"),
+        ):
+            if not isinstance(module, nnx.Module):
+                raise HyperNetworkError(
+                    f"the {name} constructor returned {type(module).__name__}, not an nnx.Module; "
+                    f"return an instance of a {base} subclass"
+                )
+
+        generated = self.layout.generated
+        self.param_scale = nnx.Param(jnp.array([t.init_std for t in generated], jnp.float32))
+        self.param_shift = nnx.Param(jnp.array([t.init_mean for t in generated], jnp.float32))
+        self.target = _strip_generated(target, self.layout)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def embed(self, condition: jax.Array | None = None) -> jax.Array:
+        """The embedding module's output for this mode."""
+        if self.mode == "static":
+            return self.embedding_module()
+        c.condition_batch(condition)
+        return self.embedding_module(condition)
+
+    def generate_params(self, condition: jax.Array | None = None) -> jax.Array:
+        """The flat vector of generated parameters: ``(flat_size,)`` or ``(batch, flat_size)``."""
+        batch = c.condition_batch(condition) if self.mode == "dynamic" else None
+        n, d, h = self.num_embeddings, self.embedding_dim, self.hidden_dim
+        embedding = self.embed(condition)
+        c.check_embedding(embedding, batch, n, d)
+        expected = (n, d) if batch is None else (batch, n, d)
+        raw = c.raw_vector(
+            self.layout, self.weight_generator(embedding), batch, n, h, str(expected)
+        )
+        return c.decode(self.layout, raw, self.param_scale[...], self.param_shift[...])
+
+    # -- flat vector <-> tensors --------------------------------------------------------------
+
+    def unflatten_params(self, flat: jax.Array) -> dict:
+        """Nested dict (``nnx.state`` paths) of the generated tensors; keeps leading batch dims."""
+        return c.unflatten_params(self.layout, flat)
+
+    def flatten_params(self, params: Any) -> jax.Array:
+        """The flat vector for ``nnx.state(target, nnx.Param)``, a pure dict, or a target module."""
+        if isinstance(params, nnx.Module):
+            params = nnx.state(params, nnx.Param)
+        return c.flatten_params(self.layout, params)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        *inputs: Any,
+        generated_params: jax.Array | None = None,
+        condition: jax.Array | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, jax.Array]:
+        """Run the target with generated weights; returns ``(output, generated_params)``."""
+        batch = None
+        if self.mode == "dynamic":
+            if condition is None:
+                condition = c.first_array(inputs)
+            batch = c.condition_batch(condition)
+            c.check_batch(inputs, batch)
+        if generated_params is None:
+            generated_params = self.generate_params(condition)
+        c.check_flat(self.layout, generated_params, self.mode)
+        params = self.unflatten_params(generated_params)
+        if batch is None:
+            out = self._forward(params, inputs, kwargs)
+        else:
+            out = self._per_sample_forward(params, batch, inputs, kwargs)
+        return out, generated_params
+
+    def _forward(self, params: dict, inputs: tuple, kwargs: dict) -> Any:
+        """The target with one weight set; its updated state is kept."""
+        graphdef, slots, rest = nnx.split(self.target, GeneratedSlot, ...)
+        module = nnx.merge(graphdef, _as_params(slots, params), rest)
+        out = module(*inputs, **kwargs)
+        nnx.update(self.target, nnx.state(module, nnx.Not(nnx.Param)))
+        return out
+
+    def _per_sample_forward(self, params: dict, batch: int, inputs: tuple, kwargs: dict) -> Any:
+        """Sample b through the target alone (a batch of 1) with weight set b, batched by ``vmap``.
+
+        Each sample gets its own copy of the target's state (BatchNorm then sees that sample's
+        statistics; Dropout its own key) and the copies' mean is written back afterwards.
+        """
+        graphdef, slots, fixed, rest = nnx.split(self.target, GeneratedSlot, nnx.Param, ...)
+        copies = jax.tree.map(lambda x: c.per_sample(x, batch), rest)
+        positions = [i for i, x in enumerate(inputs) if c.is_array(x)]
+
+        def one(p: dict, fixed: nnx.State, own: nnx.State, xs: list) -> tuple[Any, nnx.State]:
+            args = list(inputs)
+            for i, x in zip(positions, xs, strict=True):
+                args[i] = x[None]
+            module = nnx.merge(graphdef, _as_params(slots, p), fixed, own)
+            out = module(*args, **kwargs)
+            return c.squeeze(out), nnx.state(module, nnx.Not(nnx.Param))
+
+        xs = [inputs[i] for i in positions]
+        out, updated = jax.vmap(one, in_axes=(0, None, 0, 0))(params, fixed, copies, xs)
+        nnx.update(self.target, jax.tree.map(c.merge_samples, rest, updated))
+        return out
+
+
+def _as_params(slots: nnx.State, params: dict) -> nnx.State:
+    """A State of ``nnx.Param`` at the slots' paths, with values from the ``params`` tree."""
+    return nnx.from_flat_state(
+        [(path, nnx.Param(c.get_path(params, tuple(path)))) for path, _ in nnx.to_flat_state(slots)]
+    )
+
+
+def _strip_generated(target: nnx.Module, layout: Layout) -> nnx.Module:
+    """A copy of ``target`` whose generated Params are empty :class:`GeneratedSlot` placeholders.
+
+    Other variables are copied (new Variable objects, shared immutable arrays), so the
+    hypernetwork neither owns a second copy of the weights nor shares state with ``target``.
+    """
+    generated = {t.keys for t in layout.generated}
+    graphdef, state = nnx.split(target)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if tuple(path) in generated:
+            flat.append((path, GeneratedSlot(jnp.zeros((0,), var.get_value().dtype))))
+        else:
+            flat.append((path, var.copy()))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
