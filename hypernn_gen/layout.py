@@ -130,10 +130,13 @@ class Layout:
         return layout
 
     def validate(self) -> None:
-        paths = [t.path for t in self.tensors]
-        dupes = sorted({p for p in paths if paths.count(p) > 1})
+        keys = [(t.collection, t.path) for t in self.tensors]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
-            raise TraceError(f"layout lists {dupes[0]!r} twice; this is a bug in the tracer")
+            collection, path = dupes[0]
+            raise TraceError(
+                f"layout lists {path!r} ({collection}) twice; this is a bug in the tracer"
+            )
         for t in self.tensors:
             if t.generated and not t.dtype.startswith(("float", "bfloat")):
                 raise TraceError(
