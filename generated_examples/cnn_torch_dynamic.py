@@ -104,6 +104,16 @@ class SmallCNNEmbedding(nn.Module):
             last.bias.zero_()
         self.modulation = nn.Sequential(nn.Linear(64, MODULATION_HIDDEN), nn.ReLU(), last)
 
+    def reset_parameters(self) -> None:
+        """Draw every parameter again, as ``__init__`` does (same order of random draws)."""
+        first, _, last = self.modulation
+        with torch.no_grad():
+            self.weight.normal_()
+            last.reset_parameters()
+            last.weight.mul_(0.1)
+            last.bias.zero_()
+            first.reset_parameters()
+
     def scales(self, condition: Tensor) -> Tensor:
         """Per-sample scale of each embedding, ``(batch, NUM_EMBEDDINGS)``."""
         return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
@@ -119,6 +129,13 @@ class SmallCNNWeightGenerator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(EMBEDDING_DIM, CHUNK_DIM)
+        with torch.no_grad():
+            self.linear.weight.normal_(0.0, EMBEDDING_DIM**-0.5)
+            self.linear.bias.zero_()
+
+    def reset_parameters(self) -> None:
+        """Initialise again, as ``__init__`` does (same order of random draws)."""
+        self.linear.reset_parameters()
         with torch.no_grad():
             self.linear.weight.normal_(0.0, EMBEDDING_DIM**-0.5)
             self.linear.bias.zero_()
@@ -209,15 +226,26 @@ class FusedIndex(nn.Module):
 
     def __init__(self, layer: FusedLayer) -> None:
         super().__init__()
-        p = GENERATED[layer.weight]
-        rows = p.shape[0]
-        pos = p.offset + torch.arange(p.size).view(rows, -1)
-        first = pos[:, 0] // CHUNK_DIM
-        chunk = first[None, :] + torch.arange(layer.segments)[:, None]
-        self.register_buffer("segment", pos // CHUNK_DIM - first[:, None], persistent=False)
-        self.register_buffer("chunk", chunk.clamp(max=NUM_EMBEDDINGS - 1), persistent=False)
-        self.register_buffer("bias_index", pos % CHUNK_DIM, persistent=False)
         self.layer = layer
+        for name, value in self.indices().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
+        """The index tensors, computed from the layout alone."""
+        p = GENERATED[self.layer.weight]
+        pos = p.offset + torch.arange(p.size, device=device).view(p.shape[0], -1)
+        first = pos[:, 0] // CHUNK_DIM
+        chunk = first[None, :] + torch.arange(self.layer.segments, device=device)[:, None]
+        return {
+            "segment": pos // CHUNK_DIM - first[:, None],
+            "chunk": chunk.clamp(max=NUM_EMBEDDINGS - 1),
+            "bias_index": pos % CHUNK_DIM,
+        }
+
+    def _init_buffers(self) -> None:
+        """Compute the buffers again, in place (``to_empty`` leaves them uninitialised)."""
+        for name, value in self.indices(self.segment.device).items():
+            getattr(self, name).copy_(value)
 
     def stacked(self, shared: Shared) -> tuple[Tensor, Tensor]:
         """Shared weights ``((S + 1) * out, *in_shape)`` and coefficients ``(batch, S + 1, out)``."""
@@ -336,6 +364,49 @@ class SmallCNNHyperNetwork(nn.Module):
         self.fused_index = nn.ModuleList(FusedIndex(layer) for layer in FUSED)
         self.swapped = install_fusion(self.target, self.fused_index)
 
+    def reset_parameters(self) -> None:
+        """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
+        exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
+        makes once the target is built), and compute the index buffers again.
+
+        With it a hypernetwork can be built without memory and materialised where it runs::
+
+            with torch.device("meta"):
+                hypernetwork = SmallCNNHyperNetwork()
+            hypernetwork.to_empty(device="cpu")
+            hypernetwork.reset_parameters()
+
+        The target's state (its buffers, frozen or excluded parameters) is reset too: copied
+        from a fresh target built for a moment on this module's device. Load a checkpoint with
+        ``load_state_dict`` afterwards.
+        """
+        self._init_target_state()
+        self.embedding_module.reset_parameters()
+        self.weight_generator.reset_parameters()
+        with torch.no_grad():
+            device = self.param_scale.device
+            self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
+            self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
+        self._init_buffers()
+
+    @torch.no_grad()
+    def _init_target_state(self) -> None:
+        """Copy the state of a fresh target, built on this module's device, into ``target``."""
+        with torch.device(self.param_scale.device):
+            fresh = SmallCNN()
+        values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
+        for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
+            tensor.copy_(values[name])
+
+    @torch.no_grad()
+    def _init_buffers(self) -> None:
+        """Compute the non-persistent index buffers again, in place (they are not in the
+        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
+        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
+        self.param_sizes.copy_(sizes)
+        for index in self.fused_index:
+            index._init_buffers()
+
     def generate_params(self, condition: Tensor) -> Tensor:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
         embedding = self.embedding_module(condition)
@@ -447,4 +518,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=cce9977c5bc3586e42aef2363852aadc1b9b4e3afb6878eab41d3a3bf5b13f21
+# hypernn-gen: sha256=aa2f0a40de41a3f4c88e49aee61968dc50165b5e11c61cedf7903edcbb677021

@@ -73,6 +73,11 @@ class SeedMlpEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(NUM_EMBEDDINGS, EMBEDDING_DIM))
 
+    def reset_parameters(self) -> None:
+        """Draw the table again, as ``__init__`` does."""
+        with torch.no_grad():
+            self.weight.normal_()
+
     def forward(self) -> Tensor:
         return self.weight
 
@@ -84,6 +89,13 @@ class SeedMlpWeightGenerator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(EMBEDDING_DIM, CHUNK_DIM)
+        with torch.no_grad():
+            self.linear.weight.normal_(0.0, EMBEDDING_DIM**-0.5)
+            self.linear.bias.zero_()
+
+    def reset_parameters(self) -> None:
+        """Initialise again, as ``__init__`` does (same order of random draws)."""
+        self.linear.reset_parameters()
         with torch.no_grad():
             self.linear.weight.normal_(0.0, EMBEDDING_DIM**-0.5)
             self.linear.bias.zero_()
@@ -144,6 +156,33 @@ class SeedMlpHyperNetwork(nn.Module):
         self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
 
+    def reset_parameters(self) -> None:
+        """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
+        exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
+        makes once the target is built), and compute the index buffers again.
+
+        With it a hypernetwork can be built without memory and materialised where it runs::
+
+            with torch.device("meta"):
+                hypernetwork = SeedMlpHyperNetwork()
+            hypernetwork.to_empty(device="cpu")
+            hypernetwork.reset_parameters()
+        """
+        self.embedding_module.reset_parameters()
+        self.weight_generator.reset_parameters()
+        with torch.no_grad():
+            device = self.param_scale.device
+            self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
+            self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
+        self._init_buffers()
+
+    @torch.no_grad()
+    def _init_buffers(self) -> None:
+        """Compute the non-persistent index buffers again, in place (they are not in the
+        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
+        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
+        self.param_sizes.copy_(sizes)
+
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
         raw = self.weight_generator(self.embedding_module()).reshape(-1)
@@ -192,4 +231,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=c33815884a3453391510ca07f74016171d8753a07498116420546d1c9ef7f78e
+# hypernn-gen: sha256=188819774f64de722c41f82b5a44efa43b449c0a54adf9a8d5bab5d62cad0506

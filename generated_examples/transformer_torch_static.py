@@ -121,6 +121,11 @@ class TransformerEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(NUM_EMBEDDINGS, EMBEDDING_DIM))
 
+    def reset_parameters(self) -> None:
+        """Draw the table again, as ``__init__`` does."""
+        with torch.no_grad():
+            self.weight.normal_()
+
     def forward(self) -> Tensor:
         return self.weight
 
@@ -132,6 +137,13 @@ class TransformerWeightGenerator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(EMBEDDING_DIM, CHUNK_DIM)
+        with torch.no_grad():
+            self.linear.weight.normal_(0.0, EMBEDDING_DIM**-0.5)
+            self.linear.bias.zero_()
+
+    def reset_parameters(self) -> None:
+        """Initialise again, as ``__init__`` does (same order of random draws)."""
+        self.linear.reset_parameters()
         with torch.no_grad():
             self.linear.weight.normal_(0.0, EMBEDDING_DIM**-0.5)
             self.linear.bias.zero_()
@@ -192,6 +204,47 @@ class TransformerHyperNetwork(nn.Module):
         self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
 
+    def reset_parameters(self) -> None:
+        """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
+        exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
+        makes once the target is built), and compute the index buffers again.
+
+        With it a hypernetwork can be built without memory and materialised where it runs::
+
+            with torch.device("meta"):
+                hypernetwork = TransformerHyperNetwork()
+            hypernetwork.to_empty(device="cpu")
+            hypernetwork.reset_parameters()
+
+        The target's state (its buffers, frozen or excluded parameters) is reset too: copied
+        from a fresh target built for a moment on this module's device. Load a checkpoint with
+        ``load_state_dict`` afterwards.
+        """
+        self._init_target_state()
+        self.embedding_module.reset_parameters()
+        self.weight_generator.reset_parameters()
+        with torch.no_grad():
+            device = self.param_scale.device
+            self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
+            self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
+        self._init_buffers()
+
+    @torch.no_grad()
+    def _init_target_state(self) -> None:
+        """Copy the state of a fresh target, built on this module's device, into ``target``."""
+        with torch.device(self.param_scale.device):
+            fresh = make_target()
+        values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
+        for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
+            tensor.copy_(values[name])
+
+    @torch.no_grad()
+    def _init_buffers(self) -> None:
+        """Compute the non-persistent index buffers again, in place (they are not in the
+        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
+        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
+        self.param_sizes.copy_(sizes)
+
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
         raw = self.weight_generator(self.embedding_module()).reshape(-1)
@@ -241,4 +294,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=51f20bba2240f30fed41373e59678d63e52bb5781e226705ca8c81bc57acdef4
+# hypernn-gen: sha256=79fa46ddbfb68f39e8ae2a047975aa48809bb923c934106ea16b18053dab0f0d
