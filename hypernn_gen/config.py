@@ -22,7 +22,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10: tomli, which black (a dependency) requires there
+    import tomli as tomllib
 
 from .errors import GenerationError
 from .generate import GenerateOptions
@@ -97,11 +100,14 @@ def load_jobs(pyproject: Path) -> list[GenerateOptions]:
             raise GenerationError(f"{where}: a job needs a target = \"path/to/target.py\"")
         for key in _PATH_KEYS:
             if key in merged:
-                file_part, colon, name = str(merged[key]).partition(":")
+                text = str(merged[key])
+                file_part, colon, name = text.partition(":") if key == "target" else (text, "", "")
                 path = Path(file_part)
                 if not path.is_absolute():
                     path = Path(_rel(base / path))
-                merged[key] = path.as_posix() + (colon + name if key == "target" else "")
+                merged[key] = path.as_posix() + colon + name
+                if key == "output" and text.endswith(("/", "\\")):
+                    merged[key] += "/"  # a directory, existing or not: Path() drops the slash
         result.append(GenerateOptions(**merged))
     return result
 
