@@ -50,6 +50,17 @@ RESERVED_NAMES = frozenset(
         "MODULATION_HIDDEN",
         "check_layout",
         "without_generated",
+        "TIED",
+        "EXCLUDED",
+        # dynamic torch: the fused per-sample path
+        "FusedLayer",
+        "FUSED",
+        "PER_SAMPLE",
+        "Shared",
+        "FusedIndex",
+        "fused_forward",
+        "per_sample_forward",
+        "install_fusion",
     }
 )
 

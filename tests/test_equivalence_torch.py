@@ -344,3 +344,40 @@ def test_static_seed_mlp_compiles_with_fullgraph(generated) -> None:
     theirs = dict(hyper.named_parameters())
     for name, p in twin.named_parameters():
         assert_close(p.grad, theirs[name].grad, GRAD, f"grad of {name}")
+
+
+# -- --include / --exclude ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_excluded_parameters_stay_parameters_of_the_target(mode: str, tmp_path) -> None:
+    """``--exclude 'classifier.*'``: the classifier is an ordinary (trained) parameter in both."""
+    out = tmp_path / f"cnn_{mode}_excluded.py"
+    args = [str(TARGETS_DIR / "cnn.py"), "--mode", mode, "--exclude", "classifier.*"]
+    assert main([*args, "-o", str(out)]) == 0
+    module = import_file(out)
+    assert [p.path for p in module.GENERATED if p.path.startswith("classifier")] == []
+    plain = make_plain_target("cnn")
+    hyper = hypernetwork_class(module)(copy.deepcopy(plain))
+    runtime = TorchHyperNetwork(
+        copy.deepcopy(plain),
+        mode=mode,
+        condition_dim=64 if mode == "dynamic" else None,
+        num_embeddings=module.NUM_EMBEDDINGS,
+        include=lambda path: not path.startswith("classifier."),
+    )
+    assert set(hyper.state_dict()) == set(runtime.state_dict())
+    assert {"target.classifier.weight", "target.classifier.bias"} <= {
+        n for n, _ in hyper.named_parameters()
+    }
+    hyper.load_state_dict(runtime.state_dict())
+    hyper.eval(), runtime.eval()
+    x = inputs("cnn")
+    out_hyper, out_runtime = hyper(x)[0], runtime(x)[0]
+    assert_close(out_hyper, out_runtime, for_mode(mode))
+    out_hyper.sum().backward()
+    out_runtime.sum().backward()
+    theirs = dict(runtime.named_parameters())
+    for name, p in hyper.named_parameters():
+        assert_close(p.grad, theirs[name].grad, GRAD, f"grad of {name}")
+    assert hyper.target.classifier.weight.grad.abs().sum() > 0

@@ -577,6 +577,62 @@ def test_target_defining_a_reserved_name_is_refused(
     assert "rename it" in line
 
 
+TIED_TARGET = '''"""Tied weights and an excluded layer: every optional block of the template renders."""
+
+import torch
+from torch import nn
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("offset", torch.zeros(6))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.emb(idx) + self.offset)))
+
+
+example_input = torch.zeros(2, 5, dtype=torch.long)
+'''
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_reserved_names_cover_every_name_the_template_defines(mode: str, work: Path) -> None:
+    """Each top-level name the built-in template binds (not an import, not the target's) is
+    reserved, so a target that uses one is refused instead of silently shadowed."""
+    import ast
+
+    (work / "targets" / "tied.py").write_text(TIED_TARGET)
+    options = GenerateOptions(target="targets/tied.py", mode=mode, exclude=("mid.bias",))
+    result = generate(options)
+    assert "TIED" in result.text and "EXCLUDED" in result.text
+    bound: set[str] = set()
+    for node in ast.parse(result.text).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            bound |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    own = {"Tied", "TiedEmbedding", "TiedWeightGenerator", "TiedHyperNetwork", "example_input"}
+    assert "Tied" in bound and "TiedHyperNetwork" in bound
+    assert sorted(bound - own - RESERVED_NAMES) == []
+
+
+@pytest.mark.parametrize("name", ["TIED", "FUSED", "Shared", "install_fusion"])
+def test_target_using_a_template_helper_name_is_refused(
+    name: str, work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = MLP_TARGET.replace("HIDDEN = 16", f"{name} = 16").replace("HIDDEN", name)
+    (work / "targets" / "mlp.py").write_text(source)
+    code, _, err = cli(capsys, "targets/mlp.py", "--mode", "dynamic", "-o", "gen.py")
+    assert code == 2
+    assert f"defines {name!r}, a name the generated file needs" in one_line_error(err)
+
+
 def test_reserved_name_the_target_does_not_use_is_fine(
     work: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
