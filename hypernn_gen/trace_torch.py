@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import TraceError
 from .layout import Layout, TensorSpec
 
-__all__ = ["trace_factory", "trace_module"]
+__all__ = ["check_dynamic_support", "trace_factory", "trace_module"]
 
 Stats = tuple[float, float, str]  # (mean, std, source)
 
@@ -301,3 +301,21 @@ class _InitRecorder(TorchFunctionMode):
             and name != "requires_grad_"
         ):
             self._set(first, None)  # an in-place write we do not model
+
+
+def check_dynamic_support(module: nn.Module, layout: Layout) -> None:
+    """Refuse targets that per-sample weights cannot run through (``torch.func.vmap``).
+
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN`` call fused kernels that ``vmap`` has no batching rule for,
+    so one weight set per sample is impossible there; static mode works.
+    """
+    generated = {t.path for t in layout.generated}
+    for path, sub in module.named_modules():
+        if isinstance(sub, nn.RNNBase) and any(
+            n.startswith(f"{path}.") if path else True for n in generated
+        ):
+            raise TraceError(
+                f"dynamic mode cannot generate {path or 'the target'} ({type(sub).__name__}): "
+                "torch.func.vmap has no batching rule for its fused kernel; use static mode, "
+                f"keep it out with --exclude '{path}.*', or write the recurrence with nn.LSTMCell"
+            )

@@ -19,6 +19,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS_DIR = REPO / "generated_examples" / "targets"
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 MODES = ("static", "dynamic")
 
 #: The torch targets of generated_examples/targets: how to build one and a batch of inputs.
@@ -27,6 +28,20 @@ TORCH_TARGETS = {
     "cnn": ("SmallCNN", lambda b: torch.randn(b, 1, 8, 8)),
     "transformer": ("make_target", lambda b: torch.randint(0, 64, (b, 16))),
 }
+#: More torch targets, kept under tests/zoo (not in generated_examples): RNNs, nested
+#: containers, frozen parameters. The equivalence suite runs over both dictionaries.
+ZOO_TARGETS = {
+    "rnn": ("RecurrentNet", lambda b: torch.randn(b, 6, 4)),
+    "nested": ("Nested", lambda b: torch.randn(b, 6)),
+    "frozen": ("make_target", lambda b: torch.randn(b, 5)),
+}
+ALL_TORCH_TARGETS = {**TORCH_TARGETS, **ZOO_TARGETS}
+
+
+def target_file(name: str) -> Path:
+    """Where a torch target of :data:`ALL_TORCH_TARGETS` lives."""
+    return (ZOO_DIR if name in ZOO_TARGETS else TARGETS_DIR) / f"{name}.py"
+
 
 _counter = itertools.count()
 
@@ -55,9 +70,9 @@ def hypernetwork_class(module: ModuleType) -> type[nn.Module]:
 
 def make_plain_target(name: str) -> nn.Module:
     """A fresh target built from the original file in generated_examples/targets."""
-    factory, _ = TORCH_TARGETS[name]
+    factory, _ = ALL_TORCH_TARGETS[name]
     module = sys.modules.get(f"_plain_target_{name}") or import_file(
-        TARGETS_DIR / f"{name}.py", f"_plain_target_{name}"
+        target_file(name), f"_plain_target_{name}"
     )
     return getattr(module, factory)()
 

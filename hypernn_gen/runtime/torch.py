@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import HyperNetworkError
 from ..layout import Chunking, Layout
-from ..trace_torch import trace_module
+from ..trace_torch import check_dynamic_support, trace_module
 
 __all__ = [
     "DynamicEmbedding",
@@ -185,6 +185,8 @@ class TorchHyperNetwork(nn.Module):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
         self.mode: Mode = mode
         self.layout: Layout = trace_module(target_network, include=include)
+        if mode == "dynamic":
+            check_dynamic_support(target_network, self.layout)
         self.chunking = Chunking.resolve(
             self.layout.flat_size, num_embeddings=num_embeddings, chunk_dim=chunk_dim
         )
