@@ -21,13 +21,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gen_support import (
-    MODES,
     ALL_TORCH_TARGETS,
+    MODES,
     TARGETS_DIR,
-    target_file,
     hypernetwork_class,
     import_file,
     make_plain_target,
+    target_file,
 )
 from tolerances import DYNAMIC, GRAD, STATIC, assert_close, for_mode
 from torch import Tensor, nn
