@@ -141,7 +141,12 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--num-embeddings", type=int, metavar="N", help="number of chunks")
     size.add_argument("--chunk-dim", type=int, metavar="C", help="values per chunk")
     parser.add_argument("--template-dir", metavar="DIR", help="user templates, tried first")
-    parser.add_argument("--formatter", choices=FORMATTERS, default="black")
+    parser.add_argument(
+        "--formatter",
+        choices=FORMATTERS,
+        default="black",
+        help="black (default, in-process) or ruff",
+    )
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
         "--check",
