@@ -294,12 +294,17 @@ def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     buffers = dict(self.named_buffers()) if self.training else {}
     copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
 
+    # Inputs with the batch first are split per sample; others (positions, masks) are shared.
+    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch for x in args]
+
     def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-        xs = tuple(x.unsqueeze(0) if isinstance(x, Tensor) else x for x in xs)
+        xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
         out = functional_call(self, {**p, **b}, xs, kwargs)
+        if not any(batched):
+            return out
         return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
 
-    in_dims = (0, 0, *(0 if isinstance(x, Tensor) else None for x in args))
+    in_dims = (0, 0, *(0 if split else None for split in batched))
     self.hyper_shared = None  # inside, the module's own forward runs
     try:
         output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
@@ -518,4 +523,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=aa2f0a40de41a3f4c88e49aee61968dc50165b5e11c61cedf7903edcbb677021
+# hypernn-gen: sha256=344c7b7f642ef19502363de6ab67e37a4d3644445fa888891c35d4c87025758e

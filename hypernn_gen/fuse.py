@@ -68,12 +68,15 @@ def segments(offset: int, rows: int, row: int, chunk: int) -> int:
 
 def plan_torch_fusion(module, layout: Layout, chunking: Chunking) -> FusionPlan:  # noqa: ANN001
     """Decide, module by module, what the generated dynamic Torch file fuses."""
-    index = {t.path: i for i, t in enumerate(layout.generated)}
+    index: dict[str, int] = {}  # every name a generated tensor has (tied ones have several)
+    for i, t in enumerate(layout.generated):
+        for keys in (t.keys, *t.aliases):
+            index[".".join(map(str, keys))] = i
     generated_paths = set(index)
     owners: dict[str, list[str]] = {}
-    for t in layout.generated:
-        owner, _, _ = t.path.rpartition(".")
-        owners.setdefault(owner, []).append(t.path)
+    for path in index:
+        owner, _, _ = path.rpartition(".")
+        owners.setdefault(owner, []).append(path)
     buffer_owners = {t.path.rpartition(".")[0] for t in layout.state if t.collection == "buffer"}
 
     fused: list[FusedLayer] = []
