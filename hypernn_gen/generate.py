@@ -63,6 +63,25 @@ RESERVED_NAMES = frozenset(
         "install_fusion",
     }
 )
+#: names only the Flax templates (linen, nnx) define; reserved for Flax targets
+FLAX_RESERVED_NAMES = frozenset(
+    {
+        "STATE_COLLECTIONS",
+        "GeneratedSlot",
+        "scaled_lecun_normal",
+        "unflatten_params",
+        "flatten_params",
+        "merge_params",
+        "excluded_params",
+        "as_params",
+        "check_flat",
+        "is_array",
+        "check_batch",
+        "per_sample",
+        "merge_samples",
+        "squeeze_sample",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -221,7 +240,11 @@ def build_context(
     source = extract_target_source(Path(loaded.path), [loaded.name])
     clash = sorted(
         source.names
-        & (RESERVED_NAMES | {names.embedding, names.weight_generator, names.hypernetwork})
+        & (
+            RESERVED_NAMES
+            | (FLAX_RESERVED_NAMES if loaded.framework != "torch" else frozenset())
+            | {names.embedding, names.weight_generator, names.hypernetwork}
+        )
     )
     if clash:
         raise GenerationError(
@@ -247,10 +270,13 @@ def build_context(
             init_std=t.init_std,
             init_source=t.init_source,
             aliases=tuple(".".join(map(str, a)) for a in t.aliases),
+            dtype=t.dtype,
         )
         for t in layout.generated
     )
-    state = tuple(StateView(t.path, t.shape, t.collection, t.reason) for t in layout.state)
+    state = tuple(
+        StateView(t.path, t.shape, t.collection, t.reason, t.keys, t.dtype) for t in layout.state
+    )
     command = command_line(options, loaded, path)
     fusion = None
     if options.mode == "dynamic" and loaded.framework == "torch":

@@ -81,6 +81,7 @@ class ParamView:
     init_std: float
     init_source: str
     aliases: tuple[str, ...]
+    dtype: str = "float32"  #: NumPy-style name, as the target declares it
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class StateView:
     shape: tuple[int, ...]
     collection: str
     reason: str
+    keys: tuple[str | int, ...] = ()  #: the path into the target's tree (Flax: below the collection)
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,554 @@
+"""Generated Flax hypernetworks (Linen and NNX) vs their runtime twins vs the plain target.
+
+Each Flax target of generated_examples/targets is generated in static and dynamic mode through
+the real CLI (``hypernn_gen.cli.main``) into a temporary directory and imported. The generated
+module and its runtime twin (``FlaxHyperNetwork``/``NNXHyperNetwork``) must have the same
+variable tree, so the runtime's variables load into the generated module unchanged; then both
+must compute the same outputs, state updates and gradients, in training and eval mode, and
+evolve identically over three SGD steps. The other references are independent: the plain
+target run with its own weights (layout round trip) and a per-sample loop over the plain target
+(dynamic mode). The committed examples run as scripts without hypernn_gen.
+
+XLA compiles dominate the run time on CPU, so each comparison of the two hypernetworks is one
+jitted function that computes both sides, and XLA's optimisation passes are skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+from gen_support import MODES, REPO, TARGETS_DIR, import_file
+from tolerances import DYNAMIC, GRAD, STATIC, assert_close, for_mode
+
+from hypernn_gen.cli import main
+from hypernn_gen.generate import FLAX_RESERVED_NAMES, RESERVED_NAMES
+from hypernn_gen.runtime.flax import (
+    FlaxHyperNetwork,
+    NNXHyperNetwork,
+    flatten_params,
+    unflatten_params,
+)
+from hypernn_gen.trace_flax import trace_linen
+
+BATCH = 3
+
+
+def _normal(shape: tuple[int, ...]) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+
+
+def _tokens(shape: tuple[int, ...]) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(0).integers(0, 64, shape, dtype=np.int32))
+
+
+#: target file stem -> (the target's name in it, a batch of inputs); the slowest first
+FLAX_TARGETS: dict[str, tuple[str, Callable[[int], jax.Array]]] = {
+    "linen_transformer": ("make_target", lambda b: _tokens((b, 16))),
+    "nnx_transformer": ("make_target", lambda b: _tokens((b, 16))),
+    "linen_cnn": ("SmallCNN", lambda b: _normal((b, 8, 8, 1))),
+    "nnx_cnn": ("make_target", lambda b: _normal((b, 8, 8, 1))),
+    "linen_mlp": ("MLP", lambda b: _normal((b, 8))),
+    "nnx_mlp": ("make_target", lambda b: _normal((b, 8))),
+}
+#: targets with BatchNorm statistics and Dropout: also checked in training mode
+STATEFUL = {"linen_cnn", "nnx_cnn"}
+SLOW = {"linen_transformer", "nnx_transformer"}
+#: both modes of a target are neighbours, so pytest-xdist tends to run them in one process
+CASES = [
+    pytest.param(t, m, id=f"{t}-{m}", marks=[pytest.mark.slow] if t in SLOW else [])
+    for t in FLAX_TARGETS
+    for m in MODES
+]
+EXAMPLES = sorted(
+    p
+    for p in (REPO / "generated_examples").glob("*.py")
+    if re.search(r"_(linen|nnx)_(static|dynamic)\.py$", p.name)
+)
+EXPECTED_OUTPUT = {"mlp": (1, 4), "cnn": (2, 10), "transformer": (2, 16, 64)}
+
+
+# -- the committed examples -----------------------------------------------------------------------
+
+
+def test_examples_run_as_scripts_without_hypernn_gen() -> None:
+    """Every committed Flax example runs as ``__main__`` (exit 0) with hypernn_gen unimportable
+    and imports nothing of it."""
+    assert len(EXAMPLES) == 2 * len(FLAX_TARGETS), EXAMPLES
+    for path in EXAMPLES:
+        assert not re.search(r"^\s*(import|from)\s+hypernn_gen", path.read_text(), re.M), path
+    script = (
+        "import runpy, sys\n"
+        "sys.modules['hypernn_gen'] = None  # any import of hypernn_gen now fails\n"
+        "for path in sys.argv[1:]:\n"
+        "    print('==', path, flush=True)\n"
+        "    runpy.run_path(path, run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, EXAMPLES)],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    blocks = proc.stdout.split("== ")[1:]
+    for path, block in zip(EXAMPLES, blocks, strict=True):
+        kind = path.stem.split("_")[1]
+        assert f"output: {EXPECTED_OUTPUT[kind]}" in block, block
+        flat = int(re.search(r"^FLAT_SIZE = ([\d_]+)$", path.read_text(), re.M).group(1))
+        batch = EXPECTED_OUTPUT[kind][0]
+        shape = (flat,) if path.stem.endswith("static") else (batch, flat)
+        assert f"generated_params: {shape}" in block, block
+
+
+def top_level_names(source: str) -> set[str]:
+    """Names a module binds at top level with ``def``, ``class`` or an assignment."""
+    bound: set[str] = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            bound |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return bound
+
+
+def test_every_name_the_flax_templates_define_is_reserved() -> None:
+    """A Flax target that defines one of these names is refused instead of silently shadowed."""
+    reserved = RESERVED_NAMES | FLAX_RESERVED_NAMES
+    for path in EXAMPLES:
+        bound = top_level_names(path.read_text())
+        own = top_level_names((TARGETS_DIR / f"{path.stem.rsplit('_', 2)[0]}.py").read_text())
+        own |= {n for n in bound if n.endswith(("Embedding", "WeightGenerator", "HyperNetwork"))}
+        assert sorted(bound - own - reserved) == [], path
+
+
+def example(name: str) -> ModuleType:
+    return import_file(REPO / "generated_examples" / f"{name}.py")
+
+
+def test_examples_refuse_other_targets_and_bad_inputs() -> None:
+    linen = example("linen_mlp_linen_static")
+
+    class Narrower(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            x = nn.Dense(32)(x)
+            return nn.Dense(4)(x)
+
+    with pytest.raises(ValueError, match=r"Dense_0.bias: \(64,\) expected, found \(32,\)"):
+        jax.eval_shape(
+            hypernetwork_class(linen)(Narrower()).init, jax.random.key(0), _normal((1, 8))
+        )
+    with pytest.raises(ValueError, match=r"generated_params has shape \(3,\), expected \(4992,\)"):
+        linen.check_flat(jnp.zeros(3))
+
+    dynamic = example("nnx_mlp_nnx_dynamic")
+    with pytest.raises(ValueError, match=r"hidden1.bias: \(64,\) expected, found nothing"):
+        hypernetwork_class(dynamic)(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+    hn = hypernetwork_class(dynamic)(rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"2 weight sets but input 1 has shape \(3, 8\)"):
+        hn(jnp.zeros((2, 8)), jnp.zeros((3, 8)))
+    with pytest.raises(ValueError, match=r"the condition has 4 values per sample"):
+        hn(jnp.zeros((2, 8)), condition=jnp.zeros((2, 4)))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _quick_compiles() -> Iterator[None]:
+    """Skip most XLA optimisation passes: compiling, not running, is what takes time here, and
+    both sides of every comparison are compiled the same way."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], ModuleType]:
+    """``generated(target, mode)``: the module generated by the CLI (once per module and case)."""
+    directory = tmp_path_factory.mktemp("generated")
+    cache: dict[tuple[str, str], ModuleType] = {}
+
+    def get(target: str, mode: str) -> ModuleType:
+        if (target, mode) not in cache:
+            out = directory / f"{target}_{mode}.py"
+            args = [str(TARGETS_DIR / f"{target}.py"), "--backend", "flax", "--mode", mode]
+            assert main([*args, "-o", str(out)]) == 0
+            cache[target, mode] = import_file(out)
+        return cache[target, mode]
+
+    return get
+
+
+def hypernetwork_class(module: ModuleType) -> type:
+    found = [
+        v
+        for k, v in vars(module).items()
+        if k.endswith("HyperNetwork")
+        and isinstance(v, type)
+        and issubclass(v, nn.Module | nnx.Module)
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def plain_target(name: str) -> Any:
+    """A fresh target built from the original file in generated_examples/targets."""
+    attr, _ = FLAX_TARGETS[name]
+    module = sys.modules.get(f"_plain_flax_{name}") or import_file(
+        TARGETS_DIR / f"{name}.py", f"_plain_flax_{name}"
+    )
+    return getattr(module, attr)()
+
+
+def close(actual: Any, expected: Any, tol: dict[str, float], what: str) -> None:
+    """Every float leaf of two trees with the same structure agrees within ``tol``."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), what
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected), strict=True
+    ):
+        a, b = np.asarray(a), np.asarray(b)
+        where = f"{what} {jax.tree_util.keystr(path)}"
+        assert a.shape == b.shape and a.dtype == b.dtype, where
+        if np.issubdtype(b.dtype, np.floating):
+            assert_close(torch.from_numpy(a.copy()), torch.from_numpy(b.copy()), tol, where)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=where)
+
+
+def shapes(tree: Any) -> Any:
+    return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
+
+
+def random_like(tree: Any, seed: int) -> Any:
+    """Random values shaped like ``tree`` (positive where a leaf is a variance)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path: tuple, leaf: Any) -> jax.Array:
+        x = rng.standard_normal(leaf.shape).astype(np.float32) * 0.3
+        return jnp.asarray(np.abs(x) + 0.5 if "var" in jax.tree_util.keystr(path) else x)
+
+    return jax.tree_util.tree_map_with_path(fill, tree)
+
+
+# -- Linen ----------------------------------------------------------------------------------------
+
+
+def linen_both(runtime: nn.Module, gen: nn.Module, stateful: bool) -> Callable:
+    """One compiled function: for each hypernetwork, eval (and, for a stateful target, train)
+    outputs, generated params, state updates and gradients of the params."""
+
+    def results(hn: nn.Module, variables: dict, x: jax.Array, key: jax.Array) -> dict:
+        def loss(params: dict, train: bool) -> tuple:
+            v = {**variables, "params": params}
+            if train:
+                kwargs = {"train": True, "rngs": {"dropout": key}, "mutable": ["batch_stats"]}
+                (out, flat), updates = hn.apply(v, x, **kwargs)
+            else:
+                (out, flat), updates = hn.apply(v, x), {}
+            return jnp.mean(out**2), (out, flat, updates)
+
+        grad = jax.value_and_grad(loss, has_aux=True)
+        return {
+            phase: dict(zip(("aux", "grads"), (r[0][1], r[1]), strict=True))
+            for phase, train in (("eval", False), ("train", True))
+            if stateful or not train
+            for r in [grad(variables["params"], train)]
+        }
+
+    return jax.jit(lambda v, x, key: [results(hn, v, x, key) for hn in (runtime, gen)])
+
+
+def linen_training(runtime: nn.Module, gen: nn.Module, variables: dict, x: jax.Array) -> None:
+    """Three SGD steps in training mode: params and batch_stats evolve identically."""
+    y = jnp.linspace(-1.0, 1.0, x.shape[0] * 10).reshape(x.shape[0], 10)
+    tx = optax.sgd(0.01)
+
+    def step(hn: nn.Module, variables: dict, opt: Any, key: jax.Array) -> tuple:
+        def loss(params: dict) -> tuple:
+            kwargs = {"train": True, "rngs": {"dropout": key}, "mutable": ["batch_stats"]}
+            (out, _), updates = hn.apply({**variables, "params": params}, x, **kwargs)
+            return jnp.mean((out - y) ** 2), updates
+
+        (_, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        changes, opt = tx.update(grads, opt)
+        return {"params": optax.apply_updates(variables["params"], changes), **updates}, opt
+
+    both = jax.jit(
+        lambda s, k: [step(hn, *si, k) for hn, si in zip((runtime, gen), s, strict=True)]
+    )
+    states = [(variables, tx.init(variables["params"]))] * 2
+    for i in range(3):
+        states = both(states, jax.random.key(10 + i))
+        close(states[1][0], states[0][0], GRAD, f"training step {i}")
+    means = [
+        v[0]["batch_stats"]["target"]["BatchNorm_0"]["mean"] for v in (states[1], (variables,))
+    ]
+    assert not jnp.allclose(*means)
+
+
+def check_linen(module: ModuleType, name: str, mode: str) -> None:
+    gen = hypernetwork_class(module)()
+    target = plain_target(name)
+    runtime = FlaxHyperNetwork(target, mode=mode)
+    x, key = FLAX_TARGETS[name][1](BATCH), jax.random.key(3)
+    tol, stateful = for_mode(mode), name in STATEFUL
+
+    # The same variable tree: the runtime's variables are the generated module's.
+    variables = jax.jit(runtime.init)(jax.random.key(0), x)
+    assert shapes(jax.eval_shape(gen.init, jax.random.key(0), x)) == shapes(variables)
+
+    rt, ours = linen_both(runtime, gen, stateful)(variables, x, key)
+    for phase in rt:
+        close(ours[phase]["aux"], rt[phase]["aux"], tol, f"{phase}: output, params, updates")
+        close(ours[phase]["grads"], rt[phase]["grads"], GRAD, f"{phase}: grads")
+    out, flat, _ = ours["eval"]["aux"]
+    if stateful:
+        linen_training(runtime, gen, variables, x)
+
+    # Eager and jitted apply agree.
+    close(gen.apply(variables, x), (out, flat), tol, "eager vs jit")
+
+    # Layout round trip: the target's own params as generated_params reproduce the plain target.
+    layout = trace_linen(target, (x,), measure=False)
+    own = random_like(jax.eval_shape(target.init, jax.random.key(0), x), seed=7)
+    own_flat = module.flatten_params(own["params"])
+    np.testing.assert_array_equal(own_flat, flatten_params(layout, own["params"]))
+    close(module.unflatten_params(own_flat), own["params"], STATIC, "unflatten")
+    hn_vars = {**variables, **{col: {"target": v} for col, v in own.items() if col != "params"}}
+    if mode == "dynamic":
+        own_flat = jnp.broadcast_to(own_flat, (BATCH, *own_flat.shape))
+    (round_trip, returned), plain = jax.jit(
+        lambda v, own, flat: (gen.apply(v, x, generated_params=flat), target.apply(own, x))
+    )(hn_vars, own, own_flat)
+    np.testing.assert_array_equal(returned, own_flat)
+    close(round_trip, plain, tol, "round trip")
+
+    if mode == "dynamic":  # sample b alone through the plain target with weight set b
+        assert flat.shape == (BATCH, module.FLAT_SIZE) and not jnp.allclose(flat[0], flat[1])
+        apply = jax.jit(target.apply)
+        stats = {col: v["target"] for col, v in variables.items() if col != "params"}
+        for b in range(BATCH):
+            ref = apply({"params": unflatten_params(layout, flat[b]), **stats}, x[b : b + 1])
+            close(out[b], ref[0], DYNAMIC, f"sample {b}")
+    else:
+        assert flat.shape == (module.FLAT_SIZE,)
+
+
+# -- NNX ------------------------------------------------------------------------------------------
+
+
+def split_states(*modules: nnx.Module) -> list:
+    """``(params, rest)`` of each module."""
+    return [nnx.split(m, nnx.Param, ...)[1:] for m in modules]
+
+
+def nnx_both(runtime: nnx.Module, gen: nnx.Module) -> Callable:
+    """One compiled function: outputs, generated params, new state and param gradients of both
+    hypernetworks, from ``split_states(runtime, gen)``."""
+    graphdefs = [nnx.graphdef(hn) for hn in (runtime, gen)]
+
+    def results(graphdef: Any, params: nnx.State, rest: nnx.State, x: jax.Array) -> tuple:
+        def loss(params: nnx.State) -> tuple:
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            out, flat = model(x)
+            return jnp.mean(out**2), (out, flat, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return aux, grads
+
+    return jax.jit(
+        lambda states, x: [results(g, *s, x) for g, s in zip(graphdefs, states, strict=True)]
+    )
+
+
+def pure(tree: Any) -> Any:
+    """States as pure dicts, rng keys as their raw data: a tree of comparable arrays."""
+    tree = jax.tree.map(
+        lambda s: nnx.to_pure_dict(s) if isinstance(s, nnx.State) else s,
+        tree,
+        is_leaf=lambda s: isinstance(s, nnx.State),
+    )
+    return jax.tree.map(
+        lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+        tree,
+    )
+
+
+def flat_listing(module: nnx.Module) -> list:
+    """``(path, variable type, shape, dtype)`` of every variable."""
+    return [
+        (tuple(p), type(v).__name__, v.get_value().shape, str(v.get_value().dtype))
+        for p, v in nnx.to_flat_state(nnx.state(module))
+    ]
+
+
+def transfer(source: nnx.Module, dest: nnx.Module) -> None:
+    """Load every variable of ``source`` into ``dest`` (same paths)."""
+    state = nnx.state(dest)
+    nnx.replace_by_pure_dict(state, nnx.to_pure_dict(nnx.state(source)))
+    nnx.update(dest, state)
+
+
+def with_params(target: nnx.Module, tree: dict) -> nnx.Module:
+    """A copy of an NNX target with its Params replaced by ``tree``."""
+    graphdef, params, rest = nnx.split(nnx.clone(target), nnx.Param, ...)
+    flat = []
+    for path, var in nnx.to_flat_state(params):
+        value = tree
+        for k in path:
+            value = value[k]
+        flat.append((path, var.copy(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def nnx_training(runtime: nnx.Module, gen: nnx.Module, x: jax.Array) -> None:
+    """Three SGD steps in training mode: params, batch stats and rng counts evolve identically."""
+    y = jnp.linspace(-1.0, 1.0, x.shape[0] * 10).reshape(x.shape[0], 10)
+    tx = optax.sgd(0.01)
+    graphdefs = [nnx.graphdef(hn) for hn in (runtime, gen)]
+
+    def step(graphdef: Any, params: nnx.State, rest: nnx.State, opt: Any) -> tuple:
+        def loss(params: nnx.State) -> tuple:
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            out, _ = model(x)
+            return jnp.mean((out - y) ** 2), nnx.state(model, nnx.Not(nnx.Param))
+
+        (_, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        changes, opt = tx.update(grads, opt)
+        return optax.apply_updates(params, changes), rest, opt
+
+    both = jax.jit(lambda s: [step(g, *si) for g, si in zip(graphdefs, s, strict=True)])
+    states = [(*split, tx.init(split[0])) for split in split_states(runtime, gen)]
+    before = pure(states[0][1])
+    for i in range(3):
+        states = both(states)
+        close(pure(states[1][:2]), pure(states[0][:2]), GRAD, f"training step {i}")
+    after = pure(states[1][1])
+    assert not np.allclose(after["target"]["bn"]["mean"], before["target"]["bn"]["mean"])
+    assert int(after["target"]["dropout"]["rngs"]["count"]) == 3
+
+
+def check_nnx(module: ModuleType, name: str, mode: str) -> None:
+    target = plain_target(name)
+    x = FLAX_TARGETS[name][1](BATCH)
+    tol = for_mode(mode)
+    condition_dim = math.prod(x.shape[1:]) if mode == "dynamic" else None
+    runtime = NNXHyperNetwork(target, mode=mode, condition_dim=condition_dim, rngs=nnx.Rngs(0))
+    gen = hypernetwork_class(module)(rngs=nnx.Rngs(0))
+
+    # The same variables (paths, types, shapes), and the same initial values from the same rngs.
+    assert flat_listing(gen) == flat_listing(runtime)
+    close(pure(nnx.state(gen)), pure(nnx.state(runtime)), STATIC, "init")
+    transfer(runtime, gen)
+
+    if name in STATEFUL:  # training mode first: BatchNorm statistics and Dropout
+        (rt, rt_grads), (ours, our_grads) = nnx_both(runtime, gen)(split_states(runtime, gen), x)
+        close(pure(ours), pure(rt), tol, "train: output, generated_params, state")
+        close(pure(our_grads), pure(rt_grads), GRAD, "train: grads")
+        nnx_training(runtime, gen, x)
+    for hn in (runtime, gen):
+        hn.eval()
+    (rt, rt_grads), (ours, our_grads) = nnx_both(runtime, gen)(split_states(runtime, gen), x)
+    close(pure(ours), pure(rt), tol, "eval: output, generated_params, state")
+    close(pure(our_grads), pure(rt_grads), GRAD, "eval: grads")
+    out, flat, _ = ours
+
+    # Eager and nnx.jit calls agree with the compiled pure function (eval: no state changes).
+    close(gen(x), (out, flat), tol, "eager vs jit")
+    close(nnx.jit(lambda hn, x: hn(x))(gen, x), (out, flat), tol, "nnx.jit")
+
+    # Layout round trip: the target's own params as generated_params reproduce the plain target.
+    target.eval()
+    own_flat = gen.flatten_params(target)
+    np.testing.assert_array_equal(own_flat, runtime.flatten_params(target))
+    own = nnx.to_pure_dict(nnx.state(target, nnx.Param))
+    close(gen.unflatten_params(own_flat), own, STATIC, "unflatten")
+    fresh = hypernetwork_class(module)(target, rngs=nnx.Rngs(1))
+    fresh.eval()
+    if mode == "dynamic":
+        own_flat = jnp.broadcast_to(own_flat, (BATCH, *own_flat.shape))
+    round_trip, returned = fresh(x, generated_params=own_flat)
+    assert returned is own_flat
+    close(round_trip, target(x), tol, "round trip")
+
+    if mode == "dynamic":  # sample b alone through the plain target with weight set b
+        assert flat.shape == (BATCH, module.FLAT_SIZE) and not jnp.allclose(flat[0], flat[1])
+        apply = nnx.jit(lambda m, x: m(x))
+        for b in range(BATCH):
+            ref = apply(with_params(target, runtime.unflatten_params(flat[b])), x[b : b + 1])
+            close(out[b], ref[0], DYNAMIC, f"sample {b}")
+    else:
+        assert flat.shape == (module.FLAT_SIZE,)
+
+
+@pytest.mark.parametrize(("name", "mode"), CASES)
+def test_generated_matches_runtime_and_target(
+    generated: Callable[[str, str], ModuleType], name: str, mode: str
+) -> None:
+    """Same variables, outputs, state updates, gradients (train and eval), jit and eager, as the
+    runtime twin; the layout round trip; per-sample loops (dynamic); training steps (stateful)."""
+    check = check_linen if name.startswith("linen") else check_nnx
+    check(generated(name, mode), name, mode)
+
+
+@pytest.mark.parametrize("name", ["linen_mlp", "nnx_mlp"])
+def test_excluded_params_stay_trainable_params_of_the_target(tmp_path: Path, name: str) -> None:
+    """``--exclude``: those parameters are ordinary parameters (Linen: ``params["target"]``,
+    NNX: Params of ``hn.target``), as in the runtime with the same ``include`` predicate."""
+    pattern, prefix = ("Dense_2.*", "Dense_2") if name == "linen_mlp" else ("out.*", "out")
+    out = tmp_path / f"{name}_excluded.py"
+    args = [str(TARGETS_DIR / f"{name}.py"), "--backend", "flax", "--mode", "dynamic"]
+    assert main([*args, "--exclude", pattern, "-o", str(out)]) == 0
+    module = import_file(out)
+    assert len(module.EXCLUDED) == 1 and all(
+        p.path[: len(prefix)] != prefix for p in module.GENERATED
+    )
+    x = _normal((BATCH, 8))
+    include = lambda path: not path.startswith(prefix)  # noqa: E731
+    if name == "linen_mlp":
+        gen = hypernetwork_class(module)()
+        runtime = FlaxHyperNetwork(plain_target(name), mode="dynamic", include=include)
+        variables = jax.jit(runtime.init)(jax.random.key(0), x)
+        assert variables["params"]["target"][prefix]["kernel"].shape == (64, 4)
+        assert shapes(jax.eval_shape(gen.init, jax.random.key(0), x)) == shapes(variables)
+        grads = jax.jit(
+            lambda v: [
+                jax.grad(lambda p, hn=hn: hn.apply({"params": p}, x)[0].sum())(v["params"])
+                for hn in (runtime, gen)
+            ]
+        )(variables)
+        assert jnp.abs(grads[1]["target"][prefix]["kernel"]).sum() > 0
+    else:
+        gen = hypernetwork_class(module)(rngs=nnx.Rngs(0))
+        runtime = NNXHyperNetwork(
+            plain_target(name), mode="dynamic", condition_dim=8, include=include, rngs=nnx.Rngs(0)
+        )
+        assert flat_listing(gen) == flat_listing(runtime)
+        assert isinstance(gen.target.out.kernel, nnx.Param)
+        grads = nnx_both(runtime, gen)(split_states(runtime, gen), x)
+        grads = [pure(g) for _, g in grads]
+        assert np.abs(grads[1]["target"][prefix]["kernel"]).sum() > 0
+    close(grads[1], grads[0], GRAD, "grads")
