@@ -79,11 +79,9 @@ GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("BatchNorm_0.bias", ("BatchNorm_0", "bias"), (8,), 0, 8, 0.0, 0.0),
     ParamSlice("BatchNorm_0.scale", ("BatchNorm_0", "scale"), (8,), 8, 8, 1.0, 0.0),
     ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (8,), 16, 8, 0.0, 0.0),
-    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 24, 72, -0.0168689, 0.349748),
+    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 24, 72, -0.01687, 0.3497),
     ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (10,), 96, 10, 0.0, 0.0),
-    ParamSlice(
-        "Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 106, 1_280, -0.00345026, 0.0881206
-    ),
+    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 106, 1_280, -0.00345, 0.08812),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ("batch_stats",)
@@ -377,4 +375,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=a538bfebe6d44b4c0dd3945949c6904b1a968bfed5dc0b349bc19c09c09bdc09
+# hypernn-gen: sha256=fc3114d05735b8258bedceafd95e0958321a98039c99af6623ec14533c592402

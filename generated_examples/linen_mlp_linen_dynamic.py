@@ -68,10 +68,10 @@ MODULATION_HIDDEN = 64
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (64,), 0, 64, 0.0, 0.0),
-    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (8, 64), 64, 512, -0.023505, 0.362311),
+    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (8, 64), 64, 512, -0.0235, 0.3623),
     ParamSlice("Dense_1.bias", ("Dense_1", "bias"), (64,), 576, 64, 0.0, 0.0),
-    ParamSlice("Dense_1.kernel", ("Dense_1", "kernel"), (64, 64), 640, 4_096, 0.00384327, 0.124622),
-    ParamSlice("Dense_2.kernel", ("Dense_2", "kernel"), (64, 4), 4_736, 256, -0.00101491, 0.121293),
+    ParamSlice("Dense_1.kernel", ("Dense_1", "kernel"), (64, 64), 640, 4_096, 0.003843, 0.1246),
+    ParamSlice("Dense_2.kernel", ("Dense_2", "kernel"), (64, 4), 4_736, 256, -0.001015, 0.1213),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ()
@@ -331,4 +331,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=58e946282e81acb01565acf56f5b914ba10f0bf067980a92f57298cbdee8cfca
+# hypernn-gen: sha256=5a50ae71212b7acc4df945c21d6d22a3d074a456962fec9533eb6770e3c8034e

@@ -96,8 +96,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (128, 32),
         32,
         4_096,
-        0.000721787,
-        0.0883078,
+        0.0007218,
+        0.08831,
     ),
     ParamSlice(
         "Block_0.Dense_1.bias", ("Block_0", "Dense_1", "bias"), (128,), 4_128, 128, 0.0, 0.0
@@ -108,8 +108,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 128),
         4_256,
         4_096,
-        0.00180164,
-        0.176066,
+        0.001802,
+        0.1761,
     ),
     ParamSlice(
         "Block_0.LayerNorm_0.bias", ("Block_0", "LayerNorm_0", "bias"), (32,), 8_352, 32, 0.0, 0.0
@@ -138,8 +138,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 4, 8),
         8_512,
         1_024,
-        -0.000147909,
-        0.17497,
+        -0.0001479,
+        0.175,
     ),
     ParamSlice(
         "Block_0.MultiHeadDotProductAttention_0.out.bias",
@@ -156,8 +156,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (4, 8, 32),
         9_568,
         1_024,
-        0.0037354,
-        0.177274,
+        0.003735,
+        0.1773,
     ),
     ParamSlice(
         "Block_0.MultiHeadDotProductAttention_0.query.bias",
@@ -174,8 +174,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 4, 8),
         10_624,
         1_024,
-        -0.00487393,
-        0.174917,
+        -0.004874,
+        0.1749,
     ),
     ParamSlice(
         "Block_0.MultiHeadDotProductAttention_0.value.bias",
@@ -192,21 +192,15 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 4, 8),
         11_680,
         1_024,
-        0.000806839,
-        0.175416,
+        0.0008068,
+        0.1754,
     ),
     ParamSlice(
-        "Embed_0.embedding",
-        ("Embed_0", "embedding"),
-        (64, 32),
-        12_704,
-        2_048,
-        -0.000782277,
-        0.175699,
+        "Embed_0.embedding", ("Embed_0", "embedding"), (64, 32), 12_704, 2_048, -0.0007823, 0.1757
     ),
     ParamSlice("LayerNorm_0.bias", ("LayerNorm_0", "bias"), (32,), 14_752, 32, 0.0, 0.0),
     ParamSlice("LayerNorm_0.scale", ("LayerNorm_0", "scale"), (32,), 14_784, 32, 1.0, 0.0),
-    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, 0.0014102, 0.0196187),
+    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, 0.00141, 0.01962),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ()
@@ -466,4 +460,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=dbe6adcd44b95e8637820fa669b02e48611c12f8038fd60e30d280417dd08e25
+# hypernn-gen: sha256=f6daae77088210ef37aee8fee75f680682dc9eb6d0931b3a595b8729838f3522

@@ -93,8 +93,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (128, 32),
         32,
         4_096,
-        0.000721787,
-        0.0883078,
+        0.0007218,
+        0.08831,
     ),
     ParamSlice(
         "Block_0.Dense_1.bias", ("Block_0", "Dense_1", "bias"), (128,), 4_128, 128, 0.0, 0.0
@@ -105,8 +105,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 128),
         4_256,
         4_096,
-        0.00180164,
-        0.176066,
+        0.001802,
+        0.1761,
     ),
     ParamSlice(
         "Block_0.LayerNorm_0.bias", ("Block_0", "LayerNorm_0", "bias"), (32,), 8_352, 32, 0.0, 0.0
@@ -135,8 +135,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 4, 8),
         8_512,
         1_024,
-        -0.000147909,
-        0.17497,
+        -0.0001479,
+        0.175,
     ),
     ParamSlice(
         "Block_0.MultiHeadDotProductAttention_0.out.bias",
@@ -153,8 +153,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (4, 8, 32),
         9_568,
         1_024,
-        0.0037354,
-        0.177274,
+        0.003735,
+        0.1773,
     ),
     ParamSlice(
         "Block_0.MultiHeadDotProductAttention_0.query.bias",
@@ -171,8 +171,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 4, 8),
         10_624,
         1_024,
-        -0.00487393,
-        0.174917,
+        -0.004874,
+        0.1749,
     ),
     ParamSlice(
         "Block_0.MultiHeadDotProductAttention_0.value.bias",
@@ -189,21 +189,15 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 4, 8),
         11_680,
         1_024,
-        0.000806839,
-        0.175416,
+        0.0008068,
+        0.1754,
     ),
     ParamSlice(
-        "Embed_0.embedding",
-        ("Embed_0", "embedding"),
-        (64, 32),
-        12_704,
-        2_048,
-        -0.000782277,
-        0.175699,
+        "Embed_0.embedding", ("Embed_0", "embedding"), (64, 32), 12_704, 2_048, -0.0007823, 0.1757
     ),
     ParamSlice("LayerNorm_0.bias", ("LayerNorm_0", "bias"), (32,), 14_752, 32, 0.0, 0.0),
     ParamSlice("LayerNorm_0.scale", ("LayerNorm_0", "scale"), (32,), 14_784, 32, 1.0, 0.0),
-    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, 0.0014102, 0.0196187),
+    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, 0.00141, 0.01962),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ()
@@ -370,4 +364,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=708464662376d63d5d3cbf035374c68addf0df595f52d653dad546cce7e03e0d
+# hypernn-gen: sha256=3f5cb02245155db60e02158915d7ba5f8cb304dd9a159de6961c9cd4af338325

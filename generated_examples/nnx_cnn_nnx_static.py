@@ -78,9 +78,9 @@ GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("bn.bias", ("bn", "bias"), (8,), 0, 8, 0.0, 0.0),
     ParamSlice("bn.scale", ("bn", "scale"), (8,), 8, 8, 1.0, 0.0),
     ParamSlice("conv.bias", ("conv", "bias"), (8,), 16, 8, 0.0, 0.0),
-    ParamSlice("conv.kernel", ("conv", "kernel"), (3, 3, 1, 8), 24, 72, 0.0119302, 0.39108),
+    ParamSlice("conv.kernel", ("conv", "kernel"), (3, 3, 1, 8), 24, 72, 0.01193, 0.3911),
     ParamSlice("linear.bias", ("linear", "bias"), (10,), 96, 10, 0.0, 0.0),
-    ParamSlice("linear.kernel", ("linear", "kernel"), (128, 10), 106, 1_280, 0.00135827, 0.0903661),
+    ParamSlice("linear.kernel", ("linear", "kernel"), (128, 10), 106, 1_280, 0.001358, 0.09037),
 )
 # The target's other state, kept by the hypernetwork's copy of the target (hypernetwork.target):
 #   BatchStat: bn.mean (8,)
@@ -277,4 +277,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=26023b8c01a61a237b251349090cf325cb949babf669f1ab55c5dd66cc77ee06
+# hypernn-gen: sha256=cd8b63a848cd33b17f04c30b2deb1284e3110ff2274ebcb3b43359ec9170ed85

@@ -76,10 +76,10 @@ MODULATION_HIDDEN = 64
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("hidden1.bias", ("hidden1", "bias"), (64,), 0, 64, 0.0, 0.0),
-    ParamSlice("hidden1.kernel", ("hidden1", "kernel"), (8, 64), 64, 512, -0.015857, 0.359413),
+    ParamSlice("hidden1.kernel", ("hidden1", "kernel"), (8, 64), 64, 512, -0.01586, 0.3594),
     ParamSlice("hidden2.bias", ("hidden2", "bias"), (64,), 576, 64, 0.0, 0.0),
-    ParamSlice("hidden2.kernel", ("hidden2", "kernel"), (64, 64), 640, 4_096, 0.00144497, 0.126442),
-    ParamSlice("out.kernel", ("out", "kernel"), (64, 4), 4_736, 256, -0.00362844, 0.122694),
+    ParamSlice("hidden2.kernel", ("hidden2", "kernel"), (64, 64), 640, 4_096, 0.001445, 0.1264),
+    ParamSlice("out.kernel", ("out", "kernel"), (64, 4), 4_736, 256, -0.003628, 0.1227),
 )
 
 
@@ -366,4 +366,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=a80348cda889f803dfaa4f1b95f2761bf10ff9870d3afe8dca0e17a2af6d4c89
+# hypernn-gen: sha256=40058a7088345b7590d8a746dd1b66599abbc3a6233a3bb8fcc8d82927a4ea87

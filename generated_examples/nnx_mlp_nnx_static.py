@@ -73,10 +73,10 @@ LAYOUT_DIGEST = "f11016d3d9607959"
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("hidden1.bias", ("hidden1", "bias"), (64,), 0, 64, 0.0, 0.0),
-    ParamSlice("hidden1.kernel", ("hidden1", "kernel"), (8, 64), 64, 512, -0.015857, 0.359413),
+    ParamSlice("hidden1.kernel", ("hidden1", "kernel"), (8, 64), 64, 512, -0.01586, 0.3594),
     ParamSlice("hidden2.bias", ("hidden2", "bias"), (64,), 576, 64, 0.0, 0.0),
-    ParamSlice("hidden2.kernel", ("hidden2", "kernel"), (64, 64), 640, 4_096, 0.00144497, 0.126442),
-    ParamSlice("out.kernel", ("out", "kernel"), (64, 4), 4_736, 256, -0.00362844, 0.122694),
+    ParamSlice("hidden2.kernel", ("hidden2", "kernel"), (64, 64), 640, 4_096, 0.001445, 0.1264),
+    ParamSlice("out.kernel", ("out", "kernel"), (64, 4), 4_736, 256, -0.003628, 0.1227),
 )
 
 
@@ -268,4 +268,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=8cedb9aff51cfc3706694c2b9177e75f7d054186406f94f3e276246a7108b159
+# hypernn-gen: sha256=7152aff37d19428fd7d2ad340a95d4c2625e331f6e4f1e6de2e78c2beb0c536f

@@ -104,8 +104,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 4, 8),
         32,
         1_024,
-        0.000139161,
-        0.178519,
+        0.0001392,
+        0.1785,
     ),
     ParamSlice("block.attn.out.bias", ("block", "attn", "out", "bias"), (32,), 1_056, 32, 0.0, 0.0),
     ParamSlice(
@@ -114,8 +114,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (4, 8, 32),
         1_088,
         1_024,
-        0.00391765,
-        0.177944,
+        0.003918,
+        0.1779,
     ),
     ParamSlice(
         "block.attn.query.bias", ("block", "attn", "query", "bias"), (4, 8), 2_112, 32, 0.0, 0.0
@@ -126,8 +126,8 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 4, 8),
         2_144,
         1_024,
-        -0.00653358,
-        0.176814,
+        -0.006534,
+        0.1768,
     ),
     ParamSlice(
         "block.attn.value.bias", ("block", "attn", "value", "bias"), (4, 8), 3_168, 32, 0.0, 0.0
@@ -138,12 +138,12 @@ GENERATED: tuple[ParamSlice, ...] = (
         (32, 4, 8),
         3_200,
         1_024,
-        0.00469002,
-        0.173207,
+        0.00469,
+        0.1732,
     ),
     ParamSlice("block.fc.bias", ("block", "fc", "bias"), (128,), 4_224, 128, 0.0, 0.0),
     ParamSlice(
-        "block.fc.kernel", ("block", "fc", "kernel"), (32, 128), 4_352, 4_096, 0.0012178, 0.177611
+        "block.fc.kernel", ("block", "fc", "kernel"), (32, 128), 4_352, 4_096, 0.001218, 0.1776
     ),
     ParamSlice("block.ln1.bias", ("block", "ln1", "bias"), (32,), 8_448, 32, 0.0, 0.0),
     ParamSlice("block.ln1.scale", ("block", "ln1", "scale"), (32,), 8_480, 32, 1.0, 0.0),
@@ -156,15 +156,15 @@ GENERATED: tuple[ParamSlice, ...] = (
         (128, 32),
         8_608,
         4_096,
-        -0.00039044,
-        0.087551,
+        -0.0003904,
+        0.08755,
     ),
     ParamSlice(
-        "embed.embedding", ("embed", "embedding"), (64, 32), 12_704, 2_048, -0.00530542, 0.177078
+        "embed.embedding", ("embed", "embedding"), (64, 32), 12_704, 2_048, -0.005305, 0.1771
     ),
     ParamSlice("ln_f.bias", ("ln_f", "bias"), (32,), 14_752, 32, 0.0, 0.0),
     ParamSlice("ln_f.scale", ("ln_f", "scale"), (32,), 14_784, 32, 1.0, 0.0),
-    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, -0.00212961, 0.0206287),
+    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, -0.00213, 0.02063),
 )
 
 
@@ -451,4 +451,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=82b552526149c60bc7bcb0fa17b3b5247340667df1d6b048f213e3341b2e78d8
+# hypernn-gen: sha256=fe0e8e2ffc972ea025d470dbedbfe9658e5f9134b1cfce44244b615ce08482d9

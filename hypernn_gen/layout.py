@@ -29,12 +29,17 @@ from typing import Any, Literal
 
 from .errors import TraceError
 
-__all__ = ["Chunking", "Layout", "TensorSpec"]
+__all__ = ["Chunking", "Layout", "TensorSpec", "round_stat"]
 
 Role = Literal["generated", "state"]
 Key = str | int
 
 LAYOUT_FORMAT_VERSION = 1
+
+
+def round_stat(x: float, digits: int = 6) -> float:
+    """Round an init statistic to ``digits`` significant digits (short, stable constants)."""
+    return float(f"{x:.{digits}g}") if x else 0.0
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import TraceError
-from .layout import Key, Layout, TensorSpec
-from .trace_torch import _round
+from .layout import Key, Layout, TensorSpec, round_stat
+
+#: Measured statistics are float32 reductions whose last bits depend on how XLA fuses them;
+#: four significant digits keep generated files byte-identical across compilations.
+MEASURED_DIGITS = 4
 
 __all__ = ["trace_linen", "trace_nnx_factory", "trace_nnx_module"]
 
@@ -254,8 +257,8 @@ def _spec(
         collection=collection,
         fan_in=fan_in,
         fan_out=fan_out,
-        init_mean=_round(mean),
-        init_std=_round(std),
+        init_mean=round_stat(mean, MEASURED_DIGITS),
+        init_std=round_stat(std, MEASURED_DIGITS),
         init_source=source,
         reason=reason,
     )
@@ -342,10 +345,13 @@ _stats_table = jax.jit(_table)  # live values: one compile per tree structure an
 def _measure_jitted(make_leaves: Callable[[], Sequence[Any]]) -> list[Stats]:
     """Run ``make_leaves()`` compiled, keeping only per-leaf statistics (not the leaves).
 
-    ``ensure_compile_time_eval`` makes this work inside an outer trace too (a hypernetwork's
-    ``init`` under ``jax.jit``): nothing traced goes in, so it runs concretely.
+    Inside an outer trace (a hypernetwork's ``init`` under ``jax.jit``) the result is a tracer;
+    then ``ensure_compile_time_eval`` runs it concretely (op by op, so only there: it is slow).
     """
     measure = jax.jit(lambda: _table(make_leaves()))
-    with jax.ensure_compile_time_eval():
+    try:
         table = np.asarray(measure())
+    except jax.errors.TracerArrayConversionError:
+        with jax.ensure_compile_time_eval():
+            table = np.asarray(measure())
     return [(float(m), float(s), "measured") for m, s in table]

@@ -21,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
-from .layout import Layout, TensorSpec
+from .layout import Layout, TensorSpec, round_stat
 
 __all__ = ["check_dynamic_support", "trace_factory", "trace_module"]
 
@@ -85,8 +85,8 @@ def trace_module(
                     collection=kind,
                     fan_in=fan_in,
                     fan_out=fan_out,
-                    init_mean=_round(mean),
-                    init_std=_round(std),
+                    init_mean=round_stat(mean),
+                    init_std=round_stat(std),
                     init_source=source,
                     reason=reason,
                 )
@@ -152,11 +152,6 @@ def _measure(tensor: torch.Tensor, fan_in: int) -> Stats:
     values = tensor.detach().float()
     std = float(values.std(unbiased=False)) if values.numel() > 1 else 0.0
     return float(values.mean()), std, "measured"
-
-
-def _round(x: float) -> float:
-    """Round to 6 significant digits so generated constants are short and stable."""
-    return float(f"{x:.6g}") if x else 0.0
 
 
 def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
