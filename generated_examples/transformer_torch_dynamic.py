@@ -310,37 +310,46 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     return y
 
 
+def run_per_sample(
+    module: nn.Module, params: dict[str, Tensor], batch: int, args: tuple, kwargs: dict
+) -> Any:
+    """Sample b through ``module`` alone with ``params[...][b]``, batched with vmap.
+
+    Inputs with the batch first are split per sample; others (positions, masks) are shared.
+    In training each sample gets its own copy of the module's buffers (BatchNorm statistics)
+    and their mean is written back.
+    """
+    buffers = dict(module.named_buffers()) if module.training else {}
+    copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
+    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch for x in args]
+
+    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
+        xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
+        out = functional_call(module, {**p, **b}, xs, kwargs)
+        if not any(batched):
+            return out
+        return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
+
+    in_dims = (0, 0, *(0 if split else None for split in batched))
+    output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
+    with torch.no_grad():
+        for name, value in copies.items():
+            mean = value.float().mean(0) if value.is_floating_point() else value[0]
+            buffers[name].copy_(mean.to(buffers[name].dtype))
+    return output
+
+
 def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """forward() of a module run per sample with its own generated tensors materialised."""
     shared: Shared | None = self.hyper_shared
     if shared is None:
         return type(self).__mro__[1].forward(self, *args, **kwargs)
     params = {name: shared.materialise(i) for name, i in self.hyper_params}
-    batch = shared.scales.shape[0]
-    buffers = dict(self.named_buffers()) if self.training else {}
-    copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
-
-    # Inputs with the batch first are split per sample; others (positions, masks) are shared.
-    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch for x in args]
-
-    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-        xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
-        out = functional_call(self, {**p, **b}, xs, kwargs)
-        if not any(batched):
-            return out
-        return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
-
-    in_dims = (0, 0, *(0 if split else None for split in batched))
     self.hyper_shared = None  # inside, the module's own forward runs
     try:
-        output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
+        return run_per_sample(self, params, shared.scales.shape[0], args, kwargs)
     finally:
         self.hyper_shared = shared
-    with torch.no_grad():
-        for name, value in copies.items():
-            mean = value.float().mean(0) if value.is_floating_point() else value[0]
-            buffers[name].copy_(mean.to(buffers[name].dtype))
-    return output
 
 
 def install_fusion(target: nn.Module, indices: nn.ModuleList) -> tuple[nn.Module, ...]:
@@ -520,25 +529,8 @@ class TransformerHyperNetwork(nn.Module):
 
     def materialised_forward(self, generated_params: Tensor, args: tuple, kwargs: dict) -> Any:
         """Sample b through the target alone with weight set b, batched with vmap."""
-        batch = generated_params.shape[0]
         params = self.unflatten_params(generated_params)
-        # In training each sample gets its own copy of the buffers (BatchNorm statistics);
-        # their mean is written back below.
-        buffers = dict(self.target.named_buffers()) if self.training else {}
-        copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
-
-        def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-            xs = tuple(x.unsqueeze(0) if isinstance(x, Tensor) else x for x in xs)
-            out = functional_call(self.target, {**p, **b}, xs, kwargs)
-            return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
-
-        in_dims = (0, 0, *(0 if isinstance(x, Tensor) else None for x in args))
-        output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
-        with torch.no_grad():
-            for name, value in copies.items():
-                mean = value.float().mean(0) if value.is_floating_point() else value[0]
-                buffers[name].copy_(mean.to(buffers[name].dtype))
-        return output
+        return run_per_sample(self.target, params, generated_params.shape[0], args, kwargs)
 
 
 if __name__ == "__main__":
@@ -551,4 +543,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=cfc71a4a6d4487c3008786e59af034f0cd219f8371bed7f80b565d4ed7e45263
+# hypernn-gen: sha256=d854779b6421a1f6e6ce5514d6d930dc760945e94d9b2700e6596a44644e31dc

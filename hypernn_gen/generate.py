@@ -61,6 +61,7 @@ RESERVED_NAMES = frozenset(
         "fused_forward",
         "per_sample_forward",
         "install_fusion",
+        "run_per_sample",
     }
 )
 #: names only the Flax templates (linen, nnx) define; reserved for Flax targets
