@@ -27,6 +27,7 @@ import jinja2
 from ._version import __version__
 from .config import find_pyproject, load_jobs
 from .errors import GenerationError, HypernnGenError
+from .design import CHUNKINGS, INIT_SCHEMES, parse_widths
 from .generate import BACKENDS, MODES, GenerateOptions, generate
 from .layout import Chunking
 from .load import INPUT_DTYPES, load_target, parse_input_shape
@@ -78,7 +79,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-dtype",
         metavar="D",
-        default="float32",
+        default=None,
         help=f"dtype of the --input-shape inputs: {', '.join(INPUT_DTYPES)} (default float32)",
     )
     parser.add_argument(
@@ -111,7 +112,7 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    loaded = load_target(args.target, input_shapes=args.input_shape, input_dtype=args.input_dtype)
+    loaded = load_target(args.target, input_shapes=args.input_shape, input_dtype=args.input_dtype or "float32")
     layout = trace_selected(loaded, include=args.include, exclude=args.exclude)
     chunking = Chunking.resolve(layout.flat_size)
     if args.json:
@@ -131,22 +132,41 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
         if action.dest == "target":
             action.nargs = "?"
             action.default = None
-    parser.add_argument("--backend", choices=BACKENDS, help="torch or flax (default: the target's)")
-    parser.add_argument(
-        "--mode", choices=MODES, default="static", help="static (default) or dynamic"
+    # Hypernetwork options: not given -> the pyproject job's value, else GenerateOptions' default.
+    option = parser.add_argument_group(
+        "hypernetwork options (the same names in [tool.hypernn-gen] and the runtime library)"
     )
-    parser.add_argument("-o", "--output", metavar="PATH", help="output file or directory")
-    parser.add_argument("--embedding-dim", type=int, default=32, metavar="D", help="default 32")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--num-embeddings", type=int, metavar="N", help="number of chunks")
-    size.add_argument("--chunk-dim", type=int, metavar="C", help="values per chunk")
-    parser.add_argument("--template-dir", metavar="DIR", help="user templates, tried first")
-    parser.add_argument(
-        "--formatter",
-        choices=FORMATTERS,
-        default="black",
-        help="black (default, in-process) or ruff",
-    )
+    unset = argparse.SUPPRESS
+    option.add_argument("--backend", choices=BACKENDS, default=unset, help="torch or flax "
+                        "(default: the target's)")
+    option.add_argument("--mode", choices=MODES, default=unset, help="static (default) or dynamic")
+    option.add_argument("-o", "--output", metavar="PATH", default=unset,
+                        help="output file or directory")
+    option.add_argument("--embedding-dim", type=int, metavar="D", default=unset, help="default 32")
+    size = option.add_mutually_exclusive_group()
+    size.add_argument("--num-embeddings", type=int, metavar="N", default=unset,
+                      help="number of chunks")
+    size.add_argument("--chunk-dim", type=int, metavar="C", default=unset, help="values per chunk")
+    option.add_argument("--chunking", choices=CHUNKINGS, default=unset,
+                        help="flat (default: chunks run across tensors, as hyper-nn) or tensor "
+                        "(every tensor starts on a chunk)")
+    option.add_argument("--generator-hidden", metavar="W", type=_widths, default=unset,
+                        help="hidden widths of the weight generator, e.g. 64,64 (default none: "
+                        "linear; hidden layers turn the fused dynamic path off)")
+    option.add_argument("--init", choices=INIT_SCHEMES, default=unset,
+                        help="target (default: the target's own init statistics), hyperfan-in "
+                        "or hyperfan-out (Chang et al. 2020)")
+    option.add_argument("--condition-shape", metavar="S", type=_shape, default=unset,
+                        help="dynamic: one sample's conditioning input, e.g. 3 (default: the "
+                        "first input's shape without the batch; pass condition=... when it differs)")
+    option.add_argument("--condition-dtype", metavar="D", default=unset,
+                        help="dynamic: the conditioning input's dtype (default: the input's)")
+    option.add_argument("--embedding-hidden", metavar="W", type=_widths, default=unset,
+                        help="dynamic: hidden widths of the embedding network (default 64)")
+    option.add_argument("--template-dir", metavar="DIR", default=unset,
+                        help="user templates, tried first")
+    option.add_argument("--formatter", choices=FORMATTERS, default=unset,
+                        help="black (default, in-process) or ruff")
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
         "--check",
@@ -159,32 +179,56 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_debug_argument(parser)
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return parse_widths(text)
+    except HypernnGenError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return parse_input_shape(text)
+    except HypernnGenError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated positive integers, e.g. 3 or 4,4"
+        ) from None
+
+
+def _given_options(args: argparse.Namespace) -> dict[str, object]:
+    """The GenerateOptions fields set on the command line (they override pyproject jobs)."""
+    given = {k: v for k, v in vars(args).items() if k in _OPTION_FIELDS and k not in _LISTS}
+    if args.input_shape:
+        given["input_shapes"] = tuple(parse_input_shape(s) for s in args.input_shape)
+    if args.input_dtype is not None:
+        given["input_dtype"] = args.input_dtype
+    for key in ("include", "exclude"):
+        if getattr(args, key):
+            given[key] = tuple(getattr(args, key))
+    return given
+
+
+_LISTS = {"input_shapes", "input_dtype", "include", "exclude"}  # flags that never suppress
+_OPTION_FIELDS = {f.name for f in dataclasses.fields(GenerateOptions)} - {"target", "extra"}
+
+
 def _jobs(args: argparse.Namespace) -> list[GenerateOptions]:
+    given = _given_options(args)
     if args.target is not None:
-        return [
-            GenerateOptions(
-                target=args.target,
-                backend=args.backend,
-                mode=args.mode,
-                output=args.output,
-                embedding_dim=args.embedding_dim,
-                num_embeddings=args.num_embeddings,
-                chunk_dim=args.chunk_dim,
-                input_shapes=tuple(parse_input_shape(s) for s in args.input_shape),
-                input_dtype=args.input_dtype,
-                include=tuple(args.include),
-                exclude=tuple(args.exclude),
-                template_dir=args.template_dir,
-                formatter=args.formatter,
-            )
-        ]
+        return [GenerateOptions(target=args.target, **given)]
     pyproject = Path(args.config) if args.config else find_pyproject()
     if pyproject is None:
         raise GenerationError(
             "no target given and no pyproject.toml found; pass a target file "
             "(hypernn-gen target.py --backend torch) or add [tool.hypernn-gen] jobs"
         )
-    return load_jobs(pyproject)
+    jobs = load_jobs(pyproject)
+    if "output" in given and len(jobs) > 1:
+        raise GenerationError(
+            f"-o with the {len(jobs)} jobs of {pyproject} would write them all to one file; "
+            "give a target, or set output in each job"
+        )
+    return [dataclasses.replace(job, **given) for job in jobs]
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -27,7 +27,8 @@ try:
 except ImportError:  # Python 3.10: tomli, which black (a dependency) requires there
     import tomli as tomllib
 
-from .errors import GenerationError
+from .design import parse_widths
+from .errors import GenerationError, HypernnGenError
 from .generate import GenerateOptions
 from .load import parse_input_shape
 
@@ -63,6 +64,15 @@ def _convert(name: str, value: Any, where: str) -> Any:
     if name == "input_shapes":
         values = value if isinstance(value, list) else [value]
         return tuple(parse_input_shape(str(v)) for v in values)
+    if name in ("generator_hidden", "embedding_hidden", "condition_shape"):
+        flag = name.replace("_", "-")
+        try:
+            if name == "condition_shape":
+                text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+                return parse_input_shape(text)
+            return parse_widths(value)
+        except HypernnGenError as exc:
+            raise GenerationError(f"{where}: {flag}: {exc}") from None
     if name in ("include", "exclude"):
         return tuple(value if isinstance(value, list) else [value])
     if name in ("embedding_dim", "num_embeddings", "chunk_dim") and not isinstance(value, int):

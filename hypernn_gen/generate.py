@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import GenerationError
+from .design import CHUNKINGS, INIT_SCHEMES, check_hidden, design_layout
 from .extract import extract_target_source
 from .fuse import plan_torch_fusion
 from .layout import Chunking, Layout
@@ -47,7 +48,8 @@ RESERVED_NAMES = frozenset(
         "FLAT_SIZE",
         "LAYOUT_DIGEST",
         "CONDITION_SHAPE",
-        "MODULATION_HIDDEN",
+        "EMBEDDING_HIDDEN",
+        "GENERATOR_HIDDEN",
         "check_layout",
         "without_generated",
         "TIED",
@@ -96,6 +98,12 @@ class GenerateOptions:
     embedding_dim: int = 32
     num_embeddings: int | None = None
     chunk_dim: int | None = None
+    chunking: str = "flat"  #: ``flat`` (hyper-nn's) or ``tensor`` (each tensor from a chunk start)
+    generator_hidden: tuple[int, ...] = ()  #: hidden layer widths of the weight generator
+    init: str = "target"  #: ``target``, ``hyperfan-in`` or ``hyperfan-out``
+    condition_shape: tuple[int, ...] | None = None  #: dynamic: one sample's condition shape
+    condition_dtype: str | None = None  #: dynamic: the condition's dtype (default: the input's)
+    embedding_hidden: tuple[int, ...] = (MODULATION_HIDDEN,)  #: dynamic: the embedding network
     input_shapes: tuple[tuple[int, ...], ...] = ()
     input_dtype: str = "float32"
     include: tuple[str, ...] = ()
@@ -137,6 +145,7 @@ def generate(options: GenerateOptions) -> Generated:
         raise GenerationError(f"unknown mode {options.mode!r}; choose static or dynamic")
     if options.embedding_dim <= 0:
         raise GenerationError(f"--embedding-dim must be positive, got {options.embedding_dim}")
+    check_options(options)
 
     loaded = load_target(
         options.target,
@@ -152,8 +161,12 @@ def generate(options: GenerateOptions) -> Generated:
             f"given; use --backend {backend}"
         )
     layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
-    chunking = Chunking.resolve(
-        layout.flat_size, num_embeddings=options.num_embeddings, chunk_dim=options.chunk_dim
+    layout, chunking = design_layout(
+        layout,
+        num_embeddings=options.num_embeddings,
+        chunk_dim=options.chunk_dim,
+        chunking=options.chunking,
+        init=options.init,
     )
     path = resolve_output(options, loaded)
     ctx = build_context(options, loaded, layout, chunking, path)
@@ -207,6 +220,19 @@ def command_line(options: GenerateOptions, loaded: LoadedTarget, path: Path) -> 
         args += ["--num-embeddings", str(options.num_embeddings)]
     if options.chunk_dim is not None:
         args += ["--chunk-dim", str(options.chunk_dim)]
+    if options.chunking != "flat":
+        args += ["--chunking", options.chunking]
+    if options.generator_hidden:
+        args += ["--generator-hidden", _widths(options.generator_hidden)]
+    if options.init != "target":
+        args += ["--init", options.init]
+    if options.mode == "dynamic":
+        if options.condition_shape is not None:
+            args += ["--condition-shape", _widths(options.condition_shape)]
+        if options.condition_dtype is not None:
+            args += ["--condition-dtype", options.condition_dtype]
+        if tuple(options.embedding_hidden) != (MODULATION_HIDDEN,):
+            args += ["--embedding-hidden", _widths(options.embedding_hidden)]
     for shape in options.input_shapes:
         args += ["--input-shape", ",".join(map(str, shape))]
     if options.input_shapes and options.input_dtype != "float32":
@@ -252,14 +278,21 @@ def build_context(
             f"{loaded.display} defines {clash[0]!r}, a name the generated file needs for itself; "
             "rename it in the target file"
         )
-    condition_shape = None
+    condition_shape, condition_dtype = None, None
     if options.mode == "dynamic":
-        if not loaded.input_specs:
+        if options.condition_shape is not None:
+            condition_shape = tuple(options.condition_shape)
+        elif loaded.input_specs:
+            condition_shape = tuple(loaded.input_specs[0].shape[1:])
+        else:
             raise GenerationError(
                 f"dynamic mode needs the shape of the conditioning input; pass --input-shape "
-                f"(e.g. --input-shape 1,8) or define example_input in {loaded.display}"
+                f"(e.g. --input-shape 1,8), --condition-shape, or define example_input in "
+                f"{loaded.display}"
             )
-        condition_shape = tuple(loaded.input_specs[0].shape[1:])
+        condition_dtype = options.condition_dtype or (
+            loaded.input_specs[0].dtype if loaded.input_specs else "float32"
+        )
     params = tuple(
         ParamView(
             path=t.path,
@@ -285,7 +318,7 @@ def build_context(
 
         module = _meta_module(loaded)
         check_dynamic_support(module, layout)
-        fusion = plan_torch_fusion(module, layout, chunking)
+        fusion = plan_torch_fusion(module, layout, chunking, linear=not options.generator_hidden)
     header = (
         f"Generated by hypernn-gen {__version__}: a {options.mode} hypernetwork for {prefix}.",
         "Do not edit by hand: change the options or templates, then run the command below.",
@@ -294,6 +327,14 @@ def build_context(
         f"options:  backend={options.backend} mode={options.mode} "
         f"embedding_dim={options.embedding_dim} num_embeddings={chunking.num_embeddings} "
         f"chunk_dim={chunking.chunk_dim}",
+        f"          chunking={options.chunking} init={options.init} "
+        f"generator_hidden={_widths(options.generator_hidden)}"
+        + (
+            f" embedding_hidden={_widths(options.embedding_hidden)}"
+            f" condition_shape={_widths(condition_shape)}"
+            if options.mode == "dynamic"
+            else ""
+        ),
         f"layout:   {len(params)} generated tensors, {layout.num_generated:,} values, "
         f"{len(state)} state tensors, digest {layout.digest()}",
         *(f"note:     {note}" for note in layout.notes),
@@ -312,7 +353,9 @@ def build_context(
         chunking=chunking,
         embedding_dim=options.embedding_dim,
         condition_shape=condition_shape,
-        modulation_hidden=MODULATION_HIDDEN,
+        embedding_hidden=tuple(options.embedding_hidden),
+        generator_hidden=tuple(options.generator_hidden),
+        condition_dtype=condition_dtype,
         example_inputs=tuple((tuple(s.shape), s.dtype) for s in loaded.input_specs),
         target_imports=source.imports,
         target_source=source.body,
@@ -325,8 +368,38 @@ def build_context(
             "embedding_dim": options.embedding_dim,
             "num_embeddings": chunking.num_embeddings,
             "chunk_dim": chunking.chunk_dim,
+            "chunking": options.chunking,
+            "init": options.init,
+            "generator_hidden": tuple(options.generator_hidden),
+            "embedding_hidden": tuple(options.embedding_hidden),
         },
     )
+
+
+def _widths(widths: tuple[int, ...] | None) -> str:
+    return ",".join(map(str, widths)) if widths else "none"
+
+
+def check_options(options: GenerateOptions) -> None:
+    """Refuse option values that cannot make a hypernetwork, naming the flag and the fix."""
+    if options.chunking not in CHUNKINGS:
+        raise GenerationError(
+            f"unknown --chunking {options.chunking!r}; choose {' or '.join(CHUNKINGS)}"
+        )
+    if options.init not in INIT_SCHEMES:
+        raise GenerationError(f"unknown --init {options.init!r}; choose {', '.join(INIT_SCHEMES)}")
+    check_hidden(options.generator_hidden, "--generator-hidden")
+    check_hidden(options.embedding_hidden, "--embedding-hidden")
+    if options.mode != "dynamic":
+        for flag, value, default in (
+            ("--condition-shape", options.condition_shape, None),
+            ("--condition-dtype", options.condition_dtype, None),
+            ("--embedding-hidden", tuple(options.embedding_hidden), (MODULATION_HIDDEN,)),
+        ):
+            if value != default:
+                raise GenerationError(f"{flag} applies to dynamic mode only; add --mode dynamic")
+    if options.condition_shape is not None:
+        check_hidden(options.condition_shape, "--condition-shape")
 
 
 def _meta_module(loaded: LoadedTarget):  # noqa: ANN202

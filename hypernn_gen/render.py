@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Version of the template context. Bump on any breaking change to :class:`TemplateContext`.
-CONTEXT_VERSION = 1
+CONTEXT_VERSION = 2
 
 
 def builtin_templates_dir() -> Path:
@@ -111,7 +111,9 @@ class TemplateContext:
     chunking: Chunking
     embedding_dim: int
     condition_shape: tuple[int, ...] | None  #: one sample's conditioning input (dynamic)
-    modulation_hidden: int  #: hidden width of the dynamic embedding's modulation MLP
+    embedding_hidden: tuple[int, ...]  #: hidden widths of the dynamic embedding network
+    generator_hidden: tuple[int, ...]  #: hidden widths of the weight generator (``()``: linear)
+    condition_dtype: str | None  #: dtype of the conditioning input (dynamic)
     example_inputs: tuple[tuple[tuple[int, ...], str], ...]  #: (shape, dtype) per input
     target_imports: tuple[str, ...]  #: import lines the copied target code needs
     target_source: str  #: the copied target definition(s)

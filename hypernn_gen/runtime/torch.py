@@ -24,7 +24,7 @@ How weights are made (see :mod:`hypernn_gen.layout` for the contract):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -33,12 +33,14 @@ from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
 from ..errors import HyperNetworkError
-from ..layout import Chunking, Layout
+from ..design import check_hidden, design_layout
+from ..layout import Layout
 from ..trace_torch import check_dynamic_support, trace_module
 
 __all__ = [
     "DynamicEmbedding",
     "LinearWeightGenerator",
+    "MLPWeightGenerator",
     "StaticEmbedding",
     "TorchEmbeddingModule",
     "TorchHyperNetwork",
@@ -94,9 +96,10 @@ class StaticEmbedding(TorchEmbeddingModule):
 class DynamicEmbedding(TorchEmbeddingModule):
     """The learned table, scaled per sample: ``E[b, k] = (1 + m(c_b)[k]) * weight[k]``.
 
-    ``m`` is a small MLP of the flattened conditioning input ``c``. Its last layer starts at a
-    tenth of PyTorch's default scale, so weight sets start close together and drift apart as
-    the network learns to use the condition. ``condition_dim=None`` infers it on first call.
+    ``m`` is an MLP (hidden widths ``embedding_hidden``, ReLU) of the flattened conditioning
+    input ``c``. Its last layer starts at a tenth of PyTorch's default scale, so weight sets
+    start close together and drift apart as the network learns to use the condition.
+    ``condition_dim=None`` infers it on first call.
     """
 
     def __init__(
@@ -104,16 +107,25 @@ class DynamicEmbedding(TorchEmbeddingModule):
         embedding_dim: int,
         num_embeddings: int,
         condition_dim: int | None = None,
-        hidden_dim: int = 64,
+        embedding_hidden: Sequence[int] = (64,),
     ) -> None:
         super().__init__(embedding_dim, num_embeddings)
         self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
-        first = nn.Linear(condition_dim, hidden_dim) if condition_dim else nn.LazyLinear(hidden_dim)
-        last = nn.Linear(hidden_dim, num_embeddings)
+        hidden_widths = check_hidden(tuple(embedding_hidden), "embedding_hidden")
+        if not hidden_widths and not condition_dim:
+            raise HyperNetworkError(
+                "an embedding network without hidden layers needs condition_dim (or "
+                "condition_shape) to size its only layer; pass it, or embedding_hidden=(64,)"
+            )
+        layers: list[nn.Module] = []
+        width = condition_dim
+        for hidden in hidden_widths:
+            layers += [nn.Linear(width, hidden) if width else nn.LazyLinear(hidden), nn.ReLU()]
+            width = hidden
+        self.modulation = nn.Sequential(*layers, nn.Linear(width, num_embeddings))
         with torch.no_grad():
-            last.weight.mul_(0.1)
-            last.bias.zero_()
-        self.modulation = nn.Sequential(first, nn.ReLU(), last)
+            self.modulation[-1].weight.mul_(0.1)
+            self.modulation[-1].bias.zero_()
 
     def scales(self, condition: torch.Tensor) -> torch.Tensor:
         """Per-sample scale of each embedding, ``(batch, num_embeddings)``."""
@@ -141,6 +153,35 @@ class LinearWeightGenerator(TorchWeightGenerator):
         return self.linear(embedding)
 
 
+class MLPWeightGenerator(TorchWeightGenerator):
+    """An MLP from an embedding to a chunk: hidden widths ``generator_hidden``, ReLU between.
+
+    Hidden layers are He-normal, the output layer ``N(0, 1/width)``, biases zero, so the output
+    has unit variance at init, as :class:`LinearWeightGenerator`'s. Not linear: dynamic
+    hypernetworks with it materialise every sample's weights.
+    """
+
+    def __init__(
+        self, embedding_dim: int, hidden_dim: int, generator_hidden: Sequence[int] = (64,)
+    ) -> None:
+        super().__init__(embedding_dim, hidden_dim)
+        layers: list[nn.Module] = []
+        width = embedding_dim
+        for hidden in check_hidden(tuple(generator_hidden), "generator_hidden"):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.layers = nn.Sequential(*layers, nn.Linear(width, hidden_dim))
+        linears = self.layers[::2]
+        with torch.no_grad():
+            for i, layer in enumerate(linears):
+                gain = 1.0 if i == len(linears) - 1 else 2.0  # ReLU halves the second moment
+                layer.weight.normal_(0.0, math.sqrt(gain / layer.in_features))
+                layer.bias.zero_()
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.layers(embedding)
+
+
 class TorchHyperNetwork(nn.Module):
     """A hypernetwork for ``target_network``: its trainable parameters are generated.
 
@@ -157,10 +198,19 @@ class TorchHyperNetwork(nn.Module):
             the generated parameter count); the other is derived so that
             ``num_embeddings * chunk_dim`` covers the flat vector.
         mode: ``"static"`` (one weight set) or ``"dynamic"`` (one weight set per sample).
-        condition_dim: dynamic mode, default embedding: the flattened size of one conditioning
-            input (``None``: inferred on the first call).
+        chunking: ``"flat"`` (chunks run across tensors, as in hyper-nn) or ``"tensor"`` (every
+            tensor starts on a chunk boundary); see :mod:`hypernn_gen.design`.
+        generator_hidden: hidden widths of the default weight generator (``()``: linear).
+        init: ``"target"`` (each tensor starts with the target's own init mean/std),
+            ``"hyperfan-in"`` or ``"hyperfan-out"`` (Chang et al. 2020).
+        condition_shape: dynamic mode, default embedding: one sample's conditioning input
+            (``None``: inferred on the first call). ``condition_dim``, its flattened size, is
+            accepted too.
+        embedding_hidden: dynamic mode, default embedding: hidden widths of its network.
         include: optional predicate on parameter paths; trainable parameters it rejects stay
             ordinary parameters of the copied target.
+
+    The keyword names are the CLI's flags and the ``[tool.hypernn-gen]`` keys, with ``_``.
 
     ``forward(*inputs, generated_params=None, condition=None, **kwargs)`` returns
     ``(output, generated_params)``; ``generated_params`` is the flat vector of the target's
@@ -177,19 +227,27 @@ class TorchHyperNetwork(nn.Module):
         *,
         chunk_dim: int | None = None,
         mode: Mode = "static",
+        chunking: str = "flat",
+        generator_hidden: Sequence[int] = (),
+        init: str = "target",
+        condition_shape: Sequence[int] | None = None,
         condition_dim: int | None = None,
+        embedding_hidden: Sequence[int] = (64,),
         include: Callable[[str], bool] | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
         self.mode: Mode = mode
-        self.layout: Layout = trace_module(target_network, include=include)
+        layout = trace_module(target_network, include=include)
         if mode == "dynamic":
-            check_dynamic_support(target_network, self.layout)
-        self.chunking = Chunking.resolve(
-            self.layout.flat_size, num_embeddings=num_embeddings, chunk_dim=chunk_dim
+            check_dynamic_support(target_network, layout)
+        self.layout: Layout
+        self.layout, self.chunking = design_layout(
+            layout, num_embeddings=num_embeddings, chunk_dim=chunk_dim, chunking=chunking, init=init
         )
+        if condition_shape is not None:
+            condition_dim = math.prod(condition_shape)
         self.embedding_dim = embedding_dim
         self.num_embeddings = self.chunking.num_embeddings
         self.hidden_dim = self.chunking.chunk_dim
@@ -197,15 +255,21 @@ class TorchHyperNetwork(nn.Module):
         if embedding_module_constructor is None:
             if mode == "dynamic":
                 self.embedding_module = DynamicEmbedding(
-                    embedding_dim, self.num_embeddings, condition_dim
+                    embedding_dim, self.num_embeddings, condition_dim, embedding_hidden
                 )
             else:
                 self.embedding_module = StaticEmbedding(embedding_dim, self.num_embeddings)
         else:
             self.embedding_module = embedding_module_constructor(embedding_dim, self.num_embeddings)
-        if weight_generator_constructor is None:
-            weight_generator_constructor = LinearWeightGenerator
-        self.weight_generator = weight_generator_constructor(embedding_dim, self.hidden_dim)
+        generator_hidden = check_hidden(tuple(generator_hidden), "generator_hidden")
+        if weight_generator_constructor is not None:
+            self.weight_generator = weight_generator_constructor(embedding_dim, self.hidden_dim)
+        elif generator_hidden:
+            self.weight_generator = MLPWeightGenerator(
+                embedding_dim, self.hidden_dim, generator_hidden
+            )
+        else:
+            self.weight_generator = LinearWeightGenerator(embedding_dim, self.hidden_dim)
         for name, module in (("embedding", self.embedding_module), ("weight generator",
                              self.weight_generator)):
             if not isinstance(module, nn.Module):

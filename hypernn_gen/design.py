@@ -1,0 +1,196 @@
+"""Hypernetwork options that shape the layout: chunking and the initialisation scheme.
+
+The tracers say what the target is (:class:`~hypernn_gen.layout.Layout`); this module applies the
+user's choices to it, once, for the runtime library and the generator alike, so both build the
+same hypernetwork from the same options:
+
+* ``chunking="flat"`` (hyper-nn's layout): the generated tensors lie end to end and a chunk may
+  span two tensors. ``chunking="tensor"``: every tensor starts on a chunk boundary (the gaps are
+  padding the hypernetwork generates and discards), so each chunk belongs to one tensor.
+* ``init="target"`` (the default, variance-preserving): each generated tensor starts with the mean
+  and standard deviation of the target's own initialisation. ``"hyperfan-in"`` and
+  ``"hyperfan-out"``: the output variances of Chang, Sacramento and Wang, *Principled Weight
+  Initialization for Hypernetworks* (ICLR 2020), for a generator whose raw output has unit
+  variance: ``Var(W) = 1 / fan_in`` (or ``1 / fan_out``), halved when the layer's bias is generated
+  too, with ``Var(b) = 1/2`` (hyperfan-in) or ``max(0, 1 - fan_in / fan_out)`` (hyperfan-out).
+  The paper scales each layer's generator; with chunks shared across layers, the per-tensor
+  scale of the decode gives the same variances. Tensors that are not weights or biases of a layer
+  (norm scales, for instance) keep the target's statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .errors import TraceError
+from .layout import Chunking, Layout, TensorSpec, round_stat
+
+__all__ = [
+    "CHUNKINGS",
+    "INIT_SCHEMES",
+    "apply_init",
+    "check_hidden",
+    "chunk_layout",
+    "design_layout",
+    "parse_widths",
+]
+
+CHUNKINGS = ("flat", "tensor")
+INIT_SCHEMES = ("target", "hyperfan-in", "hyperfan-out")
+
+
+def design_layout(
+    layout: Layout,
+    *,
+    num_embeddings: int | None = None,
+    chunk_dim: int | None = None,
+    chunking: str = "flat",
+    init: str = "target",
+) -> tuple[Layout, Chunking]:
+    """Apply the layout-shaping options: the initialisation scheme, then the chunking."""
+    return chunk_layout(
+        apply_init(layout, init),
+        num_embeddings=num_embeddings,
+        chunk_dim=chunk_dim,
+        chunking=chunking,
+    )
+
+
+def chunk_layout(
+    layout: Layout,
+    *,
+    num_embeddings: int | None = None,
+    chunk_dim: int | None = None,
+    chunking: str = "flat",
+) -> tuple[Layout, Chunking]:
+    """The layout with offsets for ``chunking``, and the number and size of its chunks.
+
+    Give ``num_embeddings`` or ``chunk_dim`` (or neither: both about the square root of the
+    generated parameter count); the other is derived.
+    """
+    if chunking not in CHUNKINGS:
+        raise TraceError(f"unknown chunking {chunking!r}; choose one of {', '.join(CHUNKINGS)}")
+    if chunking == "flat":
+        return layout, Chunking.resolve(
+            layout.flat_size, num_embeddings=num_embeddings, chunk_dim=chunk_dim
+        )
+    sizes = [t.size for t in layout.generated]
+    if not sizes:
+        Chunking.resolve(0)  # raises the usual "no generated parameters" error
+    for name, value in (("num_embeddings", num_embeddings), ("chunk_dim", chunk_dim)):
+        if value is not None and value <= 0:
+            raise TraceError(f"{name} must be a positive integer, got {value}")
+    if chunk_dim is None:
+        if num_embeddings is None:
+            chunk_dim = math.ceil(math.sqrt(sum(sizes)))
+        else:
+            chunk_dim = _smallest_chunk(sizes, num_embeddings)
+    aligned = aligned_layout(layout, chunk_dim)
+    needed = aligned.flat_size // chunk_dim
+    if num_embeddings is not None and num_embeddings < needed:
+        raise TraceError(
+            f"chunking='tensor' with chunk_dim={chunk_dim} needs {needed} chunks (one tensor per "
+            f"chunk at least), num_embeddings={num_embeddings} is too few; give only one of them"
+        )
+    return aligned, Chunking(num_embeddings or needed, chunk_dim)
+
+
+def aligned_layout(layout: Layout, chunk_dim: int) -> Layout:
+    """``layout`` with every generated tensor starting at a multiple of ``chunk_dim``."""
+    placed, offset = [], 0
+    for t in layout.tensors:
+        if t.generated:
+            offset = -(-offset // chunk_dim) * chunk_dim
+            placed.append(dataclasses.replace(t, offset=offset))
+            offset += t.size
+        else:
+            placed.append(t)
+    flat_size = -(-offset // chunk_dim) * chunk_dim
+    return dataclasses.replace(layout, tensors=tuple(placed), flat_size=flat_size)
+
+
+def _smallest_chunk(sizes: list[int], num_embeddings: int) -> int:
+    """The smallest chunk size that fits every tensor, each from a chunk boundary, in the chunks."""
+    if num_embeddings < len(sizes):
+        raise TraceError(
+            f"chunking='tensor' gives every generated tensor its own chunks: {len(sizes)} tensors "
+            f"need num_embeddings >= {len(sizes)}, got {num_embeddings}"
+        )
+    lo, hi = 1, max(sizes)  # hi always fits: one chunk per tensor
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(-(-s // mid) for s in sizes) <= num_embeddings:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def apply_init(layout: Layout, scheme: str = "target") -> Layout:
+    """``layout`` with each generated tensor's initial mean and std set by ``scheme``."""
+    if scheme not in INIT_SCHEMES:
+        raise TraceError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    if scheme == "target":
+        return layout
+    generated = {t.keys: t for t in layout.generated}
+    weights = {t.keys[:-1]: t for t in generated.values() if len(t.shape) >= 2}
+    biased = {
+        t.keys[:-1]
+        for t in generated.values()
+        if len(t.shape) == 1 and t.keys[:-1] in weights and _is_bias(t, weights[t.keys[:-1]])
+    }
+    tensors = []
+    for t in layout.tensors:
+        if t.generated:
+            std = _hyperfan_std(t, scheme, weights.get(t.keys[:-1]), t.keys[:-1] in biased)
+            if std is not None:
+                t = dataclasses.replace(t, init_mean=0.0, init_std=std, init_source=scheme)
+        tensors.append(t)
+    return dataclasses.replace(layout, tensors=tuple(tensors))
+
+
+def _is_bias(t: TensorSpec, weight: TensorSpec) -> bool:
+    """A 1-D tensor beside a layer's weight with one value per output unit."""
+    return t.shape[0] in (weight.shape[0], weight.shape[-1]) and t.keys[-1] in ("bias", "b")
+
+
+def _hyperfan_std(
+    t: TensorSpec, scheme: str, weight: TensorSpec | None, has_bias: bool
+) -> float | None:
+    if len(t.shape) >= 2:
+        fan = t.fan_in if scheme == "hyperfan-in" else t.fan_out
+        return round_stat(math.sqrt((0.5 if has_bias else 1.0) / fan))
+    if weight is None or not _is_bias(t, weight):
+        return None
+    if scheme == "hyperfan-in":
+        return round_stat(math.sqrt(0.5))
+    return round_stat(math.sqrt(max(0.0, 1.0 - weight.fan_in / weight.fan_out)))
+
+
+def parse_widths(text: str | int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """Hidden widths from ``"64,64"``, ``64``, ``[64, 64]``; ``"none"``/``""``/``[]`` is no layers."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return check_hidden((text,), "hidden widths")
+    if isinstance(text, (list, tuple)):
+        return check_hidden(tuple(text), "hidden widths")
+    cleaned = str(text).strip().strip("()[]").strip()
+    if cleaned.lower() in ("", "none"):
+        return ()
+    try:
+        widths = tuple(int(p) for p in cleaned.split(",") if p.strip())
+    except ValueError:
+        raise TraceError(
+            f"bad hidden widths {text!r}: expected comma-separated positive integers such as "
+            "64,64, or none"
+        ) from None
+    return check_hidden(widths, "hidden widths")
+
+
+def check_hidden(hidden: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """Validate hidden layer sizes of the weight generator or the embedding network."""
+    hidden = tuple(hidden)
+    bad = [h for h in hidden if not isinstance(h, int) or isinstance(h, bool) or h <= 0]
+    if bad:
+        raise TraceError(f"{what} must be positive integers (e.g. 64,64), got {bad[0]!r}")
+    return hidden
