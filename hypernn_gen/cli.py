@@ -153,7 +153,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     option.add_argument("--generator-hidden", metavar="W", type=_widths, default=unset,
                         help="hidden widths of the weight generator, e.g. 64,64 (default none: "
                         "linear; hidden layers turn the fused dynamic path off)")
-    option.add_argument("--init", choices=INIT_SCHEMES, default=unset,
+    option.add_argument("--init-scheme", choices=INIT_SCHEMES, default=unset,
                         help="target (default: the target's own init statistics), hyperfan-in "
                         "or hyperfan-out (Chang et al. 2020)")
     option.add_argument("--condition-shape", metavar="S", type=_shape, default=unset,

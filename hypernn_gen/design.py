@@ -7,7 +7,7 @@ same hypernetwork from the same options:
 * ``chunking="flat"`` (hyper-nn's layout): the generated tensors lie end to end and a chunk may
   span two tensors. ``chunking="tensor"``: every tensor starts on a chunk boundary (the gaps are
   padding the hypernetwork generates and discards), so each chunk belongs to one tensor.
-* ``init="target"`` (the default, variance-preserving): each generated tensor starts with the mean
+* ``init_scheme="target"`` (the default, variance-preserving): each generated tensor starts with the mean
   and standard deviation of the target's own initialisation. ``"hyperfan-in"`` and
   ``"hyperfan-out"``: the output variances of Chang, Sacramento and Wang, *Principled Weight
   Initialization for Hypernetworks* (ICLR 2020), for a generator whose raw output has unit
@@ -46,11 +46,11 @@ def design_layout(
     num_embeddings: int | None = None,
     chunk_dim: int | None = None,
     chunking: str = "flat",
-    init: str = "target",
+    init_scheme: str = "target",
 ) -> tuple[Layout, Chunking]:
     """Apply the layout-shaping options: the initialisation scheme, then the chunking."""
     return chunk_layout(
-        apply_init(layout, init),
+        apply_init(layout, init_scheme),
         num_embeddings=num_embeddings,
         chunk_dim=chunk_dim,
         chunking=chunking,

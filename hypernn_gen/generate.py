@@ -83,6 +83,7 @@ FLAX_RESERVED_NAMES = frozenset(
         "per_sample",
         "merge_samples",
         "squeeze_sample",
+        "concat_flat",
     }
 )
 
@@ -100,7 +101,7 @@ class GenerateOptions:
     chunk_dim: int | None = None
     chunking: str = "flat"  #: ``flat`` (hyper-nn's) or ``tensor`` (each tensor from a chunk start)
     generator_hidden: tuple[int, ...] = ()  #: hidden layer widths of the weight generator
-    init: str = "target"  #: ``target``, ``hyperfan-in`` or ``hyperfan-out``
+    init_scheme: str = "target"  #: ``target``, ``hyperfan-in`` or ``hyperfan-out``
     condition_shape: tuple[int, ...] | None = None  #: dynamic: one sample's condition shape
     condition_dtype: str | None = None  #: dynamic: the condition's dtype (default: the input's)
     embedding_hidden: tuple[int, ...] = (MODULATION_HIDDEN,)  #: dynamic: the embedding network
@@ -166,7 +167,7 @@ def generate(options: GenerateOptions) -> Generated:
         num_embeddings=options.num_embeddings,
         chunk_dim=options.chunk_dim,
         chunking=options.chunking,
-        init=options.init,
+        init_scheme=options.init_scheme,
     )
     path = resolve_output(options, loaded)
     ctx = build_context(options, loaded, layout, chunking, path)
@@ -224,8 +225,8 @@ def command_line(options: GenerateOptions, loaded: LoadedTarget, path: Path) -> 
         args += ["--chunking", options.chunking]
     if options.generator_hidden:
         args += ["--generator-hidden", _widths(options.generator_hidden)]
-    if options.init != "target":
-        args += ["--init", options.init]
+    if options.init_scheme != "target":
+        args += ["--init-scheme", options.init_scheme]
     if options.mode == "dynamic":
         if options.condition_shape is not None:
             args += ["--condition-shape", _widths(options.condition_shape)]
@@ -327,7 +328,7 @@ def build_context(
         f"options:  backend={options.backend} mode={options.mode} "
         f"embedding_dim={options.embedding_dim} num_embeddings={chunking.num_embeddings} "
         f"chunk_dim={chunking.chunk_dim}",
-        f"          chunking={options.chunking} init={options.init} "
+        f"          chunking={options.chunking} init_scheme={options.init_scheme} "
         f"generator_hidden={_widths(options.generator_hidden)}"
         + (
             f" embedding_hidden={_widths(options.embedding_hidden)}"
@@ -369,7 +370,7 @@ def build_context(
             "num_embeddings": chunking.num_embeddings,
             "chunk_dim": chunking.chunk_dim,
             "chunking": options.chunking,
-            "init": options.init,
+            "init_scheme": options.init_scheme,
             "generator_hidden": tuple(options.generator_hidden),
             "embedding_hidden": tuple(options.embedding_hidden),
         },
@@ -386,8 +387,10 @@ def check_options(options: GenerateOptions) -> None:
         raise GenerationError(
             f"unknown --chunking {options.chunking!r}; choose {' or '.join(CHUNKINGS)}"
         )
-    if options.init not in INIT_SCHEMES:
-        raise GenerationError(f"unknown --init {options.init!r}; choose {', '.join(INIT_SCHEMES)}")
+    if options.init_scheme not in INIT_SCHEMES:
+        raise GenerationError(
+            f"unknown --init-scheme {options.init_scheme!r}; choose {', '.join(INIT_SCHEMES)}"
+        )
     check_hidden(options.generator_hidden, "--generator-hidden")
     check_hidden(options.embedding_hidden, "--embedding-hidden")
     if options.mode != "dynamic":

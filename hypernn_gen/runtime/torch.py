@@ -201,7 +201,7 @@ class TorchHyperNetwork(nn.Module):
         chunking: ``"flat"`` (chunks run across tensors, as in hyper-nn) or ``"tensor"`` (every
             tensor starts on a chunk boundary); see :mod:`hypernn_gen.design`.
         generator_hidden: hidden widths of the default weight generator (``()``: linear).
-        init: ``"target"`` (each tensor starts with the target's own init mean/std),
+        init_scheme: ``"target"`` (each tensor starts with the target's own init mean/std),
             ``"hyperfan-in"`` or ``"hyperfan-out"`` (Chang et al. 2020).
         condition_shape: dynamic mode, default embedding: one sample's conditioning input
             (``None``: inferred on the first call). ``condition_dim``, its flattened size, is
@@ -229,7 +229,7 @@ class TorchHyperNetwork(nn.Module):
         mode: Mode = "static",
         chunking: str = "flat",
         generator_hidden: Sequence[int] = (),
-        init: str = "target",
+        init_scheme: str = "target",
         condition_shape: Sequence[int] | None = None,
         condition_dim: int | None = None,
         embedding_hidden: Sequence[int] = (64,),
@@ -244,7 +244,8 @@ class TorchHyperNetwork(nn.Module):
             check_dynamic_support(target_network, layout)
         self.layout: Layout
         self.layout, self.chunking = design_layout(
-            layout, num_embeddings=num_embeddings, chunk_dim=chunk_dim, chunking=chunking, init=init
+            layout, num_embeddings=num_embeddings, chunk_dim=chunk_dim, chunking=chunking,
+            init_scheme=init_scheme,
         )
         if condition_shape is not None:
             condition_dim = math.prod(condition_shape)

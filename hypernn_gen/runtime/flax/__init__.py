@@ -18,6 +18,7 @@ from ._linen import (
     FlaxHyperNetwork,
     FlaxWeightGenerator,
     LinearWeightGenerator,
+    MLPWeightGenerator,
     StaticEmbedding,
 )
 from ._nnx import (
@@ -26,6 +27,7 @@ from ._nnx import (
     NNXEmbeddingModule,
     NNXHyperNetwork,
     NNXLinearWeightGenerator,
+    NNXMLPWeightGenerator,
     NNXStaticEmbedding,
     NNXWeightGenerator,
 )
@@ -37,10 +39,12 @@ __all__ = [
     "FlaxWeightGenerator",
     "GeneratedSlot",
     "LinearWeightGenerator",
+    "MLPWeightGenerator",
     "NNXDynamicEmbedding",
     "NNXEmbeddingModule",
     "NNXHyperNetwork",
     "NNXLinearWeightGenerator",
+    "NNXMLPWeightGenerator",
     "NNXStaticEmbedding",
     "NNXWeightGenerator",
     "StaticEmbedding",

@@ -7,6 +7,7 @@ works the same under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -93,7 +94,22 @@ def _concat(layout: Layout, leaves: list[jax.Array]) -> jax.Array:
         x.reshape(*x.shape[: x.ndim - len(t.shape)], -1)
         for t, x in zip(layout.generated, leaves, strict=True)
     ]
-    return jnp.concatenate(pieces, axis=-1)
+    return concat_flat(layout, pieces)
+
+
+def concat_flat(layout: Layout, pieces: list[jax.Array]) -> jax.Array:
+    """One piece per generated tensor, concatenated into ``(..., flat_size)`` with zeros in the
+    padding between tensors (``chunking="tensor"``)."""
+    batch, dtype = pieces[0].shape[:-1], pieces[0].dtype
+    out, end = [], 0
+    for t, piece in zip(layout.generated, pieces, strict=True):
+        if t.offset > end:
+            out.append(jnp.zeros((*batch, t.offset - end), dtype))
+        out.append(piece)
+        end = t.end
+    if layout.flat_size > end:
+        out.append(jnp.zeros((*batch, layout.flat_size - end), dtype))
+    return jnp.concatenate(out, axis=-1)
 
 
 def get_path(tree: Any, keys: tuple[Key, ...]) -> Any:
@@ -125,7 +141,12 @@ def decode(layout: Layout, raw: jax.Array, scale: jax.Array, shift: jax.Array) -
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.end] for i, t in enumerate(layout.generated)
     ]
-    return jnp.concatenate(pieces, axis=-1)
+    return concat_flat(layout, pieces)
+
+
+def condition_dim(shape: tuple[int, ...] | None, dim: int | None) -> int | None:
+    """The flattened condition size from ``condition_shape`` or ``condition_dim``."""
+    return math.prod(shape) if shape is not None else dim
 
 
 def raw_vector(

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
 from ...layout import Chunking, Layout
 from ...trace_flax import _array_inputs, trace_linen
@@ -41,6 +42,7 @@ __all__ = [
     "FlaxHyperNetwork",
     "FlaxWeightGenerator",
     "LinearWeightGenerator",
+    "MLPWeightGenerator",
     "StaticEmbedding",
 ]
 
@@ -86,25 +88,24 @@ class StaticEmbedding(FlaxEmbeddingModule):
 class DynamicEmbedding(FlaxEmbeddingModule):
     """The learned table, scaled per sample: ``E[b, k] = (1 + m(c_b)[k]) * weight[k]``.
 
-    ``m`` (``modulation``) is an MLP of the flattened condition: Dense(hidden_dim), ReLU,
-    Dense(num_embeddings) whose kernel starts at a tenth of lecun_normal and bias at zero.
-    ``condition_dim`` is optional (Dense infers it); when given, the condition is checked.
+    ``m`` (``modulation``) is an MLP of the flattened condition: Dense layers of widths
+    ``embedding_hidden`` with ReLU, then Dense(num_embeddings) whose kernel starts at a tenth of
+    lecun_normal and bias at zero. ``condition_dim`` is optional (Dense infers it); when
+    given, the condition is checked.
     """
 
     condition_dim: int | None = None
-    hidden_dim: int = 64
+    embedding_hidden: tuple[int, ...] = (64,)
 
     def setup(self) -> None:
         self.weight = self.param(
             "weight", nn.initializers.normal(1.0), (self.num_embeddings, self.embedding_dim)
         )
         last_init = _scaled(nn.initializers.lecun_normal(), 0.1)
+        widths = check_hidden(tuple(self.embedding_hidden), "embedding_hidden")
+        hidden = [layer for width in widths for layer in (nn.Dense(width), nn.relu)]
         self.modulation = nn.Sequential(
-            [
-                nn.Dense(self.hidden_dim),
-                nn.relu,
-                nn.Dense(self.num_embeddings, kernel_init=last_init),
-            ]
+            [*hidden, nn.Dense(self.num_embeddings, kernel_init=last_init)]
         )
 
     def scales(self, condition: jax.Array) -> jax.Array:
@@ -135,6 +136,25 @@ class LinearWeightGenerator(FlaxWeightGenerator):
         )
 
 
+class MLPWeightGenerator(FlaxWeightGenerator):
+    """An MLP from an embedding to a chunk: ``hidden_<i>`` (widths ``generator_hidden``,
+    He-normal kernels, ReLU), then ``output`` (kernel ~ N(0, 1/width)); zero biases, so the
+    output has unit variance at init. Not linear: nothing can be fused in dynamic mode.
+    """
+
+    generator_hidden: tuple[int, ...] = (64,)
+
+    @nn.compact
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        x, width = embedding, self.embedding_dim
+        for i, hidden in enumerate(check_hidden(tuple(self.generator_hidden), "generator_hidden")):
+            init = nn.initializers.normal(math.sqrt(2.0 / width))
+            x = nn.relu(nn.Dense(hidden, kernel_init=init, name=f"hidden_{i}")(x))
+            width = hidden
+        init = nn.initializers.normal(1.0 / math.sqrt(width))
+        return nn.Dense(self.hidden_dim, kernel_init=init, name="output")(x)
+
+
 class FlaxHyperNetwork(nn.Module):
     """A hypernetwork for the Linen module ``target_network``: its ``params`` are generated.
 
@@ -147,8 +167,10 @@ class FlaxHyperNetwork(nn.Module):
         embedding_dim: size of each embedding.
         num_embeddings, chunk_dim: give one (or neither: both about ``sqrt(flat_size)``).
         mode: ``"static"`` (one weight set) or ``"dynamic"`` (one weight set per sample).
+        chunking, generator_hidden, init_scheme, condition_shape, embedding_hidden: as in
+            :class:`~hypernn_gen.runtime.torch.TorchHyperNetwork` (the CLI's option names).
         condition_dim: dynamic mode, default embedding: flattened size of one condition
-            (``None``: inferred).
+            (``None``: inferred; ``condition_shape`` gives it too).
         include: predicate on dotted ``params`` paths; rejected parameters are ordinary
             parameters of the hypernetwork, under ``params["target"]``.
 
@@ -165,22 +187,33 @@ class FlaxHyperNetwork(nn.Module):
     num_embeddings: int | None = None
     chunk_dim: int | None = None
     mode: str = "static"
+    chunking: str = "flat"
+    generator_hidden: tuple[int, ...] = ()
+    init_scheme: str = "target"
+    condition_shape: tuple[int, ...] | None = None
     condition_dim: int | None = None
+    embedding_hidden: tuple[int, ...] = (64,)
     include: Callable[[str], bool] | None = None
 
     # -- layout -------------------------------------------------------------------------------
 
     def layout(self, *example_inputs: Any, **target_kwargs: Any) -> Layout:
-        """The target's layout for these inputs, with measured init statistics (works unbound).
+        """The target's layout for these inputs, with measured init statistics and this
+        hypernetwork's chunking and init scheme applied (works unbound).
 
         ``target_kwargs`` are the keyword arguments the target is called with (``train=...``).
         """
-        return _measured_layout(self, example_inputs, target_kwargs, ())
+        return self.design(_measured_layout(self, example_inputs, target_kwargs, ()))[0]
 
-    def chunking(self, layout: Layout) -> Chunking:
+    def design(self, layout: Layout) -> tuple[Layout, Chunking]:
+        """The traced layout with the init scheme and chunking applied, and the chunking."""
         return c.traced(
-            lambda: Chunking.resolve(
-                layout.flat_size, num_embeddings=self.num_embeddings, chunk_dim=self.chunk_dim
+            lambda: design_layout(
+                layout,
+                num_embeddings=self.num_embeddings,
+                chunk_dim=self.chunk_dim,
+                chunking=self.chunking,
+                init_scheme=self.init_scheme,
             )
         )
 
@@ -204,7 +237,7 @@ class FlaxHyperNetwork(nn.Module):
             layout = _measured_layout(self, inputs, target_kwargs, tuple(rng_names))
         else:
             layout = _structure(target, inputs, target_kwargs, self.include, tuple(rng_names))
-        chunking = self.chunking(layout)
+        layout, chunking = self.design(layout)
         generated = layout.generated
         scale = self.param("param_scale", lambda _: _vector([t.init_std for t in generated]))
         shift = self.param("param_shift", lambda _: _vector([t.init_mean for t in generated]))
@@ -264,11 +297,18 @@ class FlaxHyperNetwork(nn.Module):
         if embedding_ctor is None:
             if self.mode == "dynamic":
                 embedding_ctor = functools.partial(
-                    DynamicEmbedding, condition_dim=self.condition_dim
+                    DynamicEmbedding,
+                    condition_dim=c.condition_dim(self.condition_shape, self.condition_dim),
+                    embedding_hidden=tuple(self.embedding_hidden),
                 )
             else:
                 embedding_ctor = StaticEmbedding
-        generator_ctor = self.weight_generator_constructor or LinearWeightGenerator
+        generator_ctor = self.weight_generator_constructor
+        if generator_ctor is None and self.generator_hidden:
+            generator_ctor = functools.partial(
+                MLPWeightGenerator, generator_hidden=tuple(self.generator_hidden)
+            )
+        generator_ctor = generator_ctor or LinearWeightGenerator
         embedding_module = self._child(
             embedding_ctor(d, n), "embedding_module", "FlaxEmbeddingModule"
         )

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
 from ...layout import Chunking, Layout
 from ...trace_flax import trace_nnx_module
@@ -37,6 +38,7 @@ __all__ = [
     "NNXEmbeddingModule",
     "NNXHyperNetwork",
     "NNXLinearWeightGenerator",
+    "NNXMLPWeightGenerator",
     "NNXStaticEmbedding",
     "NNXWeightGenerator",
 ]
@@ -88,8 +90,9 @@ class NNXDynamicEmbedding(NNXEmbeddingModule):
     """The learned table, scaled per sample: ``E[b, k] = (1 + m(c_b)[k]) * weight[k]``.
 
     ``m`` (``modulation``) is an MLP of the flattened condition ``(batch, condition_dim)``:
-    Linear(hidden_dim), ReLU, Linear(num_embeddings) whose kernel starts at a tenth of
-    lecun_normal and bias at zero. NNX layers need ``condition_dim`` up front.
+    Linear layers of widths ``embedding_hidden`` with ReLU, then Linear(num_embeddings) whose
+    kernel starts at a tenth of lecun_normal and bias at zero. NNX layers need
+    ``condition_dim`` up front.
     """
 
     def __init__(
@@ -97,7 +100,7 @@ class NNXDynamicEmbedding(NNXEmbeddingModule):
         embedding_dim: int,
         num_embeddings: int,
         condition_dim: int | None = None,
-        hidden_dim: int = 64,
+        embedding_hidden: tuple[int, ...] = (64,),
         *,
         rngs: nnx.Rngs,
     ):
@@ -114,10 +117,13 @@ class NNXDynamicEmbedding(NNXEmbeddingModule):
         def last_init(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
             return 0.1 * lecun(key, shape, dtype)
 
+        layers: list[Any] = []
+        width = condition_dim
+        for hidden in check_hidden(tuple(embedding_hidden), "embedding_hidden"):
+            layers += [nnx.Linear(width, hidden, rngs=rngs), nnx.relu]
+            width = hidden
         self.modulation = nnx.Sequential(
-            nnx.Linear(condition_dim, hidden_dim, rngs=rngs),
-            nnx.relu,
-            nnx.Linear(hidden_dim, num_embeddings, kernel_init=last_init, rngs=rngs),
+            *layers, nnx.Linear(width, num_embeddings, kernel_init=last_init, rngs=rngs)
         )
 
     def scales(self, condition: jax.Array) -> jax.Array:
@@ -146,6 +152,35 @@ class NNXLinearWeightGenerator(NNXWeightGenerator):
         return self.linear(embedding)
 
 
+class NNXMLPWeightGenerator(NNXWeightGenerator):
+    """An MLP (``layers``) from an embedding to a chunk: widths ``generator_hidden`` with ReLU,
+    He-normal kernels, then a kernel ~ N(0, 1/width); zero biases, so the output has unit
+    variance at init. Not linear: nothing can be fused in dynamic mode."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        hidden_dim: int,
+        generator_hidden: tuple[int, ...] = (64,),
+        *,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(embedding_dim, hidden_dim)
+        layers: list[Any] = []
+        width = embedding_dim
+        for hidden in check_hidden(tuple(generator_hidden), "generator_hidden"):
+            init = nnx.initializers.normal(math.sqrt(2.0 / width))
+            layers += [nnx.Linear(width, hidden, kernel_init=init, rngs=rngs), nnx.relu]
+            width = hidden
+        init = nnx.initializers.normal(1.0 / math.sqrt(width))
+        self.layers = nnx.Sequential(
+            *layers, nnx.Linear(width, hidden_dim, kernel_init=init, rngs=rngs)
+        )
+
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        return self.layers(embedding)
+
+
 class NNXHyperNetwork(nnx.Module):
     """A hypernetwork for the NNX module ``target``: its ``nnx.Param`` variables are generated.
 
@@ -157,9 +192,10 @@ class NNXHyperNetwork(nnx.Module):
             :class:`NNXDynamicEmbedding` by ``mode``.
         weight_generator_constructor: ``(embedding_dim, hidden_dim, rngs=rngs) ->
             NNXWeightGenerator``. Default: :class:`NNXLinearWeightGenerator`.
-        embedding_dim, num_embeddings, chunk_dim, mode, condition_dim, include: as in
-            :class:`~hypernn_gen.runtime.torch.TorchHyperNetwork`; params ``include`` rejects
-            stay ``nnx.Param`` of ``hn.target`` (trained directly).
+        embedding_dim, num_embeddings, chunk_dim, mode, chunking, generator_hidden, init_scheme,
+            condition_shape, condition_dim, embedding_hidden, include: as in
+            :class:`~hypernn_gen.runtime.torch.TorchHyperNetwork` (the CLI's option names);
+            params ``include`` rejects stay ``nnx.Param`` of ``hn.target`` (trained directly).
         rngs: initialises the embedding and the generator.
 
     ``hn(*inputs, generated_params=None, condition=None, **kwargs)`` returns
@@ -176,17 +212,27 @@ class NNXHyperNetwork(nnx.Module):
         *,
         chunk_dim: int | None = None,
         mode: str = "static",
+        chunking: str = "flat",
+        generator_hidden: tuple[int, ...] = (),
+        init_scheme: str = "target",
+        condition_shape: tuple[int, ...] | None = None,
         condition_dim: int | None = None,
+        embedding_hidden: tuple[int, ...] = (64,),
         include: Callable[[str], bool] | None = None,
         rngs: nnx.Rngs,
     ):
         if mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
         self.mode = mode
-        self.layout: Layout = c.traced(lambda: trace_nnx_module(target, include=include))
-        self.chunking: Chunking = c.traced(
-            lambda: Chunking.resolve(
-                self.layout.flat_size, num_embeddings=num_embeddings, chunk_dim=chunk_dim
+        self.layout: Layout
+        self.chunking: Chunking
+        self.layout, self.chunking = c.traced(
+            lambda: design_layout(
+                trace_nnx_module(target, include=include),
+                num_embeddings=num_embeddings,
+                chunk_dim=chunk_dim,
+                chunking=chunking,
+                init_scheme=init_scheme,
             )
         )
         self.embedding_dim = embedding_dim
@@ -196,10 +242,16 @@ class NNXHyperNetwork(nnx.Module):
         if embedding_module_constructor is None:
             if mode == "dynamic":
                 embedding_module_constructor = functools.partial(
-                    NNXDynamicEmbedding, condition_dim=condition_dim
+                    NNXDynamicEmbedding,
+                    condition_dim=c.condition_dim(condition_shape, condition_dim),
+                    embedding_hidden=tuple(embedding_hidden),
                 )
             else:
                 embedding_module_constructor = NNXStaticEmbedding
+        if weight_generator_constructor is None and generator_hidden:
+            weight_generator_constructor = functools.partial(
+                NNXMLPWeightGenerator, generator_hidden=tuple(generator_hidden)
+            )
         if weight_generator_constructor is None:
             weight_generator_constructor = NNXLinearWeightGenerator
         self.embedding_module = embedding_module_constructor(
