@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/cnn.py:SmallCNN (torch, class)
 # options:  backend=torch mode=static embedding_dim=32 num_embeddings=63 chunk_dim=62
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 75a4cac9dc7e9bd3
 # command:  hypernn-gen generated_examples/targets/cnn.py --backend torch --mode static --embedding-dim 32 -o generated_examples/cnn_torch_static.py
 """Static hypernetwork for SmallCNN (PyTorch).
@@ -167,8 +168,6 @@ class SmallCNNHyperNetwork(nn.Module):
         self.weight_generator = SmallCNNWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        sizes = torch.tensor([p.size for p in GENERATED])
-        self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
 
     def reset_parameters(self) -> None:
@@ -194,7 +193,6 @@ class SmallCNNHyperNetwork(nn.Module):
             device = self.param_scale.device
             self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
             self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-        self._init_buffers()
 
     @torch.no_grad()
     def _init_target_state(self) -> None:
@@ -205,13 +203,6 @@ class SmallCNNHyperNetwork(nn.Module):
         for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
             tensor.copy_(values[name])
 
-    @torch.no_grad()
-    def _init_buffers(self) -> None:
-        """Compute the non-persistent index buffers again, in place (they are not in the
-        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
-        self.param_sizes.copy_(sizes)
-
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
         raw = self.weight_generator(self.embedding_module()).reshape(-1)
@@ -219,10 +210,12 @@ class SmallCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Per-tensor affine map from raw generator output to parameter values."""
-        sizes = self.param_sizes
-        scale = self.param_scale.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        shift = self.param_shift.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        return torch.addcmul(shift, raw, scale)
+        scale, shift = self.param_scale.to(raw.dtype), self.param_shift.to(raw.dtype)
+        pieces = [
+            raw[..., p.offset : p.offset + p.size] * scale[i] + shift[i]
+            for i, p in enumerate(GENERATED)
+        ]
+        return torch.cat(pieces, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -260,4 +253,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=9c9b4c89433abe740e9b575e6e6ef604190c793f8f1be173a064e8f594d5737a
+# hypernn-gen: sha256=9d1007a088437c718bb12d90bf0177f15e1c5ef3f0f3447af0640a6db5a5df0b

@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
 # options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37
+#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
 # layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/linen_cnn_linen_dynamic.py
 """Dynamic hypernetwork for SmallCNN (Flax Linen).
@@ -73,7 +74,7 @@ CHUNK_DIM = 37
 FLAT_SIZE = 1_386
 LAYOUT_DIGEST = "17e5c9a94800ee01"
 CONDITION_SHAPE = (8, 8, 1)  # one sample's conditioning input
-MODULATION_HIDDEN = 64
+EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("BatchNorm_0.bias", ("BatchNorm_0", "bias"), (8,), 0, 8, 0.0, 0.0),
@@ -101,19 +102,17 @@ class SmallCNNEmbedding(nn.Module):
 
     ``__call__(condition)`` maps ``(batch, *CONDITION_SHAPE)`` to
     ``(batch, NUM_EMBEDDINGS, EMBEDDING_DIM)``: embedding ``k`` of sample ``b`` is
-    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` a small MLP (``modulation``).
+    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` an MLP (``modulation``: ``EMBEDDING_HIDDEN``
+    widths, ReLU) of the flattened condition.
     """
 
     def setup(self) -> None:
         self.weight = self.param(
             "weight", nn.initializers.normal(1.0), (NUM_EMBEDDINGS, EMBEDDING_DIM)
         )
+        hidden = [layer for width in EMBEDDING_HIDDEN for layer in (nn.Dense(width), nn.relu)]
         self.modulation = nn.Sequential(
-            [
-                nn.Dense(MODULATION_HIDDEN),
-                nn.relu,
-                nn.Dense(NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal),
-            ]
+            [*hidden, nn.Dense(NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal)]
         )
 
     def scales(self, condition: jax.Array) -> jax.Array:
@@ -122,7 +121,7 @@ class SmallCNNEmbedding(nn.Module):
         if flat.shape[-1] != math.prod(CONDITION_SHAPE):
             raise ValueError(
                 f"the condition has {flat.shape[-1]} values per sample, this file was generated "
-                f"for CONDITION_SHAPE={CONDITION_SHAPE}; regenerate it with the right --input-shape"
+                f"for CONDITION_SHAPE={CONDITION_SHAPE}; pass condition=... or regenerate with --condition-shape"
             )
         return 1.0 + self.modulation(flat)
 
@@ -276,10 +275,13 @@ class SmallCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(self.param_scale.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        shift = jnp.repeat(self.param_shift.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        return shift + scale * raw
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale.astype(raw.dtype), self.param_shift.astype(raw.dtype)
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     @nn.compact
     def __call__(
@@ -375,4 +377,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=fc3114d05735b8258bedceafd95e0958321a98039c99af6623ec14533c592402
+# hypernn-gen: sha256=e333ecfbe94734d780cde43e674b5437a3168def95f20897324fe8a5a2ac98b8

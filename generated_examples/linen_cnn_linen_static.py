@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
 # options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_cnn_linen_static.py
 """Static hypernetwork for SmallCNN (Flax Linen).
@@ -202,10 +203,13 @@ class SmallCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(self.param_scale.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        shift = jnp.repeat(self.param_shift.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        return shift + scale * raw
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale.astype(raw.dtype), self.param_shift.astype(raw.dtype)
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     @nn.compact
     def __call__(
@@ -270,4 +274,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=c68d14dc1bf8e61ef81da6a85f313eb4300d67c5cf6c42d632c22ac8fa8b8124
+# hypernn-gen: sha256=580d909344ba72535148e25878a43b502fbaacf293d3ad21a45068ecaa39e8a1

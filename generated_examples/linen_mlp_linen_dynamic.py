@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
 # options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71
+#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # command:  hypernn-gen generated_examples/targets/linen_mlp.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/linen_mlp_linen_dynamic.py
 """Dynamic hypernetwork for MLP (Flax Linen).
@@ -64,7 +65,7 @@ CHUNK_DIM = 71
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "19edc0f11d9aa69c"
 CONDITION_SHAPE = (8,)  # one sample's conditioning input
-MODULATION_HIDDEN = 64
+EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (64,), 0, 64, 0.0, 0.0),
@@ -89,19 +90,17 @@ class MLPEmbedding(nn.Module):
 
     ``__call__(condition)`` maps ``(batch, *CONDITION_SHAPE)`` to
     ``(batch, NUM_EMBEDDINGS, EMBEDDING_DIM)``: embedding ``k`` of sample ``b`` is
-    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` a small MLP (``modulation``).
+    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` an MLP (``modulation``: ``EMBEDDING_HIDDEN``
+    widths, ReLU) of the flattened condition.
     """
 
     def setup(self) -> None:
         self.weight = self.param(
             "weight", nn.initializers.normal(1.0), (NUM_EMBEDDINGS, EMBEDDING_DIM)
         )
+        hidden = [layer for width in EMBEDDING_HIDDEN for layer in (nn.Dense(width), nn.relu)]
         self.modulation = nn.Sequential(
-            [
-                nn.Dense(MODULATION_HIDDEN),
-                nn.relu,
-                nn.Dense(NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal),
-            ]
+            [*hidden, nn.Dense(NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal)]
         )
 
     def scales(self, condition: jax.Array) -> jax.Array:
@@ -110,7 +109,7 @@ class MLPEmbedding(nn.Module):
         if flat.shape[-1] != math.prod(CONDITION_SHAPE):
             raise ValueError(
                 f"the condition has {flat.shape[-1]} values per sample, this file was generated "
-                f"for CONDITION_SHAPE={CONDITION_SHAPE}; regenerate it with the right --input-shape"
+                f"for CONDITION_SHAPE={CONDITION_SHAPE}; pass condition=... or regenerate with --condition-shape"
             )
         return 1.0 + self.modulation(flat)
 
@@ -264,10 +263,13 @@ class MLPHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(self.param_scale.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        shift = jnp.repeat(self.param_shift.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        return shift + scale * raw
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale.astype(raw.dtype), self.param_shift.astype(raw.dtype)
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     @nn.compact
     def __call__(
@@ -331,4 +333,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=5a50ae71212b7acc4df945c21d6d22a3d074a456962fec9533eb6770e3c8034e
+# hypernn-gen: sha256=ff6391e752a80bf621660dd50735aa71459704b62d66f0bc283a214ce61b9baa

@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
 # options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # command:  hypernn-gen generated_examples/targets/linen_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_mlp_linen_static.py
 """Static hypernetwork for MLP (Flax Linen).
@@ -190,10 +191,13 @@ class MLPHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(self.param_scale.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        shift = jnp.repeat(self.param_shift.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        return shift + scale * raw
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale.astype(raw.dtype), self.param_shift.astype(raw.dtype)
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     @nn.compact
     def __call__(
@@ -235,4 +239,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=2dd8103df2daaa9d11945964da8b605598d4058fb230eca2dfc502997b36e87a
+# hypernn-gen: sha256=6c208ac188ae434abc1adfed9d1eb89b9c299bae5da7e2114dddd739a78775e2

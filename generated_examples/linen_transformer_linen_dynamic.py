@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/linen_transformer.py:make_target (linen, factory)
 # options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124
+#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 496a48899a4e80be
 # command:  hypernn-gen generated_examples/targets/linen_transformer.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/linen_transformer_linen_dynamic.py
 """Dynamic hypernetwork for LinenTransformer (Flax Linen).
@@ -86,7 +87,7 @@ CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "496a48899a4e80be"
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
-MODULATION_HIDDEN = 64
+EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Block_0.Dense_0.bias", ("Block_0", "Dense_0", "bias"), (32,), 0, 32, 0.0, 0.0),
@@ -218,19 +219,17 @@ class LinenTransformerEmbedding(nn.Module):
 
     ``__call__(condition)`` maps ``(batch, *CONDITION_SHAPE)`` to
     ``(batch, NUM_EMBEDDINGS, EMBEDDING_DIM)``: embedding ``k`` of sample ``b`` is
-    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` a small MLP (``modulation``).
+    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` an MLP (``modulation``: ``EMBEDDING_HIDDEN``
+    widths, ReLU) of the flattened condition.
     """
 
     def setup(self) -> None:
         self.weight = self.param(
             "weight", nn.initializers.normal(1.0), (NUM_EMBEDDINGS, EMBEDDING_DIM)
         )
+        hidden = [layer for width in EMBEDDING_HIDDEN for layer in (nn.Dense(width), nn.relu)]
         self.modulation = nn.Sequential(
-            [
-                nn.Dense(MODULATION_HIDDEN),
-                nn.relu,
-                nn.Dense(NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal),
-            ]
+            [*hidden, nn.Dense(NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal)]
         )
 
     def scales(self, condition: jax.Array) -> jax.Array:
@@ -239,7 +238,7 @@ class LinenTransformerEmbedding(nn.Module):
         if flat.shape[-1] != math.prod(CONDITION_SHAPE):
             raise ValueError(
                 f"the condition has {flat.shape[-1]} values per sample, this file was generated "
-                f"for CONDITION_SHAPE={CONDITION_SHAPE}; regenerate it with the right --input-shape"
+                f"for CONDITION_SHAPE={CONDITION_SHAPE}; pass condition=... or regenerate with --condition-shape"
             )
         return 1.0 + self.modulation(flat)
 
@@ -393,10 +392,13 @@ class LinenTransformerHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(self.param_scale.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        shift = jnp.repeat(self.param_shift.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        return shift + scale * raw
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale.astype(raw.dtype), self.param_shift.astype(raw.dtype)
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     @nn.compact
     def __call__(
@@ -460,4 +462,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=f6daae77088210ef37aee8fee75f680682dc9eb6d0931b3a595b8729838f3522
+# hypernn-gen: sha256=6960d17ab829fe5eac5d690603b918877ea3dbc6392498ddb8085725402cdffa

@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/linen_transformer.py:make_target (linen, factory)
 # options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 496a48899a4e80be
 # command:  hypernn-gen generated_examples/targets/linen_transformer.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_transformer_linen_static.py
 """Static hypernetwork for LinenTransformer (Flax Linen).
@@ -319,10 +320,13 @@ class LinenTransformerHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(self.param_scale.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        shift = jnp.repeat(self.param_shift.astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE)
-        return shift + scale * raw
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale.astype(raw.dtype), self.param_shift.astype(raw.dtype)
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     @nn.compact
     def __call__(
@@ -364,4 +368,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=3f5cb02245155db60e02158915d7ba5f8cb304dd9a159de6961c9cd4af338325
+# hypernn-gen: sha256=ad7ddc68ff392334c795300118cb960037f8795df718decd39f189916a0c6646

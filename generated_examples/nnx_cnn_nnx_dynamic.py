@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
 # options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37
+#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
 # layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
 # command:  hypernn-gen generated_examples/targets/nnx_cnn.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/nnx_cnn_nnx_dynamic.py
 """Dynamic hypernetwork for NnxCnn (Flax NNX).
@@ -75,7 +76,7 @@ CHUNK_DIM = 37
 FLAT_SIZE = 1_386
 LAYOUT_DIGEST = "d19cc5e10d64838d"
 CONDITION_SHAPE = (8, 8, 1)  # one sample's conditioning input
-MODULATION_HIDDEN = 64
+EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("bn.bias", ("bn", "bias"), (8,), 0, 8, 0.0, 0.0),
@@ -109,17 +110,19 @@ class NnxCnnEmbedding(nnx.Module):
 
     ``__call__(condition)`` maps ``(batch, *CONDITION_SHAPE)`` to
     ``(batch, NUM_EMBEDDINGS, EMBEDDING_DIM)``: embedding ``k`` of sample ``b`` is
-    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` a small MLP (``modulation``).
+    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` an MLP (``modulation``: ``EMBEDDING_HIDDEN``
+    widths, ReLU) of the flattened condition.
     """
 
     def __init__(self, *, rngs: nnx.Rngs) -> None:
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (NUM_EMBEDDINGS, EMBEDDING_DIM)))
+        layers: list[Any] = []
+        width = math.prod(CONDITION_SHAPE)
+        for hidden in EMBEDDING_HIDDEN:
+            layers += [nnx.Linear(width, hidden, rngs=rngs), nnx.relu]
+            width = hidden
         self.modulation = nnx.Sequential(
-            nnx.Linear(math.prod(CONDITION_SHAPE), MODULATION_HIDDEN, rngs=rngs),
-            nnx.relu,
-            nnx.Linear(
-                MODULATION_HIDDEN, NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal, rngs=rngs
-            ),
+            *layers, nnx.Linear(width, NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal, rngs=rngs)
         )
 
     def scales(self, condition: jax.Array) -> jax.Array:
@@ -128,7 +131,7 @@ class NnxCnnEmbedding(nnx.Module):
         if flat.shape[-1] != math.prod(CONDITION_SHAPE):
             raise ValueError(
                 f"the condition has {flat.shape[-1]} values per sample, this file was generated "
-                f"for CONDITION_SHAPE={CONDITION_SHAPE}; regenerate it with the right --input-shape"
+                f"for CONDITION_SHAPE={CONDITION_SHAPE}; pass condition=... or regenerate with --condition-shape"
             )
         return 1.0 + self.modulation(flat)
 
@@ -278,14 +281,15 @@ class NnxCnnHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(
-            self.param_scale[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale[...].astype(raw.dtype), self.param_shift[...].astype(
+            raw.dtype
         )
-        shift = jnp.repeat(
-            self.param_shift[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
-        )
-        return shift + scale * raw
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -375,4 +379,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=787cba40cb784115a114f52dead03fd665694677fefc63059b353cf00b2786e6
+# hypernn-gen: sha256=a81d40a54cc026047e22410e9078d308bb48d5a073b6eb92410a899e3fce3bbf

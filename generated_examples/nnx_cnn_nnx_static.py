@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
 # options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
 # command:  hypernn-gen generated_examples/targets/nnx_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_cnn_nnx_static.py
 """Static hypernetwork for NnxCnn (Flax NNX).
@@ -208,14 +209,15 @@ class NnxCnnHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(
-            self.param_scale[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale[...].astype(raw.dtype), self.param_shift[...].astype(
+            raw.dtype
         )
-        shift = jnp.repeat(
-            self.param_shift[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
-        )
-        return shift + scale * raw
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -277,4 +279,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=cd8b63a848cd33b17f04c30b2deb1284e3110ff2274ebcb3b43359ec9170ed85
+# hypernn-gen: sha256=fbea3ff8c402d55d98b7359bb1660480a010f903964b53c63582f6b4e65c25a7

@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/nnx_mlp.py:make_target (nnx, factory)
 # options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
 # command:  hypernn-gen generated_examples/targets/nnx_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_mlp_nnx_static.py
 """Static hypernetwork for NnxMlp (Flax NNX).
@@ -199,14 +200,15 @@ class NnxMlpHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(
-            self.param_scale[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale[...].astype(raw.dtype), self.param_shift[...].astype(
+            raw.dtype
         )
-        shift = jnp.repeat(
-            self.param_shift[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
-        )
-        return shift + scale * raw
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -268,4 +270,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=7152aff37d19428fd7d2ad340a95d4c2625e331f6e4f1e6de2e78c2beb0c536f
+# hypernn-gen: sha256=1b3b5387212d7eda2d1c847fb557788d4702f181b55df09367250ffe0647a2d8

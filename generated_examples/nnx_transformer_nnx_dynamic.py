@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
 # options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124
+#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 4dce26a7936cb729
 # command:  hypernn-gen generated_examples/targets/nnx_transformer.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/nnx_transformer_nnx_dynamic.py
 """Dynamic hypernetwork for NnxTransformer (Flax NNX).
@@ -94,7 +95,7 @@ CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "4dce26a7936cb729"
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
-MODULATION_HIDDEN = 64
+EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("block.attn.key.bias", ("block", "attn", "key", "bias"), (4, 8), 0, 32, 0.0, 0.0),
@@ -185,17 +186,19 @@ class NnxTransformerEmbedding(nnx.Module):
 
     ``__call__(condition)`` maps ``(batch, *CONDITION_SHAPE)`` to
     ``(batch, NUM_EMBEDDINGS, EMBEDDING_DIM)``: embedding ``k`` of sample ``b`` is
-    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` a small MLP (``modulation``).
+    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` an MLP (``modulation``: ``EMBEDDING_HIDDEN``
+    widths, ReLU) of the flattened condition.
     """
 
     def __init__(self, *, rngs: nnx.Rngs) -> None:
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (NUM_EMBEDDINGS, EMBEDDING_DIM)))
+        layers: list[Any] = []
+        width = math.prod(CONDITION_SHAPE)
+        for hidden in EMBEDDING_HIDDEN:
+            layers += [nnx.Linear(width, hidden, rngs=rngs), nnx.relu]
+            width = hidden
         self.modulation = nnx.Sequential(
-            nnx.Linear(math.prod(CONDITION_SHAPE), MODULATION_HIDDEN, rngs=rngs),
-            nnx.relu,
-            nnx.Linear(
-                MODULATION_HIDDEN, NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal, rngs=rngs
-            ),
+            *layers, nnx.Linear(width, NUM_EMBEDDINGS, kernel_init=scaled_lecun_normal, rngs=rngs)
         )
 
     def scales(self, condition: jax.Array) -> jax.Array:
@@ -204,7 +207,7 @@ class NnxTransformerEmbedding(nnx.Module):
         if flat.shape[-1] != math.prod(CONDITION_SHAPE):
             raise ValueError(
                 f"the condition has {flat.shape[-1]} values per sample, this file was generated "
-                f"for CONDITION_SHAPE={CONDITION_SHAPE}; regenerate it with the right --input-shape"
+                f"for CONDITION_SHAPE={CONDITION_SHAPE}; pass condition=... or regenerate with --condition-shape"
             )
         return 1.0 + self.modulation(flat)
 
@@ -354,14 +357,15 @@ class NnxTransformerHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(
-            self.param_scale[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale[...].astype(raw.dtype), self.param_shift[...].astype(
+            raw.dtype
         )
-        shift = jnp.repeat(
-            self.param_shift[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
-        )
-        return shift + scale * raw
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -451,4 +455,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=fe0e8e2ffc972ea025d470dbedbfe9658e5f9134b1cfce44244b615ce08482d9
+# hypernn-gen: sha256=3167b5122dba38c1060a40a25823f954ca87d5df575e49a1e381f2983098bfae

@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
 # options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 4dce26a7936cb729
 # command:  hypernn-gen generated_examples/targets/nnx_transformer.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_transformer_nnx_static.py
 """Static hypernetwork for NnxTransformer (Flax NNX).
@@ -284,14 +285,15 @@ class NnxTransformerHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        sizes = np.array([p.size for p in GENERATED])
-        scale = jnp.repeat(
-            self.param_scale[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
+        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
+        scale, shift = self.param_scale[...].astype(raw.dtype), self.param_shift[...].astype(
+            raw.dtype
         )
-        shift = jnp.repeat(
-            self.param_shift[...].astype(raw.dtype), sizes, total_repeat_length=FLAT_SIZE
-        )
-        return shift + scale * raw
+        pieces = [
+            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
+            for i, p in enumerate(GENERATED)
+        ]
+        return jnp.concatenate(pieces, axis=-1)
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -353,4 +355,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=5755e2b7a6807e176eb23dc5482efde9f99df19394c9335b7085aed60676a1a0
+# hypernn-gen: sha256=1e2d59a106f2a93a705d7846a81eb8a6bb45cc67bad8b50e24349d217bd5bd54

@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/seed_mlp.py:make_target (torch, factory)
 # options:  backend=torch mode=static embedding_dim=32 num_embeddings=263 chunk_dim=263
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 69,120 values, 0 state tensors, digest 92f8307eadc3dee6
 # command:  hypernn-gen generated_examples/targets/seed_mlp.py --backend torch --mode static --embedding-dim 32 -o generated_examples/seed_mlp_torch_static.py
 """Static hypernetwork for SeedMlp (PyTorch).
@@ -152,8 +153,6 @@ class SeedMlpHyperNetwork(nn.Module):
         self.weight_generator = SeedMlpWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        sizes = torch.tensor([p.size for p in GENERATED])
-        self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
 
     def reset_parameters(self) -> None:
@@ -174,14 +173,6 @@ class SeedMlpHyperNetwork(nn.Module):
             device = self.param_scale.device
             self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
             self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-        self._init_buffers()
-
-    @torch.no_grad()
-    def _init_buffers(self) -> None:
-        """Compute the non-persistent index buffers again, in place (they are not in the
-        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
-        self.param_sizes.copy_(sizes)
 
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -190,10 +181,12 @@ class SeedMlpHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Per-tensor affine map from raw generator output to parameter values."""
-        sizes = self.param_sizes
-        scale = self.param_scale.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        shift = self.param_shift.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        return torch.addcmul(shift, raw, scale)
+        scale, shift = self.param_scale.to(raw.dtype), self.param_shift.to(raw.dtype)
+        pieces = [
+            raw[..., p.offset : p.offset + p.size] * scale[i] + shift[i]
+            for i, p in enumerate(GENERATED)
+        ]
+        return torch.cat(pieces, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -231,4 +224,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=188819774f64de722c41f82b5a44efa43b449c0a54adf9a8d5bab5d62cad0506
+# hypernn-gen: sha256=7b3dd037f7632181df6dae061caa311d0ccef96763d8f7289d5aa5d91bc936c3

@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/transformer.py:make_target (torch, factory)
 # options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124
+#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   16 generated tensors, 15,328 values, 1 state tensors, digest 4e869ab506b9ea78
 # fusion:   no layer fused: every generated tensor is materialised per sample
 # command:  hypernn-gen generated_examples/targets/transformer.py --backend torch --mode dynamic --embedding-dim 32 -o generated_examples/transformer_torch_dynamic.py
@@ -94,7 +95,7 @@ CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "4e869ab506b9ea78"
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
-MODULATION_HIDDEN = 64
+EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("pos_emb", (16, 32), 0, 512, 0.0, 0.02),
@@ -125,31 +126,44 @@ class TransformerEmbedding(nn.Module):
 
     ``forward(condition)`` maps ``(batch, *CONDITION_SHAPE)`` to
     ``(batch, NUM_EMBEDDINGS, EMBEDDING_DIM)``: embedding ``k`` of sample ``b`` is
-    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` a small MLP.
+    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` an MLP (``EMBEDDING_HIDDEN`` widths, ReLU)
+    of the flattened condition.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(NUM_EMBEDDINGS, EMBEDDING_DIM))
-        last = nn.Linear(MODULATION_HIDDEN, NUM_EMBEDDINGS)
-        with torch.no_grad():  # weight sets start close together
-            last.weight.mul_(0.1)
-            last.bias.zero_()
-        self.modulation = nn.Sequential(nn.Linear(16, MODULATION_HIDDEN), nn.ReLU(), last)
+        layers: list[nn.Module] = []
+        width = 16
+        for hidden in EMBEDDING_HIDDEN:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.modulation = nn.Sequential(*layers, nn.Linear(width, NUM_EMBEDDINGS))
+        self._init_last()
+
+    @torch.no_grad()
+    def _init_last(self) -> None:
+        """The last layer starts at a tenth of the default scale: weight sets start close."""
+        self.modulation[-1].weight.mul_(0.1)
+        self.modulation[-1].bias.zero_()
 
     def reset_parameters(self) -> None:
         """Draw every parameter again, as ``__init__`` does (same order of random draws)."""
-        first, _, last = self.modulation
         with torch.no_grad():
             self.weight.normal_()
-            last.reset_parameters()
-            last.weight.mul_(0.1)
-            last.bias.zero_()
-            first.reset_parameters()
+        for layer in self.modulation[::2]:
+            layer.reset_parameters()
+        self._init_last()
 
     def scales(self, condition: Tensor) -> Tensor:
         """Per-sample scale of each embedding, ``(batch, NUM_EMBEDDINGS)``."""
-        return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
+        flat = condition.flatten(1)
+        if flat.shape[1] != 16:
+            raise ValueError(
+                f"the condition has shape {tuple(condition.shape)}, this hypernetwork was "
+                f"generated for (batch, *{CONDITION_SHAPE}); pass condition=... to forward"
+            )
+        return 1.0 + self.modulation(flat.to(self.weight.dtype))
 
     def forward(self, condition: Tensor) -> Tensor:
         return self.scales(condition).unsqueeze(-1) * self.weight
@@ -203,6 +217,35 @@ def without_generated(target_network: nn.Module) -> nn.Module:
         owner, _, leaf = path.rpartition(".")
         clone.get_submodule(owner)._parameters.pop(leaf, None)
     return clone
+
+
+def run_per_sample(
+    module: nn.Module, params: dict[str, Tensor], batch: int, args: tuple, kwargs: dict
+) -> Any:
+    """Sample b through ``module`` alone with ``params[...][b]``, batched with vmap.
+
+    Inputs with the batch first are split per sample; others (positions, masks) are shared.
+    In training each sample gets its own copy of the module's buffers (BatchNorm statistics)
+    and their mean is written back.
+    """
+    buffers = dict(module.named_buffers()) if module.training else {}
+    copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
+    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch for x in args]
+
+    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
+        xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
+        out = functional_call(module, {**p, **b}, xs, kwargs)
+        if not any(batched):
+            return out
+        return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
+
+    in_dims = (0, 0, *(0 if split else None for split in batched))
+    output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
+    with torch.no_grad():
+        for name, value in copies.items():
+            mean = value.float().mean(0) if value.is_floating_point() else value[0]
+            buffers[name].copy_(mean.to(buffers[name].dtype))
+    return output
 
 
 # -- Fused per-sample layers: per-sample outputs without per-sample weights --
@@ -310,35 +353,6 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     return y
 
 
-def run_per_sample(
-    module: nn.Module, params: dict[str, Tensor], batch: int, args: tuple, kwargs: dict
-) -> Any:
-    """Sample b through ``module`` alone with ``params[...][b]``, batched with vmap.
-
-    Inputs with the batch first are split per sample; others (positions, masks) are shared.
-    In training each sample gets its own copy of the module's buffers (BatchNorm statistics)
-    and their mean is written back.
-    """
-    buffers = dict(module.named_buffers()) if module.training else {}
-    copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
-    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch for x in args]
-
-    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-        xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
-        out = functional_call(module, {**p, **b}, xs, kwargs)
-        if not any(batched):
-            return out
-        return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
-
-    in_dims = (0, 0, *(0 if split else None for split in batched))
-    output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
-    with torch.no_grad():
-        for name, value in copies.items():
-            mean = value.float().mean(0) if value.is_floating_point() else value[0]
-            buffers[name].copy_(mean.to(buffers[name].dtype))
-    return output
-
-
 def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """forward() of a module run per sample with its own generated tensors materialised."""
     shared: Shared | None = self.hyper_shared
@@ -399,8 +413,6 @@ class TransformerHyperNetwork(nn.Module):
         self.weight_generator = TransformerWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        sizes = torch.tensor([p.size for p in GENERATED])
-        self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
         self.fused_index = nn.ModuleList(FusedIndex(layer) for layer in FUSED)
         self.swapped = install_fusion(self.target, self.fused_index)
@@ -443,8 +455,6 @@ class TransformerHyperNetwork(nn.Module):
     def _init_buffers(self) -> None:
         """Compute the non-persistent index buffers again, in place (they are not in the
         ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
-        self.param_sizes.copy_(sizes)
         for index in self.fused_index:
             index._init_buffers()
 
@@ -456,10 +466,12 @@ class TransformerHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Per-tensor affine map from raw generator output to parameter values."""
-        sizes = self.param_sizes
-        scale = self.param_scale.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        shift = self.param_shift.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        return torch.addcmul(shift, raw, scale)
+        scale, shift = self.param_scale.to(raw.dtype), self.param_shift.to(raw.dtype)
+        pieces = [
+            raw[..., p.offset : p.offset + p.size] * scale[i] + shift[i]
+            for i, p in enumerate(GENERATED)
+        ]
+        return torch.cat(pieces, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -543,4 +555,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=d854779b6421a1f6e6ce5514d6d930dc760945e94d9b2700e6596a44644e31dc
+# hypernn-gen: sha256=d2246de1b9dba4def769726878a9b694456cf137daff7be3182bb36e02dba02a

@@ -3,6 +3,7 @@
 #
 # target:   generated_examples/targets/transformer.py:make_target (torch, factory)
 # options:  backend=torch mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   16 generated tensors, 15,328 values, 1 state tensors, digest 4e869ab506b9ea78
 # command:  hypernn-gen generated_examples/targets/transformer.py --backend torch --mode static --embedding-dim 32 -o generated_examples/transformer_torch_static.py
 """Static hypernetwork for Transformer (PyTorch).
@@ -200,8 +201,6 @@ class TransformerHyperNetwork(nn.Module):
         self.weight_generator = TransformerWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        sizes = torch.tensor([p.size for p in GENERATED])
-        self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
 
     def reset_parameters(self) -> None:
@@ -227,7 +226,6 @@ class TransformerHyperNetwork(nn.Module):
             device = self.param_scale.device
             self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
             self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-        self._init_buffers()
 
     @torch.no_grad()
     def _init_target_state(self) -> None:
@@ -238,13 +236,6 @@ class TransformerHyperNetwork(nn.Module):
         for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
             tensor.copy_(values[name])
 
-    @torch.no_grad()
-    def _init_buffers(self) -> None:
-        """Compute the non-persistent index buffers again, in place (they are not in the
-        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
-        self.param_sizes.copy_(sizes)
-
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
         raw = self.weight_generator(self.embedding_module()).reshape(-1)
@@ -252,10 +243,12 @@ class TransformerHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Per-tensor affine map from raw generator output to parameter values."""
-        sizes = self.param_sizes
-        scale = self.param_scale.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        shift = self.param_shift.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        return torch.addcmul(shift, raw, scale)
+        scale, shift = self.param_scale.to(raw.dtype), self.param_shift.to(raw.dtype)
+        pieces = [
+            raw[..., p.offset : p.offset + p.size] * scale[i] + shift[i]
+            for i, p in enumerate(GENERATED)
+        ]
+        return torch.cat(pieces, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -294,4 +287,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=79fa46ddbfb68f39e8ae2a047975aa48809bb923c934106ea16b18053dab0f0d
+# hypernn-gen: sha256=50dfd7ab764aae7cc39e8236544782456efbfbbfa1343c857f5a7b5c9137175c

@@ -3,6 +3,7 @@
 #
 # target:   examples/hyper_nn_seed/cartpole_policy.py:make_target (torch, factory)
 # options:  backend=torch mode=static embedding_dim=32 num_embeddings=260 chunk_dim=260
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 67,584 values, 0 state tensors, digest 20909676f13b0d00
 # command:  hypernn-gen examples/hyper_nn_seed/cartpole_policy.py --backend torch --mode static --embedding-dim 32 -o examples/hyper_nn_seed/cartpole_policy_torch_static.py
 """Static hypernetwork for CartpolePolicy (PyTorch).
@@ -152,8 +153,6 @@ class CartpolePolicyHyperNetwork(nn.Module):
         self.weight_generator = CartpolePolicyWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        sizes = torch.tensor([p.size for p in GENERATED])
-        self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
 
     def reset_parameters(self) -> None:
@@ -174,14 +173,6 @@ class CartpolePolicyHyperNetwork(nn.Module):
             device = self.param_scale.device
             self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
             self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-        self._init_buffers()
-
-    @torch.no_grad()
-    def _init_buffers(self) -> None:
-        """Compute the non-persistent index buffers again, in place (they are not in the
-        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
-        self.param_sizes.copy_(sizes)
 
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -190,10 +181,12 @@ class CartpolePolicyHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Per-tensor affine map from raw generator output to parameter values."""
-        sizes = self.param_sizes
-        scale = self.param_scale.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        shift = self.param_shift.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        return torch.addcmul(shift, raw, scale)
+        scale, shift = self.param_scale.to(raw.dtype), self.param_shift.to(raw.dtype)
+        pieces = [
+            raw[..., p.offset : p.offset + p.size] * scale[i] + shift[i]
+            for i, p in enumerate(GENERATED)
+        ]
+        return torch.cat(pieces, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -231,4 +224,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=388c6407a000c9cf12917b7a83f0cc030e70ca236c5c3368649f5e52d692c594
+# hypernn-gen: sha256=2e7133cb683204d333e67c6aeacb361bf14eb9d831c2353ac64297faa7b74a66

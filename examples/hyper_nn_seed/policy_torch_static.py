@@ -3,6 +3,7 @@
 #
 # target:   examples/hyper_nn_seed/policy.py:make_target (torch, factory)
 # options:  backend=torch mode=static embedding_dim=32 num_embeddings=512 chunk_dim=135
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 69,120 values, 0 state tensors, digest 92f8307eadc3dee6
 # command:  hypernn-gen examples/hyper_nn_seed/policy.py --backend torch --mode static --embedding-dim 32 --num-embeddings 512 -o examples/hyper_nn_seed/policy_torch_static.py
 """Static hypernetwork for Policy (PyTorch).
@@ -151,8 +152,6 @@ class PolicyHyperNetwork(nn.Module):
         self.weight_generator = PolicyWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        sizes = torch.tensor([p.size for p in GENERATED])
-        self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
 
     def reset_parameters(self) -> None:
@@ -173,14 +172,6 @@ class PolicyHyperNetwork(nn.Module):
             device = self.param_scale.device
             self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
             self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-        self._init_buffers()
-
-    @torch.no_grad()
-    def _init_buffers(self) -> None:
-        """Compute the non-persistent index buffers again, in place (they are not in the
-        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
-        self.param_sizes.copy_(sizes)
 
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -189,10 +180,12 @@ class PolicyHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Per-tensor affine map from raw generator output to parameter values."""
-        sizes = self.param_sizes
-        scale = self.param_scale.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        shift = self.param_shift.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        return torch.addcmul(shift, raw, scale)
+        scale, shift = self.param_scale.to(raw.dtype), self.param_shift.to(raw.dtype)
+        pieces = [
+            raw[..., p.offset : p.offset + p.size] * scale[i] + shift[i]
+            for i, p in enumerate(GENERATED)
+        ]
+        return torch.cat(pieces, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -230,4 +223,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=0439d8ccd16ad650263b78167c2e7c024f0cade7aaaf7487774a5a8dcec8c95a
+# hypernn-gen: sha256=31c730061ca4c38a5c20c69362937aa99fe351f5a67310698ae49b19df3998df
