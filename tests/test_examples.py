@@ -45,10 +45,28 @@ CASES = {
         ["--quick"],
         ("jax", "flax", "optax", "sklearn", "matplotlib"),
         [
+            r"^hypernetwork: DigitsCNNHyperNetwork from digits_nnx_static\.py \(generated",
+            r"^hypernetwork trainable parameters: 6,484$",
             r"^compression ratio: (\d+\.\d+)x",
+            r"^hypernetwork train loss: (\d+\.\d+) \(first 5 steps\) -> (\d+\.\d+)",
             r"^test accuracy \(hypernetwork, 6,484 parameters\): \d+\.\d+%$",
+            r"^test accuracy \(plain target, 38,282 parameters\): \d+\.\d+%$",
         ],
         "curves_flax.png",
+    ),
+    "digits-flax-linen": (
+        "digits/train_flax.py",
+        ["--quick", "--api", "linen"],
+        ("jax", "flax", "optax", "sklearn", "matplotlib"),
+        [
+            r"^hypernetwork: DigitsCNNHyperNetwork from digits_linen_static\.py \(generated",
+            r"^hypernetwork trainable parameters: 6,484$",
+            r"^compression ratio: (\d+\.\d+)x",
+            r"^hypernetwork train loss: (\d+\.\d+) \(first 5 steps\) -> (\d+\.\d+)",
+            r"^test accuracy \(hypernetwork, 6,484 parameters\): \d+\.\d+%$",
+            r"^test accuracy \(plain target, 38,282 parameters\): \d+\.\d+%$",
+        ],
+        "curves_flax_linen.png",
     ),
     "sinusoid": (
         "sinusoid/train_torch.py",
@@ -108,5 +126,8 @@ def test_example_quick_mode(name: str, tmp_path: Path) -> None:
         assert match, f"{script} did not print a line matching {pattern!r}:\n{done.stdout}"
         if pattern.startswith("^compression ratio"):
             assert float(match.group(1)) > 1
+        if pattern.startswith("^hypernetwork train loss"):  # the quick run trains something
+            first, last = map(float, match.groups())
+            assert last < first, f"{script}: train loss did not decrease ({first} -> {last})"
     if figure is not None:
         assert (tmp_path / figure).stat().st_size > 10_000, f"{script} wrote no {figure}"

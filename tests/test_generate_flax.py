@@ -582,3 +582,40 @@ def test_excluded_params_stay_trainable_params_of_the_target(tmp_path: Path, nam
         grads = [pure(g) for _, g in grads]
         assert np.abs(grads[1]["target"][prefix]["kernel"]).sum() > 0
     close(grads[1], grads[0], GRAD, "grads")
+
+
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_committed_digits_files_match_runtime(api: str) -> None:
+    """examples/digits' committed Flax files (what train_flax.py trains) are their runtime twins
+    with ``embedding_dim=16``: same variables, outputs and gradients; the target's own weights
+    through ``generated_params`` give the plain target's output."""
+    digits = REPO / "examples" / "digits"
+    module = import_file(digits / f"digits_{api}_static.py")
+    plain = import_file(digits / f"target_{api}.py")
+    x, key = _normal((BATCH, 8, 8, 1)), jax.random.key(3)
+    if api == "nnx":
+        target = plain.target  # the instance the file was generated from (its init statistics)
+        runtime = NNXHyperNetwork(target, embedding_dim=16, rngs=nnx.Rngs(0))
+        gen = module.DigitsCNNHyperNetwork(target, rngs=nnx.Rngs(0))
+        assert flat_listing(gen) == flat_listing(runtime)
+        close(pure(nnx.state(gen)), pure(nnx.state(runtime)), STATIC, "init")
+        transfer(runtime, gen)
+        (rt, rt_grads), (ours, our_grads) = nnx_both(runtime, gen)(split_states(runtime, gen), x)
+        close(pure(ours), pure(rt), STATIC, "output, generated_params, state")
+        close(pure(our_grads), pure(rt_grads), GRAD, "grads")
+        round_trip, _ = gen(x, generated_params=gen.flatten_params(target))
+        close(round_trip, target(x), STATIC, "round trip")
+    else:
+        target = plain.DigitsCNN()
+        runtime = FlaxHyperNetwork(target, embedding_dim=16)
+        gen = module.DigitsCNNHyperNetwork()
+        variables = jax.jit(runtime.init)(jax.random.key(0), x)
+        assert shapes(jax.eval_shape(gen.init, jax.random.key(0), x)) == shapes(variables)
+        rt, ours = linen_both(runtime, gen, False)(variables, x, key)
+        close(ours["eval"]["aux"], rt["eval"]["aux"], STATIC, "output, generated_params")
+        close(ours["eval"]["grads"], rt["eval"]["grads"], GRAD, "grads")
+        own = target.init(jax.random.key(5), x)
+        round_trip, _ = gen.apply(
+            variables, x, generated_params=module.flatten_params(own["params"])
+        )
+        close(round_trip, target.apply(own, x), STATIC, "round trip")
