@@ -354,3 +354,53 @@ def test_unknown_pyproject_option_suggests_the_close_one(
     )
     assert main([]) == 2
     assert "did you mean 'generator-hidden'?" in capsys.readouterr().err
+
+
+# -- a committed template override ---------------------------------------------------------------
+
+
+def test_committed_sinusoidal_override_is_the_runtime_with_that_embedding() -> None:
+    """generated_examples/seed_mlp_torch_static_sinusoidal.py, rendered from the user template
+    in generated_examples/templates: its embedding is the sinusoidal code (computed here with
+    NumPy), and the file equals a runtime hypernetwork given that embedding module."""
+    import numpy as np
+
+    from hypernn_gen.runtime.torch import TorchEmbeddingModule
+
+    path = TARGETS_DIR.parent / "seed_mlp_torch_static_sinusoidal.py"
+    assert "--template-dir generated_examples/templates" in path.read_text()
+    module = import_file(path)
+    n, d = module.NUM_EMBEDDINGS, module.EMBEDDING_DIM
+    k, i = np.arange(n)[:, None], np.arange(d)[None, :]
+    angle = k / 10000.0 ** ((i - i % 2) / d)
+    code = np.where(i % 2 == 0, np.sin(angle), np.cos(angle)) * np.sqrt(2.0)
+
+    class Sinusoidal(TorchEmbeddingModule):
+        def __init__(self, embedding_dim: int, num_embeddings: int) -> None:
+            super().__init__(embedding_dim, num_embeddings)
+            self.register_buffer("code", gen.embedding_module.code.clone(), persistent=False)
+            self.projection = torch.nn.Linear(embedding_dim, embedding_dim)
+
+        def forward(self) -> torch.Tensor:
+            return self.projection(self.code)
+
+    # fp32 sin/cos of angles up to NUM_EMBEDDINGS radians: rounding ~1e-5 against float64
+    trig = {"rtol": 0.0, "atol": 5e-5}
+    torch.manual_seed(0)
+    gen = hypernetwork_class(module)()
+    assert_close(gen.embedding_module.code, torch.tensor(code, dtype=torch.float32), trig, "code")
+    assert_close(gen.embedding_module(), gen.embedding_module.code, STATIC, "identity projection")
+    runtime = TorchHyperNetwork(
+        make_plain_target("seed_mlp"), embedding_module_constructor=Sinusoidal, num_embeddings=n
+    )
+    gen.load_state_dict(runtime.state_dict())
+    x = torch.randn(7, 8)
+    (out, flat), (expected, expected_flat) = gen(x), runtime(x)
+    assert_close(out, expected, STATIC, "output")
+    assert_close(flat, expected_flat, STATIC, "generated_params")
+    # no learned table: the hypernetwork is smaller than the built-in one by N x D parameters
+    builtin = TorchHyperNetwork(make_plain_target("seed_mlp"), num_embeddings=n)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(builtin) - count(gen) == n * d - d * d - d
+    gen.reset_parameters()  # recomputes the non-persistent code
+    assert_close(gen.embedding_module.code, torch.tensor(code, dtype=torch.float32), trig, "reset")
