@@ -18,7 +18,7 @@ from .design import CHUNKINGS, INIT_SCHEMES, check_hidden, design_layout
 from .extract import extract_target_source
 from .fuse import plan_torch_fusion
 from .layout import Chunking, Layout
-from .load import LoadedTarget, load_target
+from .load import INPUT_DTYPES, LoadedTarget, load_target
 from .render import (
     CONTEXT_VERSION,
     Names,
@@ -36,7 +36,7 @@ __all__ = ["GenerateOptions", "Generated", "generate"]
 
 BACKENDS = ("torch", "flax")
 MODES = ("static", "dynamic")
-MODULATION_HIDDEN = 64
+DEFAULT_EMBEDDING_HIDDEN = (64,)  #: hidden widths of the dynamic embedding network
 #: names the generated files define; copied target code must not use them at module level
 RESERVED_NAMES = frozenset(
     {
@@ -104,7 +104,7 @@ class GenerateOptions:
     init_scheme: str = "target"  #: ``target``, ``hyperfan-in`` or ``hyperfan-out``
     condition_shape: tuple[int, ...] | None = None  #: dynamic: one sample's condition shape
     condition_dtype: str | None = None  #: dynamic: the condition's dtype (default: the input's)
-    embedding_hidden: tuple[int, ...] = (MODULATION_HIDDEN,)  #: dynamic: the embedding network
+    embedding_hidden: tuple[int, ...] = DEFAULT_EMBEDDING_HIDDEN  #: dynamic: the embedding network
     input_shapes: tuple[tuple[int, ...], ...] = ()
     input_dtype: str = "float32"
     include: tuple[str, ...] = ()
@@ -232,7 +232,7 @@ def command_line(options: GenerateOptions, loaded: LoadedTarget, path: Path) -> 
             args += ["--condition-shape", _widths(options.condition_shape)]
         if options.condition_dtype is not None:
             args += ["--condition-dtype", options.condition_dtype]
-        if tuple(options.embedding_hidden) != (MODULATION_HIDDEN,):
+        if tuple(options.embedding_hidden) != DEFAULT_EMBEDDING_HIDDEN:
             args += ["--embedding-hidden", _widths(options.embedding_hidden)]
     for shape in options.input_shapes:
         args += ["--input-shape", ",".join(map(str, shape))]
@@ -397,12 +397,17 @@ def check_options(options: GenerateOptions) -> None:
         for flag, value, default in (
             ("--condition-shape", options.condition_shape, None),
             ("--condition-dtype", options.condition_dtype, None),
-            ("--embedding-hidden", tuple(options.embedding_hidden), (MODULATION_HIDDEN,)),
+            ("--embedding-hidden", tuple(options.embedding_hidden), DEFAULT_EMBEDDING_HIDDEN),
         ):
             if value != default:
                 raise GenerationError(f"{flag} applies to dynamic mode only; add --mode dynamic")
     if options.condition_shape is not None:
         check_hidden(options.condition_shape, "--condition-shape")
+    if options.condition_dtype is not None and options.condition_dtype not in INPUT_DTYPES:
+        raise GenerationError(
+            f"unknown --condition-dtype {options.condition_dtype!r}; use one of "
+            f"{', '.join(INPUT_DTYPES)}"
+        )
 
 
 def _meta_module(loaded: LoadedTarget):  # noqa: ANN202
