@@ -92,8 +92,10 @@ class SeedMlpEmbedding(nn.Module):
         self.projection.bias.zero_()
 
     def reset_parameters(self) -> None:
-        """Recompute the code (not in the state_dict) and reset the projection to identity."""
+        """Recompute the code (not in the state_dict) and reset the projection to identity,
+        making the random draws ``__init__`` makes (nn.Linear's own init), in the same order."""
         self.code = self.sinusoids(self.projection.weight.device)
+        self.projection.reset_parameters()
         self.reset_projection()
 
     def forward(self) -> Tensor:
@@ -241,4 +243,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=172916a03fcb76902cc7ceaf8d1c5823088c9fd325ce0da7b7ed76b1fe0f90ee
+# hypernn-gen: sha256=2e6fbf22057c2ee49b90589deb25f0e2c1650e0829cc6f568f320d39fbe0b097
