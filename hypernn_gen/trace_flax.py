@@ -18,8 +18,9 @@ collection sorted by name. NNX lists ``nnx.state(module)`` in its own flat order
 by key; list indices stay ``int`` and sort numerically). A variable reachable under two paths
 (tied weights) appears once, under the path ``nnx.state`` gives it; NNX aliases are not listed.
 
-Fans follow Flax's convention: a kernel ``(in, out)`` or conv kernel ``(..., in, out)`` has
-``fan_in = prod(shape[:-1])`` and ``fan_out = shape[-1]``; a 1-D tensor's fans are its length.
+Fans follow Flax's convention (``nn.initializers.variance_scaling``): a kernel ``(in, out)``
+or conv kernel ``(*receptive, in, out)`` has ``fan_in = in * prod(receptive)`` and
+``fan_out = out * prod(receptive)``; a 1-D tensor's fans are its length.
 """
 
 from __future__ import annotations
@@ -265,12 +266,14 @@ def _spec(
 
 
 def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
-    """Flax's fans: ``(prod(shape[:-1]), shape[-1])``; 1-D: its length; 0-D: ``(1, 1)``."""
+    """Flax's fans (``variance_scaling``): ``in * receptive``, ``out * receptive`` for a kernel
+    ``(*receptive, in, out)``; 1-D: its length; 0-D: ``(1, 1)``."""
     if len(shape) == 0:
         return 1, 1
     if len(shape) == 1:
         return shape[0], shape[0]
-    return math.prod(shape[:-1]), shape[-1]
+    receptive = math.prod(shape[:-2])
+    return shape[-2] * receptive, shape[-1] * receptive
 
 
 def _key(entry: Any) -> Key:

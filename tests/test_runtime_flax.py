@@ -130,7 +130,11 @@ def test_trace_linen_matches_eval_shape():
         offset = t.end
     assert layout.flat_size == offset == size(shapes["params"])
     kernel = layout.find("Conv_0.kernel")
-    assert (kernel.fan_in, kernel.fan_out) == (9, 4)
+    # Flax's own fans for a (3, 3, 1, 4) kernel (variance_scaling: receptive field 9)
+    fans = jax.nn.initializers.variance_scaling(1.0, "fan_out", "normal")
+    assert kernel.shape == (3, 3, 1, 4) and (kernel.fan_in, kernel.fan_out) == (9, 36)
+    draw = fans(jax.random.key(0), (3, 3, 64, 64))  # std sqrt(1 / fan_out) = 1/24
+    assert float(draw.std()) == pytest.approx(1 / 24, rel=0.05)
     assert kernel.init_source == "measured" and kernel.init_std == pytest.approx(1 / 3, rel=0.2)
     assert layout.find("BatchNorm_0.scale").init_mean == 1.0
     assert layout.find("Dense_0.bias").init_std == 0.0
