@@ -82,6 +82,17 @@ FLAX_RESERVED_NAMES = frozenset(
         "per_sample",
         "merge_samples",
         "squeeze_sample",
+        # dynamic flax: the fused per-sample path
+        "FUSED_KEYS",
+        "FUSION",
+        "kernel_rows",
+        "fused_indices",
+        "conv_patches",
+        "fused_output",
+        "fused_apply",
+        "fused_layers",
+        "FusedLinear",
+        "FusedConv",
     }
 )
 

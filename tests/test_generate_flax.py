@@ -263,11 +263,12 @@ def linen_both(runtime: nn.Module, gen: nn.Module, stateful: bool) -> Callable:
     def results(hn: nn.Module, variables: dict, x: jax.Array, key: jax.Array) -> dict:
         def loss(params: dict, train: bool) -> tuple:
             v = {**variables, "params": params}
-            if train:
-                kwargs = {"train": True, "rngs": {"dropout": key}, "mutable": ["batch_stats"]}
-                (out, flat), updates = hn.apply(v, x, **kwargs)
-            else:
-                (out, flat), updates = hn.apply(v, x), {}
+            kwargs = {"train": True, "rngs": {"dropout": key}} if train else {}
+            mutable = {"mutable": ["batch_stats"]} if train else {}
+            (out, flat), updates = hn.apply(v, x, **kwargs, **mutable) if train else (hn.apply(v, x), {})
+            if flat is None:  # the fused path; the weight sets come from the materialising one
+                flat = hn.apply(v, x, return_params=True, **kwargs, **mutable)
+                flat = (flat[0] if train else flat)[1]
             return jnp.mean(out**2), (out, flat, updates)
 
         grad = jax.value_and_grad(loss, has_aux=True)
@@ -328,8 +329,13 @@ def check_linen(module: ModuleType, name: str, mode: str) -> None:
     if stateful:
         linen_training(runtime, gen, variables, x)
 
-    # Eager and jitted apply agree.
-    close(gen.apply(variables, x), (out, flat), tol, "eager vs jit")
+    # Eager and jitted apply agree; dynamic: the fused path returns no weights, and the
+    # materialising path (return_params=True) computes the same output.
+    if mode == "dynamic":
+        close(gen.apply(variables, x), (out, None), tol, "eager vs jit")
+        close(gen.apply(variables, x, return_params=True), (out, flat), tol, "materialised")
+    else:
+        close(gen.apply(variables, x), (out, flat), tol, "eager vs jit")
 
     # Layout round trip: the target's own params as generated_params reproduce the plain target.
     layout = trace_linen(target, (x,), measure=False)
@@ -374,6 +380,8 @@ def nnx_both(runtime: nnx.Module, gen: nnx.Module) -> Callable:
         def loss(params: nnx.State) -> tuple:
             model = nnx.merge(graphdef, params, rest, copy=True)
             out, flat = model(x)
+            if flat is None:  # the fused path; the weight sets come from the materialising one
+                flat = nnx.merge(graphdef, params, rest, copy=True)(x, return_params=True)[1]
             return jnp.mean(out**2), (out, flat, nnx.state(model, nnx.Not(nnx.Param)))
 
         (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -476,9 +484,13 @@ def check_nnx(module: ModuleType, name: str, mode: str) -> None:
     close(pure(our_grads), pure(rt_grads), GRAD, "eval: grads")
     out, flat, _ = ours
 
-    # Eager and nnx.jit calls agree with the compiled pure function (eval: no state changes).
-    close(gen(x), (out, flat), tol, "eager vs jit")
-    close(nnx.jit(lambda hn, x: hn(x))(gen, x), (out, flat), tol, "nnx.jit")
+    # Eager and nnx.jit calls agree with the compiled pure function (eval: no state changes);
+    # dynamic: the fused path returns no weights, the materialising one the same output.
+    fused_flat = None if mode == "dynamic" else flat
+    close(gen(x), (out, fused_flat), tol, "eager vs jit")
+    close(nnx.jit(lambda hn, x: hn(x))(gen, x), (out, fused_flat), tol, "nnx.jit")
+    if mode == "dynamic":
+        close(gen(x, return_params=True), (out, flat), tol, "materialised")
 
     # Layout round trip: the target's own params as generated_params reproduce the plain target.
     target.eval()
