@@ -311,14 +311,22 @@ class Shared(NamedTuple):
     param_scale: jax.Array
     param_shift: jax.Array
 
+    def chunk_bias(self, p: ParamSlice) -> jax.Array:
+        """``bias[position % CHUNK_DIM]`` for the values of ``p``, ``p.shape`` (tiled, not
+        gathered: its gradient is a sum, not a scatter)."""
+        start = p.offset % CHUNK_DIM
+        tiled = jnp.tile(self.bias, -(-(start + p.size) // CHUNK_DIM))
+        return tiled[start : start + p.size].reshape(p.shape)
+
     def materialise(self, i: int, scales: jax.Array) -> jax.Array:
         """GENERATED[i] for one sample, from its embedding scales ``(NUM_EMBEDDINGS,)``."""
         p = GENERATED[i]
-        position = np.arange(p.offset, p.offset + p.size)
-        g0 = self.g0[p.offset : p.offset + p.size]
-        raw = scales[position // CHUNK_DIM] * g0 + self.bias[position % CHUNK_DIM]
-        value = self.param_shift[i] + self.param_scale[i] * raw
-        return value.reshape(p.shape).astype(p.dtype)
+        first, start = divmod(p.offset, CHUNK_DIM)  # the chunks p spans, repeated, not gathered
+        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // CHUNK_DIM + 1], CHUNK_DIM)
+        scale = scale[start : start + p.size].reshape(p.shape)
+        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        raw = scale * g0 + self.chunk_bias(p)
+        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
 
     def params(self, scales: jax.Array) -> dict[Any, Any]:
         """One sample's tree (``nnx.state`` paths) of the tensors not fused."""
@@ -341,7 +349,7 @@ class Shared(NamedTuple):
             self.g0[p.offset : p.offset + p.size].reshape(p.shape)
         )
         parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
-        parts.append(self.param_shift[i] + self.param_scale[i] * self.bias[position % CHUNK_DIM])
+        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
         # The barrier keeps XLA from folding the construction into every sample's GEMM.
         return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
 
@@ -600,4 +608,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=372fbed11ad56176966ef7d2858534e315d71f29112839bcfb17978e031f605b
+# hypernn-gen: sha256=782c8a51989b796ffc1308ccf473a47b56d0378eb5be1e33058c25f0f60e99e0
