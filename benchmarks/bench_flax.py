@@ -105,7 +105,9 @@ def candidates(key: str, tmp: Path, batch: int) -> tuple[dict[str, Callable[[], 
     hn_class = next(v for k, v in vars(generated).items() if k.endswith("HyperNetwork"))
     runtime, fused = FlaxHyperNetwork(target, mode="dynamic"), hn_class()
 
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, TARGETS[key][1][0])), "float32")
+    x = jnp.asarray(
+        np.random.default_rng(0).standard_normal((batch, TARGETS[key][1][0])), "float32"
+    )
     own = jax.jit(target.init)(jax.random.key(1), x)
     variables = jax.jit(runtime.init)(jax.random.key(0), x)
 
@@ -125,7 +127,9 @@ def candidates(key: str, tmp: Path, batch: int) -> tuple[dict[str, Callable[[], 
     }
     (_, want), want_grads = steps["runtime (vmap, materialising)"]()
     (_, got), got_grads = steps["generated (fused)"]()
-    for a, b in zip(jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads)), strict=True
+    ):
         error = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
         if error > 1e-4:
             raise SystemExit(f"MISMATCH: generated vs runtime, {key} batch {batch}: {error:.2e}")

@@ -71,9 +71,7 @@ def plan_nnx_fusion(
     """The fusion plan of an NNX target (a live or abstract module)."""
     from flax import nnx
 
-    records = {
-        ".".join(map(str, path)): _nnx_record(sub) for path, sub in nnx.iter_modules(module)
-    }
+    records = {".".join(map(str, path)): _nnx_record(sub) for path, sub in nnx.iter_modules(module)}
     return _plan(records, layout, chunking, linear_generator)
 
 
@@ -194,4 +192,3 @@ def _decide(
     if s > MAX_SEGMENTS:
         return f"a kernel row spans {s} chunks (more than {MAX_SEGMENTS})", None
     return "", FusedLayer(owner, kind, own["kernel"], own.get("bias"), s)
-
