@@ -165,7 +165,7 @@ def table(quick: bool, seconds: float) -> str:
             for batch in batches:
                 print(f"bench_flax: {TARGETS[key][0]}, batch {batch}", file=sys.stderr, flush=True)
                 steps, flat = candidates(key, Path(tmp), batch)
-                rows.append((key, batch, flat, time_cell(steps, seconds, 2 if quick else 5)))
+                rows.append((key, batch, flat, time_cell(steps, seconds, 2 if quick else 3)))
     names = list(rows[0][3])[:-1]
     lines = [
         "| target | P | batch | " + " | ".join(names) + " | fused vs runtime | rounds |",
