@@ -16,7 +16,9 @@ respect to every parameter):
 Before timing, the generated module is checked against the runtime with the runtime's variables
 (outputs and gradients). Timing: after a compile and a warm-up call, the candidates run
 round-robin (the starting candidate rotating every round) for ``--seconds`` per cell; the table
-gives medians and ratios to the target alone.
+gives medians and ratios to the target alone. Interleaving with the runtime, which allocates
+``batch x P`` values per call (GiBs for the 1.1M-parameter MLP at batch 256), slows the calls
+after it; the fused figures of the large cells are upper bounds.
 """
 
 from __future__ import annotations
