@@ -17,7 +17,10 @@ command, to ``--out``:
    candidate, RSS growth) next to the size of one batch x P float32 buffer;
 4. wall time of the ``hypernn-gen`` CLI, and the 124M tracing benchmark (``bench_trace.py``);
 5. a plot of dynamic forward+backward time against batch size for the seed MLP
-   (``dynamic_vs_batch.png`` next to ``--out``).
+   (``dynamic_vs_batch.png`` next to ``--out``);
+6. Flax (JAX) dynamic mode, forward+backward, jitted: the target alone, the runtime
+   ``FlaxHyperNetwork`` (materialising vmap) and the generated module (fused path), from
+   ``bench_flax.py`` run in a subprocess.
 
 Timing: candidates are timed interleaved in one process (round-robin, the starting candidate
 rotating every round) after a warm-up, with ``torch.set_num_threads(2)`` (``--threads``); tables
@@ -906,6 +909,7 @@ class Benchmark:
         self.memory_rows: list[tuple[Target, int, dict[str, float | str]]] = []
         self.trace_text = "skipped (--quick)."
         self.plot_note = "plot skipped (--quick)."
+        self.flax_text = "not run."
 
     def log(self, message: str) -> None:
         elapsed = time.perf_counter() - self.started
@@ -928,6 +932,7 @@ class Benchmark:
             self.plot_note = plot(self.cells, self.out.parent / "dynamic_vs_batch.png")
             if self.plot_note:
                 self.failures.append(self.plot_note)
+        self.flax()
 
     # -- sections -----------------------------------------------------------------------------
 
@@ -1053,6 +1058,23 @@ class Benchmark:
             self.trace_text = f"failed: {error}"
             self.failures.append(f"bench_trace.py: {error}")
 
+    def flax(self) -> None:
+        """Section 6: ``bench_flax.py`` in a subprocess (JAX keeps its own threads and memory)."""
+        self.log("bench_flax.py" + (" --quick" if self.quick else ""))
+        args = [sys.executable, str(BENCH_DIR / "bench_flax.py")]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(
+            args + (["--quick"] if self.quick else []),
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        self.flax_text = proc.stdout.strip()
+        if proc.returncode != 0:
+            self.flax_text = f"failed: {last_line(proc.stderr)}"
+            self.failures.append(f"bench_flax.py: {last_line(proc.stderr)}")
+
     # -- the report ---------------------------------------------------------------------------
 
     def report(self) -> str:
@@ -1121,6 +1143,16 @@ class Benchmark:
                 "",
             ]
         parts += [
+            "## 6. Flax (JAX), dynamic mode, forward+backward (jitted)",
+            "",
+            "Linen MLPs; median ms per step (ratio to the target alone). The runtime "
+            "materialises batch x P weights under `jax.vmap`; the generated module's fused path "
+            "uses one shared stacked weight per Dense layer (see `hypernn_gen/fuse_flax.py`). "
+            "The generated module was checked against the runtime (outputs and gradients) "
+            "first; `python benchmarks/bench_flax.py` runs this section alone.",
+            "",
+            self.flax_text,
+            "",
             "## Failures and notes",
             "",
             *([f"- {f}" for f in self.failures] or ["- none"]),

@@ -5,12 +5,16 @@
 # options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
 # layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
+# fusion:   fused: Conv_0, Dense_0; per sample: BatchNorm_0
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/linen_cnn_linen_dynamic.py
 """Dynamic hypernetwork for SmallCNN (Flax Linen).
 
 SmallCNNEmbedding -> SmallCNNWeightGenerator -> 1,386 values for the target's 6 trainable
 tensors (2 more tensors stay ordinary state).
 Dynamic mode: every sample gets its own weight set, computed from its conditioning input.
+Fused (one shared GEMM per layer, no per-sample weights): Conv_0, Dense_0. Materialised per
+sample: BatchNorm_0. Calls return generated_params=None unless given return_params=True (which
+materialises every weight set).
 
     hypernetwork = SmallCNNHyperNetwork()
     variables = hypernetwork.init(jax.random.key(0), *inputs)
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -240,6 +245,173 @@ def squeeze_sample(tree: Any) -> Any:
     return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
 
 
+# -- Fused per-sample layers: per-sample outputs without per-sample weights --
+#
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
+# (s: per-sample embedding scales, g0: the generator applied to the shared table, without its
+# bias bg). Row r of a Dense/Conv kernel (one input feature; Conv: one input feature at one
+# window position) holds `out` consecutive values, in the chunks first(r) .. first(r) + S - 1, so
+#     y_b = [x_b * s_b[first + 0], ..., x_b * s_b[first + S - 1], x_b] @ stack
+# with `stack` ((S + 1) * rows, out) shared by all samples: under vmap, one GEMM for the whole
+# batch (Conv: on the input's patches). Every other generated tensor is materialised per sample.
+
+
+class FusedLayer(NamedTuple):
+    """A Dense/Conv layer computed from shared weights: its module path in the target, the
+    indices of its kernel and bias in GENERATED (bias None: no bias), and S."""
+
+    path: tuple[str, ...]
+    kernel: int
+    bias: int | None
+    segments: int
+
+
+FUSED: tuple[FusedLayer, ...] = (
+    FusedLayer(("Conv_0",), 3, 2, 2),
+    FusedLayer(("Dense_0",), 5, 4, 2),
+)
+# Modules whose generated tensors are materialised per sample, and why.
+PER_SAMPLE: tuple[tuple[str, str], ...] = (("BatchNorm_0", "BatchNorm has no fused form"),)
+
+
+def kernel_rows(kernel: Any) -> Any:
+    """A kernel ``(*window, in, out)`` as rows ``(in * prod(window), out)``, in the order of the
+    input's patches (input feature first); a Dense kernel ``(in, out)`` stays as it is."""
+    n = kernel.ndim
+    return kernel.transpose(n - 2, *range(n - 2), n - 1).reshape(-1, kernel.shape[-1])
+
+
+def fused_indices(layer: FusedLayer) -> tuple[np.ndarray, np.ndarray]:
+    """Constants of a fused kernel, as rows: the flat position of each value, and the chunk of
+    each (segment, row), ``(S, rows)``."""
+    p = GENERATED[layer.kernel]
+    position = kernel_rows(p.offset + np.arange(p.size).reshape(p.shape))
+    chunk = position[:, 0] // CHUNK_DIM + np.arange(layer.segments)[:, None]
+    return position, np.minimum(chunk, NUM_EMBEDDINGS - 1)
+
+
+class Shared(NamedTuple):
+    """What every sample's generated tensors are made of (see above)."""
+
+    g0: jax.Array  # (NUM_EMBEDDINGS * CHUNK_DIM,): the generator on the table, without its bias
+    bias: jax.Array  # (CHUNK_DIM,): the generator's bias
+    param_scale: jax.Array
+    param_shift: jax.Array
+
+    def chunk_bias(self, p: ParamSlice) -> jax.Array:
+        """``bias[position % CHUNK_DIM]`` for the values of ``p``, ``p.shape`` (tiled, not
+        gathered: its gradient is a sum, not a scatter)."""
+        start = p.offset % CHUNK_DIM
+        tiled = jnp.tile(self.bias, -(-(start + p.size) // CHUNK_DIM))
+        return tiled[start : start + p.size].reshape(p.shape)
+
+    def materialise(self, i: int, scales: jax.Array) -> jax.Array:
+        """GENERATED[i] for one sample, from its embedding scales ``(NUM_EMBEDDINGS,)``."""
+        p = GENERATED[i]
+        first, start = divmod(p.offset, CHUNK_DIM)  # the chunks p spans, repeated, not gathered
+        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // CHUNK_DIM + 1], CHUNK_DIM)
+        scale = scale[start : start + p.size].reshape(p.shape)
+        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        raw = scale * g0 + self.chunk_bias(p)
+        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
+
+    def params(self, scales: jax.Array) -> dict[str, Any]:
+        """One sample's ``params`` tree of the tensors not fused."""
+        fused = {i for layer in FUSED for i in (layer.kernel, layer.bias)}
+        params: dict[str, Any] = {}
+        for i, p in enumerate(GENERATED):
+            if i not in fused:
+                node = params
+                for key in p.keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[p.keys[-1]] = self.materialise(i, scales)
+        return params
+
+    def stack(self, layer: FusedLayer) -> jax.Array:
+        """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
+        i, p = layer.kernel, GENERATED[layer.kernel]
+        position, chunk = fused_indices(layer)
+        segment = position // CHUNK_DIM - chunk[0][:, None]
+        w0 = self.param_scale[i] * kernel_rows(
+            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        )
+        parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
+        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
+        # The barrier keeps XLA from folding the construction into every sample's GEMM.
+        return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
+
+
+def conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
+    """The patches ``(..., *spatial, in * prod(window))`` that ``module`` convolves."""
+    window = tuple(module.kernel_size)
+    n = len(window)
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        return (
+            (1,) * n if value is None else (value,) * n if isinstance(value, int) else tuple(value)
+        )
+
+    padding = module.padding
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(q, q) if isinstance(q, int) else tuple(q) for q in padding]
+    spec = (0, n + 1, *range(1, n + 1))
+    patches = jax.lax.conv_general_dilated_patches(
+        x.reshape(-1, *x.shape[x.ndim - n - 1 :]),
+        window,
+        per_axis(module.strides),
+        padding,
+        lhs_dilation=per_axis(module.input_dilation),
+        rhs_dilation=per_axis(module.kernel_dilation),
+        dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec),
+        precision=jax.lax.Precision.HIGHEST,  # patches are copies of the input: keep them exact
+    )
+    return patches.reshape(*x.shape[: x.ndim - n - 1], *patches.shape[1:])
+
+
+def fused_output(
+    layer: FusedLayer,
+    stack: jax.Array,
+    shared: Shared,
+    scales: jax.Array,
+    module: Any,
+    x: jax.Array,
+) -> jax.Array:
+    """One sample's output of a fused Dense/Conv ``module`` for its input ``x``."""
+    if isinstance(module, nn.Conv):
+        x = conv_patches(module, x)
+    _, chunk = fused_indices(layer)
+    coeff = jnp.concatenate([scales[chunk], jnp.ones((1, chunk.shape[1]), scales.dtype)])
+    dtype = module.dtype or jnp.result_type(x, stack)
+    x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
+    y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
+def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Array) -> Callable:
+    """``target.apply`` for one sample: its fused layers compute their output from the shared
+    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is."""
+    found = {layer.path: (layer, stack) for layer, stack in zip(FUSED, stacks, strict=True)}
+
+    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        fusible = context.method_name == "__call__" and type(module) in (nn.Dense, nn.Conv)
+        if not fusible or module.path not in found:
+            return next_fun(*args, **kwargs)
+        layer, stack = found[module.path]
+        return fused_output(layer, stack, shared, scales, module, *args, **kwargs)
+
+    def apply(*args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(intercept):
+            return target.apply(*args, **kwargs)
+
+    return apply
+
+
 class SmallCNNHyperNetwork(nn.Module):
     """Dynamic hypernetwork: generates the target's ``params`` per sample.
 
@@ -283,19 +455,30 @@ class SmallCNNHyperNetwork(nn.Module):
         ]
         return jnp.concatenate(pieces, axis=-1)
 
+    def shared(self) -> Shared:
+        """What all samples share: the (linear) generator on the table, split into its linear
+        part and its bias, and the decoder's scale and shift."""
+        table = self.embedding_module.weight
+        bias = self.weight_generator(jnp.zeros((1, EMBEDDING_DIM), table.dtype))[0]
+        g0 = (self.weight_generator(table) - bias).reshape(-1)
+        return Shared(g0, bias, self.param_scale, self.param_shift)
+
     @nn.compact
     def __call__(
         self,
         *inputs: Any,
         generated_params: jax.Array | None = None,
         condition: jax.Array | None = None,
+        return_params: bool = False,
         **target_kwargs: Any,
-    ) -> tuple[Any, jax.Array]:
+    ) -> tuple[Any, jax.Array | None]:
         """Run the target with generated weights; returns ``(output, generated_params)``.
 
         Sample ``b`` runs through the target alone (a batch of 1) with weight set ``b``, batched
-        with ``jax.vmap``; ``generated_params`` is ``(batch, FLAT_SIZE)``. The condition is the
-        first array input unless ``condition`` is given.
+        with ``jax.vmap``. The layers in ``FUSED`` never build per-sample weights and
+        ``generated_params`` is ``None``, unless ``return_params=True`` or ``generated_params``
+        is given: then every weight set is materialised, ``(batch, FLAT_SIZE)``. The condition
+        is the first array input unless ``condition`` is given.
         """
         target = self.target_network.clone(parent=None)  # unbound: run with init/apply
         rng_names = [name for name in self.scope.rngs if name != "params"]
@@ -323,13 +506,20 @@ class SmallCNNHyperNetwork(nn.Module):
             )
         batch = condition.shape[0]
         check_batch(inputs, batch)
-        if generated_params is None or initializing:  # init creates the generator's parameters
+        fused = generated_params is None and not return_params
+        shared, stacks, flat = None, (), None
+        if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
+            shared = self.shared()
+            stacks = tuple(shared.stack(layer) for layer in FUSED)
+            samples = self.embedding_module.scales(condition)
+        elif generated_params is None or initializing:  # init creates the generator's parameters
             flat = self.generate_params(condition)
         if generated_params is not None:
             check_flat(generated_params)
             flat = generated_params
 
-        params = unflatten_params(flat)
+        if not fused:  # samples: per-sample weight sets
+            samples = unflatten_params(flat)
         mutable = [col for col in STATE_COLLECTIONS if self.is_mutable_collection(col)]
         rngs = {name: self.make_rng(name) for name in rng_names}
         positions = [i for i, x in enumerate(inputs) if is_array(x)]
@@ -342,21 +532,22 @@ class SmallCNNHyperNetwork(nn.Module):
             col: jax.tree.map(lambda x: per_sample(x, batch), state[col].value) for col in mutable
         }
 
-        def one_sample(p: dict, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
-            """Sample ``b``'s output and updated collections: inputs ``(1, ...)``, weight set ``b``."""
+        def one_sample(sample: Any, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
+            """Sample ``b``'s output and updated collections: inputs ``(1, ...)``, weight set ``b``            (fused: its embedding scales)."""
             args = list(inputs)
             for i, x in zip(positions, xs, strict=True):
                 args[i] = x[None]
+            p, apply = sample, target.apply
+            if fused:
+                p, apply = shared.params(sample), fused_apply(target, shared, stacks, sample)
             variables = {**frozen, **own, "params": p}
             if not mutable:
-                out = target.apply(variables, *args, rngs=keys, **target_kwargs)
+                out = apply(variables, *args, rngs=keys, **target_kwargs)
                 return squeeze_sample(out), {}
-            out, updates = target.apply(
-                variables, *args, rngs=keys, mutable=mutable, **target_kwargs
-            )
+            out, updates = apply(variables, *args, rngs=keys, mutable=mutable, **target_kwargs)
             return squeeze_sample(out), {col: updates[col] for col in mutable}
 
-        out, updates = jax.vmap(one_sample)(params, copies, sample_rngs, arrays)
+        out, updates = jax.vmap(one_sample)(samples, copies, sample_rngs, arrays)
         if not initializing:  # init keeps the target's own initial state
             for col in mutable:
                 state[col].value = jax.tree.map(merge_samples, state[col].value, updates[col])
@@ -371,10 +562,12 @@ if __name__ == "__main__":
     own = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"SmallCNNHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     (output, generated_params), updates = jax.jit(
-        lambda v, *xs: hypernetwork.apply(v, *xs, mutable=list(STATE_COLLECTIONS))
+        lambda v, *xs: hypernetwork.apply(
+            v, *xs, return_params=True, mutable=list(STATE_COLLECTIONS)
+        )
     )(variables, *inputs)
     print("state:", {col: jax.tree.map(jnp.shape, updates[col]) for col in STATE_COLLECTIONS})
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=e333ecfbe94734d780cde43e674b5437a3168def95f20897324fe8a5a2ac98b8
+# hypernn-gen: sha256=0f0667e5bc0354cb1710c414be7fcefa83bb783d62191e371b44dbeca682d065

@@ -5,12 +5,19 @@
 # options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 496a48899a4e80be
+# fusion:   fused: Block_0.Dense_0, Block_0.Dense_1; per sample: Block_0.LayerNorm_0, Block_0.LayerNorm_1, Block_0.MultiHeadDotProductAttention_0.key, Block_0.MultiHeadDotProductAttention_0.out, Block_0.MultiHeadDotProductAttention_0.query, Block_0.MultiHeadDotProductAttention_0.value, Embed_0, LayerNorm_0, <root>
 # command:  hypernn-gen generated_examples/targets/linen_transformer.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/linen_transformer_linen_dynamic.py
 """Dynamic hypernetwork for LinenTransformer (Flax Linen).
 
 LinenTransformerEmbedding -> LinenTransformerWeightGenerator -> 15,328 values for the target's
 20 trainable tensors.
 Dynamic mode: every sample gets its own weight set, computed from its conditioning input.
+Fused (one shared GEMM per layer, no per-sample weights): Block_0.Dense_0, Block_0.Dense_1.
+Materialised per sample: Block_0.LayerNorm_0, Block_0.LayerNorm_1,
+Block_0.MultiHeadDotProductAttention_0.key, Block_0.MultiHeadDotProductAttention_0.out,
+Block_0.MultiHeadDotProductAttention_0.query, Block_0.MultiHeadDotProductAttention_0.value,
+Embed_0, LayerNorm_0, <root>. Calls return generated_params=None unless given return_params=True
+(which materialises every weight set).
 
     hypernetwork = LinenTransformerHyperNetwork()
     variables = hypernetwork.init(jax.random.key(0), *inputs)
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -357,6 +365,183 @@ def squeeze_sample(tree: Any) -> Any:
     return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
 
 
+# -- Fused per-sample layers: per-sample outputs without per-sample weights --
+#
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
+# (s: per-sample embedding scales, g0: the generator applied to the shared table, without its
+# bias bg). Row r of a Dense/Conv kernel (one input feature; Conv: one input feature at one
+# window position) holds `out` consecutive values, in the chunks first(r) .. first(r) + S - 1, so
+#     y_b = [x_b * s_b[first + 0], ..., x_b * s_b[first + S - 1], x_b] @ stack
+# with `stack` ((S + 1) * rows, out) shared by all samples: under vmap, one GEMM for the whole
+# batch (Conv: on the input's patches). Every other generated tensor is materialised per sample.
+
+
+class FusedLayer(NamedTuple):
+    """A Dense/Conv layer computed from shared weights: its module path in the target, the
+    indices of its kernel and bias in GENERATED (bias None: no bias), and S."""
+
+    path: tuple[str, ...]
+    kernel: int
+    bias: int | None
+    segments: int
+
+
+FUSED: tuple[FusedLayer, ...] = (
+    FusedLayer(("Block_0", "Dense_0"), 1, 0, 2),
+    FusedLayer(("Block_0", "Dense_1"), 3, 2, 2),
+)
+# Modules whose generated tensors are materialised per sample, and why.
+PER_SAMPLE: tuple[tuple[str, str], ...] = (
+    ("Block_0.LayerNorm_0", "LayerNorm has no fused form"),
+    ("Block_0.LayerNorm_1", "LayerNorm has no fused form"),
+    ("Block_0.MultiHeadDotProductAttention_0.key", "DenseGeneral has no fused form"),
+    ("Block_0.MultiHeadDotProductAttention_0.out", "DenseGeneral has no fused form"),
+    ("Block_0.MultiHeadDotProductAttention_0.query", "DenseGeneral has no fused form"),
+    ("Block_0.MultiHeadDotProductAttention_0.value", "DenseGeneral has no fused form"),
+    ("Embed_0", "Embed has no fused form"),
+    ("LayerNorm_0", "LayerNorm has no fused form"),
+    ("", "TinyGPT has no fused form"),
+)
+
+
+def kernel_rows(kernel: Any) -> Any:
+    """A kernel ``(*window, in, out)`` as rows ``(in * prod(window), out)``, in the order of the
+    input's patches (input feature first); a Dense kernel ``(in, out)`` stays as it is."""
+    n = kernel.ndim
+    return kernel.transpose(n - 2, *range(n - 2), n - 1).reshape(-1, kernel.shape[-1])
+
+
+def fused_indices(layer: FusedLayer) -> tuple[np.ndarray, np.ndarray]:
+    """Constants of a fused kernel, as rows: the flat position of each value, and the chunk of
+    each (segment, row), ``(S, rows)``."""
+    p = GENERATED[layer.kernel]
+    position = kernel_rows(p.offset + np.arange(p.size).reshape(p.shape))
+    chunk = position[:, 0] // CHUNK_DIM + np.arange(layer.segments)[:, None]
+    return position, np.minimum(chunk, NUM_EMBEDDINGS - 1)
+
+
+class Shared(NamedTuple):
+    """What every sample's generated tensors are made of (see above)."""
+
+    g0: jax.Array  # (NUM_EMBEDDINGS * CHUNK_DIM,): the generator on the table, without its bias
+    bias: jax.Array  # (CHUNK_DIM,): the generator's bias
+    param_scale: jax.Array
+    param_shift: jax.Array
+
+    def chunk_bias(self, p: ParamSlice) -> jax.Array:
+        """``bias[position % CHUNK_DIM]`` for the values of ``p``, ``p.shape`` (tiled, not
+        gathered: its gradient is a sum, not a scatter)."""
+        start = p.offset % CHUNK_DIM
+        tiled = jnp.tile(self.bias, -(-(start + p.size) // CHUNK_DIM))
+        return tiled[start : start + p.size].reshape(p.shape)
+
+    def materialise(self, i: int, scales: jax.Array) -> jax.Array:
+        """GENERATED[i] for one sample, from its embedding scales ``(NUM_EMBEDDINGS,)``."""
+        p = GENERATED[i]
+        first, start = divmod(p.offset, CHUNK_DIM)  # the chunks p spans, repeated, not gathered
+        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // CHUNK_DIM + 1], CHUNK_DIM)
+        scale = scale[start : start + p.size].reshape(p.shape)
+        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        raw = scale * g0 + self.chunk_bias(p)
+        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
+
+    def params(self, scales: jax.Array) -> dict[str, Any]:
+        """One sample's ``params`` tree of the tensors not fused."""
+        fused = {i for layer in FUSED for i in (layer.kernel, layer.bias)}
+        params: dict[str, Any] = {}
+        for i, p in enumerate(GENERATED):
+            if i not in fused:
+                node = params
+                for key in p.keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[p.keys[-1]] = self.materialise(i, scales)
+        return params
+
+    def stack(self, layer: FusedLayer) -> jax.Array:
+        """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
+        i, p = layer.kernel, GENERATED[layer.kernel]
+        position, chunk = fused_indices(layer)
+        segment = position // CHUNK_DIM - chunk[0][:, None]
+        w0 = self.param_scale[i] * kernel_rows(
+            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        )
+        parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
+        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
+        # The barrier keeps XLA from folding the construction into every sample's GEMM.
+        return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
+
+
+def conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
+    """The patches ``(..., *spatial, in * prod(window))`` that ``module`` convolves."""
+    window = tuple(module.kernel_size)
+    n = len(window)
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        return (
+            (1,) * n if value is None else (value,) * n if isinstance(value, int) else tuple(value)
+        )
+
+    padding = module.padding
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(q, q) if isinstance(q, int) else tuple(q) for q in padding]
+    spec = (0, n + 1, *range(1, n + 1))
+    patches = jax.lax.conv_general_dilated_patches(
+        x.reshape(-1, *x.shape[x.ndim - n - 1 :]),
+        window,
+        per_axis(module.strides),
+        padding,
+        lhs_dilation=per_axis(module.input_dilation),
+        rhs_dilation=per_axis(module.kernel_dilation),
+        dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec),
+        precision=jax.lax.Precision.HIGHEST,  # patches are copies of the input: keep them exact
+    )
+    return patches.reshape(*x.shape[: x.ndim - n - 1], *patches.shape[1:])
+
+
+def fused_output(
+    layer: FusedLayer,
+    stack: jax.Array,
+    shared: Shared,
+    scales: jax.Array,
+    module: Any,
+    x: jax.Array,
+) -> jax.Array:
+    """One sample's output of a fused Dense/Conv ``module`` for its input ``x``."""
+    if isinstance(module, nn.Conv):
+        x = conv_patches(module, x)
+    _, chunk = fused_indices(layer)
+    coeff = jnp.concatenate([scales[chunk], jnp.ones((1, chunk.shape[1]), scales.dtype)])
+    dtype = module.dtype or jnp.result_type(x, stack)
+    x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
+    y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
+def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Array) -> Callable:
+    """``target.apply`` for one sample: its fused layers compute their output from the shared
+    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is."""
+    found = {layer.path: (layer, stack) for layer, stack in zip(FUSED, stacks, strict=True)}
+
+    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        fusible = context.method_name == "__call__" and type(module) in (nn.Dense, nn.Conv)
+        if not fusible or module.path not in found:
+            return next_fun(*args, **kwargs)
+        layer, stack = found[module.path]
+        return fused_output(layer, stack, shared, scales, module, *args, **kwargs)
+
+    def apply(*args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(intercept):
+            return target.apply(*args, **kwargs)
+
+    return apply
+
+
 class LinenTransformerHyperNetwork(nn.Module):
     """Dynamic hypernetwork: generates the target's ``params`` per sample.
 
@@ -400,19 +585,30 @@ class LinenTransformerHyperNetwork(nn.Module):
         ]
         return jnp.concatenate(pieces, axis=-1)
 
+    def shared(self) -> Shared:
+        """What all samples share: the (linear) generator on the table, split into its linear
+        part and its bias, and the decoder's scale and shift."""
+        table = self.embedding_module.weight
+        bias = self.weight_generator(jnp.zeros((1, EMBEDDING_DIM), table.dtype))[0]
+        g0 = (self.weight_generator(table) - bias).reshape(-1)
+        return Shared(g0, bias, self.param_scale, self.param_shift)
+
     @nn.compact
     def __call__(
         self,
         *inputs: Any,
         generated_params: jax.Array | None = None,
         condition: jax.Array | None = None,
+        return_params: bool = False,
         **target_kwargs: Any,
-    ) -> tuple[Any, jax.Array]:
+    ) -> tuple[Any, jax.Array | None]:
         """Run the target with generated weights; returns ``(output, generated_params)``.
 
         Sample ``b`` runs through the target alone (a batch of 1) with weight set ``b``, batched
-        with ``jax.vmap``; ``generated_params`` is ``(batch, FLAT_SIZE)``. The condition is the
-        first array input unless ``condition`` is given.
+        with ``jax.vmap``. The layers in ``FUSED`` never build per-sample weights and
+        ``generated_params`` is ``None``, unless ``return_params=True`` or ``generated_params``
+        is given: then every weight set is materialised, ``(batch, FLAT_SIZE)``. The condition
+        is the first array input unless ``condition`` is given.
         """
         target = self.target_network.clone(parent=None)  # unbound: run with init/apply
         rng_names = [name for name in self.scope.rngs if name != "params"]
@@ -428,27 +624,38 @@ class LinenTransformerHyperNetwork(nn.Module):
             )
         batch = condition.shape[0]
         check_batch(inputs, batch)
-        if generated_params is None or initializing:  # init creates the generator's parameters
+        fused = generated_params is None and not return_params
+        shared, stacks, flat = None, (), None
+        if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
+            shared = self.shared()
+            stacks = tuple(shared.stack(layer) for layer in FUSED)
+            samples = self.embedding_module.scales(condition)
+        elif generated_params is None or initializing:  # init creates the generator's parameters
             flat = self.generate_params(condition)
         if generated_params is not None:
             check_flat(generated_params)
             flat = generated_params
 
-        params = unflatten_params(flat)
+        if not fused:  # samples: per-sample weight sets
+            samples = unflatten_params(flat)
         rngs = {name: self.make_rng(name) for name in rng_names}
         positions = [i for i, x in enumerate(inputs) if is_array(x)]
         arrays = [inputs[i] for i in positions]
         sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}  # own keys
 
-        def one_sample(p: dict, keys: dict, xs: list) -> Any:
-            """Sample ``b``'s output: inputs ``(1, ...)``, weight set ``b``."""
+        def one_sample(sample: Any, keys: dict, xs: list) -> Any:
+            """Sample ``b``'s output: inputs ``(1, ...)``, weight set ``b`` (fused: its embedding
+            scales)."""
             args = list(inputs)
             for i, x in zip(positions, xs, strict=True):
                 args[i] = x[None]
+            p, apply = sample, target.apply
+            if fused:
+                p, apply = shared.params(sample), fused_apply(target, shared, stacks, sample)
             variables = {"params": p}
-            return squeeze_sample(target.apply(variables, *args, rngs=keys, **target_kwargs))
+            return squeeze_sample(apply(variables, *args, rngs=keys, **target_kwargs))
 
-        return jax.vmap(one_sample)(params, sample_rngs, arrays), flat
+        return jax.vmap(one_sample)(samples, sample_rngs, arrays), flat
 
 
 if __name__ == "__main__":
@@ -458,8 +665,10 @@ if __name__ == "__main__":
     variables = jax.jit(hypernetwork.init)(jax.random.key(0), *inputs)
     own = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"LinenTransformerHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
-    output, generated_params = jax.jit(hypernetwork.apply)(variables, *inputs)
+    output, generated_params = jax.jit(
+        lambda v, *xs: hypernetwork.apply(v, *xs, return_params=True)
+    )(variables, *inputs)
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=6960d17ab829fe5eac5d690603b918877ea3dbc6392498ddb8085725402cdffa
+# hypernn-gen: sha256=4e61a857772397c4eab2d73754ff901e5b895de78e4f5cc6991df55347ace24d

@@ -5,11 +5,14 @@
 # options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
+# fusion:   fused: hidden1, hidden2, out
 # command:  hypernn-gen generated_examples/targets/nnx_mlp.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/nnx_mlp_nnx_dynamic.py
 """Dynamic hypernetwork for NnxMlp (Flax NNX).
 
 NnxMlpEmbedding -> NnxMlpWeightGenerator -> 4,992 values for the target's 5 trainable tensors.
 Dynamic mode: every sample gets its own weight set, computed from its conditioning input.
+Fused (one shared GEMM per layer, no per-sample weights): hidden1, hidden2, out. Calls return
+generated_params=None unless given return_params=True (which materialises every weight set).
 
     hypernetwork = NnxMlpHyperNetwork(rngs=nnx.Rngs(0))
     output, generated_params = hypernetwork(*inputs)
@@ -22,7 +25,10 @@ rng streams) is state of the hypernetwork, updated in training and frozen in eva
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -240,6 +246,203 @@ def squeeze_sample(tree: Any) -> Any:
     return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
 
 
+# -- Fused per-sample layers: per-sample outputs without per-sample weights --
+#
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
+# (s: per-sample embedding scales, g0: the generator applied to the shared table, without its
+# bias bg). Row r of a Linear/Conv kernel (one input feature; Conv: one input feature at one
+# window position) holds `out` consecutive values, in the chunks first(r) .. first(r) + S - 1, so
+#     y_b = [x_b * s_b[first + 0], ..., x_b * s_b[first + S - 1], x_b] @ stack
+# with `stack` ((S + 1) * rows, out) shared by all samples: under vmap, one GEMM for the whole
+# batch (Conv: on the input's patches). Every other generated tensor is materialised per sample.
+
+
+class FusedLayer(NamedTuple):
+    """A Linear/Conv layer computed from shared weights: its module path in the target, the
+    indices of its kernel and bias in GENERATED (bias None: no bias), and S."""
+
+    path: tuple[str | int, ...]
+    kernel: int
+    bias: int | None
+    segments: int
+
+
+FUSED: tuple[FusedLayer, ...] = (
+    FusedLayer(("hidden1",), 1, 0, 2),
+    FusedLayer(("hidden2",), 3, 2, 2),
+    FusedLayer(("out",), 4, None, 2),
+)
+# Modules whose generated tensors are materialised per sample, and why.
+PER_SAMPLE: tuple[tuple[str, str], ...] = ()
+FUSED_KEYS = frozenset(
+    GENERATED[i].keys for f in FUSED for i in (f.kernel, f.bias) if i is not None
+)
+# While a fused forward runs: (module, input) -> output of the fused layers, for one sample.
+FUSION: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("fusion", default=None)
+
+
+def kernel_rows(kernel: Any) -> Any:
+    """A kernel ``(*window, in, out)`` as rows ``(in * prod(window), out)``, in the order of the
+    input's patches (input feature first); a Linear kernel ``(in, out)`` stays as it is."""
+    n = kernel.ndim
+    return kernel.transpose(n - 2, *range(n - 2), n - 1).reshape(-1, kernel.shape[-1])
+
+
+def fused_indices(layer: FusedLayer) -> tuple[np.ndarray, np.ndarray]:
+    """Constants of a fused kernel, as rows: the flat position of each value, and the chunk of
+    each (segment, row), ``(S, rows)``."""
+    p = GENERATED[layer.kernel]
+    position = kernel_rows(p.offset + np.arange(p.size).reshape(p.shape))
+    chunk = position[:, 0] // CHUNK_DIM + np.arange(layer.segments)[:, None]
+    return position, np.minimum(chunk, NUM_EMBEDDINGS - 1)
+
+
+class Shared(NamedTuple):
+    """What every sample's generated tensors are made of (see above)."""
+
+    g0: jax.Array  # (NUM_EMBEDDINGS * CHUNK_DIM,): the generator on the table, without its bias
+    bias: jax.Array  # (CHUNK_DIM,): the generator's bias
+    param_scale: jax.Array
+    param_shift: jax.Array
+
+    def chunk_bias(self, p: ParamSlice) -> jax.Array:
+        """``bias[position % CHUNK_DIM]`` for the values of ``p``, ``p.shape`` (tiled, not
+        gathered: its gradient is a sum, not a scatter)."""
+        start = p.offset % CHUNK_DIM
+        tiled = jnp.tile(self.bias, -(-(start + p.size) // CHUNK_DIM))
+        return tiled[start : start + p.size].reshape(p.shape)
+
+    def materialise(self, i: int, scales: jax.Array) -> jax.Array:
+        """GENERATED[i] for one sample, from its embedding scales ``(NUM_EMBEDDINGS,)``."""
+        p = GENERATED[i]
+        first, start = divmod(p.offset, CHUNK_DIM)  # the chunks p spans, repeated, not gathered
+        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // CHUNK_DIM + 1], CHUNK_DIM)
+        scale = scale[start : start + p.size].reshape(p.shape)
+        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        raw = scale * g0 + self.chunk_bias(p)
+        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
+
+    def params(self, scales: jax.Array) -> dict[Any, Any]:
+        """One sample's tree (``nnx.state`` paths) of the tensors not fused."""
+        params: dict[Any, Any] = {}
+        for i, p in enumerate(GENERATED):
+            if p.keys not in FUSED_KEYS:
+                node = params
+                for key in p.keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[p.keys[-1]] = self.materialise(i, scales)
+        return params
+
+    def stack(self, layer: FusedLayer) -> jax.Array:
+        """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
+        i, p = layer.kernel, GENERATED[layer.kernel]
+        position, chunk = fused_indices(layer)
+        segment = position // CHUNK_DIM - chunk[0][:, None]
+        w0 = self.param_scale[i] * kernel_rows(
+            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        )
+        parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
+        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
+        # The barrier keeps XLA from folding the construction into every sample's GEMM.
+        return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
+
+
+def conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
+    """The patches ``(..., *spatial, in * prod(window))`` that ``module`` convolves."""
+    window = tuple(module.kernel_size)
+    n = len(window)
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        return (
+            (1,) * n if value is None else (value,) * n if isinstance(value, int) else tuple(value)
+        )
+
+    padding = module.padding
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(q, q) if isinstance(q, int) else tuple(q) for q in padding]
+    spec = (0, n + 1, *range(1, n + 1))
+    patches = jax.lax.conv_general_dilated_patches(
+        x.reshape(-1, *x.shape[x.ndim - n - 1 :]),
+        window,
+        per_axis(module.strides),
+        padding,
+        lhs_dilation=per_axis(module.input_dilation),
+        rhs_dilation=per_axis(module.kernel_dilation),
+        dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec),
+        precision=jax.lax.Precision.HIGHEST,  # patches are copies of the input: keep them exact
+    )
+    return patches.reshape(*x.shape[: x.ndim - n - 1], *patches.shape[1:])
+
+
+def fused_output(
+    layer: FusedLayer,
+    stack: jax.Array,
+    shared: Shared,
+    scales: jax.Array,
+    module: Any,
+    x: jax.Array,
+) -> jax.Array:
+    """One sample's output of a fused Linear/Conv ``module`` for its input ``x``."""
+    if isinstance(module, nnx.Conv):
+        x = conv_patches(module, x)
+    _, chunk = fused_indices(layer)
+    coeff = jnp.concatenate([scales[chunk], jnp.ones((1, chunk.shape[1]), scales.dtype)])
+    dtype = module.dtype or jnp.result_type(x, stack)
+    x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
+    y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
+@contextlib.contextmanager
+def fused_layers(shared: Shared, stacks: tuple, scales: jax.Array | None) -> Iterator[None]:
+    """While active, the fused layers compute one sample's output from the shared ``stacks`` and
+    the sample's ``scales`` (``None``: from their own Params, as plain layers)."""
+
+    def call(module: Any, x: jax.Array) -> jax.Array:
+        i = module.fused_index
+        return fused_output(FUSED[i], stacks[i], shared, scales, module, x)
+
+    token = FUSION.set(None if scales is None else call)
+    try:
+        yield
+    finally:
+        FUSION.reset(token)
+
+
+class FusedLinear(nnx.Linear):
+    """``nnx.Linear`` that computes from shared weights while ``fused_layers`` is active."""
+
+    fused_index: int  # its entry in FUSED
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        call = FUSION.get()
+        return super().__call__(inputs) if call is None else call(self, inputs)
+
+
+class FusedConv(nnx.Conv):
+    """``nnx.Conv`` that computes from shared weights while ``fused_layers`` is active."""
+
+    fused_index: int  # its entry in FUSED
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        call = FUSION.get()
+        return super().__call__(inputs) if call is None else call(self, inputs)
+
+
+def install_fusion(target: nnx.Module) -> None:
+    """Turn the target's fused layers into ``FusedLinear``/``FusedConv`` (same variables)."""
+    modules = dict(nnx.iter_modules(target))
+    for i, layer in enumerate(FUSED):
+        module = modules[layer.path]
+        module.__class__ = FusedLinear if isinstance(module, nnx.Linear) else FusedConv
+        module.fused_index = i
+
+
 class NnxMlpHyperNetwork(nnx.Module):
     """Dynamic hypernetwork: generates the target's ``nnx.Param`` variables per sample.
 
@@ -263,6 +466,7 @@ class NnxMlpHyperNetwork(nnx.Module):
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
         self.target = without_generated(target_network)
+        install_fusion(self.target)
 
     def generate_params(self, condition: jax.Array) -> jax.Array:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -281,6 +485,14 @@ class NnxMlpHyperNetwork(nnx.Module):
             for i, p in enumerate(GENERATED)
         ]
         return jnp.concatenate(pieces, axis=-1)
+
+    def shared(self) -> Shared:
+        """What all samples share: the (linear) generator on the table, split into its linear
+        part and its bias, and the decoder's scale and shift."""
+        table = self.embedding_module.weight[...]
+        bias = self.weight_generator(jnp.zeros((1, EMBEDDING_DIM), table.dtype))[0]
+        g0 = (self.weight_generator(table) - bias).reshape(-1)
+        return Shared(g0, bias, self.param_scale[...], self.param_shift[...])
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -315,13 +527,16 @@ class NnxMlpHyperNetwork(nnx.Module):
         *inputs: Any,
         generated_params: jax.Array | None = None,
         condition: jax.Array | None = None,
+        return_params: bool = False,
         **kwargs: Any,
-    ) -> tuple[Any, jax.Array]:
+    ) -> tuple[Any, jax.Array | None]:
         """Run the target with generated weights; returns ``(output, generated_params)``.
 
         Sample ``b`` runs through the target alone (a batch of 1) with weight set ``b``, batched
-        with ``jax.vmap``; ``generated_params`` is ``(batch, FLAT_SIZE)``. The condition is the
-        first array input unless ``condition`` is given.
+        with ``jax.vmap``. The layers in ``FUSED`` never build per-sample weights and
+        ``generated_params`` is ``None``, unless ``return_params=True`` or ``generated_params``
+        is given: then every weight set is materialised, ``(batch, FLAT_SIZE)``. The condition
+        is the first array input unless ``condition`` is given.
         """
         if condition is None:
             condition = next((x for x in inputs if is_array(x)), None)
@@ -332,30 +547,46 @@ class NnxMlpHyperNetwork(nnx.Module):
             )
         batch = condition.shape[0]
         check_batch(inputs, batch)
-        if generated_params is None:
-            generated_params = self.generate_params(condition)
-        check_flat(generated_params)
-        params = self.unflatten_params(generated_params)
+        fused = generated_params is None and not return_params
+        if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
+            shared = self.shared()
+            stacks = tuple(shared.stack(layer) for layer in FUSED)
+            samples = self.embedding_module.scales(condition)
+        else:  # samples: per-sample weight sets
+            if generated_params is None:
+                generated_params = self.generate_params(condition)
+            check_flat(generated_params)
+            shared, stacks, samples = None, (), self.unflatten_params(generated_params)
 
         # Each sample gets its own copy of the target's state (BatchNorm then sees that sample's
         # statistics, Dropout its own key); the copies' mean is written back afterwards.
-        graphdef, slots, fixed, rest = nnx.split(self.target, GeneratedSlot, nnx.Param, ...)
+        graphdef, fused_slots, slots, fixed, rest = nnx.split(
+            self.target, lambda path, _: tuple(path) in FUSED_KEYS, GeneratedSlot, nnx.Param, ...
+        )
         copies = jax.tree.map(lambda x: per_sample(x, batch), rest)
         positions = [i for i, x in enumerate(inputs) if is_array(x)]
 
         def one_sample(
-            p: dict, fixed: nnx.State, own: nnx.State, xs: list
+            sample: Any, fixed: nnx.State, own: nnx.State, xs: list
         ) -> tuple[Any, nnx.State]:
-            """Sample ``b``'s output and updated state: inputs ``(1, ...)``, weight set ``b``."""
+            """Sample ``b``'s output and updated state: inputs ``(1, ...)``, weight set ``b``
+            (fused: its embedding scales)."""
             args = list(inputs)
             for i, x in zip(positions, xs, strict=True):
                 args[i] = x[None]
-            module = nnx.merge(graphdef, as_params(slots, p), fixed, own)
-            out = module(*args, **kwargs)
-            return squeeze_sample(out), nnx.state(module, nnx.Not(nnx.Param))
+            if fused:  # the fused layers' slots stay empty: they compute from `stacks`
+                filled = (fused_slots, as_params(slots, shared.params(sample)))
+            else:
+                filled = (as_params(fused_slots, sample), as_params(slots, sample))
+            module = nnx.merge(graphdef, *filled, fixed, own)
+            with fused_layers(shared, stacks, sample if fused else None):
+                out = module(*args, **kwargs)
+            return squeeze_sample(out), nnx.state(
+                module, nnx.Not(nnx.Any(nnx.Param, GeneratedSlot))
+            )
 
         arrays = [inputs[i] for i in positions]
-        out, updated = jax.vmap(one_sample, in_axes=(0, None, 0, 0))(params, fixed, copies, arrays)
+        out, updated = jax.vmap(one_sample, in_axes=(0, None, 0, 0))(samples, fixed, copies, arrays)
         nnx.update(self.target, jax.tree.map(merge_samples, rest, updated))
         return out, generated_params
 
@@ -366,8 +597,10 @@ if __name__ == "__main__":
     own = sum(x.size for x in jax.tree.leaves(nnx.state(hypernetwork, nnx.Param)))
     print(f"NnxMlpHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (jnp.zeros((1, 8), dtype=jnp.float32),)
-    output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs))(hypernetwork, *inputs)
+    output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs, return_params=True))(
+        hypernetwork, *inputs
+    )
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=4a36e5f0e68fbea50bcd553a6c8661952e8e889d98638603a204d693c94e7f8e
+# hypernn-gen: sha256=45b7af7859784da9657f50739f688dd10271030ae71a9c90ae86fddcb0015360

@@ -28,7 +28,8 @@ from ._version import __version__
 from .config import find_pyproject, load_jobs
 from .errors import GenerationError, HypernnGenError
 from .design import CHUNKINGS, INIT_SCHEMES, parse_widths
-from .generate import BACKENDS, MODES, GenerateOptions, generate
+from .fuse import FusionPlan
+from .generate import BACKENDS, MODES, GenerateOptions, generate, plan_fusion
 from .layout import Chunking
 from .load import INPUT_DTYPES, load_target, parse_input_shape
 from .render import CONTEXT_VERSION, TemplateContext, builtin_templates_dir, make_environment
@@ -115,10 +116,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
     loaded = load_target(args.target, input_shapes=args.input_shape, input_dtype=args.input_dtype or "float32")
     layout = trace_selected(loaded, include=args.include, exclude=args.exclude)
     chunking = Chunking.resolve(layout.flat_size)
+    try:
+        fusion: FusionPlan | str = plan_fusion(loaded, layout, chunking)
+    except Exception as exc:  # noqa: BLE001 - the layout is still worth printing
+        fusion = f"{type(exc).__name__}: {exc}"
     if args.json:
-        print(layout_json(layout, chunking))
+        print(layout_json(layout, chunking, fusion))
     else:
-        print(format_layout(loaded, layout, chunking))
+        print(format_layout(loaded, layout, chunking, fusion))
     return 0
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from .fuse import FusionPlan
 from .layout import Chunking, Layout, TensorSpec
 from .load import LoadedTarget
 
 __all__ = [
     "DEFAULT_EMBEDDING_DIM",
     "format_layout",
+    "fusion_dict",
+    "fusion_lines",
     "hypernetwork_param_count",
     "layout_json",
 ]
@@ -40,8 +43,8 @@ def hypernetwork_param_count(
     return n * d + d * c + c + 2 * len(layout.generated)
 
 
-def layout_json(layout: Layout, chunking: Chunking) -> str:
-    """``layout.to_dict()`` plus a ``"chunking"`` entry, as indented JSON."""
+def layout_json(layout: Layout, chunking: Chunking, fusion: FusionPlan | str | None = None) -> str:
+    """``layout.to_dict()`` plus ``"chunking"`` (and ``"fusion"``) entries, as indented JSON."""
     hyper = hypernetwork_param_count(layout, chunking)
     data = layout.to_dict()
     data["chunking"] = {
@@ -52,11 +55,38 @@ def layout_json(layout: Layout, chunking: Chunking) -> str:
         "hypernetwork_params": hyper,
         "compression": round(layout.num_generated / hyper, 4),
     }
+    if fusion is not None:
+        data["fusion"] = fusion_dict(fusion)
     return json.dumps(data, indent=2)
 
 
-def format_layout(loaded: LoadedTarget, layout: Layout, chunking: Chunking) -> str:
-    """The ``inspect`` report: header, tensor table, totals and notes."""
+def fusion_dict(fusion: FusionPlan | str) -> dict:
+    """What a generated dynamic file fuses, as JSON data (a string: why there is no plan)."""
+    if isinstance(fusion, str):
+        return {"error": fusion}
+    return {
+        "fused": [{"path": f.path, "kind": f.kind, "segments": f.segments} for f in fusion.fused],
+        "per_sample": [{"path": path, "why": why} for path, why in fusion.reasons],
+    }
+
+
+def fusion_lines(fusion: FusionPlan | str) -> list[str]:
+    """What a generated dynamic file fuses (one shared GEMM per layer, no per-sample weights)
+    and which modules' tensors it materialises per sample, and why."""
+    if isinstance(fusion, str):
+        return [f"dynamic mode: no fusion plan ({fusion})"]
+    fused = ", ".join(f.path or "<root>" for f in fusion.fused) or "none"
+    lines = [f"dynamic mode, fused (shared GEMM, no per-sample weights): {fused}"]
+    if fusion.reasons:
+        lines.append("dynamic mode, materialised per sample:")
+        lines += [f"  - {path or '<root>'}: {why}" for path, why in fusion.reasons]
+    return lines
+
+
+def format_layout(
+    loaded: LoadedTarget, layout: Layout, chunking: Chunking, fusion: FusionPlan | str | None = None
+) -> str:
+    """The ``inspect`` report: header, tensor table, totals, fusion and notes."""
     inputs = ", ".join(f"{spec.shape} {spec.dtype}" for spec in loaded.input_specs)
     lines = _columns(
         [
@@ -74,6 +104,8 @@ def format_layout(loaded: LoadedTarget, layout: Layout, chunking: Chunking) -> s
     )
     lines.append("")
     lines += _totals(layout, chunking)
+    if fusion is not None:
+        lines += ["", *fusion_lines(fusion)]
     if layout.notes:
         lines += ["", "notes:"] + [f"  - {note}" for note in layout.notes]
     return "\n".join(lines)

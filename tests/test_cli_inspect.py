@@ -147,6 +147,8 @@ def test_json_is_the_layout_plus_chunking(capsys: pytest.CaptureFixture[str]) ->
     data = json.loads(run_ok(capsys, str(TARGETS / "transformer.py"), "--json"))
     layout = trace_target(load_target(str(TARGETS / "transformer.py")))
     chunking = data.pop("chunking")
+    fusion = data.pop("fusion")  # what a dynamic file would fuse, and what not (and why)
+    assert set(fusion) == {"fused", "per_sample"} and fusion["per_sample"]
     assert data == json.loads(layout.to_json())
     expected = Chunking.resolve(layout.flat_size)
     hyper = expected.num_embeddings * 32 + 32 * expected.chunk_dim + expected.chunk_dim + 2 * 16
@@ -297,12 +299,20 @@ def test_inspect_linen_target(capsys: pytest.CaptureFixture[str]) -> None:
     rows = {line.split()[0]: line for line in out.splitlines()[5:13]}
     assert "state (collection)" in rows["BatchNorm_0.mean"]
     assert "generated" in rows["Conv_0.kernel"]
+    fusion = out.split("\n\n")[-1].splitlines()
+    assert fusion == [
+        "dynamic mode, fused (shared GEMM, no per-sample weights): Conv_0, Dense_0",
+        "dynamic mode, materialised per sample:",
+        "  - BatchNorm_0: BatchNorm has no fused form",
+    ]
 
 
 def test_inspect_nnx_target_json(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("hypernn_gen.trace_flax")
     data = json.loads(run_ok(capsys, str(TARGETS / "nnx_mlp.py"), "--json"))
     assert data["framework"] == "nnx"
+    fused = [(f["path"], f["kind"], f["segments"]) for f in data["fusion"]["fused"]]
+    assert fused == [("hidden1", "dense", 2), ("hidden2", "dense", 2), ("out", "dense", 2)]
     assert data["num_generated"] == 8 * 64 + 64 + 64 * 64 + 64 + 64 * 4
 
 

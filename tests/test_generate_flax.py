@@ -38,13 +38,16 @@ from gen_support import MODES, REPO, TARGETS_DIR, import_file
 from tolerances import DYNAMIC, GRAD, STATIC, assert_close, for_mode
 
 from hypernn_gen.cli import main
-from hypernn_gen.generate import FLAX_RESERVED_NAMES, RESERVED_NAMES
+from hypernn_gen.generate import FLAX_RESERVED_NAMES, RESERVED_NAMES, plan_fusion
+from hypernn_gen.layout import Chunking
+from hypernn_gen.load import load_target
 from hypernn_gen.runtime.flax import (
     FlaxHyperNetwork,
     NNXHyperNetwork,
     flatten_params,
     unflatten_params,
 )
+from hypernn_gen.trace import trace_selected
 from hypernn_gen.trace_flax import trace_linen
 
 BATCH = 3
@@ -263,11 +266,14 @@ def linen_both(runtime: nn.Module, gen: nn.Module, stateful: bool) -> Callable:
     def results(hn: nn.Module, variables: dict, x: jax.Array, key: jax.Array) -> dict:
         def loss(params: dict, train: bool) -> tuple:
             v = {**variables, "params": params}
-            if train:
-                kwargs = {"train": True, "rngs": {"dropout": key}, "mutable": ["batch_stats"]}
-                (out, flat), updates = hn.apply(v, x, **kwargs)
-            else:
-                (out, flat), updates = hn.apply(v, x), {}
+            kwargs = {"train": True, "rngs": {"dropout": key}} if train else {}
+            mutable = {"mutable": ["batch_stats"]} if train else {}
+            (out, flat), updates = (
+                hn.apply(v, x, **kwargs, **mutable) if train else (hn.apply(v, x), {})
+            )
+            if flat is None:  # the fused path; the weight sets come from the materialising one
+                flat = hn.apply(v, x, return_params=True, **kwargs, **mutable)
+                flat = (flat[0] if train else flat)[1]
             return jnp.mean(out**2), (out, flat, updates)
 
         grad = jax.value_and_grad(loss, has_aux=True)
@@ -328,8 +334,13 @@ def check_linen(module: ModuleType, name: str, mode: str, **options: Any) -> Non
     if stateful:
         linen_training(runtime, gen, variables, x)
 
-    # Eager and jitted apply agree.
-    close(gen.apply(variables, x), (out, flat), tol, "eager vs jit")
+    # Eager and jitted apply agree; dynamic: the fused path returns no weights, and the
+    # materialising path (return_params=True) computes the same output.
+    if mode == "dynamic":
+        close(gen.apply(variables, x), (out, None), tol, "eager vs jit")
+        close(gen.apply(variables, x, return_params=True), (out, flat), tol, "materialised")
+    else:
+        close(gen.apply(variables, x), (out, flat), tol, "eager vs jit")
 
     # Layout round trip: the target's own params as generated_params reproduce the plain target.
     layout, _ = runtime.design(trace_linen(target, (x,), measure=False))
@@ -374,6 +385,8 @@ def nnx_both(runtime: nnx.Module, gen: nnx.Module) -> Callable:
         def loss(params: nnx.State) -> tuple:
             model = nnx.merge(graphdef, params, rest, copy=True)
             out, flat = model(x)
+            if flat is None:  # the fused path; the weight sets come from the materialising one
+                flat = nnx.merge(graphdef, params, rest, copy=True)(x, return_params=True)[1]
             return jnp.mean(out**2), (out, flat, nnx.state(model, nnx.Not(nnx.Param)))
 
         (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -478,9 +491,13 @@ def check_nnx(module: ModuleType, name: str, mode: str, **options: Any) -> None:
     close(pure(our_grads), pure(rt_grads), GRAD, "eval: grads")
     out, flat, _ = ours
 
-    # Eager and nnx.jit calls agree with the compiled pure function (eval: no state changes).
-    close(gen(x), (out, flat), tol, "eager vs jit")
-    close(nnx.jit(lambda hn, x: hn(x))(gen, x), (out, flat), tol, "nnx.jit")
+    # Eager and nnx.jit calls agree with the compiled pure function (eval: no state changes);
+    # dynamic: the fused path returns no weights, the materialising one the same output.
+    fused_flat = None if mode == "dynamic" else flat
+    close(gen(x), (out, fused_flat), tol, "eager vs jit")
+    close(nnx.jit(lambda hn, x: hn(x))(gen, x), (out, fused_flat), tol, "nnx.jit")
+    if mode == "dynamic":
+        close(gen(x, return_params=True), (out, flat), tol, "materialised")
 
     # Layout round trip: the target's own params as generated_params reproduce the plain target.
     target.eval()
@@ -516,29 +533,34 @@ def test_generated_matches_runtime_and_target(
     check(generated(name, mode), name, mode)
 
 
-OPTION_FLAGS = (
-    "--chunking", "tensor", "--generator-hidden", "16,8", "--init-scheme", "hyperfan-in",
-)
-OPTIONS = {"chunking": "tensor", "generator_hidden": (16, 8), "init_scheme": "hyperfan-in"}
+OPTION_FLAGS = ("--chunking", "tensor", "--init-scheme", "hyperfan-in")
+OPTIONS = {"chunking": "tensor", "init_scheme": "hyperfan-in"}
 
 
 @pytest.mark.parametrize(
-    ("name", "mode"), [("linen_cnn", "dynamic"), ("nnx_cnn", "static"), ("nnx_mlp", "dynamic")]
+    ("name", "mode", "hidden"),
+    [("linen_cnn", "dynamic", False), ("nnx_cnn", "static", True), ("nnx_mlp", "dynamic", True)],
 )
 def test_options_match_runtime_with_the_same_options(
-    generated: Callable[[str, str], ModuleType], name: str, mode: str
+    generated: Callable[[str, str], ModuleType], name: str, mode: str, hidden: bool
 ) -> None:
-    """--chunking tensor (padding between tensors), --generator-hidden (an MLP generator) and
-    --init-scheme hyperfan-in (other scales): the generated file is still the runtime twin built with
-    the same keyword arguments, in every check of the zoo test; the embedding network's
-    widths too (dynamic)."""
+    """--chunking tensor (padding between tensors), --init-scheme hyperfan-in (other scales) and
+    --generator-hidden (an MLP generator; dynamic files then have nothing fused): the generated
+    file is still the runtime twin built with the same keyword arguments, in every check of
+    the zoo test; the embedding network's widths too (dynamic)."""
     flags, options = OPTION_FLAGS, dict(OPTIONS)
+    if hidden:
+        flags, options = (*flags, "--generator-hidden", "16,8"), {
+            **options, "generator_hidden": (16, 8)
+        }
     if mode == "dynamic":
         flags, options = (*flags, "--embedding-hidden", "24,12"), {
             **options, "embedding_hidden": (24, 12)
         }
     module = generated(name, mode, *flags)
     assert module.FLAT_SIZE > sum(p.size for p in module.GENERATED)  # padded
+    if mode == "dynamic":  # fused unless the generator has hidden layers
+        assert bool(getattr(module, "FUSED", ())) is not hidden
     assert all(p.offset % module.CHUNK_DIM == 0 for p in module.GENERATED)
     check = check_linen if name.startswith("linen") else check_nnx
     check(module, name, mode, **options)
@@ -619,3 +641,140 @@ def test_committed_digits_files_match_runtime(api: str) -> None:
             variables, x, generated_params=module.flatten_params(own["params"])
         )
         close(round_trip, target.apply(own, x), STATIC, "round trip")
+
+
+# -- the fused dynamic path -----------------------------------------------------------------------
+
+ZOO = Path(__file__).resolve().parent / "zoo" / "flax_convs.py"
+
+
+def generate_file(tmp_path: Path, target: str, *options: str) -> ModuleType:
+    file, _, name = target.partition(":")
+    out = tmp_path / f"{Path(file).stem}_{name}_dynamic.py"
+    args = [target, "--backend", "flax", "--mode", "dynamic", *options, "-o", str(out)]
+    assert main(args) == 0
+    return import_file(out)
+
+
+def linen_matches_runtime(
+    module: ModuleType, target: nn.Module, x: jax.Array, **options: Any
+) -> None:
+    """Outputs and gradients of the generated (fused) module equal the runtime's (eval)."""
+    runtime = FlaxHyperNetwork(target, mode="dynamic", **options)
+    gen = hypernetwork_class(module)()
+    variables = jax.jit(runtime.init)(jax.random.key(0), x)
+    rt, ours = linen_both(runtime, gen, False)(variables, x, jax.random.key(1))
+    close(ours["eval"]["aux"], rt["eval"]["aux"], DYNAMIC, "output, params")
+    close(ours["eval"]["grads"], rt["eval"]["grads"], GRAD, "grads")
+
+
+def test_fused_convolutions_and_fallbacks(tmp_path: Path) -> None:
+    """Strided, padded, dilated and 1-D convolutions are fused; grouped and circular ones and
+    DenseGeneral/LinearGeneral are materialised per sample; outputs and gradients equal the
+    runtime's either way (Linen and NNX)."""
+    x = _normal((BATCH, 9, 9, 2))
+    linen = generate_file(tmp_path, f"{ZOO}:LinenConvs")
+    assert [f.path for f in linen.FUSED] == [
+        ("Conv_0",),
+        ("Conv_1",),
+        ("Conv_4",),
+        ("Dense_0",),
+    ]
+    assert dict(linen.PER_SAMPLE) == {
+        "Conv_2": "grouped convolution",
+        "Conv_3": "padding='CIRCULAR'",
+        "DenseGeneral_0": "DenseGeneral has no fused form",
+    }
+    linen_matches_runtime(linen, import_file(ZOO).LinenConvs(), x)
+
+    module = generate_file(tmp_path, f"{ZOO}:make_nnx")
+    fused = {f.path[0] for f in module.FUSED}
+    assert fused == {"strided", "dilated", "conv1d", "out"}
+    assert dict(module.PER_SAMPLE)["grouped"] == "grouped convolution"
+    runtime = NNXHyperNetwork(
+        import_file(ZOO).make_nnx(),
+        mode="dynamic",
+        condition_dim=9 * 9 * 2,
+        rngs=nnx.Rngs(0),
+    )
+    gen = hypernetwork_class(module)(rngs=nnx.Rngs(0))
+    assert {type(gen.target.strided).__name__, type(gen.target.out).__name__} == {
+        "FusedConv",
+        "FusedLinear",
+    }
+    transfer(runtime, gen)
+    (rt, rt_grads), (ours, our_grads) = nnx_both(runtime, gen)(split_states(runtime, gen), x)
+    close(pure(ours), pure(rt), DYNAMIC, "output, generated_params, state")
+    close(pure(our_grads), pure(rt_grads), GRAD, "grads")
+
+
+def test_rows_spanning_too_many_chunks_are_materialised(tmp_path: Path) -> None:
+    """With 3-value chunks a kernel row of 64 spans 22 chunks: more than MAX_SEGMENTS, so those
+    layers run per sample; the 4-wide output layer's rows (2 chunks) stay fused."""
+    module = generate_file(tmp_path, str(TARGETS_DIR / "linen_mlp.py"), "--chunk-dim", "3")
+    assert [f.path for f in module.FUSED] == [("Dense_2",)]
+    assert dict(module.PER_SAMPLE)["Dense_1"] == "a kernel row spans 22 chunks (more than 16)"
+    linen_matches_runtime(module, plain_target("linen_mlp"), _normal((BATCH, 8)), chunk_dim=3)
+
+
+def test_nothing_fused_without_generated_kernels_or_a_linear_generator(
+    tmp_path: Path,
+) -> None:
+    """Kernels kept as parameters (--exclude) leave nothing to fuse: the file has no fused path
+    and returns its weight sets; a non-linear generator would fuse nothing either."""
+    module = generate_file(tmp_path, str(TARGETS_DIR / "linen_mlp.py"), "--exclude", "*.kernel")
+    assert (
+        not hasattr(module, "FUSED")
+        and "fusion:   no layer fused" in Path(module.__file__).read_text()
+    )
+    x = _normal((BATCH, 8))
+    gen = hypernetwork_class(module)()
+    runtime = FlaxHyperNetwork(
+        plain_target("linen_mlp"), mode="dynamic", include=lambda p: "kernel" not in p
+    )
+    variables = jax.jit(runtime.init)(jax.random.key(0), x)
+    out, flat = jax.jit(gen.apply)(variables, x)
+    close((out, flat), jax.jit(runtime.apply)(variables, x), DYNAMIC, "output, params")
+
+    loaded = load_target(str(TARGETS_DIR / "linen_mlp.py"))
+    layout = trace_selected(loaded)
+    plan = plan_fusion(loaded, layout, Chunking.resolve(layout.flat_size), linear_generator=False)
+    assert plan.fused == () and set(plan.reasons) == {
+        (f"Dense_{i}", "the weight generator is not linear") for i in range(3)
+    }
+
+
+@pytest.mark.parametrize("name", ["linen_mlp", "nnx_mlp"])
+def test_fused_path_builds_no_per_sample_weights(name: str) -> None:
+    """Every layer of the MLPs is fused: no value of the compiled forward+backward holds a
+    weight set per sample (``(batch, *kernel shape)`` or ``(batch, FLAT_SIZE)``)."""
+    module = example(f"{name}_{name.split('_')[0]}_dynamic")
+    assert len(module.FUSED) == 3 and module.PER_SAMPLE == ()
+    x = _normal((BATCH, 8))
+    if name == "linen_mlp":
+        gen = hypernetwork_class(module)()
+        variables = gen.init(jax.random.key(0), x)
+        loss = lambda p: gen.apply({"params": p}, x)[0].sum()  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"])
+    else:
+        gen = hypernetwork_class(module)(rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(gen, nnx.Param, ...)
+        loss = lambda p: nnx.merge(graphdef, p, rest)(x)[0].sum()  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+    forbidden = {(BATCH, module.FLAT_SIZE)} | {(BATCH, *p.shape) for p in module.GENERATED}
+    forbidden = {s for s in forbidden if math.prod(s) >= BATCH * 64 * 4}  # the kernels
+
+    def shapes_in(jaxpr: Any) -> Iterator[tuple[int, ...]]:
+        for eqn in jaxpr.eqns:
+            yield from (tuple(v.aval.shape) for v in eqn.outvars)
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", None)
+                if inner is not None:
+                    yield from shapes_in(getattr(inner, "jaxpr", inner))
+
+    seen = set(shapes_in(jaxpr.jaxpr))
+    assert (
+        3 * 64,
+        64,
+    ) in seen  # the shared stack of Dense_1 / hidden2: the fused path ran
+    assert not seen & forbidden, seen & forbidden
