@@ -81,6 +81,9 @@ FLAX_RESERVED_NAMES = frozenset(
         "per_sample",
         "merge_samples",
         "squeeze_sample",
+        # the weight generator's optional model_axis split
+        "model_mesh",
+        "split_chunks",
     }
 )
 
