@@ -98,6 +98,8 @@ def train(
     opt_state = optimizer.init(params)
     for _ in range(steps):
         params, opt_state = step(params, opt_state, xs, ys)
+        # one step at a time: with CPU (gloo) collectives, queued steps hung here (jax 0.10.2)
+        jax.block_until_ready(params)
     kernel = params["weight_generator"]["linear"]["kernel"]
     kernel = kernel.value if isinstance(kernel, nn.Partitioned) else kernel[...]
     values = nn.meta.unbox(params) if path.stem.startswith("linen") else nnx.to_pure_dict(params)
