@@ -134,15 +134,67 @@ class SmallCNNEmbedding(nn.Module):
         return self.scales(condition)[..., None] * self.weight
 
 
+def model_mesh(model_axis: str) -> jax.sharding.AbstractMesh | None:
+    """The mesh set with ``jax.set_mesh``, checked for ``model_axis``; ``None`` without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    if model_axis not in mesh.shape:
+        raise ValueError(
+            f"the mesh has no axis {model_axis!r} (its axes: {mesh.axis_names}); pass "
+            "model_axis=<one of them> or None"
+        )
+    if mesh.axis_types[mesh.axis_names.index(model_axis)] != jax.sharding.AxisType.Auto:
+        raise ValueError(
+            f"mesh axis {model_axis!r} is not of type Auto; build the mesh with "
+            "jax.sharding.Mesh(devices, names) or "
+            "jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
+        )
+    if CHUNK_DIM % mesh.shape[model_axis]:
+        raise ValueError(
+            f"CHUNK_DIM={CHUNK_DIM} does not split over the {mesh.shape[model_axis]} devices of "
+            f"mesh axis {model_axis!r}; regenerate with --chunk-dim a multiple of "
+            f"{mesh.shape[model_axis]}"
+        )
+    return mesh
+
+
+def split_chunks(x: jax.Array, model_axis: str) -> jax.Array:
+    """``x`` constrained to have its last dimension (``CHUNK_DIM``) split over mesh axis
+    ``model_axis`` (other dimensions: XLA's choice); under ``jax.set_mesh`` only."""
+    spec = jax.sharding.PartitionSpec(
+        *[jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1), model_axis
+    )
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 class SmallCNNWeightGenerator(nn.Module):
     """Maps each embedding to a chunk of ``CHUNK_DIM`` values: ``(..., EMBEDDING_DIM)`` ->
     ``(..., CHUNK_DIM)``. Linear (``linear``): kernel ~ N(0, 1/EMBEDDING_DIM), zero bias, so the
-    output has unit variance at initialisation."""
+    output has unit variance at initialisation.
+
+    Attributes:
+        model_axis: a mesh axis to split the output dimension ``CHUNK_DIM`` over (for a
+            generated vector too large for one device): the kernel and bias are annotated
+            ``nn.with_partitioning(init, (None, model_axis))``/``(model_axis,)`` and, under
+            ``jax.set_mesh(mesh)``, the output is constrained to that split. ``None`` (default):
+            no annotation. Without a mesh nothing is split; the parameters are only boxed
+            (``nn.Partitioned``: ``nn.get_partition_spec`` reads it, ``nn.meta.unbox`` drops it).
+    """
+
+    model_axis: str | None = None
 
     @nn.compact
     def __call__(self, embedding: jax.Array) -> jax.Array:
         init = nn.initializers.normal(1.0 / math.sqrt(EMBEDDING_DIM))
-        return nn.Dense(CHUNK_DIM, kernel_init=init, name="linear")(embedding)
+        if self.model_axis is None:
+            return nn.Dense(CHUNK_DIM, kernel_init=init, name="linear")(embedding)
+        mesh = model_mesh(self.model_axis)  # checked before the annotated params are used
+        kernel_init = nn.with_partitioning(init, (None, self.model_axis))
+        bias_init = nn.with_partitioning(nn.initializers.zeros_init(), (self.model_axis,))
+        dense = nn.Dense(CHUNK_DIM, kernel_init=kernel_init, bias_init=bias_init, name="linear")
+        raw = dense(embedding)
+        return raw if mesh is None else split_chunks(raw, self.model_axis)
 
 
 def check_layout(
@@ -425,9 +477,12 @@ class SmallCNNHyperNetwork(nn.Module):
             Its collections besides ``params`` (``STATE_COLLECTIONS``) are variables of this module
             under the key ``target``, updated when the collection is mutable
             (``apply(..., mutable=[...])``) and frozen otherwise, as the target's own are.
+        model_axis: a mesh axis to split the weight generator's output over (see
+            ``SmallCNNWeightGenerator``); ``None`` (default): not split.
     """
 
     target_network: nn.Module = dataclasses.field(default_factory=lambda: SmallCNN())
+    model_axis: str | None = None
 
     def setup(self) -> None:
         self.param_scale = self.param(
@@ -437,7 +492,7 @@ class SmallCNNHyperNetwork(nn.Module):
             "param_shift", lambda _: jnp.asarray([p.init_mean for p in GENERATED], jnp.float32)
         )
         self.embedding_module = SmallCNNEmbedding()
-        self.weight_generator = SmallCNNWeightGenerator()
+        self.weight_generator = SmallCNNWeightGenerator(model_axis=self.model_axis)
 
     def generate_params(self, condition: jax.Array) -> jax.Array:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -570,4 +625,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=0f0667e5bc0354cb1710c414be7fcefa83bb783d62191e371b44dbeca682d065
+# hypernn-gen: sha256=eaa2224554a95771e0785c798a8343345fe45b1b7145fa87ae6f44687162b821

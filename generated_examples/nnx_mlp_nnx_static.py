@@ -96,17 +96,72 @@ class NnxMlpEmbedding(nnx.Module):
         return self.weight[...]
 
 
+def model_mesh(model_axis: str) -> jax.sharding.AbstractMesh | None:
+    """The mesh set with ``jax.set_mesh``, checked for ``model_axis``; ``None`` without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    if model_axis not in mesh.shape:
+        raise ValueError(
+            f"the mesh has no axis {model_axis!r} (its axes: {mesh.axis_names}); pass "
+            "model_axis=<one of them> or None"
+        )
+    if mesh.axis_types[mesh.axis_names.index(model_axis)] != jax.sharding.AxisType.Auto:
+        raise ValueError(
+            f"mesh axis {model_axis!r} is not of type Auto; build the mesh with "
+            "jax.sharding.Mesh(devices, names) or "
+            "jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
+        )
+    if CHUNK_DIM % mesh.shape[model_axis]:
+        raise ValueError(
+            f"CHUNK_DIM={CHUNK_DIM} does not split over the {mesh.shape[model_axis]} devices of "
+            f"mesh axis {model_axis!r}; regenerate with --chunk-dim a multiple of "
+            f"{mesh.shape[model_axis]}"
+        )
+    return mesh
+
+
+def split_chunks(x: jax.Array, model_axis: str) -> jax.Array:
+    """``x`` constrained to have its last dimension (``CHUNK_DIM``) split over mesh axis
+    ``model_axis`` (other dimensions: XLA's choice); under ``jax.set_mesh`` only."""
+    spec = jax.sharding.PartitionSpec(
+        *[jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1), model_axis
+    )
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 class NnxMlpWeightGenerator(nnx.Module):
     """Maps each embedding to a chunk of ``CHUNK_DIM`` values: ``(..., EMBEDDING_DIM)`` ->
     ``(..., CHUNK_DIM)``. Linear (``linear``): kernel ~ N(0, 1/EMBEDDING_DIM), zero bias, so the
-    output has unit variance at initialisation."""
+    output has unit variance at initialisation.
 
-    def __init__(self, *, rngs: nnx.Rngs) -> None:
+    Args:
+        model_axis: a mesh axis to split the output dimension ``CHUNK_DIM`` over (for a
+            generated vector too large for one device): the kernel and bias get
+            ``nnx.with_partitioning`` metadata ``(None, model_axis)``/``(model_axis,)``, so
+            built under ``jax.set_mesh(mesh)`` they are created split, and the output is
+            constrained to that split. ``None`` (default): no annotation. Without a mesh the
+            metadata is kept (``nnx.get_partition_spec``) and nothing is split.
+        rngs: initialises the kernel.
+    """
+
+    def __init__(self, *, model_axis: str | None = None, rngs: nnx.Rngs) -> None:
         init = nnx.initializers.normal(1.0 / math.sqrt(EMBEDDING_DIM))
-        self.linear = nnx.Linear(EMBEDDING_DIM, CHUNK_DIM, kernel_init=init, rngs=rngs)
+        bias_init = nnx.initializers.zeros_init()
+        if model_axis is not None:
+            eager = model_mesh(model_axis) is not None  # split under a mesh, else metadata only
+            init = nnx.with_partitioning(init, (None, model_axis), eager_sharding=eager)
+            bias_init = nnx.with_partitioning(bias_init, (model_axis,), eager_sharding=eager)
+        self.model_axis = model_axis
+        self.linear = nnx.Linear(
+            EMBEDDING_DIM, CHUNK_DIM, kernel_init=init, bias_init=bias_init, rngs=rngs
+        )
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
-        return self.linear(embedding)
+        raw = self.linear(embedding)
+        if self.model_axis is None or model_mesh(self.model_axis) is None:
+            return raw
+        return split_chunks(raw, self.model_axis)
 
 
 def check_layout(target_network: nnx.Module) -> None:
@@ -180,15 +235,23 @@ class NnxMlpHyperNetwork(nnx.Module):
     Args:
         target_network: the target to drive; a fresh ``make_target()`` by default. It is
             copied (see ``without_generated``); the original is untouched.
+        model_axis: a mesh axis to split the weight generator's output over (see
+            ``NnxMlpWeightGenerator``); ``None`` (default): not split.
         rngs: initialises the embedding and the weight generator.
     """
 
-    def __init__(self, target_network: nnx.Module | None = None, *, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self,
+        target_network: nnx.Module | None = None,
+        *,
+        model_axis: str | None = None,
+        rngs: nnx.Rngs,
+    ) -> None:
         if target_network is None:
             target_network = make_target()
         check_layout(target_network)
         self.embedding_module = NnxMlpEmbedding(rngs=rngs)
-        self.weight_generator = NnxMlpWeightGenerator(rngs=rngs)
+        self.weight_generator = NnxMlpWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
         self.target = without_generated(target_network)
@@ -270,4 +333,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=1b3b5387212d7eda2d1c847fb557788d4702f181b55df09367250ffe0647a2d8
+# hypernn-gen: sha256=81f5f9a7cfc51e5a6783859f1d8e5f21c418aca7dc672222100e8ead011d7f57

@@ -96,6 +96,9 @@ FLAX_RESERVED_NAMES = frozenset(
         "fused_layers",
         "FusedLinear",
         "FusedConv",
+        # the weight generator's optional model_axis split
+        "model_mesh",
+        "split_chunks",
     }
 )
 

@@ -207,6 +207,54 @@ def check_flat(layout: Layout, flat: Any, mode: str) -> None:
         )
 
 
+# -- sharding the weight generator's output ------------------------------------------------------
+
+
+MODEL_AXIS_HIDDEN = (
+    "model_axis with generator_hidden is not supported by the runtime library (generated files "
+    "support it); use a linear generator here, or generate the file with --generator-hidden"
+)
+MODEL_AXIS_CUSTOM = (
+    "model_axis splits the default weight generator only; with weight_generator_constructor, "
+    "annotate your generator's parameters yourself (with_partitioning) and pass model_axis=None"
+)
+
+
+def model_mesh(model_axis: str, chunk_dim: int) -> Any:
+    """The mesh set with ``jax.set_mesh`` (an ``AbstractMesh``), checked for ``model_axis``;
+    ``None`` without one (then ``model_axis`` annotates but splits nothing)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    if model_axis not in mesh.shape:
+        raise HyperNetworkError(
+            f"the mesh has no axis {model_axis!r} (its axes: {mesh.axis_names}); pass "
+            "model_axis=<one of them> or None"
+        )
+    if mesh.axis_types[mesh.axis_names.index(model_axis)] != jax.sharding.AxisType.Auto:
+        raise HyperNetworkError(
+            f"mesh axis {model_axis!r} is not of type Auto; build the mesh with "
+            "jax.sharding.Mesh(devices, names) or "
+            "jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
+        )
+    size = mesh.shape[model_axis]
+    if chunk_dim % size:
+        raise HyperNetworkError(
+            f"the chunk size {chunk_dim} does not split over the {size} devices of mesh axis "
+            f"{model_axis!r}; pass chunk_dim=<a multiple of {size}>"
+        )
+    return mesh
+
+
+def split_chunks(x: jax.Array, model_axis: str) -> jax.Array:
+    """``x`` constrained to have its last dimension split over mesh axis ``model_axis`` (the
+    other dimensions: XLA's choice); only under ``jax.set_mesh``."""
+    unconstrained = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.PartitionSpec(*unconstrained, model_axis)
+    )
+
+
 # -- dynamic mode -------------------------------------------------------------------------------
 
 

@@ -125,15 +125,28 @@ class DynamicEmbedding(FlaxEmbeddingModule):
 class LinearWeightGenerator(FlaxWeightGenerator):
     """One linear map (``linear``) from an embedding to a chunk; unit-variance output at init.
 
-    Kernel ~ N(0, 1/embedding_dim), zero bias.
+    Kernel ~ N(0, 1/embedding_dim), zero bias. ``model_axis``: a mesh axis to split the output
+    dimension (``hidden_dim``) over: kernel and bias are ``nn.with_partitioning``-annotated
+    ``(None, model_axis)``/``(model_axis,)`` and, under ``jax.set_mesh``, the output is
+    constrained to that split; ``None`` (default): no annotation.
     """
+
+    model_axis: str | None = None
 
     @nn.compact
     def __call__(self, embedding: jax.Array) -> jax.Array:
-        std = 1.0 / math.sqrt(self.embedding_dim)
-        return nn.Dense(self.hidden_dim, kernel_init=nn.initializers.normal(std), name="linear")(
-            embedding
+        init = nn.initializers.normal(1.0 / math.sqrt(self.embedding_dim))
+        if self.model_axis is None:
+            return nn.Dense(self.hidden_dim, kernel_init=init, name="linear")(embedding)
+        mesh = c.model_mesh(self.model_axis, self.hidden_dim)
+        dense = nn.Dense(
+            self.hidden_dim,
+            kernel_init=nn.with_partitioning(init, (None, self.model_axis)),
+            bias_init=nn.with_partitioning(nn.initializers.zeros_init(), (self.model_axis,)),
+            name="linear",
         )
+        raw = dense(embedding)
+        return raw if mesh is None else c.split_chunks(raw, self.model_axis)
 
 
 class MLPWeightGenerator(FlaxWeightGenerator):
@@ -173,6 +186,8 @@ class FlaxHyperNetwork(nn.Module):
             (``None``: inferred; ``condition_shape`` gives it too).
         include: predicate on dotted ``params`` paths; rejected parameters are ordinary
             parameters of the hypernetwork, under ``params["target"]``.
+        model_axis: a mesh axis to split the default weight generator's output over (see
+            :class:`LinearWeightGenerator`); ``None`` (default): not split.
 
     ``hn.apply(variables, *inputs, generated_params=None, condition=None, **target_kwargs)``
     returns ``(output, generated_params)``, the flat vector ``(flat_size,)`` (static) or
@@ -194,6 +209,7 @@ class FlaxHyperNetwork(nn.Module):
     condition_dim: int | None = None
     embedding_hidden: tuple[int, ...] = (64,)
     include: Callable[[str], bool] | None = None
+    model_axis: str | None = None
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -305,10 +321,15 @@ class FlaxHyperNetwork(nn.Module):
                 embedding_ctor = StaticEmbedding
         generator_ctor = self.weight_generator_constructor
         if generator_ctor is None and self.generator_hidden:
+            if self.model_axis is not None:
+                raise HyperNetworkError(c.MODEL_AXIS_HIDDEN)
             generator_ctor = functools.partial(
                 MLPWeightGenerator, generator_hidden=tuple(self.generator_hidden)
             )
-        generator_ctor = generator_ctor or LinearWeightGenerator
+        if generator_ctor is None:
+            generator_ctor = functools.partial(LinearWeightGenerator, model_axis=self.model_axis)
+        elif self.model_axis is not None and not self.generator_hidden:
+            raise HyperNetworkError(c.MODEL_AXIS_CUSTOM)
         embedding_module = self._child(
             embedding_ctor(d, n), "embedding_module", "FlaxEmbeddingModule"
         )

@@ -141,15 +141,34 @@ class NNXDynamicEmbedding(NNXEmbeddingModule):
 
 
 class NNXLinearWeightGenerator(NNXWeightGenerator):
-    """One linear map (``linear``) from an embedding to a chunk; kernel ~ N(0, 1/embedding_dim)."""
+    """One linear map (``linear``) from an embedding to a chunk; kernel ~ N(0, 1/embedding_dim).
 
-    def __init__(self, embedding_dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
+    ``model_axis``: a mesh axis to split the output dimension (``hidden_dim``) over: kernel and
+    bias get ``nnx.with_partitioning`` metadata ``(None, model_axis)``/``(model_axis,)`` (built
+    under ``jax.set_mesh(mesh)``: created split) and the output is constrained to that split;
+    without a mesh only the metadata is kept. ``None`` (default): no annotation.
+    """
+
+    def __init__(
+        self, embedding_dim: int, hidden_dim: int, *, model_axis: str | None = None, rngs: nnx.Rngs
+    ):
         super().__init__(embedding_dim, hidden_dim)
         init = nnx.initializers.normal(1.0 / math.sqrt(embedding_dim))
-        self.linear = nnx.Linear(embedding_dim, hidden_dim, kernel_init=init, rngs=rngs)
+        bias_init = nnx.initializers.zeros_init()
+        if model_axis is not None:
+            eager = c.model_mesh(model_axis, hidden_dim) is not None
+            init = nnx.with_partitioning(init, (None, model_axis), eager_sharding=eager)
+            bias_init = nnx.with_partitioning(bias_init, (model_axis,), eager_sharding=eager)
+        self.model_axis = model_axis
+        self.linear = nnx.Linear(
+            embedding_dim, hidden_dim, kernel_init=init, bias_init=bias_init, rngs=rngs
+        )
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
-        return self.linear(embedding)
+        raw = self.linear(embedding)
+        if self.model_axis is None or c.model_mesh(self.model_axis, self.hidden_dim) is None:
+            return raw
+        return c.split_chunks(raw, self.model_axis)
 
 
 class NNXMLPWeightGenerator(NNXWeightGenerator):
@@ -196,6 +215,8 @@ class NNXHyperNetwork(nnx.Module):
             condition_shape, condition_dim, embedding_hidden, include: as in
             :class:`~hypernn_gen.runtime.torch.TorchHyperNetwork` (the CLI's option names);
             params ``include`` rejects stay ``nnx.Param`` of ``hn.target`` (trained directly).
+        model_axis: a mesh axis to split the default weight generator's output over (see
+            :class:`NNXLinearWeightGenerator`); ``None`` (default): not split.
         rngs: initialises the embedding and the generator.
 
     ``hn(*inputs, generated_params=None, condition=None, **kwargs)`` returns
@@ -219,6 +240,7 @@ class NNXHyperNetwork(nnx.Module):
         condition_dim: int | None = None,
         embedding_hidden: tuple[int, ...] = (64,),
         include: Callable[[str], bool] | None = None,
+        model_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
         if mode not in ("static", "dynamic"):
@@ -248,12 +270,18 @@ class NNXHyperNetwork(nnx.Module):
                 )
             else:
                 embedding_module_constructor = NNXStaticEmbedding
+        if model_axis is not None and weight_generator_constructor is not None:
+            raise HyperNetworkError(c.MODEL_AXIS_CUSTOM)
+        if model_axis is not None and generator_hidden:
+            raise HyperNetworkError(c.MODEL_AXIS_HIDDEN)
         if weight_generator_constructor is None and generator_hidden:
             weight_generator_constructor = functools.partial(
                 NNXMLPWeightGenerator, generator_hidden=tuple(generator_hidden)
             )
         if weight_generator_constructor is None:
-            weight_generator_constructor = NNXLinearWeightGenerator
+            weight_generator_constructor = functools.partial(
+                NNXLinearWeightGenerator, model_axis=model_axis
+            )
         self.embedding_module = embedding_module_constructor(
             embedding_dim, self.num_embeddings, rngs=rngs
         )
