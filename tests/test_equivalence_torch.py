@@ -410,3 +410,31 @@ def test_dynamic_mode_refuses_recurrent_layers(tmp_path, capsys) -> None:  # noq
     assert not out.exists()
     with pytest.raises(TraceError, match=r"lstm \(LSTM\).*static mode"):
         TorchHyperNetwork(make_plain_target("rnn"), mode="dynamic", condition_dim=24)
+
+
+def test_fused_norms_update_statistics_like_the_runtime(generated) -> None:
+    """Fused BatchNorm1d (after fused Embedding and LayerNorm): each sample normalised alone, and
+    the running statistics moved by the mean of the per-sample updates, as the runtime's vmap."""
+    module = generated("normed", "dynamic")
+    assert {f.path: f.kind for f in module.FUSED} == {
+        "embed": "embedding", "norm": "layer_norm", "bn": "batch_norm", "head": "linear"
+    }
+    plain, hyper, runtime = build(module, "normed", "dynamic")
+    hyper.train(), runtime.train()
+    for step in range(2):
+        x = inputs("normed", 6)
+        out_hyper, _ = hyper(x)
+        out_runtime, _ = runtime(x)
+        assert_close(out_hyper, out_runtime, DYNAMIC, f"step {step}: output")
+        ours, theirs = dict(hyper.target.named_buffers()), dict(runtime.target.named_buffers())
+        for name in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+            assert_close(ours[name], theirs[name], DYNAMIC, f"step {step}: {name}")
+    assert ours["bn.num_batches_tracked"].item() == 2
+    assert ours["bn.running_var"].sub(1).abs().sum() > 0  # the statistics did move
+
+
+def test_fused_embedding_refuses_ids_out_of_range(generated) -> None:
+    _, hyper, _ = build(generated("normed", "dynamic"), "normed", "dynamic")
+    ids = torch.full((2, 5), 12)
+    with pytest.raises(IndexError, match=r"ids must lie in \[0, 12\)"):
+        hyper(ids)
