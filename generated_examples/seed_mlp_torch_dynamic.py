@@ -163,24 +163,27 @@ def without_generated(target_network: nn.Module) -> nn.Module:
 # (s: per-sample embedding scales, g0: the generator applied to the shared table, bg: its bias).
 # For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1, one
 # shared GEMM/convolution with (S + 1) * out outputs and a per-sample weighted sum over the S
-# segments give exactly the per-sample outputs. Other modules that own generated tensors or
-# buffers run per sample (vmap) with just their own tensors materialised.
+# segments give exactly the per-sample outputs. Norm layers normalise the whole batch (each
+# sample by its own statistics) and apply each sample's weight and bias; an Embedding computes
+# just the rows it looks up. Other modules that own generated tensors or buffers run per sample
+# (vmap) with just their own tensors materialised.
 
 
 class FusedLayer(NamedTuple):
-    """A Linear/Conv layer computed from shared weights: its module path, the indices of its
-    weight and bias in GENERATED (bias None: the layer keeps its own), and S."""
+    """A layer computed from shared weights: its module path, its kind, the indices of its
+    weight and bias in GENERATED (None: the layer keeps its own), and S for Linear/Conv."""
 
     path: str
-    weight: int
+    kind: str
+    weight: int | None
     bias: int | None
     segments: int
 
 
 FUSED: tuple[FusedLayer, ...] = (
-    FusedLayer("0", 0, 1, 2),
-    FusedLayer("2", 2, 3, 2),
-    FusedLayer("4", 4, None, 2),
+    FusedLayer("0", "linear", 0, 1, 2),
+    FusedLayer("2", "linear", 2, 3, 2),
+    FusedLayer("4", "linear", 4, None, 2),
 )
 # Modules run per sample with their own generated tensors materialised, and why.
 PER_SAMPLE: tuple[tuple[str, str], ...] = ()
@@ -190,55 +193,67 @@ class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
     scales: Tensor  # (batch, NUM_EMBEDDINGS)
-    g0: Tensor  # (NUM_EMBEDDINGS * CHUNK_DIM,): generator weight applied to the shared table
-    bias: Tensor  # (CHUNK_DIM,): generator bias
-    param_scale: Tensor
-    param_shift: Tensor
+    g0: Tensor  # (NUM_EMBEDDINGS, CHUNK_DIM): the generator's weight applied to the shared table
+    bias: Tensor  # (CHUNK_DIM,): the generator's bias
+    param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
+    param_shift: tuple[Tensor, ...]
 
     def materialise(self, i: int) -> Tensor:
-        """GENERATED[i] for every sample, ``(batch, *shape)``."""
+        """GENERATED[i] for every sample, ``(batch, *shape)``, from the chunks it overlaps."""
         p = GENERATED[i]
-        pos = torch.arange(p.offset, p.offset + p.size, device=self.g0.device)
-        raw = self.scales[:, pos // CHUNK_DIM] * self.g0[pos] + self.bias[pos % CHUNK_DIM]
-        return (self.param_shift[i] + self.param_scale[i] * raw).reshape(-1, *p.shape)
+        first, last = p.offset // CHUNK_DIM, (p.offset + p.size - 1) // CHUNK_DIM
+        chunks = torch.addcmul(
+            self.bias, self.scales[:, first : last + 1, None], self.g0[first : last + 1]
+        )
+        start = p.offset - first * CHUNK_DIM
+        raw = chunks.flatten(1)[:, start : start + p.size]
+        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw).view(-1, *p.shape)
 
 
 class FusedIndex(nn.Module):
-    """Constant index tensors of one fused layer (non-persistent buffers: not in state_dict)."""
+    """Constant index tensors of one fused Linear/Conv layer (non-persistent buffers)."""
 
     def __init__(self, layer: FusedLayer) -> None:
         super().__init__()
         self.layer = layer
+        p = GENERATED[layer.weight]
+        first, last = p.offset // CHUNK_DIM, (p.offset + p.size - 1) // CHUNK_DIM
+        self.chunks = last - first + 1  # the chunks the weight overlaps, and where it starts
+        self.start = p.offset - first * CHUNK_DIM
         for name, value in self.indices().items():
             self.register_buffer(name, value, persistent=False)
 
     def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
-        """The index tensors, computed from the layout alone."""
-        p = GENERATED[self.layer.weight]
+        """The index tensors, computed from the layout alone: ``mask[j, o, i]`` says whether
+        element ``(o, i)`` of the flattened weight lies in segment ``j`` of its row, ``chunk``
+        is the chunk of each (segment, row)."""
+        p, segments = GENERATED[self.layer.weight], self.layer.segments
         pos = p.offset + torch.arange(p.size, device=device).view(p.shape[0], -1)
         first = pos[:, 0] // CHUNK_DIM
-        chunk = first[None, :] + torch.arange(self.layer.segments, device=device)[:, None]
+        chunk = first[None, :] + torch.arange(segments, device=device)[:, None]
+        segment = pos // CHUNK_DIM - first[:, None]
         return {
-            "segment": pos // CHUNK_DIM - first[:, None],
-            "chunk": chunk.clamp(max=NUM_EMBEDDINGS - 1),
-            "bias_index": pos % CHUNK_DIM,
+            "mask": segment[None] == torch.arange(segments, device=device).view(-1, 1, 1),
+            "chunk": chunk.clamp(max=NUM_EMBEDDINGS - 1).flatten(),
         }
 
     def _init_buffers(self) -> None:
         """Compute the buffers again, in place (``to_empty`` leaves them uninitialised)."""
-        for name, value in self.indices(self.segment.device).items():
+        for name, value in self.indices(self.chunk.device).items():
             getattr(self, name).copy_(value)
 
     def stacked(self, shared: Shared) -> tuple[Tensor, Tensor]:
-        """Shared weights ``((S + 1) * out, *in_shape)`` and coefficients ``(batch, S + 1, out)``."""
+        """Shared weights ``((S + 1) * out, *in_shape)``: the S segments of every row, then the
+        constant part; and the segments' per-sample coefficients ``(batch, S, out)``."""
         i, p = self.layer.weight, GENERATED[self.layer.weight]
-        w0 = shared.g0[p.offset : p.offset + p.size].view(p.shape[0], -1) * shared.param_scale[i]
-        segments = w0.new_zeros(self.layer.segments, *w0.shape)
-        segments = segments.scatter(0, self.segment[None], w0[None])
-        constant = shared.param_shift[i] + shared.param_scale[i] * shared.bias[self.bias_index]
-        weight = torch.cat([segments.flatten(0, 1), constant]).view(-1, *p.shape[1:])
-        ones = shared.scales.new_ones(shared.scales.shape[0], 1, p.shape[0])
-        return weight, torch.cat([shared.scales[:, self.chunk], ones], 1)
+        scale, shift = shared.param_scale[i], shared.param_shift[i]
+        w0 = shared.g0.view(-1)[p.offset : p.offset + p.size].view(p.shape[0], -1) * scale
+        segments = torch.where(self.mask, w0, 0.0).flatten(0, 1) if self.layer.segments > 1 else w0
+        bias = shared.bias.expand(self.chunks, -1).reshape(-1)[self.start : self.start + p.size]
+        constant = torch.addcmul(shift, scale, bias).view_as(w0)
+        weight = torch.cat([segments, constant]).view(-1, *p.shape[1:])
+        coeff = shared.scales.index_select(1, self.chunk).view(-1, self.layer.segments, p.shape[0])
+        return weight, coeff
 
 
 def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -248,14 +263,15 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
         return type(self).__mro__[1].forward(self, x)
     index: FusedIndex = self.hyper_index[0]
     weight, coeff = index.stacked(shared)
-    groups = index.layer.segments + 1
-    if isinstance(self, nn.Linear):  # (batch, ..., in) -> (batch, ..., groups, out)
-        z = F.linear(x, weight).unflatten(-1, (groups, -1))
-        y = (z * coeff.view(x.shape[0], *(1,) * (x.dim() - 2), *coeff.shape[1:])).sum(-2)
+    s = index.layer.segments
+    if isinstance(self, nn.Linear):  # (batch, ..., in) -> (batch, ..., S + 1, out)
+        z = F.linear(x, weight).unflatten(-1, (s + 1, -1))
+        coeff = coeff.view(x.shape[0], *(1,) * (x.dim() - 2), s, -1)
+        y = (z[..., :s, :] * coeff).sum(-2) + z[..., s, :]
         channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
-    else:  # (batch, in, *spatial) -> (batch, groups, out, *spatial)
-        z = self._conv_forward(x, weight, None).unflatten(1, (groups, -1))
-        y = (z * coeff.view(*coeff.shape, *(1,) * (x.dim() - 2))).sum(1)
+    else:  # (batch, in, *spatial) -> (batch, S + 1, out, *spatial)
+        z = self._conv_forward(x, weight, None).unflatten(1, (s + 1, -1))
+        y = (z[:, :s] * coeff.view(*coeff.shape, *(1,) * (x.dim() - 2))).sum(1) + z[:, s]
         channel_shape = (x.shape[0], -1, *(1,) * (x.dim() - 2))
     if index.layer.bias is not None:
         return y + shared.materialise(index.layer.bias).view(channel_shape)
@@ -281,7 +297,7 @@ def run_per_sample(
 
     def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
         xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
-        out = functional_call(module, {**p, **b}, xs, kwargs)
+        out = functional_call(module, {**p, **b}, xs, kwargs, tie_weights=False)
         if not any(batched):
             return out
         return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
@@ -295,39 +311,23 @@ def run_per_sample(
     return output
 
 
-def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """forward() of a module run per sample with its own generated tensors materialised."""
-    shared: Shared | None = self.hyper_shared
-    if shared is None:
-        return type(self).__mro__[1].forward(self, *args, **kwargs)
-    params = {name: shared.materialise(i) for name, i in self.hyper_params}
-    self.hyper_shared = None  # inside, the module's own forward runs
-    try:
-        return run_per_sample(self, params, shared.scales.shape[0], args, kwargs)
-    finally:
-        self.hyper_shared = shared
+FORWARDS: dict[str, Any] = {  # the forward() each fused kind gets
+    "linear": fused_forward,
+}
 
 
 def install_fusion(target: nn.Module, indices: nn.ModuleList) -> tuple[nn.Module, ...]:
     """Swap the forward of fused and per-sample modules (their state and names are unchanged)."""
     swapped = []
-    for layer, index in zip(FUSED, indices, strict=True):
+    index = iter(indices)  # one FusedIndex per Linear/Conv layer
+    for layer in FUSED:
         module = target.get_submodule(layer.path)
         module.__class__ = type(
-            f"Fused{type(module).__name__}", (type(module),), {"forward": fused_forward}
+            f"Fused{type(module).__name__}", (type(module),), {"forward": FORWARDS[layer.kind]}
         )
-        module.hyper_index = (index,)
-        swapped.append(module)
-    names = {p.path: i for i, p in enumerate(GENERATED)}
-    for path, _ in PER_SAMPLE:
-        module = target.get_submodule(path)
-        module.__class__ = type(
-            f"PerSample{type(module).__name__}", (type(module),), {"forward": per_sample_forward}
-        )
-        prefix = f"{path}." if path else ""
-        module.hyper_params = tuple(
-            (n[len(prefix) :], i) for n, i in names.items() if n.startswith(prefix)
-        )
+        module.hyper_layer = layer
+        if layer.segments:
+            module.hyper_index = (next(index),)
         swapped.append(module)
     for module in swapped:
         module.hyper_shared = None
@@ -354,10 +354,8 @@ class SeedMlpHyperNetwork(nn.Module):
         self.weight_generator = SeedMlpWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        sizes = torch.tensor([p.size for p in GENERATED])
-        self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
-        self.fused_index = nn.ModuleList(FusedIndex(layer) for layer in FUSED)
+        self.fused_index = nn.ModuleList(FusedIndex(layer) for layer in FUSED if layer.segments)
         self.swapped = install_fusion(self.target, self.fused_index)
 
     def reset_parameters(self) -> None:
@@ -378,15 +376,7 @@ class SeedMlpHyperNetwork(nn.Module):
             device = self.param_scale.device
             self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
             self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-        self._init_buffers()
-
-    @torch.no_grad()
-    def _init_buffers(self) -> None:
-        """Compute the non-persistent index buffers again, in place (they are not in the
-        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
-        self.param_sizes.copy_(sizes)
-        for index in self.fused_index:
+        for index in self.fused_index:  # non-persistent index buffers: to_empty leaves them empty
             index._init_buffers()
 
     def generate_params(self, condition: Tensor) -> Tensor:
@@ -396,18 +386,21 @@ class SeedMlpHyperNetwork(nn.Module):
         return self.decode(raw[:, :FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Per-tensor affine map from raw generator output to parameter values."""
-        sizes = self.param_sizes
-        scale = self.param_scale.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        shift = self.param_shift.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        return torch.addcmul(shift, raw, scale)
+        """Per-tensor affine map from raw generator output to parameter values, tensor by
+        tensor (leading batch dimensions are kept)."""
+        pieces = raw.split([p.size for p in GENERATED], -1)
+        scale = self.param_scale.to(raw.dtype).unbind()
+        shift = self.param_shift.to(raw.dtype).unbind()
+        decoded = [torch.addcmul(shift[i], piece, scale[i]) for i, piece in enumerate(pieces)]
+        return torch.cat(decoded, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
         batch = flat.shape[:-1]
+        pieces = flat.split([p.size for p in GENERATED], -1)  # one split: one backward node
         params = {
-            p.path: flat[..., p.offset : p.offset + p.size].reshape(*batch, *p.shape)
-            for p in GENERATED
+            p.path: piece.reshape(*batch, *p.shape)
+            for p, piece in zip(GENERATED, pieces, strict=True)
         }
         return params
 
@@ -452,12 +445,10 @@ class SeedMlpHyperNetwork(nn.Module):
         """The target on the whole batch, fused layers computing per-sample outputs."""
         shared = Shared(
             scales=self.embedding_module.scales(condition),
-            g0=F.linear(
-                self.embedding_module.weight, self.weight_generator.linear.weight
-            ).flatten(),
+            g0=F.linear(self.embedding_module.weight, self.weight_generator.linear.weight),
             bias=self.weight_generator.linear.bias,
-            param_scale=self.param_scale,
-            param_shift=self.param_shift,
+            param_scale=self.param_scale.unbind(),
+            param_shift=self.param_shift.unbind(),
         )
         for module in self.swapped:
             module.hyper_shared = shared
@@ -483,4 +474,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=3760d1f212f5fa8bafbd17392f59930107b21a68971d5a75840b608fd3408f38
+# hypernn-gen: sha256=de1eb3106c0aa5f02ae6342960bc140ee00b8346d998fbc3007e22f1c28eda52

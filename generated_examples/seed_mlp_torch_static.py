@@ -152,14 +152,12 @@ class SeedMlpHyperNetwork(nn.Module):
         self.weight_generator = SeedMlpWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        sizes = torch.tensor([p.size for p in GENERATED])
-        self.register_buffer("param_sizes", sizes, persistent=False)
         self.target = without_generated(target_network)
 
     def reset_parameters(self) -> None:
         """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
         exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
-        makes once the target is built), and compute the index buffers again.
+        makes once the target is built).
 
         With it a hypernetwork can be built without memory and materialised where it runs::
 
@@ -174,14 +172,6 @@ class SeedMlpHyperNetwork(nn.Module):
             device = self.param_scale.device
             self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
             self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-        self._init_buffers()
-
-    @torch.no_grad()
-    def _init_buffers(self) -> None:
-        """Compute the non-persistent index buffers again, in place (they are not in the
-        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        sizes = torch.tensor([p.size for p in GENERATED], device=self.param_sizes.device)
-        self.param_sizes.copy_(sizes)
 
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -189,18 +179,21 @@ class SeedMlpHyperNetwork(nn.Module):
         return self.decode(raw[:FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Per-tensor affine map from raw generator output to parameter values."""
-        sizes = self.param_sizes
-        scale = self.param_scale.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        shift = self.param_shift.to(raw.dtype).repeat_interleave(sizes, output_size=FLAT_SIZE)
-        return torch.addcmul(shift, raw, scale)
+        """Per-tensor affine map from raw generator output to parameter values, tensor by
+        tensor (leading batch dimensions are kept)."""
+        pieces = raw.split([p.size for p in GENERATED], -1)
+        scale = self.param_scale.to(raw.dtype).unbind()
+        shift = self.param_shift.to(raw.dtype).unbind()
+        decoded = [torch.addcmul(shift[i], piece, scale[i]) for i, piece in enumerate(pieces)]
+        return torch.cat(decoded, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
         batch = flat.shape[:-1]
+        pieces = flat.split([p.size for p in GENERATED], -1)  # one split: one backward node
         params = {
-            p.path: flat[..., p.offset : p.offset + p.size].reshape(*batch, *p.shape)
-            for p in GENERATED
+            p.path: piece.reshape(*batch, *p.shape)
+            for p, piece in zip(GENERATED, pieces, strict=True)
         }
         return params
 
@@ -218,7 +211,10 @@ class SeedMlpHyperNetwork(nn.Module):
         if generated_params is None:
             generated_params = self.generate_params()
         params = self.unflatten_params(generated_params)
-        return functional_call(self.target, params, args, kwargs), generated_params
+        return (
+            functional_call(self.target, params, args, kwargs, tie_weights=False),
+            generated_params,
+        )
 
 
 if __name__ == "__main__":
@@ -231,4 +227,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=188819774f64de722c41f82b5a44efa43b449c0a54adf9a8d5bab5d62cad0506
+# hypernn-gen: sha256=aec9958b4c92fc3d58f5a7c8ba4c90ac16af2560d91bb1e861af0eda07252dae

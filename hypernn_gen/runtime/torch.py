@@ -355,7 +355,7 @@ class TorchHyperNetwork(nn.Module):
             for alias in t.aliases:
                 params[".".join(alias)] = params[t.path]
         if self.mode == "static":
-            return functional_call(self.target, params, args, kwargs)
+            return functional_call(self.target, params, args, kwargs, tie_weights=False)
         return self._per_sample_forward(params, generated_params.shape[0], args, kwargs)
 
     def _per_sample_forward(
@@ -379,7 +379,7 @@ class TorchHyperNetwork(nn.Module):
 
         def one_sample(p: dict, b: dict, *xs: Any) -> Any:
             xs = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in xs)
-            out = functional_call(self.target, {**p, **b}, xs, kwargs)
+            out = functional_call(self.target, {**p, **b}, xs, kwargs, tie_weights=False)
             return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, torch.Tensor) else o, out)
 
         out = vmap(one_sample, in_dims=(0, 0, *in_args), randomness="different")(
