@@ -230,7 +230,7 @@ class FusedLayer(NamedTuple):
 
 FUSED: tuple[FusedLayer, ...] = ()
 # Modules run per sample with their own generated tensors materialised, and why.
-PER_SAMPLE: tuple[tuple[str, str], ...] = (("", "TinyGPT has no fused form"),)
+PER_SAMPLE: tuple[tuple[str, str], ...] = (("", "TinyGPT has no fused form (it owns pos_emb)"),)
 
 
 class Shared(NamedTuple):
@@ -482,4 +482,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=f8900ea57a0e11ba1c9514ce95c90cf43cdae18f048b261dcfe87fb82a6c940d
+# hypernn-gen: sha256=1b6d0d095635b0386f9bbb24afe311ffcd65b2ef2396bd3d4fc8b91c513c5f24

@@ -26,8 +26,8 @@ import jinja2
 
 from ._version import __version__
 from .config import find_pyproject, load_jobs
-from .errors import GenerationError, HypernnGenError
-from .generate import BACKENDS, MODES, GenerateOptions, generate
+from .errors import GenerationError, HypernnGenError, TraceError
+from .generate import BACKENDS, MODES, GenerateOptions, fusion_plan, generate
 from .layout import Chunking
 from .load import INPUT_DTYPES, load_target, parse_input_shape
 from .render import CONTEXT_VERSION, TemplateContext, builtin_templates_dir, make_environment
@@ -117,7 +117,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(layout_json(layout, chunking))
     else:
-        print(format_layout(loaded, layout, chunking))
+        try:
+            fusion, refused = fusion_plan(loaded, layout, chunking), ""
+        except TraceError as error:  # dynamic mode is impossible; the layout is still worth showing
+            fusion, refused = None, f"\n\ndynamic mode: not supported: {error}"
+        print(format_layout(loaded, layout, chunking, fusion) + refused)
     return 0
 
 

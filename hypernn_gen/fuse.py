@@ -127,7 +127,10 @@ def plan_torch_fusion(module, layout: Layout, chunking: Chunking) -> FusionPlan:
 
 def _unfusible(sub, kind, weight, bias, own, has_buffers, generated) -> str | None:  # noqa: ANN001
     if kind is None:
-        return f"{type(sub).__name__} has no fused form"
+        owned = ", ".join(sorted(path.rpartition(".")[2] for path in own))
+        return f"{type(sub).__name__} has no fused form (" + (
+            f"it owns {owned})" if owned else "it has buffers)"
+        )
     if has_buffers and kind != "batch_norm":
         return "it has buffers"
     if kind in GEMM_KINDS + ("embedding",) and weight not in generated:

@@ -3,7 +3,9 @@
 The table lists every tensor of the target (path, shape, dtype, count, offset in the flat
 generated vector, role, initial distribution and its source, tied aliases), then totals: the
 generated parameter count, the state values, the flat size, the default chunking and the size of
-the default hypernetwork that would generate the target.
+the default hypernetwork that would generate the target. For a target with a fusion plan
+(:mod:`hypernn_gen.fuse`), a last section says which layers a generated dynamic file computes on
+the whole batch and which run per sample, and why.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from .fuse import FusionPlan
 from .layout import Chunking, Layout, TensorSpec
 from .load import LoadedTarget
 
 __all__ = [
     "DEFAULT_EMBEDDING_DIM",
+    "format_fusion",
     "format_layout",
     "hypernetwork_param_count",
     "layout_json",
@@ -55,8 +59,10 @@ def layout_json(layout: Layout, chunking: Chunking) -> str:
     return json.dumps(data, indent=2)
 
 
-def format_layout(loaded: LoadedTarget, layout: Layout, chunking: Chunking) -> str:
-    """The ``inspect`` report: header, tensor table, totals and notes."""
+def format_layout(
+    loaded: LoadedTarget, layout: Layout, chunking: Chunking, fusion: FusionPlan | None = None
+) -> str:
+    """The ``inspect`` report: header, tensor table, totals, notes and the fusion plan."""
     inputs = ", ".join(f"{spec.shape} {spec.dtype}" for spec in loaded.input_specs)
     lines = _columns(
         [
@@ -76,7 +82,23 @@ def format_layout(loaded: LoadedTarget, layout: Layout, chunking: Chunking) -> s
     lines += _totals(layout, chunking)
     if layout.notes:
         lines += ["", "notes:"] + [f"  - {note}" for note in layout.notes]
+    if fusion is not None:
+        lines += ["", *format_fusion(fusion)]
     return "\n".join(lines)
+
+
+def format_fusion(plan: FusionPlan) -> list[str]:
+    """What a generated dynamic file fuses (whole batch, no per-sample weights) and what it runs
+    per sample, with the reason, one layer per line."""
+    rows = [
+        [f.path or "<root>", "fused", f.kind + (f" (S={f.segments})" if f.segments else "")]
+        for f in plan.fused
+    ]
+    rows += [[path or "<root>", "per sample", why] for path, why in plan.reasons]
+    if not rows:
+        return ["dynamic mode: no layer owns generated tensors"]
+    header = "dynamic mode: fused layers run on the whole batch; per-sample ones under vmap"
+    return [header, *("  " + line for line in _columns(rows, right=()))]
 
 
 def _row(t: TensorSpec) -> list[str]:
