@@ -161,9 +161,9 @@ def without_generated(target_network: nn.Module) -> nn.Module:
 #
 # Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
 # (s: per-sample embedding scales, g0: the generator applied to the shared table, bg: its bias).
-# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1, one
-# shared GEMM/convolution with (S + 1) * out outputs and a per-sample weighted sum over the S
-# segments give exactly the per-sample outputs. Norm layers normalise the whole batch (each
+# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1,
+# S + 1 shared GEMMs/convolutions (one per segment, one for the bias part) and a per-sample
+# weighted sum over the S segments give exactly the per-sample outputs. Norm layers normalise the whole batch (each
 # sample by its own statistics) and apply each sample's weight and bias; an Embedding computes
 # just the rows it looks up. Other modules that own generated tensors or buffers run per sample
 # (vmap) with just their own tensors materialised.
@@ -193,21 +193,24 @@ class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
     scales: Tensor  # (batch, NUM_EMBEDDINGS)
-    g0: Tensor  # (NUM_EMBEDDINGS, CHUNK_DIM): the generator's weight applied to the shared table
-    bias: Tensor  # (CHUNK_DIM,): the generator's bias
+    g0: tuple[Tensor, ...]  # per generated tensor, flat: g0 at its positions
+    bias: tuple[Tensor, ...]  # per generated tensor, flat: bg at its positions
     param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
     param_shift: tuple[Tensor, ...]
 
+    def raw(self, i: int, coeff: Tensor) -> Tensor:
+        """GENERATED[i]'s values for every sample, ``(batch, size)``, given the scale of the
+        chunk each value lies in, ``(batch, size)``."""
+        raw = torch.addcmul(self.bias[i], coeff, self.g0[i])
+        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw)
+
     def materialise(self, i: int) -> Tensor:
-        """GENERATED[i] for every sample, ``(batch, *shape)``, from the chunks it overlaps."""
+        """GENERATED[i] for every sample, ``(batch, *shape)``."""
         p = GENERATED[i]
         first, last = p.offset // CHUNK_DIM, (p.offset + p.size - 1) // CHUNK_DIM
-        chunks = torch.addcmul(
-            self.bias, self.scales[:, first : last + 1, None], self.g0[first : last + 1]
-        )
         start = p.offset - first * CHUNK_DIM
-        raw = chunks.flatten(1)[:, start : start + p.size]
-        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw).view(-1, *p.shape)
+        scales = self.scales[:, first : last + 1, None].expand(-1, -1, CHUNK_DIM).flatten(1)
+        return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
 
 
 class FusedIndex(nn.Module):
@@ -216,69 +219,74 @@ class FusedIndex(nn.Module):
     def __init__(self, layer: FusedLayer) -> None:
         super().__init__()
         self.layer = layer
-        p = GENERATED[layer.weight]
-        first, last = p.offset // CHUNK_DIM, (p.offset + p.size - 1) // CHUNK_DIM
-        self.chunks = last - first + 1  # the chunks the weight overlaps, and where it starts
-        self.start = p.offset - first * CHUNK_DIM
         for name, value in self.indices().items():
             self.register_buffer(name, value, persistent=False)
 
     def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
-        """The index tensors, computed from the layout alone: ``mask[j, o, i]`` says whether
-        element ``(o, i)`` of the flattened weight lies in segment ``j`` of its row, ``chunk``
-        is the chunk of each (segment, row)."""
+        """The index tensors, computed from the layout alone: ``chunk``, the chunk of each
+        (segment, row) and of each bias value; if S > 1, ``mask[j]``, which weights lie in
+        segment ``j`` of their row."""
         p, segments = GENERATED[self.layer.weight], self.layer.segments
         pos = p.offset + torch.arange(p.size, device=device).view(p.shape[0], -1)
         first = pos[:, 0] // CHUNK_DIM
         chunk = first[None, :] + torch.arange(segments, device=device)[:, None]
         segment = pos // CHUNK_DIM - first[:, None]
-        return {
-            "mask": segment[None] == torch.arange(segments, device=device).view(-1, 1, 1),
-            "chunk": chunk.clamp(max=NUM_EMBEDDINGS - 1).flatten(),
-        }
+        chunks = [chunk.clamp(max=NUM_EMBEDDINGS - 1).flatten()]
+        if self.layer.bias is not None:  # then the chunk of each bias value
+            b = GENERATED[self.layer.bias]
+            chunks.append(torch.arange(b.offset, b.offset + b.size, device=device) // CHUNK_DIM)
+        indices = {"chunk": torch.cat(chunks)}
+        if segments > 1:
+            segment = segment.view(p.shape)
+            indices["mask"] = segment[None] == torch.arange(segments, device=device).view(
+                -1, *(1,) * len(p.shape)
+            )
+        return indices
 
     def _init_buffers(self) -> None:
         """Compute the buffers again, in place (``to_empty`` leaves them uninitialised)."""
         for name, value in self.indices(self.chunk.device).items():
             getattr(self, name).copy_(value)
 
-    def stacked(self, shared: Shared) -> tuple[Tensor, Tensor]:
-        """Shared weights ``((S + 1) * out, *in_shape)``: the S segments of every row, then the
-        constant part; and the segments' per-sample coefficients ``(batch, S, out)``."""
-        i, p = self.layer.weight, GENERATED[self.layer.weight]
-        scale, shift = shared.param_scale[i], shared.param_shift[i]
-        w0 = shared.g0.view(-1)[p.offset : p.offset + p.size].view(p.shape[0], -1) * scale
-        segments = torch.where(self.mask, w0, 0.0).flatten(0, 1) if self.layer.segments > 1 else w0
-        bias = shared.bias.expand(self.chunks, -1).reshape(-1)[self.start : self.start + p.size]
-        constant = torch.addcmul(shift, scale, bias).view_as(w0)
-        weight = torch.cat([segments, constant]).view(-1, *p.shape[1:])
-        coeff = shared.scales.index_select(1, self.chunk).view(-1, self.layer.segments, p.shape[0])
-        return weight, coeff
+    def coefficients(self, shared: Shared) -> Tensor:
+        """Each sample's chunk scale for every segment (and bias value), ``(batch, S (+ 1), out)``."""
+        out = GENERATED[self.layer.weight].shape[0]
+        return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
 
 
 def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated)."""
+    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated).
+
+    With W_b = shift + scale * (sum_j c_j[b] * M_j + BG) (M_j: g0 on segment j of every row, BG:
+    the generator's bias at each weight's position), y_b = shift * (1 x_b) + scale * (sum_j
+    c_j[b] * (M_j x_b) + BG x_b): S + 2 shared products, the last with a one-row weight of ones.
+    """
     shared: Shared | None = self.hyper_shared
     if shared is None:
         return type(self).__mro__[1].forward(self, x)
     index: FusedIndex = self.hyper_index[0]
-    weight, coeff = index.stacked(shared)
-    s = index.layer.segments
-    if isinstance(self, nn.Linear):  # (batch, ..., in) -> (batch, ..., S + 1, out)
-        z = F.linear(x, weight).unflatten(-1, (s + 1, -1))
-        coeff = coeff.view(x.shape[0], *(1,) * (x.dim() - 2), s, -1)
-        y = (z[..., :s, :] * coeff).sum(-2) + z[..., s, :]
-        channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
-    else:  # (batch, in, *spatial) -> (batch, S + 1, out, *spatial)
-        z = self._conv_forward(x, weight, None).unflatten(1, (s + 1, -1))
-        y = (z[:, :s] * coeff.view(*coeff.shape, *(1,) * (x.dim() - 2))).sum(1) + z[:, s]
-        channel_shape = (x.shape[0], -1, *(1,) * (x.dim() - 2))
-    if index.layer.bias is not None:
-        return y + shared.materialise(index.layer.bias).view(channel_shape)
+    i, p, s = index.layer.weight, GENERATED[index.layer.weight], index.layer.segments
+    g0, bias = shared.g0[i].view(p.shape), shared.bias[i].view(p.shape)  # views, no copies
+    linear = isinstance(self, nn.Linear)  # (batch, ..., in) or (batch, in, *spatial)
+    channel_shape = (
+        (x.shape[0], *(1,) * (x.dim() - 2), -1)
+        if linear
+        else (x.shape[0], -1, *(1,) * (x.dim() - 2))
+    )
+
+    def apply(weight: Tensor) -> Tensor:  # the layer's own operation with a shared weight
+        return F.linear(x, weight) if linear else self._conv_forward(x, weight, None)
+
+    coeff = index.coefficients(shared)
+    segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
+    y = apply(bias)
+    for j, segment in enumerate(segments):
+        y = y + apply(segment) * coeff[:, j].view(channel_shape)
+    y = shared.param_shift[i] * apply(g0.new_ones(1, *p.shape[1:])) + shared.param_scale[i] * y
+    if index.layer.bias is not None:  # each value's chunk scale is the last row of coeff
+        return y + shared.raw(index.layer.bias, coeff[:, s]).view(channel_shape)
     if self.bias is not None:
-        return y + self.bias.view(
-            channel_shape[1:] if isinstance(self, nn.Linear) else (-1, *channel_shape[2:])
-        )
+        return y + self.bias.view(channel_shape[1:] if linear else (-1, *channel_shape[2:]))
     return y
 
 
@@ -443,10 +451,13 @@ class SeedMlpHyperNetwork(nn.Module):
 
     def fused_forward(self, condition: Tensor, args: tuple, kwargs: dict) -> Any:
         """The target on the whole batch, fused layers computing per-sample outputs."""
+        g0 = F.linear(self.embedding_module.weight, self.weight_generator.linear.weight)
+        bias = self.weight_generator.linear.bias.expand(NUM_EMBEDDINGS, -1)
+        sizes = [p.size for p in GENERATED]
         shared = Shared(
             scales=self.embedding_module.scales(condition),
-            g0=F.linear(self.embedding_module.weight, self.weight_generator.linear.weight),
-            bias=self.weight_generator.linear.bias,
+            g0=g0.view(-1)[:FLAT_SIZE].split(sizes),  # one split: one node in the backward
+            bias=bias.reshape(-1)[:FLAT_SIZE].split(sizes),
             param_scale=self.param_scale.unbind(),
             param_shift=self.param_shift.unbind(),
         )
@@ -474,4 +485,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=de1eb3106c0aa5f02ae6342960bc140ee00b8346d998fbc3007e22f1c28eda52
+# hypernn-gen: sha256=ba406d2204780d7453d127b00ac83f39012ce1169112d758ba31a623a912eaf1

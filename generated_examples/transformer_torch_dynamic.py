@@ -209,9 +209,9 @@ def without_generated(target_network: nn.Module) -> nn.Module:
 #
 # Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
 # (s: per-sample embedding scales, g0: the generator applied to the shared table, bg: its bias).
-# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1, one
-# shared GEMM/convolution with (S + 1) * out outputs and a per-sample weighted sum over the S
-# segments give exactly the per-sample outputs. Norm layers normalise the whole batch (each
+# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1,
+# S + 1 shared GEMMs/convolutions (one per segment, one for the bias part) and a per-sample
+# weighted sum over the S segments give exactly the per-sample outputs. Norm layers normalise the whole batch (each
 # sample by its own statistics) and apply each sample's weight and bias; an Embedding computes
 # just the rows it looks up. Other modules that own generated tensors or buffers run per sample
 # (vmap) with just their own tensors materialised.
@@ -237,21 +237,24 @@ class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
     scales: Tensor  # (batch, NUM_EMBEDDINGS)
-    g0: Tensor  # (NUM_EMBEDDINGS, CHUNK_DIM): the generator's weight applied to the shared table
-    bias: Tensor  # (CHUNK_DIM,): the generator's bias
+    g0: tuple[Tensor, ...]  # per generated tensor, flat: g0 at its positions
+    bias: tuple[Tensor, ...]  # per generated tensor, flat: bg at its positions
     param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
     param_shift: tuple[Tensor, ...]
 
+    def raw(self, i: int, coeff: Tensor) -> Tensor:
+        """GENERATED[i]'s values for every sample, ``(batch, size)``, given the scale of the
+        chunk each value lies in, ``(batch, size)``."""
+        raw = torch.addcmul(self.bias[i], coeff, self.g0[i])
+        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw)
+
     def materialise(self, i: int) -> Tensor:
-        """GENERATED[i] for every sample, ``(batch, *shape)``, from the chunks it overlaps."""
+        """GENERATED[i] for every sample, ``(batch, *shape)``."""
         p = GENERATED[i]
         first, last = p.offset // CHUNK_DIM, (p.offset + p.size - 1) // CHUNK_DIM
-        chunks = torch.addcmul(
-            self.bias, self.scales[:, first : last + 1, None], self.g0[first : last + 1]
-        )
         start = p.offset - first * CHUNK_DIM
-        raw = chunks.flatten(1)[:, start : start + p.size]
-        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw).view(-1, *p.shape)
+        scales = self.scales[:, first : last + 1, None].expand(-1, -1, CHUNK_DIM).flatten(1)
+        return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
 
 
 def run_per_sample(
@@ -451,10 +454,13 @@ class TransformerHyperNetwork(nn.Module):
 
     def fused_forward(self, condition: Tensor, args: tuple, kwargs: dict) -> Any:
         """The target on the whole batch, fused layers computing per-sample outputs."""
+        g0 = F.linear(self.embedding_module.weight, self.weight_generator.linear.weight)
+        bias = self.weight_generator.linear.bias.expand(NUM_EMBEDDINGS, -1)
+        sizes = [p.size for p in GENERATED]
         shared = Shared(
             scales=self.embedding_module.scales(condition),
-            g0=F.linear(self.embedding_module.weight, self.weight_generator.linear.weight),
-            bias=self.weight_generator.linear.bias,
+            g0=g0.view(-1)[:FLAT_SIZE].split(sizes),  # one split: one node in the backward
+            bias=bias.reshape(-1)[:FLAT_SIZE].split(sizes),
             param_scale=self.param_scale.unbind(),
             param_shift=self.param_shift.unbind(),
         )
@@ -482,4 +488,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=1b6d0d095635b0386f9bbb24afe311ffcd65b2ef2396bd3d4fc8b91c513c5f24
+# hypernn-gen: sha256=33c62d70f6f41d326aacdf8574793618ce190adcbd2a2a65735dba1f7d5d7d90
