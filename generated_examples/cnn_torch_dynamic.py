@@ -276,7 +276,7 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
 
     With W_b = shift + scale * (sum_j c_j[b] * M_j + BG) (M_j: g0 on segment j of every row, BG:
     the generator's bias at each weight's position), y_b = shift * (1 x_b) + scale * (sum_j
-    c_j[b] * (M_j x_b) + BG x_b): S + 2 shared products, the last with a one-row weight of ones.
+    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, and 1 x_b (a sum over the inputs).
     """
     shared: Shared | None = self.hyper_shared
     if shared is None:
@@ -299,7 +299,8 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     y = apply(bias)
     for j, segment in enumerate(segments):
         y = y + apply(segment) * coeff[:, j].view(channel_shape)
-    y = shared.param_shift[i] * apply(g0.new_ones(1, *p.shape[1:])) + shared.param_scale[i] * y
+    ones = x.sum(-1, keepdim=True) if linear else apply(g0.new_ones(1, *p.shape[1:]))  # 1 x
+    y = shared.param_shift[i] * ones + shared.param_scale[i] * y
     if index.layer.bias is not None:  # each value's chunk scale is the last row of coeff
         return y + shared.raw(index.layer.bias, coeff[:, s]).view(channel_shape)
     if self.bias is not None:
@@ -564,4 +565,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=ed5f264e3d0e91bb419e3d0dfccc1962ba3d108c7dba597318b1eaedf0921a88
+# hypernn-gen: sha256=c06ca947552f424425830685de1f009b752d1616ff6ba5aeed0942a65ad6dcfd
