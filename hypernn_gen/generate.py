@@ -62,6 +62,11 @@ RESERVED_NAMES = frozenset(
         "per_sample_forward",
         "install_fusion",
         "run_per_sample",
+        "FORWARDS",
+        "affine",
+        "batch_norm_forward",
+        "layer_norm_forward",
+        "embedding_forward",
     }
 )
 #: names only the Flax templates (linen, nnx) define; reserved for Flax targets
