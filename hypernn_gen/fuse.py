@@ -8,8 +8,8 @@ flattened) spans the chunks ``first(o) .. first(o) + S - 1``:
     y_b[o] = sum_j s[b, first(o) + j] * (M_j x_b)[o] + (BG x_b)[o] + bias_b[o]
 
 where ``M_j`` holds ``scale_t * G0`` on the elements of segment ``j`` (zero elsewhere) and
-``BG = shift_t + scale_t * bg[p % C]``. One shared GEMM/convolution with ``(S + 1) * out``
-outputs, then a per-sample weighted sum: no ``batch x P`` weights are ever built.
+``BG = shift_t + scale_t * bg[p % C]``. ``S + 1`` shared GEMMs/convolutions, then a per-sample
+weighted sum: no ``batch x P`` weights are ever built.
 
 BatchNorm and LayerNorm normalise the whole batch at once (BatchNorm in training: each sample by
 its own statistics, as a batch of one would be) and apply each sample's own weight and bias
