@@ -271,6 +271,23 @@ class FusedIndex(nn.Module):
         return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
 
 
+# A convolution repeats each weight over every output position, so S + 1 shared convolutions
+# cost S + 1 times the layer's own. Up to this many values (batch x kernel size), each sample's
+# kernel is built instead and the batch runs as one grouped convolution, at the layer's own cost;
+# above it, the shared convolutions keep batch x kernel values out of memory.
+GROUPED_CONV_LIMIT = 1 << 22
+
+
+def grouped_conv(self: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """Sample b through the convolution with kernel ``weight[b]`` (no bias): one convolution
+    with ``groups=batch`` over the batch folded into the channels."""
+    batch = x.shape[0]
+    conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
+    folded = x.reshape(1, -1, *x.shape[2:])
+    y = conv(folded, weight.flatten(0, 1), None, self.stride, self.padding, self.dilation, batch)
+    return y.view(batch, -1, *y.shape[2:])
+
+
 def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated).
 
@@ -294,6 +311,11 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     def apply(weight: Tensor) -> Tensor:  # the layer's own operation with a shared weight
         return F.linear(x, weight) if linear else self._conv_forward(x, weight, None)
 
+    if not linear and x.shape[0] * p.size <= GROUPED_CONV_LIMIT:
+        y = grouped_conv(self, x, shared.materialise(i))
+        if index.layer.bias is not None:
+            return y + shared.materialise(index.layer.bias).view(channel_shape)
+        return y if self.bias is None else y + self.bias.view(-1, *channel_shape[2:])
     coeff = index.coefficients(shared)
     segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
     y = apply(bias)
@@ -346,11 +368,12 @@ def batch_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
             factor = (
                 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             )
-            if self.running_mean is not None:
-                dims = tuple(range(2, x.dim()))
-                mean, var = x.mean(dims).mean(0), x.var(dims).mean(0)
-                self.running_mean.mul_(1.0 - factor).add_(mean, alpha=factor)
-                self.running_var.mul_(1.0 - factor).add_(var, alpha=factor)
+            if self.running_mean is not None:  # two passes: torch.var is slow on short rows
+                flat = x.flatten(2)
+                mean = flat.mean(-1, keepdim=True)
+                var = (flat - mean).square().sum(-1) / (flat.shape[-1] - 1)  # unbiased, as BN
+                self.running_mean.mul_(1.0 - factor).add_(mean.squeeze(-1).mean(0), alpha=factor)
+                self.running_var.mul_(1.0 - factor).add_(var.mean(0), alpha=factor)
     return affine(self, shared, y, (x.shape[0], -1, *(1,) * (x.dim() - 2)))
 
 
@@ -565,4 +588,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=c06ca947552f424425830685de1f009b752d1616ff6ba5aeed0942a65ad6dcfd
+# hypernn-gen: sha256=4d1482c7a875ca4fbd74d37e41fca639650278cd050b45cb4b84cd534781674c

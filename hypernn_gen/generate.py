@@ -67,6 +67,8 @@ RESERVED_NAMES = frozenset(
         "batch_norm_forward",
         "layer_norm_forward",
         "embedding_forward",
+        "GROUPED_CONV_LIMIT",
+        "grouped_conv",
     }
 )
 #: names only the Flax templates (linen, nnx) define; reserved for Flax targets

@@ -438,3 +438,36 @@ def test_fused_embedding_refuses_ids_out_of_range(generated) -> None:
     ids = torch.full((2, 5), 12)
     with pytest.raises(IndexError, match=r"ids must lie in \[0, 12\)"):
         hyper(ids)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-conv", "shared-convs"])
+def test_fused_convolutions_match_the_runtime_on_both_paths(
+    grouped: bool, generated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small batches build each sample's kernel (one grouped convolution); large ones use the
+    S + 1 shared convolutions. Both give the runtime's outputs, gradients and statistics."""
+    module = generated("cnn", "dynamic")
+    if not grouped:
+        monkeypatch.setattr(module, "GROUPED_CONV_LIMIT", 0)
+    assert {f.kind for f in module.FUSED} == {"conv2d", "batch_norm", "linear"}
+    assert max(f.segments for f in module.FUSED if f.kind == "conv2d") > 1
+    _, hyper, runtime = build(module, "cnn", "dynamic")
+    hyper.train(), runtime.train()
+    x = inputs("cnn", 6)
+    calls, original = [], module.grouped_conv
+    monkeypatch.setattr(module, "grouped_conv", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    out_hyper, _ = hyper(x)
+    torch.manual_seed(0)
+    out_runtime, _ = runtime(x)
+    assert len(calls) == (2 if grouped else 0)
+    assert_close(out_hyper, out_runtime, DYNAMIC, "output")
+    weights = torch.randn_like(out_runtime)
+    (out_hyper * weights).sum().backward()
+    (out_runtime * weights).sum().backward()
+    theirs = dict(runtime.named_parameters())
+    for name, p in hyper.named_parameters():
+        assert_close(p.grad, theirs[name].grad, GRAD, f"grad of {name}")
+    ours, theirs = dict(hyper.target.named_buffers()), dict(runtime.target.named_buffers())
+    for name in BN_BUFFERS:
+        assert_close(ours[name], theirs[name], DYNAMIC, name)
