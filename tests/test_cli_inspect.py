@@ -130,9 +130,7 @@ def fusion_section(out: str) -> list[list[str]]:
     return [re.split(r"\s{2,}", line.strip()) for line in section]
 
 
-def test_fusion_plan_of_a_torch_target(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def test_fusion_plan_of_a_torch_target(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """What a generated dynamic file fuses and runs per sample, as its header and FUSED say."""
     out = run_ok(capsys, str(TARGETS / "cnn.py"))
     generated = (ROOT / "generated_examples" / "cnn_torch_dynamic.py").read_text()

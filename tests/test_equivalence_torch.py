@@ -417,7 +417,10 @@ def test_fused_norms_update_statistics_like_the_runtime(generated) -> None:
     the running statistics moved by the mean of the per-sample updates, as the runtime's vmap."""
     module = generated("normed", "dynamic")
     assert {f.path: f.kind for f in module.FUSED} == {
-        "embed": "embedding", "norm": "layer_norm", "bn": "batch_norm", "head": "linear"
+        "embed": "embedding",
+        "norm": "layer_norm",
+        "bn": "batch_norm",
+        "head": "linear",
     }
     plain, hyper, runtime = build(module, "normed", "dynamic")
     hyper.train(), runtime.train()
