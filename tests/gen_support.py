@@ -29,7 +29,8 @@ TORCH_TARGETS = {
     "transformer": ("make_target", lambda b: torch.randint(0, 64, (b, 16))),
 }
 #: More torch targets, kept under tests/zoo (not in generated_examples): RNNs, nested
-#: containers, frozen parameters, Embedding + LayerNorm + BatchNorm1d. The equivalence suite runs over both dictionaries.
+#: containers, frozen parameters, Embedding + LayerNorm + BatchNorm1d. The equivalence suite
+#: runs over both dictionaries.
 ZOO_TARGETS = {
     "rnn": ("RecurrentNet", lambda b: torch.randn(b, 6, 4)),
     "nested": ("Nested", lambda b: torch.randn(b, 6)),
