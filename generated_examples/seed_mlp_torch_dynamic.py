@@ -186,7 +186,7 @@ def run_per_sample(
 
     def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
         xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
-        out = functional_call(module, {**p, **b}, xs, kwargs)
+        out = functional_call(module, {**p, **b}, xs, kwargs, tie_weights=False)
         if not any(batched):
             return out
         return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
@@ -204,26 +204,29 @@ def run_per_sample(
 #
 # Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
 # (s: per-sample embedding scales, g0: the generator applied to the shared table, bg: its bias).
-# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1, one
-# shared GEMM/convolution with (S + 1) * out outputs and a per-sample weighted sum over the S
-# segments give exactly the per-sample outputs. Other modules that own generated tensors or
-# buffers run per sample (vmap) with just their own tensors materialised.
+# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1,
+# S + 1 shared GEMMs/convolutions (one per segment, one for the bias part) and a per-sample
+# weighted sum over the S segments give exactly the per-sample outputs. Norm layers normalise the whole batch (each
+# sample by its own statistics) and apply each sample's weight and bias; an Embedding computes
+# just the rows it looks up. Other modules that own generated tensors or buffers run per sample
+# (vmap) with just their own tensors materialised.
 
 
 class FusedLayer(NamedTuple):
-    """A Linear/Conv layer computed from shared weights: its module path, the indices of its
-    weight and bias in GENERATED (bias None: the layer keeps its own), and S."""
+    """A layer computed from shared weights: its module path, its kind, the indices of its
+    weight and bias in GENERATED (None: the layer keeps its own), and S for Linear/Conv."""
 
     path: str
-    weight: int
+    kind: str
+    weight: int | None
     bias: int | None
     segments: int
 
 
 FUSED: tuple[FusedLayer, ...] = (
-    FusedLayer("0", 0, 1, 2),
-    FusedLayer("2", 2, 3, 2),
-    FusedLayer("4", 4, None, 2),
+    FusedLayer("0", "linear", 0, 1, 2),
+    FusedLayer("2", "linear", 2, 3, 2),
+    FusedLayer("4", "linear", 4, None, 2),
 )
 # Modules run per sample with their own generated tensors materialised, and why.
 PER_SAMPLE: tuple[tuple[str, str], ...] = ()
@@ -233,21 +236,28 @@ class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
     scales: Tensor  # (batch, NUM_EMBEDDINGS)
-    g0: Tensor  # (NUM_EMBEDDINGS * CHUNK_DIM,): generator weight applied to the shared table
-    bias: Tensor  # (CHUNK_DIM,): generator bias
-    param_scale: Tensor
-    param_shift: Tensor
+    g0: tuple[Tensor, ...]  # per generated tensor, flat: g0 at its positions
+    bias: tuple[Tensor, ...]  # per generated tensor, flat: bg at its positions
+    param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
+    param_shift: tuple[Tensor, ...]
+
+    def raw(self, i: int, coeff: Tensor) -> Tensor:
+        """GENERATED[i]'s values for every sample, ``(batch, size)``, given the scale of the
+        chunk each value lies in, ``(batch, size)``."""
+        raw = torch.addcmul(self.bias[i], coeff, self.g0[i])
+        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw)
 
     def materialise(self, i: int) -> Tensor:
         """GENERATED[i] for every sample, ``(batch, *shape)``."""
         p = GENERATED[i]
-        pos = torch.arange(p.offset, p.offset + p.size, device=self.g0.device)
-        raw = self.scales[:, pos // CHUNK_DIM] * self.g0[pos] + self.bias[pos % CHUNK_DIM]
-        return (self.param_shift[i] + self.param_scale[i] * raw).reshape(-1, *p.shape)
+        first, last = p.offset // CHUNK_DIM, (p.offset + p.size - 1) // CHUNK_DIM
+        start = p.offset - first * CHUNK_DIM
+        scales = self.scales[:, first : last + 1, None].expand(-1, -1, CHUNK_DIM).flatten(1)
+        return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
 
 
 class FusedIndex(nn.Module):
-    """Constant index tensors of one fused layer (non-persistent buffers: not in state_dict)."""
+    """Constant index tensors of one fused Linear/Conv layer (non-persistent buffers)."""
 
     def __init__(self, layer: FusedLayer) -> None:
         super().__init__()
@@ -256,92 +266,91 @@ class FusedIndex(nn.Module):
             self.register_buffer(name, value, persistent=False)
 
     def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
-        """The index tensors, computed from the layout alone."""
-        p = GENERATED[self.layer.weight]
+        """The index tensors, computed from the layout alone: ``chunk``, the chunk of each
+        (segment, row) and of each bias value; if S > 1, ``mask[j]``, which weights lie in
+        segment ``j`` of their row."""
+        p, segments = GENERATED[self.layer.weight], self.layer.segments
         pos = p.offset + torch.arange(p.size, device=device).view(p.shape[0], -1)
         first = pos[:, 0] // CHUNK_DIM
-        chunk = first[None, :] + torch.arange(self.layer.segments, device=device)[:, None]
-        return {
-            "segment": pos // CHUNK_DIM - first[:, None],
-            "chunk": chunk.clamp(max=NUM_EMBEDDINGS - 1),
-            "bias_index": pos % CHUNK_DIM,
-        }
+        chunk = first[None, :] + torch.arange(segments, device=device)[:, None]
+        segment = pos // CHUNK_DIM - first[:, None]
+        chunks = [chunk.clamp(max=NUM_EMBEDDINGS - 1).flatten()]
+        if self.layer.bias is not None:  # then the chunk of each bias value
+            b = GENERATED[self.layer.bias]
+            chunks.append(torch.arange(b.offset, b.offset + b.size, device=device) // CHUNK_DIM)
+        indices = {"chunk": torch.cat(chunks)}
+        if segments > 1:
+            segment = segment.view(p.shape)
+            indices["mask"] = segment[None] == torch.arange(segments, device=device).view(
+                -1, *(1,) * len(p.shape)
+            )
+        return indices
 
     def _init_buffers(self) -> None:
         """Compute the buffers again, in place (``to_empty`` leaves them uninitialised)."""
-        for name, value in self.indices(self.segment.device).items():
+        for name, value in self.indices(self.chunk.device).items():
             getattr(self, name).copy_(value)
 
-    def stacked(self, shared: Shared) -> tuple[Tensor, Tensor]:
-        """Shared weights ``((S + 1) * out, *in_shape)`` and coefficients ``(batch, S + 1, out)``."""
-        i, p = self.layer.weight, GENERATED[self.layer.weight]
-        w0 = shared.g0[p.offset : p.offset + p.size].view(p.shape[0], -1) * shared.param_scale[i]
-        segments = w0.new_zeros(self.layer.segments, *w0.shape)
-        segments = segments.scatter(0, self.segment[None], w0[None])
-        constant = shared.param_shift[i] + shared.param_scale[i] * shared.bias[self.bias_index]
-        weight = torch.cat([segments.flatten(0, 1), constant]).view(-1, *p.shape[1:])
-        ones = shared.scales.new_ones(shared.scales.shape[0], 1, p.shape[0])
-        return weight, torch.cat([shared.scales[:, self.chunk], ones], 1)
+    def coefficients(self, shared: Shared) -> Tensor:
+        """Each sample's chunk scale for every segment (and bias value), ``(batch, S (+ 1), out)``."""
+        out = GENERATED[self.layer.weight].shape[0]
+        return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
 
 
 def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated)."""
+    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated).
+
+    With W_b = shift + scale * (sum_j c_j[b] * M_j + BG) (M_j: g0 on segment j of every row, BG:
+    the generator's bias at each weight's position), y_b = shift * (1 x_b) + scale * (sum_j
+    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, and 1 x_b (a sum over the inputs).
+    """
     shared: Shared | None = self.hyper_shared
     if shared is None:
         return type(self).__mro__[1].forward(self, x)
     index: FusedIndex = self.hyper_index[0]
-    weight, coeff = index.stacked(shared)
-    groups = index.layer.segments + 1
-    if isinstance(self, nn.Linear):  # (batch, ..., in) -> (batch, ..., groups, out)
-        z = F.linear(x, weight).unflatten(-1, (groups, -1))
-        y = (z * coeff.view(x.shape[0], *(1,) * (x.dim() - 2), *coeff.shape[1:])).sum(-2)
-        channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
-    else:  # (batch, in, *spatial) -> (batch, groups, out, *spatial)
-        z = self._conv_forward(x, weight, None).unflatten(1, (groups, -1))
-        y = (z * coeff.view(*coeff.shape, *(1,) * (x.dim() - 2))).sum(1)
-        channel_shape = (x.shape[0], -1, *(1,) * (x.dim() - 2))
-    if index.layer.bias is not None:
-        return y + shared.materialise(index.layer.bias).view(channel_shape)
+    i, p, s = index.layer.weight, GENERATED[index.layer.weight], index.layer.segments
+    g0, bias = shared.g0[i].view(p.shape), shared.bias[i].view(p.shape)  # views, no copies
+    linear = isinstance(self, nn.Linear)  # (batch, ..., in) or (batch, in, *spatial)
+    channel_shape = (
+        (x.shape[0], *(1,) * (x.dim() - 2), -1)
+        if linear
+        else (x.shape[0], -1, *(1,) * (x.dim() - 2))
+    )
+
+    def apply(weight: Tensor) -> Tensor:  # the layer's own operation with a shared weight
+        return F.linear(x, weight) if linear else self._conv_forward(x, weight, None)
+
+    coeff = index.coefficients(shared)
+    segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
+    y = apply(bias)
+    for j, segment in enumerate(segments):
+        y = y + apply(segment) * coeff[:, j].view(channel_shape)
+    ones = x.sum(-1, keepdim=True) if linear else apply(g0.new_ones(1, *p.shape[1:]))  # 1 x
+    y = shared.param_shift[i] * ones + shared.param_scale[i] * y
+    if index.layer.bias is not None:  # each value's chunk scale is the last row of coeff
+        return y + shared.raw(index.layer.bias, coeff[:, s]).view(channel_shape)
     if self.bias is not None:
-        return y + self.bias.view(
-            channel_shape[1:] if isinstance(self, nn.Linear) else (-1, *channel_shape[2:])
-        )
+        return y + self.bias.view(channel_shape[1:] if linear else (-1, *channel_shape[2:]))
     return y
 
 
-def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """forward() of a module run per sample with its own generated tensors materialised."""
-    shared: Shared | None = self.hyper_shared
-    if shared is None:
-        return type(self).__mro__[1].forward(self, *args, **kwargs)
-    params = {name: shared.materialise(i) for name, i in self.hyper_params}
-    self.hyper_shared = None  # inside, the module's own forward runs
-    try:
-        return run_per_sample(self, params, shared.scales.shape[0], args, kwargs)
-    finally:
-        self.hyper_shared = shared
+FORWARDS: dict[str, Any] = {  # the forward() each fused kind gets
+    "linear": fused_forward,
+}
 
 
 def install_fusion(target: nn.Module, indices: nn.ModuleList) -> tuple[nn.Module, ...]:
     """Swap the forward of fused and per-sample modules (their state and names are unchanged)."""
     swapped = []
-    for layer, index in zip(FUSED, indices, strict=True):
+    index = iter(indices)  # one FusedIndex per Linear/Conv layer
+    for layer in FUSED:
         module = target.get_submodule(layer.path)
         module.__class__ = type(
-            f"Fused{type(module).__name__}", (type(module),), {"forward": fused_forward}
+            f"Fused{type(module).__name__}", (type(module),), {"forward": FORWARDS[layer.kind]}
         )
-        module.hyper_index = (index,)
-        swapped.append(module)
-    names = {p.path: i for i, p in enumerate(GENERATED)}
-    for path, _ in PER_SAMPLE:
-        module = target.get_submodule(path)
-        module.__class__ = type(
-            f"PerSample{type(module).__name__}", (type(module),), {"forward": per_sample_forward}
-        )
-        prefix = f"{path}." if path else ""
-        module.hyper_params = tuple(
-            (n[len(prefix) :], i) for n, i in names.items() if n.startswith(prefix)
-        )
+        module.hyper_layer = layer
+        if layer.segments:
+            module.hyper_index = (next(index),)
         swapped.append(module)
     for module in swapped:
         module.hyper_shared = None
@@ -369,7 +378,7 @@ class SeedMlpHyperNetwork(nn.Module):
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
         self.target = without_generated(target_network)
-        self.fused_index = nn.ModuleList(FusedIndex(layer) for layer in FUSED)
+        self.fused_index = nn.ModuleList(FusedIndex(layer) for layer in FUSED if layer.segments)
         self.swapped = install_fusion(self.target, self.fused_index)
 
     def reset_parameters(self) -> None:
@@ -390,13 +399,7 @@ class SeedMlpHyperNetwork(nn.Module):
             device = self.param_scale.device
             self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
             self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-        self._init_buffers()
-
-    @torch.no_grad()
-    def _init_buffers(self) -> None:
-        """Compute the non-persistent index buffers again, in place (they are not in the
-        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        for index in self.fused_index:
+        for index in self.fused_index:  # non-persistent index buffers: to_empty leaves them empty
             index._init_buffers()
 
     def generate_params(self, condition: Tensor) -> Tensor:
@@ -406,20 +409,21 @@ class SeedMlpHyperNetwork(nn.Module):
         return self.decode(raw[:, :FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Per-tensor affine map from raw generator output to parameter values."""
-        scale, shift = self.param_scale.to(raw.dtype), self.param_shift.to(raw.dtype)
-        pieces = [
-            raw[..., p.offset : p.offset + p.size] * scale[i] + shift[i]
-            for i, p in enumerate(GENERATED)
-        ]
-        return torch.cat(pieces, -1)
+        """Per-tensor affine map from raw generator output to parameter values, tensor by
+        tensor (leading batch dimensions are kept)."""
+        pieces = raw.split([p.size for p in GENERATED], -1)
+        scale = self.param_scale.to(raw.dtype).unbind()
+        shift = self.param_shift.to(raw.dtype).unbind()
+        decoded = [torch.addcmul(shift[i], piece, scale[i]) for i, piece in enumerate(pieces)]
+        return torch.cat(decoded, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
         batch = flat.shape[:-1]
+        pieces = flat.split([p.size for p in GENERATED], -1)  # one split: one backward node
         params = {
-            p.path: flat[..., p.offset : p.offset + p.size].reshape(*batch, *p.shape)
-            for p in GENERATED
+            p.path: piece.reshape(*batch, *p.shape)
+            for p, piece in zip(GENERATED, pieces, strict=True)
         }
         return params
 
@@ -462,14 +466,15 @@ class SeedMlpHyperNetwork(nn.Module):
 
     def fused_forward(self, condition: Tensor, args: tuple, kwargs: dict) -> Any:
         """The target on the whole batch, fused layers computing per-sample outputs."""
+        g0 = F.linear(self.embedding_module.weight, self.weight_generator.linear.weight)
+        bias = self.weight_generator.linear.bias.expand(NUM_EMBEDDINGS, -1)
+        sizes = [p.size for p in GENERATED]
         shared = Shared(
             scales=self.embedding_module.scales(condition),
-            g0=F.linear(
-                self.embedding_module.weight, self.weight_generator.linear.weight
-            ).flatten(),
-            bias=self.weight_generator.linear.bias,
-            param_scale=self.param_scale,
-            param_shift=self.param_shift,
+            g0=g0.view(-1)[:FLAT_SIZE].split(sizes),  # one split: one node in the backward
+            bias=bias.reshape(-1)[:FLAT_SIZE].split(sizes),
+            param_scale=self.param_scale.unbind(),
+            param_shift=self.param_shift.unbind(),
         )
         for module in self.swapped:
             module.hyper_shared = shared
@@ -495,4 +500,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=df096063829065045f6b80c2fe88c19c064d202ce13bc549e5380db81eb0536e
+# hypernn-gen: sha256=7ea5ade2a2e265693a154f4794843e97b5b73c5113dd14a9e9d410d8864aa5ff

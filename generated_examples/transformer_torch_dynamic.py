@@ -234,7 +234,7 @@ def run_per_sample(
 
     def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
         xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
-        out = functional_call(module, {**p, **b}, xs, kwargs)
+        out = functional_call(module, {**p, **b}, xs, kwargs, tie_weights=False)
         if not any(batched):
             return out
         return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
@@ -252,105 +252,52 @@ def run_per_sample(
 #
 # Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
 # (s: per-sample embedding scales, g0: the generator applied to the shared table, bg: its bias).
-# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1, one
-# shared GEMM/convolution with (S + 1) * out outputs and a per-sample weighted sum over the S
-# segments give exactly the per-sample outputs. Other modules that own generated tensors or
-# buffers run per sample (vmap) with just their own tensors materialised.
+# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1,
+# S + 1 shared GEMMs/convolutions (one per segment, one for the bias part) and a per-sample
+# weighted sum over the S segments give exactly the per-sample outputs. Norm layers normalise the whole batch (each
+# sample by its own statistics) and apply each sample's weight and bias; an Embedding computes
+# just the rows it looks up. Other modules that own generated tensors or buffers run per sample
+# (vmap) with just their own tensors materialised.
 
 
 class FusedLayer(NamedTuple):
-    """A Linear/Conv layer computed from shared weights: its module path, the indices of its
-    weight and bias in GENERATED (bias None: the layer keeps its own), and S."""
+    """A layer computed from shared weights: its module path, its kind, the indices of its
+    weight and bias in GENERATED (None: the layer keeps its own), and S for Linear/Conv."""
 
     path: str
-    weight: int
+    kind: str
+    weight: int | None
     bias: int | None
     segments: int
 
 
 FUSED: tuple[FusedLayer, ...] = ()
 # Modules run per sample with their own generated tensors materialised, and why.
-PER_SAMPLE: tuple[tuple[str, str], ...] = (("", "TinyGPT has no fused form"),)
+PER_SAMPLE: tuple[tuple[str, str], ...] = (("", "TinyGPT has no fused form (it owns pos_emb)"),)
 
 
 class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
     scales: Tensor  # (batch, NUM_EMBEDDINGS)
-    g0: Tensor  # (NUM_EMBEDDINGS * CHUNK_DIM,): generator weight applied to the shared table
-    bias: Tensor  # (CHUNK_DIM,): generator bias
-    param_scale: Tensor
-    param_shift: Tensor
+    g0: tuple[Tensor, ...]  # per generated tensor, flat: g0 at its positions
+    bias: tuple[Tensor, ...]  # per generated tensor, flat: bg at its positions
+    param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
+    param_shift: tuple[Tensor, ...]
+
+    def raw(self, i: int, coeff: Tensor) -> Tensor:
+        """GENERATED[i]'s values for every sample, ``(batch, size)``, given the scale of the
+        chunk each value lies in, ``(batch, size)``."""
+        raw = torch.addcmul(self.bias[i], coeff, self.g0[i])
+        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw)
 
     def materialise(self, i: int) -> Tensor:
         """GENERATED[i] for every sample, ``(batch, *shape)``."""
         p = GENERATED[i]
-        pos = torch.arange(p.offset, p.offset + p.size, device=self.g0.device)
-        raw = self.scales[:, pos // CHUNK_DIM] * self.g0[pos] + self.bias[pos % CHUNK_DIM]
-        return (self.param_shift[i] + self.param_scale[i] * raw).reshape(-1, *p.shape)
-
-
-class FusedIndex(nn.Module):
-    """Constant index tensors of one fused layer (non-persistent buffers: not in state_dict)."""
-
-    def __init__(self, layer: FusedLayer) -> None:
-        super().__init__()
-        self.layer = layer
-        for name, value in self.indices().items():
-            self.register_buffer(name, value, persistent=False)
-
-    def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
-        """The index tensors, computed from the layout alone."""
-        p = GENERATED[self.layer.weight]
-        pos = p.offset + torch.arange(p.size, device=device).view(p.shape[0], -1)
-        first = pos[:, 0] // CHUNK_DIM
-        chunk = first[None, :] + torch.arange(self.layer.segments, device=device)[:, None]
-        return {
-            "segment": pos // CHUNK_DIM - first[:, None],
-            "chunk": chunk.clamp(max=NUM_EMBEDDINGS - 1),
-            "bias_index": pos % CHUNK_DIM,
-        }
-
-    def _init_buffers(self) -> None:
-        """Compute the buffers again, in place (``to_empty`` leaves them uninitialised)."""
-        for name, value in self.indices(self.segment.device).items():
-            getattr(self, name).copy_(value)
-
-    def stacked(self, shared: Shared) -> tuple[Tensor, Tensor]:
-        """Shared weights ``((S + 1) * out, *in_shape)`` and coefficients ``(batch, S + 1, out)``."""
-        i, p = self.layer.weight, GENERATED[self.layer.weight]
-        w0 = shared.g0[p.offset : p.offset + p.size].view(p.shape[0], -1) * shared.param_scale[i]
-        segments = w0.new_zeros(self.layer.segments, *w0.shape)
-        segments = segments.scatter(0, self.segment[None], w0[None])
-        constant = shared.param_shift[i] + shared.param_scale[i] * shared.bias[self.bias_index]
-        weight = torch.cat([segments.flatten(0, 1), constant]).view(-1, *p.shape[1:])
-        ones = shared.scales.new_ones(shared.scales.shape[0], 1, p.shape[0])
-        return weight, torch.cat([shared.scales[:, self.chunk], ones], 1)
-
-
-def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated)."""
-    shared: Shared | None = self.hyper_shared
-    if shared is None:
-        return type(self).__mro__[1].forward(self, x)
-    index: FusedIndex = self.hyper_index[0]
-    weight, coeff = index.stacked(shared)
-    groups = index.layer.segments + 1
-    if isinstance(self, nn.Linear):  # (batch, ..., in) -> (batch, ..., groups, out)
-        z = F.linear(x, weight).unflatten(-1, (groups, -1))
-        y = (z * coeff.view(x.shape[0], *(1,) * (x.dim() - 2), *coeff.shape[1:])).sum(-2)
-        channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
-    else:  # (batch, in, *spatial) -> (batch, groups, out, *spatial)
-        z = self._conv_forward(x, weight, None).unflatten(1, (groups, -1))
-        y = (z * coeff.view(*coeff.shape, *(1,) * (x.dim() - 2))).sum(1)
-        channel_shape = (x.shape[0], -1, *(1,) * (x.dim() - 2))
-    if index.layer.bias is not None:
-        return y + shared.materialise(index.layer.bias).view(channel_shape)
-    if self.bias is not None:
-        return y + self.bias.view(
-            channel_shape[1:] if isinstance(self, nn.Linear) else (-1, *channel_shape[2:])
-        )
-    return y
+        first, last = p.offset // CHUNK_DIM, (p.offset + p.size - 1) // CHUNK_DIM
+        start = p.offset - first * CHUNK_DIM
+        scales = self.scales[:, first : last + 1, None].expand(-1, -1, CHUNK_DIM).flatten(1)
+        return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
 
 
 def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -366,15 +313,21 @@ def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         self.hyper_shared = shared
 
 
+FORWARDS: dict[str, Any] = {}  # the forward() each fused kind gets
+
+
 def install_fusion(target: nn.Module, indices: nn.ModuleList) -> tuple[nn.Module, ...]:
     """Swap the forward of fused and per-sample modules (their state and names are unchanged)."""
     swapped = []
-    for layer, index in zip(FUSED, indices, strict=True):
+    index = iter(indices)  # one FusedIndex per Linear/Conv layer
+    for layer in FUSED:
         module = target.get_submodule(layer.path)
         module.__class__ = type(
-            f"Fused{type(module).__name__}", (type(module),), {"forward": fused_forward}
+            f"Fused{type(module).__name__}", (type(module),), {"forward": FORWARDS[layer.kind]}
         )
-        module.hyper_index = (index,)
+        module.hyper_layer = layer
+        if layer.segments:
+            module.hyper_index = (next(index),)
         swapped.append(module)
     names = {p.path: i for i, p in enumerate(GENERATED)}
     names.update({alias: names[path] for alias, path in TIED.items()})
@@ -414,13 +367,13 @@ class TransformerHyperNetwork(nn.Module):
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
         self.target = without_generated(target_network)
-        self.fused_index = nn.ModuleList(FusedIndex(layer) for layer in FUSED)
+        self.fused_index = nn.ModuleList()
         self.swapped = install_fusion(self.target, self.fused_index)
 
     def reset_parameters(self) -> None:
         """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
         exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
-        makes once the target is built), and compute the index buffers again.
+        makes once the target is built).
 
         With it a hypernetwork can be built without memory and materialised where it runs::
 
@@ -440,7 +393,6 @@ class TransformerHyperNetwork(nn.Module):
             device = self.param_scale.device
             self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
             self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-        self._init_buffers()
 
     @torch.no_grad()
     def _init_target_state(self) -> None:
@@ -451,13 +403,6 @@ class TransformerHyperNetwork(nn.Module):
         for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
             tensor.copy_(values[name])
 
-    @torch.no_grad()
-    def _init_buffers(self) -> None:
-        """Compute the non-persistent index buffers again, in place (they are not in the
-        ``state_dict``, and ``to_empty`` leaves them uninitialised)."""
-        for index in self.fused_index:
-            index._init_buffers()
-
     def generate_params(self, condition: Tensor) -> Tensor:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
         embedding = self.embedding_module(condition)
@@ -465,20 +410,21 @@ class TransformerHyperNetwork(nn.Module):
         return self.decode(raw[:, :FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Per-tensor affine map from raw generator output to parameter values."""
-        scale, shift = self.param_scale.to(raw.dtype), self.param_shift.to(raw.dtype)
-        pieces = [
-            raw[..., p.offset : p.offset + p.size] * scale[i] + shift[i]
-            for i, p in enumerate(GENERATED)
-        ]
-        return torch.cat(pieces, -1)
+        """Per-tensor affine map from raw generator output to parameter values, tensor by
+        tensor (leading batch dimensions are kept)."""
+        pieces = raw.split([p.size for p in GENERATED], -1)
+        scale = self.param_scale.to(raw.dtype).unbind()
+        shift = self.param_shift.to(raw.dtype).unbind()
+        decoded = [torch.addcmul(shift[i], piece, scale[i]) for i, piece in enumerate(pieces)]
+        return torch.cat(decoded, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
         batch = flat.shape[:-1]
+        pieces = flat.split([p.size for p in GENERATED], -1)  # one split: one backward node
         params = {
-            p.path: flat[..., p.offset : p.offset + p.size].reshape(*batch, *p.shape)
-            for p in GENERATED
+            p.path: piece.reshape(*batch, *p.shape)
+            for p, piece in zip(GENERATED, pieces, strict=True)
         }
         params.update({alias: params[path] for alias, path in TIED.items()})
         return params
@@ -522,14 +468,15 @@ class TransformerHyperNetwork(nn.Module):
 
     def fused_forward(self, condition: Tensor, args: tuple, kwargs: dict) -> Any:
         """The target on the whole batch, fused layers computing per-sample outputs."""
+        g0 = F.linear(self.embedding_module.weight, self.weight_generator.linear.weight)
+        bias = self.weight_generator.linear.bias.expand(NUM_EMBEDDINGS, -1)
+        sizes = [p.size for p in GENERATED]
         shared = Shared(
             scales=self.embedding_module.scales(condition),
-            g0=F.linear(
-                self.embedding_module.weight, self.weight_generator.linear.weight
-            ).flatten(),
-            bias=self.weight_generator.linear.bias,
-            param_scale=self.param_scale,
-            param_shift=self.param_shift,
+            g0=g0.view(-1)[:FLAT_SIZE].split(sizes),  # one split: one node in the backward
+            bias=bias.reshape(-1)[:FLAT_SIZE].split(sizes),
+            param_scale=self.param_scale.unbind(),
+            param_shift=self.param_shift.unbind(),
         )
         for module in self.swapped:
             module.hyper_shared = shared
@@ -555,4 +502,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=d2246de1b9dba4def769726878a9b694456cf137daff7be3182bb36e02dba02a
+# hypernn-gen: sha256=8895eedb5ee90a42869850cf8b5fef6be55c222d15563d6f2ac4e399c642538f

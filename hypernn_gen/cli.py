@@ -113,13 +113,15 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    loaded = load_target(args.target, input_shapes=args.input_shape, input_dtype=args.input_dtype or "float32")
+    loaded = load_target(
+        args.target, input_shapes=args.input_shape, input_dtype=args.input_dtype or "float32"
+    )
     layout = trace_selected(loaded, include=args.include, exclude=args.exclude)
     chunking = Chunking.resolve(layout.flat_size)
     try:
         fusion: FusionPlan | str = plan_fusion(loaded, layout, chunking)
-    except Exception as exc:  # noqa: BLE001 - the layout is still worth printing
-        fusion = f"{type(exc).__name__}: {exc}"
+    except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still worth showing
+        fusion = str(exc)
     if args.json:
         print(layout_json(layout, chunking, fusion))
     else:

@@ -8,12 +8,16 @@ flattened) spans the chunks ``first(o) .. first(o) + S - 1``:
     y_b[o] = sum_j s[b, first(o) + j] * (M_j x_b)[o] + (BG x_b)[o] + bias_b[o]
 
 where ``M_j`` holds ``scale_t * G0`` on the elements of segment ``j`` (zero elsewhere) and
-``BG = shift_t + scale_t * bg[p % C]``. One shared GEMM/convolution with ``(S + 1) * out``
-outputs, then a per-sample weighted sum: no ``batch x P`` weights are ever built.
+``BG = shift_t + scale_t * bg[p % C]``. ``S + 1`` shared GEMMs/convolutions, then a per-sample
+weighted sum: no ``batch x P`` weights are ever built.
 
-Everything else that owns generated tensors (LayerNorm, Embedding, attention, a parameter used
-directly in a ``forward``) or buffers (BatchNorm) falls back to the materialising path for that
-module only: its own tensors per sample, ``vmap`` over the batch. Parameter-free modules run on
+BatchNorm and LayerNorm normalise the whole batch at once (BatchNorm in training: each sample by
+its own statistics, as a batch of one would be) and apply each sample's own weight and bias
+(``batch x channels`` values); an Embedding computes only the entries it looks up.
+
+Everything else that owns generated tensors (attention, a parameter used directly in a
+``forward``) or buffers falls back to the materialising path for that module only: its own
+tensors per sample, ``vmap`` over the batch. Parameter-free modules run on
 the whole batch, which is what they would compute sample by sample.
 """
 
@@ -30,16 +34,27 @@ __all__ = ["FusionPlan", "FusedLayer", "plan_torch_fusion"]
 #: with the number of segments; past this point building the layer's weights is cheaper).
 MAX_SEGMENTS = 16
 NONLINEAR_GENERATOR = "the weight generator has hidden layers (not linear): materialised"
-FUSIBLE = {"Linear": "linear", "Conv1d": "conv1d", "Conv2d": "conv2d"}
+FUSIBLE = {
+    "Linear": "linear",
+    "Conv1d": "conv1d",
+    "Conv2d": "conv2d",
+    "BatchNorm1d": "batch_norm",
+    "BatchNorm2d": "batch_norm",
+    "BatchNorm3d": "batch_norm",
+    "LayerNorm": "layer_norm",
+    "Embedding": "embedding",
+}
+#: Kinds computed with a shared GEMM/convolution (the others need no segments).
+GEMM_KINDS = ("linear", "conv1d", "conv2d")
 
 
 @dataclass(frozen=True)
 class FusedLayer:
     path: str  #: module path in the target, e.g. ``"0"`` or ``"features.3"``
-    kind: str  #: ``linear``, ``conv1d`` or ``conv2d``
-    weight: int  #: index of the weight in ``layout.generated``
-    bias: int | None  #: index of the bias in ``layout.generated`` (``None``: no or kept bias)
-    segments: int  #: chunks one output row spans at most (``S``)
+    kind: str  #: a value of :data:`FUSIBLE`
+    weight: int | None  #: index of the weight in ``layout.generated`` (``None``: none or kept)
+    bias: int | None  #: index of the bias in ``layout.generated`` (``None``: none or kept)
+    segments: int  #: chunks one output row spans at most (``S``); 0 for the other kinds
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,9 @@ def plan_torch_fusion(  # noqa: ANN001 - module: a torch nn.Module (torch import
         weight = f"{path}.weight" if path else "weight"
         bias = f"{path}.bias" if path else "bias"
         why = _unfusible(sub, kind, weight, bias, own, has_buffers, generated_paths)
+        if why is None and kind not in GEMM_KINDS:
+            fused.append(FusedLayer(path, kind, index.get(weight), index.get(bias), 0))
+            continue
         if why is None:
             t = layout.generated[index[weight]]
             row = math.prod(t.shape[1:])
@@ -118,18 +136,27 @@ def plan_torch_fusion(  # noqa: ANN001 - module: a torch nn.Module (torch import
 
 def _unfusible(sub, kind, weight, bias, own, has_buffers, generated) -> str | None:  # noqa: ANN001
     if kind is None:
-        return f"{type(sub).__name__} has no fused form"
-    if has_buffers:
+        owned = ", ".join(sorted(path.rpartition(".")[2] for path in own))
+        return f"{type(sub).__name__} has no fused form (" + (
+            f"it owns {owned})" if owned else "it has buffers)"
+        )
+    if has_buffers and kind != "batch_norm":
         return "it has buffers"
-    if weight not in generated:
+    if kind in GEMM_KINDS + ("embedding",) and weight not in generated:
         return "its weight is not generated"
     if set(own) - {weight, bias}:
         return "it owns other generated tensors"
-    if kind != "linear":
+    if kind in ("conv1d", "conv2d"):
         if getattr(sub, "groups", 1) != 1:
             return "grouped convolution"
         if getattr(sub, "padding_mode", "zeros") != "zeros":
             return f"padding_mode={sub.padding_mode!r}"
+    if kind == "embedding":
+        for option in ("padding_idx", "max_norm"):
+            if getattr(sub, option, None) is not None:
+                return f"{option} is set"
+        if getattr(sub, "scale_grad_by_freq", False) or getattr(sub, "sparse", False):
+            return "scale_grad_by_freq or sparse is set"
     if list(sub.children()):
         return "it has submodules"
     return None

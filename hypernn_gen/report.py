@@ -3,7 +3,9 @@
 The table lists every tensor of the target (path, shape, dtype, count, offset in the flat
 generated vector, role, initial distribution and its source, tied aliases), then totals: the
 generated parameter count, the state values, the flat size, the default chunking and the size of
-the default hypernetwork that would generate the target.
+the default hypernetwork that would generate the target. For a target with a fusion plan
+(:mod:`hypernn_gen.fuse`), a last section says which layers a generated dynamic file computes on
+the whole batch and which run per sample, and why.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .load import LoadedTarget
 
 __all__ = [
     "DEFAULT_EMBEDDING_DIM",
+    "format_fusion",
     "format_layout",
     "fusion_dict",
     "fusion_lines",
@@ -70,23 +73,10 @@ def fusion_dict(fusion: FusionPlan | str) -> dict:
     }
 
 
-def fusion_lines(fusion: FusionPlan | str) -> list[str]:
-    """What a generated dynamic file fuses (one shared GEMM per layer, no per-sample weights)
-    and which modules' tensors it materialises per sample, and why."""
-    if isinstance(fusion, str):
-        return [f"dynamic mode: no fusion plan ({fusion})"]
-    fused = ", ".join(f.path or "<root>" for f in fusion.fused) or "none"
-    lines = [f"dynamic mode, fused (shared GEMM, no per-sample weights): {fused}"]
-    if fusion.reasons:
-        lines.append("dynamic mode, materialised per sample:")
-        lines += [f"  - {path or '<root>'}: {why}" for path, why in fusion.reasons]
-    return lines
-
-
 def format_layout(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, fusion: FusionPlan | str | None = None
 ) -> str:
-    """The ``inspect`` report: header, tensor table, totals, fusion and notes."""
+    """The ``inspect`` report: header, tensor table, totals, notes and the fusion plan."""
     inputs = ", ".join(f"{spec.shape} {spec.dtype}" for spec in loaded.input_specs)
     lines = _columns(
         [
@@ -104,11 +94,27 @@ def format_layout(
     )
     lines.append("")
     lines += _totals(layout, chunking)
-    if fusion is not None:
-        lines += ["", *fusion_lines(fusion)]
     if layout.notes:
         lines += ["", "notes:"] + [f"  - {note}" for note in layout.notes]
+    if fusion is not None:
+        lines += ["", *format_fusion(fusion)]
     return "\n".join(lines)
+
+
+def format_fusion(plan: FusionPlan | str) -> list[str]:
+    """What a generated dynamic file fuses (whole batch, no per-sample weights) and what it runs
+    per sample, with the reason, one layer per line (a string: why dynamic mode is refused)."""
+    if isinstance(plan, str):
+        return [f"dynamic mode: not supported: {plan}"]
+    rows = [
+        [f.path or "<root>", "fused", f.kind + (f" (S={f.segments})" if f.segments else "")]
+        for f in plan.fused
+    ]
+    rows += [[path or "<root>", "per sample", why] for path, why in plan.reasons]
+    if not rows:
+        return ["dynamic mode: no layer owns generated tensors"]
+    header = "dynamic mode: fused layers run on the whole batch; per-sample ones under vmap"
+    return [header, *("  " + line for line in _columns(rows, right=()))]
 
 
 def _row(t: TensorSpec) -> list[str]:

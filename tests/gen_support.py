@@ -29,11 +29,13 @@ TORCH_TARGETS = {
     "transformer": ("make_target", lambda b: torch.randint(0, 64, (b, 16))),
 }
 #: More torch targets, kept under tests/zoo (not in generated_examples): RNNs, nested
-#: containers, frozen parameters. The equivalence suite runs over both dictionaries.
+#: containers, frozen parameters, Embedding + LayerNorm + BatchNorm1d. The equivalence suite
+#: runs over both dictionaries.
 ZOO_TARGETS = {
     "rnn": ("RecurrentNet", lambda b: torch.randn(b, 6, 4)),
     "nested": ("Nested", lambda b: torch.randn(b, 6)),
     "frozen": ("make_target", lambda b: torch.randn(b, 5)),
+    "normed": ("Normed", lambda b: torch.randint(0, 12, (b, 5))),
 }
 ALL_TORCH_TARGETS = {**TORCH_TARGETS, **ZOO_TARGETS}
 

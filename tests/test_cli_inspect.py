@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -119,8 +120,59 @@ def test_state_rows_tied_aliases_and_notes(
         """,
     )
     out = run_ok(capsys, str(path))
-    notes = out.split("\nnotes:\n")[1].splitlines()
+    notes = out.split("\nnotes:\n")[1].split("\n\n")[0].splitlines()
     assert len(notes) == 1 and notes[0].startswith("  - input shape (1, 2) not checked")
+
+
+def fusion_section(out: str) -> list[list[str]]:
+    """The rows of the report's last section (the dynamic-mode fusion plan), split on 2+ spaces."""
+    section = out.split("\n\ndynamic mode:")[1].splitlines()[1:]
+    return [re.split(r"\s{2,}", line.strip()) for line in section]
+
+
+def test_fusion_plan_of_a_torch_target(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """What a generated dynamic file fuses and runs per sample, as its header and FUSED say."""
+    out = run_ok(capsys, str(TARGETS / "cnn.py"))
+    generated = (ROOT / "generated_examples" / "cnn_torch_dynamic.py").read_text()
+    fused = re.findall(r'FusedLayer\("([^"]*)", "(\w+)", \S+, \S+, (\d+)\)', generated)
+    assert len(fused) == 5
+    assert fusion_section(out) == [
+        [path, "fused", kind + (f" (S={s})" if s != "0" else "")] for path, kind, s in fused
+    ]
+    path = write(
+        tmp_path,
+        "mixed.py",
+        """
+        import torch
+        from torch import nn
+        class Scaled(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.gain = nn.Parameter(torch.ones(4))
+            def forward(self, x):
+                return x * self.gain
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 4)
+                self.scaled = Scaled()
+                self.wide = nn.Conv1d(4, 4, 3, groups=2)
+            def forward(self, x):
+                return self.wide(self.scaled(self.fc(x)).unsqueeze(-1).expand(-1, -1, 3))
+        example_input = torch.zeros(1, 4)
+        """,
+    )
+    c = Chunking.resolve(16 + 4 + 4 + 12 + 4).chunk_dim  # fc's rows of 4 start at 0, 4, 8, 12
+    s = max((4 * o + 3) // c - 4 * o // c + 1 for o in range(4))
+    assert fusion_section(run_ok(capsys, f"{path}:Net")) == [
+        ["fc", "fused", f"linear (S={s})"],
+        ["scaled", "per sample", "Scaled has no fused form (it owns gain)"],
+        ["wide", "per sample", "grouped convolution"],
+    ]
+    out = run_ok(capsys, str(ROOT / "tests" / "zoo" / "rnn.py"))
+    assert out.splitlines()[-1].startswith(
+        "dynamic mode: not supported: dynamic mode cannot generate lstm (LSTM)"
+    )
 
 
 def test_output_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,11 +351,10 @@ def test_inspect_linen_target(capsys: pytest.CaptureFixture[str]) -> None:
     rows = {line.split()[0]: line for line in out.splitlines()[5:13]}
     assert "state (collection)" in rows["BatchNorm_0.mean"]
     assert "generated" in rows["Conv_0.kernel"]
-    fusion = out.split("\n\n")[-1].splitlines()
-    assert fusion == [
-        "dynamic mode, fused (shared GEMM, no per-sample weights): Conv_0, Dense_0",
-        "dynamic mode, materialised per sample:",
-        "  - BatchNorm_0: BatchNorm has no fused form",
+    assert fusion_section(out) == [
+        ["Conv_0", "fused", "conv (S=2)"],
+        ["Dense_0", "fused", "dense (S=2)"],
+        ["BatchNorm_0", "per sample", "BatchNorm has no fused form"],
     ]
 
 

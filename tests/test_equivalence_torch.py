@@ -410,3 +410,67 @@ def test_dynamic_mode_refuses_recurrent_layers(tmp_path, capsys) -> None:  # noq
     assert not out.exists()
     with pytest.raises(TraceError, match=r"lstm \(LSTM\).*static mode"):
         TorchHyperNetwork(make_plain_target("rnn"), mode="dynamic", condition_dim=24)
+
+
+def test_fused_norms_update_statistics_like_the_runtime(generated) -> None:
+    """Fused BatchNorm1d (after fused Embedding and LayerNorm): each sample normalised alone, and
+    the running statistics moved by the mean of the per-sample updates, as the runtime's vmap."""
+    module = generated("normed", "dynamic")
+    assert {f.path: f.kind for f in module.FUSED} == {
+        "embed": "embedding",
+        "norm": "layer_norm",
+        "bn": "batch_norm",
+        "head": "linear",
+    }
+    plain, hyper, runtime = build(module, "normed", "dynamic")
+    hyper.train(), runtime.train()
+    for step in range(2):
+        x = inputs("normed", 6)
+        out_hyper, _ = hyper(x)
+        out_runtime, _ = runtime(x)
+        assert_close(out_hyper, out_runtime, DYNAMIC, f"step {step}: output")
+        ours, theirs = dict(hyper.target.named_buffers()), dict(runtime.target.named_buffers())
+        for name in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+            assert_close(ours[name], theirs[name], DYNAMIC, f"step {step}: {name}")
+    assert ours["bn.num_batches_tracked"].item() == 2
+    assert ours["bn.running_var"].sub(1).abs().sum() > 0  # the statistics did move
+
+
+def test_fused_embedding_refuses_ids_out_of_range(generated) -> None:
+    _, hyper, _ = build(generated("normed", "dynamic"), "normed", "dynamic")
+    ids = torch.full((2, 5), 12)
+    with pytest.raises(IndexError, match=r"ids must lie in \[0, 12\)"):
+        hyper(ids)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-conv", "shared-convs"])
+def test_fused_convolutions_match_the_runtime_on_both_paths(
+    grouped: bool, generated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small batches build each sample's kernel (one grouped convolution); large ones use the
+    S + 1 shared convolutions. Both give the runtime's outputs, gradients and statistics."""
+    module = generated("cnn", "dynamic")
+    if not grouped:
+        monkeypatch.setattr(module, "GROUPED_CONV_LIMIT", 0)
+    assert {f.kind for f in module.FUSED} == {"conv2d", "batch_norm", "linear"}
+    assert max(f.segments for f in module.FUSED if f.kind == "conv2d") > 1
+    _, hyper, runtime = build(module, "cnn", "dynamic")
+    hyper.train(), runtime.train()
+    x = inputs("cnn", 6)
+    calls, original = [], module.grouped_conv
+    monkeypatch.setattr(module, "grouped_conv", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    out_hyper, _ = hyper(x)
+    torch.manual_seed(0)
+    out_runtime, _ = runtime(x)
+    assert len(calls) == (2 if grouped else 0)
+    assert_close(out_hyper, out_runtime, DYNAMIC, "output")
+    weights = torch.randn_like(out_runtime)
+    (out_hyper * weights).sum().backward()
+    (out_runtime * weights).sum().backward()
+    theirs = dict(runtime.named_parameters())
+    for name, p in hyper.named_parameters():
+        assert_close(p.grad, theirs[name].grad, GRAD, f"grad of {name}")
+    ours, theirs = dict(hyper.target.named_buffers()), dict(runtime.target.named_buffers())
+    for name in BN_BUFFERS:
+        assert_close(ours[name], theirs[name], DYNAMIC, name)

@@ -172,7 +172,7 @@ class DigitsCNNHyperNetwork(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
         exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
-        makes once the target is built), and compute the index buffers again.
+        makes once the target is built).
 
         With it a hypernetwork can be built without memory and materialised where it runs::
 
@@ -194,20 +194,21 @@ class DigitsCNNHyperNetwork(nn.Module):
         return self.decode(raw[:FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Per-tensor affine map from raw generator output to parameter values."""
-        scale, shift = self.param_scale.to(raw.dtype), self.param_shift.to(raw.dtype)
-        pieces = [
-            raw[..., p.offset : p.offset + p.size] * scale[i] + shift[i]
-            for i, p in enumerate(GENERATED)
-        ]
-        return torch.cat(pieces, -1)
+        """Per-tensor affine map from raw generator output to parameter values, tensor by
+        tensor (leading batch dimensions are kept)."""
+        pieces = raw.split([p.size for p in GENERATED], -1)
+        scale = self.param_scale.to(raw.dtype).unbind()
+        shift = self.param_shift.to(raw.dtype).unbind()
+        decoded = [torch.addcmul(shift[i], piece, scale[i]) for i, piece in enumerate(pieces)]
+        return torch.cat(decoded, -1)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
         batch = flat.shape[:-1]
+        pieces = flat.split([p.size for p in GENERATED], -1)  # one split: one backward node
         params = {
-            p.path: flat[..., p.offset : p.offset + p.size].reshape(*batch, *p.shape)
-            for p in GENERATED
+            p.path: piece.reshape(*batch, *p.shape)
+            for p, piece in zip(GENERATED, pieces, strict=True)
         }
         return params
 
@@ -225,7 +226,10 @@ class DigitsCNNHyperNetwork(nn.Module):
         if generated_params is None:
             generated_params = self.generate_params()
         params = self.unflatten_params(generated_params)
-        return functional_call(self.target, params, args, kwargs), generated_params
+        return (
+            functional_call(self.target, params, args, kwargs, tie_weights=False),
+            generated_params,
+        )
 
 
 if __name__ == "__main__":
@@ -238,4 +242,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=7df57e7143a2cdae76fe712461f122c154eee514eedea2ef8796289ed76ef12a
+# hypernn-gen: sha256=3a6167660e14b1ee092f25b963767d94651d5d7eb275e8b16ed728d359bbf3c2

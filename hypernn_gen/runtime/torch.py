@@ -294,8 +294,8 @@ class TorchHyperNetwork(nn.Module):
         if self.layout.flat_size > cursor:
             segments.append(self.layout.flat_size - cursor)
             owners.append(len(generated))
-        self.register_buffer("_segment_sizes", torch.tensor(segments), persistent=False)
-        self.register_buffer("_segment_owner", torch.tensor(owners), persistent=False)
+        self._segment_sizes: list[int] = segments
+        self._segment_owner: list[int] = owners  # index into layout.generated; len(): padding
 
         self.target = _strip_generated(target_network, self.layout)
 
@@ -349,14 +349,16 @@ class TorchHyperNetwork(nn.Module):
         return self._decode(raw[..., : self.layout.flat_size])
 
     def _decode(self, raw: torch.Tensor) -> torch.Tensor:
-        """Per-tensor affine map from the raw vector to the target's parameters."""
-        pad = raw.new_zeros(1)
-        scale = torch.cat([self.param_scale.to(raw.dtype), pad])[self._segment_owner]
-        shift = torch.cat([self.param_shift.to(raw.dtype), pad])[self._segment_owner]
-        sizes, n = self._segment_sizes, self.layout.flat_size
-        scale = torch.repeat_interleave(scale, sizes, output_size=n)
-        shift = torch.repeat_interleave(shift, sizes, output_size=n)
-        return torch.addcmul(shift, raw, scale)
+        """Per-tensor affine map from the raw vector to the target's parameters, tensor by tensor
+        (padding between tensors, if any, is zero)."""
+        scale = self.param_scale.to(raw.dtype).unbind()
+        shift = self.param_shift.to(raw.dtype).unbind()
+        pieces = raw.split(self._segment_sizes, -1)
+        decoded = [
+            torch.addcmul(shift[i], piece, scale[i]) if i < len(scale) else torch.zeros_like(piece)
+            for i, piece in zip(self._segment_owner, pieces, strict=True)
+        ]
+        return torch.cat(decoded, -1)
 
     def _expected_embedding(self, condition: Any) -> tuple[int, ...]:
         shape = (self.num_embeddings, self.embedding_dim)
@@ -369,9 +371,12 @@ class TorchHyperNetwork(nn.Module):
     def unflatten_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named tensors (state-dict names) from a flat vector; keeps any leading batch dims."""
         batch = flat.shape[:-1]
+        pieces = flat.split(self._segment_sizes, -1)  # one split: one node in the backward
+        generated = self.layout.generated
         return {
-            t.path: flat[..., t.offset : t.end].reshape(*batch, *t.shape)
-            for t in self.layout.generated
+            generated[i].path: piece.reshape(*batch, *generated[i].shape)
+            for i, piece in zip(self._segment_owner, pieces, strict=True)
+            if i < len(generated)
         }
 
     def flatten_params(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -415,7 +420,7 @@ class TorchHyperNetwork(nn.Module):
             for alias in t.aliases:
                 params[".".join(alias)] = params[t.path]
         if self.mode == "static":
-            return functional_call(self.target, params, args, kwargs)
+            return functional_call(self.target, params, args, kwargs, tie_weights=False)
         return self._per_sample_forward(params, generated_params.shape[0], args, kwargs)
 
     def _per_sample_forward(
@@ -439,7 +444,7 @@ class TorchHyperNetwork(nn.Module):
 
         def one_sample(p: dict, b: dict, *xs: Any) -> Any:
             xs = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in xs)
-            out = functional_call(self.target, {**p, **b}, xs, kwargs)
+            out = functional_call(self.target, {**p, **b}, xs, kwargs, tie_weights=False)
             return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, torch.Tensor) else o, out)
 
         out = vmap(one_sample, in_dims=(0, 0, *in_args), randomness="different")(
