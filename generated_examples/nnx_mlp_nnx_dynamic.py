@@ -598,8 +598,9 @@ class NnxMlpHyperNetwork(nnx.Module):
         Sample ``b`` runs through the target alone (a batch of 1) with weight set ``b``, batched
         with ``jax.vmap``. The layers in ``FUSED`` never build per-sample weights and
         ``generated_params`` is ``None``, unless ``return_params=True`` or ``generated_params``
-        is given: then every weight set is materialised, ``(batch, FLAT_SIZE)``. The condition
-        is the first array input unless ``condition`` is given.
+        is given (or ``model_axis`` is set): then every weight set is materialised,
+        ``(batch, FLAT_SIZE)``. The condition is the first array input unless ``condition`` is
+        given.
         """
         if condition is None:
             condition = next((x for x in inputs if is_array(x)), None)
@@ -610,7 +611,13 @@ class NnxMlpHyperNetwork(nnx.Module):
             )
         batch = condition.shape[0]
         check_batch(inputs, batch)
-        fused = generated_params is None and not return_params
+        # model_axis: the materialising path. Under a model-axis split, XLA's partitioning of
+        # the fused path gave the embedding network gradients off by ~1% (jax 0.10, CPU).
+        fused = (
+            generated_params is None
+            and not return_params
+            and self.weight_generator.model_axis is None
+        )
         if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
             shared = self.shared()
             stacks = tuple(shared.stack(layer) for layer in FUSED)
@@ -666,4 +673,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=35d5088ff28cd95abb5a91afc1359b0923167157695b211ea0dedbfc7db2e2a8
+# hypernn-gen: sha256=6b3f1968cf3a87a9bffa5864db824915b5ff951bcbc7818489166f3e1b841175
