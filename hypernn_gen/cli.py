@@ -26,8 +26,8 @@ import jinja2
 
 from ._version import __version__
 from .config import find_pyproject, load_jobs
-from .errors import GenerationError, HypernnGenError
 from .design import CHUNKINGS, INIT_SCHEMES, parse_widths
+from .errors import GenerationError, HypernnGenError
 from .fuse import FusionPlan
 from .generate import BACKENDS, MODES, GenerateOptions, generate, plan_fusion
 from .layout import Chunking

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ._version import __version__
-from .errors import GenerationError
 from .design import CHUNKINGS, INIT_SCHEMES, check_hidden, design_layout
+from .errors import GenerationError
 from .extract import extract_target_source
 from .fuse import FusionPlan, plan_torch_fusion
 from .fuse_flax import plan_linen_fusion, plan_nnx_fusion

@@ -22,7 +22,6 @@ __all__ = [
     "format_fusion",
     "format_layout",
     "fusion_dict",
-    "fusion_lines",
     "hypernetwork_param_count",
     "layout_json",
 ]

@@ -195,12 +195,13 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], 
     cache: dict[tuple[str, ...], ModuleType] = {}
 
     def get(target: str, mode: str, *flags: str) -> ModuleType:
-        if (target, mode, *flags) not in cache:
+        key = (target, mode, *flags)
+        if key not in cache:
             out = directory / f"{target}_{mode}_{len(cache)}.py"
             args = [str(TARGETS_DIR / f"{target}.py"), "--backend", "flax", "--mode", mode]
             assert main([*args, *flags, "-o", str(out)]) == 0
-            cache[target, mode, *flags] = import_file(out)
-        return cache[target, mode, *flags]
+            cache[key] = import_file(out)
+        return cache[key]
 
     return get
 

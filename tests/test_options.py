@@ -9,6 +9,7 @@ test_generate_flax.py (``test_options_match_runtime_with_the_same_options``).
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import math
 import textwrap
@@ -20,7 +21,7 @@ import torch
 from gen_support import TARGETS_DIR, hypernetwork_class, import_file, make_plain_target
 from tolerances import DYNAMIC, GRAD, STATIC, assert_close
 
-from hypernn_gen.cli import main
+from hypernn_gen.cli import _generate_arguments, main
 from hypernn_gen.design import aligned_layout, chunk_layout
 from hypernn_gen.errors import TraceError
 from hypernn_gen.generate import GenerateOptions
@@ -260,13 +261,7 @@ def test_condition_shape_makes_weights_from_a_separate_condition(tmp_path: Path)
 def test_every_option_has_the_same_name_in_cli_config_and_runtimes(tmp_path: Path) -> None:
     fields_ = {f.name for f in fields(GenerateOptions)}
     assert fields_ >= HYPER_OPTIONS
-    from hypernn_gen.cli import COMMANDS, DEFAULT_COMMAND  # noqa: F401 - the parser's flags
-
-    import argparse
-
     parser = argparse.ArgumentParser()
-    from hypernn_gen.cli import _generate_arguments
-
     _generate_arguments(parser)
     flags = {a.dest for a in parser._actions}
     assert flags >= HYPER_OPTIONS

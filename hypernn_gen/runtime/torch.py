@@ -32,8 +32,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
-from ..errors import HyperNetworkError
 from ..design import check_hidden, design_layout
+from ..errors import HyperNetworkError
 from ..layout import Layout
 from ..trace_torch import check_dynamic_support, trace_module
 
