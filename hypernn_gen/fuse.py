@@ -33,7 +33,7 @@ __all__ = ["FusionPlan", "FusedLayer", "plan_torch_fusion"]
 #: Layers whose rows span more chunks than this are materialised instead (the shared GEMM grows
 #: with the number of segments; past this point building the layer's weights is cheaper).
 MAX_SEGMENTS = 16
-NONLINEAR_GENERATOR = "the weight generator has hidden layers (not linear): materialised"
+NONLINEAR_GENERATOR = "the weight generator has hidden layers (not linear)"
 FUSIBLE = {
     "Linear": "linear",
     "Conv1d": "conv1d",
@@ -83,14 +83,14 @@ def segments(offset: int, rows: int, row: int, chunk: int) -> int:
 
 
 def plan_torch_fusion(  # noqa: ANN001 - module: a torch nn.Module (torch imported lazily)
-    module, layout: Layout, chunking: Chunking, *, linear: bool = True
+    module, layout: Layout, chunking: Chunking, *, linear_generator: bool = True
 ) -> FusionPlan:
     """Decide, module by module, what the generated dynamic Torch file fuses.
 
-    ``linear=False`` (a weight generator with hidden layers): nothing is fused, the algebra
+    ``linear_generator=False`` (a weight generator with hidden layers): nothing is fused, the algebra
     above needs ``g`` linear in the embedding; the whole target runs per sample.
     """
-    if not linear:
+    if not linear_generator:
         return FusionPlan((), (), (("", NONLINEAR_GENERATOR),))
     index: dict[str, int] = {}  # every name a generated tensor has (tied ones have several)
     for i, t in enumerate(layout.generated):

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .fuse import MAX_SEGMENTS, FusedLayer, FusionPlan, segments
+from .fuse import MAX_SEGMENTS, NONLINEAR_GENERATOR, FusedLayer, FusionPlan, segments
 from .layout import Chunking, Layout
 
 __all__ = ["plan_linen_fusion", "plan_nnx_fusion"]
@@ -173,7 +173,7 @@ def _decide(
     if kind is None:
         return f"{name} has no fused form", None
     if not linear_generator:
-        return "the weight generator is not linear", None
+        return NONLINEAR_GENERATOR, None
     if why is not None:
         return why, None
     if "kernel" not in own:

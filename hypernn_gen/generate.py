@@ -437,7 +437,7 @@ def plan_fusion(
 
         module = _meta_module(loaded)
         check_dynamic_support(module, layout)  # raises where dynamic mode is impossible
-        return plan_torch_fusion(module, layout, chunking, linear=linear_generator)
+        return plan_torch_fusion(module, layout, chunking, linear_generator=linear_generator)
     if loaded.framework == "nnx":
         from flax import nnx
 

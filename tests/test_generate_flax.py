@@ -742,7 +742,7 @@ def test_nothing_fused_without_generated_kernels_or_a_linear_generator(
     layout = trace_selected(loaded)
     plan = plan_fusion(loaded, layout, Chunking.resolve(layout.flat_size), linear_generator=False)
     assert plan.fused == () and set(plan.reasons) == {
-        (f"Dense_{i}", "the weight generator is not linear") for i in range(3)
+        (f"Dense_{i}", "the weight generator has hidden layers (not linear)") for i in range(3)
     }
 
 
