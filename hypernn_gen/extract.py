@@ -21,7 +21,7 @@ import libcst as cst
 
 from .errors import GenerationError
 
-__all__ = ["TargetSource", "extract_target_source"]
+__all__ = ["KERNEL_BEGIN", "KERNEL_END", "TargetSource", "extract_target_source", "kernel_source"]
 
 # Names the generated file defines itself; copied code must not rebind them.
 RESERVED = frozenset({"annotations"})
@@ -182,3 +182,63 @@ def extract_target_source(path: Path, roots: list[str]) -> TargetSource:
     for i in needed:
         names |= bound[i] & wanted if _is_import(stmts[i]) else bound[i]
     return TargetSource(tuple(imports), "\n\n\n".join(body), frozenset(names))
+
+
+KERNEL_END = "# -- end of hypernn-gen kernel"
+
+
+def _kernel_begin() -> str:
+    from .kernel import KERNEL_VERSION
+
+    return f"# -- hypernn-gen kernel {KERNEL_VERSION}"
+
+
+KERNEL_BEGIN = _kernel_begin()
+
+
+def _sibling_imports(path: Path) -> dict[str, str]:
+    """``{name: sibling module}`` for each ``from .sibling import name`` in a kernel module."""
+    module = cst.parse_module(path.read_text())
+    out: dict[str, str] = {}
+    for stmt in module.body:
+        if not isinstance(stmt, cst.SimpleStatementLine):
+            continue
+        for small in stmt.body:
+            if isinstance(small, cst.ImportFrom) and small.relative and small.module is not None:
+                sibling = cst.Module([]).code_for_node(small.module)
+                for alias in small.names:  # type: ignore[union-attr]
+                    out[_alias_name(alias)] = sibling
+    return out
+
+
+def kernel_source(module: str, roots: list[str]) -> TargetSource:
+    """The kernel definitions ``roots`` of ``hypernn_gen/kernel/<module>.py`` and what they need.
+
+    Names a kernel module imports from a sibling (``from ._flax import split_chunks``) are
+    copied from that sibling first, so the result stands alone. Definitions keep their source
+    text byte for byte: the generated file's kernel section is a verbatim copy.
+    """
+    folder = Path(__file__).parent / "kernel"
+    imports: list[str] = []
+    bodies: list[str] = []
+    names: set[str] = set()
+
+    def visit(name: str, wanted: list[str]) -> None:
+        path = folder / f"{name}.py"
+        siblings = _sibling_imports(path)
+        source = extract_target_source(path, wanted)
+        by_sibling: dict[str, list[str]] = {}
+        for bound in sorted(source.names & siblings.keys()):
+            by_sibling.setdefault(siblings[bound], []).append(bound)
+        for sibling, wanted_there in by_sibling.items():
+            visit(sibling, wanted_there)
+        for line in source.imports:
+            if not line.startswith("from ."):
+                if line not in imports:
+                    imports.append(line)
+        if source.body and source.body not in bodies:
+            bodies.append(source.body)
+        names.update(source.names - siblings.keys())
+
+    visit(module, roots)
+    return TargetSource(tuple(imports), "\n\n\n".join(bodies), frozenset(names))
