@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .layout import Chunking, Layout
 
-__all__ = ["FusionPlan", "FusedLayer", "plan_torch_fusion"]
+__all__ = ["BatchFlow", "FusionPlan", "FusedLayer", "plan_torch_fusion", "probe_batch_flow"]
 
 #: Layers whose rows span more chunks than this are materialised instead (the shared GEMM grows
 #: with the number of segments; past this point building the layer's weights is cheaper).
@@ -82,16 +82,117 @@ def segments(offset: int, rows: int, row: int, chunk: int) -> int:
     return worst
 
 
+#: Two batch sizes the target is run with on ``meta`` to see which inputs of each module carry
+#: the batch first. Odd primes, so that no other dimension is likely to follow both.
+PROBE_BATCHES = (3, 5)
+
+
+@dataclass(frozen=True)
+class BatchFlow:
+    """Where the batch goes inside the target, seen by running it on ``meta`` twice.
+
+    ``calls[path]`` holds, for every call of the module at ``path``, one flag per tensor input
+    (positional, then keyword in call order): does its first dimension follow the batch? A module
+    that was never called has no entry. ``error`` says why the target could not be run.
+    """
+
+    calls: dict[str, tuple[tuple[bool, ...], ...]]
+    error: str | None = None
+
+    def shared_input(self, path: str) -> bool:
+        """Some call of ``path`` got a tensor without the batch first (a shared input)."""
+        return any(not all(flags) for flags in self.calls.get(path, ()))
+
+    def batched_input(self, path: str) -> bool:
+        """Every call of ``path`` got at least one tensor with the batch first."""
+        calls = self.calls.get(path, ())
+        return bool(calls) and all(any(flags) for flags in calls)
+
+
+def probe_batch_flow(module, inputs) -> BatchFlow:  # noqa: ANN001 - torch objects, imported lazily
+    """Run ``module`` on ``meta`` inputs with the batch sizes :data:`PROBE_BATCHES`.
+
+    ``inputs`` are example tensors (any device) whose first dimension is the batch. Nothing is
+    computed or allocated: parameters and buffers are swapped for ``meta`` stand-ins.
+    """
+    import torch
+    from torch.func import functional_call
+
+    stand_ins = {
+        name: t if t.device.type == "meta" else torch.empty_like(t, device="meta")
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+    }
+    seen: list[dict[str, list[tuple[int | None, ...]]]] = []
+    for batch in PROBE_BATCHES:
+        calls: dict[str, list[tuple[int | None, ...]]] = {}
+
+        def record(path, _module, args, kwargs, calls=calls):  # noqa: ANN001
+            tensors = [*args, *kwargs.values()]
+            dims = tuple(
+                (t.shape[0] if t.dim() else None) for t in tensors if isinstance(t, torch.Tensor)
+            )
+            calls.setdefault(path, []).append(dims)
+
+        handles = [
+            sub.register_forward_pre_hook(
+                lambda m, a, k, path=path: record(path, m, a, k), with_kwargs=True
+            )
+            for path, sub in module.named_modules()
+        ]
+        xs = tuple(torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs)
+        try:
+            with torch.no_grad(), torch.device("meta"):  # tensors made in forward too
+                functional_call(module, stand_ins, xs)
+        except Exception as exc:  # noqa: BLE001 - any failure only means "unknown"
+            return BatchFlow(
+                {}, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        seen.append(calls)
+    first, second = seen
+    flow: dict[str, tuple[tuple[bool, ...], ...]] = {}
+    for path, dims in first.items():
+        other = second.get(path, [])
+        if len(other) != len(dims) or any(
+            len(a) != len(b) for a, b in zip(dims, other, strict=False)
+        ):
+            flow[path] = ((False,),)  # calls differ between batch sizes: treat as shared
+            continue
+        flow[path] = tuple(
+            tuple(
+                a == PROBE_BATCHES[0] and b == PROBE_BATCHES[1] for a, b in zip(d1, d2, strict=True)
+            )
+            for d1, d2 in zip(dims, other, strict=True)
+        )
+    return BatchFlow(flow)
+
+
 def plan_torch_fusion(  # noqa: ANN001 - module: a torch nn.Module (torch imported lazily)
-    module, layout: Layout, chunking: Chunking, *, linear_generator: bool = True
+    module,
+    layout: Layout,
+    chunking: Chunking,
+    *,
+    linear_generator: bool = True,
+    flow: BatchFlow | None = None,
 ) -> FusionPlan:
     """Decide, module by module, what the generated dynamic Torch file fuses.
 
     ``linear_generator=False`` (a weight generator with hidden layers): nothing is fused, the algebra
     above needs ``g`` linear in the embedding; the whole target runs per sample.
+
+    ``flow`` (see :func:`probe_batch_flow`) says which inputs of each module carry the batch. A
+    fused layer computes sample ``b`` from row ``b`` of its input, so a module that gets a
+    shared input (GPT-2's position ids ``(1, L)``) is not fused; a module run per sample needs
+    one input with the batch first. Where neither holds, or the flow is unknown, the whole target
+    runs per sample: the fast path is taken only where it is known to equal that reference.
     """
     if not linear_generator:
         return FusionPlan((), (), (("", NONLINEAR_GENERATOR),))
+    if flow is not None and flow.error is not None:
+        why = f"the forward cannot run on meta to see where the batch goes ({flow.error})"
+        return FusionPlan((), (), (("", why),))
     index: dict[str, int] = {}  # every name a generated tensor has (tied ones have several)
     for i, t in enumerate(layout.generated):
         for keys in (t.keys, *t.aliases):
@@ -117,6 +218,16 @@ def plan_torch_fusion(  # noqa: ANN001 - module: a torch nn.Module (torch import
         weight = f"{path}.weight" if path else "weight"
         bias = f"{path}.bias" if path else "bias"
         why = _unfusible(sub, kind, weight, bias, own, has_buffers, generated_paths)
+        if flow is not None and path:
+            if not flow.batched_input(path):
+                why = (
+                    "none of its inputs has the batch first"
+                    if path in flow.calls
+                    else "it is never called"
+                )
+                return FusionPlan((), (), (("", f"{path}: {why}"),))
+            if why is None and flow.shared_input(path):
+                why = "an input without the batch first (shared by every sample)"
         if why is None and kind not in GEMM_KINDS:
             fused.append(FusedLayer(path, kind, index.get(weight), index.get(bias), 0))
             continue
