@@ -170,6 +170,8 @@ def convert(option: Option, value: Any, where: str) -> Any:
     except GenerationError:
         raise
     except HypernnGenError as exc:
+        if not where and option.cli_flag in str(exc):  # it names the flag already
+            raise GenerationError(str(exc)) from None
         raise GenerationError(f"{prefix}: {exc}") from None
     if not isinstance(value, str):
         raise GenerationError(f"{prefix} must be a string, got {value!r}")
