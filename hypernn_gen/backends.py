@@ -84,9 +84,7 @@ def backend_for(framework: str, requested: str | None, display: str) -> Backend:
     """The row for ``framework``, checking ``--backend requested`` (``None``: any) against it."""
     backend = framework_backend(framework, display)
     if requested is not None and requested not in FAMILIES:
-        raise GenerationError(
-            f"unknown --backend {requested!r}; choose {' or '.join(FAMILIES)}"
-        )
+        raise GenerationError(f"unknown --backend {requested!r}; choose {' or '.join(FAMILIES)}")
     if requested is not None and requested != backend.family:
         raise GenerationError(
             f"{display} is a {framework} target but --backend {requested} was given; use "

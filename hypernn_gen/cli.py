@@ -28,8 +28,8 @@ from pathlib import Path
 import jinja2
 
 from ._version import __version__
-from .config import find_pyproject, load_jobs
 from .backends import backend_for
+from .config import find_pyproject, load_jobs
 from .design import design_layout
 from .errors import GenerationError, HypernnGenError
 from .fuse import FusionPlan

@@ -18,7 +18,6 @@ use the CLI's flag names (``-`` or ``_`` both accepted); an unknown key is an er
 from __future__ import annotations
 
 import difflib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +93,7 @@ def load_jobs(pyproject: Path) -> list[GenerateOptions]:
             name, converted = _convert(_normalise(key, where), value, where)
             merged[name] = converted
         if "target" not in merged:
-            raise GenerationError(f"{where}: a job needs a target = \"path/to/target.py\"")
+            raise GenerationError(f'{where}: a job needs a target = "path/to/target.py"')
         for key in _PATH_KEYS:
             if key in merged:
                 text = str(merged[key])

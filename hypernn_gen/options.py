@@ -77,40 +77,126 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("backend", "choice", None, "torch or flax (default: the target's)", BACKENDS,
-           always=True, layout_arg=True),
-    Option("mode", "choice", "static", "static (default) or dynamic", MODES, always=True,
-           layout_arg=True),
+    Option(
+        "backend",
+        "choice",
+        None,
+        "torch or flax (default: the target's)",
+        BACKENDS,
+        always=True,
+        layout_arg=True,
+    ),
+    Option(
+        "mode",
+        "choice",
+        "static",
+        "static (default) or dynamic",
+        MODES,
+        always=True,
+        layout_arg=True,
+    ),
     Option("embedding_dim", "int", 32, "default 32", metavar="D", always=True, layout_arg=True),
-    Option("num_embeddings", "int", None, "number of chunks", metavar="N", exclusive="size",
-           layout_arg=True),
-    Option("chunk_dim", "int", None, "values per chunk", metavar="C", exclusive="size",
-           layout_arg=True),
-    Option("chunking", "choice", "flat", "flat (default: chunks run across tensors, as hyper-nn) "
-           "or tensor (every tensor starts on a chunk)", CHUNKINGS, layout_arg=True),
-    Option("generator_hidden", "widths", (), "hidden widths of the weight generator, e.g. 64,64 "
-           "(default none: linear; hidden layers turn the fused dynamic path off)", metavar="W",
-           layout_arg=True),
-    Option("init_scheme", "choice", "target", "target (default: the target's own init "
-           "statistics), hyperfan-in or hyperfan-out (Chang et al. 2020)", INIT_SCHEMES,
-           layout_arg=True),
-    Option("condition_shape", "shape", None, "dynamic: one sample's conditioning input, e.g. 3 "
-           "(default: the first input's shape without the batch; pass condition=... when it "
-           "differs)", metavar="S", dynamic_only=True),
-    Option("condition_dtype", "choice", None, "dynamic: the conditioning input's dtype "
-           "(default: the input's)", INPUT_DTYPES, metavar="D", dynamic_only=True),
-    Option("embedding_hidden", "widths", DEFAULT_EMBEDDING_HIDDEN, "dynamic: hidden widths of "
-           "the embedding network (default 64)", metavar="W", dynamic_only=True),
-    Option("input_shapes", "shapes", (), "shape of one forward input, e.g. 1,8 (repeat for "
-           "several inputs; overrides the file's example_input)", metavar="S",
-           flag="--input-shape", target_arg=True),
-    Option("input_dtype", "choice", "float32", f"dtype of the --input-shape inputs: "
-           f"{', '.join(INPUT_DTYPES)} (default float32)", INPUT_DTYPES, metavar="D",
-           target_arg=True),
-    Option("include", "globs", (), "generate only parameters whose path matches (repeatable), "
-           "e.g. 'blocks.*'", metavar="GLOB", target_arg=True),
-    Option("exclude", "globs", (), "keep parameters whose path matches as ordinary state "
-           "(repeatable)", metavar="GLOB", target_arg=True),
+    Option(
+        "num_embeddings",
+        "int",
+        None,
+        "number of chunks",
+        metavar="N",
+        exclusive="size",
+        layout_arg=True,
+    ),
+    Option(
+        "chunk_dim", "int", None, "values per chunk", metavar="C", exclusive="size", layout_arg=True
+    ),
+    Option(
+        "chunking",
+        "choice",
+        "flat",
+        "flat (default: chunks run across tensors, as hyper-nn) "
+        "or tensor (every tensor starts on a chunk)",
+        CHUNKINGS,
+        layout_arg=True,
+    ),
+    Option(
+        "generator_hidden",
+        "widths",
+        (),
+        "hidden widths of the weight generator, e.g. 64,64 "
+        "(default none: linear; hidden layers turn the fused dynamic path off)",
+        metavar="W",
+        layout_arg=True,
+    ),
+    Option(
+        "init_scheme",
+        "choice",
+        "target",
+        "target (default: the target's own init "
+        "statistics), hyperfan-in or hyperfan-out (Chang et al. 2020)",
+        INIT_SCHEMES,
+        layout_arg=True,
+    ),
+    Option(
+        "condition_shape",
+        "shape",
+        None,
+        "dynamic: one sample's conditioning input, e.g. 3 "
+        "(default: the first input's shape without the batch; pass condition=... when it "
+        "differs)",
+        metavar="S",
+        dynamic_only=True,
+    ),
+    Option(
+        "condition_dtype",
+        "choice",
+        None,
+        "dynamic: the conditioning input's dtype (default: the input's)",
+        INPUT_DTYPES,
+        metavar="D",
+        dynamic_only=True,
+    ),
+    Option(
+        "embedding_hidden",
+        "widths",
+        DEFAULT_EMBEDDING_HIDDEN,
+        "dynamic: hidden widths of the embedding network (default 64)",
+        metavar="W",
+        dynamic_only=True,
+    ),
+    Option(
+        "input_shapes",
+        "shapes",
+        (),
+        "shape of one forward input, e.g. 1,8 (repeat for "
+        "several inputs; overrides the file's example_input)",
+        metavar="S",
+        flag="--input-shape",
+        target_arg=True,
+    ),
+    Option(
+        "input_dtype",
+        "choice",
+        "float32",
+        f"dtype of the --input-shape inputs: {', '.join(INPUT_DTYPES)} (default float32)",
+        INPUT_DTYPES,
+        metavar="D",
+        target_arg=True,
+    ),
+    Option(
+        "include",
+        "globs",
+        (),
+        "generate only parameters whose path matches (repeatable), e.g. 'blocks.*'",
+        metavar="GLOB",
+        target_arg=True,
+    ),
+    Option(
+        "exclude",
+        "globs",
+        (),
+        "keep parameters whose path matches as ordinary state (repeatable)",
+        metavar="GLOB",
+        target_arg=True,
+    ),
     Option("template_dir", "path", None, "user templates, tried first", metavar="DIR"),
     Option("formatter", "choice", "black", "black (default, in-process) or ruff", FORMATTERS),
     Option("output", "path", None, "output file or directory", metavar="PATH", short="-o"),
@@ -206,8 +292,11 @@ def add_option_arguments(
                 groups[option.exclusive] = parser.add_mutually_exclusive_group()
             where = groups[option.exclusive]
         flags = [option.short, option.cli_flag] if option.short else [option.cli_flag]
-        kwargs: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS,
-                                  "help": option.help}
+        kwargs: dict[str, Any] = {
+            "dest": option.name,
+            "default": argparse.SUPPRESS,
+            "help": option.help,
+        }
         if option.metavar:
             kwargs["metavar"] = option.metavar
         if option.kind in ("shapes", "globs"):
