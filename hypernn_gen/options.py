@@ -379,17 +379,17 @@ def check_sizes(options: Any, flat_size: int, num_embeddings: int, chunk_dim: in
     embeddings = num_embeddings * options.embedding_dim
     generator = (options.embedding_dim + 1) * chunk_dim
     total = embeddings + generator
-    if total > MAX_SIZE_RATIO * max(flat_size, 1):
-        raise GenerationError(
-            f"the hypernetwork would have {total:,} parameters ({num_embeddings:,} embeddings x "
-            f"--embedding-dim {options.embedding_dim}, a {options.embedding_dim} -> {chunk_dim:,} "
-            f"generator) for a target of {flat_size:,} generated values, over {MAX_SIZE_RATIO}x; "
-            "use a smaller --embedding-dim, --num-embeddings or --chunk-dim"
-        )
     padding = padded - flat_size
     if padding > MAX_PADDING_FRACTION * padded and padding > MIN_PADDING_REFUSED:
         raise GenerationError(
             f"{num_embeddings:,} chunks of {chunk_dim:,} values make {padded:,} outputs for "
             f"{flat_size:,} generated values, mostly padding; use a smaller --num-embeddings or "
             "--chunk-dim"
+        )
+    if total > MAX_SIZE_RATIO * max(flat_size, 1):
+        raise GenerationError(
+            f"the hypernetwork would have {total:,} parameters ({num_embeddings:,} embeddings x "
+            f"--embedding-dim {options.embedding_dim}, a {options.embedding_dim} -> {chunk_dim:,} "
+            f"generator) for a target of {flat_size:,} generated values, over {MAX_SIZE_RATIO}x; "
+            "use a smaller --embedding-dim, --num-embeddings or --chunk-dim"
         )
