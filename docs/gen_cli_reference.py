@@ -11,12 +11,11 @@ from ``--help`` output, so it is the same on every Python version and terminal w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 from hypernn_gen import cli
-from hypernn_gen.generate import GenerateOptions
+from hypernn_gen.options import OPTIONS
 
 OUTPUT = Path(__file__).resolve().parent / "cli.md"
 
@@ -120,15 +119,9 @@ def command_section(name: str) -> str:
 
 
 def pyproject_section() -> str:
-    """The keys a ``[[tool.hypernn-gen.jobs]]`` entry accepts (from GenerateOptions)."""
-    keys = [f.name for f in dataclasses.fields(GenerateOptions) if f.name != "extra"]
-    flags = {
-        "input_shapes": "input-shape",
-    }
-    rows = []
-    for key in keys:
-        name = flags.get(key, key.replace("_", "-"))
-        rows.append(f"| `{name}` | {'`TARGET`' if key == 'target' else f'`--{name}`'} |")
+    """The keys a ``[[tool.hypernn-gen.jobs]]`` entry accepts (from the option schema)."""
+    rows = ["| `target` | `TARGET` |"]
+    rows += [f"| `{o.toml_key}` | `{o.cli_flag}` |" for o in OPTIONS]
     return "\n".join(
         [
             "## `pyproject.toml` jobs",

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -25,17 +28,23 @@ from pathlib import Path
 import jinja2
 
 from ._version import __version__
+from .backends import backend_for
 from .config import find_pyproject, load_jobs
-from .design import CHUNKINGS, INIT_SCHEMES, parse_widths
+from .design import design_layout
 from .errors import GenerationError, HypernnGenError
 from .fuse import FusionPlan
-from .generate import BACKENDS, MODES, GenerateOptions, generate, plan_fusion
-from .layout import Chunking
-from .load import INPUT_DTYPES, load_target, parse_input_shape
+from .generate import generate, plan_fusion
+from .load import load_target
+from .options import (
+    GenerateOptions,
+    add_option_arguments,
+    check_options,
+    check_sizes,
+    options_from_namespace,
+)
 from .render import CONTEXT_VERSION, TemplateContext, builtin_templates_dir, make_environment
 from .report import format_layout, layout_json
 from .trace import trace_selected
-from .verify import FORMATTERS
 from .write import FileStatus, status_of, summarise_diff, write_generated
 
 __all__ = [
@@ -69,34 +78,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TARGET",
         help="path/to/target.py[:NAME]: a module class, module instance or zero-argument factory",
     )
-    parser.add_argument(
-        "--input-shape",
-        metavar="S",
-        action="append",
-        default=[],
-        help="shape of one forward input, e.g. 1,8 (repeat for several inputs; overrides the "
-        "file's example_input)",
-    )
-    parser.add_argument(
-        "--input-dtype",
-        metavar="D",
-        default=None,
-        help=f"dtype of the --input-shape inputs: {', '.join(INPUT_DTYPES)} (default float32)",
-    )
-    parser.add_argument(
-        "--include",
-        metavar="GLOB",
-        action="append",
-        default=[],
-        help="generate only parameters whose path matches (repeatable), e.g. 'blocks.*'",
-    )
-    parser.add_argument(
-        "--exclude",
-        metavar="GLOB",
-        action="append",
-        default=[],
-        help="keep parameters whose path matches as ordinary state (repeatable)",
-    )
+    add_option_arguments(parser, lambda o: o.target_arg)
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
@@ -108,18 +90,36 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     add_target_arguments(parser)
+    add_option_arguments(
+        parser.add_argument_group("hypernetwork options that shape the layout (as for generate)"),
+        lambda o: o.layout_arg,
+    )
     parser.add_argument("--json", action="store_true", help="print the layout and chunking as JSON")
     add_debug_argument(parser)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    options = GenerateOptions(target=args.target, **options_from_namespace(args))
+    check_options(options)
     loaded = load_target(
-        args.target, input_shapes=args.input_shape, input_dtype=args.input_dtype or "float32"
+        options.target,
+        input_shapes=list(options.input_shapes) or None,
+        input_dtype=options.input_dtype,
     )
-    layout = trace_selected(loaded, include=args.include, exclude=args.exclude)
-    chunking = Chunking.resolve(layout.flat_size)
+    backend_for(loaded.framework, options.backend, loaded.display)
+    layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
+    layout, chunking = design_layout(
+        layout,
+        num_embeddings=options.num_embeddings,
+        chunk_dim=options.chunk_dim,
+        chunking=options.chunking,
+        init_scheme=options.init_scheme,
+    )
+    check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
     try:
-        fusion: FusionPlan | str = plan_fusion(loaded, layout, chunking)
+        fusion: FusionPlan | str = plan_fusion(
+            loaded, layout, chunking, linear_generator=not options.generator_hidden
+        )
     except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still worth showing
         fusion = str(exc)
     if args.json:
@@ -143,37 +143,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     option = parser.add_argument_group(
         "hypernetwork options (the same names in [tool.hypernn-gen] and the runtime library)"
     )
-    unset = argparse.SUPPRESS
-    option.add_argument("--backend", choices=BACKENDS, default=unset, help="torch or flax "
-                        "(default: the target's)")
-    option.add_argument("--mode", choices=MODES, default=unset, help="static (default) or dynamic")
-    option.add_argument("-o", "--output", metavar="PATH", default=unset,
-                        help="output file or directory")
-    option.add_argument("--embedding-dim", type=int, metavar="D", default=unset, help="default 32")
-    size = option.add_mutually_exclusive_group()
-    size.add_argument("--num-embeddings", type=int, metavar="N", default=unset,
-                      help="number of chunks")
-    size.add_argument("--chunk-dim", type=int, metavar="C", default=unset, help="values per chunk")
-    option.add_argument("--chunking", choices=CHUNKINGS, default=unset,
-                        help="flat (default: chunks run across tensors, as hyper-nn) or tensor "
-                        "(every tensor starts on a chunk)")
-    option.add_argument("--generator-hidden", metavar="W", type=_widths, default=unset,
-                        help="hidden widths of the weight generator, e.g. 64,64 (default none: "
-                        "linear; hidden layers turn the fused dynamic path off)")
-    option.add_argument("--init-scheme", choices=INIT_SCHEMES, default=unset,
-                        help="target (default: the target's own init statistics), hyperfan-in "
-                        "or hyperfan-out (Chang et al. 2020)")
-    option.add_argument("--condition-shape", metavar="S", type=_shape, default=unset,
-                        help="dynamic: one sample's conditioning input, e.g. 3 (default: the "
-                        "first input's shape without the batch; pass condition=... when it differs)")
-    option.add_argument("--condition-dtype", metavar="D", default=unset,
-                        help="dynamic: the conditioning input's dtype (default: the input's)")
-    option.add_argument("--embedding-hidden", metavar="W", type=_widths, default=unset,
-                        help="dynamic: hidden widths of the embedding network (default 64)")
-    option.add_argument("--template-dir", metavar="DIR", default=unset,
-                        help="user templates, tried first")
-    option.add_argument("--formatter", choices=FORMATTERS, default=unset,
-                        help="black (default, in-process) or ruff")
+    add_option_arguments(option, lambda o: not o.target_arg)
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
         "--check",
@@ -186,44 +156,16 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_debug_argument(parser)
 
 
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        return parse_widths(text)
-    except HypernnGenError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        return parse_input_shape(text)
-    except HypernnGenError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected comma-separated positive integers, e.g. 3 or 4,4"
-        ) from None
-
-
-def _given_options(args: argparse.Namespace) -> dict[str, object]:
-    """The GenerateOptions fields set on the command line (they override pyproject jobs)."""
-    given = {k: v for k, v in vars(args).items() if k in _OPTION_FIELDS and k not in _LISTS}
-    if args.input_shape:
-        given["input_shapes"] = tuple(parse_input_shape(s) for s in args.input_shape)
-    if args.input_dtype is not None:
-        given["input_dtype"] = args.input_dtype
-    for key in ("include", "exclude"):
-        if getattr(args, key):
-            given[key] = tuple(getattr(args, key))
-    return given
-
-
-_LISTS = {"input_shapes", "input_dtype", "include", "exclude"}  # flags that never suppress
-_OPTION_FIELDS = {f.name for f in dataclasses.fields(GenerateOptions)} - {"target", "extra"}
-
-
 def _jobs(args: argparse.Namespace) -> list[GenerateOptions]:
-    given = _given_options(args)
+    given = options_from_namespace(args)
     if args.target is not None:
         return [GenerateOptions(target=args.target, **given)]
     pyproject = Path(args.config) if args.config else find_pyproject()
+    if args.config and not pyproject.is_file():
+        raise GenerationError(
+            f"--config {args.config}: no such file; pass the path of a pyproject.toml with "
+            "[tool.hypernn-gen] jobs"
+        )
     if pyproject is None:
         raise GenerationError(
             "no target given and no pyproject.toml found; pass a target file "
@@ -359,6 +301,38 @@ def _usage() -> str:
     )
 
 
+class UsageError(Exception):
+    """An argparse error, turned into one ``hypernn-gen: error:`` line (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without the usage block: one error line, with "did you mean" where it helps."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(self._hint(message))
+
+    def _hint(self, message: str) -> str:
+        flags = [f for a in self._actions for f in a.option_strings if f.startswith("--")]
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            for word in unknown.group(1).split():
+                flag = word.split("=", 1)[0]
+                if flag.startswith("--"):
+                    close = difflib.get_close_matches(flag, flags, n=1)
+                    if close:
+                        return f"unrecognized argument {flag}; did you mean {close[0]}?"
+            return f"{message}; see {self.prog} --help"
+        choice = re.match(r"argument (\S+?)(?:/\S+)?: invalid choice: '([^']*)'", message)
+        if choice:
+            action = next((a for a in self._actions if choice.group(1) in a.option_strings), None)
+            if action is not None and action.choices is not None:
+                options = [str(c) for c in action.choices]
+                close = difflib.get_close_matches(choice.group(2), options, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"choose {', '.join(options)}"
+                return f"argument {choice.group(1)}: invalid choice: {choice.group(2)!r}; {hint}"
+        return message
+
+
 def _fail(message: str, *, debug: bool) -> int:
     if debug:
         traceback.print_exc(file=sys.stderr)
@@ -367,7 +341,29 @@ def _fail(message: str, *, debug: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``hypernn-gen`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    """Run ``hypernn-gen`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    Ctrl-C ends with one ``interrupted`` line and exit code 130; a closed stdout (``| head``)
+    ends quietly, as Unix tools do.
+    """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Python would report the failed flush at exit: point stdout at /dev/null instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # not a real file descriptor (tests capture stdout)
+            pass
+        return 141  # 128 + SIGPIPE, what a Unix tool killed by the closed pipe returns
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(_usage(), end="")
@@ -377,14 +373,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name, rest = (argv[0], argv[1:]) if argv and argv[0] in COMMANDS else (DEFAULT_COMMAND, argv)
     command = COMMANDS[name]
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG if name == DEFAULT_COMMAND and rest is argv else f"{PROG} {name}",
         description=command.help,
     )
     command.add_arguments(parser)
     try:
         args = parser.parse_args(rest)
-    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+    except UsageError as exc:
+        return _fail(str(exc), debug=False)
+    except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     try:

@@ -18,7 +18,6 @@ use the CLI's flag names (``-`` or ``_`` both accepted); an unknown key is an er
 from __future__ import annotations
 
 import difflib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,13 @@ try:
 except ImportError:  # Python 3.10: tomli, which black (a dependency) requires there
     import tomli as tomllib
 
-from .design import parse_widths
-from .errors import GenerationError, HypernnGenError
-from .generate import GenerateOptions
-from .load import parse_input_shape
+from .errors import GenerationError
+from .options import BY_KEY, GenerateOptions, convert
 
 __all__ = ["find_pyproject", "load_jobs"]
 
 _PATH_KEYS = ("target", "output", "template_dir")
-_OPTION_KEYS = tuple(f.name for f in fields(GenerateOptions) if f.name != "extra")
-_ALIASES = {"input_shape": "input_shapes"}
+_KEYS = ("target", *BY_KEY)  #: pyproject keys, from the option schema
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
@@ -50,35 +46,22 @@ def find_pyproject(start: Path | None = None) -> Path | None:
 
 
 def _normalise(key: str, where: str) -> str:
-    name = key.replace("-", "_")
-    name = _ALIASES.get(name, name)
-    if name not in _OPTION_KEYS:
-        flags = [k.replace("_", "-") for k in _OPTION_KEYS] + ["input-shape"]
-        close = difflib.get_close_matches(key.replace("_", "-"), flags, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(flags)}"
+    """A pyproject key (``-`` or ``_``) -> its schema key; an unknown one fails with a suggestion."""
+    name = key.replace("_", "-")
+    if name not in _KEYS:
+        close = difflib.get_close_matches(name, _KEYS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(_KEYS)}"
         raise GenerationError(f"{where}: unknown key {key!r}{hint}")
     return name
 
 
-def _convert(name: str, value: Any, where: str) -> Any:
-    if name == "input_shapes":
-        values = value if isinstance(value, list) else [value]
-        return tuple(parse_input_shape(str(v)) for v in values)
-    if name in ("generator_hidden", "embedding_hidden", "condition_shape"):
-        flag = name.replace("_", "-")
-        try:
-            if name == "condition_shape":
-                text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-                return parse_input_shape(text)
-            return parse_widths(value)
-        except HypernnGenError as exc:
-            raise GenerationError(f"{where}: {flag}: {exc}") from None
-    if name in ("include", "exclude"):
-        return tuple(value if isinstance(value, list) else [value])
-    if name in ("embedding_dim", "num_embeddings", "chunk_dim") and not isinstance(value, int):
-        flag = name.replace("_", "-")
-        raise GenerationError(f"{where}: {flag} must be an integer, got {value!r}")
-    return value
+def _convert(key: str, value: Any, where: str) -> tuple[str, Any]:
+    if key == "target":
+        if not isinstance(value, str):
+            raise GenerationError(f"{where}: target must be a string, got {value!r}")
+        return "target", value
+    option = BY_KEY[key]
+    return option.name, convert(option, value, where)
 
 
 def load_jobs(pyproject: Path) -> list[GenerateOptions]:
@@ -99,15 +82,18 @@ def load_jobs(pyproject: Path) -> list[GenerateOptions]:
     if not isinstance(jobs, list) or not jobs:
         raise GenerationError(f"{pyproject}: [tool.hypernn-gen] lists no [[tool.hypernn-gen.jobs]]")
     result = []
+    top = f"{pyproject.name} [tool.hypernn-gen]"
+    base_values = dict(_convert(_normalise(k, top), v, top) for k, v in defaults.items())
     for i, job in enumerate(jobs):
         where = f"{pyproject.name} [[tool.hypernn-gen.jobs]] #{i + 1}"
-        merged: dict[str, Any] = {}
-        for source in (defaults, job):
-            for key, value in source.items():
-                name = _normalise(key, where)
-                merged[name] = _convert(name, value, where)
+        if not isinstance(job, dict):
+            raise GenerationError(f"{where}: a job must be a table, got {job!r}")
+        merged: dict[str, Any] = dict(base_values)
+        for key, value in job.items():
+            name, converted = _convert(_normalise(key, where), value, where)
+            merged[name] = converted
         if "target" not in merged:
-            raise GenerationError(f"{where}: a job needs a target = \"path/to/target.py\"")
+            raise GenerationError(f'{where}: a job needs a target = "path/to/target.py"')
         for key in _PATH_KEYS:
             if key in merged:
                 text = str(merged[key])

@@ -9,17 +9,26 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._version import __version__
-from .design import CHUNKINGS, INIT_SCHEMES, check_hidden, design_layout
+from .backends import backend_for, framework_backend
+from .design import design_layout
 from .errors import GenerationError
-from .extract import extract_target_source
-from .fuse import FusionPlan, plan_torch_fusion, probe_batch_flow
-from .fuse_flax import plan_linen_fusion, plan_nnx_fusion
+from .extract import TargetSource, extract_target_source
+from .fuse import FusionPlan
 from .layout import Chunking, Layout
-from .load import INPUT_DTYPES, LoadedTarget, load_target
+from .load import LoadedTarget, load_target
+from .options import (
+    BACKENDS,
+    DEFAULT_EMBEDDING_HIDDEN,
+    MODES,
+    GenerateOptions,
+    check_options,
+    check_sizes,
+    command_args,
+)
 from .render import (
     CONTEXT_VERSION,
     Names,
@@ -27,113 +36,15 @@ from .render import (
     StateView,
     TemplateContext,
     render,
-    template_name,
 )
 from .trace import trace_selected
-from .verify import check_source, dedupe_imports, format_source
+from .verify import check_source, dedupe_imports, format_source, template_clashes
 from .write import seal
 
 __all__ = ["GenerateOptions", "Generated", "generate", "plan_fusion"]
 
-BACKENDS = ("torch", "flax")
-MODES = ("static", "dynamic")
-DEFAULT_EMBEDDING_HIDDEN = (64,)  #: hidden widths of the dynamic embedding network
-#: names the generated files define; copied target code must not use them at module level
-RESERVED_NAMES = frozenset(
-    {
-        "GENERATED",
-        "ParamSlice",
-        "EMBEDDING_DIM",
-        "NUM_EMBEDDINGS",
-        "CHUNK_DIM",
-        "FLAT_SIZE",
-        "LAYOUT_DIGEST",
-        "CONDITION_SHAPE",
-        "EMBEDDING_HIDDEN",
-        "GENERATOR_HIDDEN",
-        "check_layout",
-        "without_generated",
-        "TIED",
-        "EXCLUDED",
-        # dynamic torch: the fused per-sample path
-        "FusedLayer",
-        "FUSED",
-        "PER_SAMPLE",
-        "Shared",
-        "FusedIndex",
-        "fused_forward",
-        "per_sample_forward",
-        "install_fusion",
-        "run_per_sample",
-        "FORWARDS",
-        "affine",
-        "batch_norm_forward",
-        "layer_norm_forward",
-        "embedding_forward",
-        "GROUPED_CONV_LIMIT",
-        "grouped_conv",
-    }
-)
-#: names only the Flax templates (linen, nnx) define; reserved for Flax targets
-FLAX_RESERVED_NAMES = frozenset(
-    {
-        "STATE_COLLECTIONS",
-        "GeneratedSlot",
-        "scaled_lecun_normal",
-        "unflatten_params",
-        "flatten_params",
-        "merge_params",
-        "excluded_params",
-        "as_params",
-        "check_flat",
-        "is_array",
-        "check_batch",
-        "per_sample",
-        "merge_samples",
-        "squeeze_sample",
-        "concat_flat",
-        # dynamic flax: the fused per-sample path
-        "FUSED_KEYS",
-        "FUSION",
-        "kernel_rows",
-        "fused_indices",
-        "conv_patches",
-        "fused_output",
-        "fused_apply",
-        "fused_layers",
-        "FusedLinear",
-        "FusedConv",
-        # the weight generator's optional model_axis split
-        "model_mesh",
-        "split_chunks",
-    }
-)
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    """Everything that determines a generated file (the CLI flags, or one pyproject job)."""
-
-    target: str
-    backend: str | None = None  #: ``None``: the target's own framework decides
-    mode: str = "static"
-    output: str | None = None
-    embedding_dim: int = 32
-    num_embeddings: int | None = None
-    chunk_dim: int | None = None
-    chunking: str = "flat"  #: ``flat`` (hyper-nn's) or ``tensor`` (each tensor from a chunk start)
-    generator_hidden: tuple[int, ...] = ()  #: hidden layer widths of the weight generator
-    init_scheme: str = "target"  #: ``target``, ``hyperfan-in`` or ``hyperfan-out``
-    condition_shape: tuple[int, ...] | None = None  #: dynamic: one sample's condition shape
-    condition_dtype: str | None = None  #: dynamic: the condition's dtype (default: the input's)
-    embedding_hidden: tuple[int, ...] = DEFAULT_EMBEDDING_HIDDEN  #: dynamic: the embedding network
-    input_shapes: tuple[tuple[int, ...], ...] = ()
-    input_dtype: str = "float32"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    template_dir: str | None = None
-    formatter: str = "black"
-    extra: dict[str, str] = field(default_factory=dict)
+#: kept for importers: the option schema (hypernn_gen.options) and backend table own these
+__all__ += ["BACKENDS", "DEFAULT_EMBEDDING_HIDDEN", "MODES", "check_options", "command_line"]
 
 
 @dataclass(frozen=True)
@@ -162,12 +73,6 @@ def resolve_output(options: GenerateOptions, loaded: LoadedTarget) -> Path:
 
 def generate(options: GenerateOptions) -> Generated:
     """Run the pipeline for one file and return its final (formatted, sealed) text."""
-    if options.backend is not None and options.backend not in BACKENDS:
-        raise GenerationError(f"unknown backend {options.backend!r}; choose torch or flax")
-    if options.mode not in MODES:
-        raise GenerationError(f"unknown mode {options.mode!r}; choose static or dynamic")
-    if options.embedding_dim <= 0:
-        raise GenerationError(f"--embedding-dim must be positive, got {options.embedding_dim}")
     check_options(options)
 
     loaded = load_target(
@@ -175,14 +80,9 @@ def generate(options: GenerateOptions) -> Generated:
         input_shapes=list(options.input_shapes) or None,
         input_dtype=options.input_dtype,
     )
-    backend = "torch" if loaded.framework == "torch" else "flax"
+    backend = backend_for(loaded.framework, options.backend, loaded.display)
     if options.backend is None:
-        options = replace(options, backend=backend)
-    elif backend != options.backend:
-        raise GenerationError(
-            f"{loaded.display} is a {loaded.framework} target but --backend {options.backend} was "
-            f"given; use --backend {backend}"
-        )
+        options = replace(options, backend=backend.family)
     layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
     layout, chunking = design_layout(
         layout,
@@ -191,11 +91,18 @@ def generate(options: GenerateOptions) -> Generated:
         chunking=options.chunking,
         init_scheme=options.init_scheme,
     )
+    check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
     path = resolve_output(options, loaded)
-    ctx = build_context(options, loaded, layout, chunking, path)
+    ctx, source = build_context(options, loaded, layout, chunking, path, with_source=True)
     template_dir = Path(options.template_dir) if options.template_dir else None
-    source = render(ctx, template_dir=template_dir)
-    module = dedupe_imports(check_source(source, template=template_name(loaded.framework)))
+    rendered = render(ctx, template_dir=template_dir)
+    module = dedupe_imports(check_source(rendered, template=backend.template))
+    clash = template_clashes(module, source.imports, source.body, source.names)
+    if clash:
+        raise GenerationError(
+            f"{loaded.display} defines {clash[0]!r}, a name the generated file needs for itself; "
+            "rename it in the target file"
+        )
     text = seal(format_source(module.code, formatter=options.formatter))
     return Generated(path, text, layout, loaded)
 
@@ -237,38 +144,7 @@ def command_line(options: GenerateOptions, loaded: LoadedTarget, path: Path) -> 
     """The exact command that regenerates this file (relative paths, explicit options)."""
     file_part, _, name = options.target.partition(":")
     spec = _relative(file_part) + (f":{name}" if name else "")
-    args = ["hypernn-gen", spec, "--backend", options.backend, "--mode", options.mode]
-    args += ["--embedding-dim", str(options.embedding_dim)]
-    if options.num_embeddings is not None:
-        args += ["--num-embeddings", str(options.num_embeddings)]
-    if options.chunk_dim is not None:
-        args += ["--chunk-dim", str(options.chunk_dim)]
-    if options.chunking != "flat":
-        args += ["--chunking", options.chunking]
-    if options.generator_hidden:
-        args += ["--generator-hidden", _widths(options.generator_hidden)]
-    if options.init_scheme != "target":
-        args += ["--init-scheme", options.init_scheme]
-    if options.mode == "dynamic":
-        if options.condition_shape is not None:
-            args += ["--condition-shape", _widths(options.condition_shape)]
-        if options.condition_dtype is not None:
-            args += ["--condition-dtype", options.condition_dtype]
-        if tuple(options.embedding_hidden) != DEFAULT_EMBEDDING_HIDDEN:
-            args += ["--embedding-hidden", _widths(options.embedding_hidden)]
-    for shape in options.input_shapes:
-        args += ["--input-shape", ",".join(map(str, shape))]
-    if options.input_shapes and options.input_dtype != "float32":
-        args += ["--input-dtype", options.input_dtype]
-    for pattern in options.include:
-        args += ["--include", pattern]
-    for pattern in options.exclude:
-        args += ["--exclude", pattern]
-    if options.template_dir:
-        args += ["--template-dir", _relative(options.template_dir)]
-    if options.formatter != "black":
-        args += ["--formatter", options.formatter]
-    args += ["-o", _relative(path)]
+    args = ["hypernn-gen", spec, *command_args(options, _relative), "-o", _relative(path)]
     return shlex.join(args)
 
 
@@ -278,7 +154,10 @@ def build_context(
     layout: Layout,
     chunking: Chunking,
     path: Path,
-) -> TemplateContext:
+    *,
+    with_source: bool = False,
+) -> TemplateContext | tuple[TemplateContext, TargetSource]:
+    """The template context; ``with_source``: also the copied target code (for the clash check)."""
     prefix = class_prefix(loaded)
     names = Names(
         prefix=prefix,
@@ -288,21 +167,8 @@ def build_context(
         target_factory=factory_expression(loaded),
     )
     source = extract_target_source(Path(loaded.path), [loaded.name])
-    clash = sorted(
-        source.names
-        & (
-            RESERVED_NAMES
-            | (FLAX_RESERVED_NAMES if loaded.framework != "torch" else frozenset())
-            | {names.embedding, names.weight_generator, names.hypernetwork}
-        )
-    )
-    if clash:
-        raise GenerationError(
-            f"{loaded.display} defines {clash[0]!r}, a name the generated file needs for itself; "
-            "rename it in the target file"
-        )
     condition_shape, condition_dtype = None, None
-    if options.mode == "dynamic":
+    if options.dynamic:
         if options.condition_shape is not None:
             condition_shape = tuple(options.condition_shape)
         elif loaded.input_specs:
@@ -336,7 +202,7 @@ def build_context(
     )
     command = command_line(options, loaded, path)
     fusion = None
-    if options.mode == "dynamic":
+    if options.dynamic:
         fusion = plan_fusion(
             loaded, layout, chunking, linear_generator=not options.generator_hidden
         )
@@ -353,7 +219,7 @@ def build_context(
         + (
             f" embedding_hidden={_widths(options.embedding_hidden)}"
             f" condition_shape={_widths(condition_shape)}"
-            if options.mode == "dynamic"
+            if options.dynamic
             else ""
         ),
         f"layout:   {len(params)} generated tensors, {layout.num_generated:,} values, "
@@ -362,7 +228,7 @@ def build_context(
         *([f"fusion:   {fusion.summary()}"] if fusion is not None else []),
         f"command:  {command}",
     )
-    return TemplateContext(
+    ctx = TemplateContext(
         context_version=CONTEXT_VERSION,
         generator_version=__version__,
         framework=loaded.framework,
@@ -395,61 +261,48 @@ def build_context(
             "embedding_hidden": tuple(options.embedding_hidden),
         },
     )
+    return (ctx, source) if with_source else ctx
 
 
 def _widths(widths: tuple[int, ...] | None) -> str:
     return ",".join(map(str, widths)) if widths else "none"
 
 
-def check_options(options: GenerateOptions) -> None:
-    """Refuse option values that cannot make a hypernetwork, naming the flag and the fix."""
-    if options.chunking not in CHUNKINGS:
-        raise GenerationError(
-            f"unknown --chunking {options.chunking!r}; choose {' or '.join(CHUNKINGS)}"
-        )
-    if options.init_scheme not in INIT_SCHEMES:
-        raise GenerationError(
-            f"unknown --init-scheme {options.init_scheme!r}; choose {', '.join(INIT_SCHEMES)}"
-        )
-    check_hidden(options.generator_hidden, "--generator-hidden")
-    check_hidden(options.embedding_hidden, "--embedding-hidden")
-    if options.mode != "dynamic":
-        for flag, value, default in (
-            ("--condition-shape", options.condition_shape, None),
-            ("--condition-dtype", options.condition_dtype, None),
-            ("--embedding-hidden", tuple(options.embedding_hidden), DEFAULT_EMBEDDING_HIDDEN),
-        ):
-            if value != default:
-                raise GenerationError(f"{flag} applies to dynamic mode only; add --mode dynamic")
-    if options.condition_shape is not None:
-        check_hidden(options.condition_shape, "--condition-shape")
-    if options.condition_dtype is not None and options.condition_dtype not in INPUT_DTYPES:
-        raise GenerationError(
-            f"unknown --condition-dtype {options.condition_dtype!r}; use one of "
-            f"{', '.join(INPUT_DTYPES)}"
-        )
-
-
 def plan_fusion(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool = True
 ) -> FusionPlan:
     """What a generated dynamic file for ``loaded`` fuses (any backend; see ``fuse.py``)."""
-    if loaded.framework == "torch":
-        from .trace_torch import check_dynamic_support  # torch only when the target is torch
+    planner = framework_backend(loaded.framework, loaded.display).load("fusion_planner")
+    return planner(loaded, layout, chunking, linear_generator=linear_generator)
 
-        module = _meta_module(loaded)
-        check_dynamic_support(module, layout)  # raises where dynamic mode is impossible
-        flow = None
-        if loaded.input_specs:
-            flow = probe_batch_flow(module, _torch_meta_inputs(loaded))
-        return plan_torch_fusion(
-            module, layout, chunking, linear_generator=linear_generator, flow=flow
-        )
-    if loaded.framework == "nnx":
-        from flax import nnx
 
-        module = loaded.obj if loaded.factory is None else nnx.eval_shape(loaded.factory)
-        return plan_nnx_fusion(module, layout, chunking, linear_generator=linear_generator)
+def _plan_torch(
+    loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
+) -> FusionPlan:
+    from .fuse import plan_torch_fusion, probe_batch_flow
+    from .trace_torch import check_dynamic_support  # torch only when the target is torch
+
+    module = _meta_module(loaded)
+    check_dynamic_support(module, layout)  # raises where dynamic mode is impossible
+    flow = probe_batch_flow(module, _torch_meta_inputs(loaded)) if loaded.input_specs else None
+    return plan_torch_fusion(module, layout, chunking, linear_generator=linear_generator, flow=flow)
+
+
+def _plan_nnx(
+    loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
+) -> FusionPlan:
+    from flax import nnx
+
+    from .fuse_flax import plan_nnx_fusion
+
+    module = loaded.obj if loaded.factory is None else nnx.eval_shape(loaded.factory)
+    return plan_nnx_fusion(module, layout, chunking, linear_generator=linear_generator)
+
+
+def _plan_linen(
+    loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
+) -> FusionPlan:
+    from .fuse_flax import plan_linen_fusion
     from .trace import _jax_inputs
 
     module = loaded.obj if loaded.factory is None else loaded.factory()

@@ -54,7 +54,9 @@ def builtin_templates_dir() -> Path:
 
 def template_name(framework: str) -> str:
     """The entry template for a framework (``torch``, ``linen`` or ``nnx``)."""
-    return f"{framework}/hypernetwork.py.jinja"
+    from .backends import framework_backend
+
+    return framework_backend(framework).template
 
 
 @dataclass(frozen=True)

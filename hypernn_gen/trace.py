@@ -43,13 +43,9 @@ def trace_target(
         TraceError: the target cannot be built, its example inputs do not fit it, or (raised by
             the framework's tracer) it has no trainable floating-point parameters to generate.
     """
-    tracers = {"torch": _trace_torch, "linen": _trace_linen, "nnx": _trace_nnx}
-    if loaded.framework not in tracers:
-        raise TraceError(
-            f"unknown framework {loaded.framework!r} for {loaded.display}; "
-            "targets must be torch, flax linen or flax nnx modules"
-        )
-    return tracers[loaded.framework](loaded, include)
+    from .backends import framework_backend  # the table names this module's tracers
+
+    return framework_backend(loaded.framework, loaded.display).load("tracer")(loaded, include)
 
 
 def trace_selected(

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections import Counter
+from collections.abc import Iterable
 
 import black
 import libcst as cst
 
 from .errors import GenerationError
 
-__all__ = ["FORMATTERS", "check_source", "dedupe_imports", "format_source"]
+__all__ = ["FORMATTERS", "check_source", "dedupe_imports", "format_source", "template_clashes"]
 
 FORMATTERS = ("black", "ruff")
 LINE_LENGTH = 100
@@ -98,3 +100,77 @@ def dedupe_imports(module: cst.Module) -> cst.Module:
         if smalls:
             body.append(stmt.with_changes(body=smalls))
     return module.with_changes(body=body)
+
+
+def _bindings(module: cst.Module) -> tuple[Counter[str], set[str]]:
+    """Module-level names bound by definitions/assignments (counted) and by imports (a set).
+
+    Statements under a top-level ``if``/``try``/``with`` count as module level too.
+    """
+    defs: Counter[str] = Counter()
+    imports: set[str] = set()
+
+    def names(node: cst.BaseExpression) -> list[str]:
+        if isinstance(node, cst.Name):
+            return [node.value]
+        if isinstance(node, (cst.Tuple, cst.List)):
+            return [n for el in node.elements for n in names(el.value)]
+        if isinstance(node, cst.StarredElement):
+            return names(node.value)
+        return []
+
+    def visit(stmts: Iterable[cst.CSTNode]) -> None:
+        for stmt in stmts:
+            if isinstance(stmt, (cst.FunctionDef, cst.ClassDef)):
+                defs[stmt.name.value] += 1
+            elif isinstance(stmt, cst.SimpleStatementLine):
+                for small in stmt.body:
+                    if isinstance(small, (cst.Import, cst.ImportFrom)):
+                        if isinstance(small.names, cst.ImportStar):
+                            continue
+                        for alias in small.names:
+                            if alias.asname is not None:
+                                imports.add(cst.ensure_type(alias.asname.name, cst.Name).value)
+                            else:
+                                imports.add(module.code_for_node(alias.name).split(".")[0])
+                    elif isinstance(small, cst.Assign):
+                        for target in small.targets:
+                            defs.update(names(target.target))
+                    elif isinstance(small, (cst.AnnAssign, cst.AugAssign)):
+                        defs.update(names(small.target))
+            elif isinstance(stmt, (cst.If, cst.Try, cst.With)):
+                blocks = [stmt.body]
+                if isinstance(stmt, cst.If) and stmt.orelse is not None:
+                    blocks.append(stmt.orelse)
+                if isinstance(stmt, cst.Try):
+                    blocks += [h.body for h in stmt.handlers]
+                    blocks += [b for b in (stmt.orelse, stmt.finalbody) if b is not None]
+                for block in blocks:
+                    body = getattr(block, "body", ())
+                    visit(body if isinstance(body, Iterable) else ())
+
+    visit(module.body)
+    return defs, imports
+
+
+def template_clashes(
+    rendered: cst.Module,
+    target_imports: Iterable[str],
+    target_body: str,
+    target_names: Iterable[str],
+) -> list[str]:
+    """The names the copied target code binds that the rest of the rendered module binds too.
+
+    Computed, not listed: a built-in or user template (``--template-dir``) that defines a helper
+    the target also defines would silently replace one with the other. A clash is a target name
+    bound by a definition/assignment more often in the rendered module than in the target's own
+    code, or imported by the rendered module where the target never imports it. Sorted.
+    """
+    own = cst.parse_module("\n".join(target_imports) + "\n\n" + target_body + "\n")
+    own_defs, own_imports = _bindings(own)
+    defs, imports = _bindings(rendered)
+    return sorted(
+        name
+        for name in set(target_names)
+        if defs[name] > own_defs[name] or (name in imports and name not in own_imports)
+    )

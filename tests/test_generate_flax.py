@@ -38,7 +38,7 @@ from gen_support import MODES, REPO, TARGETS_DIR, import_file
 from tolerances import DYNAMIC, GRAD, STATIC, assert_close, for_mode
 
 from hypernn_gen.cli import main
-from hypernn_gen.generate import FLAX_RESERVED_NAMES, RESERVED_NAMES, plan_fusion
+from hypernn_gen.generate import plan_fusion
 from hypernn_gen.layout import Chunking
 from hypernn_gen.load import load_target
 from hypernn_gen.runtime.flax import (
@@ -133,16 +133,6 @@ def top_level_names(source: str) -> set[str]:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             bound |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
     return bound
-
-
-def test_every_name_the_flax_templates_define_is_reserved() -> None:
-    """A Flax target that defines one of these names is refused instead of silently shadowed."""
-    reserved = RESERVED_NAMES | FLAX_RESERVED_NAMES
-    for path in EXAMPLES:
-        bound = top_level_names(path.read_text())
-        own = top_level_names((TARGETS_DIR / f"{path.stem.rsplit('_', 2)[0]}.py").read_text())
-        own |= {n for n in bound if n.endswith(("Embedding", "WeightGenerator", "HyperNetwork"))}
-        assert sorted(bound - own - reserved) == [], path
 
 
 def example(name: str) -> ModuleType:
