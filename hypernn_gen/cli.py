@@ -15,8 +15,11 @@ stderr and exit code 2, without a traceback unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,9 +32,15 @@ from .config import find_pyproject, load_jobs
 from .design import CHUNKINGS, INIT_SCHEMES, parse_widths
 from .errors import GenerationError, HypernnGenError
 from .fuse import FusionPlan
-from .generate import BACKENDS, MODES, GenerateOptions, generate, plan_fusion
+from .generate import BACKENDS, MODES, Generated, GenerateOptions, generate, plan_fusion
 from .layout import Chunking
-from .load import INPUT_DTYPES, load_target, parse_input_shape
+from .load import (
+    DEFAULT_LOAD_TIMEOUT,
+    INPUT_DTYPES,
+    load_target,
+    load_time_limit,
+    parse_input_shape,
+)
 from .render import CONTEXT_VERSION, TemplateContext, builtin_templates_dir, make_environment
 from .report import format_layout, layout_json
 from .trace import trace_selected
@@ -44,6 +53,7 @@ __all__ = [
     "Command",
     "add_debug_argument",
     "add_target_arguments",
+    "console_main",
     "main",
 ]
 
@@ -97,6 +107,24 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="keep parameters whose path matches as ordinary state (repeatable)",
     )
+    parser.add_argument(
+        "--load-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=DEFAULT_LOAD_TIMEOUT,
+        help=f"limit on importing and building the target (default {DEFAULT_LOAD_TIMEOUT:g}; "
+        "0: none)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds >= 0, e.g. 120 (0: no limit)")
+    return value
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
@@ -113,15 +141,16 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    loaded = load_target(
-        args.target, input_shapes=args.input_shape, input_dtype=args.input_dtype or "float32"
-    )
-    layout = trace_selected(loaded, include=args.include, exclude=args.exclude)
-    chunking = Chunking.resolve(layout.flat_size)
-    try:
-        fusion: FusionPlan | str = plan_fusion(loaded, layout, chunking)
-    except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still worth showing
-        fusion = str(exc)
+    with contextlib.redirect_stdout(sys.stderr):  # what the target prints stays off --json
+        loaded = load_target(
+            args.target, input_shapes=args.input_shape, input_dtype=args.input_dtype or "float32"
+        )
+        layout = trace_selected(loaded, include=args.include, exclude=args.exclude)
+        chunking = Chunking.resolve(layout.flat_size)
+        try:
+            fusion: FusionPlan | str = plan_fusion(loaded, layout, chunking)
+        except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still shown
+            fusion = str(exc)
     if args.json:
         print(layout_json(layout, chunking, fusion))
     else:
@@ -240,8 +269,12 @@ def _jobs(args: argparse.Namespace) -> list[GenerateOptions]:
 
 def _run_generate(args: argparse.Namespace) -> int:
     exit_code = 0
+    results = []
     for options in _jobs(args):
-        result = generate(options)
+        with contextlib.redirect_stdout(sys.stderr):  # what the target prints stays off --diff
+            results.append((options, generate(options)))
+    _refuse_duplicate_outputs(results)
+    for options, result in results:
         state = status_of(result.path, result.text)
         if args.check:
             if state.status is FileStatus.CURRENT:
@@ -275,6 +308,19 @@ def _run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return exit_code
+
+
+def _refuse_duplicate_outputs(results: list[tuple[GenerateOptions, Generated]]) -> None:
+    """Two jobs writing one file would overwrite each other, and --check could never pass."""
+    seen: dict[Path, str] = {}
+    for options, result in results:
+        key = Path(os.path.abspath(result.path))
+        if key in seen:
+            raise GenerationError(
+                f"two jobs write {result.path} (targets {seen[key]} and {options.target}); "
+                "give each job its own output"
+            )
+        seen[key] = options.target
 
 
 # -- templates ------------------------------------------------------------------------------------
@@ -388,10 +434,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     try:
-        return command.run(args)
+        with load_time_limit(getattr(args, "load_timeout", DEFAULT_LOAD_TIMEOUT)):
+            return command.run(args)
     except HypernnGenError as exc:
         return _fail(str(exc), debug=debug)
     except Exception as exc:  # noqa: BLE001 - the CLI must end with a message, not a traceback
         first = (str(exc).strip().splitlines() or [""])[0]
         hint = "" if debug else "; rerun with --debug for the traceback"
         return _fail(f"unexpected {type(exc).__name__}: {first}{hint}", debug=debug)
+
+
+def console_main() -> int:
+    """The ``hypernn-gen`` executable: :func:`main`, then exit even if the target left threads.
+
+    A target that starts a non-daemon thread would keep the process alive after the work is done;
+    so once the output is flushed, the process ends with ``os._exit`` when such threads remain.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    current = threading.current_thread()
+    if any(t is not current and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        os._exit(code)
+    return code
