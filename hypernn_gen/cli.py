@@ -32,7 +32,15 @@ from .config import find_pyproject, load_jobs
 from .design import CHUNKINGS, INIT_SCHEMES, parse_widths
 from .errors import GenerationError, HypernnGenError
 from .fuse import FusionPlan
-from .generate import BACKENDS, MODES, Generated, GenerateOptions, generate, plan_fusion
+from .generate import (
+    BACKENDS,
+    MODES,
+    Generated,
+    GenerateOptions,
+    generate,
+    paths_relative_to,
+    plan_fusion,
+)
 from .layout import Chunking
 from .load import (
     DEFAULT_LOAD_TIMEOUT,
@@ -248,10 +256,11 @@ _LISTS = {"input_shapes", "input_dtype", "include", "exclude"}  # flags that nev
 _OPTION_FIELDS = {f.name for f in dataclasses.fields(GenerateOptions)} - {"target", "extra"}
 
 
-def _jobs(args: argparse.Namespace) -> list[GenerateOptions]:
+def _jobs(args: argparse.Namespace) -> tuple[list[GenerateOptions], Path | None]:
+    """The jobs to run, and the project root their header paths are relative to (or None)."""
     given = _given_options(args)
     if args.target is not None:
-        return [GenerateOptions(target=args.target, **given)]
+        return [GenerateOptions(target=args.target, **given)], None
     pyproject = Path(args.config) if args.config else find_pyproject()
     if pyproject is None:
         raise GenerationError(
@@ -264,14 +273,16 @@ def _jobs(args: argparse.Namespace) -> list[GenerateOptions]:
             f"-o with the {len(jobs)} jobs of {pyproject} would write them all to one file; "
             "give a target, or set output in each job"
         )
-    return [dataclasses.replace(job, **given) for job in jobs]
+    return [dataclasses.replace(job, **given) for job in jobs], pyproject.resolve().parent
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     exit_code = 0
     results = []
-    for options in _jobs(args):
-        with contextlib.redirect_stdout(sys.stderr):  # what the target prints stays off --diff
+    jobs, root = _jobs(args)
+    for options in jobs:
+        # what the target prints stays off --diff; a job's paths are its pyproject's
+        with contextlib.redirect_stdout(sys.stderr), paths_relative_to(root):
             results.append((options, generate(options)))
     _refuse_duplicate_outputs(results)
     for options, result in results:
