@@ -285,6 +285,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(sys.stderr), paths_relative_to(root):
             results.append((options, generate(options)))
     _refuse_duplicate_outputs(results)
+    for _, result in results:  # e.g. "input shape not checked": not only in the file header
+        for note in result.layout.notes:
+            print(f"{PROG}: note: {result.path}: {note}", file=sys.stderr)
     for options, result in results:
         state = status_of(result.path, result.text)
         if args.check:
@@ -353,6 +356,11 @@ def _run_templates(args: argparse.Namespace) -> int:
                 "templates export needs a directory: hypernn-gen templates export DIR"
             )
         target = Path(args.directory)
+        if target.exists() and not target.is_dir():
+            raise GenerationError(
+                f"{target} is a file, not a directory; pass a new or existing directory, e.g. "
+                "hypernn-gen templates export my_templates"
+            )
         clashes = [f for f in files if (target / f.relative_to(root)).exists()]
         if clashes and not args.force:
             raise GenerationError(
@@ -360,8 +368,14 @@ def _run_templates(args: argparse.Namespace) -> int:
             )
         for f in files:
             dest = target / f.relative_to(root)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(f.read_text())
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(f.read_text())
+            except OSError as exc:
+                raise GenerationError(
+                    f"cannot export {dest}: {exc.strerror or type(exc).__name__}; pass a "
+                    "writable directory whose subfolders are not files"
+                ) from exc
             print(f"exported {dest}")
         print(
             f'Edit a copy, or better, replace its body with {{% extends "builtin/<name>" %}} and '

@@ -538,6 +538,7 @@ def _classify(
     shown = f"{file_text}:{name}"
     framework = _framework_of(obj, frameworks)
     if framework is not None and not inspect.isclass(obj):
+        _refuse_lazy(obj, shown)
         return "instance", framework, None
     if framework is not None:
         _require_no_arguments(obj, shown, f"{name}()", file_text)
@@ -553,9 +554,9 @@ def _classify(
     try:
         built = _build_abstractly(factory)
     except Exception as exc:
+        fix = build_fix(exc, "fix the factory so it builds the target with no arguments")
         raise TargetLoadError(
-            f"calling {name}() failed: {_describe_exception(exc, path, file_text)}; "
-            "fix the factory so it builds the target with no arguments"
+            f"calling {name}() failed: {_describe_exception(exc, path, file_text)}; {fix}"
         ) from exc
     framework = _framework_of(built, frameworks)
     if framework is None or inspect.isclass(built):
@@ -564,7 +565,51 @@ def _classify(
             f"{name}() returned {what}, not a torch or flax module instance; "
             "make the factory return the module instance"
         )
+    _refuse_lazy(built, shown)
     return "factory", framework, factory
+
+
+_DEVICE_WORDS = ("cuda", "nvidia", "cannot copy out of meta tensor", "mps", "xla device")
+
+
+def build_fix(exc: BaseException, default: str) -> str:
+    """The fix to name when building the target raised ``exc``: specific when it can be.
+
+    A lazy module (``nn.LazyLinear``) has no shapes until it runs; a ``.cuda()`` or
+    ``device="cuda"`` in the builder cannot work on the ``meta`` device the tool builds on.
+    """
+    text = str(exc).lower()
+    if "uninitialized parameter" in text or "lazy" in text:
+        return (
+            "the target uses a lazy module (nn.LazyLinear, nn.LazyConv2d, ...) whose shapes are "
+            "unknown until it runs; give in_features/in_channels, e.g. nn.Linear(4, 3)"
+        )
+    if any(word in text for word in _DEVICE_WORDS):
+        return (
+            "the target moves itself to a device (.cuda(), .to('cuda'), device='cuda'); build it "
+            "on the CPU (hypernn-gen builds on 'meta') and move the hypernetwork after, e.g. "
+            "HyperNet().to(device)"
+        )
+    return default
+
+
+def _lazy_parameters(built: Any) -> list[str]:
+    """Names of uninitialised (lazy) parameters of a torch module; empty for anything else."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(built, torch.nn.Module):
+        return []
+    lazy = torch.nn.parameter.UninitializedParameter
+    return [n for n, p in built.named_parameters() if isinstance(p, lazy)]
+
+
+def _refuse_lazy(built: Any, shown: str) -> None:
+    lazy = _lazy_parameters(built)
+    if lazy:
+        raise TargetLoadError(
+            f"{shown} has uninitialised lazy parameters ({_listing(lazy, 3)}): their shapes are "
+            "unknown until the module runs; give in_features/in_channels, e.g. nn.Linear(4, 3) "
+            "instead of nn.LazyLinear(3)"
+        )
 
 
 def _a(noun: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import HypernnGenError, TraceError
 from .layout import Layout
-from .load import LoadedTarget
+from .load import LoadedTarget, build_fix
 from .select import check_patterns, path_filter
 
 __all__ = ["trace_selected", "trace_target"]
@@ -74,10 +74,8 @@ def trace_selected(
 
 
 def _build_failed(loaded: LoadedTarget, exc: Exception) -> TraceError:
-    return TraceError(
-        f"building {loaded.display} failed: {loaded.describe_exception(exc)}; fix the target "
-        "so that it builds with no arguments"
-    )
+    fix = build_fix(exc, "fix the target so that it builds with no arguments")
+    return TraceError(f"building {loaded.display} failed: {loaded.describe_exception(exc)}; {fix}")
 
 
 def _shapes_text(loaded: LoadedTarget) -> str:

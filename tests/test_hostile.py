@@ -330,3 +330,89 @@ def test_prints_at_import_stay_off_stdout(work: Path, capsys) -> None:
     code, out, err = cli(capsys, "chatty.py", "-o", "gen.py", "--diff")
     assert code == 0
     assert out.startswith("--- gen.py") and "hello" not in out
+
+
+# -- specific messages instead of "unexpected ..." or a generic fix -------------------------------
+
+LAZY_FACTORY = (
+    "import torch\nfrom torch import nn\n\n\ndef make_target():\n    return nn.LazyLinear(3)\n"
+)
+CLASS = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = {layer}
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+example_input = torch.zeros(2, 4)
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (LAZY_FACTORY + "\nexample_input = torch.zeros(2, 4)\n", "lazy"),
+        (CLASS.format(layer="nn.LazyLinear(3)"), "lazy module"),
+        (LAZY_FACTORY.replace("nn.LazyLinear(3)", "nn.Linear(4, 3).cuda()"), ".cuda()"),
+        (CLASS.format(layer="nn.Linear(4, 3).cuda()"), ".cuda()"),
+    ],
+    ids=["lazy-factory", "lazy-class", "cuda-factory", "cuda-class"],
+)
+def test_lazy_modules_and_cuda_get_a_specific_fix(work: Path, capsys, source, expected) -> None:
+    write(work / "special.py", source)
+    code, _, err = cli(capsys, "special.py", "-o", "gen.py")
+    assert code == 2
+    line = one_error(err)
+    assert expected in line
+    fix = "in_features" if expected.startswith("lazy") else "build it on the CPU"
+    assert fix in line and "builds with no arguments" not in line
+    assert not (work / "gen.py").exists()
+
+
+def test_a_template_that_raises_names_its_file(work: Path, capsys) -> None:
+    write(work / "tpl" / "torch" / "hypernetwork.py.jinja", "{{ ctx.embedding_dim // 0 }}\n")
+    code, _, err = cli(capsys, "tiny.py", "--template-dir", "tpl", "-o", "gen.py")
+    assert code == 2
+    line = one_error(err)
+    assert "tpl/torch/hypernetwork.py.jinja:1" in line and "ZeroDivisionError" in line
+    assert "fix that template" in line and not (work / "gen.py").exists()
+
+
+def test_a_template_that_is_not_utf8(work: Path, capsys) -> None:
+    path = work / "tpl" / "torch" / "hypernetwork.py.jinja"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"caf\xe9 {{ ctx.embedding_dim }}\n")
+    code, _, err = cli(capsys, "tiny.py", "--template-dir", "tpl", "-o", "gen.py")
+    assert code == 2
+    line = one_error(err)
+    assert "not UTF-8" in line and "tpl" in line and "save the template as UTF-8" in line
+
+
+def test_templates_export_onto_a_file(work: Path, capsys) -> None:
+    (work / "afile").write_text("mine\n")
+    code, out, err = cli(capsys, "templates", "export", "afile")
+    assert code == 2 and out == ""
+    line = one_error(err)
+    assert "afile is a file, not a directory" in line
+    assert (work / "afile").read_text() == "mine\n"
+
+
+def test_the_unchecked_input_shape_note_is_printed(work: Path, capsys) -> None:
+    write(
+        work / "item.py",
+        CLASS.format(layer="nn.Linear(4, 3)").replace(
+            "return self.fc(x)", "return self.fc(x) * float(x.sum().item() + 1)"
+        ),
+    )
+    code, out, err = cli(capsys, "item.py", "-o", "gen.py")
+    assert code == 0 and out.startswith("wrote")
+    notes = [line for line in err.splitlines() if line.startswith("hypernn-gen: note: ")]
+    assert len(notes) == 1 and "not checked" in notes[0] and "gen.py" in notes[0]
+    assert "not checked" in (work / "gen.py").read_text()
