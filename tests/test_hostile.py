@@ -416,3 +416,36 @@ def test_the_unchecked_input_shape_note_is_printed(work: Path, capsys) -> None:
     notes = [line for line in err.splitlines() if line.startswith("hypernn-gen: note: ")]
     assert len(notes) == 1 and "not checked" in notes[0] and "gen.py" in notes[0]
     assert "not checked" in (work / "gen.py").read_text()
+
+
+# -- the example call is checked during generation ------------------------------------------------
+
+
+def test_int64_into_a_linear_fails_at_generation(work: Path, capsys) -> None:
+    write(
+        work / "lin.py",
+        "from torch import nn\n\n\ndef make_target():\n    return nn.Linear(4, 3)\n",
+    )
+    code, _, err = cli(
+        capsys, "lin.py", "--input-shape", "2,4", "--input-dtype", "int64", "-o", "g.py"
+    )
+    assert code == 2
+    line = one_error(err)
+    assert "input dtype int64 does not fit" in line and "--input-dtype" in line
+    assert not (work / "g.py").exists()
+    # the reference: the plain target on the CPU refuses the same call
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.nn.Linear(4, 3)(torch.zeros(2, 4, dtype=torch.int64))
+    code, out, _ = cli(capsys, "lin.py", "--input-shape", "2,4", "-o", "g.py")
+    assert code == 0 and out.startswith("wrote")
+
+
+def test_nnx_targets_are_checked_against_the_input_shape(work: Path, capsys) -> None:
+    pytest.importorskip("flax.nnx")
+    target = ROOT / "generated_examples" / "targets" / "nnx_mlp.py"
+    code, _, err = cli(capsys, "inspect", str(target), "--input-shape", "2,5")
+    assert code == 2
+    line = one_error(err)
+    assert "input shape (2, 5) does not fit" in line and "--input-shape" in line
+    assert "nnx_mlp.py line" in line
+    assert cli(capsys, "inspect", str(target), "--input-shape", "2,8")[0] == 0
