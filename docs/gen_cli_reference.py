@@ -33,6 +33,17 @@ arguments (so `hypernn-gen target.py --mode dynamic` generates). `hypernn-gen --
 the version; every command takes `-h`/`--help`. Errors print `hypernn-gen: error: <message>`
 on stderr and exit with code 2 (`--debug` adds the traceback); `--check` exits with 1 when a
 file is missing, stale or edited.
+
+Writing is safe: a file goes to a hidden temporary file next to it (`.NAME.*.tmp`, removed on
+failure, and one a killed run left is removed by the next write) and is moved into place in one
+step. The output must be a regular file or absent: a symbolic link, FIFO, device or directory
+is refused, with or without `--force` (a link is never written through nor replaced; pass the
+real file as `-o`). Two jobs with the same output are refused. The target's own code runs with
+stdin at end of file and its prints sent to stderr (stdout stays clean for `--json` and
+`--diff`); importing and building it may take `--load-timeout` seconds (default 120, 0: no
+limit), and the working directory is restored if it changes it. Paths in a configured job's
+header are relative to its `pyproject.toml`, so `--check` gives the same answer from any
+subfolder.
 """
 
 

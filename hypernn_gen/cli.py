@@ -15,11 +15,13 @@ stderr and exit code 2, without a traceback unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import os
 import re
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,8 +35,8 @@ from .config import find_pyproject, load_jobs
 from .design import design_layout
 from .errors import GenerationError, HypernnGenError
 from .fuse import FusionPlan
-from .generate import generate, plan_fusion
-from .load import load_target
+from .generate import Generated, generate, paths_relative_to, plan_fusion
+from .load import DEFAULT_LOAD_TIMEOUT, load_target, load_time_limit
 from .options import (
     GenerateOptions,
     add_option_arguments,
@@ -53,6 +55,7 @@ __all__ = [
     "Command",
     "add_debug_argument",
     "add_target_arguments",
+    "console_main",
     "main",
 ]
 
@@ -79,6 +82,24 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         help="path/to/target.py[:NAME]: a module class, module instance or zero-argument factory",
     )
     add_option_arguments(parser, lambda o: o.target_arg)
+    parser.add_argument(
+        "--load-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=DEFAULT_LOAD_TIMEOUT,
+        help=f"limit on importing and building the target (default {DEFAULT_LOAD_TIMEOUT:g}; "
+        "0: none)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds >= 0, e.g. 120 (0: no limit)")
+    return value
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
@@ -101,27 +122,28 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     options = GenerateOptions(target=args.target, **options_from_namespace(args))
     check_options(options)
-    loaded = load_target(
-        options.target,
-        input_shapes=list(options.input_shapes) or None,
-        input_dtype=options.input_dtype,
-    )
-    backend_for(loaded.framework, options.backend, loaded.display)
-    layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
-    layout, chunking = design_layout(
-        layout,
-        num_embeddings=options.num_embeddings,
-        chunk_dim=options.chunk_dim,
-        chunking=options.chunking,
-        init_scheme=options.init_scheme,
-    )
-    check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
-    try:
-        fusion: FusionPlan | str = plan_fusion(
-            loaded, layout, chunking, linear_generator=not options.generator_hidden
+    with contextlib.redirect_stdout(sys.stderr):  # what the target prints stays off --json
+        loaded = load_target(
+            options.target,
+            input_shapes=list(options.input_shapes) or None,
+            input_dtype=options.input_dtype,
         )
-    except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still worth showing
-        fusion = str(exc)
+        backend_for(loaded.framework, options.backend, loaded.display)
+        layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
+        layout, chunking = design_layout(
+            layout,
+            num_embeddings=options.num_embeddings,
+            chunk_dim=options.chunk_dim,
+            chunking=options.chunking,
+            init_scheme=options.init_scheme,
+        )
+        check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
+        try:
+            fusion: FusionPlan | str = plan_fusion(
+                loaded, layout, chunking, linear_generator=not options.generator_hidden
+            )
+        except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still shown
+            fusion = str(exc)
     if args.json:
         print(layout_json(layout, chunking, fusion))
     else:
@@ -156,10 +178,11 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_debug_argument(parser)
 
 
-def _jobs(args: argparse.Namespace) -> list[GenerateOptions]:
+def _jobs(args: argparse.Namespace) -> tuple[list[GenerateOptions], Path | None]:
+    """The jobs to run, and the project root their header paths are relative to (or None)."""
     given = options_from_namespace(args)
     if args.target is not None:
-        return [GenerateOptions(target=args.target, **given)]
+        return [GenerateOptions(target=args.target, **given)], None
     pyproject = Path(args.config) if args.config else find_pyproject()
     if args.config and not pyproject.is_file():
         raise GenerationError(
@@ -177,13 +200,22 @@ def _jobs(args: argparse.Namespace) -> list[GenerateOptions]:
             f"-o with the {len(jobs)} jobs of {pyproject} would write them all to one file; "
             "give a target, or set output in each job"
         )
-    return [dataclasses.replace(job, **given) for job in jobs]
+    return [dataclasses.replace(job, **given) for job in jobs], pyproject.resolve().parent
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     exit_code = 0
-    for options in _jobs(args):
-        result = generate(options)
+    results = []
+    jobs, root = _jobs(args)
+    for options in jobs:
+        # what the target prints stays off --diff; a job's paths are its pyproject's
+        with contextlib.redirect_stdout(sys.stderr), paths_relative_to(root):
+            results.append((options, generate(options)))
+    _refuse_duplicate_outputs(results)
+    for _, result in results:  # e.g. "input shape not checked": not only in the file header
+        for note in result.layout.notes:
+            print(f"{PROG}: note: {result.path}: {note}", file=sys.stderr)
+    for options, result in results:
         state = status_of(result.path, result.text)
         if args.check:
             if state.status is FileStatus.CURRENT:
@@ -219,6 +251,19 @@ def _run_generate(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def _refuse_duplicate_outputs(results: list[tuple[GenerateOptions, Generated]]) -> None:
+    """Two jobs writing one file would overwrite each other, and --check could never pass."""
+    seen: dict[Path, str] = {}
+    for options, result in results:
+        key = Path(os.path.abspath(result.path))
+        if key in seen:
+            raise GenerationError(
+                f"two jobs write {result.path} (targets {seen[key]} and {options.target}); "
+                "give each job its own output"
+            )
+        seen[key] = options.target
+
+
 # -- templates ------------------------------------------------------------------------------------
 
 
@@ -238,6 +283,11 @@ def _run_templates(args: argparse.Namespace) -> int:
                 "templates export needs a directory: hypernn-gen templates export DIR"
             )
         target = Path(args.directory)
+        if target.exists() and not target.is_dir():
+            raise GenerationError(
+                f"{target} is a file, not a directory; pass a new or existing directory, e.g. "
+                "hypernn-gen templates export my_templates"
+            )
         clashes = [f for f in files if (target / f.relative_to(root)).exists()]
         if clashes and not args.force:
             raise GenerationError(
@@ -245,8 +295,14 @@ def _run_templates(args: argparse.Namespace) -> int:
             )
         for f in files:
             dest = target / f.relative_to(root)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(f.read_text())
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(f.read_text())
+            except OSError as exc:
+                raise GenerationError(
+                    f"cannot export {dest}: {exc.strerror or type(exc).__name__}; pass a "
+                    "writable directory whose subfolders are not files"
+                ) from exc
             print(f"exported {dest}")
         print(
             f'Edit a copy, or better, replace its body with {{% extends "builtin/<name>" %}} and '
@@ -386,10 +442,27 @@ def _main(argv: Sequence[str] | None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     try:
-        return command.run(args)
+        with load_time_limit(getattr(args, "load_timeout", DEFAULT_LOAD_TIMEOUT)):
+            return command.run(args)
     except HypernnGenError as exc:
         return _fail(str(exc), debug=debug)
     except Exception as exc:  # noqa: BLE001 - the CLI must end with a message, not a traceback
         first = (str(exc).strip().splitlines() or [""])[0]
         hint = "" if debug else "; rerun with --debug for the traceback"
         return _fail(f"unexpected {type(exc).__name__}: {first}{hint}", debug=debug)
+
+
+def console_main() -> int:
+    """The ``hypernn-gen`` executable: :func:`main`, then exit even if the target left threads.
+
+    A target that starts a non-daemon thread would keep the process alive after the work is done;
+    so once the output is flushed, the process ends with ``os._exit`` when such threads remain.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    current = threading.current_thread()
+    if any(t is not current and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        os._exit(code)
+    return code

@@ -14,6 +14,7 @@ miss one.
 
 from __future__ import annotations
 
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,10 +138,16 @@ def _is_main_guard(stmt: cst.CSTNode) -> bool:
     return isinstance(stmt, cst.If) and "__main__" in cst.Module([]).code_for_node(stmt.test)
 
 
+def read_source(path: Path) -> str:
+    """A Python file's text as Python reads it: a PEP 263 coding line or a UTF-8 BOM honoured."""
+    with tokenize.open(path) as fh:
+        return fh.read()
+
+
 def extract_target_source(path: Path, roots: list[str]) -> TargetSource:
     """The definitions of ``roots`` in ``path`` and everything they need at module level."""
     try:
-        module = cst.parse_module(path.read_text())
+        module = cst.parse_module(read_source(path))
     except cst.ParserSyntaxError as exc:
         raise GenerationError(
             f"{path}:{exc.raw_line}: cannot parse the target file: {exc.message}"

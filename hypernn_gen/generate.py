@@ -6,9 +6,12 @@ CLI decides whether to write it (:mod:`hypernn_gen.write`), diff it or check it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,7 +67,9 @@ def default_output(options: GenerateOptions, loaded: LoadedTarget) -> str:
 def resolve_output(options: GenerateOptions, loaded: LoadedTarget) -> Path:
     """``-o`` may name a file or an existing directory (or end with ``/``)."""
     if options.output is None:
-        return Path(default_output(options, loaded))
+        root = _ROOT.get()
+        name = default_output(options, loaded)
+        return Path(os.path.relpath(root / name)) if root is not None else Path(name)
     out = Path(options.output)
     if out.is_dir() or options.output.endswith(("/", os.sep)):
         return out / default_output(options, loaded)
@@ -121,7 +126,12 @@ def class_prefix(loaded: LoadedTarget) -> str:
     if name in ("target", "make_target", "model", "make_model"):
         name = Path(loaded.path).stem
     name = re.sub(r"^(make|build|create|get)_", "", name)
-    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[^0-9a-zA-Z]+", name) if part)
+    prefix = "".join(
+        part[:1].upper() + part[1:] for part in re.split(r"[^0-9a-zA-Z]+", name) if part
+    )
+    if not prefix[:1].isalpha():  # "2layer_mlp.py": a class name cannot start with a digit
+        prefix = "Target" + prefix
+    return prefix
 
 
 def factory_expression(loaded: LoadedTarget) -> str:
@@ -130,11 +140,32 @@ def factory_expression(loaded: LoadedTarget) -> str:
     return f"{loaded.name}()"
 
 
+#: the folder that header paths are relative to: the pyproject's for configured jobs
+_ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("root", default=None)
+
+
+@contextlib.contextmanager
+def paths_relative_to(root: str | Path | None) -> Iterator[None]:
+    """Within the block, paths in the header (and a job's default output) are relative to ``root``.
+
+    Configured jobs use the pyproject's folder, so ``--check`` gives the same answer from any
+    subfolder.
+    """
+    token = _ROOT.set(Path(root).resolve() if root is not None else None)
+    try:
+        yield
+    finally:
+        _ROOT.reset(token)
+
+
 def _relative(path: str | Path) -> str:
     p = Path(path)
+    root = _ROOT.get()
+    if root is not None:
+        p = Path(os.path.abspath(p))
     if p.is_absolute():
         try:
-            return Path(os.path.relpath(p)).as_posix()
+            return Path(os.path.relpath(p, root)).as_posix()
         except ValueError:
             return p.name
     return p.as_posix()

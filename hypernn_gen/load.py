@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import contextvars
 import functools
 import hashlib
 import importlib.util
 import inspect
 import operator
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,7 +48,10 @@ __all__ = [
     "INPUT_DTYPES",
     "InputSpec",
     "LoadedTarget",
+    "DEFAULT_LOAD_TIMEOUT",
+    "guarded_target_code",
     "load_target",
+    "load_time_limit",
     "parse_input_shape",
 ]
 
@@ -70,6 +76,22 @@ INPUT_DTYPES = (
 DEFAULT_NAMES = ("target", "make_target")
 
 _MODULE_PREFIX = "_hypernn_gen_target_"
+
+#: seconds that importing the target file and building it once may take (``--load-timeout``)
+DEFAULT_LOAD_TIMEOUT = 120.0
+_LOAD_TIMEOUT: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "load_timeout", default=DEFAULT_LOAD_TIMEOUT
+)
+
+
+@contextlib.contextmanager
+def load_time_limit(seconds: float | None) -> Iterator[None]:
+    """Within the block, :func:`load_target` defaults to ``seconds`` (``0``/``None``: no limit)."""
+    token = _LOAD_TIMEOUT.set(float(seconds or 0))
+    try:
+        yield
+    finally:
+        _LOAD_TIMEOUT.reset(token)
 
 
 class InputSpec(NamedTuple):
@@ -147,6 +169,7 @@ def load_target(
     input_shapes: Sequence[Sequence[int] | str] | None = None,
     input_dtype: str = "float32",
     cwd: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
 ) -> LoadedTarget:
     """Import ``path/to/target.py[:NAME]`` and find the target network in it.
 
@@ -156,6 +179,12 @@ def load_target(
             ``--input-shape`` text such as ``"1,8"``); overrides the file's ``example_input(s)``.
         input_dtype: dtype of the ``input_shapes`` inputs (one of :data:`INPUT_DTYPES`).
         cwd: directory that a relative path is resolved against (default: the current one).
+        timeout: seconds that importing the file and building the target may take (``0``: no
+            limit; default: :func:`load_time_limit`'s, else 120; enforced in the main thread).
+
+    While the file is imported and the target built, its stdin reads end of file, what it prints
+    goes to stderr (the tool's stdout stays clean for ``--json`` and ``--diff``), and the working
+    directory is restored afterwards if it changed it.
 
     Raises:
         TargetLoadError: the file, the NAME, the target or the example inputs cannot be used.
@@ -168,18 +197,21 @@ def load_target(
             f"unknown --input-dtype {input_dtype!r}; use one of {', '.join(INPUT_DTYPES)}"
         )
 
-    module = _import_file(path, file_text)
-    frameworks = _framework_bases()
-    if name is None:
-        name = _find_default_name(module, path, file_text, frameworks)
-    elif not hasattr(module, name):
-        candidates = sorted(_candidates(module, path, frameworks) + _functions(module))
-        raise TargetLoadError(
-            f"{file_text} has no {name!r}; candidates: {_listing(candidates)}. "
-            f"Pass one as {file_text}:NAME"
-        )
-    obj = getattr(module, name)
-    kind, framework, factory = _classify(obj, name, file_text, path, frameworks)
+    if timeout is None:
+        timeout = _LOAD_TIMEOUT.get()
+    with _guarded(file_text, timeout):
+        module = _import_file(path, file_text)
+        frameworks = _framework_bases()
+        if name is None:
+            name = _find_default_name(module, path, file_text, frameworks)
+        elif not hasattr(module, name):
+            candidates = sorted(_candidates(module, path, frameworks) + _functions(module))
+            raise TargetLoadError(
+                f"{file_text} has no {name!r}; candidates: {_listing(candidates)}. "
+                f"Pass one as {file_text}:NAME"
+            )
+        obj = getattr(module, name)
+        kind, framework, factory = _classify(obj, name, file_text, path, frameworks)
 
     if shapes:
         input_specs = tuple(InputSpec(shape, input_dtype) for shape in shapes)
@@ -205,6 +237,57 @@ def load_target(
         example_inputs=example_inputs,
         source_module=module,
     )
+
+
+# -- running the target's code --------------------------------------------------------------------
+
+
+class _LoadTimeout(BaseException):
+    """Raised by the alarm; a BaseException so a target's ``except Exception`` cannot eat it."""
+
+
+@contextlib.contextmanager
+def guarded_target_code(
+    file_text: str, timeout: float | None = None, *, what: str = "loading"
+) -> Iterator[None]:
+    """Run the target's own code: stdin at EOF, stdout to stderr, cwd restored, a time limit."""
+    saved_cwd = os.getcwd()
+    use_alarm = (
+        bool(timeout)
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    previous = None
+    if use_alarm:
+
+        def on_alarm(signum: int, frame: object) -> None:
+            raise _LoadTimeout
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, float(timeout))  # type: ignore[arg-type]
+    saved_stdin = sys.stdin
+    try:
+        with open(os.devnull) as devnull, contextlib.redirect_stdout(sys.stderr):
+            sys.stdin = devnull
+            try:
+                yield
+            finally:
+                sys.stdin = saved_stdin
+    except _LoadTimeout:
+        raise TargetLoadError(
+            f"{what} {file_text} took longer than {timeout:g} s (an endless loop at import, or "
+            "a wait for input?); fix the target file, or raise the limit with --load-timeout "
+            "SECONDS (0: none)"
+        ) from None
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        if os.getcwd() != saved_cwd:
+            os.chdir(saved_cwd)
+
+
+_guarded = guarded_target_code
 
 
 # -- the file -------------------------------------------------------------------------------------
@@ -261,15 +344,19 @@ def _import_file(path: Path, file_text: str) -> ModuleType:
     The module stays registered in ``sys.modules`` afterwards: dataclasses, Flax and pickling
     look classes up by ``cls.__module__``. Loading the same file again replaces it.
     """
+    package, package_root = _package_of(path)
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    module_name = _MODULE_PREFIX + digest
+    module_name = f"{package}.{path.stem}" if package else _MODULE_PREFIX + digest
+    module_name = module_name.removesuffix(".__init__")
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has a loader
         raise TargetLoadError(f"cannot import {file_text}; pass a plain Python source file")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
     try:
-        with _on_sys_path(path.parent):
+        with _on_sys_path(path.parent), _on_sys_path(package_root or path.parent):
+            if package:
+                importlib.import_module(package)
+            sys.modules[module_name] = module
             spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(module_name, None)
@@ -288,6 +375,32 @@ def _import_file(path: Path, file_text: str) -> ModuleType:
             f"importing {file_text} failed: {_describe_exception(exc, path, file_text)}; {fix}"
         ) from exc
     return module
+
+
+def _package_of(path: Path) -> tuple[str | None, Path | None]:
+    """``("pkg.sub", root)`` when ``path`` uses relative imports and sits in a package.
+
+    The package is found as pytest's rootdir walk does: up through folders that hold an
+    ``__init__.py``; ``root`` is the folder above the top one, put on ``sys.path``. A file without
+    relative imports is imported on its own, as before.
+    """
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError, OSError):
+        return None, None  # the import itself reports it
+    relative = any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
+    if not relative or not (path.parent / "__init__.py").is_file():
+        return None, None
+    parts: list[str] = []
+    folder = path.parent
+    while (folder / "__init__.py").is_file() and folder.name.isidentifier():
+        parts.insert(0, folder.name)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if not parts:
+        return None, None
+    return ".".join(parts), folder
 
 
 def _relative_to(filename: str | None, path: Path, file_text: str) -> str:
@@ -343,7 +456,7 @@ def _framework_of(obj: Any, frameworks: dict[Framework, type]) -> Framework | No
 
 def _imported_names(path: Path) -> set[str]:
     """Names the file binds with ``import`` statements (anywhere in the file)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree = ast.parse(path.read_bytes())  # bytes: a coding line or BOM decides the encoding
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -425,6 +538,7 @@ def _classify(
     shown = f"{file_text}:{name}"
     framework = _framework_of(obj, frameworks)
     if framework is not None and not inspect.isclass(obj):
+        _refuse_lazy(obj, shown)
         return "instance", framework, None
     if framework is not None:
         _require_no_arguments(obj, shown, f"{name}()", file_text)
@@ -440,9 +554,9 @@ def _classify(
     try:
         built = _build_abstractly(factory)
     except Exception as exc:
+        fix = build_fix(exc, "fix the factory so it builds the target with no arguments")
         raise TargetLoadError(
-            f"calling {name}() failed: {_describe_exception(exc, path, file_text)}; "
-            "fix the factory so it builds the target with no arguments"
+            f"calling {name}() failed: {_describe_exception(exc, path, file_text)}; {fix}"
         ) from exc
     framework = _framework_of(built, frameworks)
     if framework is None or inspect.isclass(built):
@@ -451,7 +565,51 @@ def _classify(
             f"{name}() returned {what}, not a torch or flax module instance; "
             "make the factory return the module instance"
         )
+    _refuse_lazy(built, shown)
     return "factory", framework, factory
+
+
+_DEVICE_WORDS = ("cuda", "nvidia", "cannot copy out of meta tensor", "mps", "xla device")
+
+
+def build_fix(exc: BaseException, default: str) -> str:
+    """The fix to name when building the target raised ``exc``: specific when it can be.
+
+    A lazy module (``nn.LazyLinear``) has no shapes until it runs; a ``.cuda()`` or
+    ``device="cuda"`` in the builder cannot work on the ``meta`` device the tool builds on.
+    """
+    text = str(exc).lower()
+    if "uninitialized parameter" in text or "lazy" in text:
+        return (
+            "the target uses a lazy module (nn.LazyLinear, nn.LazyConv2d, ...) whose shapes are "
+            "unknown until it runs; give in_features/in_channels, e.g. nn.Linear(4, 3)"
+        )
+    if any(word in text for word in _DEVICE_WORDS):
+        return (
+            "the target moves itself to a device (.cuda(), .to('cuda'), device='cuda'); build it "
+            "on the CPU (hypernn-gen builds on 'meta') and move the hypernetwork after, e.g. "
+            "HyperNet().to(device)"
+        )
+    return default
+
+
+def _lazy_parameters(built: Any) -> list[str]:
+    """Names of uninitialised (lazy) parameters of a torch module; empty for anything else."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(built, torch.nn.Module):
+        return []
+    lazy = torch.nn.parameter.UninitializedParameter
+    return [n for n, p in built.named_parameters() if isinstance(p, lazy)]
+
+
+def _refuse_lazy(built: Any, shown: str) -> None:
+    lazy = _lazy_parameters(built)
+    if lazy:
+        raise TargetLoadError(
+            f"{shown} has uninitialised lazy parameters ({_listing(lazy, 3)}): their shapes are "
+            "unknown until the module runs; give in_features/in_channels, e.g. nn.Linear(4, 3) "
+            "instead of nn.LazyLinear(3)"
+        )
 
 
 def _a(noun: str) -> str:
@@ -481,11 +639,14 @@ def _require_no_arguments(obj: Any, shown: str, call: str, file_text: str) -> No
 
 
 def _in_directory(factory: Callable[[], Any], directory: Path) -> Callable[[], Any]:
-    """Wrap ``factory`` so imports it makes lazily resolve next to the target file."""
+    """Wrap ``factory`` so imports it makes lazily resolve next to the target file.
+
+    It also runs guarded like the import: stdin at EOF, prints to stderr, the cwd restored.
+    """
 
     @functools.wraps(factory)
     def build() -> Any:
-        with _on_sys_path(directory):
+        with _on_sys_path(directory), guarded_target_code(str(directory)):
             return factory()
 
     return build

@@ -94,7 +94,9 @@ class StateView:
     shape: tuple[int, ...]
     collection: str
     reason: str
-    keys: tuple[str | int, ...] = ()  #: the path into the target's tree (Flax: below the collection)
+    keys: tuple[
+        str | int, ...
+    ] = ()  #: the path into the target's tree (Flax: below the collection)
     dtype: str = "float32"
 
 
@@ -199,6 +201,18 @@ def render(ctx: TemplateContext, *, template_dir: Path | None = None) -> str:
         raise GenerationError(
             f"template {exc.name!r} not found; built-in names are listed by "
             "`hypernn-gen templates list`"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        where = template_dir if template_dir is not None else name
+        raise GenerationError(
+            f"a template in {where} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "save the template as UTF-8"
+        ) from exc
+    except Exception as exc:  # a template that raises while rendering: name its file and line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise GenerationError(
+            f"{_template_frame(exc) or name}: rendering raised {type(exc).__name__}: {first}; "
+            "fix that template (or drop it from --template-dir to use the built-in)"
         ) from exc
 
 

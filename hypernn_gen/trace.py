@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import HypernnGenError, TraceError
 from .layout import Layout
-from .load import LoadedTarget
+from .load import LoadedTarget, build_fix
 from .select import check_patterns, path_filter
 
 __all__ = ["trace_selected", "trace_target"]
@@ -70,10 +70,8 @@ def trace_selected(
 
 
 def _build_failed(loaded: LoadedTarget, exc: Exception) -> TraceError:
-    return TraceError(
-        f"building {loaded.display} failed: {loaded.describe_exception(exc)}; fix the target "
-        "so that it builds with no arguments"
-    )
+    fix = build_fix(exc, "fix the target so that it builds with no arguments")
+    return TraceError(f"building {loaded.display} failed: {loaded.describe_exception(exc)}; {fix}")
 
 
 def _shapes_text(loaded: LoadedTarget) -> str:
@@ -83,6 +81,12 @@ def _shapes_text(loaded: LoadedTarget) -> str:
 
 def _inputs_do_not_fit(loaded: LoadedTarget, exc: Exception) -> TraceError:
     verb = "does" if len(loaded.input_specs) == 1 else "do"
+    if "of different dtypes" in str(exc):
+        dtypes = ", ".join(sorted({spec.dtype for spec in loaded.input_specs}))
+        return TraceError(
+            f"input dtype {dtypes} {verb} not fit the target: {loaded.describe_exception(exc)}; "
+            "pass the dtype its forward expects with --input-dtype, e.g. --input-dtype float32"
+        )
     return TraceError(
         f"{_shapes_text(loaded)} {verb} not fit the target: {loaded.describe_exception(exc)}; "
         "pass the shapes the target's forward expects with --input-shape"
@@ -130,7 +134,7 @@ def _check_torch_inputs(loaded: LoadedTarget, module: Any) -> str | None:
         for name, tensor in (*module.named_parameters(), *module.named_buffers())
     }
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _same_dtype_mode()():
             functional_call(module, stand_ins, inputs)
     except Exception as exc:  # noqa: BLE001 - any failure is reported, with its location
         if "meta" in str(exc).lower():
@@ -140,6 +144,35 @@ def _check_torch_inputs(loaded: LoadedTarget, module: Any) -> str | None:
             )
         raise _inputs_do_not_fit(loaded, exc) from exc
     return None
+
+
+def _same_dtype_mode() -> type:
+    """A dispatch mode that checks what ``meta`` kernels do not: matmul/conv operand dtypes.
+
+    On the CPU, ``nn.Linear`` given an int64 input fails ("expected m1 and m2 to have the same
+    dtype"); its ``meta`` kernel returns an int64 result instead, so ``--input-dtype int64``
+    would generate a file that crashes on first use.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    aten = torch.ops.aten
+    checked = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten.addmv, aten.mv}
+
+    class SameDtype(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func.overloadpacket in checked:
+                leaves = tree_leaves((args, kwargs or {}))
+                dtypes = sorted({str(t.dtype) for t in leaves if isinstance(t, torch.Tensor)})
+                if len(dtypes) > 1:
+                    raise RuntimeError(
+                        f"{func.overloadpacket.__name__} got tensors of different dtypes "
+                        f"({', '.join(d.removeprefix('torch.') for d in dtypes)})"
+                    )
+            return func(*args, **(kwargs or {}))
+
+    return SameDtype
 
 
 # -- flax -----------------------------------------------------------------------------------------
@@ -183,9 +216,27 @@ def _trace_nnx(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> L
 
     try:
         if loaded.factory is None:
-            return trace_flax.trace_nnx_module(loaded.obj, include=include)
-        return trace_flax.trace_nnx_factory(loaded.factory, include=include)
+            layout = trace_flax.trace_nnx_module(loaded.obj, include=include)
+        else:
+            layout = trace_flax.trace_nnx_factory(loaded.factory, include=include)
     except HypernnGenError:
         raise
     except Exception as exc:
         raise _build_failed(loaded, exc) from exc
+    if loaded.input_specs:
+        _check_nnx_inputs(loaded)
+    return layout
+
+
+def _check_nnx_inputs(loaded: LoadedTarget) -> None:
+    """Call the NNX module once under ``jax.eval_shape`` on the example inputs (no compute)."""
+    import jax
+    from flax import nnx
+
+    inputs = _jax_inputs(loaded)
+    module = loaded.obj if loaded.factory is None else nnx.eval_shape(loaded.factory)
+    graphdef, state = nnx.split(module)
+    try:
+        jax.eval_shape(lambda st, *xs: nnx.merge(graphdef, st)(*xs), state, *inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported, with its location
+        raise _inputs_do_not_fit(loaded, exc) from exc

@@ -9,9 +9,12 @@ are moved into place with ``os.replace``, so a reader never sees half a file.
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import os
+import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -48,11 +51,60 @@ class Status:
     existing: str | None
 
 
+#: a temporary file of ours older than this (seconds) was left by a killed run: remove it
+STALE_TEMP_AGE = 60.0
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse an output that is not a regular file (or absent): a symlink, FIFO, device, folder.
+
+    A symlink is refused rather than written through, so ``--force`` can never turn a link into
+    a file nor change a file somewhere else; a FIFO or device would hang or never hold the code.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(_os_message(exc, path, "read")) from exc
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        what = f"a symbolic link (to {os.readlink(path)})"
+        fix = "pass the real file as -o, or remove the link"
+    elif stat.S_ISDIR(mode):
+        what, fix = "a directory", "end -o with / to write into it, or choose a file path"
+    else:
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or special file"
+        what, fix = kind, "choose a regular file path for -o"
+    raise OutputError(
+        f"output {path} is {what}, not a regular file; {fix} (--force never replaces it)"
+    )
+
+
+def _os_message(exc: OSError, path: Path, action: str) -> str:
+    """One line for an OSError while reading or writing ``path``: what, where, and the fix."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENOSPC or exc.errno == getattr(errno, "EDQUOT", -1):
+        fix = f"free some space on the disk holding {path.parent} and rerun"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {path.parent} writable, or choose another -o path"
+    else:
+        fix = "choose another -o path (a regular file in a writable folder)"
+    return f"cannot {action} {path}: {reason}; {fix}"
+
+
 def status_of(path: Path, expected: str) -> Status:
     """How the file at ``path`` relates to the freshly generated ``expected`` text."""
+    check_output_path(path)
     if not path.exists():
         return Status(FileStatus.MISSING, None)
-    existing = path.read_text()
+    try:
+        existing = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return Status(FileStatus.FOREIGN, None)
+    except OSError as exc:
+        raise OutputError(_os_message(exc, path, "read")) from exc
     if existing == expected:
         return Status(FileStatus.CURRENT, existing)
     start = existing.rfind("\n" + DIGEST_PREFIX)
@@ -65,18 +117,63 @@ def status_of(path: Path, expected: str) -> Status:
     return Status(FileStatus.STALE, existing)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step; no partial file is ever visible."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def clean_stale_temps(path: Path, *, age: float = STALE_TEMP_AGE) -> list[Path]:
+    """Remove our own temporary files next to ``path`` that a killed run left behind."""
+    removed = []
+    now = time.time()
     try:
-        with os.fdopen(fd, "w", newline="\n") as fh:
-            fh.write(text)
+        entries = list(path.parent.glob(_temp_prefix(path) + "*.tmp"))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            info = os.lstat(entry)
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > age:
+                entry.unlink()
+                removed.append(entry)
+        except OSError:
+            continue
+    return removed
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step; no partial file is ever visible.
+
+    Every OSError (a read-only folder, a full disk, a ``/proc`` path) becomes one
+    :class:`OutputError` line naming ``path``, never the hidden temporary file.
+    """
+    check_output_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(_os_message(exc, path, "create the folder of")) from exc
+    clean_stale_temps(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(_os_message(exc, path, "write")) from exc
+    try:
+        data = text.encode("utf-8")
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o777)
         else:
             os.chmod(tmp, 0o644)
+        check_output_path(path)  # nothing turned it into a link or FIFO meanwhile
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(_os_message(exc, path, "write")) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -286,7 +286,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(
     monkeypatch.setattr("hypernn_gen.write.os.replace", refuse)
     code, _, err = cli(capsys, *args)
     assert code == 2
-    assert "OSError" in one_line_error(err) and "No space left on device" in err
+    line = one_line_error(err)
+    assert "No space left on device" in line and "out/gen.py" in line and "free some space" in line
+    assert ".gen.py." not in line  # our hidden temporary file is not what the user should fix
     assert (work / "out" / "gen.py").read_text() == old
     assert sorted(p.name for p in (work / "out").iterdir()) == ["gen.py"]
 
