@@ -318,7 +318,8 @@ def build_context(
         hypernetwork=f"{prefix}HyperNetwork",
         target_factory=factory_expression(loaded),
     )
-    source = extract_target_source(Path(loaded.path), [loaded.name])
+    package = loaded.source_module.__package__ or None  # set for a file imported in its package
+    source = extract_target_source(Path(loaded.path), [loaded.name], package=package)
     clash = sorted(
         source.names
         & (
