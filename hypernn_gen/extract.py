@@ -14,6 +14,7 @@ miss one.
 
 from __future__ import annotations
 
+import importlib.util
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,14 +145,45 @@ def read_source(path: Path) -> str:
         return fh.read()
 
 
-def extract_target_source(path: Path, roots: list[str]) -> TargetSource:
-    """The definitions of ``roots`` in ``path`` and everything they need at module level."""
+class _AbsoluteImports(cst.CSTTransformer):
+    """``from .layers import Block`` -> ``from pkg.models.layers import Block``."""
+
+    def __init__(self, package: str) -> None:
+        self.package = package
+
+    def leave_ImportFrom(  # noqa: N802 - libcst's visitor name
+        self, original: cst.ImportFrom, updated: cst.ImportFrom
+    ) -> cst.ImportFrom:
+        if not updated.relative:
+            return updated
+        dots = "." * len(updated.relative)
+        name = cst.Module([]).code_for_node(updated.module) if updated.module else ""
+        try:
+            absolute = importlib.util.resolve_name(dots + name, self.package)
+        except ImportError as exc:
+            raise GenerationError(
+                f"cannot make the relative import {dots}{name} absolute in package "
+                f"{self.package}: {exc}; use an absolute import in the target file"
+            ) from exc
+        return updated.with_changes(relative=[], module=cst.parse_expression(absolute))
+
+
+def extract_target_source(
+    path: Path, roots: list[str], *, package: str | None = None
+) -> TargetSource:
+    """The definitions of ``roots`` in ``path`` and everything they need at module level.
+
+    ``package``: the package the file was imported as part of; its relative imports become
+    absolute ones, so the generated (standalone) file can import them too.
+    """
     try:
         module = cst.parse_module(read_source(path))
     except cst.ParserSyntaxError as exc:
         raise GenerationError(
             f"{path}:{exc.raw_line}: cannot parse the target file: {exc.message}"
         ) from exc
+    if package:
+        module = module.visit(_AbsoluteImports(package))
     stmts = [s for s in module.body if not _is_main_guard(s) and not _is_future(s)]
     bound = [_bound_names(s) for s in stmts]
     refs: list[set[str]] = []

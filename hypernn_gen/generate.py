@@ -197,7 +197,8 @@ def build_context(
         hypernetwork=f"{prefix}HyperNetwork",
         target_factory=factory_expression(loaded),
     )
-    source = extract_target_source(Path(loaded.path), [loaded.name])
+    package = loaded.source_module.__package__ or None  # set for a file imported in its package
+    source = extract_target_source(Path(loaded.path), [loaded.name], package=package)
     condition_shape, condition_dtype = None, None
     if options.dynamic:
         if options.condition_shape is not None:

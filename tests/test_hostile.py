@@ -303,6 +303,13 @@ def test_a_target_in_a_package_with_relative_imports(work: Path, capsys) -> None
     code, out, err = cli(capsys, "inspect", "pkg/models/net.py", "--json")
     assert code == 0, err
     assert json.loads(out)["flat_size"] == 15
+    # the generated file is standalone: the relative import became an absolute one
+    assert cli(capsys, "pkg/models/net.py", "-o", "gen.py")[0] == 0
+    source = (work / "gen.py").read_text()
+    assert "from pkg.models.layers import Block" in source and "from .layers" not in source
+    check = "import gen, torch; n = gen.__dict__; print('ok')"
+    result = subprocess.run([sys.executable, "-c", check], cwd=work, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 @pytest.mark.parametrize(
