@@ -31,8 +31,11 @@ INTRO = """\
 The first argument picks the command: one of the names below, else `generate` with all the
 arguments (so `hypernn-gen target.py --mode dynamic` generates). `hypernn-gen --version` prints
 the version; every command takes `-h`/`--help`. Errors print `hypernn-gen: error: <message>`
-on stderr and exit with code 2 (`--debug` adds the traceback); `--check` exits with 1 when a
-file is missing, stale or edited.
+on stderr and exit with code 2 (`--debug` adds the traceback), usage errors included (an
+unknown flag or choice gets a "did you mean"); `--check` exits with 1 when a file is missing,
+stale or edited; Ctrl-C prints `hypernn-gen: interrupted` and exits with 130; a closed stdout
+(`| head`) ends quietly. Every option is one row of the schema in `hypernn_gen/options.py`,
+from which the flags below, the `pyproject.toml` keys and the header's command are made.
 
 Writing is safe: a file goes to a hidden temporary file next to it (`.NAME.*.tmp`, removed on
 failure, and one a killed run left is removed by the next write) and is moved into place in one

@@ -88,6 +88,6 @@ def backend_for(framework: str, requested: str | None, display: str) -> Backend:
     if requested is not None and requested != backend.family:
         raise GenerationError(
             f"{display} is a {framework} target but --backend {requested} was given; use "
-            f"--backend {backend.family} (or leave --backend out)"
+            f"--backend {backend.family}"
         )
     return backend

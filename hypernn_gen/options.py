@@ -32,6 +32,7 @@ __all__ = [
     "check_sizes",
     "command_args",
     "convert",
+    "header_options",
     "options_from_namespace",
 ]
 
@@ -66,6 +67,7 @@ class Option:
     target_arg: bool = False  #: shapes the layout (inspect takes it too), next to TARGET
     layout_arg: bool = False  #: shapes the layout and chunking: inspect takes it too
     key: str | None = None  #: pyproject key, default the flag without ``--``
+    header: tuple[int, int] | None = None  #: (line, position) in the header's ``options:`` lines
 
     @property
     def cli_flag(self) -> str:
@@ -85,6 +87,7 @@ OPTIONS: tuple[Option, ...] = (
         BACKENDS,
         always=True,
         layout_arg=True,
+        header=(1, 1),
     ),
     Option(
         "mode",
@@ -94,8 +97,18 @@ OPTIONS: tuple[Option, ...] = (
         MODES,
         always=True,
         layout_arg=True,
+        header=(1, 2),
     ),
-    Option("embedding_dim", "int", 32, "default 32", metavar="D", always=True, layout_arg=True),
+    Option(
+        "embedding_dim",
+        "int",
+        32,
+        "default 32",
+        metavar="D",
+        always=True,
+        layout_arg=True,
+        header=(1, 3),
+    ),
     Option(
         "num_embeddings",
         "int",
@@ -104,9 +117,17 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
         exclusive="size",
         layout_arg=True,
+        header=(1, 4),
     ),
     Option(
-        "chunk_dim", "int", None, "values per chunk", metavar="C", exclusive="size", layout_arg=True
+        "chunk_dim",
+        "int",
+        None,
+        "values per chunk",
+        metavar="C",
+        exclusive="size",
+        layout_arg=True,
+        header=(1, 5),
     ),
     Option(
         "chunking",
@@ -116,6 +137,7 @@ OPTIONS: tuple[Option, ...] = (
         "or tensor (every tensor starts on a chunk)",
         CHUNKINGS,
         layout_arg=True,
+        header=(2, 1),
     ),
     Option(
         "generator_hidden",
@@ -125,6 +147,7 @@ OPTIONS: tuple[Option, ...] = (
         "(default none: linear; hidden layers turn the fused dynamic path off)",
         metavar="W",
         layout_arg=True,
+        header=(2, 3),
     ),
     Option(
         "init_scheme",
@@ -134,6 +157,7 @@ OPTIONS: tuple[Option, ...] = (
         "statistics), hyperfan-in or hyperfan-out (Chang et al. 2020)",
         INIT_SCHEMES,
         layout_arg=True,
+        header=(2, 2),
     ),
     Option(
         "condition_shape",
@@ -144,6 +168,7 @@ OPTIONS: tuple[Option, ...] = (
         "differs)",
         metavar="S",
         dynamic_only=True,
+        header=(2, 5),
     ),
     Option(
         "condition_dtype",
@@ -161,6 +186,7 @@ OPTIONS: tuple[Option, ...] = (
         "dynamic: hidden widths of the embedding network (default 64)",
         metavar="W",
         dynamic_only=True,
+        header=(2, 4),
     ),
     Option(
         "input_shapes",
@@ -336,6 +362,19 @@ def command_args(options: Any, relative: Callable[[str], str]) -> list[str]:
         else:
             args += [option.cli_flag, str(value)]
     return args
+
+
+def header_options(options: Any, resolved: dict[str, Any]) -> tuple[str, str]:
+    """The provenance header's two ``options:`` lines (``resolved``: values the layout decided,
+    such as ``num_embeddings``, that override the options')."""
+    lines: dict[int, list[tuple[int, str]]] = {1: [], 2: []}
+    for option in OPTIONS:
+        if option.header is None or (option.dynamic_only and not options.dynamic):
+            continue
+        value = resolved.get(option.name, getattr(options, option.name))
+        text = _widths(value) if option.kind in ("widths", "shape") else str(value)
+        lines[option.header[0]].append((option.header[1], f"{option.name}={text}"))
+    return " ".join(t for _, t in sorted(lines[1])), " ".join(t for _, t in sorted(lines[2]))
 
 
 # -- checks ---------------------------------------------------------------------------------------
