@@ -255,6 +255,22 @@ def _on_sys_path(directory: Path) -> Iterator[None]:
         sys.path[:] = saved
 
 
+@contextlib.contextmanager
+def _seeded_torch(path: Path) -> Iterator[None]:
+    """Seed torch (when installed) while a target file runs, so a module-level instance
+    (``target = MyNet()``) holds the same values, hence the same init statistics, on every run.
+    The caller's RNG state is restored afterwards."""
+    uses_torch = "torch" in sys.modules or b"torch" in path.read_bytes()
+    if not uses_torch or importlib.util.find_spec("torch") is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
 def _import_file(path: Path, file_text: str) -> ModuleType:
     """Execute the file as a fresh module registered under a name unique to its path.
 
@@ -269,7 +285,7 @@ def _import_file(path: Path, file_text: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
-        with _on_sys_path(path.parent):
+        with _on_sys_path(path.parent), _seeded_torch(path):
             spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(module_name, None)
