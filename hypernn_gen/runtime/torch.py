@@ -500,4 +500,12 @@ def _strip_generated(target: nn.Module, layout: Layout) -> nn.Module:
         *parents, leaf = name.split(".")
         owner = clone.get_submodule(".".join(parents))
         owner._parameters.pop(leaf, None)
+    if next(clone.parameters(), None) is None:
+        # Libraries read the module's dtype/device from its first parameter (transformers'
+        # ``self.dtype``, diffusers' ``self.device``, ``next(self.parameters())``): keep a frozen
+        # zero-size one in the generated tensors' dtype; ``.to()`` moves it with the module.
+        dtype = getattr(torch, layout.generated[0].dtype)
+        clone.register_parameter(
+            "_hypernn_anchor", nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        )
     return clone
