@@ -506,6 +506,20 @@ def _strip_generated(target: nn.Module, layout: Layout) -> nn.Module:
         # zero-size one in the generated tensors' dtype; ``.to()`` moves it with the module.
         dtype = getattr(torch, layout.generated[0].dtype)
         clone.register_parameter(
-            "_hypernn_anchor", nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+            _ANCHOR, nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
         )
+        # ... kept out of state dicts, so they stay the target's own
+        clone._register_state_dict_hook(_drop_anchor)
+        clone._register_load_state_dict_pre_hook(_add_anchor, with_module=True)
     return clone
+
+
+_ANCHOR = "_hypernn_anchor"
+
+
+def _drop_anchor(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    state.pop(prefix + _ANCHOR, None)
+
+
+def _add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    state.setdefault(prefix + _ANCHOR, getattr(module, _ANCHOR).detach())
