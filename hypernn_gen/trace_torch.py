@@ -116,7 +116,8 @@ def trace_factory(
             module = factory()
         notes: tuple[str, ...] = ()
     except Exception as exc:  # noqa: BLE001 - any failure on meta means "try for real"
-        module = factory()
+        with _seeded():
+            module = factory()
         recorder.stats.clear()
         notes = (
             f"traced by a real build: building on the meta device failed "
@@ -127,7 +128,108 @@ def trace_factory(
             f"the factory returned {type(module).__name__}, not a torch.nn.Module; "
             "return the module instance"
         )
-    return trace_module(module, init_stats=recorder.stats, notes=notes, include=include), module
+    stats = recorder.stats
+    if module is not None and _is_meta(module):
+        stats, note = _check_against_real_build(factory, module, stats)
+        if note:
+            notes = (*notes, note)
+    return trace_module(module, init_stats=stats, notes=notes, include=include), module
+
+
+# Targets up to this many values are also built for real (seed 0) to check the recorded
+# statistics: libraries such as transformers skip their own initialisation on ``meta``.
+REAL_BUILD_LIMIT = 10_000_000  # 40 MB of float32: a quick build
+REAL_BUILD_SEED = 0
+# Significant digits kept for a statistic measured from the seeded build (stable across
+# platforms; the sampling noise of a tensor's std is far above 1e-3 for all but huge tensors).
+MEASURED_DIGITS = 3
+
+
+class _seeded:
+    """Seed torch's CPU generator for a build, restoring the caller's RNG state afterwards."""
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(REAL_BUILD_SEED)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fork.__exit__(*exc)
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in module.parameters())
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [
+        (name, t)
+        for items in (
+            module.named_parameters(remove_duplicate=False),
+            module.named_buffers(remove_duplicate=False),
+        )
+        for name, t in items
+        if t is not None
+    ]
+
+
+def _agrees(recorded: Stats, measured: Stats, numel: int) -> bool:
+    """Whether a seeded sample is consistent with the recorded distribution (5 sigma)."""
+    mean, std, _ = recorded
+    m_mean, m_std, _ = measured
+    n = max(numel, 1)
+    slack = 1e-6 + 1e-6 * abs(mean)
+    if abs(m_mean - mean) > 5 * std / math.sqrt(n) + slack:
+        return False
+    # the sample std of n draws has a relative spread of about sqrt(1/(2n)) (normal) and below
+    # that for a uniform; 5 sigma plus 2% for the truncation and kurtosis of other shapes
+    return abs(m_std - std) <= std * (0.02 + 5 * math.sqrt(1 / (2 * n))) + slack
+
+
+def _check_against_real_build(
+    factory: Callable[[], nn.Module], meta: nn.Module, stats: dict[int, Stats]
+) -> tuple[dict[int, Stats], str | None]:
+    """Replace recorded statistics a seeded real CPU build contradicts by the measured ones.
+
+    The recorder sees what runs on ``meta``; a library that initialises differently off ``meta``
+    (transformers' ``_init_weights``, timm's ``trunc_normal_``) is caught here. Targets over
+    :data:`REAL_BUILD_LIMIT` values are not built (their statistics stay as recorded).
+    """
+    named = _named_tensors(meta)
+    if sum(t.numel() for _, t in named) > REAL_BUILD_LIMIT:
+        return stats, None
+    try:
+        with _seeded():
+            real = factory()
+        real_tensors = dict(_named_tensors(real))
+    except Exception:  # noqa: BLE001 - the meta statistics stand when no real build is possible
+        return stats, None
+    out = dict(stats)
+    replaced = 0
+    for name, tensor in named:
+        twin = real_tensors.get(name)
+        if twin is None or tuple(twin.shape) != tuple(tensor.shape):
+            continue
+        key = _storage_key(tensor)
+        measured = _measure(twin, 1)
+        recorded = stats.get(key) or _measure(tensor, _fans(tuple(tensor.shape))[0])
+        if twin.is_floating_point() and not _agrees(recorded, measured, twin.numel()):
+            mean, std, _ = measured
+            if abs(mean) <= 5 * std / math.sqrt(max(twin.numel(), 1)):
+                mean = 0.0  # a sample mean consistent with zero: the distribution's is zero
+            out[key] = (
+                round_stat(mean, MEASURED_DIGITS),
+                round_stat(std, MEASURED_DIGITS),
+                "measured",
+            )
+            replaced += 1
+    note = (
+        f"init statistics of {replaced} tensor(s) measured from a real CPU build with seed "
+        f"{REAL_BUILD_SEED}: the initialisers seen on the meta device do not match them"
+        if replaced
+        else None
+    )
+    return out, note
 
 
 # -- init statistics ----------------------------------------------------------------------------

@@ -500,4 +500,26 @@ def _strip_generated(target: nn.Module, layout: Layout) -> nn.Module:
         *parents, leaf = name.split(".")
         owner = clone.get_submodule(".".join(parents))
         owner._parameters.pop(leaf, None)
+    if next(clone.parameters(), None) is None:
+        # Libraries read the module's dtype/device from its first parameter (transformers'
+        # ``self.dtype``, diffusers' ``self.device``, ``next(self.parameters())``): keep a frozen
+        # zero-size one in the generated tensors' dtype; ``.to()`` moves it with the module.
+        dtype = getattr(torch, layout.generated[0].dtype)
+        clone.register_parameter(
+            _ANCHOR, nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        )
+        # ... kept out of state dicts, so they stay the target's own
+        clone._register_state_dict_hook(_drop_anchor)
+        clone._register_load_state_dict_pre_hook(_add_anchor, with_module=True)
     return clone
+
+
+_ANCHOR = "_hypernn_anchor"
+
+
+def _drop_anchor(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    state.pop(prefix + _ANCHOR, None)
+
+
+def _add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    state.setdefault(prefix + _ANCHOR, getattr(module, _ANCHOR).detach())
