@@ -244,7 +244,10 @@ class TorchHyperNetwork(nn.Module):
             check_dynamic_support(target_network, layout)
         self.layout: Layout
         self.layout, self.chunking = design_layout(
-            layout, num_embeddings=num_embeddings, chunk_dim=chunk_dim, chunking=chunking,
+            layout,
+            num_embeddings=num_embeddings,
+            chunk_dim=chunk_dim,
+            chunking=chunking,
             init_scheme=init_scheme,
         )
         if condition_shape is not None:
@@ -271,8 +274,10 @@ class TorchHyperNetwork(nn.Module):
             )
         else:
             self.weight_generator = LinearWeightGenerator(embedding_dim, self.hidden_dim)
-        for name, module in (("embedding", self.embedding_module), ("weight generator",
-                             self.weight_generator)):
+        for name, module in (
+            ("embedding", self.embedding_module),
+            ("weight generator", self.weight_generator),
+        ):
             if not isinstance(module, nn.Module):
                 raise HyperNetworkError(
                     f"the {name} constructor returned {type(module).__name__}, not an nn.Module; "
@@ -445,7 +450,9 @@ class TorchHyperNetwork(nn.Module):
         def one_sample(p: dict, b: dict, *xs: Any) -> Any:
             xs = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in xs)
             out = functional_call(self.target, {**p, **b}, xs, kwargs, tie_weights=False)
-            return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, torch.Tensor) else o, out)
+            return pytree.tree_map(
+                lambda o: o.squeeze(0) if isinstance(o, torch.Tensor) else o, out
+            )
 
         out = vmap(one_sample, in_dims=(0, 0, *in_args), randomness="different")(
             params, batched, *args
