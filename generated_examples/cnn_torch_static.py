@@ -120,34 +120,6 @@ class SmallCNNWeightGenerator(nn.Module):
         return self.linear(embedding)
 
 
-def check_layout(target_network: nn.Module) -> None:
-    """Refuse a target whose trainable parameters differ from the generated layout."""
-    found = [
-        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
-    ]
-    expected = [(p.path, p.shape) for p in GENERATED]
-    if found != expected:
-        diff = next(
-            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
-            f"{len(expected)} generated tensors expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target"
-        )
-
-
-def without_generated(target_network: nn.Module) -> nn.Module:
-    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
-    generated = {p.path for p in GENERATED}
-    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
-    clone = copy.deepcopy(target_network, memo)
-    for path in generated:
-        owner, _, leaf = path.rpartition(".")
-        clone.get_submodule(owner)._parameters.pop(leaf, None)
-    return clone
-
-
 class SmallCNNHyperNetwork(nn.Module):
     """Static hypernetwork: generates the target's trainable tensors.
 
@@ -247,6 +219,34 @@ class SmallCNNHyperNetwork(nn.Module):
         )
 
 
+def check_layout(target_network: nn.Module) -> None:
+    """Refuse a target whose trainable parameters differ from the generated layout."""
+    found = [
+        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
+    ]
+    expected = [(p.path, p.shape) for p in GENERATED]
+    if found != expected:
+        diff = next(
+            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
+            f"{len(expected)} generated tensors expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); regenerate the file for the new target"
+        )
+
+
+def without_generated(target_network: nn.Module) -> nn.Module:
+    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
+    generated = {p.path for p in GENERATED}
+    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
+    clone = copy.deepcopy(target_network, memo)
+    for path in generated:
+        owner, _, leaf = path.rpartition(".")
+        clone.get_submodule(owner)._parameters.pop(leaf, None)
+    return clone
+
+
 if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = SmallCNNHyperNetwork()
@@ -257,4 +257,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=2ca8f3a9f63a695c5f478c03cd344d1a60e36daad541aea23be0659be7daa1ac
+# hypernn-gen: sha256=b52bfd97d5c2962debb03b919f8c54adb62b4b55c5490e98331feae1f889c811

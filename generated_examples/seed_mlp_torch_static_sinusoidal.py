@@ -124,34 +124,6 @@ class SeedMlpWeightGenerator(nn.Module):
         return self.linear(embedding)
 
 
-def check_layout(target_network: nn.Module) -> None:
-    """Refuse a target whose trainable parameters differ from the generated layout."""
-    found = [
-        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
-    ]
-    expected = [(p.path, p.shape) for p in GENERATED]
-    if found != expected:
-        diff = next(
-            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
-            f"{len(expected)} generated tensors expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target"
-        )
-
-
-def without_generated(target_network: nn.Module) -> nn.Module:
-    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
-    generated = {p.path for p in GENERATED}
-    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
-    clone = copy.deepcopy(target_network, memo)
-    for path in generated:
-        owner, _, leaf = path.rpartition(".")
-        clone.get_submodule(owner)._parameters.pop(leaf, None)
-    return clone
-
-
 class SeedMlpHyperNetwork(nn.Module):
     """Static hypernetwork: generates the target's trainable tensors.
 
@@ -237,6 +209,34 @@ class SeedMlpHyperNetwork(nn.Module):
         )
 
 
+def check_layout(target_network: nn.Module) -> None:
+    """Refuse a target whose trainable parameters differ from the generated layout."""
+    found = [
+        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
+    ]
+    expected = [(p.path, p.shape) for p in GENERATED]
+    if found != expected:
+        diff = next(
+            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
+            f"{len(expected)} generated tensors expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); regenerate the file for the new target"
+        )
+
+
+def without_generated(target_network: nn.Module) -> nn.Module:
+    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
+    generated = {p.path for p in GENERATED}
+    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
+    clone = copy.deepcopy(target_network, memo)
+    for path in generated:
+        owner, _, leaf = path.rpartition(".")
+        clone.get_submodule(owner)._parameters.pop(leaf, None)
+    return clone
+
+
 if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = SeedMlpHyperNetwork()
@@ -247,4 +247,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=b7ec6a66a0e4590abfc207b208dc753f9293ffd9d39e017ae93ea55ff011f497
+# hypernn-gen: sha256=ed1430c59f2de67db31aa92e27d0cf5675ac6788217063924374a11f904efc55

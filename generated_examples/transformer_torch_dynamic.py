@@ -191,6 +191,152 @@ class TransformerWeightGenerator(nn.Module):
         return self.linear(embedding)
 
 
+class TransformerHyperNetwork(nn.Module):
+    """Dynamic hypernetwork: generates the target's trainable tensors per sample.
+
+    Tensor ``t`` is ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``,
+    where ``raw`` is the weight generator's output for every embedding, flattened.
+
+    Args:
+        target_network: the target to drive; a fresh ``make_target()`` by default.
+            Its buffers and frozen parameters stay state of this module (``target.*``).
+    """
+
+    def __init__(self, target_network: nn.Module | None = None) -> None:
+        super().__init__()
+        if target_network is None:
+            target_network = make_target()
+        check_layout(target_network)
+        self.embedding_module = TransformerEmbedding()
+        self.weight_generator = TransformerWeightGenerator()
+        self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
+        self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
+        self.target = without_generated(target_network)
+        self.fused_index = nn.ModuleList()
+        self.swapped = install_fusion(self.target, self.fused_index)
+
+    def reset_parameters(self) -> None:
+        """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
+        exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
+        makes once the target is built).
+
+        With it a hypernetwork can be built without memory and materialised where it runs::
+
+            with torch.device("meta"):
+                hypernetwork = TransformerHyperNetwork()
+            hypernetwork.to_empty(device="cpu")
+            hypernetwork.reset_parameters()
+
+        The target's state (its buffers, frozen or excluded parameters) is reset too: copied
+        from a fresh target built for a moment on this module's device. Load a checkpoint with
+        ``load_state_dict`` afterwards.
+        """
+        self._init_target_state()
+        self.embedding_module.reset_parameters()
+        self.weight_generator.reset_parameters()
+        with torch.no_grad():
+            device = self.param_scale.device
+            self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
+            self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
+
+    @torch.no_grad()
+    def _init_target_state(self) -> None:
+        """Copy the state of a fresh target, built on this module's device, into ``target``."""
+        with torch.device(self.param_scale.device):
+            fresh = make_target()
+        values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
+        for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
+            tensor.copy_(values[name])
+
+    def generate_params(self, condition: Tensor) -> Tensor:
+        """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
+        embedding = self.embedding_module(condition)
+        raw = self.weight_generator(embedding).reshape(condition.shape[0], -1)
+        return self.decode(raw[:, :FLAT_SIZE])
+
+    def decode(self, raw: Tensor) -> Tensor:
+        """Per-tensor affine map from raw generator output to parameter values, tensor by
+        tensor (leading batch dimensions are kept)."""
+        pieces = raw.split([p.size for p in GENERATED], -1)
+        scale = self.param_scale.to(raw.dtype).unbind()
+        shift = self.param_shift.to(raw.dtype).unbind()
+        decoded = [torch.addcmul(shift[i], piece, scale[i]) for i, piece in enumerate(pieces)]
+        return torch.cat(decoded, -1)
+
+    def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
+        """Named tensors from a flat vector (leading batch dimensions are kept)."""
+        batch = flat.shape[:-1]
+        pieces = flat.split([p.size for p in GENERATED], -1)  # one split: one backward node
+        params = {
+            p.path: piece.reshape(*batch, *p.shape)
+            for p, piece in zip(GENERATED, pieces, strict=True)
+        }
+        params.update({alias: params[path] for alias, path in TIED.items()})
+        return params
+
+    def flatten_params(self, params: dict[str, Tensor]) -> Tensor:
+        """The flat vector for named tensors, e.g. ``dict(target.named_parameters())``."""
+        return torch.cat([params[p.path].detach().reshape(-1) for p in GENERATED])
+
+    def forward(
+        self,
+        *args: Any,
+        generated_params: Tensor | None = None,
+        condition: Tensor | None = None,
+        return_params: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, Tensor | None]:
+        """Run the target with per-sample weights; returns ``(output, generated_params)``.
+
+        Without ``generated_params`` the fused path runs and never builds the per-sample
+        weights, so ``generated_params`` is ``None`` unless ``return_params=True``.
+        """
+        batch = (
+            generated_params.shape[0]
+            if generated_params is not None
+            else (args[0] if condition is None else condition).shape[0]
+        )
+        for i, x in enumerate(args):
+            if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != batch):
+                raise ValueError(
+                    f"{batch} weight sets but input {i} has shape {tuple(x.shape)}; give the "
+                    "inputs and the condition the same leading batch dimension"
+                )
+        if generated_params is None and not return_params:
+            return (
+                self.fused_forward(args[0] if condition is None else condition, args, kwargs),
+                None,
+            )
+        if generated_params is None:
+            generated_params = self.generate_params(args[0] if condition is None else condition)
+        return self.materialised_forward(generated_params, args, kwargs), generated_params
+
+    def fused_forward(self, condition: Tensor, args: tuple, kwargs: dict) -> Any:
+        """The target on the whole batch, fused layers computing per-sample outputs."""
+        g0 = F.linear(self.embedding_module.weight, self.weight_generator.linear.weight)
+        bias = self.weight_generator.linear.bias.expand(NUM_EMBEDDINGS, -1)
+        sizes = [p.size for p in GENERATED]
+        shared = Shared(
+            scales=self.embedding_module.scales(condition),
+            g0=g0.view(-1)[:FLAT_SIZE].split(sizes),  # one split: one node in the backward
+            bias=bias.reshape(-1)[:FLAT_SIZE].split(sizes),
+            param_scale=self.param_scale.unbind(),
+            param_shift=self.param_shift.unbind(),
+        )
+        for module in self.swapped:
+            module.hyper_shared = shared
+        try:
+            return self.target(*args, **kwargs)
+        finally:
+            for module in self.swapped:
+                module.hyper_shared = None
+
+    def materialised_forward(self, generated_params: Tensor, args: tuple, kwargs: dict) -> Any:
+        """Sample b through the target alone with weight set b, batched with vmap."""
+        params = self.unflatten_params(generated_params)
+        return run_per_sample(self.target, params, generated_params.shape[0], args, kwargs)
+
+
 def check_layout(target_network: nn.Module) -> None:
     """Refuse a target whose trainable parameters differ from the generated layout."""
     found = [
@@ -346,152 +492,6 @@ def install_fusion(target: nn.Module, indices: nn.ModuleList) -> tuple[nn.Module
     return tuple(swapped)
 
 
-class TransformerHyperNetwork(nn.Module):
-    """Dynamic hypernetwork: generates the target's trainable tensors per sample.
-
-    Tensor ``t`` is ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``,
-    where ``raw`` is the weight generator's output for every embedding, flattened.
-
-    Args:
-        target_network: the target to drive; a fresh ``make_target()`` by default.
-            Its buffers and frozen parameters stay state of this module (``target.*``).
-    """
-
-    def __init__(self, target_network: nn.Module | None = None) -> None:
-        super().__init__()
-        if target_network is None:
-            target_network = make_target()
-        check_layout(target_network)
-        self.embedding_module = TransformerEmbedding()
-        self.weight_generator = TransformerWeightGenerator()
-        self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
-        self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        self.target = without_generated(target_network)
-        self.fused_index = nn.ModuleList()
-        self.swapped = install_fusion(self.target, self.fused_index)
-
-    def reset_parameters(self) -> None:
-        """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
-        exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
-        makes once the target is built).
-
-        With it a hypernetwork can be built without memory and materialised where it runs::
-
-            with torch.device("meta"):
-                hypernetwork = TransformerHyperNetwork()
-            hypernetwork.to_empty(device="cpu")
-            hypernetwork.reset_parameters()
-
-        The target's state (its buffers, frozen or excluded parameters) is reset too: copied
-        from a fresh target built for a moment on this module's device. Load a checkpoint with
-        ``load_state_dict`` afterwards.
-        """
-        self._init_target_state()
-        self.embedding_module.reset_parameters()
-        self.weight_generator.reset_parameters()
-        with torch.no_grad():
-            device = self.param_scale.device
-            self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
-            self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-
-    @torch.no_grad()
-    def _init_target_state(self) -> None:
-        """Copy the state of a fresh target, built on this module's device, into ``target``."""
-        with torch.device(self.param_scale.device):
-            fresh = make_target()
-        values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
-        for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
-            tensor.copy_(values[name])
-
-    def generate_params(self, condition: Tensor) -> Tensor:
-        """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
-        embedding = self.embedding_module(condition)
-        raw = self.weight_generator(embedding).reshape(condition.shape[0], -1)
-        return self.decode(raw[:, :FLAT_SIZE])
-
-    def decode(self, raw: Tensor) -> Tensor:
-        """Per-tensor affine map from raw generator output to parameter values, tensor by
-        tensor (leading batch dimensions are kept)."""
-        pieces = raw.split([p.size for p in GENERATED], -1)
-        scale = self.param_scale.to(raw.dtype).unbind()
-        shift = self.param_shift.to(raw.dtype).unbind()
-        decoded = [torch.addcmul(shift[i], piece, scale[i]) for i, piece in enumerate(pieces)]
-        return torch.cat(decoded, -1)
-
-    def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
-        """Named tensors from a flat vector (leading batch dimensions are kept)."""
-        batch = flat.shape[:-1]
-        pieces = flat.split([p.size for p in GENERATED], -1)  # one split: one backward node
-        params = {
-            p.path: piece.reshape(*batch, *p.shape)
-            for p, piece in zip(GENERATED, pieces, strict=True)
-        }
-        params.update({alias: params[path] for alias, path in TIED.items()})
-        return params
-
-    def flatten_params(self, params: dict[str, Tensor]) -> Tensor:
-        """The flat vector for named tensors, e.g. ``dict(target.named_parameters())``."""
-        return torch.cat([params[p.path].detach().reshape(-1) for p in GENERATED])
-
-    def forward(
-        self,
-        *args: Any,
-        generated_params: Tensor | None = None,
-        condition: Tensor | None = None,
-        return_params: bool = False,
-        **kwargs: Any,
-    ) -> tuple[Any, Tensor | None]:
-        """Run the target with per-sample weights; returns ``(output, generated_params)``.
-
-        Without ``generated_params`` the fused path runs and never builds the per-sample
-        weights, so ``generated_params`` is ``None`` unless ``return_params=True``.
-        """
-        batch = (
-            generated_params.shape[0]
-            if generated_params is not None
-            else (args[0] if condition is None else condition).shape[0]
-        )
-        for i, x in enumerate(args):
-            if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != batch):
-                raise ValueError(
-                    f"{batch} weight sets but input {i} has shape {tuple(x.shape)}; give the "
-                    "inputs and the condition the same leading batch dimension"
-                )
-        if generated_params is None and not return_params:
-            return (
-                self.fused_forward(args[0] if condition is None else condition, args, kwargs),
-                None,
-            )
-        if generated_params is None:
-            generated_params = self.generate_params(args[0] if condition is None else condition)
-        return self.materialised_forward(generated_params, args, kwargs), generated_params
-
-    def fused_forward(self, condition: Tensor, args: tuple, kwargs: dict) -> Any:
-        """The target on the whole batch, fused layers computing per-sample outputs."""
-        g0 = F.linear(self.embedding_module.weight, self.weight_generator.linear.weight)
-        bias = self.weight_generator.linear.bias.expand(NUM_EMBEDDINGS, -1)
-        sizes = [p.size for p in GENERATED]
-        shared = Shared(
-            scales=self.embedding_module.scales(condition),
-            g0=g0.view(-1)[:FLAT_SIZE].split(sizes),  # one split: one node in the backward
-            bias=bias.reshape(-1)[:FLAT_SIZE].split(sizes),
-            param_scale=self.param_scale.unbind(),
-            param_shift=self.param_shift.unbind(),
-        )
-        for module in self.swapped:
-            module.hyper_shared = shared
-        try:
-            return self.target(*args, **kwargs)
-        finally:
-            for module in self.swapped:
-                module.hyper_shared = None
-
-    def materialised_forward(self, generated_params: Tensor, args: tuple, kwargs: dict) -> Any:
-        """Sample b through the target alone with weight set b, batched with vmap."""
-        params = self.unflatten_params(generated_params)
-        return run_per_sample(self.target, params, generated_params.shape[0], args, kwargs)
-
-
 if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = TransformerHyperNetwork()
@@ -502,4 +502,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=8895eedb5ee90a42869850cf8b5fef6be55c222d15563d6f2ac4e399c642538f
+# hypernn-gen: sha256=864090919c5b5ab941ef85ab6c08560b12489cd4ba8b7c496f125f9e1b83b3f1

@@ -119,34 +119,6 @@ class DigitsCNNWeightGenerator(nn.Module):
         return self.linear(embedding)
 
 
-def check_layout(target_network: nn.Module) -> None:
-    """Refuse a target whose trainable parameters differ from the generated layout."""
-    found = [
-        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
-    ]
-    expected = [(p.path, p.shape) for p in GENERATED]
-    if found != expected:
-        diff = next(
-            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
-            f"{len(expected)} generated tensors expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target"
-        )
-
-
-def without_generated(target_network: nn.Module) -> nn.Module:
-    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
-    generated = {p.path for p in GENERATED}
-    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
-    clone = copy.deepcopy(target_network, memo)
-    for path in generated:
-        owner, _, leaf = path.rpartition(".")
-        clone.get_submodule(owner)._parameters.pop(leaf, None)
-    return clone
-
-
 class DigitsCNNHyperNetwork(nn.Module):
     """Static hypernetwork: generates the target's trainable tensors.
 
@@ -232,6 +204,34 @@ class DigitsCNNHyperNetwork(nn.Module):
         )
 
 
+def check_layout(target_network: nn.Module) -> None:
+    """Refuse a target whose trainable parameters differ from the generated layout."""
+    found = [
+        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
+    ]
+    expected = [(p.path, p.shape) for p in GENERATED]
+    if found != expected:
+        diff = next(
+            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
+            f"{len(expected)} generated tensors expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); regenerate the file for the new target"
+        )
+
+
+def without_generated(target_network: nn.Module) -> nn.Module:
+    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
+    generated = {p.path for p in GENERATED}
+    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
+    clone = copy.deepcopy(target_network, memo)
+    for path in generated:
+        owner, _, leaf = path.rpartition(".")
+        clone.get_submodule(owner)._parameters.pop(leaf, None)
+    return clone
+
+
 if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = DigitsCNNHyperNetwork()
@@ -242,4 +242,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=3a6167660e14b1ee092f25b963767d94651d5d7eb275e8b16ed728d359bbf3c2
+# hypernn-gen: sha256=339f09d249aba811e9698f1b91f12c58d0c521f1d73508836aa803674a642402

@@ -104,34 +104,6 @@ class PolicyWeightGenerator(nn.Module):
         return self.linear(embedding)
 
 
-def check_layout(target_network: nn.Module) -> None:
-    """Refuse a target whose trainable parameters differ from the generated layout."""
-    found = [
-        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
-    ]
-    expected = [(p.path, p.shape) for p in GENERATED]
-    if found != expected:
-        diff = next(
-            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
-            f"{len(expected)} generated tensors expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target"
-        )
-
-
-def without_generated(target_network: nn.Module) -> nn.Module:
-    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
-    generated = {p.path for p in GENERATED}
-    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
-    clone = copy.deepcopy(target_network, memo)
-    for path in generated:
-        owner, _, leaf = path.rpartition(".")
-        clone.get_submodule(owner)._parameters.pop(leaf, None)
-    return clone
-
-
 class PolicyHyperNetwork(nn.Module):
     """Static hypernetwork: generates the target's trainable tensors.
 
@@ -217,6 +189,34 @@ class PolicyHyperNetwork(nn.Module):
         )
 
 
+def check_layout(target_network: nn.Module) -> None:
+    """Refuse a target whose trainable parameters differ from the generated layout."""
+    found = [
+        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
+    ]
+    expected = [(p.path, p.shape) for p in GENERATED]
+    if found != expected:
+        diff = next(
+            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
+            f"{len(expected)} generated tensors expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); regenerate the file for the new target"
+        )
+
+
+def without_generated(target_network: nn.Module) -> nn.Module:
+    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
+    generated = {p.path for p in GENERATED}
+    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
+    clone = copy.deepcopy(target_network, memo)
+    for path in generated:
+        owner, _, leaf = path.rpartition(".")
+        clone.get_submodule(owner)._parameters.pop(leaf, None)
+    return clone
+
+
 if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = PolicyHyperNetwork()
@@ -227,4 +227,4 @@ if __name__ == "__main__":
     print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=cd7830cd76f183a3ca2b4e5c3cdbc647bb638226ff63160c5727b620d56d41f7
+# hypernn-gen: sha256=8aa2ec509f29f211c77dfcc0856e23c90f23be72d4ecbe60ac4deacc21073375
