@@ -51,8 +51,7 @@ class SmallCNN(nn.Module):
 
 
 class ParamSlice(NamedTuple):
-    """A generated tensor: state-dict name, shape, offset and size in the flat vector, and the
-    mean/std of the target's own initialisation (the decoder's starting shift and scale)."""
+    """A generated tensor: name, shape, place in the flat vector, the target's init mean/std."""
 
     path: str
     shape: tuple[int, ...]
@@ -99,8 +98,7 @@ class SmallCNNEmbedding(nn.Module):
 
 
 class SmallCNNWeightGenerator(nn.Module):
-    """Maps each embedding to a chunk of ``CHUNK_DIM`` values: ``(..., EMBEDDING_DIM)`` ->
-    ``(..., CHUNK_DIM)``. Linear, with unit-variance output at initialisation."""
+    """Linear, ``(..., EMBEDDING_DIM)`` -> ``(..., CHUNK_DIM)``: unit-variance output at init."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -120,67 +118,25 @@ class SmallCNNWeightGenerator(nn.Module):
         return self.linear(embedding)
 
 
-def check_layout(target_network: nn.Module) -> None:
-    """Refuse a target whose trainable parameters differ from the generated layout."""
-    found = [
-        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
-    ]
-    expected = [(p.path, p.shape) for p in GENERATED]
-    if found != expected:
-        diff = next(
-            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
-            f"{len(expected)} generated tensors expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target"
-        )
-
-
-def without_generated(target_network: nn.Module) -> nn.Module:
-    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
-    generated = {p.path for p in GENERATED}
-    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
-    clone = copy.deepcopy(target_network, memo)
-    for path in generated:
-        owner, _, leaf = path.rpartition(".")
-        clone.get_submodule(owner)._parameters.pop(leaf, None)
-    return clone
-
-
 class SmallCNNHyperNetwork(nn.Module):
-    """Static hypernetwork: generates the target's trainable tensors.
-
-    Tensor ``t`` is ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``,
-    where ``raw`` is the weight generator's output for every embedding, flattened.
-
-    Args:
-        target_network: the target to drive; a fresh ``SmallCNN()`` by default.
-            Its buffers and frozen parameters stay state of this module (``target.*``).
-    """
+    """Generates the target's trainable tensors: tensor ``t`` is
+    ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the weight
+    generator's output, flattened. ``target_network`` (default ``SmallCNN()``) keeps
+    its buffers and frozen parameters."""
 
     def __init__(self, target_network: nn.Module | None = None) -> None:
         super().__init__()
-        if target_network is None:
-            target_network = SmallCNN()
-        check_layout(target_network)
+        target_network = SmallCNN() if target_network is None else target_network
+        check_layout(target_network, GENERATED)
         self.embedding_module = SmallCNNEmbedding()
         self.weight_generator = SmallCNNWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        self.target = without_generated(target_network)
+        self.target = without_generated(target_network, {p.path for p in GENERATED})
 
     def reset_parameters(self) -> None:
-        """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
-        exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
-        makes once the target is built).
-
-        With it a hypernetwork can be built without memory and materialised where it runs::
-
-            with torch.device("meta"):
-                hypernetwork = SmallCNNHyperNetwork()
-            hypernetwork.to_empty(device="cpu")
-            hypernetwork.reset_parameters()
+        """Initialise again, with the random draws ``__init__`` makes: after
+        ``to_empty``, this materialises a hypernetwork built under ``torch.device("meta")``.
 
         The target's state (its buffers, frozen or excluded parameters) is reset too: copied
         from a fresh target built for a moment on this module's device. Load a checkpoint with
@@ -189,10 +145,7 @@ class SmallCNNHyperNetwork(nn.Module):
         self._init_target_state()
         self.embedding_module.reset_parameters()
         self.weight_generator.reset_parameters()
-        with torch.no_grad():
-            device = self.param_scale.device
-            self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
-            self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
+        reset_decoder(self.param_scale, self.param_shift, GENERATED)
 
     @torch.no_grad()
     def _init_target_state(self) -> None:
@@ -209,33 +162,19 @@ class SmallCNNHyperNetwork(nn.Module):
         return self.decode(raw[:FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Per-tensor affine map from raw generator output to parameter values, tensor by
-        tensor (leading batch dimensions are kept)."""
-        pieces = raw.split([p.size for p in GENERATED], -1)
-        scale = self.param_scale.to(raw.dtype).unbind()
-        shift = self.param_shift.to(raw.dtype).unbind()
-        decoded = [torch.addcmul(shift[i], piece, scale[i]) for i, piece in enumerate(pieces)]
-        return torch.cat(decoded, -1)
+        """Raw generator output to parameter values, tensor by tensor."""
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
-        batch = flat.shape[:-1]
-        pieces = flat.split([p.size for p in GENERATED], -1)  # one split: one backward node
-        params = {
-            p.path: piece.reshape(*batch, *p.shape)
-            for p, piece in zip(GENERATED, pieces, strict=True)
-        }
-        return params
+        return unflatten_params(flat, GENERATED, FLAT_SIZE)
 
     def flatten_params(self, params: dict[str, Tensor]) -> Tensor:
         """The flat vector for named tensors, e.g. ``dict(target.named_parameters())``."""
-        return torch.cat([params[p.path].detach().reshape(-1) for p in GENERATED])
+        return flatten_params(params, GENERATED, FLAT_SIZE)
 
     def forward(
-        self,
-        *args: Any,
-        generated_params: Tensor | None = None,
-        **kwargs: Any,
+        self, *args: Any, generated_params: Tensor | None = None, **kwargs: Any
     ) -> tuple[Any, Tensor]:
         """Run the target with generated weights; returns ``(output, generated_params)``."""
         if generated_params is None:
@@ -247,14 +186,126 @@ class SmallCNNHyperNetwork(nn.Module):
         )
 
 
+# -- hypernn-gen kernel 1
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
+
+
+def check_layout(
+    target_network: nn.Module, generated: tuple, excluded: frozenset[str] = frozenset()
+) -> None:
+    """Refuse a target whose trainable parameters differ from the generated layout."""
+    found = [
+        (name, tuple(p.shape))
+        for name, p in target_network.named_parameters()
+        if p.requires_grad and name not in excluded
+    ]
+    expected = [(p.path, tuple(p.shape)) for p in generated]
+    if found != expected:
+        diff = next(
+            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
+            f"{len(expected)} generated tensors expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); regenerate the file for the new target"
+        )
+
+
+def without_generated(target_network: nn.Module, paths: set[str]) -> nn.Module:
+    """A copy of the target that keeps its state but not the tensors in ``paths`` (the
+    generated ones, under every name)."""
+    memo = {
+        id(p): None
+        for name, p in target_network.named_parameters(remove_duplicate=False)
+        if name in paths
+    }
+    clone = copy.deepcopy(target_network, memo)
+    for path in sorted(paths):
+        owner, _, leaf = path.rpartition(".")
+        clone.get_submodule(owner)._parameters.pop(leaf, None)
+    return clone
+
+
+def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
+    """The pieces covering ``[0, flat_size)``: their sizes, and the index in ``generated`` each
+    belongs to (``len(generated)``: padding between tensors, chunking="tensor")."""
+    sizes, owners, end = [], [], 0
+    for i, p in enumerate(generated):
+        if p.offset > end:
+            sizes.append(p.offset - end)
+            owners.append(len(generated))
+        sizes.append(p.size)
+        owners.append(i)
+        end = p.offset + p.size
+    if flat_size > end:
+        sizes.append(flat_size - end)
+        owners.append(len(generated))
+    return sizes, owners
+
+
+def decode(
+    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+) -> Tensor:
+    """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
+    (leading batch dimensions are kept; padding between tensors is 0)."""
+    scale = param_scale.to(raw.dtype).unbind()
+    shift = param_shift.to(raw.dtype).unbind()
+    sizes, owners = segments(generated, flat_size)
+    pieces = raw.split(sizes, -1)
+    decoded = [
+        torch.addcmul(shift[i], piece, scale[i]) if i < len(scale) else torch.zeros_like(piece)
+        for i, piece in zip(owners, pieces, strict=True)
+    ]
+    return torch.cat(decoded, -1)
+
+
+def unflatten_params(
+    flat: Tensor, generated: tuple, flat_size: int, tied: dict[str, str] | None = None
+) -> dict[str, Tensor]:
+    """Named tensors from a flat vector (leading batch dimensions are kept); ``tied`` maps each
+    further name of a tied tensor to the generated one."""
+    batch = flat.shape[:-1]
+    sizes, owners = segments(generated, flat_size)
+    pieces = flat.split(sizes, -1)  # one split: one node in the backward
+    params = {
+        generated[i].path: piece.reshape(*batch, *generated[i].shape)
+        for i, piece in zip(owners, pieces, strict=True)
+        if i < len(generated)
+    }
+    params.update({alias: params[path] for alias, path in (tied or {}).items()})
+    return params
+
+
+def flatten_params(params: dict[str, Tensor], generated: tuple, flat_size: int) -> Tensor:
+    """The flat vector for named tensors, e.g. ``dict(target.named_parameters())``."""
+    missing = [p.path for p in generated if p.path not in params]
+    if missing:
+        raise ValueError(
+            f"flatten_params is missing {missing[0]!r} (and {len(missing) - 1} more); pass "
+            "every generated tensor, e.g. dict(target.named_parameters())"
+        )
+    flat = params[generated[0].path].new_zeros(flat_size)
+    for p in generated:
+        flat[p.offset : p.offset + p.size] = params[p.path].detach().reshape(-1)
+    return flat
+
+
+@torch.no_grad()
+def reset_decoder(param_scale: Tensor, param_shift: Tensor, generated: tuple) -> None:
+    """``param_scale``/``param_shift`` back to each tensor's init std/mean, in place."""
+    param_scale.copy_(torch.tensor([p.init_std for p in generated], device=param_scale.device))
+    param_shift.copy_(torch.tensor([p.init_mean for p in generated], device=param_shift.device))
+
+
+# -- end of hypernn-gen kernel
+
+
 if __name__ == "__main__":
-    # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = SmallCNNHyperNetwork()
     own = sum(p.numel() for p in hypernetwork.parameters())
     print(f"SmallCNNHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (torch.randn((2, 1, 8, 8), dtype=torch.float32),)
     output, generated_params = hypernetwork(*inputs)
-    print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=2ca8f3a9f63a695c5f478c03cd344d1a60e36daad541aea23be0659be7daa1ac
+# hypernn-gen: sha256=096df7732dc134a9990a7cf791edbfde22acb4cca13ddaa183fd778ea7c9552f

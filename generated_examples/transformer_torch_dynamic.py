@@ -20,6 +20,7 @@ Dynamic mode: every sample gets its own weight set, computed from its conditioni
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -78,8 +79,7 @@ def make_target() -> TinyGPT:
 
 
 class ParamSlice(NamedTuple):
-    """A generated tensor: state-dict name, shape, offset and size in the flat vector, and the
-    mean/std of the target's own initialisation (the decoder's starting shift and scale)."""
+    """A generated tensor: name, shape, place in the flat vector, the target's init mean/std."""
 
     path: str
     shape: tuple[int, ...]
@@ -119,16 +119,16 @@ GENERATED: tuple[ParamSlice, ...] = (
 TIED: dict[str, str] = {
     "head.weight": "tok_emb.weight",
 }
+# Fused layers: module path, kind, weight and bias index in GENERATED, chunks a row spans.
+FUSED: tuple[tuple[str, str, int | None, int | None, int], ...] = ()
+# Modules run per sample with their own generated tensors materialised, and why.
+PER_SAMPLE: tuple[tuple[str, str], ...] = (("", "TinyGPT has no fused form (it owns pos_emb)"),)
 
 
 class TransformerEmbedding(nn.Module):
-    """A learned table of embeddings, scaled per sample by a function of the condition.
-
-    ``forward(condition)`` maps ``(batch, *CONDITION_SHAPE)`` to
-    ``(batch, NUM_EMBEDDINGS, EMBEDDING_DIM)``: embedding ``k`` of sample ``b`` is
-    ``(1 + m(c_b)[k]) * weight[k]``, with ``m`` an MLP (``EMBEDDING_HIDDEN`` widths, ReLU)
-    of the flattened condition.
-    """
+    """A learned table, scaled per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch,
+    NUM_EMBEDDINGS, EMBEDDING_DIM)``, embedding ``k`` of sample ``b`` is ``(1 + m(c_b)[k]) *
+    weight[k]``, ``m`` an MLP (``EMBEDDING_HIDDEN`` widths, ReLU) of the flattened condition."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -157,21 +157,15 @@ class TransformerEmbedding(nn.Module):
 
     def scales(self, condition: Tensor) -> Tensor:
         """Per-sample scale of each embedding, ``(batch, NUM_EMBEDDINGS)``."""
-        flat = condition.flatten(1)
-        if flat.shape[1] != 16:
-            raise ValueError(
-                f"the condition has shape {tuple(condition.shape)}, this hypernetwork was "
-                f"generated for (batch, *{CONDITION_SHAPE}); pass condition=... to forward"
-            )
-        return 1.0 + self.modulation(flat.to(self.weight.dtype))
+        check_condition(condition, CONDITION_SHAPE)
+        return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
 
     def forward(self, condition: Tensor) -> Tensor:
         return self.scales(condition).unsqueeze(-1) * self.weight
 
 
 class TransformerWeightGenerator(nn.Module):
-    """Maps each embedding to a chunk of ``CHUNK_DIM`` values: ``(..., EMBEDDING_DIM)`` ->
-    ``(..., CHUNK_DIM)``. Linear, with unit-variance output at initialisation."""
+    """Linear, ``(..., EMBEDDING_DIM)`` -> ``(..., CHUNK_DIM)``: unit-variance output at init."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -191,12 +185,108 @@ class TransformerWeightGenerator(nn.Module):
         return self.linear(embedding)
 
 
-def check_layout(target_network: nn.Module) -> None:
+class TransformerHyperNetwork(nn.Module):
+    """Generates the target's trainable tensors per sample: tensor ``t`` is
+    ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the weight
+    generator's output, flattened. ``target_network`` (default ``make_target()``) keeps
+    its buffers and frozen parameters."""
+
+    def __init__(self, target_network: nn.Module | None = None) -> None:
+        super().__init__()
+        target_network = make_target() if target_network is None else target_network
+        check_layout(target_network, GENERATED)
+        self.embedding_module = TransformerEmbedding()
+        self.weight_generator = TransformerWeightGenerator()
+        self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
+        self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
+        self.target = without_generated(target_network, {p.path for p in GENERATED} | set(TIED))
+        forwards = {}
+        self.fused_index, self.swapped = install_fusion(
+            self.target,
+            FUSED,
+            forwards,
+            tuple(path for path, _ in PER_SAMPLE),
+            GENERATED,
+            TIED,
+            CHUNK_DIM,
+            NUM_EMBEDDINGS,
+        )
+
+    def reset_parameters(self) -> None:
+        """Initialise again, with the random draws ``__init__`` makes: after
+        ``to_empty``, this materialises a hypernetwork built under ``torch.device("meta")``.
+
+        The target's state (its buffers, frozen or excluded parameters) is reset too: copied
+        from a fresh target built for a moment on this module's device. Load a checkpoint with
+        ``load_state_dict`` afterwards.
+        """
+        self._init_target_state()
+        self.embedding_module.reset_parameters()
+        self.weight_generator.reset_parameters()
+        reset_decoder(self.param_scale, self.param_shift, GENERATED)
+
+    @torch.no_grad()
+    def _init_target_state(self) -> None:
+        """Copy the state of a fresh target, built on this module's device, into ``target``."""
+        with torch.device(self.param_scale.device):
+            fresh = make_target()
+        values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
+        for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
+            tensor.copy_(values[name])
+
+    def generate_params(self, condition: Tensor) -> Tensor:
+        """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
+        raw = self.weight_generator(self.embedding_module(condition)).flatten(1)
+        return self.decode(raw[:, :FLAT_SIZE])
+
+    def decode(self, raw: Tensor) -> Tensor:
+        """Raw generator output to parameter values, tensor by tensor."""
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+
+    def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
+        """Named tensors from a flat vector (leading batch dimensions are kept)."""
+        return unflatten_params(flat, GENERATED, FLAT_SIZE, TIED)
+
+    def flatten_params(self, params: dict[str, Tensor]) -> Tensor:
+        """The flat vector for named tensors, e.g. ``dict(target.named_parameters())``."""
+        return flatten_params(params, GENERATED, FLAT_SIZE)
+
+    def forward(
+        self,
+        *args: Any,
+        generated_params: Tensor | None = None,
+        condition: Tensor | None = None,
+        return_params: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, Tensor | None]:
+        """Run the target with per-sample weights; returns ``(output, generated_params)``, the
+        latter ``None`` (the fused path never builds it) unless given or ``return_params``."""
+        condition = args[0] if condition is None and args else condition
+        batch = condition.shape[0] if generated_params is None else generated_params.shape[0]
+        check_batch(args, batch)
+        if generated_params is None and not return_params:  # fused: no per-sample weights
+            shared = shared_inputs(self, condition, GENERATED, FLAT_SIZE)
+            return run_fused(self.target, self.swapped, shared, args, kwargs), None
+        if generated_params is None:
+            generated_params = self.generate_params(condition)
+        params = self.unflatten_params(generated_params)  # sample b with weight set b, vmap
+        return run_per_sample(self.target, params, batch, args, kwargs), generated_params
+
+
+# -- hypernn-gen kernel 1
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
+
+
+def check_layout(
+    target_network: nn.Module, generated: tuple, excluded: frozenset[str] = frozenset()
+) -> None:
     """Refuse a target whose trainable parameters differ from the generated layout."""
     found = [
-        (name, tuple(p.shape)) for name, p in target_network.named_parameters() if p.requires_grad
+        (name, tuple(p.shape))
+        for name, p in target_network.named_parameters()
+        if p.requires_grad and name not in excluded
     ]
-    expected = [(p.path, p.shape) for p in GENERATED]
+    expected = [(p.path, tuple(p.shape)) for p in generated]
     if found != expected:
         diff = next(
             (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
@@ -208,15 +298,109 @@ def check_layout(target_network: nn.Module) -> None:
         )
 
 
-def without_generated(target_network: nn.Module) -> nn.Module:
-    """A copy of the target that keeps its state but not the tensors the hypernetwork makes."""
-    generated = {p.path for p in GENERATED} | set(TIED)
-    memo = {id(p): None for name, p in target_network.named_parameters() if name in generated}
+def without_generated(target_network: nn.Module, paths: set[str]) -> nn.Module:
+    """A copy of the target that keeps its state but not the tensors in ``paths`` (the
+    generated ones, under every name)."""
+    memo = {
+        id(p): None
+        for name, p in target_network.named_parameters(remove_duplicate=False)
+        if name in paths
+    }
     clone = copy.deepcopy(target_network, memo)
-    for path in generated:
+    for path in sorted(paths):
         owner, _, leaf = path.rpartition(".")
         clone.get_submodule(owner)._parameters.pop(leaf, None)
     return clone
+
+
+def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
+    """The pieces covering ``[0, flat_size)``: their sizes, and the index in ``generated`` each
+    belongs to (``len(generated)``: padding between tensors, chunking="tensor")."""
+    sizes, owners, end = [], [], 0
+    for i, p in enumerate(generated):
+        if p.offset > end:
+            sizes.append(p.offset - end)
+            owners.append(len(generated))
+        sizes.append(p.size)
+        owners.append(i)
+        end = p.offset + p.size
+    if flat_size > end:
+        sizes.append(flat_size - end)
+        owners.append(len(generated))
+    return sizes, owners
+
+
+def decode(
+    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+) -> Tensor:
+    """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
+    (leading batch dimensions are kept; padding between tensors is 0)."""
+    scale = param_scale.to(raw.dtype).unbind()
+    shift = param_shift.to(raw.dtype).unbind()
+    sizes, owners = segments(generated, flat_size)
+    pieces = raw.split(sizes, -1)
+    decoded = [
+        torch.addcmul(shift[i], piece, scale[i]) if i < len(scale) else torch.zeros_like(piece)
+        for i, piece in zip(owners, pieces, strict=True)
+    ]
+    return torch.cat(decoded, -1)
+
+
+def unflatten_params(
+    flat: Tensor, generated: tuple, flat_size: int, tied: dict[str, str] | None = None
+) -> dict[str, Tensor]:
+    """Named tensors from a flat vector (leading batch dimensions are kept); ``tied`` maps each
+    further name of a tied tensor to the generated one."""
+    batch = flat.shape[:-1]
+    sizes, owners = segments(generated, flat_size)
+    pieces = flat.split(sizes, -1)  # one split: one node in the backward
+    params = {
+        generated[i].path: piece.reshape(*batch, *generated[i].shape)
+        for i, piece in zip(owners, pieces, strict=True)
+        if i < len(generated)
+    }
+    params.update({alias: params[path] for alias, path in (tied or {}).items()})
+    return params
+
+
+def flatten_params(params: dict[str, Tensor], generated: tuple, flat_size: int) -> Tensor:
+    """The flat vector for named tensors, e.g. ``dict(target.named_parameters())``."""
+    missing = [p.path for p in generated if p.path not in params]
+    if missing:
+        raise ValueError(
+            f"flatten_params is missing {missing[0]!r} (and {len(missing) - 1} more); pass "
+            "every generated tensor, e.g. dict(target.named_parameters())"
+        )
+    flat = params[generated[0].path].new_zeros(flat_size)
+    for p in generated:
+        flat[p.offset : p.offset + p.size] = params[p.path].detach().reshape(-1)
+    return flat
+
+
+@torch.no_grad()
+def reset_decoder(param_scale: Tensor, param_shift: Tensor, generated: tuple) -> None:
+    """``param_scale``/``param_shift`` back to each tensor's init std/mean, in place."""
+    param_scale.copy_(torch.tensor([p.init_std for p in generated], device=param_scale.device))
+    param_shift.copy_(torch.tensor([p.init_mean for p in generated], device=param_shift.device))
+
+
+def check_condition(condition: Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse a conditioning input that is not ``(batch, *shape)`` (up to flattening)."""
+    if condition.dim() == 0 or condition[0].numel() != math.prod(shape):
+        raise ValueError(
+            f"the condition has shape {tuple(condition.shape)}, this hypernetwork was "
+            f"generated for (batch, *{shape}); pass condition=... to forward"
+        )
+
+
+def check_batch(args: tuple, batch: int) -> None:
+    """Refuse a tensor input whose leading dimension is not the number of weight sets."""
+    for i, x in enumerate(args):
+        if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != batch):
+            raise ValueError(
+                f"{batch} weight sets but input {i} has shape {tuple(x.shape)}; give the "
+                "inputs and the condition the same leading batch dimension"
+            )
 
 
 def run_per_sample(
@@ -250,19 +434,19 @@ def run_per_sample(
 
 # -- Fused per-sample layers: per-sample outputs without per-sample weights --
 #
-# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // chunk_dim] * g0[p] + bg[p % chunk_dim])
 # (s: per-sample embedding scales, g0: the generator applied to the shared table, bg: its bias).
 # For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1,
 # S + 1 shared GEMMs/convolutions (one per segment, one for the bias part) and a per-sample
-# weighted sum over the S segments give exactly the per-sample outputs. Norm layers normalise the whole batch (each
-# sample by its own statistics) and apply each sample's weight and bias; an Embedding computes
-# just the rows it looks up. Other modules that own generated tensors or buffers run per sample
-# (vmap) with just their own tensors materialised.
+# weighted sum over the S segments give exactly the per-sample outputs. Norm layers normalise the
+# whole batch (each sample by its own statistics) and apply each sample's weight and bias; an
+# Embedding computes just the rows it looks up. Other modules that own generated tensors or
+# buffers run per sample (vmap) with just their own tensors materialised.
 
 
 class FusedLayer(NamedTuple):
     """A layer computed from shared weights: its module path, its kind, the indices of its
-    weight and bias in GENERATED (None: the layer keeps its own), and S for Linear/Conv."""
+    weight and bias in the layout (None: the layer keeps its own), and S for Linear/Conv."""
 
     path: str
     kind: str
@@ -271,33 +455,111 @@ class FusedLayer(NamedTuple):
     segments: int
 
 
-FUSED: tuple[FusedLayer, ...] = ()
-# Modules run per sample with their own generated tensors materialised, and why.
-PER_SAMPLE: tuple[tuple[str, str], ...] = (("", "TinyGPT has no fused form (it owns pos_emb)"),)
-
-
 class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
-    scales: Tensor  # (batch, NUM_EMBEDDINGS)
+    scales: Tensor  # (batch, num_embeddings)
     g0: tuple[Tensor, ...]  # per generated tensor, flat: g0 at its positions
     bias: tuple[Tensor, ...]  # per generated tensor, flat: bg at its positions
     param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
     param_shift: tuple[Tensor, ...]
+    generated: tuple  # the layout
+    chunk_dim: int
 
     def raw(self, i: int, coeff: Tensor) -> Tensor:
-        """GENERATED[i]'s values for every sample, ``(batch, size)``, given the scale of the
+        """Tensor i's values for every sample, ``(batch, size)``, given the scale of the
         chunk each value lies in, ``(batch, size)``."""
         raw = torch.addcmul(self.bias[i], coeff, self.g0[i])
         return torch.addcmul(self.param_shift[i], self.param_scale[i], raw)
 
     def materialise(self, i: int) -> Tensor:
-        """GENERATED[i] for every sample, ``(batch, *shape)``."""
-        p = GENERATED[i]
-        first, last = p.offset // CHUNK_DIM, (p.offset + p.size - 1) // CHUNK_DIM
-        start = p.offset - first * CHUNK_DIM
-        scales = self.scales[:, first : last + 1, None].expand(-1, -1, CHUNK_DIM).flatten(1)
+        """Tensor i for every sample, ``(batch, *shape)``."""
+        p, chunk_dim = self.generated[i], self.chunk_dim
+        first, last = p.offset // chunk_dim, (p.offset + p.size - 1) // chunk_dim
+        start = p.offset - first * chunk_dim
+        scales = self.scales[:, first : last + 1, None].expand(-1, -1, chunk_dim).flatten(1)
         return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
+
+
+def shared_inputs(
+    hypernetwork: nn.Module, condition: Tensor, generated: tuple, flat_size: int
+) -> Shared:
+    """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
+    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``.
+    """
+    embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
+    g0 = F.linear(embedding.weight, generator.weight)
+    bias = generator.bias.expand(embedding.weight.shape[0], -1)
+    sizes = [p.size for p in generated]
+    return Shared(
+        scales=embedding.scales(condition),
+        g0=g0.view(-1)[:flat_size].split(sizes),  # one split: one node in the backward
+        bias=bias.reshape(-1)[:flat_size].split(sizes),
+        param_scale=hypernetwork.param_scale.unbind(),
+        param_shift=hypernetwork.param_shift.unbind(),
+        generated=generated,
+        chunk_dim=g0.shape[1],
+    )
+
+
+def run_fused(
+    target: nn.Module, swapped: tuple[nn.Module, ...], shared: Shared, args: tuple, kwargs: dict
+) -> Any:
+    """The target on the whole batch, its swapped modules computing per-sample outputs."""
+    for module in swapped:
+        module.hyper_shared = shared
+    try:
+        return target(*args, **kwargs)
+    finally:
+        for module in swapped:
+            module.hyper_shared = None
+
+
+class FusedIndex(nn.Module):
+    """Constant index tensors of one fused Linear/Conv layer (non-persistent buffers)."""
+
+    def __init__(
+        self, layer: FusedLayer, generated: tuple, chunk_dim: int, num_embeddings: int
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.generated, self.chunk_dim, self.num_embeddings = generated, chunk_dim, num_embeddings
+        for name, value in self.indices().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
+        """The index tensors, computed from the layout alone: ``chunk``, the chunk of each
+        (segment, row) and of each bias value; if S > 1, ``mask[j]``, which weights lie in
+        segment ``j`` of their row."""
+        p, segments, chunk_dim = (
+            self.generated[self.layer.weight],
+            self.layer.segments,
+            self.chunk_dim,
+        )
+        pos = p.offset + torch.arange(p.size, device=device).view(p.shape[0], -1)
+        first = pos[:, 0] // chunk_dim
+        chunk = first[None, :] + torch.arange(segments, device=device)[:, None]
+        segment = pos // chunk_dim - first[:, None]
+        chunks = [chunk.clamp(max=self.num_embeddings - 1).flatten()]
+        if self.layer.bias is not None:  # then the chunk of each bias value
+            b = self.generated[self.layer.bias]
+            chunks.append(torch.arange(b.offset, b.offset + b.size, device=device) // chunk_dim)
+        indices = {"chunk": torch.cat(chunks)}
+        if segments > 1:
+            segment = segment.view(p.shape)
+            steps = torch.arange(segments, device=device).view(-1, *(1,) * len(p.shape))
+            indices["mask"] = segment[None] == steps
+        return indices
+
+    def _init_buffers(self) -> None:
+        """Compute the buffers again, in place (``to_empty`` leaves them uninitialised)."""
+        for name, value in self.indices(self.chunk.device).items():
+            getattr(self, name).copy_(value)
+
+    def coefficients(self, shared: Shared) -> Tensor:
+        """Each sample's chunk scale for every segment (and bias value), ``(batch, S (+ 1), out)``."""
+        out = self.generated[self.layer.weight].shape[0]
+        return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
 
 
 def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -313,29 +575,38 @@ def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         self.hyper_shared = shared
 
 
-FORWARDS: dict[str, Any] = {}  # the forward() each fused kind gets
-
-
-def install_fusion(target: nn.Module, indices: nn.ModuleList) -> tuple[nn.Module, ...]:
-    """Swap the forward of fused and per-sample modules (their state and names are unchanged)."""
-    swapped = []
-    index = iter(indices)  # one FusedIndex per Linear/Conv layer
-    for layer in FUSED:
+def install_fusion(
+    target: nn.Module,
+    fused: tuple[tuple, ...],
+    forwards: dict[str, Any],
+    per_sample: tuple[str, ...],
+    generated: tuple,
+    tied: dict[str, str],
+    chunk_dim: int,
+    num_embeddings: int,
+) -> tuple[nn.ModuleList, tuple[nn.Module, ...]]:
+    """Swap the forward of fused and per-sample modules (their state and names are unchanged):
+    ``forwards[kind]`` for each fused layer (a :class:`FusedLayer` tuple), :func:`per_sample_forward`
+    for each module in ``per_sample``, which reads the generated tensors below it (under every
+    name, ``tied``). Returns the index buffers of the Linear/Conv layers and the swapped modules."""
+    swapped, indices = [], nn.ModuleList()
+    for layer in map(FusedLayer._make, fused):
         module = target.get_submodule(layer.path)
-        module.__class__ = type(
-            f"Fused{type(module).__name__}", (type(module),), {"forward": FORWARDS[layer.kind]}
+        kind = type(
+            f"Fused{type(module).__name__}", (type(module),), {"forward": forwards[layer.kind]}
         )
+        module.__class__ = kind
         module.hyper_layer = layer
         if layer.segments:
-            module.hyper_index = (next(index),)
+            indices.append(FusedIndex(layer, generated, chunk_dim, num_embeddings))
+            module.hyper_index = (indices[-1],)
         swapped.append(module)
-    names = {p.path: i for i, p in enumerate(GENERATED)}
-    names.update({alias: names[path] for alias, path in TIED.items()})
-    for path, _ in PER_SAMPLE:
+    names = {p.path: i for i, p in enumerate(generated)}
+    names.update({alias: names[path] for alias, path in tied.items()})
+    for path in per_sample:
         module = target.get_submodule(path)
-        module.__class__ = type(
-            f"PerSample{type(module).__name__}", (type(module),), {"forward": per_sample_forward}
-        )
+        forward = {"forward": per_sample_forward}
+        module.__class__ = type(f"PerSample{type(module).__name__}", (type(module),), forward)
         prefix = f"{path}." if path else ""
         module.hyper_params = tuple(
             (n[len(prefix) :], i) for n, i in names.items() if n.startswith(prefix)
@@ -343,163 +614,18 @@ def install_fusion(target: nn.Module, indices: nn.ModuleList) -> tuple[nn.Module
         swapped.append(module)
     for module in swapped:
         module.hyper_shared = None
-    return tuple(swapped)
+    return indices, tuple(swapped)
 
 
-class TransformerHyperNetwork(nn.Module):
-    """Dynamic hypernetwork: generates the target's trainable tensors per sample.
-
-    Tensor ``t`` is ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``,
-    where ``raw`` is the weight generator's output for every embedding, flattened.
-
-    Args:
-        target_network: the target to drive; a fresh ``make_target()`` by default.
-            Its buffers and frozen parameters stay state of this module (``target.*``).
-    """
-
-    def __init__(self, target_network: nn.Module | None = None) -> None:
-        super().__init__()
-        if target_network is None:
-            target_network = make_target()
-        check_layout(target_network)
-        self.embedding_module = TransformerEmbedding()
-        self.weight_generator = TransformerWeightGenerator()
-        self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
-        self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
-        self.target = without_generated(target_network)
-        self.fused_index = nn.ModuleList()
-        self.swapped = install_fusion(self.target, self.fused_index)
-
-    def reset_parameters(self) -> None:
-        """Initialise the embedding, the generator, ``param_scale`` and ``param_shift`` again,
-        exactly as ``__init__`` does (the same random draws, in the same order, as ``__init__``
-        makes once the target is built).
-
-        With it a hypernetwork can be built without memory and materialised where it runs::
-
-            with torch.device("meta"):
-                hypernetwork = TransformerHyperNetwork()
-            hypernetwork.to_empty(device="cpu")
-            hypernetwork.reset_parameters()
-
-        The target's state (its buffers, frozen or excluded parameters) is reset too: copied
-        from a fresh target built for a moment on this module's device. Load a checkpoint with
-        ``load_state_dict`` afterwards.
-        """
-        self._init_target_state()
-        self.embedding_module.reset_parameters()
-        self.weight_generator.reset_parameters()
-        with torch.no_grad():
-            device = self.param_scale.device
-            self.param_scale.copy_(torch.tensor([p.init_std for p in GENERATED], device=device))
-            self.param_shift.copy_(torch.tensor([p.init_mean for p in GENERATED], device=device))
-
-    @torch.no_grad()
-    def _init_target_state(self) -> None:
-        """Copy the state of a fresh target, built on this module's device, into ``target``."""
-        with torch.device(self.param_scale.device):
-            fresh = make_target()
-        values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
-        for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
-            tensor.copy_(values[name])
-
-    def generate_params(self, condition: Tensor) -> Tensor:
-        """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
-        embedding = self.embedding_module(condition)
-        raw = self.weight_generator(embedding).reshape(condition.shape[0], -1)
-        return self.decode(raw[:, :FLAT_SIZE])
-
-    def decode(self, raw: Tensor) -> Tensor:
-        """Per-tensor affine map from raw generator output to parameter values, tensor by
-        tensor (leading batch dimensions are kept)."""
-        pieces = raw.split([p.size for p in GENERATED], -1)
-        scale = self.param_scale.to(raw.dtype).unbind()
-        shift = self.param_shift.to(raw.dtype).unbind()
-        decoded = [torch.addcmul(shift[i], piece, scale[i]) for i, piece in enumerate(pieces)]
-        return torch.cat(decoded, -1)
-
-    def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
-        """Named tensors from a flat vector (leading batch dimensions are kept)."""
-        batch = flat.shape[:-1]
-        pieces = flat.split([p.size for p in GENERATED], -1)  # one split: one backward node
-        params = {
-            p.path: piece.reshape(*batch, *p.shape)
-            for p, piece in zip(GENERATED, pieces, strict=True)
-        }
-        params.update({alias: params[path] for alias, path in TIED.items()})
-        return params
-
-    def flatten_params(self, params: dict[str, Tensor]) -> Tensor:
-        """The flat vector for named tensors, e.g. ``dict(target.named_parameters())``."""
-        return torch.cat([params[p.path].detach().reshape(-1) for p in GENERATED])
-
-    def forward(
-        self,
-        *args: Any,
-        generated_params: Tensor | None = None,
-        condition: Tensor | None = None,
-        return_params: bool = False,
-        **kwargs: Any,
-    ) -> tuple[Any, Tensor | None]:
-        """Run the target with per-sample weights; returns ``(output, generated_params)``.
-
-        Without ``generated_params`` the fused path runs and never builds the per-sample
-        weights, so ``generated_params`` is ``None`` unless ``return_params=True``.
-        """
-        batch = (
-            generated_params.shape[0]
-            if generated_params is not None
-            else (args[0] if condition is None else condition).shape[0]
-        )
-        for i, x in enumerate(args):
-            if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != batch):
-                raise ValueError(
-                    f"{batch} weight sets but input {i} has shape {tuple(x.shape)}; give the "
-                    "inputs and the condition the same leading batch dimension"
-                )
-        if generated_params is None and not return_params:
-            return (
-                self.fused_forward(args[0] if condition is None else condition, args, kwargs),
-                None,
-            )
-        if generated_params is None:
-            generated_params = self.generate_params(args[0] if condition is None else condition)
-        return self.materialised_forward(generated_params, args, kwargs), generated_params
-
-    def fused_forward(self, condition: Tensor, args: tuple, kwargs: dict) -> Any:
-        """The target on the whole batch, fused layers computing per-sample outputs."""
-        g0 = F.linear(self.embedding_module.weight, self.weight_generator.linear.weight)
-        bias = self.weight_generator.linear.bias.expand(NUM_EMBEDDINGS, -1)
-        sizes = [p.size for p in GENERATED]
-        shared = Shared(
-            scales=self.embedding_module.scales(condition),
-            g0=g0.view(-1)[:FLAT_SIZE].split(sizes),  # one split: one node in the backward
-            bias=bias.reshape(-1)[:FLAT_SIZE].split(sizes),
-            param_scale=self.param_scale.unbind(),
-            param_shift=self.param_shift.unbind(),
-        )
-        for module in self.swapped:
-            module.hyper_shared = shared
-        try:
-            return self.target(*args, **kwargs)
-        finally:
-            for module in self.swapped:
-                module.hyper_shared = None
-
-    def materialised_forward(self, generated_params: Tensor, args: tuple, kwargs: dict) -> Any:
-        """Sample b through the target alone with weight set b, batched with vmap."""
-        params = self.unflatten_params(generated_params)
-        return run_per_sample(self.target, params, generated_params.shape[0], args, kwargs)
+# -- end of hypernn-gen kernel
 
 
 if __name__ == "__main__":
-    # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = TransformerHyperNetwork()
     own = sum(p.numel() for p in hypernetwork.parameters())
     print(f"TransformerHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (torch.zeros((2, 16), dtype=torch.int64),)
     output, generated_params = hypernetwork(*inputs, return_params=True)
-    print("inputs:", [tuple(x.shape) for x in inputs])
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=8895eedb5ee90a42869850cf8b5fef6be55c222d15563d6f2ac4e399c642538f
+# hypernn-gen: sha256=dac45f404f587c1984ee43bf4ad3f5ce919eb3e19436aed9755dc8d246368dd6

@@ -11,15 +11,17 @@ import contextvars
 import os
 import re
 import shlex
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 from .backends import backend_for, framework_backend
 from .design import design_layout
 from .errors import GenerationError
-from .extract import TargetSource, extract_target_source
+from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
 from .layout import Chunking, Layout
 from .load import LoadedTarget, load_target
@@ -260,7 +262,11 @@ def build_context(
         *([f"fusion:   {fusion.summary()}"] if fusion is not None else []),
         f"command:  {command}",
     )
+    decisions = torch_decisions(
+        options, loaded, layout, params, state, fusion, condition_shape, condition_dtype
+    )
     ctx = TemplateContext(
+        **decisions,
         context_version=CONTEXT_VERSION,
         generator_version=__version__,
         framework=loaded.framework,
@@ -360,3 +366,104 @@ def _meta_module(loaded: LoadedTarget):  # noqa: ANN202
             return loaded.factory()
     except Exception:  # noqa: BLE001 - the tracer already fell back to a real build too
         return loaded.factory()
+
+
+#: What the Torch specialised part (layout, classes) imports itself, beside the kernel's needs.
+_TORCH_IMPORTS = (
+    "from typing import Any, NamedTuple",
+    "import torch",
+    "from torch import Tensor, nn",
+)
+_FUSED_FORWARD = {"linear": "fused_forward", "conv1d": "fused_forward", "conv2d": "fused_forward"}
+
+
+def torch_decisions(
+    options: GenerateOptions,
+    loaded: LoadedTarget,
+    layout: Layout,
+    params: tuple,
+    state: tuple,
+    fusion: Any,
+    condition_shape: tuple[int, ...] | None,
+    condition_dtype: str | None,
+) -> dict[str, Any]:
+    """The template decisions (fused, padded, tied, ...) and, for Torch, the kernel section: the
+    ``hypernn_gen/kernel/torch.py`` definitions this file's design uses."""
+    dynamic = options.dynamic
+    specs = loaded.input_specs
+    decisions: dict[str, Any] = {
+        "dynamic": dynamic,
+        "padded": layout.flat_size != layout.num_generated,
+        "own_condition": bool(
+            dynamic
+            and specs
+            and (condition_shape != tuple(specs[0].shape[1:]) or condition_dtype != specs[0].dtype)
+        ),
+        "tied": tuple((alias, p.path) for p in params for alias in p.aliases),
+        "excluded": tuple(t.path for t in state if t.reason == "excluded"),
+    }
+    if loaded.framework != "torch":
+        return decisions
+    fused = dynamic and not options.generator_hidden and fusion is not None
+    kinds = tuple(dict.fromkeys(f.kind for f in fusion.fused)) if fused else ()
+    forwards = tuple((k, _FUSED_FORWARD.get(k, f"{k}_forward")) for k in kinds)
+    roots = ["check_layout", "without_generated", "reset_decoder", "decode", "unflatten_params"]
+    roots += ["flatten_params"]
+    if dynamic:
+        roots += ["check_condition", "check_batch", "run_per_sample"]
+    if fused:
+        roots += ["shared_inputs", "run_fused", "install_fusion"]
+        roots += list(dict.fromkeys(f for _, f in forwards))
+    kernel = kernel_source("torch", roots)
+    own = (
+        [*_TORCH_IMPORTS, "from torch.func import functional_call"]
+        if not dynamic
+        else list(_TORCH_IMPORTS)
+    )
+    decisions.update(
+        fused=fused,
+        fused_kinds=kinds,
+        indexed=any(k in _FUSED_FORWARD for k in kinds),
+        fused_forwards=forwards,
+        imports=merge_imports([*own, *kernel.imports]),
+        kernel_imports=kernel.imports,
+        kernel_source=kernel.body,
+        kernel_names=tuple(sorted(kernel.names)),
+    )
+    return decisions
+
+
+def merge_imports(lines: list[str]) -> tuple[str, ...]:
+    """Import lines merged (one line per module) and sorted: the standard library, then the rest."""
+    plain: set[str] = set()
+    froms: dict[str, list[str]] = {}
+    for line in lines:
+        if line.startswith("import "):
+            plain.add(line.removeprefix("import ").strip())
+        else:
+            module, _, names = line.removeprefix("from ").partition(" import ")
+            for name in names.split(","):
+                if name.strip() not in froms.setdefault(module.strip(), []):
+                    froms[module.strip()].append(name.strip())
+
+    def key(module: str) -> tuple[int, str]:
+        return (0 if module.split(".")[0] in sys.stdlib_module_names else 1, module)
+
+    out = [(key(m), 0, f"import {m}") for m in plain]
+    out += [
+        (key(m), 1, f"from {m} import {', '.join(sorted(n, key=_by_type))}")
+        for m, n in froms.items()
+    ]
+    out.sort(key=lambda item: (item[0][0], item[0][1], item[1]))
+    lines_out, group = [], None
+    for (g, _), _, line in out:
+        if group is not None and g != group:
+            lines_out.append("")
+        lines_out.append(line)
+        group = g
+    return tuple(lines_out)
+
+
+def _by_type(name: str) -> tuple[int, str]:
+    """isort's order of imported names: CONSTANTS, Classes, functions."""
+    return (0 if name.isupper() else 1 if name[:1].isupper() else 2, name)

@@ -24,6 +24,7 @@ from typing import Any
 import jinja2
 
 from .errors import GenerationError
+from .extract import KERNEL_BEGIN, KERNEL_END
 from .layout import Chunking, Layout
 
 __all__ = [
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 #: Version of the template context. Bump on any breaking change to :class:`TemplateContext`.
-CONTEXT_VERSION = 2
+CONTEXT_VERSION = 3
 
 
 def builtin_templates_dir() -> Path:
@@ -125,6 +126,22 @@ class TemplateContext:
     header: tuple[str, ...]  #: provenance comment lines (without ``# ``)
     fusion: Any = None  #: dynamic Torch: a :class:`hypernn_gen.fuse.FusionPlan`, else ``None``
     options: dict[str, Any] = field(default_factory=dict)
+    # -- decisions, computed once in Python (context version 3) --
+    dynamic: bool = False  #: ``mode == "dynamic"``
+    fused: bool = False  #: dynamic Torch with a linear generator: the fused per-sample path
+    padded: bool = False  #: the flat vector has padding between tensors (chunking="tensor")
+    own_condition: bool = False  #: dynamic: a conditioning input other than the first input
+    fused_kinds: tuple[str, ...] = ()  #: kinds of the fused layers, in order, without repeats
+    indexed: bool = False  #: some fused Linear/Conv layer needs index buffers
+    fused_forwards: tuple[tuple[str, str], ...] = ()  #: (kind, kernel forward function)
+    tied: tuple[tuple[str, str], ...] = ()  #: (further name, generated name) of tied tensors
+    excluded: tuple[str, ...] = ()  #: trainable tensors not generated (--include/--exclude)
+    imports: tuple[str, ...] = ()  #: the file's own import lines (specialised part and kernel)
+    kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
+    kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim
+    kernel_names: tuple[str, ...] = ()  #: names the kernel section defines
+    kernel_begin: str = KERNEL_BEGIN  #: the kernel section's first line
+    kernel_end: str = KERNEL_END  #: the kernel section's last line
 
     @property
     def condition_dim(self) -> int | None:

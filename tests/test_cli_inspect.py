@@ -134,7 +134,7 @@ def test_fusion_plan_of_a_torch_target(capsys: pytest.CaptureFixture[str], tmp_p
     """What a generated dynamic file fuses and runs per sample, as its header and FUSED say."""
     out = run_ok(capsys, str(TARGETS / "cnn.py"))
     generated = (ROOT / "generated_examples" / "cnn_torch_dynamic.py").read_text()
-    fused = re.findall(r'FusedLayer\("([^"]*)", "(\w+)", \S+, \S+, (\d+)\)', generated)
+    fused = re.findall(r'\("([^"]*)", "(\w+)", \S+, \S+, (\d+)\),', generated)
     assert len(fused) == 5
     assert fusion_section(out) == [
         [path, "fused", kind + (f" (S={s})" if s != "0" else "")] for path, kind, s in fused

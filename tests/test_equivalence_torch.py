@@ -416,7 +416,7 @@ def test_fused_norms_update_statistics_like_the_runtime(generated) -> None:
     """Fused BatchNorm1d (after fused Embedding and LayerNorm): each sample normalised alone, and
     the running statistics moved by the mean of the per-sample updates, as the runtime's vmap."""
     module = generated("normed", "dynamic")
-    assert {f.path: f.kind for f in module.FUSED} == {
+    assert {f[0]: f[1] for f in module.FUSED} == {
         "embed": "embedding",
         "norm": "layer_norm",
         "bn": "batch_norm",
@@ -452,8 +452,8 @@ def test_fused_convolutions_match_the_runtime_on_both_paths(
     module = generated("cnn", "dynamic")
     if not grouped:
         monkeypatch.setattr(module, "GROUPED_CONV_LIMIT", 0)
-    assert {f.kind for f in module.FUSED} == {"conv2d", "batch_norm", "linear"}
-    assert max(f.segments for f in module.FUSED if f.kind == "conv2d") > 1
+    assert {f[1] for f in module.FUSED} == {"conv2d", "batch_norm", "linear"}
+    assert max(f[4] for f in module.FUSED if f[1] == "conv2d") > 1
     _, hyper, runtime = build(module, "cnn", "dynamic")
     hyper.train(), runtime.train()
     x = inputs("cnn", 6)

@@ -495,14 +495,16 @@ def test_condition_batch_must_match_the_input_batch() -> None:
 
 
 def test_dynamic_generation_and_forward_are_batched(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_vmap = runtime_torch.vmap
+    from hypernn_gen.kernel import torch as kernel_torch  # the runtime's per-sample code
+
+    real_vmap = kernel_torch.vmap
     vmap_calls = []
 
     def counting_vmap(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         vmap_calls.append(1)
         return real_vmap(*args, **kwargs)
 
-    monkeypatch.setattr(runtime_torch, "vmap", counting_vmap)
+    monkeypatch.setattr(kernel_torch, "vmap", counting_vmap)
     target = small_mlp()
     hn = TorchHyperNetwork(target, mode="dynamic")
     forwards = []

@@ -29,11 +29,17 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
-from torch.utils import _pytree as pytree
+from torch.func import functional_call
 
 from ..design import check_hidden, design_layout
 from ..errors import HyperNetworkError
+from ..kernel.torch import (
+    decode,
+    flatten_params,
+    run_per_sample,
+    unflatten_params,
+    without_generated,
+)
 from ..layout import Layout
 from ..trace_torch import check_dynamic_support, trace_module
 
@@ -287,22 +293,8 @@ class TorchHyperNetwork(nn.Module):
         generated = self.layout.generated
         self.param_scale = nn.Parameter(torch.tensor([t.init_std for t in generated]))
         self.param_shift = nn.Parameter(torch.tensor([t.init_mean for t in generated]))
-        # Segment sizes covering [0, flat_size): each generated tensor, then any padding.
-        segments, owners, cursor = [], [], 0
-        for i, t in enumerate(generated):
-            if t.offset > cursor:
-                segments.append(t.offset - cursor)
-                owners.append(len(generated))  # padding reads the appended zero
-            segments.append(t.size)
-            owners.append(i)
-            cursor = t.end
-        if self.layout.flat_size > cursor:
-            segments.append(self.layout.flat_size - cursor)
-            owners.append(len(generated))
-        self._segment_sizes: list[int] = segments
-        self._segment_owner: list[int] = owners  # index into layout.generated; len(): padding
-
-        self.target = _strip_generated(target_network, self.layout)
+        paths = {t.path for t in generated} | {".".join(a) for t in generated for a in t.aliases}
+        self.target = without_generated(target_network, paths)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -354,16 +346,9 @@ class TorchHyperNetwork(nn.Module):
         return self._decode(raw[..., : self.layout.flat_size])
 
     def _decode(self, raw: torch.Tensor) -> torch.Tensor:
-        """Per-tensor affine map from the raw vector to the target's parameters, tensor by tensor
-        (padding between tensors, if any, is zero)."""
-        scale = self.param_scale.to(raw.dtype).unbind()
-        shift = self.param_shift.to(raw.dtype).unbind()
-        pieces = raw.split(self._segment_sizes, -1)
-        decoded = [
-            torch.addcmul(shift[i], piece, scale[i]) if i < len(scale) else torch.zeros_like(piece)
-            for i, piece in zip(self._segment_owner, pieces, strict=True)
-        ]
-        return torch.cat(decoded, -1)
+        """Per-tensor affine map from the raw vector to the target's parameters (the kernel's)."""
+        layout = self.layout
+        return decode(raw, self.param_scale, self.param_shift, layout.generated, layout.flat_size)
 
     def _expected_embedding(self, condition: Any) -> tuple[int, ...]:
         shape = (self.num_embeddings, self.embedding_dim)
@@ -375,14 +360,7 @@ class TorchHyperNetwork(nn.Module):
 
     def unflatten_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named tensors (state-dict names) from a flat vector; keeps any leading batch dims."""
-        batch = flat.shape[:-1]
-        pieces = flat.split(self._segment_sizes, -1)  # one split: one node in the backward
-        generated = self.layout.generated
-        return {
-            generated[i].path: piece.reshape(*batch, *generated[i].shape)
-            for i, piece in zip(self._segment_owner, pieces, strict=True)
-            if i < len(generated)
-        }
+        return unflatten_params(flat, self.layout.generated, self.layout.flat_size)
 
     def flatten_params(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The flat vector for named tensors (the inverse of :meth:`unflatten_params`)."""
@@ -393,11 +371,7 @@ class TorchHyperNetwork(nn.Module):
                 f"flatten_params is missing {missing[0]!r} (and {len(missing) - 1} more); pass "
                 "every generated tensor, e.g. dict(target.named_parameters())"
             )
-        first = params[generated[0].path]
-        flat = first.new_zeros(self.layout.flat_size)
-        for t in generated:
-            flat[t.offset : t.end] = params[t.path].detach().reshape(-1)
-        return flat
+        return flatten_params(dict(params), generated, self.layout.flat_size)
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -443,25 +417,7 @@ class TorchHyperNetwork(nn.Module):
                     f"{a.shape[0] if a.dim() else 'none (a scalar)'}; give the target inputs and "
                     "the condition the same leading batch dimension"
                 )
-        in_args = tuple(0 if isinstance(a, torch.Tensor) else None for a in args)
-        buffers = dict(self.target.named_buffers()) if self.training else {}
-        batched = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
-
-        def one_sample(p: dict, b: dict, *xs: Any) -> Any:
-            xs = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in xs)
-            out = functional_call(self.target, {**p, **b}, xs, kwargs, tie_weights=False)
-            return pytree.tree_map(
-                lambda o: o.squeeze(0) if isinstance(o, torch.Tensor) else o, out
-            )
-
-        out = vmap(one_sample, in_dims=(0, 0, *in_args), randomness="different")(
-            params, batched, *args
-        )
-        with torch.no_grad():
-            for name, value in batched.items():
-                mean = value.float().mean(0) if value.is_floating_point() else value[0]
-                buffers[name].copy_(mean.to(buffers[name].dtype))
-        return out
+        return run_per_sample(self.target, params, batch, args, kwargs)
 
     def _check_params(self, flat: torch.Tensor) -> None:
         n = self.layout.flat_size
@@ -484,49 +440,3 @@ class TorchHyperNetwork(nn.Module):
 
 def _first_tensor(args: tuple) -> torch.Tensor | None:
     return next((a for a in args if isinstance(a, torch.Tensor)), None)
-
-
-def _strip_generated(target: nn.Module, layout: Layout) -> nn.Module:
-    """A copy of ``target`` without the tensors the hypernetwork generates.
-
-    The copy is made on the meta device for generated tensors (no memory), then those are
-    removed, so the hypernetwork owns no second copy of the weights.
-    """
-    generated = set()
-    for t in layout.generated:
-        generated.add(t.path)
-        generated.update(".".join(a) for a in t.aliases)
-    memo = {}
-    for name, p in target.named_parameters(remove_duplicate=False):
-        if name in generated:
-            memo[id(p)] = nn.Parameter(torch.empty(0, device="meta"))
-    import copy
-
-    clone = copy.deepcopy(target, memo)
-    for name in sorted(generated):
-        *parents, leaf = name.split(".")
-        owner = clone.get_submodule(".".join(parents))
-        owner._parameters.pop(leaf, None)
-    if next(clone.parameters(), None) is None:
-        # Libraries read the module's dtype/device from its first parameter (transformers'
-        # ``self.dtype``, diffusers' ``self.device``, ``next(self.parameters())``): keep a frozen
-        # zero-size one in the generated tensors' dtype; ``.to()`` moves it with the module.
-        dtype = getattr(torch, layout.generated[0].dtype)
-        clone.register_parameter(
-            _ANCHOR, nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
-        )
-        # ... kept out of state dicts, so they stay the target's own
-        clone._register_state_dict_hook(_drop_anchor)
-        clone._register_load_state_dict_pre_hook(_add_anchor, with_module=True)
-    return clone
-
-
-_ANCHOR = "_hypernn_anchor"
-
-
-def _drop_anchor(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
-    state.pop(prefix + _ANCHOR, None)
-
-
-def _add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
-    state.setdefault(prefix + _ANCHOR, getattr(module, _ANCHOR).detach())

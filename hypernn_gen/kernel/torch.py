@@ -1,0 +1,512 @@
+"""The target-independent code of Torch hypernetworks (runtime and generated files).
+
+A layout is passed in, never read from a global: ``generated`` is a sequence of slices with
+``path``, ``shape``, ``offset`` and ``size`` (the generated file's ``GENERATED``, the runtime's
+``layout.generated``), ``flat_size`` the length of the flat vector.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.nn import functional as F
+from torch.utils import _pytree as pytree
+
+
+def check_layout(
+    target_network: nn.Module, generated: tuple, excluded: frozenset[str] = frozenset()
+) -> None:
+    """Refuse a target whose trainable parameters differ from the generated layout."""
+    found = [
+        (name, tuple(p.shape))
+        for name, p in target_network.named_parameters()
+        if p.requires_grad and name not in excluded
+    ]
+    expected = [(p.path, tuple(p.shape)) for p in generated]
+    if found != expected:
+        diff = next(
+            (f"{e} != {f}" for e, f in zip(expected, found, strict=False) if e != f),
+            f"{len(expected)} generated tensors expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); regenerate the file for the new target"
+        )
+
+
+def without_generated(target_network: nn.Module, paths: set[str]) -> nn.Module:
+    """A copy of the target that keeps its state but not the tensors in ``paths`` (the
+    generated ones, under every name)."""
+    memo = {
+        id(p): None
+        for name, p in target_network.named_parameters(remove_duplicate=False)
+        if name in paths
+    }
+    clone = copy.deepcopy(target_network, memo)
+    dtype = next((p.dtype for n, p in target_network.named_parameters() if n in paths), None)
+    for path in sorted(paths):
+        owner, _, leaf = path.rpartition(".")
+        clone.get_submodule(owner)._parameters.pop(leaf, None)
+    if dtype is not None and next(clone.parameters(), None) is None:
+        # Libraries read a module's dtype/device from its first parameter (transformers'
+        # ``self.dtype``, diffusers' ``self.device``, ``next(self.parameters())``): keep a frozen
+        # zero-size one in the generated tensors' dtype, which ``.to()`` moves with the module,
+        # kept out of state dicts so that they stay the target's own.
+        anchor = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        clone.register_parameter(ANCHOR, anchor)
+        clone._register_state_dict_hook(drop_anchor)
+        clone._register_load_state_dict_pre_hook(add_anchor, with_module=True)
+    return clone
+
+
+ANCHOR = "_hypernn_anchor"  #: the zero-size parameter of a target whose tensors are all generated
+
+
+def drop_anchor(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    state.pop(prefix + ANCHOR, None)
+
+
+def add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    state.setdefault(prefix + ANCHOR, getattr(module, ANCHOR).detach())
+
+
+def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
+    """The pieces covering ``[0, flat_size)``: their sizes, and the index in ``generated`` each
+    belongs to (``len(generated)``: padding between tensors, chunking="tensor")."""
+    sizes, owners, end = [], [], 0
+    for i, p in enumerate(generated):
+        if p.offset > end:
+            sizes.append(p.offset - end)
+            owners.append(len(generated))
+        sizes.append(p.size)
+        owners.append(i)
+        end = p.offset + p.size
+    if flat_size > end:
+        sizes.append(flat_size - end)
+        owners.append(len(generated))
+    return sizes, owners
+
+
+def decode(
+    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+) -> Tensor:
+    """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
+    (leading batch dimensions are kept; padding between tensors is 0)."""
+    scale = param_scale.to(raw.dtype).unbind()
+    shift = param_shift.to(raw.dtype).unbind()
+    sizes, owners = segments(generated, flat_size)
+    pieces = raw.split(sizes, -1)
+    decoded = [
+        torch.addcmul(shift[i], piece, scale[i]) if i < len(scale) else torch.zeros_like(piece)
+        for i, piece in zip(owners, pieces, strict=True)
+    ]
+    return torch.cat(decoded, -1)
+
+
+def unflatten_params(
+    flat: Tensor, generated: tuple, flat_size: int, tied: dict[str, str] | None = None
+) -> dict[str, Tensor]:
+    """Named tensors from a flat vector (leading batch dimensions are kept); ``tied`` maps each
+    further name of a tied tensor to the generated one."""
+    batch = flat.shape[:-1]
+    sizes, owners = segments(generated, flat_size)
+    pieces = flat.split(sizes, -1)  # one split: one node in the backward
+    params = {
+        generated[i].path: piece.reshape((*batch, *generated[i].shape))
+        for i, piece in zip(owners, pieces, strict=True)
+        if i < len(generated)
+    }
+    params.update({alias: params[path] for alias, path in (tied or {}).items()})
+    return params
+
+
+def flatten_params(params: dict[str, Tensor], generated: tuple, flat_size: int) -> Tensor:
+    """The flat vector for named tensors, e.g. ``dict(target.named_parameters())``."""
+    missing = [p.path for p in generated if p.path not in params]
+    if missing:
+        raise ValueError(
+            f"flatten_params is missing {missing[0]!r} (and {len(missing) - 1} more); pass "
+            "every generated tensor, e.g. dict(target.named_parameters())"
+        )
+    flat = params[generated[0].path].new_zeros(flat_size)
+    for p in generated:
+        flat[p.offset : p.offset + p.size] = params[p.path].detach().reshape(-1)
+    return flat
+
+
+@torch.no_grad()
+def reset_decoder(param_scale: Tensor, param_shift: Tensor, generated: tuple) -> None:
+    """``param_scale``/``param_shift`` back to each tensor's init std/mean, in place."""
+    param_scale.copy_(torch.tensor([p.init_std for p in generated], device=param_scale.device))
+    param_shift.copy_(torch.tensor([p.init_mean for p in generated], device=param_shift.device))
+
+
+def check_condition(condition: Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse a conditioning input that is not ``(batch, *shape)`` (up to flattening)."""
+    if condition.dim() == 0 or condition[0].numel() != math.prod(shape):
+        raise ValueError(
+            f"the condition has shape {tuple(condition.shape)}, this hypernetwork was "
+            f"generated for (batch, *{shape}); pass condition=... to forward"
+        )
+
+
+def check_batch(args: tuple, batch: int) -> None:
+    """Refuse a tensor input whose leading dimension is not the number of weight sets."""
+    for i, x in enumerate(args):
+        if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != batch):
+            raise ValueError(
+                f"{batch} weight sets but input {i} has shape {tuple(x.shape)}; give the "
+                "inputs and the condition the same leading batch dimension"
+            )
+
+
+def run_per_sample(
+    module: nn.Module, params: dict[str, Tensor], batch: int, args: tuple, kwargs: dict
+) -> Any:
+    """Sample b through ``module`` alone with ``params[...][b]``, batched with vmap.
+
+    Inputs with the batch first are split per sample; others (positions, masks) are shared.
+    In training each sample gets its own copy of the module's buffers (BatchNorm statistics)
+    and their mean is written back.
+    """
+    buffers = dict(module.named_buffers()) if module.training else {}
+    copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
+    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch for x in args]
+
+    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
+        xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
+        out = functional_call(module, {**p, **b}, xs, kwargs, tie_weights=False)
+        if not any(batched):
+            return out
+        return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
+
+    in_dims = (0, 0, *(0 if split else None for split in batched))
+    output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
+    with torch.no_grad():
+        for name, value in copies.items():
+            mean = value.float().mean(0) if value.is_floating_point() else value[0]
+            buffers[name].copy_(mean.to(buffers[name].dtype))
+    return output
+
+
+# -- Fused per-sample layers: per-sample outputs without per-sample weights --
+#
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // chunk_dim] * g0[p] + bg[p % chunk_dim])
+# (s: per-sample embedding scales, g0: the generator applied to the shared table, bg: its bias).
+# For a Linear/Conv layer whose output row o spans the chunks first(o) .. first(o) + S - 1,
+# S + 1 shared GEMMs/convolutions (one per segment, one for the bias part) and a per-sample
+# weighted sum over the S segments give exactly the per-sample outputs. Norm layers normalise the
+# whole batch (each sample by its own statistics) and apply each sample's weight and bias; an
+# Embedding computes just the rows it looks up. Other modules that own generated tensors or
+# buffers run per sample (vmap) with just their own tensors materialised.
+
+
+class FusedLayer(NamedTuple):
+    """A layer computed from shared weights: its module path, its kind, the indices of its
+    weight and bias in the layout (None: the layer keeps its own), and S for Linear/Conv."""
+
+    path: str
+    kind: str
+    weight: int | None
+    bias: int | None
+    segments: int
+
+
+class Shared(NamedTuple):
+    """One batch's generation inputs: per-sample chunk scales and what all samples share."""
+
+    scales: Tensor  # (batch, num_embeddings)
+    g0: tuple[Tensor, ...]  # per generated tensor, flat: g0 at its positions
+    bias: tuple[Tensor, ...]  # per generated tensor, flat: bg at its positions
+    param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
+    param_shift: tuple[Tensor, ...]
+    generated: tuple  # the layout
+    chunk_dim: int
+
+    def raw(self, i: int, coeff: Tensor) -> Tensor:
+        """Tensor i's values for every sample, ``(batch, size)``, given the scale of the
+        chunk each value lies in, ``(batch, size)``."""
+        raw = torch.addcmul(self.bias[i], coeff, self.g0[i])
+        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw)
+
+    def materialise(self, i: int) -> Tensor:
+        """Tensor i for every sample, ``(batch, *shape)``."""
+        p, chunk_dim = self.generated[i], self.chunk_dim
+        first, last = p.offset // chunk_dim, (p.offset + p.size - 1) // chunk_dim
+        start = p.offset - first * chunk_dim
+        scales = self.scales[:, first : last + 1, None].expand(-1, -1, chunk_dim).flatten(1)
+        return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
+
+
+def shared_inputs(
+    hypernetwork: nn.Module, condition: Tensor, generated: tuple, flat_size: int
+) -> Shared:
+    """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
+    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``.
+    """
+    embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
+    g0 = F.linear(embedding.weight, generator.weight)
+    bias = generator.bias.expand(embedding.weight.shape[0], -1)
+    sizes = [p.size for p in generated]
+    return Shared(
+        scales=embedding.scales(condition),
+        g0=g0.view(-1)[:flat_size].split(sizes),  # one split: one node in the backward
+        bias=bias.reshape(-1)[:flat_size].split(sizes),
+        param_scale=hypernetwork.param_scale.unbind(),
+        param_shift=hypernetwork.param_shift.unbind(),
+        generated=generated,
+        chunk_dim=g0.shape[1],
+    )
+
+
+def run_fused(
+    target: nn.Module, swapped: tuple[nn.Module, ...], shared: Shared, args: tuple, kwargs: dict
+) -> Any:
+    """The target on the whole batch, its swapped modules computing per-sample outputs."""
+    for module in swapped:
+        module.hyper_shared = shared
+    try:
+        return target(*args, **kwargs)
+    finally:
+        for module in swapped:
+            module.hyper_shared = None
+
+
+class FusedIndex(nn.Module):
+    """Constant index tensors of one fused Linear/Conv layer (non-persistent buffers)."""
+
+    def __init__(
+        self, layer: FusedLayer, generated: tuple, chunk_dim: int, num_embeddings: int
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.generated, self.chunk_dim, self.num_embeddings = generated, chunk_dim, num_embeddings
+        for name, value in self.indices().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
+        """The index tensors, computed from the layout alone: ``chunk``, the chunk of each
+        (segment, row) and of each bias value; if S > 1, ``mask[j]``, which weights lie in
+        segment ``j`` of their row."""
+        p, segments, chunk_dim = (
+            self.generated[self.layer.weight],
+            self.layer.segments,
+            self.chunk_dim,
+        )
+        pos = p.offset + torch.arange(p.size, device=device).view(p.shape[0], -1)
+        first = pos[:, 0] // chunk_dim
+        chunk = first[None, :] + torch.arange(segments, device=device)[:, None]
+        segment = pos // chunk_dim - first[:, None]
+        chunks = [chunk.clamp(max=self.num_embeddings - 1).flatten()]
+        if self.layer.bias is not None:  # then the chunk of each bias value
+            b = self.generated[self.layer.bias]
+            chunks.append(torch.arange(b.offset, b.offset + b.size, device=device) // chunk_dim)
+        indices = {"chunk": torch.cat(chunks)}
+        if segments > 1:
+            segment = segment.view(p.shape)
+            steps = torch.arange(segments, device=device).view(-1, *(1,) * len(p.shape))
+            indices["mask"] = segment[None] == steps
+        return indices
+
+    def _init_buffers(self) -> None:
+        """Compute the buffers again, in place (``to_empty`` leaves them uninitialised)."""
+        for name, value in self.indices(self.chunk.device).items():
+            getattr(self, name).copy_(value)
+
+    def coefficients(self, shared: Shared) -> Tensor:
+        """Each sample's chunk scale for every segment (and bias value), ``(batch, S (+ 1), out)``."""
+        out = self.generated[self.layer.weight].shape[0]
+        return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
+
+
+# A convolution repeats each weight over every output position, so S + 1 shared convolutions
+# cost S + 1 times the layer's own. Up to this many values (batch x kernel size), each sample's
+# kernel is built instead and the batch runs as one grouped convolution, at the layer's own cost;
+# above it, the shared convolutions keep batch x kernel values out of memory.
+GROUPED_CONV_LIMIT = 1 << 22
+
+
+def grouped_conv(self: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """Sample b through the convolution with kernel ``weight[b]`` (no bias): one convolution
+    with ``groups=batch`` over the batch folded into the channels."""
+    batch = x.shape[0]
+    conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
+    folded = x.reshape(1, -1, *x.shape[2:])
+    y = conv(folded, weight.flatten(0, 1), None, self.stride, self.padding, self.dilation, batch)
+    return y.view(batch, -1, *y.shape[2:])
+
+
+def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated).
+
+    With W_b = shift + scale * (sum_j c_j[b] * M_j + BG) (M_j: g0 on segment j of every row, BG:
+    the generator's bias at each weight's position), y_b = shift * (1 x_b) + scale * (sum_j
+    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, and 1 x_b (a sum over the inputs).
+    """
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    index: FusedIndex = self.hyper_index[0]
+    i, s = index.layer.weight, index.layer.segments
+    p = shared.generated[i]
+    g0, bias = shared.g0[i].view(p.shape), shared.bias[i].view(p.shape)  # views, no copies
+    linear = isinstance(self, nn.Linear)  # (batch, ..., in) or (batch, in, *spatial)
+    if linear:
+        channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
+    else:
+        channel_shape = (x.shape[0], -1, *(1,) * (x.dim() - 2))
+
+    def apply(weight: Tensor) -> Tensor:  # the layer's own operation with a shared weight
+        return F.linear(x, weight) if linear else self._conv_forward(x, weight, None)
+
+    if not linear and x.shape[0] * p.size <= GROUPED_CONV_LIMIT:
+        y = grouped_conv(self, x, shared.materialise(i))
+        if index.layer.bias is not None:
+            return y + shared.materialise(index.layer.bias).view(channel_shape)
+        return y if self.bias is None else y + self.bias.view(-1, *channel_shape[2:])
+    coeff = index.coefficients(shared)
+    segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
+    y = apply(bias)
+    for j, segment in enumerate(segments):
+        y = y + apply(segment) * coeff[:, j].view(channel_shape)
+    ones = x.sum(-1, keepdim=True) if linear else apply(g0.new_ones(1, *p.shape[1:]))  # 1 x
+    y = shared.param_shift[i] * ones + shared.param_scale[i] * y
+    if index.layer.bias is not None:  # each value's chunk scale is the last row of coeff
+        return y + shared.raw(index.layer.bias, coeff[:, s]).view(channel_shape)
+    if self.bias is not None:
+        return y + self.bias.view(channel_shape[1:] if linear else (-1, *channel_shape[2:]))
+    return y
+
+
+def affine(self: nn.Module, shared: Shared, y: Tensor, channel_shape: tuple[int, ...]) -> Tensor:
+    """``y * weight + bias`` with each sample's own generated weight and bias (or the module's)."""
+    layer: FusedLayer = self.hyper_layer
+    weight = (
+        self.weight
+        if layer.weight is None
+        else shared.materialise(layer.weight).view(channel_shape)
+    )
+    bias = self.bias if layer.bias is None else shared.materialise(layer.bias).view(channel_shape)
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
+def batch_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a BatchNorm layer: every sample normalised as a batch of one, as it would be
+    alone (its own statistics in training, which update the running ones by their mean over the
+    batch), then scaled and shifted by its own generated weight and bias."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    self._check_input_dim(x)
+    track = self.training and self.track_running_stats
+    if self.training or self.running_mean is None:  # a batch of one: per-sample statistics
+        if x.dim() == 2 or x.shape[2:].numel() == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{(1, *x.shape[1:])} per sample; in dynamic mode every sample is normalised alone"
+            )
+        y = F.instance_norm(x, eps=self.eps)
+    else:
+        y = F.batch_norm(x, self.running_mean, self.running_var, eps=self.eps)
+    if track and self.num_batches_tracked is not None:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum
+            if factor is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+            if self.running_mean is not None:  # two passes: torch.var is slow on short rows
+                flat = x.flatten(2)
+                mean = flat.mean(-1, keepdim=True)
+                var = (flat - mean).square().sum(-1) / (flat.shape[-1] - 1)  # unbiased, as BN
+                self.running_mean.mul_(1.0 - factor).add_(mean.squeeze(-1).mean(0), alpha=factor)
+                self.running_var.mul_(1.0 - factor).add_(var.mean(0), alpha=factor)
+    return affine(self, shared, y, (x.shape[0], -1, *(1,) * (x.dim() - 2)))
+
+
+def layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a LayerNorm: normalise, then each sample's own generated weight and bias."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    y = F.layer_norm(x, self.normalized_shape, eps=self.eps)
+    ones = (1,) * (x.dim() - 1 - len(self.normalized_shape))
+    return affine(self, shared, y, (x.shape[0], *ones, *self.normalized_shape))
+
+
+def embedding_forward(self: nn.Module, ids: Tensor) -> Tensor:
+    """forward() of an Embedding: each looked-up row read from its sample's generated table,
+    computed for the looked-up entries only."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, ids)
+    i = self.hyper_layer.weight
+    p = shared.generated[i]
+    if ids.numel() and (ids.min() < 0 or ids.max() >= p.shape[0]):
+        raise IndexError(f"index out of range in self: ids must lie in [0, {p.shape[0]})")
+    pos = ids.unsqueeze(-1) * p.shape[1] + torch.arange(p.shape[1], device=ids.device)
+    sample = torch.arange(ids.shape[0], device=ids.device).view(-1, *(1,) * (pos.dim() - 1))
+    coeff = shared.scales[sample, (p.offset + pos) // shared.chunk_dim]
+    raw = torch.addcmul(shared.bias[i][pos], coeff, shared.g0[i][pos])
+    return torch.addcmul(shared.param_shift[i], shared.param_scale[i], raw)
+
+
+def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """forward() of a module run per sample with its own generated tensors materialised."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, *args, **kwargs)
+    params = {name: shared.materialise(i) for name, i in self.hyper_params}
+    self.hyper_shared = None  # inside, the module's own forward runs
+    try:
+        return run_per_sample(self, params, shared.scales.shape[0], args, kwargs)
+    finally:
+        self.hyper_shared = shared
+
+
+def install_fusion(
+    target: nn.Module,
+    fused: tuple[tuple, ...],
+    forwards: dict[str, Any],
+    per_sample: tuple[str, ...],
+    generated: tuple,
+    tied: dict[str, str],
+    chunk_dim: int,
+    num_embeddings: int,
+) -> tuple[nn.ModuleList, tuple[nn.Module, ...]]:
+    """Swap the forward of fused and per-sample modules (their state and names are unchanged):
+    ``forwards[kind]`` for each fused layer (a :class:`FusedLayer` tuple), :func:`per_sample_forward`
+    for each module in ``per_sample``, which reads the generated tensors below it (under every
+    name, ``tied``). Returns the index buffers of the Linear/Conv layers and the swapped modules."""
+    swapped, indices = [], nn.ModuleList()
+    for layer in map(FusedLayer._make, fused):
+        module = target.get_submodule(layer.path)
+        kind = type(
+            f"Fused{type(module).__name__}", (type(module),), {"forward": forwards[layer.kind]}
+        )
+        module.__class__ = kind
+        module.hyper_layer = layer
+        if layer.segments:
+            indices.append(FusedIndex(layer, generated, chunk_dim, num_embeddings))
+            module.hyper_index = (indices[-1],)
+        swapped.append(module)
+    names = {p.path: i for i, p in enumerate(generated)}
+    names.update({alias: names[path] for alias, path in tied.items()})
+    for path in per_sample:
+        module = target.get_submodule(path)
+        forward = {"forward": per_sample_forward}
+        module.__class__ = type(f"PerSample{type(module).__name__}", (type(module),), forward)
+        prefix = f"{path}." if path else ""
+        module.hyper_params = tuple(
+            (n[len(prefix) :], i) for n, i in names.items() if n.startswith(prefix)
+        )
+        swapped.append(module)
+    for module in swapped:
+        module.hyper_shared = None
+    return indices, tuple(swapped)
