@@ -220,10 +220,31 @@ def without_generated(target_network: nn.Module, paths: set[str]) -> nn.Module:
         if name in paths
     }
     clone = copy.deepcopy(target_network, memo)
+    dtype = next((p.dtype for n, p in target_network.named_parameters() if n in paths), None)
     for path in sorted(paths):
         owner, _, leaf = path.rpartition(".")
         clone.get_submodule(owner)._parameters.pop(leaf, None)
+    if dtype is not None and next(clone.parameters(), None) is None:
+        # Libraries read a module's dtype/device from its first parameter (transformers'
+        # ``self.dtype``, diffusers' ``self.device``, ``next(self.parameters())``): keep a frozen
+        # zero-size one in the generated tensors' dtype, which ``.to()`` moves with the module,
+        # kept out of state dicts so that they stay the target's own.
+        anchor = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        clone.register_parameter(ANCHOR, anchor)
+        clone._register_state_dict_hook(drop_anchor)
+        clone._register_load_state_dict_pre_hook(add_anchor, with_module=True)
     return clone
+
+
+ANCHOR = "_hypernn_anchor"  #: the zero-size parameter of a target whose tensors are all generated
+
+
+def drop_anchor(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    state.pop(prefix + ANCHOR, None)
+
+
+def add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    state.setdefault(prefix + ANCHOR, getattr(module, ANCHOR).detach())
 
 
 def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
@@ -268,7 +289,7 @@ def unflatten_params(
     sizes, owners = segments(generated, flat_size)
     pieces = flat.split(sizes, -1)  # one split: one node in the backward
     params = {
-        generated[i].path: piece.reshape(*batch, *generated[i].shape)
+        generated[i].path: piece.reshape((*batch, *generated[i].shape))
         for i, piece in zip(owners, pieces, strict=True)
         if i < len(generated)
     }
@@ -308,4 +329,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=096df7732dc134a9990a7cf791edbfde22acb4cca13ddaa183fd778ea7c9552f
+# hypernn-gen: sha256=7d58298018da9144921a832ebc0dae4e055001ea9d3b7867430be02eafd57cb2

@@ -189,10 +189,31 @@ def without_generated(target_network: nn.Module, paths: set[str]) -> nn.Module:
         if name in paths
     }
     clone = copy.deepcopy(target_network, memo)
+    dtype = next((p.dtype for n, p in target_network.named_parameters() if n in paths), None)
     for path in sorted(paths):
         owner, _, leaf = path.rpartition(".")
         clone.get_submodule(owner)._parameters.pop(leaf, None)
+    if dtype is not None and next(clone.parameters(), None) is None:
+        # Libraries read a module's dtype/device from its first parameter (transformers'
+        # ``self.dtype``, diffusers' ``self.device``, ``next(self.parameters())``): keep a frozen
+        # zero-size one in the generated tensors' dtype, which ``.to()`` moves with the module,
+        # kept out of state dicts so that they stay the target's own.
+        anchor = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        clone.register_parameter(ANCHOR, anchor)
+        clone._register_state_dict_hook(drop_anchor)
+        clone._register_load_state_dict_pre_hook(add_anchor, with_module=True)
     return clone
+
+
+ANCHOR = "_hypernn_anchor"  #: the zero-size parameter of a target whose tensors are all generated
+
+
+def drop_anchor(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    state.pop(prefix + ANCHOR, None)
+
+
+def add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    state.setdefault(prefix + ANCHOR, getattr(module, ANCHOR).detach())
 
 
 def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
@@ -237,7 +258,7 @@ def unflatten_params(
     sizes, owners = segments(generated, flat_size)
     pieces = flat.split(sizes, -1)  # one split: one node in the backward
     params = {
-        generated[i].path: piece.reshape(*batch, *generated[i].shape)
+        generated[i].path: piece.reshape((*batch, *generated[i].shape))
         for i, piece in zip(owners, pieces, strict=True)
         if i < len(generated)
     }
@@ -277,4 +298,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=096943146cf55d60c2bedd2b91250da005bbce9138bae87dc568f1c27ae71953
+# hypernn-gen: sha256=a388fca47c58dbbc91ec73642fa6fa7ab6f27727dc8357ae25e00ecd2a063837
