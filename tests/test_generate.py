@@ -30,7 +30,7 @@ from hypernn_gen import __version__
 from hypernn_gen.cli import main
 from hypernn_gen.config import load_jobs
 from hypernn_gen.errors import GenerationError
-from hypernn_gen.generate import RESERVED_NAMES, GenerateOptions, generate
+from hypernn_gen.generate import RESERVED_NAMES, TORCH_KERNEL_NAMES, GenerateOptions, generate
 from hypernn_gen.runtime.torch import TorchHyperNetwork
 from hypernn_gen.write import DIGEST_PREFIX
 
@@ -522,13 +522,13 @@ def test_check_layout_refuses_a_target_of_another_shape(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"\('0.weight', \(256, 8\)\) != \('0.weight', \(32, 8\)\)"
     ):
-        module.check_layout(other)
+        module.check_layout(other, module.GENERATED)
     with pytest.raises(ValueError, match="regenerate the file for the new target"):
         hypernetwork_class(module)(other)
     fewer = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256))
     with pytest.raises(ValueError, match="5 generated tensors expected, the target has 4"):
-        module.check_layout(fewer)
-    module.check_layout(module.make_target())  # the right shape passes
+        module.check_layout(fewer, module.GENERATED)
+    module.check_layout(module.make_target(), module.GENERATED)  # the right shape passes
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -625,7 +625,7 @@ def test_reserved_names_cover_every_name_the_template_defines(mode: str, work: P
             bound |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
     own = {"Tied", "TiedEmbedding", "TiedWeightGenerator", "TiedHyperNetwork", "example_input"}
     assert "Tied" in bound and "TiedHyperNetwork" in bound
-    assert sorted(bound - own - RESERVED_NAMES) == []
+    assert sorted(bound - own - RESERVED_NAMES - TORCH_KERNEL_NAMES) == []
 
 
 @pytest.mark.parametrize("name", ["TIED", "FUSED", "Shared", "install_fusion"])
