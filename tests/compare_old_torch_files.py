@@ -36,7 +36,7 @@ def compare(old_path: Path, new_path: Path) -> float:
         a.eval(), b.eval()  # dropout draws differ between two modules
     source = new_path.read_text()
     # the __main__ block's inputs line, evaluated in the module's namespace
-    line = next(l.strip() for l in source.splitlines() if l.strip().startswith("inputs = ("))
+    line = next(s.strip() for s in source.splitlines() if s.strip().startswith("inputs = ("))
     torch.manual_seed(1)
     scope = dict(vars(new))
     exec(line, scope)

@@ -524,13 +524,13 @@ def test_check_layout_refuses_a_target_of_another_shape(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"\('0.weight', \(256, 8\)\) != \('0.weight', \(32, 8\)\)"
     ):
-        module.check_layout(other)
+        module.check_layout(other, module.GENERATED)
     with pytest.raises(ValueError, match="regenerate the file for the new target"):
         hypernetwork_class(module)(other)
     fewer = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256))
     with pytest.raises(ValueError, match="5 generated tensors expected, the target has 4"):
-        module.check_layout(fewer)
-    module.check_layout(module.make_target())  # the right shape passes
+        module.check_layout(fewer, module.GENERATED)
+    module.check_layout(module.make_target(), module.GENERATED)  # the right shape passes
 
 
 # -- bad input ------------------------------------------------------------------------------------
