@@ -374,7 +374,7 @@ class TorchHyperNetwork(nn.Module):
         pieces = flat.split(self._segment_sizes, -1)  # one split: one node in the backward
         generated = self.layout.generated
         return {
-            generated[i].path: piece.reshape(*batch, *generated[i].shape)
+            generated[i].path: piece.reshape((*batch, *generated[i].shape))
             for i, piece in zip(self._segment_owner, pieces, strict=True)
             if i < len(generated)
         }

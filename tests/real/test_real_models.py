@@ -147,3 +147,24 @@ def test_one_training_step_gives_finite_nonzero_gradients(name: str) -> None:
     for part in ("embedding_module", "weight_generator"):
         norm = sum(float(g.norm()) for n, g in grads.items() if n.startswith(part))
         assert norm > 0, f"{part} got a zero gradient"
+
+
+def test_a_zero_dimensional_parameter_round_trips() -> None:
+    """``nn.Parameter(torch.tensor(2.0))`` (repro r1): static with its own weights equals it."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.scale
+
+    torch.manual_seed(0)
+    target = Scaled()
+    hn = TorchHyperNetwork(target, mode="static")
+    flat = hn.flatten_params(dict(target.named_parameters()))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(hn(x, generated_params=flat)[0], target(x))
+    assert hn.unflatten_params(flat)["scale"].shape == ()
