@@ -33,8 +33,12 @@ def _ids(*shape: int) -> torch.Tensor:
 
 def bert() -> nn.Module:
     cfg = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     return transformers.BertModel(cfg)
 
@@ -46,15 +50,25 @@ def gpt2() -> nn.Module:
 
 def llama() -> nn.Module:
     cfg = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return transformers.LlamaModel(cfg)
 
 
 def t5() -> nn.Module:
     cfg = transformers.T5Config(
-        vocab_size=100, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+        vocab_size=100,
+        d_model=32,
+        d_ff=64,
+        d_kv=16,
+        num_layers=2,
+        num_heads=2,
         decoder_start_token_id=0,
     )
     return transformers.T5Model(cfg)
@@ -62,9 +76,14 @@ def t5() -> nn.Module:
 
 def unet() -> nn.Module:
     return diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32),
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
     )
 
 
@@ -125,10 +144,14 @@ def test_recorded_init_statistics_match_a_real_build(name: str) -> None:
         std = float(values.std(unbiased=False)) if n > 1 else 0.0
         noise = 6 * math.sqrt(2) / math.sqrt(n)
         assert abs(spec.init_mean - mean) <= std * noise + 1e-6 + 1e-3 * abs(mean), (
-            spec.path, spec.init_mean, mean,
+            spec.path,
+            spec.init_mean,
+            mean,
         )
         assert abs(spec.init_std - std) <= std * (0.05 + noise / math.sqrt(2)) + 1e-6, (
-            spec.path, spec.init_std, std,
+            spec.path,
+            spec.init_std,
+            std,
         )
         checked += 1
     assert checked == len(layout.generated) > 0
