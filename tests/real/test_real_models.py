@@ -33,8 +33,12 @@ def _ids(*shape: int) -> torch.Tensor:
 
 def bert() -> nn.Module:
     cfg = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     return transformers.BertModel(cfg)
 
@@ -46,15 +50,25 @@ def gpt2() -> nn.Module:
 
 def llama() -> nn.Module:
     cfg = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return transformers.LlamaModel(cfg)
 
 
 def t5() -> nn.Module:
     cfg = transformers.T5Config(
-        vocab_size=100, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+        vocab_size=100,
+        d_model=32,
+        d_ff=64,
+        d_kv=16,
+        num_layers=2,
+        num_heads=2,
         decoder_start_token_id=0,
     )
     return transformers.T5Model(cfg)
@@ -62,9 +76,14 @@ def t5() -> nn.Module:
 
 def unet() -> nn.Module:
     return diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32),
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
     )
 
 
@@ -125,10 +144,14 @@ def test_recorded_init_statistics_match_a_real_build(name: str) -> None:
         std = float(values.std(unbiased=False)) if n > 1 else 0.0
         noise = 6 * math.sqrt(2) / math.sqrt(n)
         assert abs(spec.init_mean - mean) <= std * noise + 1e-6 + 1e-3 * abs(mean), (
-            spec.path, spec.init_mean, mean,
+            spec.path,
+            spec.init_mean,
+            mean,
         )
         assert abs(spec.init_std - std) <= std * (0.05 + noise / math.sqrt(2)) + 1e-6, (
-            spec.path, spec.init_std, std,
+            spec.path,
+            spec.init_std,
+            std,
         )
         checked += 1
     assert checked == len(layout.generated) > 0
@@ -147,3 +170,24 @@ def test_one_training_step_gives_finite_nonzero_gradients(name: str) -> None:
     for part in ("embedding_module", "weight_generator"):
         norm = sum(float(g.norm()) for n, g in grads.items() if n.startswith(part))
         assert norm > 0, f"{part} got a zero gradient"
+
+
+def test_a_zero_dimensional_parameter_round_trips() -> None:
+    """``nn.Parameter(torch.tensor(2.0))`` (repro r1): static with its own weights equals it."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.scale
+
+    torch.manual_seed(0)
+    target = Scaled()
+    hn = TorchHyperNetwork(target, mode="static")
+    flat = hn.flatten_params(dict(target.named_parameters()))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(hn(x, generated_params=flat)[0], target(x))
+    assert hn.unflatten_params(flat)["scale"].shape == ()

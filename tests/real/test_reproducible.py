@@ -44,9 +44,21 @@ TARGET = textwrap.dedent(
 def _generate(tmp: Path, name: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "hypernn_gen", "generate", f"{tmp / 'target.py'}:{name}",
-         "-o", out.name, *extra],
-        capture_output=True, text=True, env=env, cwd=tmp, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "hypernn_gen",
+            "generate",
+            f"{tmp / 'target.py'}:{name}",
+            "-o",
+            out.name,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+        timeout=300,
     )
 
 
