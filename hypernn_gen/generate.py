@@ -15,7 +15,7 @@ from pathlib import Path
 from ._version import __version__
 from .design import CHUNKINGS, INIT_SCHEMES, check_hidden, design_layout
 from .errors import GenerationError
-from .extract import extract_target_source
+from .extract import extract_target_source, kernel_source
 from .fuse import FusionPlan, plan_torch_fusion, probe_batch_flow
 from .fuse_flax import plan_linen_fusion, plan_nnx_fusion
 from .layout import Chunking, Layout
@@ -92,6 +92,8 @@ FLAX_RESERVED_NAMES = frozenset(
         "merge_samples",
         "squeeze_sample",
         "concat_flat",
+        "unflatten",  # the Flax kernel (hypernn_gen/kernel/flax.py)
+        "decode",
         # dynamic flax: the fused per-sample path
         "FUSED_KEYS",
         "FUSION",
@@ -362,7 +364,15 @@ def build_context(
         *([f"fusion:   {fusion.summary()}"] if fusion is not None else []),
         f"command:  {command}",
     )
+    kernel = None
+    if loaded.framework != "torch":
+        kernel = kernel_source("flax", flax_kernel_roots(options.mode == "dynamic"))
     return TemplateContext(
+        **(
+            {"kernel_imports": kernel.imports, "kernel_source": kernel.body}
+            if kernel is not None
+            else {}
+        ),
         context_version=CONTEXT_VERSION,
         generator_version=__version__,
         framework=loaded.framework,
@@ -479,3 +489,11 @@ def _meta_module(loaded: LoadedTarget):  # noqa: ANN202
             return loaded.factory()
     except Exception:  # noqa: BLE001 - the tracer already fell back to a real build too
         return loaded.factory()
+
+
+def flax_kernel_roots(dynamic: bool) -> list[str]:
+    """The ``hypernn_gen/kernel/flax.py`` definitions a Linen/NNX file of this mode calls."""
+    roots = ["model_mesh", "split_chunks", "concat_flat", "decode", "unflatten", "check_flat"]
+    if dynamic:
+        roots += ["is_array", "check_batch", "per_sample", "merge_samples", "squeeze_sample"]
+    return roots

@@ -24,6 +24,7 @@ from typing import Any
 import jinja2
 
 from .errors import GenerationError
+from .extract import KERNEL_BEGIN, KERNEL_END
 from .layout import Chunking, Layout
 
 __all__ = [
@@ -121,6 +122,10 @@ class TemplateContext:
     header: tuple[str, ...]  #: provenance comment lines (without ``# ``)
     fusion: Any = None  #: dynamic Torch: a :class:`hypernn_gen.fuse.FusionPlan`, else ``None``
     options: dict[str, Any] = field(default_factory=dict)
+    kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
+    kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim
+    kernel_begin: str = KERNEL_BEGIN  #: the kernel section's first line
+    kernel_end: str = KERNEL_END  #: the kernel section's last line
 
     @property
     def condition_dim(self) -> int | None:
