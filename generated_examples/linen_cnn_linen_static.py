@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # -- Target network (copied from generated_examples/targets/linen_cnn.py) --
 
@@ -95,40 +94,6 @@ class SmallCNNEmbedding(nn.Module):
         return self.param("weight", nn.initializers.normal(1.0), (NUM_EMBEDDINGS, EMBEDDING_DIM))
 
 
-def model_mesh(model_axis: str) -> jax.sharding.AbstractMesh | None:
-    """The mesh set with ``jax.set_mesh``, checked for ``model_axis``; ``None`` without one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    if model_axis not in mesh.shape:
-        raise ValueError(
-            f"the mesh has no axis {model_axis!r} (its axes: {mesh.axis_names}); pass "
-            "model_axis=<one of them> or None"
-        )
-    if mesh.axis_types[mesh.axis_names.index(model_axis)] != jax.sharding.AxisType.Auto:
-        raise ValueError(
-            f"mesh axis {model_axis!r} is not of type Auto; build the mesh with "
-            "jax.sharding.Mesh(devices, names) or "
-            "jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
-        )
-    if CHUNK_DIM % mesh.shape[model_axis]:
-        raise ValueError(
-            f"CHUNK_DIM={CHUNK_DIM} does not split over the {mesh.shape[model_axis]} devices of "
-            f"mesh axis {model_axis!r}; regenerate with --chunk-dim a multiple of "
-            f"{mesh.shape[model_axis]}"
-        )
-    return mesh
-
-
-def split_chunks(x: jax.Array, model_axis: str) -> jax.Array:
-    """``x`` constrained to have its last dimension (``CHUNK_DIM``) split over mesh axis
-    ``model_axis`` (other dimensions: XLA's choice); under ``jax.set_mesh`` only."""
-    spec = jax.sharding.PartitionSpec(
-        *[jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1), model_axis
-    )
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
 class SmallCNNWeightGenerator(nn.Module):
     """Maps each embedding to a chunk of ``CHUNK_DIM`` values: ``(..., EMBEDDING_DIM)`` ->
     ``(..., CHUNK_DIM)``. Linear (``linear``): kernel ~ N(0, 1/EMBEDDING_DIM), zero bias, so the
@@ -150,7 +115,8 @@ class SmallCNNWeightGenerator(nn.Module):
         init = nn.initializers.normal(1.0 / math.sqrt(EMBEDDING_DIM))
         if self.model_axis is None:
             return nn.Dense(CHUNK_DIM, kernel_init=init, name="linear")(embedding)
-        mesh = model_mesh(self.model_axis)  # checked before the annotated params are used
+        # checked before the annotated params are used:
+        mesh = model_mesh(self.model_axis, CHUNK_DIM)
         kernel_init = nn.with_partitioning(init, (None, self.model_axis))
         bias_init = nn.with_partitioning(nn.initializers.zeros_init(), (self.model_axis,))
         dense = nn.Dense(CHUNK_DIM, kernel_init=kernel_init, bias_init=bias_init, name="linear")
@@ -188,15 +154,7 @@ def check_layout(
 def unflatten_params(flat: jax.Array) -> dict[str, Any]:
     """The target's ``params`` tree from a flat vector ``(..., FLAT_SIZE)``; leading batch
     dimensions are kept (``(batch, FLAT_SIZE)`` gives leaves ``(batch, *shape)``)."""
-    batch = flat.shape[:-1]
-    params: dict[str, Any] = {}
-    for p in GENERATED:
-        node = params
-        for key in p.keys[:-1]:
-            node = node.setdefault(key, {})
-        leaf = flat[..., p.offset : p.offset + p.size]
-        node[p.keys[-1]] = leaf.reshape(*batch, *p.shape).astype(p.dtype)
-    return params
+    return unflatten(flat, GENERATED)
 
 
 def flatten_params(params: Any) -> jax.Array:
@@ -208,17 +166,7 @@ def flatten_params(params: Any) -> jax.Array:
             leaf = leaf[key]
         leaf = jnp.asarray(leaf)
         pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(p.shape)], -1))
-    return jnp.concatenate(pieces, axis=-1)
-
-
-def check_flat(generated_params: jax.Array) -> None:
-    """``generated_params`` must be ``(FLAT_SIZE,)``."""
-    shape = tuple(generated_params.shape)
-    if len(shape) != 1 or shape[-1] != FLAT_SIZE:
-        raise ValueError(
-            f"generated_params has shape {shape}, expected ({FLAT_SIZE},); build it "
-            "with flatten_params()"
-        )
+    return concat_flat(pieces, [p.offset for p in GENERATED], FLAT_SIZE)
 
 
 class SmallCNNHyperNetwork(nn.Module):
@@ -258,13 +206,7 @@ class SmallCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
-        scale, shift = self.param_scale.astype(raw.dtype), self.param_shift.astype(raw.dtype)
-        pieces = [
-            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
-            for i, p in enumerate(GENERATED)
-        ]
-        return jnp.concatenate(pieces, axis=-1)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
 
     @nn.compact
     def __call__(
@@ -298,7 +240,7 @@ class SmallCNNHyperNetwork(nn.Module):
         if generated_params is None or initializing:  # init creates the generator's parameters
             flat = self.generate_params()
         if generated_params is not None:
-            check_flat(generated_params)
+            check_flat(generated_params, FLAT_SIZE, dynamic=False)
             flat = generated_params
 
         params = unflatten_params(flat)
@@ -315,6 +257,107 @@ class SmallCNNHyperNetwork(nn.Module):
         return out, flat
 
 
+# -- hypernn-gen kernel 1
+# Target-independent code, copied verbatim from hypernn_gen/kernel/flax.py: layout constants
+# (GENERATED, FLAT_SIZE, CHUNK_DIM) are passed in as arguments.
+
+
+def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
+    """The mesh set with ``jax.set_mesh`` (an ``AbstractMesh``), checked for ``model_axis``;
+    ``None`` without one (then ``model_axis`` annotates but splits nothing)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    if model_axis not in mesh.shape:
+        raise error(
+            f"the mesh has no axis {model_axis!r} (its axes: {mesh.axis_names}); pass "
+            "model_axis=<one of them> or None"
+        )
+    if mesh.axis_types[mesh.axis_names.index(model_axis)] != jax.sharding.AxisType.Auto:
+        raise error(
+            f"mesh axis {model_axis!r} is not of type Auto; build the mesh with "
+            "jax.sharding.Mesh(devices, names) or "
+            "jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
+        )
+    size = mesh.shape[model_axis]
+    if chunk_dim % size:
+        raise error(
+            f"the chunk size {chunk_dim} does not split over the {size} devices of mesh axis "
+            f"{model_axis!r}; use a chunk size that is a multiple of {size} (runtime: "
+            "chunk_dim=..., generated file: regenerate with --chunk-dim)"
+        )
+    return mesh
+
+
+def split_chunks(x: jax.Array, model_axis: str) -> jax.Array:
+    """``x`` constrained to have its last dimension split over mesh axis ``model_axis`` (the
+    other dimensions: XLA's choice); only under ``jax.set_mesh``."""
+    unconstrained = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.PartitionSpec(*unconstrained, model_axis)
+    )
+
+
+def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> jax.Array:
+    """Pieces ``(..., size)`` starting at ``offsets`` (ascending), concatenated into
+    ``(..., flat_size)`` with zeros in the gaps (``chunking="tensor"`` pads between tensors)."""
+    batch, dtype = pieces[0].shape[:-1], pieces[0].dtype
+    out, end = [], 0
+    for offset, piece in zip(offsets, pieces, strict=True):
+        if offset > end:
+            out.append(jnp.zeros((*batch, offset - end), dtype))
+        out.append(piece)
+        end = offset + piece.shape[-1]
+    if flat_size > end:
+        out.append(jnp.zeros((*batch, flat_size - end), dtype))
+    return jnp.concatenate(out, axis=-1)
+
+
+def decode(
+    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+) -> jax.Array:
+    """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
+
+    ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
+    tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    """
+    scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
+    pieces = [
+        shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
+    ]
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def unflatten(flat: jax.Array, tensors: Any) -> dict:
+    """The generated tensors as a nested dict keyed by each tensor's ``keys``, from ``flat`` of
+    shape ``(..., flat_size)``; leading batch dims are kept, leaves cast to the tensor's dtype."""
+    batch = flat.shape[:-1]
+    tree: dict = {}
+    for t in tensors:
+        node = tree
+        for key in t.keys[:-1]:
+            node = node.setdefault(key, {})
+        leaf = flat[..., t.offset : t.offset + t.size]
+        node[t.keys[-1]] = leaf.reshape(*batch, *t.shape).astype(t.dtype)
+    return tree
+
+
+def check_flat(
+    flat: Any, flat_size: int, dynamic: bool, error: type[Exception] = ValueError
+) -> None:
+    """``generated_params`` must be ``(flat_size,)`` (static) or ``(batch, flat_size)``."""
+    shape = tuple(getattr(flat, "shape", ()))
+    if len(shape) != (2 if dynamic else 1) or shape[-1] != flat_size:
+        expected = f"(batch, {flat_size})" if dynamic else f"({flat_size},)"
+        raise error(
+            f"generated_params has shape {shape}, expected {expected}; build it with "
+            "flatten_params()"
+        )
+
+
+# -- end of hypernn-gen kernel
+
+
 if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = SmallCNNHyperNetwork()
@@ -329,4 +372,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=32cd0118e7c1fe57c916092722a41133275bb4b9ec3ba7054d0d00be735e1085
+# hypernn-gen: sha256=0eba7b4491f483acc1915b96d0dc4993df3e64845b36be3d17b9e8a60b3ad7c4

@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 # -- Target network (copied from generated_examples/targets/nnx_transformer.py) --
@@ -181,40 +180,6 @@ class NnxTransformerEmbedding(nnx.Module):
         return self.weight[...]
 
 
-def model_mesh(model_axis: str) -> jax.sharding.AbstractMesh | None:
-    """The mesh set with ``jax.set_mesh``, checked for ``model_axis``; ``None`` without one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    if model_axis not in mesh.shape:
-        raise ValueError(
-            f"the mesh has no axis {model_axis!r} (its axes: {mesh.axis_names}); pass "
-            "model_axis=<one of them> or None"
-        )
-    if mesh.axis_types[mesh.axis_names.index(model_axis)] != jax.sharding.AxisType.Auto:
-        raise ValueError(
-            f"mesh axis {model_axis!r} is not of type Auto; build the mesh with "
-            "jax.sharding.Mesh(devices, names) or "
-            "jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
-        )
-    if CHUNK_DIM % mesh.shape[model_axis]:
-        raise ValueError(
-            f"CHUNK_DIM={CHUNK_DIM} does not split over the {mesh.shape[model_axis]} devices of "
-            f"mesh axis {model_axis!r}; regenerate with --chunk-dim a multiple of "
-            f"{mesh.shape[model_axis]}"
-        )
-    return mesh
-
-
-def split_chunks(x: jax.Array, model_axis: str) -> jax.Array:
-    """``x`` constrained to have its last dimension (``CHUNK_DIM``) split over mesh axis
-    ``model_axis`` (other dimensions: XLA's choice); under ``jax.set_mesh`` only."""
-    spec = jax.sharding.PartitionSpec(
-        *[jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1), model_axis
-    )
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
 class NnxTransformerWeightGenerator(nnx.Module):
     """Maps each embedding to a chunk of ``CHUNK_DIM`` values: ``(..., EMBEDDING_DIM)`` ->
     ``(..., CHUNK_DIM)``. Linear (``linear``): kernel ~ N(0, 1/EMBEDDING_DIM), zero bias, so the
@@ -234,7 +199,8 @@ class NnxTransformerWeightGenerator(nnx.Module):
         init = nnx.initializers.normal(1.0 / math.sqrt(EMBEDDING_DIM))
         bias_init = nnx.initializers.zeros_init()
         if model_axis is not None:
-            eager = model_mesh(model_axis) is not None  # split under a mesh, else metadata only
+            # split under a mesh, else metadata only:
+            eager = model_mesh(model_axis, CHUNK_DIM) is not None
             init = nnx.with_partitioning(init, (None, model_axis), eager_sharding=eager)
             bias_init = nnx.with_partitioning(bias_init, (model_axis,), eager_sharding=eager)
         self.model_axis = model_axis
@@ -244,7 +210,7 @@ class NnxTransformerWeightGenerator(nnx.Module):
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
         raw = self.linear(embedding)
-        if self.model_axis is None or model_mesh(self.model_axis) is None:
+        if self.model_axis is None or model_mesh(self.model_axis, CHUNK_DIM) is None:
             return raw
         return split_chunks(raw, self.model_axis)
 
@@ -299,16 +265,6 @@ def as_params(slots: nnx.State, params: dict[Any, Any]) -> nnx.State:
     return nnx.from_flat_state(flat)
 
 
-def check_flat(generated_params: jax.Array) -> None:
-    """``generated_params`` must be ``(FLAT_SIZE,)``."""
-    shape = tuple(generated_params.shape)
-    if len(shape) != 1 or shape[-1] != FLAT_SIZE:
-        raise ValueError(
-            f"generated_params has shape {shape}, expected ({FLAT_SIZE},); build it "
-            "with flatten_params()"
-        )
-
-
 class NnxTransformerHyperNetwork(nnx.Module):
     """Static hypernetwork: generates the target's ``nnx.Param`` variables.
 
@@ -348,29 +304,13 @@ class NnxTransformerHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        # One slice per tensor: XLA would constant-fold a repeated (FLAT_SIZE,) scale table.
-        scale, shift = self.param_scale[...].astype(raw.dtype), self.param_shift[...].astype(
-            raw.dtype
-        )
-        pieces = [
-            shift[i] + scale[i] * raw[..., p.offset : p.offset + p.size]
-            for i, p in enumerate(GENERATED)
-        ]
-        return jnp.concatenate(pieces, axis=-1)
+        return decode(raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE)
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
         leading batch dimensions are kept (``(batch, FLAT_SIZE)`` gives leaves ``(batch, *shape)``).
         """
-        batch = flat.shape[:-1]
-        params: dict[Any, Any] = {}
-        for p in GENERATED:
-            node = params
-            for key in p.keys[:-1]:
-                node = node.setdefault(key, {})
-            leaf = flat[..., p.offset : p.offset + p.size]
-            node[p.keys[-1]] = leaf.reshape(*batch, *p.shape).astype(p.dtype)
-        return params
+        return unflatten(flat, GENERATED)
 
     def flatten_params(self, params: Any) -> jax.Array:
         """The flat vector ``(..., FLAT_SIZE)`` for ``nnx.state(target, nnx.Param)``, a pure dict
@@ -384,7 +324,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
                 leaf = leaf[key]
             leaf = jnp.asarray(leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf)
             pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(p.shape)], -1))
-        return jnp.concatenate(pieces, axis=-1)
+        return concat_flat(pieces, [p.offset for p in GENERATED], FLAT_SIZE)
 
     def __call__(
         self,
@@ -399,13 +339,114 @@ class NnxTransformerHyperNetwork(nnx.Module):
         """
         if generated_params is None:
             generated_params = self.generate_params()
-        check_flat(generated_params)
+        check_flat(generated_params, FLAT_SIZE, dynamic=False)
         params = self.unflatten_params(generated_params)
         graphdef, slots, rest = nnx.split(self.target, GeneratedSlot, ...)
         module = nnx.merge(graphdef, as_params(slots, params), rest)
         out = module(*inputs, **kwargs)
         nnx.update(self.target, nnx.state(module, nnx.Not(nnx.Param)))  # BatchNorm statistics, rngs
         return out, generated_params
+
+
+# -- hypernn-gen kernel 1
+# Target-independent code, copied verbatim from hypernn_gen/kernel/flax.py: layout constants
+# (GENERATED, FLAT_SIZE, CHUNK_DIM) are passed in as arguments.
+
+
+def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
+    """The mesh set with ``jax.set_mesh`` (an ``AbstractMesh``), checked for ``model_axis``;
+    ``None`` without one (then ``model_axis`` annotates but splits nothing)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    if model_axis not in mesh.shape:
+        raise error(
+            f"the mesh has no axis {model_axis!r} (its axes: {mesh.axis_names}); pass "
+            "model_axis=<one of them> or None"
+        )
+    if mesh.axis_types[mesh.axis_names.index(model_axis)] != jax.sharding.AxisType.Auto:
+        raise error(
+            f"mesh axis {model_axis!r} is not of type Auto; build the mesh with "
+            "jax.sharding.Mesh(devices, names) or "
+            "jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
+        )
+    size = mesh.shape[model_axis]
+    if chunk_dim % size:
+        raise error(
+            f"the chunk size {chunk_dim} does not split over the {size} devices of mesh axis "
+            f"{model_axis!r}; use a chunk size that is a multiple of {size} (runtime: "
+            "chunk_dim=..., generated file: regenerate with --chunk-dim)"
+        )
+    return mesh
+
+
+def split_chunks(x: jax.Array, model_axis: str) -> jax.Array:
+    """``x`` constrained to have its last dimension split over mesh axis ``model_axis`` (the
+    other dimensions: XLA's choice); only under ``jax.set_mesh``."""
+    unconstrained = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.PartitionSpec(*unconstrained, model_axis)
+    )
+
+
+def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> jax.Array:
+    """Pieces ``(..., size)`` starting at ``offsets`` (ascending), concatenated into
+    ``(..., flat_size)`` with zeros in the gaps (``chunking="tensor"`` pads between tensors)."""
+    batch, dtype = pieces[0].shape[:-1], pieces[0].dtype
+    out, end = [], 0
+    for offset, piece in zip(offsets, pieces, strict=True):
+        if offset > end:
+            out.append(jnp.zeros((*batch, offset - end), dtype))
+        out.append(piece)
+        end = offset + piece.shape[-1]
+    if flat_size > end:
+        out.append(jnp.zeros((*batch, flat_size - end), dtype))
+    return jnp.concatenate(out, axis=-1)
+
+
+def decode(
+    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+) -> jax.Array:
+    """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
+
+    ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
+    tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    """
+    scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
+    pieces = [
+        shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
+    ]
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def unflatten(flat: jax.Array, tensors: Any) -> dict:
+    """The generated tensors as a nested dict keyed by each tensor's ``keys``, from ``flat`` of
+    shape ``(..., flat_size)``; leading batch dims are kept, leaves cast to the tensor's dtype."""
+    batch = flat.shape[:-1]
+    tree: dict = {}
+    for t in tensors:
+        node = tree
+        for key in t.keys[:-1]:
+            node = node.setdefault(key, {})
+        leaf = flat[..., t.offset : t.offset + t.size]
+        node[t.keys[-1]] = leaf.reshape(*batch, *t.shape).astype(t.dtype)
+    return tree
+
+
+def check_flat(
+    flat: Any, flat_size: int, dynamic: bool, error: type[Exception] = ValueError
+) -> None:
+    """``generated_params`` must be ``(flat_size,)`` (static) or ``(batch, flat_size)``."""
+    shape = tuple(getattr(flat, "shape", ()))
+    if len(shape) != (2 if dynamic else 1) or shape[-1] != flat_size:
+        expected = f"(batch, {flat_size})" if dynamic else f"({flat_size},)"
+        raise error(
+            f"generated_params has shape {shape}, expected {expected}; build it with "
+            "flatten_params()"
+        )
+
+
+# -- end of hypernn-gen kernel
 
 
 if __name__ == "__main__":
@@ -418,4 +459,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=cc0ea7afd6b812e86df059b969fd479362b183bb5a70c4fa644df11c0344aa4b
+# hypernn-gen: sha256=f4b2075c80e1238f29a926a8077ac3d9b065f70fa79155514313b6d340e504a8

@@ -153,13 +153,13 @@ def test_examples_refuse_other_targets_and_bad_inputs() -> None:
             hypernetwork_class(linen)(Narrower()).init, jax.random.key(0), _normal((1, 8))
         )
     with pytest.raises(ValueError, match=r"generated_params has shape \(3,\), expected \(4992,\)"):
-        linen.check_flat(jnp.zeros(3))
+        linen.check_flat(jnp.zeros(3), linen.FLAT_SIZE, dynamic=False)
 
     dynamic = example("nnx_mlp_nnx_dynamic")
     with pytest.raises(ValueError, match=r"hidden1.bias: \(64,\) expected, found nothing"):
         hypernetwork_class(dynamic)(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
     hn = hypernetwork_class(dynamic)(rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"2 weight sets but input 1 has shape \(3, 8\)"):
+    with pytest.raises(ValueError, match=r"made 2 weight sets \(condition batch 2\) but input 1 has batch size 3"):
         hn(jnp.zeros((2, 8)), jnp.zeros((3, 8)))
     with pytest.raises(ValueError, match=r"the condition has 4 values per sample"):
         hn(jnp.zeros((2, 8)), condition=jnp.zeros((2, 4)))

@@ -159,14 +159,16 @@ def test_model_axis_needs_a_chunk_size_it_splits(results: dict) -> None:
         assert row["type"] == "HyperNetworkError", row
         assert row["message"] == (
             "the chunk size 25 does not split over the 2 devices of mesh axis 'model'; "
-            "pass chunk_dim=<a multiple of 2>"
+            "use a chunk size that is a multiple of 2 (runtime: chunk_dim=..., generated file: "
+            "regenerate with --chunk-dim)"
         )
     for name in ("linen_mlp_linen_static_odd", "nnx_mlp_nnx_static_odd"):  # committed: 71
         (row,) = results[f"error: {name}"]
         assert row["type"] == "ValueError", row
         assert row["message"] == (
-            "CHUNK_DIM=71 does not split over the 2 devices of mesh axis 'model'; "
-            "regenerate with --chunk-dim a multiple of 2"
+            "the chunk size 71 does not split over the 2 devices of mesh axis 'model'; "
+            "use a chunk size that is a multiple of 2 (runtime: chunk_dim=..., generated file: "
+            "regenerate with --chunk-dim)"
         )
     (row,) = results["error: runtime_custom_generator"]
     assert row["type"] == "HyperNetworkError"

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...errors import HyperNetworkError, TraceError
+from ...kernel import flax as fk
 from ...layout import Key, Layout
 
 __all__ = ["flatten_params", "unflatten_params"]
@@ -54,12 +55,7 @@ def unflatten_params(layout: Layout, flat: jax.Array) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _unflatten(layout: Layout, flat: jax.Array) -> dict:
-    batch = flat.shape[:-1]
-    tree: dict = {}
-    for t in layout.generated:
-        leaf = flat[..., t.offset : t.end].reshape(*batch, *t.shape).astype(t.dtype)
-        set_path(tree, t.keys, leaf)
-    return tree
+    return fk.unflatten(flat, layout.generated)
 
 
 def flatten_params(layout: Layout, params: Any) -> jax.Array:
@@ -100,16 +96,7 @@ def _concat(layout: Layout, leaves: list[jax.Array]) -> jax.Array:
 def concat_flat(layout: Layout, pieces: list[jax.Array]) -> jax.Array:
     """One piece per generated tensor, concatenated into ``(..., flat_size)`` with zeros in the
     padding between tensors (``chunking="tensor"``)."""
-    batch, dtype = pieces[0].shape[:-1], pieces[0].dtype
-    out, end = [], 0
-    for t, piece in zip(layout.generated, pieces, strict=True):
-        if t.offset > end:
-            out.append(jnp.zeros((*batch, t.offset - end), dtype))
-        out.append(piece)
-        end = t.end
-    if layout.flat_size > end:
-        out.append(jnp.zeros((*batch, layout.flat_size - end), dtype))
-    return jnp.concatenate(out, axis=-1)
+    return fk.concat_flat(pieces, [t.offset for t in layout.generated], layout.flat_size)
 
 
 def get_path(tree: Any, keys: tuple[Key, ...]) -> Any:
@@ -131,17 +118,8 @@ def set_path(tree: dict, keys: tuple[Key, ...], value: Any) -> None:
 
 @functools.partial(jax.jit, static_argnums=0)
 def decode(layout: Layout, raw: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
-    """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
-
-    ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(num_tensors,)``. Written as one
-    slice per tensor (not ``jnp.repeat`` with a constant index, which XLA would constant-fold
-    into a ``flat_size``-long table at compile time).
-    """
-    scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
-    pieces = [
-        shift[i] + scale[i] * raw[..., t.offset : t.end] for i, t in enumerate(layout.generated)
-    ]
-    return concat_flat(layout, pieces)
+    """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor (the kernel's)."""
+    return fk.decode(raw, scale, shift, layout.generated, layout.flat_size)
 
 
 def condition_dim(shape: tuple[int, ...] | None, dim: int | None) -> int | None:
@@ -197,14 +175,7 @@ def check_embedding(embedding: Any, batch: int | None, num_embeddings: int, dim:
 
 def check_flat(layout: Layout, flat: Any, mode: str) -> None:
     """``generated_params`` must be ``(flat_size,)`` (static) or ``(batch, flat_size)``."""
-    n = layout.flat_size
-    expected = (n,) if mode == "static" else ("batch", n)
-    shape = tuple(getattr(flat, "shape", ()))
-    if len(shape) != len(expected) or shape[-1] != n:
-        raise HyperNetworkError(
-            f"generated_params has shape {shape}, expected {expected} for this {mode} "
-            "hypernetwork; build it with flatten_params()"
-        )
+    fk.check_flat(flat, layout.flat_size, mode == "dynamic", HyperNetworkError)
 
 
 # -- sharding the weight generator's output ------------------------------------------------------
@@ -221,45 +192,20 @@ MODEL_AXIS_CUSTOM = (
 
 
 def model_mesh(model_axis: str, chunk_dim: int) -> Any:
-    """The mesh set with ``jax.set_mesh`` (an ``AbstractMesh``), checked for ``model_axis``;
-    ``None`` without one (then ``model_axis`` annotates but splits nothing)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    if model_axis not in mesh.shape:
-        raise HyperNetworkError(
-            f"the mesh has no axis {model_axis!r} (its axes: {mesh.axis_names}); pass "
-            "model_axis=<one of them> or None"
-        )
-    if mesh.axis_types[mesh.axis_names.index(model_axis)] != jax.sharding.AxisType.Auto:
-        raise HyperNetworkError(
-            f"mesh axis {model_axis!r} is not of type Auto; build the mesh with "
-            "jax.sharding.Mesh(devices, names) or "
-            "jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
-        )
-    size = mesh.shape[model_axis]
-    if chunk_dim % size:
-        raise HyperNetworkError(
-            f"the chunk size {chunk_dim} does not split over the {size} devices of mesh axis "
-            f"{model_axis!r}; pass chunk_dim=<a multiple of {size}>"
-        )
-    return mesh
+    """The mesh set with ``jax.set_mesh``, checked for ``model_axis`` (the kernel's)."""
+    return fk.model_mesh(model_axis, chunk_dim, HyperNetworkError)
 
 
-def split_chunks(x: jax.Array, model_axis: str) -> jax.Array:
-    """``x`` constrained to have its last dimension split over mesh axis ``model_axis`` (the
-    other dimensions: XLA's choice); only under ``jax.set_mesh``."""
-    unconstrained = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)
-    return jax.lax.with_sharding_constraint(
-        x, jax.sharding.PartitionSpec(*unconstrained, model_axis)
-    )
+split_chunks = fk.split_chunks
 
 
 # -- dynamic mode -------------------------------------------------------------------------------
 
 
-def is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray)
+is_array = fk.is_array
+per_sample = fk.per_sample
+merge_samples = fk.merge_samples
+squeeze = fk.squeeze_sample
 
 
 def first_array(args: tuple) -> Any:
@@ -268,14 +214,7 @@ def first_array(args: tuple) -> Any:
 
 def check_batch(args: tuple, batch: int) -> None:
     """Every positional array input must have the leading batch dimension ``batch``."""
-    for i, a in enumerate(args):
-        if is_array(a) and (a.ndim == 0 or a.shape[0] != batch):
-            size = a.shape[0] if a.ndim else "none (a scalar)"
-            raise HyperNetworkError(
-                f"dynamic mode made {batch} weight sets (condition batch {batch}) but input {i} "
-                f"has batch size {size}; give the target inputs and the condition the same "
-                "leading batch dimension"
-            )
+    fk.check_batch(args, batch, HyperNetworkError)
 
 
 def condition_batch(condition: Any) -> int:
@@ -289,27 +228,3 @@ def condition_batch(condition: Any) -> int:
 
 def unsqueeze(x: Any) -> Any:
     return x[None] if is_array(x) else x
-
-
-def squeeze(tree: Any) -> Any:
-    """Drop the per-sample batch of 1 from every output leaf (as ``torch.squeeze(0)`` does)."""
-    return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
-
-
-def per_sample(x: jax.Array, batch: int) -> jax.Array:
-    """``batch`` copies of ``x`` (typed rng keys: ``batch`` independent keys)."""
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.random.split(x, batch)
-    return jnp.broadcast_to(x, (batch, *x.shape))
-
-
-def merge_samples(old: jax.Array, new: jax.Array) -> jax.Array:
-    """Write back per-sample copies: floats ``old + mean(new - old)``, keys ``old``, else ``new[0]``.
-
-    Unchanged copies (eval mode) give back ``old`` exactly.
-    """
-    if jnp.issubdtype(old.dtype, jax.dtypes.prng_key):
-        return old
-    if jnp.issubdtype(old.dtype, jnp.inexact):
-        return old + (new - old).mean(0).astype(old.dtype)
-    return new[0]

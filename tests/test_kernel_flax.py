@@ -1,0 +1,186 @@
+"""hypernn_gen/kernel/flax.py: each function against a plain NumPy computation, and the kernel
+section of every committed Linen/NNX file against the kernel's own source (a verbatim copy)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hypernn_gen.extract import KERNEL_BEGIN, KERNEL_END, kernel_source
+from hypernn_gen.generate import flax_kernel_roots
+from hypernn_gen.kernel import flax as fk
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_FILE = REPO / "hypernn_gen" / "kernel" / "flax.py"
+FLAX_FILES = sorted(
+    [
+        *(REPO / "generated_examples").glob("*linen*.py"),
+        *(REPO / "generated_examples").glob("*nnx*.py"),
+        REPO / "examples" / "digits" / "digits_linen_static.py",
+        REPO / "examples" / "digits" / "digits_nnx_static.py",
+    ]
+)
+
+
+class Slice(NamedTuple):
+    keys: tuple[str, ...]
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+    dtype: str = "float32"
+
+
+# Three tensors with gaps between them (chunking="tensor") and after the last one.
+TENSORS = (
+    Slice(("a", "kernel"), (2, 3), 0, 6),
+    Slice(("a", "bias"), (3,), 8, 3),
+    Slice(("b",), (4,), 12, 4, "bfloat16"),
+)
+FLAT_SIZE = 20
+
+
+def test_concat_flat_puts_zeros_in_the_gaps() -> None:
+    rng = np.random.default_rng(0)
+    pieces = [rng.normal(size=(2, t.size)).astype(np.float32) for t in TENSORS]
+    expected = np.zeros((2, FLAT_SIZE), np.float32)
+    for t, piece in zip(TENSORS, pieces, strict=True):
+        expected[:, t.offset : t.offset + t.size] = piece
+    got = fk.concat_flat([jnp.asarray(p) for p in pieces], [t.offset for t in TENSORS], FLAT_SIZE)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    # no gaps: the plain concatenation
+    tight = fk.concat_flat([jnp.ones((3,)), jnp.zeros((2,))], [0, 3], 5)
+    np.testing.assert_array_equal(np.asarray(tight), [1, 1, 1, 0, 0])
+
+
+def test_decode_is_an_affine_map_per_tensor() -> None:
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=(3, FLAT_SIZE)).astype(np.float32)
+    scale = rng.normal(size=len(TENSORS)).astype(np.float32)
+    shift = rng.normal(size=len(TENSORS)).astype(np.float32)
+    expected = np.zeros_like(raw)
+    for i, t in enumerate(TENSORS):
+        span = slice(t.offset, t.offset + t.size)
+        expected[:, span] = shift[i] + scale[i] * raw[:, span]
+    got = fk.decode(jnp.asarray(raw), jnp.asarray(scale), jnp.asarray(shift), TENSORS, FLAT_SIZE)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
+    jitted = jax.jit(lambda r, a, b: fk.decode(r, a, b, TENSORS, FLAT_SIZE))
+    np.testing.assert_allclose(
+        np.asarray(jitted(raw, scale, shift)), expected, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_unflatten_keeps_batch_dims_and_casts() -> None:
+    flat = np.arange(2 * FLAT_SIZE, dtype=np.float32).reshape(2, FLAT_SIZE)
+    tree = fk.unflatten(jnp.asarray(flat), TENSORS)
+    assert set(tree) == {"a", "b"} and set(tree["a"]) == {"kernel", "bias"}
+    np.testing.assert_array_equal(np.asarray(tree["a"]["kernel"]), flat[:, 0:6].reshape(2, 2, 3))
+    np.testing.assert_array_equal(np.asarray(tree["a"]["bias"]), flat[:, 8:11])
+    assert tree["b"].dtype == jnp.bfloat16 and tree["b"].shape == (2, 4)
+    np.testing.assert_array_equal(np.asarray(tree["b"].astype(jnp.float32)), flat[:, 12:16])
+
+
+def test_check_flat_names_the_expected_shape() -> None:
+    fk.check_flat(jnp.zeros((FLAT_SIZE,)), FLAT_SIZE, dynamic=False)
+    fk.check_flat(jnp.zeros((4, FLAT_SIZE)), FLAT_SIZE, dynamic=True)
+    with pytest.raises(ValueError, match=r"generated_params has shape \(3,\), expected \(20,\)"):
+        fk.check_flat(jnp.zeros((3,)), FLAT_SIZE, dynamic=False)
+    with pytest.raises(KeyError, match=r"shape \(20,\), expected \(batch, 20\)"):
+        fk.check_flat(jnp.zeros((FLAT_SIZE,)), FLAT_SIZE, dynamic=True, error=KeyError)
+
+
+def test_check_batch_and_is_array() -> None:
+    assert fk.is_array(np.zeros(2)) and fk.is_array(jnp.zeros(2)) and not fk.is_array([1.0])
+    fk.check_batch((jnp.zeros((3, 2)), "not an array", np.zeros((3,))), 3)
+    with pytest.raises(ValueError, match=r"made 3 weight sets .* input 1 has batch size 5"):
+        fk.check_batch((jnp.zeros((3, 2)), jnp.zeros((5, 2))), 3)
+    with pytest.raises(ValueError, match=r"input 0 has batch size none \(a scalar\)"):
+        fk.check_batch((jnp.float32(1.0),), 3)
+
+
+def test_per_sample_merge_and_squeeze() -> None:
+    x = jnp.arange(6.0).reshape(2, 3)
+    copies = fk.per_sample(x, 4)
+    np.testing.assert_array_equal(np.asarray(copies), np.broadcast_to(np.asarray(x), (4, 2, 3)))
+    keys = fk.per_sample(jax.random.key(0), 3)
+    data = np.asarray(jax.random.key_data(keys))
+    assert keys.shape == (3,) and len({tuple(row) for row in data}) == 3  # independent keys
+    # floats: old + mean(new - old); unchanged copies give old back exactly
+    new = copies + jnp.arange(4.0)[:, None, None]
+    np.testing.assert_allclose(np.asarray(fk.merge_samples(x, new)), np.asarray(x) + 1.5)
+    np.testing.assert_array_equal(np.asarray(fk.merge_samples(x, copies)), np.asarray(x))
+    key = jax.random.key(1)
+    assert fk.merge_samples(key, fk.per_sample(key, 3)) is key
+    counts = jnp.array([7, 8, 9])[:, None] + jnp.zeros((3, 2), jnp.int32)
+    np.testing.assert_array_equal(
+        np.asarray(fk.merge_samples(jnp.zeros(2, jnp.int32), counts)), [7, 7]
+    )
+    out = fk.squeeze_sample({"y": jnp.ones((1, 5)), "n": 3, "z": jnp.ones((2, 5))})
+    assert out["y"].shape == (5,) and out["n"] == 3 and out["z"].shape == (2, 5)
+
+
+def test_model_mesh_checks_the_axis() -> None:
+    assert fk.model_mesh("model", 7) is None  # no mesh set
+    devices = np.array(jax.devices()[:1])
+    auto = jax.sharding.Mesh(devices, ("model",))
+    with jax.set_mesh(auto):
+        assert fk.model_mesh("model", 7) is not None
+        x = jnp.arange(12.0).reshape(3, 4)
+        np.testing.assert_array_equal(np.asarray(fk.split_chunks(x, "model")), np.asarray(x))
+        with pytest.raises(RuntimeError, match=r"the mesh has no axis 'data'"):
+            fk.model_mesh("data", 7, RuntimeError)
+    explicit = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(explicit):
+        with pytest.raises(ValueError, match=r"mesh axis 'model' is not of type Auto"):
+            fk.model_mesh("model", 7)
+
+
+def _section(text: str) -> str:
+    assert text.count(KERNEL_BEGIN) == 1 and text.count(KERNEL_END) == 1
+    return text[text.index(KERNEL_BEGIN) : text.index(KERNEL_END)]
+
+
+def _definitions(source: str) -> dict[str, str]:
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    return {
+        node.name: "\n".join(lines[node.lineno - 1 : node.end_lineno])
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.ClassDef)
+    }
+
+
+@pytest.mark.parametrize("path", FLAX_FILES, ids=lambda p: p.name)
+def test_generated_kernel_section_is_a_verbatim_copy(path: Path) -> None:
+    text = path.read_text()
+    section = _section(text)
+    dynamic = "a dynamic hypernetwork" in text.splitlines()[0]
+    kernel = kernel_source("flax", flax_kernel_roots(dynamic))
+    assert kernel.body in section
+    assert text.index(KERNEL_END) < text.index('if __name__ == "__main__":')
+    ours = _definitions(KERNEL_FILE.read_text())
+    copied = _definitions(re.sub(r"^#.*$", "", section, flags=re.M))
+    assert copied and set(copied) <= set(ours)
+    for name, body in copied.items():
+        assert body == ours[name], name
+    # nothing of the kernel is defined a second time outside the section
+    outside = _definitions(text.replace(section, ""))
+    assert not set(outside) & set(ours)
+    assert _imported("\n".join(kernel.imports)) <= _imported(text)  # the file imports them
+
+
+def _imported(source: str) -> set[tuple[str, str, str | None]]:
+    """(module, name, alias) of every top-level import."""
+    out: set[tuple[str, str, str | None]] = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            out |= {("", a.name, a.asname) for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            out |= {(node.module or "", a.name, a.asname) for a in node.names}
+    return out
