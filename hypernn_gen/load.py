@@ -39,6 +39,7 @@ from types import ModuleType
 from typing import Any, Literal, NamedTuple
 
 from .errors import TargetLoadError
+from .seeding import seeded_import
 
 __all__ = [
     "DEFAULT_NAMES",
@@ -269,7 +270,7 @@ def _import_file(path: Path, file_text: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
-        with _on_sys_path(path.parent):
+        with _on_sys_path(path.parent), seeded_import():  # instances draw the same values each run
             spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(module_name, None)
