@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gen_support import run_cli
+from gen_support import run_python
 from torch import nn
 
 from hypernn_gen import trace_torch
@@ -101,19 +101,26 @@ NNX_TARGET = textwrap.dedent(
 )
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _hypernn_gen(args: list[str], cwd: Path, hash_seed: str):  # noqa: ANN202
+    """``python -m hypernn_gen ARGS`` in a fresh process of this tree, with ``PYTHONHASHSEED``."""
+    env = {"PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO)}
+    return run_python(["-m", "hypernn_gen", *args], cwd, env=env, timeout=300)
+
+
 def _generate_twice(tmp_path: Path, source: str, name: str) -> str:
     """Generate in two fresh processes (different hash seeds); the files must match, --check 0."""
     (tmp_path / "target.py").write_text(source)
     spec = f"target.py:{name}"
     outputs = []
     for hash_seed in ("1", "2"):
-        proc = run_cli(
-            [spec, "-o", "out.py", "--force"], tmp_path, env={"PYTHONHASHSEED": hash_seed}
-        )
+        proc = _hypernn_gen([spec, "-o", "out.py", "--force"], tmp_path, hash_seed)
         assert proc.returncode == 0, proc.stderr
         outputs.append((tmp_path / "out.py").read_bytes())
     assert outputs[0] == outputs[1], "two runs generated different files"
-    check = run_cli([spec, "-o", "out.py", "--check"], tmp_path, env={"PYTHONHASHSEED": "3"})
+    check = _hypernn_gen([spec, "-o", "out.py", "--check"], tmp_path, "3")
     assert check.returncode == 0, check.stdout + check.stderr
     return outputs[0].decode()
 
