@@ -169,7 +169,7 @@ def trace_instance(
         model = modelled.get(id(tensor))
         if not (tensor.is_floating_point() and tensor.numel()):
             continue
-        if model is not None and _agrees(tensor, model):
+        if model is not None and _plausible_draw(tensor, model):
             stats[key] = model
         else:
             measured += 1
@@ -250,7 +250,7 @@ def _post_order(module: nn.Module, out: list[nn.Module], seen: set[int]) -> None
     out.append(module)
 
 
-def _agrees(tensor: torch.Tensor, model: Stats) -> bool:
+def _plausible_draw(tensor: torch.Tensor, model: Stats) -> bool:
     """Whether the values are a plausible draw from the distribution ``model`` describes.
 
     A constant must match to float precision. A draw from a continuous distribution must not be

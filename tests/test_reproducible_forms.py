@@ -214,7 +214,11 @@ def test_default_draws_are_recognised_for_many_seeds() -> None:
         for module in (nn.Linear(3, 2), nn.Conv1d(2, 3, 2), nn.Embedding(4, 3), nn.Linear(64, 32)):
             modelled = trace_torch.model_init_stats(module)
             for name, p in module.named_parameters():
-                assert trace_torch._agrees(p, modelled[id(p)]), (seed, type(module).__name__, name)
+                assert trace_torch._plausible_draw(p, modelled[id(p)]), (
+                    seed,
+                    type(module).__name__,
+                    name,
+                )
 
 
 def test_a_failing_reset_parameters_models_nothing() -> None:
