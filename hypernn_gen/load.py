@@ -42,6 +42,7 @@ from types import ModuleType
 from typing import Any, Literal, NamedTuple
 
 from .errors import TargetLoadError
+from .seeding import seeded_import
 
 __all__ = [
     "DEFAULT_NAMES",
@@ -338,22 +339,6 @@ def _on_sys_path(directory: Path) -> Iterator[None]:
         sys.path[:] = saved
 
 
-@contextlib.contextmanager
-def _seeded_torch(path: Path) -> Iterator[None]:
-    """Seed torch (when installed) while a target file runs, so a module-level instance
-    (``target = MyNet()``) holds the same values, hence the same init statistics, on every run.
-    The caller's RNG state is restored afterwards."""
-    uses_torch = "torch" in sys.modules or b"torch" in path.read_bytes()
-    if not uses_torch or importlib.util.find_spec("torch") is None:
-        yield
-        return
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        yield
-
-
 def _import_file(path: Path, file_text: str) -> ModuleType:
     """Execute the file as a fresh module registered under a name unique to its path.
 
@@ -373,7 +358,7 @@ def _import_file(path: Path, file_text: str) -> ModuleType:
             if package:
                 importlib.import_module(package)
             sys.modules[module_name] = module
-            with _seeded_torch(path):
+            with seeded_import():  # module-level instances draw the same values each run
                 spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(module_name, None)

@@ -3,7 +3,8 @@
 :func:`trace_target` dispatches on :attr:`LoadedTarget.framework`:
 
 * ``"torch"``: :func:`hypernn_gen.trace_torch.trace_factory` builds the target on the ``meta``
-  device (an instance is read with :func:`~hypernn_gen.trace_torch.trace_module`). With example
+  device (an instance is read with :func:`~hypernn_gen.trace_torch.trace_instance`, whose init
+  statistics come from the modelled default init or from values drawn under a fixed seed). With example
   inputs, the target then runs once on ``meta`` tensors of those shapes, which checks that the
   shapes fit without computing anything.
 * ``"linen"``: :func:`hypernn_gen.trace_flax.trace_linen` with the example inputs.
@@ -102,7 +103,7 @@ def _trace_torch(loaded: LoadedTarget, include: Callable[[str], bool] | None) ->
     try:
         if loaded.factory is None:
             module = loaded.obj
-            layout = trace_torch.trace_module(module, include=include)
+            layout = trace_torch.trace_instance(module, include=include)
         else:
             layout, module = trace_torch.trace_factory(loaded.factory, include=include)
     except HypernnGenError:

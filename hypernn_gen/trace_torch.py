@@ -8,6 +8,11 @@ Two entry points:
   allocated, and records the initialisers torch runs on each tensor (``kaiming_uniform_``,
   ``normal_``, ``fill_``, ...) to know its default init scale without any values. If the
   target cannot be built on ``meta`` it falls back to a real build and says so in the notes.
+* :func:`trace_instance` reads a module *instance* the CLI was given (``target = MyNet()`` in
+  the target file). Its statistics come from the distribution each tensor was drawn from: the
+  module's ``reset_parameters`` is replayed on a ``meta`` copy under the same recorder, and its
+  result is used where the live values agree with it. Tensors it cannot model keep statistics
+  measured from their values, which :mod:`hypernn_gen.seeding` makes the same in every run.
 """
 
 from __future__ import annotations
@@ -22,8 +27,15 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
 from .layout import Layout, TensorSpec, round_stat
+from .seeding import seeded_import
 
-__all__ = ["check_dynamic_support", "trace_factory", "trace_module"]
+__all__ = [
+    "check_dynamic_support",
+    "model_init_stats",
+    "trace_factory",
+    "trace_instance",
+    "trace_module",
+]
 
 Stats = tuple[float, float, str]  # (mean, std, source)
 
@@ -116,12 +128,12 @@ def trace_factory(
             module = factory()
         notes: tuple[str, ...] = ()
     except Exception as exc:  # noqa: BLE001 - any failure on meta means "try for real"
-        with _seeded():
+        with seeded_import():  # the measured statistics are the same in every run
             module = factory()
         recorder.stats.clear()
         notes = (
-            f"traced by a real build: building on the meta device failed "
-            f"({type(exc).__name__}: {exc})",
+            f"traced by a real build under torch.manual_seed(0): building on the meta device "
+            f"failed ({type(exc).__name__}: {exc})",
         )
     if not isinstance(module, nn.Module):
         raise TraceError(
@@ -230,6 +242,147 @@ def _check_against_real_build(
         else None
     )
     return out, note
+
+
+def trace_instance(
+    module: nn.Module,
+    *,
+    include: Callable[[str], bool] | None = None,
+) -> Layout:
+    """Layout of a module instance with init statistics that do not depend on its random draw.
+
+    Each floating-point tensor whose default init :func:`model_init_stats` can replay, and whose
+    live values agree with that distribution (so a loaded or re-initialised tensor is not taken
+    for a default one), gets the distribution's statistics; any other tensor is measured. The
+    notes say how many of each.
+    """
+    if not isinstance(module, nn.Module):
+        return trace_module(module, include=include)  # raises the usual TraceError
+    modelled = model_init_stats(module)
+    stats: dict[int, Stats] = {}
+    seen: set[int] = set()
+    measured = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        key = _storage_key(tensor)
+        if key in seen or tensor is None:
+            continue
+        seen.add(key)
+        model = modelled.get(id(tensor))
+        if not (tensor.is_floating_point() and tensor.numel()):
+            continue
+        if model is not None and _plausible_draw(tensor, model):
+            stats[key] = model
+        else:
+            measured += 1
+    total = len(stats) + measured
+    note = f"init statistics: {len(stats)} of {total} tensors from their module type's default init"
+    if measured:
+        note += f", {measured} measured from values drawn under torch.manual_seed(0) at import"
+    return trace_module(module, init_stats=stats, notes=(note,), include=include)
+
+
+def model_init_stats(module: nn.Module) -> dict[int, Stats]:
+    """The distribution each tensor's default init draws from, keyed by ``id`` of the tensor.
+
+    Every submodule with a ``reset_parameters`` (or ``_reset_parameters``, as
+    ``nn.MultiheadAttention``) is copied with ``meta`` stand-ins for its tensors and the method
+    is run under :class:`_InitRecorder`, children before parents, as construction runs them.
+    Tensors no replay initialises, or whose replay fails, are absent.
+    """
+    clones: dict[int, nn.Module] = {}
+    originals: dict[int, torch.Tensor] = {}  # id(meta stand-in) -> original tensor
+
+    def clone(sub: nn.Module) -> nn.Module:
+        if id(sub) in clones:
+            return clones[id(sub)]
+        copy = object.__new__(type(sub))
+        copy.__dict__.update(sub.__dict__)
+        clones[id(sub)] = copy
+        copy._parameters = {}
+        for name, p in sub._parameters.items():
+            if p is None:
+                copy._parameters[name] = None
+                continue
+            stand_in = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            originals[id(stand_in)] = p
+            copy._parameters[name] = stand_in
+        copy._buffers = {}
+        for name, b in sub._buffers.items():
+            stand_in = None if b is None else torch.empty_like(b, device="meta")
+            if b is not None:
+                originals[id(stand_in)] = b
+            copy._buffers[name] = stand_in
+        copy._modules = {n: None if c is None else clone(c) for n, c in sub._modules.items()}
+        return copy
+
+    root = clone(module)
+    recorder = _InitRecorder()
+    order: list[nn.Module] = []
+    _post_order(root, order, set())
+    with torch.no_grad():
+        for sub in order:
+            reset = getattr(sub, "reset_parameters", None) or getattr(
+                sub, "_reset_parameters", None
+            )
+            if not callable(reset):
+                continue
+            before = dict(recorder.stats)
+            try:
+                with torch.device("meta"), recorder:
+                    reset()
+            except Exception:  # noqa: BLE001 - a replay that fails models nothing
+                recorder.stats = before
+    by_key = {
+        _storage_key(t): orig
+        for c in order
+        for t in (*c._parameters.values(), *c._buffers.values())
+        if t is not None and (orig := originals.get(id(t))) is not None
+    }
+    return {id(by_key[k]): v for k, v in recorder.stats.items() if k in by_key}
+
+
+def _post_order(module: nn.Module, out: list[nn.Module], seen: set[int]) -> None:
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    for child in module._modules.values():
+        if child is not None:
+            _post_order(child, out, seen)
+    out.append(module)
+
+
+def _plausible_draw(tensor: torch.Tensor, model: Stats) -> bool:
+    """Whether the values are a plausible draw from the distribution ``model`` describes.
+
+    A constant must match to float precision. A draw from a continuous distribution must not be
+    constant; a uniform one must lie in its support ``[-b, b]`` around the mean and reach past
+    ``b * 1e-9 ** (1 / n)`` (all ``n`` values stay inside that with probability 1e-9). The sample
+    mean and std must lie within six standard errors of the model's (the std's error bound is
+    a normal's, 0.71 std/sqrt(n), larger than a uniform's, plus a 2% margin).
+    """
+    if tensor.device.type == "meta":
+        return True
+    mean, std, source = model
+    values = tensor.detach().double().flatten()
+    n = values.numel()
+    got_mean = float(values.mean())
+    got_std = float(values.std(unbiased=False)) if n > 1 else 0.0
+    if std == 0.0:
+        scale = max(1.0, abs(mean))
+        return abs(got_mean - mean) <= 1e-6 * scale and got_std <= 1e-6 * scale
+    if n > 1 and got_std == 0.0:
+        return False
+    if "uniform" in source:
+        bound = math.sqrt(3) * std
+        reach = float((values - mean).abs().max())
+        if reach > bound * (1 + 1e-6) or reach < bound * 1e-9 ** (1 / n):
+            return False
+    if n < 2:
+        return abs(got_mean - mean) <= 6 * std
+    return (
+        abs(got_mean - mean) <= 6 * std / math.sqrt(n)
+        and abs(got_std - std) <= 6 * 0.71 * std / math.sqrt(n) + 0.02 * std
+    )
 
 
 # -- init statistics ----------------------------------------------------------------------------
