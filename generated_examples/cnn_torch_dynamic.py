@@ -202,7 +202,8 @@ class SmallCNNHyperNetwork(nn.Module):
             fresh = SmallCNN()
         values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
         for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
-            tensor.copy_(values[name])
+            if name in values:  # all but the zero-size anchor of a fully generated target
+                tensor.copy_(values[name])
 
     def generate_params(self, condition: Tensor) -> Tensor:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -725,4 +726,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=10b5a747073bbbb32b2fe3dde155fee04f56b61a8a19041cdcfc499c348d77d4
+# hypernn-gen: sha256=4f6c040272590a3529ae81c831b223591d4dd5618552da239cc4a27b0f246efc

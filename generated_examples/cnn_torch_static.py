@@ -154,7 +154,8 @@ class SmallCNNHyperNetwork(nn.Module):
             fresh = SmallCNN()
         values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
         for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
-            tensor.copy_(values[name])
+            if name in values:  # all but the zero-size anchor of a fully generated target
+                tensor.copy_(values[name])
 
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -329,4 +330,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=7d58298018da9144921a832ebc0dae4e055001ea9d3b7867430be02eafd57cb2
+# hypernn-gen: sha256=fcd93c9fc2ceaa48d8e587bf846e44310bad33b30700cc6c05fd7165db48967b

@@ -232,7 +232,8 @@ class TransformerHyperNetwork(nn.Module):
             fresh = make_target()
         values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
         for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
-            tensor.copy_(values[name])
+            if name in values:  # all but the zero-size anchor of a fully generated target
+                tensor.copy_(values[name])
 
     def generate_params(self, condition: Tensor) -> Tensor:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -649,4 +650,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=0a06bcc419fa817b7089e73221c784ca5b8c96391c3e6d0f3ef0d6a634d9b4ae
+# hypernn-gen: sha256=64c7f2aec443120e2e1e2a25108c2ec878ec28bf82fac601f8be52a89fd6a0ba

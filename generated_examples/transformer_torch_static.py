@@ -187,7 +187,8 @@ class TransformerHyperNetwork(nn.Module):
             fresh = make_target()
         values = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
         for name, tensor in [*self.target.named_parameters(), *self.target.named_buffers()]:
-            tensor.copy_(values[name])
+            if name in values:  # all but the zero-size anchor of a fully generated target
+                tensor.copy_(values[name])
 
     def generate_params(self) -> Tensor:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -362,4 +363,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=c7532a261adb73a3ec5517a011d2b5789666c6118c2c4e1dc006b295cbb7acff
+# hypernn-gen: sha256=482a4f53ebac1a891ffd0858ab3c689d96414c20def97f3f0b65bae86116afbe

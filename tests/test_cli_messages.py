@@ -302,8 +302,8 @@ def test_user_template_helper_clashing_with_the_target_is_refused(
     templates.mkdir(parents=True)
     (templates / "hypernetwork.py.jinja").write_text(
         '{% extends "builtin/torch/hypernetwork.py.jinja" %}\n'
-        "{% block helpers %}\n{{ super() }}\n\ndef width() -> int:\n    return 3\n"
-        "{% endblock helpers %}\n"
+        "{% block layout %}\n{{ super() }}\n\ndef width() -> int:\n    return 3\n"
+        "{% endblock layout %}\n"
     )
     # without the clash the user template renders, and its helper is in the file
     assert main(["tiny.py", "--template-dir", "tpl", "-o", "ok.py"]) == 0
