@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import hypernn_gen.runtime.torch as runtime_torch
 from hypernn_gen.errors import HyperNetworkError, TraceError
 from hypernn_gen.runtime.torch import (
     TorchEmbeddingModule,
