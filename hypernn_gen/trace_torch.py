@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
 from .layout import Layout, TensorSpec, round_stat
-from .seeding import seeded_import
+from .seeding import IMPORT_SEED, seeded_import
 
 __all__ = [
     "check_dynamic_support",
@@ -151,22 +151,10 @@ def trace_factory(
 # Targets up to this many values are also built for real (seed 0) to check the recorded
 # statistics: libraries such as transformers skip their own initialisation on ``meta``.
 REAL_BUILD_LIMIT = 10_000_000  # 40 MB of float32: a quick build
-REAL_BUILD_SEED = 0
+REAL_BUILD_SEED = IMPORT_SEED  # the same seeded generators as the target file's import
 # Significant digits kept for a statistic measured from the seeded build (stable across
 # platforms; the sampling noise of a tensor's std is far above 1e-3 for all but huge tensors).
 MEASURED_DIGITS = 3
-
-
-class _seeded:
-    """Seed torch's CPU generator for a build, restoring the caller's RNG state afterwards."""
-
-    def __enter__(self) -> None:
-        self._fork = torch.random.fork_rng(devices=[])
-        self._fork.__enter__()
-        torch.manual_seed(REAL_BUILD_SEED)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._fork.__exit__(*exc)
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -211,7 +199,7 @@ def _check_against_real_build(
     if sum(t.numel() for _, t in named) > REAL_BUILD_LIMIT:
         return stats, None
     try:
-        with _seeded():
+        with seeded_import():
             real = factory()
         real_tensors = dict(_named_tensors(real))
     except Exception:  # noqa: BLE001 - the meta statistics stand when no real build is possible
