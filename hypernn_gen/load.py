@@ -36,7 +36,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, NamedTuple
@@ -117,8 +117,10 @@ class LoadedTarget:
             on ``sys.path`` while it runs); ``None`` for an instance.
         input_specs: shape and dtype of each example input of the forward pass; empty when
             neither ``--input-shape`` nor ``example_input(s)`` in the file gave any.
-        example_inputs: the file's own ``example_input(s)`` objects, as a tuple; ``None`` when the
-            file defines none or ``input_shapes`` overrode them.
+        example_inputs: the file's own ``example_input(s)`` objects (or ``example_call``'s
+            positional arguments), as a tuple; ``None`` when the file defines none or
+            ``input_shapes`` overrode them.
+        example_kwargs: ``example_call``'s keyword arguments (empty without one).
         source_module: the imported Python module of the target file.
     """
 
@@ -132,6 +134,7 @@ class LoadedTarget:
     input_specs: tuple[InputSpec, ...]
     example_inputs: tuple[Any, ...] | None
     source_module: ModuleType
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def display(self) -> str:
@@ -214,9 +217,13 @@ def load_target(
         obj = getattr(module, name)
         kind, framework, factory = _classify(obj, name, file_text, path, frameworks)
 
+    example_kwargs: dict[str, Any] = {}
     if shapes:
         input_specs = tuple(InputSpec(shape, input_dtype) for shape in shapes)
         example_inputs = None
+    elif hasattr(module, "example_call"):
+        example_inputs, example_kwargs = _file_example_call(module, file_text)
+        input_specs = tuple(_input_spec(x, file_text) for x in example_inputs if _is_array(x))
     else:
         example_inputs = _file_example_inputs(module, file_text)
         input_specs = tuple(_input_spec(x, file_text) for x in example_inputs or ())
@@ -237,6 +244,7 @@ def load_target(
         input_specs=input_specs,
         example_inputs=example_inputs,
         source_module=module,
+        example_kwargs=example_kwargs,
     )
 
 
@@ -696,6 +704,62 @@ def _normalise_shapes(shapes: Sequence[Sequence[int] | str] | None) -> list[tupl
             )
         result.append(dims)
     return result
+
+
+#: What an ``example_call`` may hold besides tensors/arrays (in tuples, lists and dicts).
+PLAIN_VALUES = (type(None), bool, int, float, str)
+
+
+def _is_array(value: Any) -> bool:
+    return getattr(value, "shape", None) is not None and getattr(value, "dtype", None) is not None
+
+
+def _file_example_call(module: ModuleType, file_text: str) -> tuple[tuple[Any, ...], dict]:
+    """``example_call = ((x,), {"attention_mask": m})``, or a function returning that."""
+    others = [n for n in ("example_input", "example_inputs") if hasattr(module, n)]
+    if others:
+        raise TargetLoadError(
+            f"{file_text} defines both example_call and {others[0]}; keep example_call"
+        )
+    value = module.example_call
+    if callable(value):
+        value = value()
+    shape_hint = 'example_call = ((x,), {"attention_mask": mask})'
+    if not (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and isinstance(value[0], (tuple, list))
+        and isinstance(value[1], dict)
+        and all(isinstance(k, str) for k in value[1])
+    ):
+        raise TargetLoadError(
+            f"example_call in {file_text} is {_a(type(value).__name__)}, not a pair "
+            f"(positional arguments, keyword arguments); write e.g. {shape_hint}"
+        )
+    args, kwargs = tuple(value[0]), dict(value[1])
+    if not args or not _is_array(args[0]):
+        raise TargetLoadError(
+            f"example_call in {file_text} needs a tensor/array as its first positional "
+            f"argument (the conditioning input, batch first); write e.g. {shape_hint}"
+        )
+    for where, item in [*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items()]:
+        bad = _unsupported_leaf(item)
+        if bad is not None:
+            raise TargetLoadError(
+                f"example_call in {file_text} holds {_a(type(bad).__name__)} in {where}; use "
+                "tensors/arrays, None, bools, numbers, strings, or tuples/lists/dicts of them"
+            )
+    return args, kwargs
+
+
+def _unsupported_leaf(value: Any, depth: int = 0) -> Any:
+    if _is_array(value) or isinstance(value, PLAIN_VALUES):
+        return None
+    if isinstance(value, (tuple, list, dict)) and depth < 8:
+        items = value.values() if isinstance(value, dict) else value
+        bad = (_unsupported_leaf(v, depth + 1) for v in items)
+        return next((b for b in bad if b is not None), None)
+    return value
 
 
 def _file_example_inputs(module: ModuleType, file_text: str) -> tuple[Any, ...] | None:

@@ -142,6 +142,10 @@ class TemplateContext:
     kernel_names: tuple[str, ...] = ()  #: names the kernel section defines
     kernel_begin: str = KERNEL_BEGIN  #: the kernel section's first line
     kernel_end: str = KERNEL_END  #: the kernel section's last line
+    #: Torch ``__main__``: the example call's positional and keyword arguments as Python
+    #: expressions (tensors as ``torch.randn``/``torch.zeros`` of their shape and dtype)
+    example_args: tuple[str, ...] = ()
+    example_kwargs: tuple[tuple[str, str], ...] = ()
 
     @property
     def condition_dim(self) -> int | None:
