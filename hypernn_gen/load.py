@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -41,7 +42,6 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -237,9 +237,7 @@ def load_target(
         example_inputs, example_call = None, None
     elif example_call is not None:
         example_inputs = example_args
-        input_specs = tuple(
-            _input_spec(x, file_text) for x in example_args if is_example_array(x)
-        )
+        input_specs = tuple(_input_spec(x, file_text) for x in example_args if is_example_array(x))
     else:
         example_inputs = _file_example_inputs(module, file_text)
         input_specs = tuple(_input_spec(x, file_text) for x in example_inputs or ())
@@ -571,7 +569,7 @@ def _classify(
         _require_no_arguments(obj, shown, f"{name}()", file_text)
         return "class", framework, _in_directory(obj, path.parent)
     if inspect.isclass(obj) or not callable(obj):
-        what = f"the class {obj.__name__}" if inspect.isclass(obj) else _a(type(obj).__name__)
+        what = f"the class {obj.__name__}" if inspect.isclass(obj) else article(type(obj).__name__)
         raise TargetLoadError(
             f"{shown} is {what}, not a torch or flax module class, module instance or "
             f"zero-argument factory; point NAME at one of those, e.g. {file_text}:make_target"
@@ -639,7 +637,7 @@ def _refuse_lazy(built: Any, shown: str) -> None:
         )
 
 
-def _a(noun: str) -> str:
+def article(noun: str) -> str:
     return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
@@ -765,8 +763,15 @@ def _file_example_call(
         )
         if not ok:
             raise TargetLoadError(
-                f"{EXAMPLE_CALL} in {file_text} is {_a(type(made).__name__)}, not (args, kwargs); "
-                f"write {EXAMPLE_CALL} = ((x,), {{\"train\": False}}) or a function returning it"
+                f"{EXAMPLE_CALL} in {file_text} is {article(type(made).__name__)}, not a pair "
+                f"(positional arguments, keyword arguments); write {EXAMPLE_CALL} = "
+                f'((x,), {{"train": False}}) or a function returning it'
+            )
+        if not made[0] or not is_example_array(made[0][0]):
+            raise TargetLoadError(
+                f"{EXAMPLE_CALL} in {file_text} needs a tensor/array as its first positional "
+                f"argument (the conditioning input, batch first); write {EXAMPLE_CALL} = "
+                f'((x,), {{"train": False}})'
             )
         return tuple(made[0]), dict(made[1])
 
@@ -789,7 +794,7 @@ def _input_spec(value: Any, file_text: str) -> InputSpec:
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or dtype is None:
         raise TargetLoadError(
-            f"example_input in {file_text} holds {_a(type(value).__name__)}, not a tensor or "
+            f"example_input in {file_text} holds {article(type(value).__name__)}, not a tensor or "
             "array; set it to a tensor/array (or a tuple of them), or pass --input-shape 1,8"
         )
     return InputSpec(tuple(int(s) for s in shape), str(dtype).removeprefix("torch."))
