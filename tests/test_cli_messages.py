@@ -206,6 +206,7 @@ def _toml(option) -> str:  # noqa: ANN001 - a value different from the default, 
         "shapes": '["1,8"]',
         "globs": '["x*"]',
         "path": '"somewhere"',
+        "float": "0.5",
     }
     if option.kind == "choice":
         return f'"{next(c for c in option.choices if c != option.default)}"'

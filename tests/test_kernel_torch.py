@@ -270,6 +270,7 @@ def test_layout_block_renders_from_a_hand_built_context() -> None:
     ctx = SimpleNamespace(
         dynamic=False,
         fused=False,
+        delta=False,
         generator_hidden=(),
         embedding_dim=4,
         excluded=("frozen",),
