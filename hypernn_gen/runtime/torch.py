@@ -37,8 +37,8 @@ from ..adapters import GENERATES, delta_layout
 from ..design import check_hidden, design_layout
 from ..errors import HyperNetworkError
 from ..kernel.torch import (
-    carry_digest,
     apply_base,
+    carry_digest,
     decode,
     flatten_params,
     run_per_sample,
