@@ -25,7 +25,7 @@ from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
 from .layout import Chunking, Layout, checkpoint_digest
-from .load import LoadedTarget, article, load_target
+from .load import LoadedTarget, load_target
 from .options import (
     BACKENDS,
     DEFAULT_EMBEDDING_HIDDEN,
@@ -525,7 +525,6 @@ def torch_decisions(
         if not dynamic
         else list(_TORCH_IMPORTS)
     )
-    _check_example_values(loaded)
     if loaded.example_inputs is not None:
         example_args = tuple(map(example_expression, loaded.example_inputs))
     else:
@@ -548,36 +547,6 @@ def torch_decisions(
 def _tensor_expression(shape: tuple[int, ...], dtype: str) -> str:
     maker = "torch.randn" if dtype.startswith("float") else "torch.zeros"
     return f"{maker}({_py(tuple(shape))}, dtype=torch.{dtype})"
-
-
-#: What a Torch ``example_call`` may hold besides tensors (in tuples, lists and dicts): the
-#: values a generated ``__main__`` can write out as Python literals.
-_PLAIN_VALUES = (type(None), bool, int, float, str)
-
-
-def _unsupported_leaf(value: Any, depth: int = 0) -> Any:
-    """The first value in ``value`` that is neither a tensor nor a plain literal, else ``None``."""
-    if getattr(value, "shape", None) is not None and getattr(value, "dtype", None) is not None:
-        return None
-    if isinstance(value, _PLAIN_VALUES):
-        return None
-    if isinstance(value, (tuple, list, dict)) and depth < 8:
-        items = value.values() if isinstance(value, dict) else value
-        bad = (_unsupported_leaf(v, depth + 1) for v in items)
-        return next((b for b in bad if b is not None), None)
-    return value
-
-
-def _check_example_values(loaded: LoadedTarget) -> None:
-    """Refuse example-call values the generated Torch ``__main__`` cannot write out."""
-    args = enumerate(loaded.example_inputs or ())
-    for where, item in [*((f"argument {i}", a) for i, a in args), *loaded.example_kwargs.items()]:
-        bad = _unsupported_leaf(item)
-        if bad is not None:
-            raise GenerationError(
-                f"example_call in {loaded.display} holds {article(type(bad).__name__)} in {where}; "
-                "use tensors, None, bools, numbers, strings, or tuples/lists/dicts of them"
-            )
 
 
 def example_expression(value: Any) -> str:

@@ -231,6 +231,8 @@ def load_target(
         kind, framework, factory = _classify(obj, name, file_text, path, frameworks)
         example_call = _file_example_call(module, file_text, path.parent)
         example_args, example_kwargs = example_call() if example_call else ((), {})
+        if example_call is not None and framework == "torch":
+            _check_torch_example_values(example_args, example_kwargs, file_text)
 
     if shapes:
         input_specs = tuple(InputSpec(shape, input_dtype) for shape in shapes)
@@ -776,6 +778,35 @@ def _file_example_call(
         return tuple(made[0]), dict(made[1])
 
     return call
+
+
+#: What a Torch ``example_call`` may hold besides tensors (in tuples, lists and dicts): the
+#: values a generated ``__main__`` can write out as Python literals.
+_PLAIN_VALUES = (type(None), bool, int, float, str)
+
+
+def _unsupported_leaf(value: Any, depth: int = 0) -> Any:
+    """The first value in ``value`` that is neither a tensor nor a plain literal, else ``None``."""
+    if getattr(value, "shape", None) is not None and getattr(value, "dtype", None) is not None:
+        return None
+    if isinstance(value, _PLAIN_VALUES):
+        return None
+    if isinstance(value, (tuple, list, dict)) and depth < 8:
+        items = value.values() if isinstance(value, dict) else value
+        bad = (_unsupported_leaf(v, depth + 1) for v in items)
+        return next((b for b in bad if b is not None), None)
+    return value
+
+
+def _check_torch_example_values(args: tuple, kwargs: dict, file_text: str) -> None:
+    """Refuse example-call values the generated Torch ``__main__`` cannot write out."""
+    for where, item in [*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items()]:
+        bad = _unsupported_leaf(item)
+        if bad is not None:
+            raise TargetLoadError(
+                f"example_call in {file_text} holds {article(type(bad).__name__)} in {where}; "
+                "use tensors, None, bools, numbers, strings, or tuples/lists/dicts of them"
+            )
 
 
 def _file_example_inputs(module: ModuleType, file_text: str) -> tuple[Any, ...] | None:
