@@ -502,8 +502,7 @@ def torch_decisions(
         "excluded": tuple(t.path for t in state if t.reason == "excluded"),
     }
     if loaded.framework != "torch":
-        kernel = kernel_source("flax", flax_kernel_roots(dynamic))
-        decisions.update(kernel_imports=kernel.imports, kernel_source=kernel.body)
+        decisions.update(flax_decisions(options, loaded, state, fusion))
         return decisions
     delta = options.generate == "delta"
     decisions["delta"] = delta
@@ -601,9 +600,65 @@ def _by_type(name: str) -> tuple[int, str]:
     return (0 if name.isupper() else 1 if name[:1].isupper() else 2, name)
 
 
-def flax_kernel_roots(dynamic: bool) -> list[str]:
-    """The ``hypernn_gen/kernel/flax.py`` definitions a Linen/NNX file of this mode calls."""
-    roots = ["model_mesh", "split_chunks", "concat_flat", "decode", "unflatten", "check_flat"]
+#: What the Linen/NNX specialised part imports itself, beside the kernel's needs.
+_FLAX_IMPORTS = {
+    "linen": (
+        "import dataclasses",
+        "import math",
+        "from typing import Any, NamedTuple",
+        "import flax.linen as nn",
+        "import jax",
+        "import jax.numpy as jnp",
+    ),
+    "nnx": (
+        "import math",
+        "from typing import Any, NamedTuple",
+        "import jax",
+        "import jax.numpy as jnp",
+        "from flax import nnx",
+    ),
+}
+
+
+def flax_decisions(
+    options: GenerateOptions, loaded: LoadedTarget, state: tuple, fusion: Any
+) -> dict[str, Any]:
+    """The Linen/NNX decisions (fused, collections) and the kernel section: the definitions of
+    ``hypernn_gen/kernel/{flax,linen,nnx}.py`` this file's design uses."""
+    framework, dynamic = loaded.framework, options.dynamic
+    fused = bool(dynamic and not options.generator_hidden and fusion is not None and fusion.fused)
+    collections = tuple(sorted({t.collection for t in state if t.collection != "params"}))
+    excluded = any(t.reason == "excluded" for t in state)
+    kernel = kernel_source(framework, flax_kernel_roots(framework, dynamic, fused, excluded))
+    own = list(_FLAX_IMPORTS[framework])
+    if framework == "linen" and (collections or excluded):
+        own.append("import functools")
+    if "copy.deepcopy(" in factory_expression(loaded):
+        own.append("import copy")
+    return {
+        "fused": fused,
+        "collections": collections,
+        "imports": merge_imports([*own, *kernel.imports]),
+        "kernel_imports": kernel.imports,
+        "kernel_source": kernel.body,
+        "kernel_names": tuple(sorted(kernel.names)),
+    }
+
+
+def flax_kernel_roots(
+    framework: str, dynamic: bool, fused: bool = False, excluded: bool = False
+) -> list[str]:
+    """The ``hypernn_gen/kernel/<framework>.py`` definitions (``framework``: ``linen`` or
+    ``nnx``; with what they use of ``kernel/flax.py``) a file of this design calls."""
+    roots = ["model_mesh", "split_chunks", "decode", "unflatten", "flatten", "check_flat"]
+    if framework == "linen":
+        roots += ["check_layout", "apply_target"]
+        roots += ["merge_params", "excluded_params"] if excluded else []
+    else:
+        roots += ["check_layout", "without_generated", "run_target"]
     if dynamic:
-        roots += ["is_array", "check_batch", "per_sample", "merge_samples", "squeeze_sample"]
+        roots += ["is_array", "check_batch", "run_per_sample"]
+    if fused:
+        roots += ["shared_inputs", "fused_path"]
+        roots += ["install_fusion"] if framework == "nnx" else []
     return roots

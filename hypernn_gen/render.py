@@ -128,7 +128,7 @@ class TemplateContext:
     options: dict[str, Any] = field(default_factory=dict)
     # -- decisions, computed once in Python (context version 3) --
     dynamic: bool = False  #: ``mode == "dynamic"``
-    fused: bool = False  #: dynamic Torch with a linear generator: the fused per-sample path
+    fused: bool = False  #: dynamic, linear generator, layers to fuse: the fused per-sample path
     padded: bool = False  #: the flat vector has padding between tensors (chunking="tensor")
     own_condition: bool = False  #: dynamic: a conditioning input other than the first input
     fused_kinds: tuple[str, ...] = ()  #: kinds of the fused layers, in order, without repeats
@@ -136,6 +136,7 @@ class TemplateContext:
     fused_forwards: tuple[tuple[str, str], ...] = ()  #: (kind, kernel forward function)
     tied: tuple[tuple[str, str], ...] = ()  #: (further name, generated name) of tied tensors
     excluded: tuple[str, ...] = ()  #: trainable tensors not generated (--include/--exclude)
+    collections: tuple[str, ...] = ()  #: Flax: the target's collections besides ``params``
     imports: tuple[str, ...] = ()  #: the file's own import lines (specialised part and kernel)
     kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
     kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim

@@ -18,7 +18,7 @@ from hypernn_gen.generate import flax_kernel_roots
 from hypernn_gen.kernel import flax as fk
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_FILE = REPO / "hypernn_gen" / "kernel" / "flax.py"
+KERNEL_DIR = REPO / "hypernn_gen" / "kernel"
 FLAX_FILES = sorted(
     [
         *(REPO / "generated_examples").glob("*linen*.py"),
@@ -160,11 +160,14 @@ def _definitions(source: str) -> dict[str, str]:
 def test_generated_kernel_section_is_a_verbatim_copy(path: Path) -> None:
     text = path.read_text()
     section = _section(text)
+    framework = "nnx" if "from flax import nnx" in text else "linen"
     dynamic = "a dynamic hypernetwork" in text.splitlines()[0]
-    kernel = kernel_source("flax", flax_kernel_roots(dynamic))
+    fused, excluded = "\nFUSED: " in text, "\nEXCLUDED: " in text
+    kernel = kernel_source(framework, flax_kernel_roots(framework, dynamic, fused, excluded))
     assert kernel.body in section
     assert text.index(KERNEL_END) < text.index('if __name__ == "__main__":')
-    ours = _definitions(KERNEL_FILE.read_text())
+    ours = _definitions((KERNEL_DIR / "flax.py").read_text())
+    ours.update(_definitions((KERNEL_DIR / f"{framework}.py").read_text()))
     copied = _definitions(re.sub(r"^#.*$", "", section, flags=re.M))
     assert copied and set(copied) <= set(ours)
     for name, body in copied.items():
