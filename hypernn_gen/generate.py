@@ -19,7 +19,7 @@ from typing import Any
 
 from ._version import __version__
 from .backends import backend_for, framework_backend
-from .design import design_layout
+from .design import design_layout, gradient_multipliers
 from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
@@ -287,6 +287,7 @@ def build_context(
         target_file=_relative(loaded.path),
         header=header,
         fusion=fusion,
+        gradient_scale=gradient_scale_of(options, layout, chunking),
         options={
             "backend": options.backend,
             "mode": options.mode,
@@ -295,6 +296,7 @@ def build_context(
             "chunk_dim": chunking.chunk_dim,
             "chunking": options.chunking,
             "init_scheme": options.init_scheme,
+            "gradient_scaling": options.gradient_scaling,
             "generator_hidden": tuple(options.generator_hidden),
             "embedding_hidden": tuple(options.embedding_hidden),
         },
@@ -411,6 +413,8 @@ def torch_decisions(
     forwards = tuple((k, _FUSED_FORWARD.get(k, f"{k}_forward")) for k in kinds)
     roots = ["check_layout", "without_generated", "reset_decoder", "decode", "unflatten_params"]
     roots += ["flatten_params"]
+    if options.gradient_scaling == "on":
+        roots += ["scale_grad"] if options.generator_hidden else ["scale_grad", "scaled_linear"]
     if dynamic:
         roots += ["check_condition", "check_batch", "run_per_sample"]
     if fused:
@@ -433,6 +437,22 @@ def torch_decisions(
         kernel_names=tuple(sorted(kernel.names)),
     )
     return decisions
+
+
+def gradient_scale_of(
+    options: GenerateOptions, layout: Layout, chunking: Chunking
+) -> tuple[float, float, float] | None:
+    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``)."""
+    if options.gradient_scaling == "off":
+        return None
+    generated = layout.generated
+    return gradient_multipliers(
+        [t.size for t in generated],
+        [t.init_std for t in generated],
+        chunking.num_embeddings,
+        chunking.chunk_dim,
+        options.embedding_dim,
+    )
 
 
 def merge_imports(lines: list[str]) -> tuple[str, ...]:
