@@ -30,14 +30,17 @@ __all__ = [
     "CHUNKINGS",
     "INIT_SCHEMES",
     "apply_init",
+    "GRADIENT_SCALINGS",
     "check_hidden",
     "chunk_layout",
     "design_layout",
+    "gradient_multipliers",
     "parse_widths",
 ]
 
 CHUNKINGS = ("flat", "tensor")
 INIT_SCHEMES = ("target", "hyperfan-in", "hyperfan-out")
+GRADIENT_SCALINGS = ("on", "off")
 
 
 def design_layout(
@@ -166,6 +169,34 @@ def _hyperfan_std(
     if scheme == "hyperfan-in":
         return round_stat(math.sqrt(0.5))
     return round_stat(math.sqrt(max(0.0, 1.0 - weight.fan_in / weight.fan_out)))
+
+
+def gradient_multipliers(
+    sizes: list[int] | tuple[int, ...],
+    init_stds: list[float] | tuple[float, ...],
+    num_embeddings: int,
+    chunk_dim: int,
+    embedding_dim: int,
+) -> tuple[float, float, float]:
+    """The gradient multipliers of the embedding table, the linear generator's weight and its
+    bias, so that one SGD step moves the generated weights as much as it moves the target's own
+    (the derivation is in docs/concepts.md, "Training with the target's optimizer").
+
+    With ``N`` chunks of ``C`` values, embeddings of ``D`` values and ``s2`` the generated
+    tensors' mean init variance (weighted by size, rounded to a power of two), the multipliers are ``sqrt(D / C) / s2``,
+    ``1 / (s2 * sqrt(N * D))`` and ``1 / (s2 * sqrt(N))``; the decode's scale and shift of each
+    tensor get ``1 / size`` (applied in the kernel). Rounded to 6 digits, as init statistics.
+    """
+    total = sum(sizes)
+    s2 = sum(n * s * s for n, s in zip(sizes, init_stds, strict=True)) / total if total else 0.0
+    # the nearest power of two: a coarse scale, the same whether the statistics were measured
+    # (the runtime, from a live module) or known from the init function (generated files)
+    s2 = 2.0 ** round(math.log2(s2)) if s2 else 1.0  # all constant: no scale to match
+    return (
+        round_stat(math.sqrt(embedding_dim / chunk_dim) / s2),
+        round_stat(1.0 / (s2 * math.sqrt(num_embeddings * embedding_dim))),
+        round_stat(1.0 / (s2 * math.sqrt(num_embeddings))),
+    )
 
 
 def parse_widths(text: str | int | list[int] | tuple[int, ...]) -> tuple[int, ...]:

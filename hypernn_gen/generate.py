@@ -20,7 +20,7 @@ from typing import Any
 from ._version import __version__
 from .adapters import delta_layout, describe_base, load_base, lora_adapters
 from .backends import backend_for, framework_backend
-from .design import design_layout
+from .design import design_layout, gradient_multipliers
 from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
@@ -336,6 +336,7 @@ def build_context(
             "shared": options.lora_generator == "shared",
         },
         base_checkpoint=_relative(options.base) if options.base else None,
+        gradient_scale=gradient_scale_of(options, layout, chunking),
         options={
             "backend": options.backend,
             "mode": options.mode,
@@ -344,6 +345,7 @@ def build_context(
             "chunk_dim": chunking.chunk_dim,
             "chunking": options.chunking,
             "init_scheme": options.init_scheme,
+            "gradient_scaling": options.gradient_scaling,
             "generator_hidden": tuple(options.generator_hidden),
             "embedding_hidden": tuple(options.embedding_hidden),
         },
@@ -511,6 +513,8 @@ def torch_decisions(
     forwards = tuple((k, _FUSED_FORWARD.get(k, f"{k}_forward")) for k in kinds)
     roots = ["check_layout", "without_generated", "reset_decoder", "decode", "unflatten_params"]
     roots += ["flatten_params", "carry_digest", "check_flat"]
+    if options.gradient_scaling == "on":
+        roots += ["scale_grad"] if options.generator_hidden else ["scale_grad", "scaled_linear"]
     if dynamic:
         roots += ["check_condition", "dynamic_inputs", "run_per_sample"]
     if delta:
@@ -562,6 +566,22 @@ def example_expression(value: Any) -> str:
         parts = list(map(example_expression, value))
         return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
     return repr(value)
+
+
+def gradient_scale_of(
+    options: GenerateOptions, layout: Layout, chunking: Chunking
+) -> tuple[float, float, float] | None:
+    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``)."""
+    if options.gradient_scaling == "off":
+        return None
+    generated = layout.generated
+    return gradient_multipliers(
+        [t.size for t in generated],
+        [t.init_std for t in generated],
+        chunking.num_embeddings,
+        chunking.chunk_dim,
+        options.embedding_dim,
+    )
 
 
 def merge_imports(lines: list[str]) -> tuple[str, ...]:

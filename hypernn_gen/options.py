@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .adapters import GENERATES
-from .design import CHUNKINGS, INIT_SCHEMES, check_hidden, parse_widths
+from .design import CHUNKINGS, GRADIENT_SCALINGS, INIT_SCHEMES, check_hidden, parse_widths
 from .errors import GenerationError, HypernnGenError
 from .load import INPUT_DTYPES, parse_input_shape
 from .verify import FORMATTERS
@@ -160,6 +160,15 @@ OPTIONS: tuple[Option, ...] = (
         INIT_SCHEMES,
         layout_arg=True,
         header=(2, 2),
+    ),
+    Option(
+        "gradient_scaling",
+        "choice",
+        "on",
+        "on (default: gradient multipliers that let the target's own optimizer and learning "
+        "rate train the hypernetwork; the forward is unchanged) or off (raw gradients)",
+        GRADIENT_SCALINGS,
+        header=(1, 6),
     ),
     Option(
         "condition_shape",

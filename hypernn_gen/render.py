@@ -137,6 +137,9 @@ class TemplateContext:
     tied: tuple[tuple[str, str], ...] = ()  #: (further name, generated name) of tied tensors
     excluded: tuple[str, ...] = ()  #: trainable tensors not generated (--include/--exclude)
     collections: tuple[str, ...] = ()  #: Flax: the target's collections besides ``params``
+    #: ``--gradient-scaling on``: the gradient multipliers of the embedding table, the generator's
+    #: weight and bias (:func:`hypernn_gen.design.gradient_multipliers`); ``None``: off
+    gradient_scale: tuple[float, float, float] | None = None
     imports: tuple[str, ...] = ()  #: the file's own import lines (specialised part and kernel)
     kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
     kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim

@@ -8,6 +8,8 @@ file runs in eval and training mode (where the target has BatchNorm/Dropout), an
 mode, on the fused and the materialising path (``return_params=True``).
 """
 
+# ruff: noqa: B023 - each closure is called inside the iteration that defines it
+
 from __future__ import annotations
 
 import importlib.util

@@ -21,9 +21,9 @@ the target.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn

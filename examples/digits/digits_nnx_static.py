@@ -26,9 +26,9 @@ import copy
 import math
 from typing import Any, NamedTuple
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 # -- Target network (copied from examples/digits/target_nnx.py) --
 

@@ -125,13 +125,49 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
+def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
+    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    detached = x.detach()
+    return detached + factor * (x - detached)
+
+
+def scaled_linear(
+    layer: nn.Linear, x: Tensor, weight_scale: float | None, bias_scale: float | None
+) -> Tensor:
+    """``layer(x)`` with the gradients of its weight and bias multiplied by the two factors."""
+    bias = None if layer.bias is None else scale_grad(layer.bias, bias_scale)
+    return F.linear(x, scale_grad(layer.weight, weight_scale), bias)
+
+
+def decoder(
+    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
+    their gradients divided by the tensor's size, the number of values they are summed over."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    if gradient_scale is None:
+        return scale, shift
+    factors = [1.0 / p.size for p in generated]
+    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
+    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+
+
 def decode(
-    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+    raw: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Tensor:
     """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
     (leading batch dimensions are kept; padding between tensors is 0)."""
-    scale = param_scale.to(raw.dtype).unbind()
-    shift = param_shift.to(raw.dtype).unbind()
+    scale, shift = decoder(
+        param_scale.to(raw.dtype), param_shift.to(raw.dtype), generated, gradient_scale
+    )
     sizes, owners = segments(generated, flat_size)
     pieces = raw.split(sizes, -1)
     decoded = [
@@ -419,21 +455,30 @@ class Shared(NamedTuple):
 
 
 def shared_inputs(
-    hypernetwork: nn.Module, condition: Tensor, generated: tuple, flat_size: int
+    hypernetwork: nn.Module,
+    condition: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Shared:
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
-    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``.
-    """
+    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
+    ``gradient_scale``: the multipliers of the table, the generator's weight and bias."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
-    g0 = F.linear(embedding.weight, generator.weight)
-    bias = generator.bias.expand(embedding.weight.shape[0], -1)
+    table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
+    table = scale_grad(embedding.weight, table_scale)
+    g0 = F.linear(table, scale_grad(generator.weight, weight_scale))
+    bias = scale_grad(generator.bias, bias_scale).expand(table.shape[0], -1)
     sizes = [p.size for p in generated]
+    scale, shift = decoder(
+        hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
+    )
     return Shared(
         scales=embedding.scales(condition),
         g0=g0.view(-1)[:flat_size].split(sizes),  # one split: one node in the backward
         bias=bias.reshape(-1)[:flat_size].split(sizes),
-        param_scale=hypernetwork.param_scale.unbind(),
-        param_shift=hypernetwork.param_shift.unbind(),
+        param_scale=scale,
+        param_shift=shift,
         generated=generated,
         chunk_dim=g0.shape[1],
     )

@@ -34,7 +34,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..adapters import GENERATES, delta_layout
-from ..design import check_hidden, design_layout
+from ..design import GRADIENT_SCALINGS, check_hidden, design_layout, gradient_multipliers
 from ..errors import HyperNetworkError
 from ..kernel.torch import (
     apply_base,
@@ -42,6 +42,8 @@ from ..kernel.torch import (
     decode,
     flatten_params,
     run_per_sample,
+    scale_grad,
+    scaled_linear,
     unflatten_params,
     without_generated,
     zero_output,
@@ -95,14 +97,20 @@ class TorchWeightGenerator(nn.Module):
 
 
 class StaticEmbedding(TorchEmbeddingModule):
-    """A learned table of ``num_embeddings`` vectors, entries ~ N(0, 1)."""
+    """A learned table of ``num_embeddings`` vectors, entries ~ N(0, 1).
+
+    ``gradient_scale``: the multiplier of the table's gradient (``None``: none), set by
+    :class:`TorchHyperNetwork` with gradient scaling on.
+    """
+
+    gradient_scale: float | None = None
 
     def __init__(self, embedding_dim: int, num_embeddings: int) -> None:
         super().__init__(embedding_dim, num_embeddings)
         self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
 
     def forward(self) -> torch.Tensor:
-        return self.weight
+        return scale_grad(self.weight, self.gradient_scale)
 
 
 class DynamicEmbedding(TorchEmbeddingModule):
@@ -112,7 +120,10 @@ class DynamicEmbedding(TorchEmbeddingModule):
     input ``c``. Its last layer starts at a tenth of PyTorch's default scale, so weight sets
     start close together and drift apart as the network learns to use the condition.
     ``condition_dim=None`` infers it on first call.
+    ``gradient_scale``: as in :class:`StaticEmbedding`.
     """
+
+    gradient_scale: float | None = None
 
     def __init__(
         self,
@@ -144,15 +155,18 @@ class DynamicEmbedding(TorchEmbeddingModule):
         return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
-        return self.scales(condition).unsqueeze(-1) * self.weight
+        return self.scales(condition).unsqueeze(-1) * scale_grad(self.weight, self.gradient_scale)
 
 
 class LinearWeightGenerator(TorchWeightGenerator):
     """One linear map from an embedding to a chunk; unit-variance output at init.
 
     Linearity is what lets generated dynamic modules compute per-sample layers without
-    materialising per-sample weights.
+    materialising per-sample weights. ``gradient_scale``: the multipliers of the weight's and
+    the bias's gradients, set by :class:`TorchHyperNetwork` with gradient scaling on.
     """
+
+    gradient_scale: tuple[float | None, float | None] = (None, None)
 
     def __init__(self, embedding_dim: int, hidden_dim: int) -> None:
         super().__init__(embedding_dim, hidden_dim)
@@ -162,7 +176,7 @@ class LinearWeightGenerator(TorchWeightGenerator):
             self.linear.bias.zero_()
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.linear(embedding)
+        return scaled_linear(self.linear, embedding, *self.gradient_scale)
 
 
 class MLPWeightGenerator(TorchWeightGenerator):
@@ -229,6 +243,11 @@ class TorchHyperNetwork(nn.Module):
             ``lora_*`` keywords).
         base: ``"delta"``: a checkpoint path (safetensors or torch) or state dict holding the
             base values (default: the target's own).
+        gradient_scaling: ``"on"`` (default): gradient multipliers (forward values unchanged)
+            that let the target's own optimizer and learning rate train the hypernetwork: the
+            decode's scale and shift of each tensor, and the default embedding table and linear
+            generator (see :func:`hypernn_gen.design.gradient_multipliers`); ``"off"``: raw
+            gradients.
 
     The keyword names are the CLI's flags and the ``[tool.hypernn-gen]`` keys, with ``_``.
 
@@ -276,6 +295,7 @@ class TorchHyperNetwork(nn.Module):
         include: Callable[[str], bool] | None = None,
         generate: str = "weights",
         base: Any = None,
+        gradient_scaling: str = "on",
     ) -> None:
         super().__init__()
         if mode not in ("static", "dynamic"):
@@ -290,6 +310,10 @@ class TorchHyperNetwork(nn.Module):
                 "generator's output layer; drop weight_generator_constructor"
             )
         self.generates = generate
+        if gradient_scaling not in GRADIENT_SCALINGS:
+            raise HyperNetworkError(
+                f"gradient_scaling must be 'on' or 'off', got {gradient_scaling!r}"
+            )
         self.mode: Mode = mode
         layout = trace_module(target_network, include=include)
         if mode == "dynamic":
@@ -339,6 +363,20 @@ class TorchHyperNetwork(nn.Module):
                 )
 
         generated = self.layout.generated
+        #: the multipliers of the table, the generator's weight and bias (None: off)
+        self.gradient_scale: tuple[float, float, float] | None = None
+        if gradient_scaling == "on":
+            self.gradient_scale = gradient_multipliers(
+                [t.size for t in generated],
+                [t.init_std for t in generated],
+                self.num_embeddings,
+                self.hidden_dim,
+                embedding_dim,
+            )
+            if isinstance(self.embedding_module, StaticEmbedding | DynamicEmbedding):
+                self.embedding_module.gradient_scale = self.gradient_scale[0]
+            if isinstance(self.weight_generator, LinearWeightGenerator):
+                self.weight_generator.gradient_scale = self.gradient_scale[1:]
         self.param_scale = nn.Parameter(torch.tensor([t.init_std for t in generated]))
         self.param_shift = nn.Parameter(torch.tensor([t.init_mean for t in generated]))
         paths = {t.path for t in generated} | {".".join(a) for t in generated for a in t.aliases}
@@ -419,7 +457,14 @@ class TorchHyperNetwork(nn.Module):
     def _decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Per-tensor affine map from the raw vector to the target's parameters (the kernel's)."""
         layout = self.layout
-        out = decode(raw, self.param_scale, self.param_shift, layout.generated, layout.flat_size)
+        out = decode(
+            raw,
+            self.param_scale,
+            self.param_shift,
+            layout.generated,
+            layout.flat_size,
+            self.gradient_scale,
+        )
         return out + self.base if self.generates == "delta" else out
 
     def _expected_embedding(self, condition: Any) -> tuple[int, ...]:
