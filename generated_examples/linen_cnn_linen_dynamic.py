@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
 # layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
 # fusion:   fused: Conv_0, Dense_0; per sample: BatchNorm_0
@@ -774,4 +774,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=61ea98d4409ab2d65e3191c2055b54e5cee9863500ef6440b04654c8f5248776
+# hypernn-gen: sha256=1dfaf3bcf99b3d7c37e87a4bcdef1b70459f5c4de758f8d4c7702b0b051b6f37

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # fusion:   fused: Dense_0, Dense_1, Dense_2
@@ -741,4 +741,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=fbc433c8c8accac8f1b6b6af0b12abbe492007610fb9825a6cbf436413fcdef3
+# hypernn-gen: sha256=a653dd9219df1b4c72a7cc44f50f3b1136ceb23f7285b162515624e717bc3608

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # command:  hypernn-gen generated_examples/targets/linen_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_mlp_linen_static.py
@@ -386,4 +386,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=77839e97b42ddbeb14ba9d239fe8c218f349fdeb62ee4b62126e6c6929e8b188
+# hypernn-gen: sha256=071feee7131bc7147976710cc7ab4c7c2baa95aaff1b3b97907a810c70450510

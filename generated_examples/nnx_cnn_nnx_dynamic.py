@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
 # layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
 # fusion:   fused: conv, linear; per sample: bn
@@ -795,4 +795,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=81d551e62d134a558d217c362d299f87067bcda37aee930a08a6b714b629976f
+# hypernn-gen: sha256=e7987fffad855d669a41cb2859368b524e536b26386d838471dcaeac7bfa2ac0

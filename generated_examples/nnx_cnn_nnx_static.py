@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
 # command:  hypernn-gen generated_examples/targets/nnx_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_cnn_nnx_static.py
@@ -422,4 +422,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=0a6b4106e02808477dd5c6d6d6c4744e4c4373bcf9e8959aeeb1e932d5d35791
+# hypernn-gen: sha256=75175ad931440df287beb23b823ae530b28dbf0b55160e32eb6253b4a5e354aa

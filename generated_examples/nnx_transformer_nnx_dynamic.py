@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 4dce26a7936cb729
 # fusion:   fused: block.fc, block.proj; per sample: block.attn.key, block.attn.out, block.attn.query, block.attn.value, block.ln1, block.ln2, embed, ln_f, <root>
@@ -882,4 +882,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=f0ca23defcd19acbdffd208a8429df92642a9669d8c209537654eb74a87e3357
+# hypernn-gen: sha256=8ef05cd1dce34e05544c338f93761986eda112985a92aec3c909e83155982ff3
