@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
 # layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
 # fusion:   fused: Conv_0, Dense_0; per sample: BatchNorm_0
@@ -674,4 +674,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=5c515acb7dadec4dfa322c59f5f43ffbb6a22148614a473472036d79b2f82798
+# hypernn-gen: sha256=afc13c8d8a8b37e64406225f034028c1aa13f6871a0884a391249657d3bf9939

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_cnn_linen_static.py
@@ -372,4 +372,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=5b724a7b48419838a16fc69e0a60201f333b5cb0b19c9fd2301a877412cfd235
+# hypernn-gen: sha256=ca352362dbc69e6e67079fd285b05663a6cb4e28e05a49b283e67dfca6c4d012

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # fusion:   fused: Dense_0, Dense_1, Dense_2
@@ -634,4 +634,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=756377497601ee6e366bc6ee46e11746b597ab971f6824d3a0a7c6b60675c9fb
+# hypernn-gen: sha256=ccd26def40c2ba2d81aab609413bb40097ff8b0986ca3c8192b0906b81588dc4

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # command:  hypernn-gen generated_examples/targets/linen_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_mlp_linen_static.py
@@ -337,4 +337,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=ec9047bb7c48abed9e3cb807a31b0cbe587a4773702b1dba183e48de434ad988
+# hypernn-gen: sha256=b25a1faffbed8bc1e2bc231a9c091b1d5e33af223bb295aef40dd1f0df02380a

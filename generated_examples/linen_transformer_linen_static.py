@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_transformer.py:make_target (linen, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 496a48899a4e80be
 # command:  hypernn-gen generated_examples/targets/linen_transformer.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_transformer_linen_static.py
@@ -466,4 +466,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=92147221e38e83557e5f7bbfe4162a3721ed80ee16175f6b9c5e08a830283a07
+# hypernn-gen: sha256=7da356e68851815609d752ae9c344a75932d62504994bdd461b1bd3ccc0ab599

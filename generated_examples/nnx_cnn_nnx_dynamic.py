@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
 # layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
 # fusion:   fused: conv, linear; per sample: bn
@@ -726,4 +726,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=d297fb2e695facadc68fd94cf84abc59ad81753e80b5b17a63f944abdfb2e5e9
+# hypernn-gen: sha256=9344783c02fb487a1a701aa3ae47867c027ae230796392bd9260ee3d7750b0ef

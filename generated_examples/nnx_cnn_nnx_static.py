@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
 # command:  hypernn-gen generated_examples/targets/nnx_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_cnn_nnx_static.py
@@ -383,4 +383,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=55c5d34590bafce0776f053cf787a04c66ad6df993919dd278f29f3186402d26
+# hypernn-gen: sha256=7dba070432f91354c7e86817220634a2841cdba646be43d2fa47d56b6589c6b8

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_mlp.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
 # fusion:   fused: hidden1, hidden2, out
@@ -717,4 +717,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=61ecee4d2ed21f2e4915d64336a2b0d2237589dc32d5fd078ad86ecfc0cf9cb2
+# hypernn-gen: sha256=0f9eccbfff12f847058840b4bdfb927a7740d92c0d61115861debe45e797b68d

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_mlp.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
 # command:  hypernn-gen generated_examples/targets/nnx_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_mlp_nnx_static.py
@@ -374,4 +374,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=6fda753da3dd0ef1d319072ea515408e574b94e04823d004ca5273ceda0f6e0d
+# hypernn-gen: sha256=c1ae84145c6c7cdabe3fbb5fb1b262e4f8a2dd6102c1096004905bda51be1e95

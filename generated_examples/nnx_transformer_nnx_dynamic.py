@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 4dce26a7936cb729
 # fusion:   fused: block.fc, block.proj; per sample: block.attn.key, block.attn.out, block.attn.query, block.attn.value, block.ln1, block.ln2, embed, ln_f, <root>
@@ -813,4 +813,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=9a4fbfb0756bb3460ccd7a27640437a3d5e25d9581a08d6a4eff476d8c63e830
+# hypernn-gen: sha256=5ab58d29364a87c5bc296af0dabdeaba5c0c0fc603d01727fd47eede5868909f

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 4dce26a7936cb729
 # command:  hypernn-gen generated_examples/targets/nnx_transformer.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_transformer_nnx_static.py
@@ -459,4 +459,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=e47d071fde2e5afed40ecbe5ccba6d0b4e4d8ebd5512f5ecd8781484e76a3328
+# hypernn-gen: sha256=624053885928a9ded53c633c06a7a72a1adf6d62bc701efe11d344d9a8e50a8a

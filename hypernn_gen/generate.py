@@ -23,7 +23,7 @@ from .design import design_layout, gradient_multipliers
 from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
-from .layout import Chunking, Layout
+from .layout import Chunking, Layout, checkpoint_digest
 from .load import LoadedTarget, load_target
 from .options import (
     BACKENDS,
@@ -247,6 +247,8 @@ def build_context(
             "num_embeddings": chunking.num_embeddings,
             "chunk_dim": chunking.chunk_dim,
             "condition_shape": condition_shape,
+            # Flax files do not scale gradients yet (issue 16): say so in the header
+            "gradient_scaling": options.gradient_scaling if loaded.framework == "torch" else "off",
         },
     )
     header = (
@@ -268,6 +270,7 @@ def build_context(
     ctx = TemplateContext(
         **decisions,
         context_version=CONTEXT_VERSION,
+        checkpoint_digest=checkpoint_digest(layout, chunking, options.mode, options.embedding_dim),
         generator_version=__version__,
         framework=loaded.framework,
         mode=options.mode,
@@ -339,11 +342,16 @@ def _plan_linen(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
 ) -> FusionPlan:
     from .fuse_flax import plan_linen_fusion
-    from .trace import _jax_inputs
+    from .trace import _jax_inputs, jax_kwargs
 
     module = loaded.obj if loaded.factory is None else loaded.factory()
     return plan_linen_fusion(
-        module, _jax_inputs(loaded), layout, chunking, linear_generator=linear_generator
+        module,
+        _jax_inputs(loaded),
+        layout,
+        chunking,
+        linear_generator=linear_generator,
+        kwargs=jax_kwargs(loaded),
     )
 
 
@@ -412,11 +420,11 @@ def torch_decisions(
     kinds = tuple(dict.fromkeys(f.kind for f in fusion.fused)) if fused else ()
     forwards = tuple((k, _FUSED_FORWARD.get(k, f"{k}_forward")) for k in kinds)
     roots = ["check_layout", "without_generated", "reset_decoder", "decode", "unflatten_params"]
-    roots += ["flatten_params"]
+    roots += ["flatten_params", "carry_digest", "check_flat"]
     if options.gradient_scaling == "on":
         roots += ["scale_grad"] if options.generator_hidden else ["scale_grad", "scaled_linear"]
     if dynamic:
-        roots += ["check_condition", "check_batch", "run_per_sample"]
+        roots += ["check_condition", "dynamic_inputs", "run_per_sample"]
     if fused:
         roots += ["shared_inputs", "run_fused", "install_fusion"]
         roots += list(dict.fromkeys(f for _, f in forwards))
@@ -442,8 +450,9 @@ def torch_decisions(
 def gradient_scale_of(
     options: GenerateOptions, layout: Layout, chunking: Chunking
 ) -> tuple[float, float, float] | None:
-    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``)."""
-    if options.gradient_scaling == "off":
+    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``, and
+    Flax files for now)."""
+    if options.gradient_scaling == "off" or options.backend != "torch":
         return None
     generated = layout.generated
     return gradient_multipliers(

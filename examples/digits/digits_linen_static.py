@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/digits/target_linen.py:DigitsCNN (linen, class)
-# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   8 generated tensors, 38,282 values, 0 state tensors, digest ffff7b7a1a7b0314
 # command:  hypernn-gen examples/digits/target_linen.py --backend flax --mode static --embedding-dim 16 -o examples/digits/digits_linen_static.py
@@ -347,4 +347,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=9511dc96c67e43eed46e369aba06c7bd391f25da4c82536f006685a611d14005
+# hypernn-gen: sha256=7fc7527cfb25554ebd746ea389ba040b9a48b2a01ef2197094f4e6ad9de0fa43

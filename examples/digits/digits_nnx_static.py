@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/digits/target_nnx.py:target (nnx, instance)
-# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   8 generated tensors, 38,282 values, 0 state tensors, digest 8611cc9f4df350bc
 # command:  hypernn-gen examples/digits/target_nnx.py --backend flax --mode static --embedding-dim 16 -o examples/digits/digits_nnx_static.py
@@ -381,4 +381,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=bc387d11417f67b91fa753c8b4bced3e9b56127ca2023c1749d2f92213a6ac7c
+# hypernn-gen: sha256=0e8b03e87316e1bdb444c299e1fecddd4e0f693c8e495bb9d3026e69c516e3cf
