@@ -106,16 +106,16 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(OPTIMIZERS), figsize=(11, 4), sharey=True)
     for ax, optimizer in zip(axes, OPTIMIZERS, strict=True):
+        finite = [v for losses in results[optimizer].values() for v in losses if math.isfinite(v)]
+        top = 3 * max(finite, default=1.0)  # diverged runs: an x in the line's colour up here
         for name, losses in results[optimizer].items():
-            ys = [v if math.isfinite(v) else float("nan") for v in losses]
-            ax.plot(LRS, ys, marker="o", label=name)
-            for lr, v in zip(LRS, losses, strict=True):
-                if not math.isfinite(v):
-                    ax.plot([lr], [ax.get_ylim()[1] if ax.lines else 1.0], "x", color="red")
+            (line,) = ax.plot(LRS, losses, marker="o", label=name)
+            nan = [lr for lr, v in zip(LRS, losses, strict=True) if not math.isfinite(v)]
+            ax.plot(nan, [top] * len(nan), "x", color=line.get_color(), markersize=9)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("learning rate")
-        ax.set_title(f"{optimizer}: final MSE (missing: diverged)")
+        ax.set_title(f"{optimizer}: final MSE (x at the top: diverged)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("final MSE, all 512 points")
     axes[-1].legend(fontsize=8)

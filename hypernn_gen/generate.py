@@ -263,6 +263,8 @@ def build_context(
             "num_embeddings": chunking.num_embeddings,
             "chunk_dim": chunking.chunk_dim,
             "condition_shape": condition_shape,
+            # Flax files do not scale gradients yet (issue 16): say so in the header
+            "gradient_scaling": options.gradient_scaling if loaded.framework == "torch" else "off",
         },
     )
     if lora(options):
@@ -571,8 +573,9 @@ def example_expression(value: Any) -> str:
 def gradient_scale_of(
     options: GenerateOptions, layout: Layout, chunking: Chunking
 ) -> tuple[float, float, float] | None:
-    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``)."""
-    if options.gradient_scaling == "off":
+    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``, and
+    Flax files for now)."""
+    if options.gradient_scaling == "off" or options.backend != "torch":
         return None
     generated = layout.generated
     return gradient_multipliers(
