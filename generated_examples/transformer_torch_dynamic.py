@@ -493,33 +493,130 @@ def check_batch(args: tuple, batch: int) -> None:
             )
 
 
+def batched_leaves(batch: int, args: tuple, kwargs: dict, flags: tuple | None = None) -> list[bool]:
+    """Which tensors of a call (``pytree`` leaves of ``(args, kwargs)``, in order) carry the batch
+    first: ``flags`` as the generator's probe recorded them (checked against the shapes), or,
+    without them, those whose first dimension is ``batch`` (the hypernetwork's own inputs)."""
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+    if flags is None:
+        return [x.dim() > 0 and x.shape[0] == batch for x in tensors]
+    if len(flags) != len(tensors) or any(
+        flag and (x.dim() == 0 or x.shape[0] != batch)
+        for x, flag in zip(tensors, flags, strict=False)
+    ):
+        shapes = [tuple(x.shape) for x in tensors]
+        raise ValueError(
+            f"a module run per sample got tensors of shapes {shapes}, not the {len(flags)} "
+            f"inputs (batch of {batch} first: {list(flags)}) seen when the file was generated; "
+            "regenerate the file with an example call like this one"
+        )
+    return list(flags)
+
+
+class Static(NamedTuple):
+    """A slot in an output rebuilt after vmap: the index of a tensor among the outputs."""
+
+    index: int
+
+
+def split_tensors(value: Any, found: list[Tensor], depth: int = 0) -> Any:
+    """``value`` with every tensor in it replaced by its :class:`Static` slot in ``found``.
+
+    Containers and objects that hold tensors (transformers' ``DynamicCache``) are copied, so
+    the tensors a function makes under vmap can leave it; values without tensors (``None``,
+    numbers, strings) are kept as they are, the same for every sample.
+    """
+    if isinstance(value, Tensor):
+        found.append(value)
+        return Static(len(found) - 1)
+    if depth > 6 or value is None or isinstance(value, (bool, int, float, str, type, nn.Module)):
+        return value
+    before = len(found)
+    if isinstance(value, (list, tuple, dict)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        parts = {k: split_tensors(v, found, depth + 1) for k, v in items}
+        if len(found) == before:
+            return value
+        if isinstance(value, dict):
+            clone = copy.copy(value)
+            clone.update(parts)
+            return clone
+        rebuilt = list(parts.values())
+        if isinstance(value, list):
+            return rebuilt
+        return type(value)(*rebuilt) if hasattr(value, "_fields") else tuple(rebuilt)
+    if not hasattr(value, "__dict__"):
+        return value
+    parts = {k: split_tensors(v, found, depth + 1) for k, v in vars(value).items()}
+    if len(found) == before:
+        return value
+    clone = copy.copy(value)
+    vars(clone).update(parts)
+    return clone
+
+
+def fill_tensors(value: Any, tensors: tuple[Tensor, ...], depth: int = 0) -> Any:
+    """The inverse of :func:`split_tensors`: each :class:`Static` slot back to its tensor."""
+    if isinstance(value, Static):
+        return tensors[value.index]
+    if depth > 6 or value is None or isinstance(value, (bool, int, float, str, type, nn.Module)):
+        return value
+    if isinstance(value, dict):
+        value.update({k: fill_tensors(v, tensors, depth + 1) for k, v in value.items()})
+    elif isinstance(value, list):
+        value[:] = [fill_tensors(v, tensors, depth + 1) for v in value]
+    elif isinstance(value, tuple):
+        parts = [fill_tensors(v, tensors, depth + 1) for v in value]
+        return type(value)(*parts) if hasattr(value, "_fields") else tuple(parts)
+    elif hasattr(value, "__dict__"):
+        vars(value).update({k: fill_tensors(v, tensors, depth + 1) for k, v in vars(value).items()})
+    return value
+
+
 def run_per_sample(
-    module: nn.Module, params: dict[str, Tensor], batch: int, args: tuple, kwargs: dict
+    module: nn.Module,
+    params: dict[str, Tensor],
+    batch: int,
+    args: tuple,
+    kwargs: dict,
+    flags: tuple | None = None,
 ) -> Any:
     """Sample b through ``module`` alone with ``params[...][b]``, batched with vmap.
 
-    Inputs with the batch first are split per sample; others (positions, masks) are shared.
+    The tensors of the call that carry the batch first (:func:`batched_leaves`; positional or
+    keyword, in any container) are split per sample; the others (positions, masks) are shared.
+    The output may hold anything: its tensors come back with the batch first, ``None`` and other
+    plain values as they are, containers and objects (``ModelOutput``, ``DynamicCache``) rebuilt.
     In training each sample gets its own copy of the module's buffers (BatchNorm statistics)
     and their mean is written back.
     """
     buffers = dict(module.named_buffers()) if module.training else {}
     copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
-    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch for x in args]
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    split = iter(batched_leaves(batch, args, kwargs, flags))
+    where = [isinstance(x, Tensor) and next(split) for x in leaves]
+    template: list[Any] = []
 
-    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-        xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
-        out = functional_call(module, {**p, **b}, xs, kwargs, tie_weights=False)
-        if not any(batched):
-            return out
-        return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
+    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], xs: list[Tensor]) -> tuple:
+        given = iter(xs)
+        full = [next(given).unsqueeze(0) if w else x for x, w in zip(leaves, where, strict=True)]
+        a, k = pytree.tree_unflatten(full, spec)
+        out = functional_call(module, {**p, **b}, a, k, tie_weights=False)
+        found: list[Tensor] = []
+        outs, out_spec = pytree.tree_flatten(out)
+        template.append((out_spec, [split_tensors(o, found) for o in outs]))
+        if any(where):
+            found = [o.squeeze(0) if o.dim() and o.shape[0] == 1 else o for o in found]
+        return tuple(found)
 
-    in_dims = (0, 0, *(0 if split else None for split in batched))
-    output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
+    xs = [x for x, w in zip(leaves, where, strict=True) if w]
+    tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
     with torch.no_grad():
         for name, value in copies.items():
             mean = value.float().mean(0) if value.is_floating_point() else value[0]
             buffers[name].copy_(mean.to(buffers[name].dtype))
-    return output
+    out_spec, outs = template[-1]
+    return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
 
 
 # -- Fused per-sample layers: per-sample outputs without per-sample weights --
@@ -660,7 +757,8 @@ def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     params = {name: shared.materialise(i) for name, i in self.hyper_params}
     self.hyper_shared = None  # inside, the module's own forward runs
     try:
-        return run_per_sample(self, params, shared.scales.shape[0], args, kwargs)
+        batch = shared.scales.shape[0]
+        return run_per_sample(self, params, batch, args, kwargs, self.hyper_batched)
     finally:
         self.hyper_shared = shared
 
@@ -674,11 +772,14 @@ def install_fusion(
     tied: dict[str, str],
     chunk_dim: int,
     num_embeddings: int,
+    batched: dict[str, tuple[bool, ...]] | None = None,
 ) -> tuple[nn.ModuleList, tuple[nn.Module, ...]]:
     """Swap the forward of fused and per-sample modules (their state and names are unchanged):
     ``forwards[kind]`` for each fused layer (a :class:`FusedLayer` tuple), :func:`per_sample_forward`
     for each module in ``per_sample``, which reads the generated tensors below it (under every
-    name, ``tied``). Returns the index buffers of the Linear/Conv layers and the swapped modules."""
+    name, ``tied``) and splits per sample the tensors of its call that ``batched[path]`` flags
+    (the generator's probe: positional, then keyword tensors). Returns the index buffers of the
+    Linear/Conv layers and the swapped modules."""
     swapped, indices = [], nn.ModuleList()
     for layer in map(FusedLayer._make, fused):
         module = target.get_submodule(layer.path)
@@ -701,6 +802,7 @@ def install_fusion(
         module.hyper_params = tuple(
             (n[len(prefix) :], i) for n, i in names.items() if n.startswith(prefix)
         )
+        module.hyper_batched = (batched or {}).get(path)
         swapped.append(module)
     for module in swapped:
         module.hyper_shared = None
@@ -718,4 +820,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=5eb5adfee7e2a93baa630e7fb19ca314a14cf40ba1e90eb4a8324e4e1541cfca
+# hypernn-gen: sha256=10a8ec3b3c9b4eaf1c1693ccff06f668b5ea4e434d7503c27200ce0802dceaf3

@@ -342,11 +342,16 @@ def _plan_linen(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
 ) -> FusionPlan:
     from .fuse_flax import plan_linen_fusion
-    from .trace import _jax_inputs
+    from .trace import _jax_inputs, jax_kwargs
 
     module = loaded.obj if loaded.factory is None else loaded.factory()
     return plan_linen_fusion(
-        module, _jax_inputs(loaded), layout, chunking, linear_generator=linear_generator
+        module,
+        _jax_inputs(loaded),
+        layout,
+        chunking,
+        linear_generator=linear_generator,
+        kwargs=jax_kwargs(loaded),
     )
 
 
