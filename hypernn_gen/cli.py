@@ -38,7 +38,7 @@ from .design import design_layout
 from .errors import GenerationError, HypernnGenError
 from .fuse import FusionPlan
 from .generate import Generated, generate, paths_relative_to, plan_fusion
-from .load import DEFAULT_LOAD_TIMEOUT, load_target, load_time_limit
+from .load import DEFAULT_LOAD_TIMEOUT, load_target, load_time_limit, target_time_limit
 from .options import (
     GenerateOptions,
     add_option_arguments,
@@ -89,8 +89,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         type=_seconds,
         default=DEFAULT_LOAD_TIMEOUT,
-        help=f"limit on importing and building the target (default {DEFAULT_LOAD_TIMEOUT:g}; "
-        "0: none)",
+        help="limit on running the target's code: importing, building and tracing it (default "
+        f"{DEFAULT_LOAD_TIMEOUT:g}; 0: none)",
     )
 
 
@@ -124,7 +124,8 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     options = GenerateOptions(target=args.target, **options_from_namespace(args))
     check_options(options)
-    with contextlib.redirect_stdout(sys.stderr):  # what the target prints stays off --json
+    # what the target prints stays off --json; one time limit from loading to the last probe
+    with contextlib.redirect_stdout(sys.stderr), target_time_limit(options.target):
         loaded = load_target(
             options.target,
             input_shapes=list(options.input_shapes) or None,

@@ -25,7 +25,7 @@ from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
 from .layout import Chunking, Layout, checkpoint_digest
-from .load import LoadedTarget, load_target
+from .load import LoadedTarget, load_target, target_time_limit
 from .options import (
     BACKENDS,
     DEFAULT_EMBEDDING_HIDDEN,
@@ -84,7 +84,11 @@ def resolve_output(options: GenerateOptions, loaded: LoadedTarget) -> Path:
 def generate(options: GenerateOptions) -> Generated:
     """Run the pipeline for one file and return its final (formatted, sealed) text."""
     check_options(options)
+    with target_time_limit(options.target):  # the target's code runs until tracing is done
+        return _generate(options)
 
+
+def _generate(options: GenerateOptions) -> Generated:
     loaded = load_target(
         options.target,
         input_shapes=list(options.input_shapes) or None,

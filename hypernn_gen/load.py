@@ -57,6 +57,7 @@ __all__ = [
     "LoadedTarget",
     "DEFAULT_LOAD_TIMEOUT",
     "guarded_target_code",
+    "target_time_limit",
     "load_target",
     "is_example_array",
     "load_time_limit",
@@ -280,6 +281,7 @@ def guarded_target_code(
     saved_cwd = os.getcwd()
     use_alarm = (
         bool(timeout)
+        and not _WHOLE_JOB.get()  # inside target_time_limit: its alarm covers this block too
         and hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
     )
@@ -300,10 +302,12 @@ def guarded_target_code(
             finally:
                 sys.stdin = saved_stdin
     except _LoadTimeout:
+        if not use_alarm:  # the enclosing target_time_limit's alarm: it reports
+            raise
         raise TargetLoadError(
-            f"{what} {file_text} took longer than {timeout:g} s (an endless loop at import, or "
-            "a wait for input?); fix the target file, or raise the limit with --load-timeout "
-            "SECONDS (0: none)"
+            f"{what} {file_text} took longer than {timeout:g} s (an endless loop at import or "
+            "in its forward, or a wait for input?); fix the target file, or raise the limit "
+            "with --load-timeout SECONDS (0: none)"
         ) from None
     finally:
         if use_alarm:
@@ -314,6 +318,24 @@ def guarded_target_code(
 
 
 _guarded = guarded_target_code
+
+#: set within :func:`target_time_limit`, whose one alarm covers every guarded block inside it
+_WHOLE_JOB: contextvars.ContextVar[bool] = contextvars.ContextVar("whole_job", default=False)
+
+
+@contextlib.contextmanager
+def target_time_limit(spec: str, timeout: float | None = None) -> Iterator[None]:
+    """One time limit (``--load-timeout``; default: :func:`load_time_limit`'s) over a whole job
+    that runs the target's code: importing and building it, and tracing it, where its forward
+    runs (the meta probe, the example call, ``eval_shape``) and may loop just as well."""
+    if timeout is None:
+        timeout = _LOAD_TIMEOUT.get()
+    with guarded_target_code(_split_spec(spec)[0], timeout, what="loading and tracing"):
+        token = _WHOLE_JOB.set(True)
+        try:
+            yield
+        finally:
+            _WHOLE_JOB.reset(token)
 
 
 # -- the file -------------------------------------------------------------------------------------

@@ -144,9 +144,7 @@ class TemplateContext:
     kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
     kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim
     kernel_names: tuple[str, ...] = ()  #: names the kernel section defines
-    checkpoint_digest: str = (
-        ""  #: what saved state carries (``hypernn_gen.layout.checkpoint_digest``)
-    )
+    checkpoint_digest: str = ""  #: saved in every state (``layout.checkpoint_digest``)
     # -- adapters (--generate delta/lora, context version 3) --
     generate: str = "weights"  #: ``weights``, ``delta`` (base + generated delta) or ``lora``
     delta: bool = False  #: ``generate == "delta"``: the ``base`` buffer, a zeroed generator output

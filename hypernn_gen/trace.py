@@ -63,11 +63,22 @@ def trace_selected(
     Raises:
         TraceError: as :func:`trace_target`, or a pattern matches no trainable parameter.
     """
-    layout = trace_target(loaded)
     if not include and not exclude:
-        return layout
+        return trace_target(loaded)
+    # Traced with the filter only: a tensor it keeps out (a complex parameter) is never checked
+    # as a generated one. Its layout still lists every trainable path (excluded ones as state).
+    try:
+        layout = trace_target(loaded, include=path_filter(include, exclude))
+    except TraceError:  # nothing left to generate: a pattern that matches nothing explains it
+        try:
+            unfiltered = trace_target(loaded)
+        except TraceError:
+            unfiltered = None
+        if unfiltered is not None:
+            check_patterns(unfiltered, include=include, exclude=exclude)
+        raise
     check_patterns(layout, include=include, exclude=exclude)
-    return trace_target(loaded, include=path_filter(include, exclude))
+    return layout
 
 
 def _build_failed(loaded: LoadedTarget, exc: Exception) -> TraceError:
