@@ -61,6 +61,7 @@ NUM_EMBEDDINGS = 263
 CHUNK_DIM = 263
 FLAT_SIZE = 69_120
 LAYOUT_DIGEST = "92f8307eadc3dee6"
+CHECKPOINT_DIGEST = "77542bd1b751cf8b"  # saved in every state dict, checked on load
 CONDITION_SHAPE = (8,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
@@ -149,6 +150,7 @@ class SeedMlpHyperNetwork(nn.Module):
         super().__init__()
         target_network = make_target() if target_network is None else target_network
         check_layout(target_network, GENERATED)
+        carry_digest(self, CHECKPOINT_DIGEST)
         self.embedding_module = SeedMlpEmbedding()
         self.weight_generator = SeedMlpWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
@@ -195,9 +197,7 @@ class SeedMlpHyperNetwork(nn.Module):
     ) -> tuple[Any, Tensor | None]:
         """Run the target with per-sample weights; returns ``(output, generated_params)``, the
         latter ``None`` (the fused path never builds it) unless given or ``return_params``."""
-        condition = args[0] if condition is None and args else condition
-        batch = condition.shape[0] if generated_params is None else generated_params.shape[0]
-        check_batch(args, batch)
+        condition, batch = dynamic_inputs(args, condition, generated_params, FLAT_SIZE)
         if generated_params is None and not return_params:  # fused: no per-sample weights
             shared = shared_inputs(self, condition, GENERATED, FLAT_SIZE)
             return run_fused(self.target, self.swapped, shared, args, kwargs), None
@@ -266,6 +266,39 @@ def drop_anchor(module: nn.Module, state: dict, prefix: str, local_metadata: Any
 
 def add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
     state.setdefault(prefix + ANCHOR, getattr(module, ANCHOR).detach())
+
+
+DIGEST_KEY = "layout_digest"  #: the state-dict entry naming the layout a checkpoint was saved from
+
+
+def carry_digest(hypernetwork: nn.Module, digest: str) -> None:
+    """Put ``digest`` (16 hex digits: the layout, chunking, mode and sizes) in every state dict,
+    as 8 bytes under ``DIGEST_KEY``, and refuse to load one that carries another (saved from a
+    hypernetwork of another layout; shapes alone cannot tell). One without it (saved before
+    digests existed, or built by hand) loads as before."""
+    hypernetwork.layout_digest = digest
+    hypernetwork.register_state_dict_post_hook(save_digest)
+    hypernetwork.register_load_state_dict_pre_hook(load_digest)
+
+
+def save_digest(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    device = next(module.parameters()).device  # beside the values it describes
+    digest = list(bytes.fromhex(module.layout_digest))
+    state[prefix + DIGEST_KEY] = torch.tensor(digest, dtype=torch.uint8, device=device)
+
+
+def load_digest(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    saved = state.pop(prefix + DIGEST_KEY, None)
+    if saved is None or saved.is_meta:  # saved before digests existed, or built by hand
+        return
+    found = bytes(saved.tolist()).hex()
+    if found != module.layout_digest:
+        raise ValueError(
+            f"the state dict was saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {module.layout_digest}): its values would land on other tensors; "
+            "load it into the hypernetwork it was saved from, or regenerate this one with that "
+            "target and those options"
+        )
 
 
 def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
@@ -346,6 +379,41 @@ def check_condition(condition: Tensor, shape: tuple[int, ...]) -> None:
             f"the condition has shape {tuple(condition.shape)}, this hypernetwork was "
             f"generated for (batch, *{shape}); pass condition=... to forward"
         )
+
+
+def check_flat(flat: Tensor, flat_size: int, dynamic: bool = False) -> None:
+    """``generated_params`` must be ``(flat_size,)`` (static) or ``(batch, flat_size)``."""
+    shape = tuple(flat.shape) if isinstance(flat, Tensor) else type(flat).__name__
+    if not isinstance(flat, Tensor) or flat.dim() != 1 + dynamic or flat.shape[-1] != flat_size:
+        expected = f"(batch, {flat_size})" if dynamic else f"({flat_size},)"
+        raise ValueError(
+            f"generated_params has shape {shape}, expected {expected}; build it with "
+            "flatten_params() or generate_params()"
+        )
+
+
+def dynamic_inputs(
+    args: tuple, condition: Tensor | None, flat: Tensor | None, flat_size: int
+) -> tuple[Tensor, int]:
+    """The condition (default: the first input) and the number of weight sets, checked before
+    PyTorch sees them: ``generated_params`` ``(batch, flat_size)``, a batch of at least one
+    sample and every tensor input batched alike (the condition's shape: ``check_condition``)."""
+    condition = args[0] if condition is None and args else condition
+    if flat is None and (not isinstance(condition, Tensor) or condition.dim() == 0):
+        got = f"shape {tuple(condition.shape)}" if isinstance(condition, Tensor) else condition
+        raise ValueError(
+            f"dynamic mode needs a conditioning input (batch, *condition shape), got {got}; "
+            "pass the target's inputs or condition=... with a leading batch dimension"
+        )
+    if flat is not None:
+        check_flat(flat, flat_size, dynamic=True)
+    batch = (condition if flat is None else flat).shape[0]
+    if batch == 0:
+        raise ValueError(
+            "a batch of 0 samples: dynamic mode makes one weight set per sample; pass at least one"
+        )
+    check_batch(args, batch)
+    return condition, batch
 
 
 def check_batch(args: tuple, batch: int) -> None:
@@ -754,4 +822,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=cfa346fbdeed08a9cbafb1a62cf299a2be7b225881a09b5a89a01c6bcd649ed8
+# hypernn-gen: sha256=3608a3385b6191976c3221f8b2dac2e177fb49058a21c81d69d5a913a4d2d59b

@@ -23,7 +23,7 @@ from .design import design_layout
 from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
-from .layout import Chunking, Layout
+from .layout import Chunking, Layout, checkpoint_digest
 from .load import LoadedTarget, load_target
 from .options import (
     BACKENDS,
@@ -269,6 +269,7 @@ def build_context(
     ctx = TemplateContext(
         **decisions,
         context_version=CONTEXT_VERSION,
+        checkpoint_digest=checkpoint_digest(layout, chunking, options.mode, options.embedding_dim),
         generator_version=__version__,
         framework=loaded.framework,
         mode=options.mode,
@@ -339,11 +340,16 @@ def _plan_linen(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
 ) -> FusionPlan:
     from .fuse_flax import plan_linen_fusion
-    from .trace import _jax_inputs
+    from .trace import _jax_inputs, jax_kwargs
 
     module = loaded.obj if loaded.factory is None else loaded.factory()
     return plan_linen_fusion(
-        module, _jax_inputs(loaded), layout, chunking, linear_generator=linear_generator
+        module,
+        _jax_inputs(loaded),
+        layout,
+        chunking,
+        linear_generator=linear_generator,
+        kwargs=jax_kwargs(loaded),
     )
 
 
@@ -402,9 +408,9 @@ def torch_decisions(
     kinds = tuple(dict.fromkeys(f.kind for f in fusion.fused)) if fused else ()
     forwards = tuple((k, _FUSED_FORWARD.get(k, f"{k}_forward")) for k in kinds)
     roots = ["check_layout", "without_generated", "reset_decoder", "decode", "unflatten_params"]
-    roots += ["flatten_params"]
+    roots += ["flatten_params", "carry_digest", "check_flat"]
     if dynamic:
-        roots += ["check_condition", "check_batch", "run_per_sample"]
+        roots += ["check_condition", "dynamic_inputs", "run_per_sample"]
     if fused:
         roots += ["shared_inputs", "run_fused", "install_fusion"]
         roots += list(dict.fromkeys(f for _, f in forwards))
@@ -451,7 +457,12 @@ def example_expression(value: Any) -> str:
     if isinstance(value, tuple):
         parts = list(map(example_expression, value))
         return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
-    return repr(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise GenerationError(
+        f"the example call holds {type(value).__name__!r}, which a PyTorch file's __main__ cannot "
+        "repeat; use tensors, None, bools, numbers, strings, or tuples/lists/dicts of them"
+    )
 
 
 def merge_imports(lines: list[str]) -> tuple[str, ...]:

@@ -16,6 +16,11 @@ user never needs JAX and vice versa:
 Factories are called once to learn what they build: on the ``meta`` device for PyTorch and under
 ``jax.eval_shape`` for JAX, so no parameter memory is allocated.
 
+Example inputs come from ``--input-shape``, a module-level ``example_input(s)`` (positional
+arrays), or a module-level ``example_call``: the whole call, ``(args, kwargs)`` (any values:
+arrays, PRNG keys, ``nnx.Rngs``, flags such as ``train=False``), or a zero-argument function
+returning it (called afresh whenever the call is made, so an ``nnx.Rngs`` is never reused).
+
 Every problem raises :class:`~hypernn_gen.errors.TargetLoadError` with a one-line message that
 names the problem and the fix.
 """
@@ -36,7 +41,8 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, NamedTuple
@@ -52,6 +58,7 @@ __all__ = [
     "DEFAULT_LOAD_TIMEOUT",
     "guarded_target_code",
     "load_target",
+    "is_example_array",
     "load_time_limit",
     "parse_input_shape",
 ]
@@ -120,8 +127,12 @@ class LoadedTarget:
         example_inputs: the file's own ``example_input(s)`` objects (or ``example_call``'s
             positional arguments), as a tuple; ``None`` when the file defines none or
             ``input_shapes`` overrode them.
-        example_kwargs: ``example_call``'s keyword arguments (empty without one).
         source_module: the imported Python module of the target file.
+        example_call: the file's ``example_call`` as a zero-argument function returning a fresh
+            ``(args, kwargs)``; ``None`` when the file defines none or ``input_shapes`` overrode
+            its positional arguments.
+        example_kwargs: the keyword arguments of the file's ``example_call`` (empty without
+            one); ``input_shapes`` replace only the positional arguments, these stay.
     """
 
     spec: str
@@ -134,7 +145,8 @@ class LoadedTarget:
     input_specs: tuple[InputSpec, ...]
     example_inputs: tuple[Any, ...] | None
     source_module: ModuleType
-    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    example_call: Callable[[], tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+    example_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def display(self) -> str:
@@ -180,7 +192,8 @@ def load_target(
     Args:
         spec: the target file, optionally followed by ``:NAME``.
         input_shapes: one shape per positional input of the forward pass (tuples, or
-            ``--input-shape`` text such as ``"1,8"``); overrides the file's ``example_input(s)``.
+            ``--input-shape`` text such as ``"1,8"``); overrides the file's ``example_input(s)``
+            (or ``example_call``'s positional arguments; its keyword arguments stay).
         input_dtype: dtype of the ``input_shapes`` inputs (one of :data:`INPUT_DTYPES`).
         cwd: directory that a relative path is resolved against (default: the current one).
         timeout: seconds that importing the file and building the target may take (``0``: no
@@ -216,14 +229,15 @@ def load_target(
             )
         obj = getattr(module, name)
         kind, framework, factory = _classify(obj, name, file_text, path, frameworks)
+        example_call = _file_example_call(module, file_text, path.parent)
+        example_args, example_kwargs = example_call() if example_call else ((), {})
 
-    example_kwargs: dict[str, Any] = {}
     if shapes:
         input_specs = tuple(InputSpec(shape, input_dtype) for shape in shapes)
-        example_inputs = None
-    elif hasattr(module, "example_call"):
-        example_inputs, example_kwargs = _file_example_call(module, file_text)
-        input_specs = tuple(_input_spec(x, file_text) for x in example_inputs if _is_array(x))
+        example_inputs, example_call = None, None
+    elif example_call is not None:
+        example_inputs = example_args
+        input_specs = tuple(_input_spec(x, file_text) for x in example_args if is_example_array(x))
     else:
         example_inputs = _file_example_inputs(module, file_text)
         input_specs = tuple(_input_spec(x, file_text) for x in example_inputs or ())
@@ -244,6 +258,7 @@ def load_target(
         input_specs=input_specs,
         example_inputs=example_inputs,
         source_module=module,
+        example_call=example_call,
         example_kwargs=example_kwargs,
     )
 
@@ -706,60 +721,54 @@ def _normalise_shapes(shapes: Sequence[Sequence[int] | str] | None) -> list[tupl
     return result
 
 
-#: What an ``example_call`` may hold besides tensors/arrays (in tuples, lists and dicts).
-PLAIN_VALUES = (type(None), bool, int, float, str)
+EXAMPLE_CALL = "example_call"
 
 
-def _is_array(value: Any) -> bool:
-    return getattr(value, "shape", None) is not None and getattr(value, "dtype", None) is not None
+def is_example_array(x: Any) -> bool:
+    """An array-like example input with a shape and a numeric dtype (not a typed PRNG key)."""
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    return shape is not None and dtype is not None and "key<" not in str(dtype)
 
 
-def _file_example_call(module: ModuleType, file_text: str) -> tuple[tuple[Any, ...], dict]:
-    """``example_call = ((x,), {"attention_mask": m})``, or a function returning that."""
-    others = [n for n in ("example_input", "example_inputs") if hasattr(module, n)]
-    if others:
-        raise TargetLoadError(
-            f"{file_text} defines both example_call and {others[0]}; keep example_call"
-        )
-    value = module.example_call
-    if callable(value):
-        value = value()
-    shape_hint = 'example_call = ((x,), {"attention_mask": mask})'
-    if not (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and isinstance(value[0], (tuple, list))
-        and isinstance(value[1], dict)
-        and all(isinstance(k, str) for k in value[1])
-    ):
-        raise TargetLoadError(
-            f"example_call in {file_text} is {_a(type(value).__name__)}, not a pair "
-            f"(positional arguments, keyword arguments); write e.g. {shape_hint}"
-        )
-    args, kwargs = tuple(value[0]), dict(value[1])
-    if not args or not _is_array(args[0]):
-        raise TargetLoadError(
-            f"example_call in {file_text} needs a tensor/array as its first positional "
-            f"argument (the conditioning input, batch first); write e.g. {shape_hint}"
-        )
-    for where, item in [*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items()]:
-        bad = _unsupported_leaf(item)
-        if bad is not None:
-            raise TargetLoadError(
-                f"example_call in {file_text} holds {_a(type(bad).__name__)} in {where}; use "
-                "tensors/arrays, None, bools, numbers, strings, or tuples/lists/dicts of them"
-            )
-    return args, kwargs
-
-
-def _unsupported_leaf(value: Any, depth: int = 0) -> Any:
-    if _is_array(value) or isinstance(value, PLAIN_VALUES):
+def _file_example_call(
+    module: ModuleType, file_text: str, directory: Path
+) -> Callable[[], tuple[tuple[Any, ...], dict[str, Any]]] | None:
+    """``example_call`` as a checked zero-argument function returning ``(args, kwargs)``."""
+    if not hasattr(module, EXAMPLE_CALL):
         return None
-    if isinstance(value, (tuple, list, dict)) and depth < 8:
-        items = value.values() if isinstance(value, dict) else value
-        bad = (_unsupported_leaf(v, depth + 1) for v in items)
-        return next((b for b in bad if b is not None), None)
-    return value
+    clash = [n for n in ("example_input", "example_inputs") if hasattr(module, n)]
+    if clash:
+        raise TargetLoadError(
+            f"{file_text} defines both {EXAMPLE_CALL} and {clash[0]}; keep one ({EXAMPLE_CALL} "
+            "holds the whole call: (args, kwargs))"
+        )
+    value = getattr(module, EXAMPLE_CALL)
+    make = _in_directory(value, directory) if callable(value) else (lambda: value)
+
+    def call() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        try:
+            made = make()
+        except Exception as exc:
+            raise TargetLoadError(
+                f"calling {EXAMPLE_CALL}() in {file_text} failed: "
+                f"{_describe_exception(exc, Path(module.__file__ or file_text), file_text)}; "
+                "fix the function"
+            ) from exc
+        ok = (
+            isinstance(made, (tuple, list))
+            and len(made) == 2
+            and isinstance(made[0], (tuple, list))
+            and isinstance(made[1], dict)
+            and all(isinstance(k, str) for k in made[1])
+        )
+        if not ok:
+            raise TargetLoadError(
+                f"{EXAMPLE_CALL} in {file_text} is {_a(type(made).__name__)}, not (args, kwargs); "
+                f'write {EXAMPLE_CALL} = ((x,), {{"train": False}}) or a function returning it'
+            )
+        return tuple(made[0]), dict(made[1])
+
+    return call
 
 
 def _file_example_inputs(module: ModuleType, file_text: str) -> tuple[Any, ...] | None:

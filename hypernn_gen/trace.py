@@ -123,17 +123,17 @@ def torch_meta_call(loaded: LoadedTarget) -> tuple[tuple, dict]:
     import torch
     from torch.utils import _pytree as pytree
 
+    def meta(x: Any) -> Any:
+        return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+    kwargs = pytree.tree_map(meta, dict(loaded.example_kwargs))
     if loaded.example_inputs is None:
         args = tuple(
             torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
             for spec in loaded.input_specs
         )
-        return args, {}
-
-    def meta(x: Any) -> Any:
-        return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
-
-    return pytree.tree_map(meta, (tuple(loaded.example_inputs), dict(loaded.example_kwargs)))
+        return args, kwargs
+    return pytree.tree_map(meta, tuple(loaded.example_inputs)), kwargs
 
 
 def _check_torch_inputs(loaded: LoadedTarget, module: Any) -> str | None:
@@ -208,6 +208,13 @@ def _jax_inputs(loaded: LoadedTarget) -> tuple[Any, ...]:
     return tuple(jax.ShapeDtypeStruct(spec.shape, spec.dtype) for spec in loaded.input_specs)
 
 
+def jax_kwargs(loaded: LoadedTarget) -> dict[str, Any]:
+    """The example call's keyword arguments, fresh (an ``nnx.Rngs`` is made anew each time)."""
+    if loaded.example_call is not None:
+        return loaded.example_call()[1]
+    return dict(loaded.example_kwargs)
+
+
 def _trace_linen(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> Layout:
     from . import trace_flax
 
@@ -217,7 +224,9 @@ def _trace_linen(loaded: LoadedTarget, include: Callable[[str], bool] | None) ->
     except Exception as exc:
         raise _build_failed(loaded, exc) from exc
     try:
-        return trace_flax.trace_linen(module, inputs, include=include)
+        return trace_flax.trace_linen(
+            module, inputs, include=include, init_kwargs=jax_kwargs(loaded)
+        )
     except HypernnGenError:
         raise
     except Exception as exc:
@@ -252,8 +261,7 @@ def _check_nnx_inputs(loaded: LoadedTarget) -> None:
 
     inputs = _jax_inputs(loaded)
     module = loaded.obj if loaded.factory is None else nnx.eval_shape(loaded.factory)
-    graphdef, state = nnx.split(module)
-    try:
-        jax.eval_shape(lambda st, *xs: nnx.merge(graphdef, st)(*xs), state, *inputs)
+    try:  # nnx.eval_shape: an nnx.Rngs among the arguments is a graph node, not a constant
+        nnx.eval_shape(lambda m, xs, kw: m(*xs, **kw), module, inputs, jax_kwargs(loaded))
     except Exception as exc:  # noqa: BLE001 - any failure is reported, with its location
         raise _inputs_do_not_fit(loaded, exc) from exc

@@ -75,6 +75,39 @@ def add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
     state.setdefault(prefix + ANCHOR, getattr(module, ANCHOR).detach())
 
 
+DIGEST_KEY = "layout_digest"  #: the state-dict entry naming the layout a checkpoint was saved from
+
+
+def carry_digest(hypernetwork: nn.Module, digest: str) -> None:
+    """Put ``digest`` (16 hex digits: the layout, chunking, mode and sizes) in every state dict,
+    as 8 bytes under ``DIGEST_KEY``, and refuse to load one that carries another (saved from a
+    hypernetwork of another layout; shapes alone cannot tell). One without it (saved before
+    digests existed, or built by hand) loads as before."""
+    hypernetwork.layout_digest = digest
+    hypernetwork.register_state_dict_post_hook(save_digest)
+    hypernetwork.register_load_state_dict_pre_hook(load_digest)
+
+
+def save_digest(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    device = next(module.parameters()).device  # beside the values it describes
+    digest = list(bytes.fromhex(module.layout_digest))
+    state[prefix + DIGEST_KEY] = torch.tensor(digest, dtype=torch.uint8, device=device)
+
+
+def load_digest(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    saved = state.pop(prefix + DIGEST_KEY, None)
+    if saved is None or saved.is_meta:  # saved before digests existed, or built by hand
+        return
+    found = bytes(saved.tolist()).hex()
+    if found != module.layout_digest:
+        raise ValueError(
+            f"the state dict was saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {module.layout_digest}): its values would land on other tensors; "
+            "load it into the hypernetwork it was saved from, or regenerate this one with that "
+            "target and those options"
+        )
+
+
 def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     """The pieces covering ``[0, flat_size)``: their sizes, and the index in ``generated`` each
     belongs to (``len(generated)``: padding between tensors, chunking="tensor")."""
@@ -153,6 +186,41 @@ def check_condition(condition: Tensor, shape: tuple[int, ...]) -> None:
             f"the condition has shape {tuple(condition.shape)}, this hypernetwork was "
             f"generated for (batch, *{shape}); pass condition=... to forward"
         )
+
+
+def check_flat(flat: Tensor, flat_size: int, dynamic: bool = False) -> None:
+    """``generated_params`` must be ``(flat_size,)`` (static) or ``(batch, flat_size)``."""
+    shape = tuple(flat.shape) if isinstance(flat, Tensor) else type(flat).__name__
+    if not isinstance(flat, Tensor) or flat.dim() != 1 + dynamic or flat.shape[-1] != flat_size:
+        expected = f"(batch, {flat_size})" if dynamic else f"({flat_size},)"
+        raise ValueError(
+            f"generated_params has shape {shape}, expected {expected}; build it with "
+            "flatten_params() or generate_params()"
+        )
+
+
+def dynamic_inputs(
+    args: tuple, condition: Tensor | None, flat: Tensor | None, flat_size: int
+) -> tuple[Tensor, int]:
+    """The condition (default: the first input) and the number of weight sets, checked before
+    PyTorch sees them: ``generated_params`` ``(batch, flat_size)``, a batch of at least one
+    sample and every tensor input batched alike (the condition's shape: ``check_condition``)."""
+    condition = args[0] if condition is None and args else condition
+    if flat is None and (not isinstance(condition, Tensor) or condition.dim() == 0):
+        got = f"shape {tuple(condition.shape)}" if isinstance(condition, Tensor) else condition
+        raise ValueError(
+            f"dynamic mode needs a conditioning input (batch, *condition shape), got {got}; "
+            "pass the target's inputs or condition=... with a leading batch dimension"
+        )
+    if flat is not None:
+        check_flat(flat, flat_size, dynamic=True)
+    batch = (condition if flat is None else flat).shape[0]
+    if batch == 0:
+        raise ValueError(
+            "a batch of 0 samples: dynamic mode makes one weight set per sample; pass at least one"
+        )
+    check_batch(args, batch)
+    return condition, batch
 
 
 def check_batch(args: tuple, batch: int) -> None:
