@@ -135,7 +135,7 @@ def apply_init(layout: Layout, scheme: str = "target") -> Layout:
     if scheme not in INIT_SCHEMES:
         raise TraceError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
     if scheme == "target":
-        return layout
+        return _zero_start(layout)
     generated = {t.keys: t for t in layout.generated}
     weights = {t.keys[:-1]: t for t in generated.values() if len(t.shape) >= 2}
     biased = {
@@ -151,6 +151,35 @@ def apply_init(layout: Layout, scheme: str = "target") -> Layout:
                 t = dataclasses.replace(t, init_mean=0.0, init_std=std, init_source=scheme)
         tensors.append(t)
     return dataclasses.replace(layout, tensors=tuple(tensors))
+
+
+#: A zero-initialised weight (ViT heads, DiT's adaLN-Zero) starts at this fraction of
+#: ``1/sqrt(fan_in)`` instead: ``param_scale = 0`` would give the embedding and the generator
+#: exactly zero gradient on the first backward (nothing upstream of the layer sees an error).
+ZERO_START = 0.01
+ZERO_SOURCE = "zero init: starts at 0.01/sqrt(fan_in)"
+
+
+def _zero_start(layout: Layout) -> Layout:
+    """``layout`` with every zero-initialised weight (2+ dimensions, not a bias, mean and std 0)
+    given the
+    small std :data:`ZERO_START` / sqrt(fan_in): the target's output starts near its own (the
+    layer's output is about 1% of a default-initialised one) and gradients flow."""
+    tensors = tuple(
+        dataclasses.replace(
+            t,
+            init_std=round_stat(ZERO_START / math.sqrt(t.fan_in)),
+            init_source=ZERO_SOURCE,
+        )
+        if t.generated
+        and len(t.shape) >= 2
+        and t.init_std == 0
+        and t.init_mean == 0
+        and t.keys[-1] not in ("bias", "b")
+        else t
+        for t in layout.tensors
+    )
+    return dataclasses.replace(layout, tensors=tensors)
 
 
 def _is_bias(t: TensorSpec, weight: TensorSpec) -> bool:

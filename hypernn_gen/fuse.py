@@ -136,7 +136,7 @@ def probe_batch_flow(module, inputs, kwargs=None) -> BatchFlow:  # noqa: ANN001 
         for name, t in (*module.named_parameters(), *module.named_buffers())
     }
     seen: list[dict[str, list[tuple[int | None, ...]]]] = []
-    example = inputs[0].shape[0]
+    example = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim())
     for batch in PROBE_BATCHES:
         calls: dict[str, list[tuple[int | None, ...]]] = {}
 

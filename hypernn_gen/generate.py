@@ -571,7 +571,12 @@ def example_expression(value: Any) -> str:
     if isinstance(value, tuple):
         parts = list(map(example_expression, value))
         return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
-    return repr(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise GenerationError(
+        f"the example call holds {type(value).__name__!r}, which a PyTorch file's __main__ cannot "
+        "repeat; use tensors, None, bools, numbers, strings, or tuples/lists/dicts of them"
+    )
 
 
 def gradient_scale_of(
