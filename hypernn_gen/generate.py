@@ -24,7 +24,7 @@ from .design import design_layout
 from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
-from .layout import Chunking, Layout
+from .layout import Chunking, Layout, checkpoint_digest
 from .load import LoadedTarget, load_target
 from .options import (
     BACKENDS,
@@ -306,6 +306,7 @@ def build_context(
     ctx = TemplateContext(
         **decisions,
         context_version=CONTEXT_VERSION,
+        checkpoint_digest=checkpoint_digest(layout, chunking, options.mode, options.embedding_dim),
         generator_version=__version__,
         framework=loaded.framework,
         mode=options.mode,
@@ -438,11 +439,16 @@ def _plan_linen(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
 ) -> FusionPlan:
     from .fuse_flax import plan_linen_fusion
-    from .trace import _jax_inputs
+    from .trace import _jax_inputs, jax_kwargs
 
     module = loaded.obj if loaded.factory is None else loaded.factory()
     return plan_linen_fusion(
-        module, _jax_inputs(loaded), layout, chunking, linear_generator=linear_generator
+        module,
+        _jax_inputs(loaded),
+        layout,
+        chunking,
+        linear_generator=linear_generator,
+        kwargs=jax_kwargs(loaded),
     )
 
 
@@ -513,9 +519,9 @@ def torch_decisions(
     kinds = tuple(dict.fromkeys(f.kind for f in fusion.fused)) if fused else ()
     forwards = tuple((k, _FUSED_FORWARD.get(k, f"{k}_forward")) for k in kinds)
     roots = ["check_layout", "without_generated", "reset_decoder", "decode", "unflatten_params"]
-    roots += ["flatten_params"]
+    roots += ["flatten_params", "carry_digest", "check_flat"]
     if dynamic:
-        roots += ["check_condition", "check_batch", "run_per_sample"]
+        roots += ["check_condition", "dynamic_inputs", "run_per_sample"]
     if delta:
         roots += ["apply_base", "load_checkpoint", "zero_output"]
     if fused:

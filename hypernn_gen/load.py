@@ -16,6 +16,11 @@ user never needs JAX and vice versa:
 Factories are called once to learn what they build: on the ``meta`` device for PyTorch and under
 ``jax.eval_shape`` for JAX, so no parameter memory is allocated.
 
+Example inputs come from ``--input-shape``, a module-level ``example_input(s)`` (positional
+arrays), or a module-level ``example_call``: the whole call, ``(args, kwargs)`` (any values:
+arrays, PRNG keys, ``nnx.Rngs``, flags such as ``train=False``), or a zero-argument function
+returning it (called afresh whenever the call is made, so an ``nnx.Rngs`` is never reused).
+
 Every problem raises :class:`~hypernn_gen.errors.TargetLoadError` with a one-line message that
 names the problem and the fix.
 """
@@ -36,6 +41,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +58,7 @@ __all__ = [
     "DEFAULT_LOAD_TIMEOUT",
     "guarded_target_code",
     "load_target",
+    "is_example_array",
     "load_time_limit",
     "parse_input_shape",
 ]
@@ -117,9 +124,15 @@ class LoadedTarget:
             on ``sys.path`` while it runs); ``None`` for an instance.
         input_specs: shape and dtype of each example input of the forward pass; empty when
             neither ``--input-shape`` nor ``example_input(s)`` in the file gave any.
-        example_inputs: the file's own ``example_input(s)`` objects, as a tuple; ``None`` when the
-            file defines none or ``input_shapes`` overrode them.
+        example_inputs: the file's own ``example_input(s)`` objects (or ``example_call``'s
+            positional arguments), as a tuple; ``None`` when the file defines none or
+            ``input_shapes`` overrode them.
         source_module: the imported Python module of the target file.
+        example_call: the file's ``example_call`` as a zero-argument function returning a fresh
+            ``(args, kwargs)``; ``None`` when the file defines none or ``input_shapes`` overrode
+            its positional arguments.
+        example_kwargs: the keyword arguments of the file's ``example_call`` (empty without
+            one); ``input_shapes`` replace only the positional arguments, these stay.
     """
 
     spec: str
@@ -132,6 +145,8 @@ class LoadedTarget:
     input_specs: tuple[InputSpec, ...]
     example_inputs: tuple[Any, ...] | None
     source_module: ModuleType
+    example_call: Callable[[], tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+    example_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def display(self) -> str:
@@ -177,7 +192,8 @@ def load_target(
     Args:
         spec: the target file, optionally followed by ``:NAME``.
         input_shapes: one shape per positional input of the forward pass (tuples, or
-            ``--input-shape`` text such as ``"1,8"``); overrides the file's ``example_input(s)``.
+            ``--input-shape`` text such as ``"1,8"``); overrides the file's ``example_input(s)``
+            (or ``example_call``'s positional arguments; its keyword arguments stay).
         input_dtype: dtype of the ``input_shapes`` inputs (one of :data:`INPUT_DTYPES`).
         cwd: directory that a relative path is resolved against (default: the current one).
         timeout: seconds that importing the file and building the target may take (``0``: no
@@ -213,10 +229,17 @@ def load_target(
             )
         obj = getattr(module, name)
         kind, framework, factory = _classify(obj, name, file_text, path, frameworks)
+        example_call = _file_example_call(module, file_text, path.parent)
+        example_args, example_kwargs = example_call() if example_call else ((), {})
 
     if shapes:
         input_specs = tuple(InputSpec(shape, input_dtype) for shape in shapes)
-        example_inputs = None
+        example_inputs, example_call = None, None
+    elif example_call is not None:
+        example_inputs = example_args
+        input_specs = tuple(
+            _input_spec(x, file_text) for x in example_args if is_example_array(x)
+        )
     else:
         example_inputs = _file_example_inputs(module, file_text)
         input_specs = tuple(_input_spec(x, file_text) for x in example_inputs or ())
@@ -237,6 +260,8 @@ def load_target(
         input_specs=input_specs,
         example_inputs=example_inputs,
         source_module=module,
+        example_call=example_call,
+        example_kwargs=example_kwargs,
     )
 
 
@@ -696,6 +721,56 @@ def _normalise_shapes(shapes: Sequence[Sequence[int] | str] | None) -> list[tupl
             )
         result.append(dims)
     return result
+
+
+EXAMPLE_CALL = "example_call"
+
+
+def is_example_array(x: Any) -> bool:
+    """An array-like example input with a shape and a numeric dtype (not a typed PRNG key)."""
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    return shape is not None and dtype is not None and "key<" not in str(dtype)
+
+
+def _file_example_call(
+    module: ModuleType, file_text: str, directory: Path
+) -> Callable[[], tuple[tuple[Any, ...], dict[str, Any]]] | None:
+    """``example_call`` as a checked zero-argument function returning ``(args, kwargs)``."""
+    if not hasattr(module, EXAMPLE_CALL):
+        return None
+    clash = [n for n in ("example_input", "example_inputs") if hasattr(module, n)]
+    if clash:
+        raise TargetLoadError(
+            f"{file_text} defines both {EXAMPLE_CALL} and {clash[0]}; keep one ({EXAMPLE_CALL} "
+            "holds the whole call: (args, kwargs))"
+        )
+    value = getattr(module, EXAMPLE_CALL)
+    make = _in_directory(value, directory) if callable(value) else (lambda: value)
+
+    def call() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        try:
+            made = make()
+        except Exception as exc:
+            raise TargetLoadError(
+                f"calling {EXAMPLE_CALL}() in {file_text} failed: "
+                f"{_describe_exception(exc, Path(module.__file__ or file_text), file_text)}; "
+                "fix the function"
+            ) from exc
+        ok = (
+            isinstance(made, (tuple, list))
+            and len(made) == 2
+            and isinstance(made[0], (tuple, list))
+            and isinstance(made[1], dict)
+            and all(isinstance(k, str) for k in made[1])
+        )
+        if not ok:
+            raise TargetLoadError(
+                f"{EXAMPLE_CALL} in {file_text} is {_a(type(made).__name__)}, not (args, kwargs); "
+                f"write {EXAMPLE_CALL} = ((x,), {{\"train\": False}}) or a function returning it"
+            )
+        return tuple(made[0]), dict(made[1])
+
+    return call
 
 
 def _file_example_inputs(module: ModuleType, file_text: str) -> tuple[Any, ...] | None:

@@ -146,6 +146,9 @@ class TemplateContext:
     adapters: tuple = ()  #: lora: the adapted layers (``hypernn_gen.kernel.lora_torch.Adapter``)
     lora: dict[str, Any] = field(default_factory=dict)  #: lora: rank, alpha, dropout, shared
     base_checkpoint: str | None = None  #: delta/lora: the --base checkpoint (relative), or None
+    checkpoint_digest: str = (
+        ""  #: what saved state carries (``hypernn_gen.layout.checkpoint_digest``)
+    )
     kernel_begin: str = KERNEL_BEGIN  #: the kernel section's first line
     kernel_end: str = KERNEL_END  #: the kernel section's last line
 

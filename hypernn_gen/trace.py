@@ -192,6 +192,13 @@ def _jax_inputs(loaded: LoadedTarget) -> tuple[Any, ...]:
     return tuple(jax.ShapeDtypeStruct(spec.shape, spec.dtype) for spec in loaded.input_specs)
 
 
+def jax_kwargs(loaded: LoadedTarget) -> dict[str, Any]:
+    """The example call's keyword arguments, fresh (an ``nnx.Rngs`` is made anew each time)."""
+    if loaded.example_call is not None:
+        return loaded.example_call()[1]
+    return dict(loaded.example_kwargs)
+
+
 def _trace_linen(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> Layout:
     from . import trace_flax
 
@@ -201,7 +208,9 @@ def _trace_linen(loaded: LoadedTarget, include: Callable[[str], bool] | None) ->
     except Exception as exc:
         raise _build_failed(loaded, exc) from exc
     try:
-        return trace_flax.trace_linen(module, inputs, include=include)
+        return trace_flax.trace_linen(
+            module, inputs, include=include, init_kwargs=jax_kwargs(loaded)
+        )
     except HypernnGenError:
         raise
     except Exception as exc:
@@ -236,8 +245,7 @@ def _check_nnx_inputs(loaded: LoadedTarget) -> None:
 
     inputs = _jax_inputs(loaded)
     module = loaded.obj if loaded.factory is None else nnx.eval_shape(loaded.factory)
-    graphdef, state = nnx.split(module)
-    try:
-        jax.eval_shape(lambda st, *xs: nnx.merge(graphdef, st)(*xs), state, *inputs)
+    try:  # nnx.eval_shape: an nnx.Rngs among the arguments is a graph node, not a constant
+        nnx.eval_shape(lambda m, xs, kw: m(*xs, **kw), module, inputs, jax_kwargs(loaded))
     except Exception as exc:  # noqa: BLE001 - any failure is reported, with its location
         raise _inputs_do_not_fit(loaded, exc) from exc

@@ -38,6 +38,7 @@ from ..design import check_hidden, design_layout
 from ..errors import HyperNetworkError
 from ..kernel.torch import (
     apply_base,
+    carry_digest,
     decode,
     flatten_params,
     run_per_sample,
@@ -45,7 +46,7 @@ from ..kernel.torch import (
     without_generated,
     zero_output,
 )
-from ..layout import Layout
+from ..layout import Layout, checkpoint_digest
 from ..trace_torch import check_dynamic_support, trace_module
 
 __all__ = [
@@ -344,6 +345,9 @@ class TorchHyperNetwork(nn.Module):
         if generate == "delta":
             target_network = self._init_delta(target_network, base)
         self.target = without_generated(target_network, paths)
+        #: saved in every state dict (``layout_digest``) and checked on load, as generated files do
+        self.checkpoint_digest = checkpoint_digest(self.layout, self.chunking, mode, embedding_dim)
+        carry_digest(self, self.checkpoint_digest)
 
     def _init_delta(self, target_network: nn.Module, base: Any) -> nn.Module:
         """``generate="delta"``: zero the generator's output layer and keep the base values as the
