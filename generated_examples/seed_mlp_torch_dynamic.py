@@ -543,7 +543,17 @@ def run_per_sample(
         return tuple(found)
 
     xs = [x for x, w in zip(leaves, where, strict=True) if w]
-    tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
+    try:
+        tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
+    except RuntimeError as exc:
+        if "inplace randomness" not in str(exc):
+            raise
+        raise ValueError(
+            f"{type(module).__name__} draws random numbers in place into a tensor it makes "
+            "(torch.empty(...).bernoulli_(), as DropPath/StochasticDepth do), which cannot run "
+            "per sample under vmap; call it in eval mode, or draw with torch.bernoulli(torch.full"
+            "(...)) / torch.rand(...) < p instead"
+        ) from None
     with torch.no_grad():
         for name, value in copies.items():
             mean = value.float().mean(0) if value.is_floating_point() else value[0]
@@ -812,4 +822,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=b00b5e9f6691ee848b8d6103306398ea363224c7ec69c6a881f3951ed5da7b08
+# hypernn-gen: sha256=3608a3385b6191976c3221f8b2dac2e177fb49058a21c81d69d5a913a4d2d59b

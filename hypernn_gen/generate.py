@@ -42,6 +42,7 @@ from .render import (
     ParamView,
     StateView,
     TemplateContext,
+    _py,
     render,
 )
 from .trace import trace_selected
@@ -416,11 +417,12 @@ def _plan_torch(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
 ) -> FusionPlan:
     from .fuse import plan_torch_fusion, probe_batch_flow
+    from .trace import torch_meta_call
     from .trace_torch import check_dynamic_support  # torch only when the target is torch
 
     module = _meta_module(loaded)
     check_dynamic_support(module, layout)  # raises where dynamic mode is impossible
-    flow = probe_batch_flow(module, _torch_meta_inputs(loaded)) if loaded.input_specs else None
+    flow = probe_batch_flow(module, *torch_meta_call(loaded)) if loaded.input_specs else None
     return plan_torch_fusion(module, layout, chunking, linear_generator=linear_generator, flow=flow)
 
 
@@ -449,16 +451,6 @@ def _plan_linen(
         chunking,
         linear_generator=linear_generator,
         kwargs=jax_kwargs(loaded),
-    )
-
-
-def _torch_meta_inputs(loaded: LoadedTarget) -> tuple:
-    """The example inputs as ``meta`` tensors (their first dimension is the batch)."""
-    import torch
-
-    return tuple(
-        torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
-        for spec in loaded.input_specs
     )
 
 
@@ -533,7 +525,13 @@ def torch_decisions(
         if not dynamic
         else list(_TORCH_IMPORTS)
     )
+    if loaded.example_inputs is not None:
+        example_args = tuple(map(example_expression, loaded.example_inputs))
+    else:
+        example_args = tuple(_tensor_expression(s.shape, s.dtype) for s in specs)
     decisions.update(
+        example_args=example_args,
+        example_kwargs=tuple((k, example_expression(v)) for k, v in loaded.example_kwargs.items()),
         fused=fused,
         fused_kinds=kinds,
         indexed=any(k in _FUSED_FORWARD for k in kinds),
@@ -544,6 +542,27 @@ def torch_decisions(
         kernel_names=tuple(sorted(kernel.names)),
     )
     return decisions
+
+
+def _tensor_expression(shape: tuple[int, ...], dtype: str) -> str:
+    maker = "torch.randn" if dtype.startswith("float") else "torch.zeros"
+    return f"{maker}({_py(tuple(shape))}, dtype=torch.{dtype})"
+
+
+def example_expression(value: Any) -> str:
+    """A Python expression for a value of an example call (tensors by shape and dtype)."""
+    if getattr(value, "shape", None) is not None and getattr(value, "dtype", None) is not None:
+        dtype = str(value.dtype).removeprefix("torch.")
+        return _tensor_expression(tuple(int(d) for d in value.shape), dtype)
+    if isinstance(value, dict):
+        items = ", ".join(f"{k!r}: {example_expression(v)}" for k, v in value.items())
+        return "{" + items + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(example_expression, value)) + "]"
+    if isinstance(value, tuple):
+        parts = list(map(example_expression, value))
+        return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+    return repr(value)
 
 
 def merge_imports(lines: list[str]) -> tuple[str, ...]:

@@ -140,17 +140,21 @@ class TemplateContext:
     kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
     kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim
     kernel_names: tuple[str, ...] = ()  #: names the kernel section defines
+    checkpoint_digest: str = (
+        ""  #: what saved state carries (``hypernn_gen.layout.checkpoint_digest``)
+    )
     # -- adapters (--generate delta/lora, context version 3) --
     generate: str = "weights"  #: ``weights``, ``delta`` (base + generated delta) or ``lora``
     delta: bool = False  #: ``generate == "delta"``: the ``base`` buffer, a zeroed generator output
     adapters: tuple = ()  #: lora: the adapted layers (``hypernn_gen.kernel.lora_torch.Adapter``)
     lora: dict[str, Any] = field(default_factory=dict)  #: lora: rank, alpha, dropout, shared
     base_checkpoint: str | None = None  #: delta/lora: the --base checkpoint (relative), or None
-    checkpoint_digest: str = (
-        ""  #: what saved state carries (``hypernn_gen.layout.checkpoint_digest``)
-    )
     kernel_begin: str = KERNEL_BEGIN  #: the kernel section's first line
     kernel_end: str = KERNEL_END  #: the kernel section's last line
+    #: Torch ``__main__``: the example call's positional and keyword arguments as Python
+    #: expressions (tensors as ``torch.randn``/``torch.zeros`` of their shape and dtype)
+    example_args: tuple[str, ...] = ()
+    example_kwargs: tuple[tuple[str, str], ...] = ()
 
     @property
     def condition_dim(self) -> int | None:
