@@ -617,7 +617,7 @@ def merge_imports(lines: list[str]) -> tuple[str, ...]:
         (key(m), 1, f"from {m} import {', '.join(sorted(n, key=_by_type))}")
         for m, n in froms.items()
     ]
-    out.sort(key=lambda item: (item[0][0], item[0][1], item[1]))
+    out.sort(key=lambda item: (item[0][0], item[1], item[0][1]))  # isort: plain, then from
     lines_out, group = [], None
     for (g, _), _, line in out:
         if group is not None and g != group:
