@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # fusion:   fused: Dense_0, Dense_1, Dense_2
@@ -25,9 +25,9 @@ the target.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -741,4 +741,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=a653dd9219df1b4c72a7cc44f50f3b1136ceb23f7285b162515624e717bc3608
+# hypernn-gen: sha256=9fa06080a7840cacef4123fe9ff791736c8861e767e1f71339a578a5f20a4f8f

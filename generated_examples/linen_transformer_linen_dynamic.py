@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_transformer.py:make_target (linen, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 496a48899a4e80be
 # fusion:   fused: Block_0.Dense_0, Block_0.Dense_1; per sample: Block_0.LayerNorm_0, Block_0.LayerNorm_1, Block_0.MultiHeadDotProductAttention_0.key, Block_0.MultiHeadDotProductAttention_0.out, Block_0.MultiHeadDotProductAttention_0.query, Block_0.MultiHeadDotProductAttention_0.value, Embed_0, LayerNorm_0, <root>
@@ -29,9 +29,9 @@ the target.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -882,4 +882,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=5b2e8d91374fb99cd030e3f9af272a9ea0e52165f3bc9fafa3303bc1adabba19
+# hypernn-gen: sha256=6ef54767a94044aab892984d296e3769aab80f23f1cfc6621339f520d6141c77

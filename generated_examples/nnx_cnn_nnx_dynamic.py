@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
 # layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
 # fusion:   fused: conv, linear; per sample: bn
@@ -27,16 +27,16 @@ rng streams) is state of the hypernetwork, updated in training and frozen in eva
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import contextlib
 import contextvars
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 # -- Target network (copied from generated_examples/targets/nnx_cnn.py) --
 
@@ -795,4 +795,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=e7987fffad855d669a41cb2859368b524e536b26386d838471dcaeac7bfa2ac0
+# hypernn-gen: sha256=a12f98f44f29851c35bd3d49d601e377ccf15e282e50932c394eba682049f417

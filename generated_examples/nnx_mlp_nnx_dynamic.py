@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_mlp.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
 # fusion:   fused: hidden1, hidden2, out
@@ -25,16 +25,16 @@ rng streams) is state of the hypernetwork, updated in training and frozen in eva
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import contextlib
 import contextvars
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 # -- Target network (copied from generated_examples/targets/nnx_mlp.py) --
 
@@ -786,4 +786,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=a1cd0b7572b64c1eeda80c9647804ab6fef134959c99a3321d91da646b0b89d9
+# hypernn-gen: sha256=78ce2f83c3793fb951fa0bf0e494bcc8eb77c9b31a37cb84dac16d704fb2a5c1

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_mlp.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
 # command:  hypernn-gen generated_examples/targets/nnx_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_mlp_nnx_static.py
@@ -24,9 +24,9 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 # -- Target network (copied from generated_examples/targets/nnx_mlp.py) --
 
@@ -413,4 +413,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=ec0e5ddf63e7fdb35abf5cd30952ac6c44964509d46b9b92b578ce156150cfd8
+# hypernn-gen: sha256=73a7c460bf1780ce35797775c9bcd5b7b681522526b98d7317b950065d4faa98

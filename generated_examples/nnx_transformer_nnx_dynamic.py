@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 4dce26a7936cb729
 # fusion:   fused: block.fc, block.proj; per sample: block.attn.key, block.attn.out, block.attn.query, block.attn.value, block.ln1, block.ln2, embed, ln_f, <root>
@@ -28,16 +28,16 @@ rng streams) is state of the hypernetwork, updated in training and frozen in eva
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import contextlib
 import contextvars
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 # -- Target network (copied from generated_examples/targets/nnx_transformer.py) --
 
@@ -882,4 +882,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=8ef05cd1dce34e05544c338f93761986eda112985a92aec3c909e83155982ff3
+# hypernn-gen: sha256=898d8ed536ad7a65c6d40e33b6771e62334a45a68e017c2c3cc4804d2e67600f

@@ -22,10 +22,10 @@ output starts exactly at the base model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import copy
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -501,4 +501,4 @@ if __name__ == "__main__":
     output, adapters = hypernetwork(*inputs, condition=condition)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("adapters:", len(adapters), "tensors")
-# hypernn-gen: sha256=826519e2185ae6f794ea35e0b962422e3d122134f60eb8130d627661b59db0da
+# hypernn-gen: sha256=d9125889dcff2b2dbeb9d4a09faee38d8656beafadca2f0ff86cf57632e513af

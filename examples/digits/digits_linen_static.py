@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/digits/target_linen.py:DigitsCNN (linen, class)
-# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   8 generated tensors, 38,282 values, 0 state tensors, digest ffff7b7a1a7b0314
 # command:  hypernn-gen examples/digits/target_linen.py --backend flax --mode static --embedding-dim 16 -o examples/digits/digits_linen_static.py
@@ -21,9 +21,9 @@ the target.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -396,4 +396,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=dc9277888831f0e9d98bbe60d71d75872887f5e987f836b88ed22697e07b0095
+# hypernn-gen: sha256=665fc078842dd235a3f78dc1a74e7f9ccc9babb49addf58bfc930529587dce25

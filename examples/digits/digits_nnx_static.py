@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/digits/target_nnx.py:target (nnx, instance)
-# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=on
+# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   8 generated tensors, 38,282 values, 0 state tensors, digest 8611cc9f4df350bc
 # command:  hypernn-gen examples/digits/target_nnx.py --backend flax --mode static --embedding-dim 16 -o examples/digits/digits_nnx_static.py
@@ -26,9 +26,9 @@ import copy
 import math
 from typing import Any, NamedTuple
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 # -- Target network (copied from examples/digits/target_nnx.py) --
 
@@ -420,4 +420,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=3fd8c79e35e1b4241893ffd56b7690f0b0c86cfb8c02d6ca94586dfc44e320c4
+# hypernn-gen: sha256=63e80feb271078aa4e586f862685b2cee965173dce1cfce2f122ccf709cc6264

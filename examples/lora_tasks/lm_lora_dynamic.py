@@ -22,10 +22,10 @@ output starts exactly at the base model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import copy
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -493,4 +493,4 @@ if __name__ == "__main__":
     output, adapters = hypernetwork(*inputs, condition=condition)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("adapters:", len(adapters), "tensors")
-# hypernn-gen: sha256=42979b60b072b23327664bfe222790587a652d8d4ed796e0e09d26b1b4a14285
+# hypernn-gen: sha256=0705933927b3d365c965dfeed3efe21287a8b253b3943d612c72c96f7d786730
