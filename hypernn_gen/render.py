@@ -143,6 +143,12 @@ class TemplateContext:
     checkpoint_digest: str = (
         ""  #: what saved state carries (``hypernn_gen.layout.checkpoint_digest``)
     )
+    # -- adapters (--generate delta/lora, context version 3) --
+    generate: str = "weights"  #: ``weights``, ``delta`` (base + generated delta) or ``lora``
+    delta: bool = False  #: ``generate == "delta"``: the ``base`` buffer, a zeroed generator output
+    adapters: tuple = ()  #: lora: the adapted layers (``hypernn_gen.kernel.lora_torch.Adapter``)
+    lora: dict[str, Any] = field(default_factory=dict)  #: lora: rank, alpha, dropout, shared
+    base_checkpoint: str | None = None  #: delta/lora: the --base checkpoint (relative), or None
     kernel_begin: str = KERNEL_BEGIN  #: the kernel section's first line
     kernel_end: str = KERNEL_END  #: the kernel section's last line
     #: Torch ``__main__``: the example call's positional and keyword arguments as Python
@@ -210,7 +216,7 @@ def make_environment(template_dir: Path | None = None) -> jinja2.Environment:
 def render(ctx: TemplateContext, *, template_dir: Path | None = None) -> str:
     """Render the entry template for ``ctx.framework``; errors name the template file and line."""
     env = make_environment(template_dir)
-    name = template_name(ctx.framework)
+    name = "torch/lora.py.jinja" if ctx.generate == "lora" else template_name(ctx.framework)
     try:
         return env.get_template(name).render(ctx=ctx)
     except jinja2.TemplateSyntaxError as exc:

@@ -127,7 +127,7 @@ def torch_meta_call(loaded: LoadedTarget) -> tuple[tuple, dict]:
         return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
 
     kwargs = pytree.tree_map(meta, dict(loaded.example_kwargs))
-    if loaded.example_inputs is None:
+    if loaded.example_inputs is None:  # --input-shape replaces the positional arguments only
         args = tuple(
             torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
             for spec in loaded.input_specs
@@ -256,7 +256,6 @@ def _trace_nnx(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> L
 
 def _check_nnx_inputs(loaded: LoadedTarget) -> None:
     """Call the NNX module once under ``jax.eval_shape`` on the example inputs (no compute)."""
-    import jax
     from flax import nnx
 
     inputs = _jax_inputs(loaded)

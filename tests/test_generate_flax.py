@@ -159,7 +159,9 @@ def test_examples_refuse_other_targets_and_bad_inputs() -> None:
     with pytest.raises(ValueError, match=r"hidden1.bias: \(64,\) expected, found nothing"):
         hypernetwork_class(dynamic)(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
     hn = hypernetwork_class(dynamic)(rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"made 2 weight sets \(condition batch 2\) but input 1 has batch size 3"):
+    with pytest.raises(
+        ValueError, match=r"made 2 weight sets \(condition batch 2\) but input 1 has batch size 3"
+    ):
         hn(jnp.zeros((2, 8)), jnp.zeros((3, 8)))
     with pytest.raises(ValueError, match=r"the condition has 4 values per sample"):
         hn(jnp.zeros((2, 8)), condition=jnp.zeros((2, 4)))
@@ -542,13 +544,15 @@ def test_options_match_runtime_with_the_same_options(
     the zoo test; the embedding network's widths too (dynamic)."""
     flags, options = OPTION_FLAGS, dict(OPTIONS)
     if hidden:
-        flags, options = (*flags, "--generator-hidden", "16,8"), {
-            **options, "generator_hidden": (16, 8)
-        }
+        flags, options = (
+            (*flags, "--generator-hidden", "16,8"),
+            {**options, "generator_hidden": (16, 8)},
+        )
     if mode == "dynamic":
-        flags, options = (*flags, "--embedding-hidden", "24,12"), {
-            **options, "embedding_hidden": (24, 12)
-        }
+        flags, options = (
+            (*flags, "--embedding-hidden", "24,12"),
+            {**options, "embedding_hidden": (24, 12)},
+        )
     module = generated(name, mode, *flags)
     assert module.FLAT_SIZE > sum(p.size for p in module.GENERATED)  # padded
     if mode == "dynamic":  # fused unless the generator has hidden layers

@@ -214,9 +214,9 @@ def test_kernel_section_is_a_verbatim_copy_of_kernel_code(path: Path) -> None:
     assert tree.body, f"{path.name}: empty kernel section"
     for stmt in tree.body:
         segment = ast.get_source_segment(section, stmt)
-        assert (
-            segment in source
-        ), f"{path.name}: not in hypernn_gen/kernel/torch.py:\n{segment[:200]}"
+        assert segment in source, (
+            f"{path.name}: not in hypernn_gen/kernel/torch.py:\n{segment[:200]}"
+        )
     # and the kernel is not defined a second time outside its section
     outside = {
         n.name for n in ast.parse(rest).body if isinstance(n, ast.FunctionDef | ast.ClassDef)
@@ -270,6 +270,7 @@ def test_layout_block_renders_from_a_hand_built_context() -> None:
     ctx = SimpleNamespace(
         dynamic=False,
         fused=False,
+        delta=False,
         generator_hidden=(),
         embedding_dim=4,
         excluded=("frozen",),

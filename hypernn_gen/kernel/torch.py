@@ -690,3 +690,49 @@ def install_fusion(
     for module in swapped:
         module.hyper_shared = None
     return indices, tuple(swapped)
+
+
+# -- Adapters on a frozen base (--generate delta / lora) --
+
+
+def load_checkpoint(path: str) -> dict[str, Tensor]:
+    """A checkpoint's tensors: a ``.safetensors`` file, or a torch state dict (``torch.save``)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+@torch.no_grad()
+def apply_base(target_network: nn.Module, state: dict[str, Tensor], paths: list[str]) -> None:
+    """Copy a checkpoint's values into the target: every entry it has of the target's state, and
+    it must have ``paths`` (the base of what is adapted)."""
+    missing = [p for p in paths if p not in state]
+    if missing:
+        raise ValueError(
+            f"the base checkpoint has no {missing[0]!r} (and {len(missing) - 1} more); give a "
+            "checkpoint of this target (its state_dict)"
+        )
+    for name, tensor in target_network.state_dict(keep_vars=True).items():
+        if name not in state:
+            continue
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"the base checkpoint's {name!r} has shape {tuple(state[name].shape)}, the target's "
+                f"is {tuple(tensor.shape)}; give a checkpoint of this target"
+            )
+        tensor.copy_(state[name])
+
+
+def zero_output(module: nn.Module) -> None:
+    """Zero the last Linear layer of ``module`` (weight and bias): ``--generate delta``'s weight
+    generator starts with output 0, so every delta starts at exactly 0 and that layer's first
+    gradients are nonzero."""
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()

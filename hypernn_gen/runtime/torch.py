@@ -23,6 +23,8 @@ How weights are made (see :mod:`hypernn_gen.layout` for the contract):
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -31,15 +33,18 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..adapters import GENERATES, delta_layout
 from ..design import check_hidden, design_layout
 from ..errors import HyperNetworkError
 from ..kernel.torch import (
+    apply_base,
     carry_digest,
     decode,
     flatten_params,
     run_per_sample,
     unflatten_params,
     without_generated,
+    zero_output,
 )
 from ..layout import Layout, checkpoint_digest
 from ..trace_torch import check_dynamic_support, trace_module
@@ -216,6 +221,14 @@ class TorchHyperNetwork(nn.Module):
         embedding_hidden: dynamic mode, default embedding: hidden widths of its network.
         include: optional predicate on parameter paths; trainable parameters it rejects stay
             ordinary parameters of the copied target.
+        generate: ``"weights"`` (the generated tensors are the target's), ``"delta"`` (each is a
+            frozen base, the ``base`` buffer, plus a generated delta that starts at exactly 0:
+            the default generator's output layer starts at zero) or ``"lora"`` (LoRA adapters on
+            a frozen copy of the target: this returns a
+            :class:`~hypernn_gen.runtime.lora_torch.TorchLoRAHyperNetwork`, which takes the
+            ``lora_*`` keywords).
+        base: ``"delta"``: a checkpoint path (safetensors or torch) or state dict holding the
+            base values (default: the target's own).
 
     The keyword names are the CLI's flags and the ``[tool.hypernn-gen]`` keys, with ``_``.
 
@@ -223,6 +236,26 @@ class TorchHyperNetwork(nn.Module):
     ``(output, generated_params)``; ``generated_params`` is the flat vector of the target's
     generated tensors in layout order, ``(flat_size,)`` or ``(batch, flat_size)``.
     """
+
+    def __new__(cls, *args: Any, generate: str = "weights", **kwargs: Any) -> Any:
+        if generate != "lora" or cls is not TorchHyperNetwork:
+            return super().__new__(cls)
+        from .lora_torch import TorchLoRAHyperNetwork
+
+        flat_only = {"num_embeddings", "chunk_dim", "chunking", "init_scheme"}
+        given = [
+            k
+            for k in ("embedding_module_constructor", "weight_generator_constructor")
+            if k in kwargs
+        ]
+        given += sorted(flat_only & kwargs.keys())
+        if len(args) > 1 or given:
+            what = given[0] if given else "positional constructors or sizes"
+            raise HyperNetworkError(
+                f'{what} shapes the chunked weight generator, which generate="lora" does not '
+                "use; pass the target and keywords (lora_rank=..., embedding_dim=...)"
+            )
+        return TorchLoRAHyperNetwork(*args, **kwargs)
 
     def __init__(
         self,
@@ -241,10 +274,22 @@ class TorchHyperNetwork(nn.Module):
         condition_dim: int | None = None,
         embedding_hidden: Sequence[int] = (64,),
         include: Callable[[str], bool] | None = None,
+        generate: str = "weights",
+        base: Any = None,
     ) -> None:
         super().__init__()
         if mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        if generate not in GENERATES:
+            raise HyperNetworkError(f"generate must be one of {GENERATES}, got {generate!r}")
+        if base is not None and generate != "delta":
+            raise HyperNetworkError('base= applies to generate="delta" or "lora" only')
+        if generate == "delta" and weight_generator_constructor is not None:
+            raise HyperNetworkError(
+                'generate="delta" starts every delta at exactly 0 by zeroing the default weight '
+                "generator's output layer; drop weight_generator_constructor"
+            )
+        self.generates = generate
         self.mode: Mode = mode
         layout = trace_module(target_network, include=include)
         if mode == "dynamic":
@@ -257,6 +302,8 @@ class TorchHyperNetwork(nn.Module):
             chunking=chunking,
             init_scheme=init_scheme,
         )
+        if generate == "delta":
+            self.layout = delta_layout(self.layout)
         if condition_shape is not None:
             condition_dim = math.prod(condition_shape)
         self.embedding_dim = embedding_dim
@@ -295,10 +342,30 @@ class TorchHyperNetwork(nn.Module):
         self.param_scale = nn.Parameter(torch.tensor([t.init_std for t in generated]))
         self.param_shift = nn.Parameter(torch.tensor([t.init_mean for t in generated]))
         paths = {t.path for t in generated} | {".".join(a) for t in generated for a in t.aliases}
+        if generate == "delta":
+            target_network = self._init_delta(target_network, base)
         self.target = without_generated(target_network, paths)
         #: saved in every state dict (``layout_digest``) and checked on load, as generated files do
         self.checkpoint_digest = checkpoint_digest(self.layout, self.chunking, mode, embedding_dim)
         carry_digest(self, self.checkpoint_digest)
+
+    def _init_delta(self, target_network: nn.Module, base: Any) -> nn.Module:
+        """``generate="delta"``: zero the generator's output layer and keep the base values as the
+        ``base`` buffer (from ``base`` when given, else the target's own)."""
+        from .lora_torch import base_state
+
+        zero_output(self.weight_generator)
+        generated = self.layout.generated
+        if base is not None:
+            target_network = copy.deepcopy(target_network)
+            try:
+                apply_base(target_network, base_state(base), [t.path for t in generated])
+            except ValueError as exc:
+                raise HyperNetworkError(str(exc)) from None
+        values = dict(target_network.named_parameters())
+        flat = flatten_params(values, generated, self.layout.flat_size)
+        self.register_buffer("base", flat.detach().clone())
+        return target_network
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -352,7 +419,8 @@ class TorchHyperNetwork(nn.Module):
     def _decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Per-tensor affine map from the raw vector to the target's parameters (the kernel's)."""
         layout = self.layout
-        return decode(raw, self.param_scale, self.param_shift, layout.generated, layout.flat_size)
+        out = decode(raw, self.param_scale, self.param_shift, layout.generated, layout.flat_size)
+        return out + self.base if self.generates == "delta" else out
 
     def _expected_embedding(self, condition: Any) -> tuple[int, ...]:
         shape = (self.num_embeddings, self.embedding_dim)
@@ -444,3 +512,10 @@ class TorchHyperNetwork(nn.Module):
 
 def _first_tensor(args: tuple) -> torch.Tensor | None:
     return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+# ``inspect.signature(TorchHyperNetwork)`` shows ``__init__``'s keywords, not ``__new__``'s
+# dispatch to the LoRA class (``generate="lora"``).
+TorchHyperNetwork.__signature__ = inspect.signature(TorchHyperNetwork.__init__).replace(
+    parameters=list(inspect.signature(TorchHyperNetwork.__init__).parameters.values())[1:]
+)
