@@ -320,8 +320,9 @@ def test_example_call_declares_keywords_and_plain_values(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("example_call = (torch.zeros(2, 4),)", "not (args, kwargs)"),
-        ("example_call = ((torch.zeros(2, 4),), {'f': object()})", "holds 'object', which a"),
+        ("example_call = (torch.zeros(2, 4),)", "not a pair (positional arguments, keyword"),
+        ("example_call = ((None,), {})", "needs a tensor/array as its first positional"),
+        ("example_call = ((torch.zeros(2, 4),), {'f': object()})", "holds an object in f"),
         (
             "example_call = ((torch.zeros(2, 4),), {})\nexample_input = torch.zeros(2, 4)",
             "defines both example_call and example_input",
