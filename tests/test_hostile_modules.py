@@ -232,3 +232,49 @@ def test_static_generated_params_of_the_wrong_shape(files: dict) -> None:
     x = torch.randn(2, 4)
     out, params = hyper(x)
     torch.testing.assert_close(hyper(x, generated_params=params)[0], out, rtol=0, atol=0)
+
+
+# -- Flax: the digest is a variable (Linen: the "layout" collection; NNX: layout_digest) -----------
+
+FLAX_A = """
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense({out})(jnp.tanh(nn.Dense({hidden})(x)))
+
+
+example_input = jnp.zeros((2, {width}))
+"""
+
+
+def test_linen_variables_of_another_layout_are_refused(tmp_path) -> None:  # noqa: ANN001
+    jax = pytest.importorskip("jax")
+    from hypernn_gen.runtime.flax import FlaxHyperNetwork
+
+    modules = {}
+    for name, (width, hidden, out) in {"a": (4, 8, 4), "b": (8, 4, 8)}.items():
+        (tmp_path / f"{name}.py").write_text(FLAX_A.format(width=width, hidden=hidden, out=out))
+        args = [str(tmp_path / f"{name}.py"), "--embedding-dim", "4", "--num-embeddings", "8"]
+        assert main([*args, "-o", str(tmp_path / f"g_{name}.py")]) == 0
+        modules[name] = import_file(tmp_path / f"g_{name}.py")
+    a, b = modules["a"].NetHyperNetwork(), modules["b"].NetHyperNetwork()
+    xa, xb = jax.numpy.ones((2, 4)), jax.numpy.ones((2, 8))
+    va, vb = a.init(jax.random.key(0), xa), b.init(jax.random.key(0), xb)
+    assert jax.tree.map(jax.numpy.shape, va) == jax.tree.map(jax.numpy.shape, vb)
+    with pytest.raises(ValueError, match=modules["a"].CHECKPOINT_DIGEST) as info:
+        b.apply(va, xb)
+    assert modules["b"].CHECKPOINT_DIGEST in str(info.value) and "regenerate" in str(info.value)
+    b.apply(vb, xb)  # its own variables
+    b.apply({"params": va["params"]}, xb)  # no digest (an old checkpoint): loads as before
+    runtime = FlaxHyperNetwork(modules["a"].Net(), embedding_dim=4, num_embeddings=8)
+    vr = runtime.init(jax.random.key(0), xa)
+    assert bytes(vr["layout"]["digest"].tolist()).hex() == modules["a"].CHECKPOINT_DIGEST
+    out_gen, _ = a.apply(vr, xa)  # generated file and runtime share the digest and the names
+    out_rt, _ = runtime.apply(vr, xa)
+    assert jax.numpy.allclose(out_gen, out_rt, atol=1e-6)
+    with pytest.raises(ValueError, match="another layout"):
+        runtime.apply(vb, xa)
