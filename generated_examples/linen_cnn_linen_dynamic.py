@@ -78,7 +78,6 @@ NUM_EMBEDDINGS = 38
 CHUNK_DIM = 37
 FLAT_SIZE = 1_386
 LAYOUT_DIGEST = "17e5c9a94800ee01"
-CHECKPOINT_DIGEST = "ec02777564778425"  # variables["layout"]["digest"], checked
 CONDITION_SHAPE = (8, 8, 1)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
@@ -406,7 +405,6 @@ class SmallCNNHyperNetwork(nn.Module):
         )
         self.embedding_module = SmallCNNEmbedding()
         self.weight_generator = SmallCNNWeightGenerator(model_axis=self.model_axis)
-        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self, condition: jax.Array) -> jax.Array:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -657,36 +655,6 @@ def squeeze_sample(tree: Any) -> Any:
     return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
 
 
-def digest_array(digest: str) -> jax.Array:
-    """The layout digest (16 hex digits) as the 8 bytes saved state carries."""
-    return jnp.asarray(list(bytes.fromhex(digest)), jnp.uint8)
-
-
-def check_digest(saved: Any, digest: str) -> None:
-    """Refuse state saved from a hypernetwork of another layout (other tensors, offsets,
-    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
-    passes; so do traced values (under ``jax.jit``): the check runs where they are concrete."""
-    if saved is None or isinstance(saved, jax.core.Tracer):
-        return
-    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
-    if found != digest:
-        raise ValueError(
-            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
-            f"this one's is {digest}): their values would land on other tensors; load them into "
-            "the hypernetwork they were saved from, or regenerate this one with that target and "
-            "those options"
-        )
-
-
-def carry_digest(module: Any, digest: str) -> None:
-    """Linen: the digest as the variable ``("layout", "digest")``, made at init and checked at
-    every apply that has it."""
-    if module.is_initializing():
-        module.variable("layout", "digest", digest_array, digest)
-    elif module.has_variable("layout", "digest"):
-        check_digest(module.get_variable("layout", "digest"), digest)
-
-
 # -- end of hypernn-gen kernel
 
 
@@ -706,4 +674,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=e1860ae5663b206e12768622e0e1bea1c0f2f3599452e4ab82b09823e4056d80
+# hypernn-gen: sha256=fdfd03c41b60cbd9942ebbb1be8c6184ab305af6ec6b1120f2307651a3ce54b9

@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # -- Target network (copied from generated_examples/targets/linen_mlp.py) --
 
@@ -63,7 +62,6 @@ NUM_EMBEDDINGS = 71
 CHUNK_DIM = 71
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "19edc0f11d9aa69c"
-CHECKPOINT_DIGEST = "42acecd8660e1f52"  # variables["layout"]["digest"], checked
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (64,), 0, 64, 0.0, 0.0),
@@ -188,7 +186,6 @@ class MLPHyperNetwork(nn.Module):
         )
         self.embedding_module = MLPEmbedding()
         self.weight_generator = MLPWeightGenerator(model_axis=self.model_axis)
-        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self) -> jax.Array:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -326,36 +323,6 @@ def check_flat(
         )
 
 
-def digest_array(digest: str) -> jax.Array:
-    """The layout digest (16 hex digits) as the 8 bytes saved state carries."""
-    return jnp.asarray(list(bytes.fromhex(digest)), jnp.uint8)
-
-
-def check_digest(saved: Any, digest: str) -> None:
-    """Refuse state saved from a hypernetwork of another layout (other tensors, offsets,
-    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
-    passes; so do traced values (under ``jax.jit``): the check runs where they are concrete."""
-    if saved is None or isinstance(saved, jax.core.Tracer):
-        return
-    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
-    if found != digest:
-        raise ValueError(
-            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
-            f"this one's is {digest}): their values would land on other tensors; load them into "
-            "the hypernetwork they were saved from, or regenerate this one with that target and "
-            "those options"
-        )
-
-
-def carry_digest(module: Any, digest: str) -> None:
-    """Linen: the digest as the variable ``("layout", "digest")``, made at init and checked at
-    every apply that has it."""
-    if module.is_initializing():
-        module.variable("layout", "digest", digest_array, digest)
-    elif module.has_variable("layout", "digest"):
-        check_digest(module.get_variable("layout", "digest"), digest)
-
-
 # -- end of hypernn-gen kernel
 
 
@@ -370,4 +337,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=06e7570e3aab51dcea0ed0ef6df11483b01a75788ad1c15902cc0103a3180120
+# hypernn-gen: sha256=eb78f1b1da34c344e1ef3233ce0c78cead66c88fc4ca3a73ac3a98360bbd2ff2

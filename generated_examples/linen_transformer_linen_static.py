@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # -- Target network (copied from generated_examples/targets/linen_transformer.py) --
 
@@ -85,7 +84,6 @@ NUM_EMBEDDINGS = 124
 CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "496a48899a4e80be"
-CHECKPOINT_DIGEST = "3840494c9926d234"  # variables["layout"]["digest"], checked
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Block_0.Dense_0.bias", ("Block_0", "Dense_0", "bias"), (32,), 0, 32, 0.0, 0.0),
@@ -317,7 +315,6 @@ class LinenTransformerHyperNetwork(nn.Module):
         )
         self.embedding_module = LinenTransformerEmbedding()
         self.weight_generator = LinenTransformerWeightGenerator(model_axis=self.model_axis)
-        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self) -> jax.Array:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -455,36 +452,6 @@ def check_flat(
         )
 
 
-def digest_array(digest: str) -> jax.Array:
-    """The layout digest (16 hex digits) as the 8 bytes saved state carries."""
-    return jnp.asarray(list(bytes.fromhex(digest)), jnp.uint8)
-
-
-def check_digest(saved: Any, digest: str) -> None:
-    """Refuse state saved from a hypernetwork of another layout (other tensors, offsets,
-    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
-    passes; so do traced values (under ``jax.jit``): the check runs where they are concrete."""
-    if saved is None or isinstance(saved, jax.core.Tracer):
-        return
-    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
-    if found != digest:
-        raise ValueError(
-            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
-            f"this one's is {digest}): their values would land on other tensors; load them into "
-            "the hypernetwork they were saved from, or regenerate this one with that target and "
-            "those options"
-        )
-
-
-def carry_digest(module: Any, digest: str) -> None:
-    """Linen: the digest as the variable ``("layout", "digest")``, made at init and checked at
-    every apply that has it."""
-    if module.is_initializing():
-        module.variable("layout", "digest", digest_array, digest)
-    elif module.has_variable("layout", "digest"):
-        check_digest(module.get_variable("layout", "digest"), digest)
-
-
 # -- end of hypernn-gen kernel
 
 
@@ -499,4 +466,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=415bddf8dc984f1b2cf61ffbb3def752e95175a56177dc0d6e6ed6235197c90e
+# hypernn-gen: sha256=abf583de3985f3df01836496014d1c675db99b63f5988ed926b57c10941c50a4

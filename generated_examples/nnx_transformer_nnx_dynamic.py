@@ -102,7 +102,6 @@ NUM_EMBEDDINGS = 124
 CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "4dce26a7936cb729"
-CHECKPOINT_DIGEST = "5626701b6aaba52b"  # the layout_digest variable, checked
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
@@ -545,7 +544,6 @@ class NnxTransformerHyperNetwork(nnx.Module):
         self.weight_generator = NnxTransformerWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
-        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network)
         install_fusion(self.target)
 
@@ -604,7 +602,6 @@ class NnxTransformerHyperNetwork(nnx.Module):
         ``(batch, FLAT_SIZE)``. The condition is the first array input unless ``condition`` is
         given.
         """
-        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if condition is None:
             condition = next((x for x in inputs if is_array(x)), None)
         if condition is None or condition.ndim == 0:
@@ -801,27 +798,6 @@ def squeeze_sample(tree: Any) -> Any:
     return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
 
 
-def digest_array(digest: str) -> jax.Array:
-    """The layout digest (16 hex digits) as the 8 bytes saved state carries."""
-    return jnp.asarray(list(bytes.fromhex(digest)), jnp.uint8)
-
-
-def check_digest(saved: Any, digest: str) -> None:
-    """Refuse state saved from a hypernetwork of another layout (other tensors, offsets,
-    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
-    passes; so do traced values (under ``jax.jit``): the check runs where they are concrete."""
-    if saved is None or isinstance(saved, jax.core.Tracer):
-        return
-    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
-    if found != digest:
-        raise ValueError(
-            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
-            f"this one's is {digest}): their values would land on other tensors; load them into "
-            "the hypernetwork they were saved from, or regenerate this one with that target and "
-            "those options"
-        )
-
-
 # -- end of hypernn-gen kernel
 
 
@@ -837,4 +813,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=c3873b93bfc1f8942f87fdbc6b32a221c61666d0b2ce91ec8a97f46005b5cf82
+# hypernn-gen: sha256=fd013f84168c231f368037210ec155ca8ef03d08e4a38ba8e32ba0fdd38b1ba9

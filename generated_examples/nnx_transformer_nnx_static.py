@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 # -- Target network (copied from generated_examples/targets/nnx_transformer.py) --
@@ -93,7 +92,6 @@ NUM_EMBEDDINGS = 124
 CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "4dce26a7936cb729"
-CHECKPOINT_DIGEST = "5720bd4398a4adc8"  # the layout_digest variable, checked
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("block.attn.key.bias", ("block", "attn", "key", "bias"), (4, 8), 0, 32, 0.0, 0.0),
@@ -297,7 +295,6 @@ class NnxTransformerHyperNetwork(nnx.Module):
         self.weight_generator = NnxTransformerWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
-        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network)
 
     def generate_params(self) -> jax.Array:
@@ -340,7 +337,6 @@ class NnxTransformerHyperNetwork(nnx.Module):
         ``generated_params`` is ``(FLAT_SIZE,)``; pass one (``flatten_params(target)``) to run the
         target with those weights instead.
         """
-        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE, dynamic=False)
@@ -450,27 +446,6 @@ def check_flat(
         )
 
 
-def digest_array(digest: str) -> jax.Array:
-    """The layout digest (16 hex digits) as the 8 bytes saved state carries."""
-    return jnp.asarray(list(bytes.fromhex(digest)), jnp.uint8)
-
-
-def check_digest(saved: Any, digest: str) -> None:
-    """Refuse state saved from a hypernetwork of another layout (other tensors, offsets,
-    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
-    passes; so do traced values (under ``jax.jit``): the check runs where they are concrete."""
-    if saved is None or isinstance(saved, jax.core.Tracer):
-        return
-    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
-    if found != digest:
-        raise ValueError(
-            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
-            f"this one's is {digest}): their values would land on other tensors; load them into "
-            "the hypernetwork they were saved from, or regenerate this one with that target and "
-            "those options"
-        )
-
-
 # -- end of hypernn-gen kernel
 
 
@@ -484,4 +459,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=02590a8b30d00932609f0e616925d689cee7d7b82d2853d9b0d78197125620bb
+# hypernn-gen: sha256=f4b2075c80e1238f29a926a8077ac3d9b065f70fa79155514313b6d340e504a8

@@ -413,7 +413,7 @@ def torch_decisions(
         "excluded": tuple(t.path for t in state if t.reason == "excluded"),
     }
     if loaded.framework != "torch":
-        kernel = kernel_source("flax", flax_kernel_roots(dynamic, loaded.framework))
+        kernel = kernel_source("flax", flax_kernel_roots(dynamic))
         decisions.update(kernel_imports=kernel.imports, kernel_source=kernel.body)
         return decisions
     fused = dynamic and not options.generator_hidden and fusion is not None
@@ -481,10 +481,9 @@ def _by_type(name: str) -> tuple[int, str]:
     return (0 if name.isupper() else 1 if name[:1].isupper() else 2, name)
 
 
-def flax_kernel_roots(dynamic: bool, framework: str = "linen") -> list[str]:
+def flax_kernel_roots(dynamic: bool) -> list[str]:
     """The ``hypernn_gen/kernel/flax.py`` definitions a Linen/NNX file of this mode calls."""
     roots = ["model_mesh", "split_chunks", "concat_flat", "decode", "unflatten", "check_flat"]
-    roots += ["carry_digest"] if framework == "linen" else ["digest_array", "check_digest"]
     if dynamic:
         roots += ["is_array", "check_batch", "per_sample", "merge_samples", "squeeze_sample"]
     return roots

@@ -161,8 +161,7 @@ def test_generated_kernel_section_is_a_verbatim_copy(path: Path) -> None:
     text = path.read_text()
     section = _section(text)
     dynamic = "a dynamic hypernetwork" in text.splitlines()[0]
-    framework = "nnx" if "(nnx, " in text else "linen"  # the header's target line
-    kernel = kernel_source("flax", flax_kernel_roots(dynamic, framework))
+    kernel = kernel_source("flax", flax_kernel_roots(dynamic))
     assert kernel.body in section
     assert text.index(KERNEL_END) < text.index('if __name__ == "__main__":')
     ours = _definitions(KERNEL_FILE.read_text())

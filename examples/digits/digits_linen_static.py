@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # -- Target network (copied from examples/digits/target_linen.py) --
 
@@ -66,7 +65,6 @@ NUM_EMBEDDINGS = 196
 CHUNK_DIM = 196
 FLAT_SIZE = 38_282
 LAYOUT_DIGEST = "ffff7b7a1a7b0314"
-CHECKPOINT_DIGEST = "0d0a63c4bf3491eb"  # variables["layout"]["digest"], checked
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (16,), 0, 16, 0.0, 0.0),
@@ -198,7 +196,6 @@ class DigitsCNNHyperNetwork(nn.Module):
         )
         self.embedding_module = DigitsCNNEmbedding()
         self.weight_generator = DigitsCNNWeightGenerator(model_axis=self.model_axis)
-        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self) -> jax.Array:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -336,36 +333,6 @@ def check_flat(
         )
 
 
-def digest_array(digest: str) -> jax.Array:
-    """The layout digest (16 hex digits) as the 8 bytes saved state carries."""
-    return jnp.asarray(list(bytes.fromhex(digest)), jnp.uint8)
-
-
-def check_digest(saved: Any, digest: str) -> None:
-    """Refuse state saved from a hypernetwork of another layout (other tensors, offsets,
-    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
-    passes; so do traced values (under ``jax.jit``): the check runs where they are concrete."""
-    if saved is None or isinstance(saved, jax.core.Tracer):
-        return
-    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
-    if found != digest:
-        raise ValueError(
-            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
-            f"this one's is {digest}): their values would land on other tensors; load them into "
-            "the hypernetwork they were saved from, or regenerate this one with that target and "
-            "those options"
-        )
-
-
-def carry_digest(module: Any, digest: str) -> None:
-    """Linen: the digest as the variable ``("layout", "digest")``, made at init and checked at
-    every apply that has it."""
-    if module.is_initializing():
-        module.variable("layout", "digest", digest_array, digest)
-    elif module.has_variable("layout", "digest"):
-        check_digest(module.get_variable("layout", "digest"), digest)
-
-
 # -- end of hypernn-gen kernel
 
 
@@ -380,4 +347,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=f0ee19d25314a0137f1987d55e47997f5a783f9ce9480f41e0a1e145bbd62650
+# hypernn-gen: sha256=c5570c862879e9e07ab9c1350cdee9c3a366a09f5659268dade858cd85cb35c1

@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 # -- Target network (copied from examples/digits/target_nnx.py) --
@@ -75,7 +74,6 @@ NUM_EMBEDDINGS = 196
 CHUNK_DIM = 196
 FLAT_SIZE = 38_282
 LAYOUT_DIGEST = "8611cc9f4df350bc"
-CHECKPOINT_DIGEST = "0c122eec4b7605dd"  # the layout_digest variable, checked
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("conv1.bias", ("conv1", "bias"), (16,), 0, 16, 0.0, 0.0),
@@ -219,7 +217,6 @@ class DigitsCNNHyperNetwork(nnx.Module):
         self.weight_generator = DigitsCNNWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
-        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network)
 
     def generate_params(self) -> jax.Array:
@@ -262,7 +259,6 @@ class DigitsCNNHyperNetwork(nnx.Module):
         ``generated_params`` is ``(FLAT_SIZE,)``; pass one (``flatten_params(target)``) to run the
         target with those weights instead.
         """
-        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE, dynamic=False)
@@ -372,27 +368,6 @@ def check_flat(
         )
 
 
-def digest_array(digest: str) -> jax.Array:
-    """The layout digest (16 hex digits) as the 8 bytes saved state carries."""
-    return jnp.asarray(list(bytes.fromhex(digest)), jnp.uint8)
-
-
-def check_digest(saved: Any, digest: str) -> None:
-    """Refuse state saved from a hypernetwork of another layout (other tensors, offsets,
-    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
-    passes; so do traced values (under ``jax.jit``): the check runs where they are concrete."""
-    if saved is None or isinstance(saved, jax.core.Tracer):
-        return
-    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
-    if found != digest:
-        raise ValueError(
-            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
-            f"this one's is {digest}): their values would land on other tensors; load them into "
-            "the hypernetwork they were saved from, or regenerate this one with that target and "
-            "those options"
-        )
-
-
 # -- end of hypernn-gen kernel
 
 
@@ -406,4 +381,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=9bfd771bb0eeee009780a8953de07b1db67c2a4f31dee15e89af762a130b2c29
+# hypernn-gen: sha256=fa6039e434ba4a39b2a6f3085000c0c519fe3649f8b3c37e02f64d955c547ce3

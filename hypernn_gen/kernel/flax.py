@@ -144,33 +144,3 @@ def merge_samples(old: jax.Array, new: jax.Array) -> jax.Array:
 def squeeze_sample(tree: Any) -> Any:
     """Drop the per-sample batch of 1 from every output leaf (as ``torch.squeeze(0)`` does)."""
     return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
-
-
-def digest_array(digest: str) -> jax.Array:
-    """The layout digest (16 hex digits) as the 8 bytes saved state carries."""
-    return jnp.asarray(list(bytes.fromhex(digest)), jnp.uint8)
-
-
-def check_digest(saved: Any, digest: str) -> None:
-    """Refuse state saved from a hypernetwork of another layout (other tensors, offsets,
-    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
-    passes; so do traced values (under ``jax.jit``): the check runs where they are concrete."""
-    if saved is None or isinstance(saved, jax.core.Tracer):
-        return
-    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
-    if found != digest:
-        raise ValueError(
-            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
-            f"this one's is {digest}): their values would land on other tensors; load them into "
-            "the hypernetwork they were saved from, or regenerate this one with that target and "
-            "those options"
-        )
-
-
-def carry_digest(module: Any, digest: str) -> None:
-    """Linen: the digest as the variable ``("layout", "digest")``, made at init and checked at
-    every apply that has it."""
-    if module.is_initializing():
-        module.variable("layout", "digest", digest_array, digest)
-    elif module.has_variable("layout", "digest"):
-        check_digest(module.get_variable("layout", "digest"), digest)

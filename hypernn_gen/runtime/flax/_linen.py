@@ -32,8 +32,7 @@ import jax.numpy as jnp
 
 from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
-from ...kernel import flax as fk
-from ...layout import Chunking, Layout, checkpoint_digest
+from ...layout import Chunking, Layout
 from ...trace_flax import _array_inputs, trace_linen
 from . import _common as c
 
@@ -255,7 +254,6 @@ class FlaxHyperNetwork(nn.Module):
         else:
             layout = _structure(target, inputs, target_kwargs, self.include, tuple(rng_names))
         layout, chunking = self.design(layout)
-        fk.carry_digest(self, checkpoint_digest(layout, chunking, self.mode, self.embedding_dim))
         generated = layout.generated
         scale = self.param("param_scale", lambda _: _vector([t.init_std for t in generated]))
         shift = self.param("param_shift", lambda _: _vector([t.init_mean for t in generated]))

@@ -28,8 +28,7 @@ from flax import nnx
 
 from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
-from ...kernel import flax as fk
-from ...layout import Chunking, Layout, checkpoint_digest
+from ...layout import Chunking, Layout
 from ...trace_flax import trace_nnx_module
 from . import _common as c
 
@@ -302,9 +301,6 @@ class NNXHyperNetwork(nnx.Module):
         generated = self.layout.generated
         self.param_scale = nnx.Param(jnp.array([t.init_std for t in generated], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([t.init_mean for t in generated], jnp.float32))
-        #: saved in the state (``layout_digest``) and checked at every call, as generated files do
-        self.checkpoint_digest = checkpoint_digest(self.layout, self.chunking, mode, embedding_dim)
-        self.layout_digest = nnx.Variable(fk.digest_array(self.checkpoint_digest))
         self.target = _strip_generated(target, self.layout)
 
     # -- generation ---------------------------------------------------------------------------
@@ -350,7 +346,6 @@ class NNXHyperNetwork(nnx.Module):
         **kwargs: Any,
     ) -> tuple[Any, jax.Array]:
         """Run the target with generated weights; returns ``(output, generated_params)``."""
-        fk.check_digest(self.layout_digest[...], self.checkpoint_digest)
         batch = None
         if self.mode == "dynamic":
             if condition is None:
