@@ -103,9 +103,11 @@ def test_fused_equals_the_materialising_path(generated: dict[str, ModuleType], n
     (fused, fused_grads), (materialised, grads) = results
     torch.testing.assert_close(fused, materialised, rtol=1e-4, atol=1e-5)
     assert fused_grads.keys() == grads.keys() and grads
-    scale = max(float(g.abs().max()) for g in grads.values())  # float32 noise: of the largest
+    # float32 noise, relative to the largest gradient: the two paths sum the embedding's
+    # gradient over different products (its gradient multiplier scales that noise too)
+    scale = max(float(g.abs().max()) for g in grads.values())
     for n, g in grads.items():
-        torch.testing.assert_close(fused_grads[n], g, rtol=1e-3, atol=1e-5 * scale)
+        torch.testing.assert_close(fused_grads[n], g, rtol=1e-3, atol=5e-5 * scale)
 
 
 @pytest.mark.parametrize("name", NAMES)
