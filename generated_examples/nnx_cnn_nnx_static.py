@@ -207,8 +207,7 @@ class NnxCnnHyperNetwork(nnx.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,nnx}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -422,4 +421,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=0a6b4106e02808477dd5c6d6d6c4744e4c4373bcf9e8959aeeb1e932d5d35791
+# hypernn-gen: sha256=1d782a489517aa9dcb1dfc3a38bb12c8114acdc14f87abfaf5546fd6ab800896
