@@ -34,6 +34,7 @@ from .options import (
     check_options,
     check_sizes,
     command_args,
+    context_options,
     header_options,
 )
 from .render import (
@@ -261,12 +262,15 @@ def build_context(
         fusion = plan_fusion(
             loaded, layout, chunking, linear_generator=not options.generator_hidden
         )
+    resolved = {
+        "num_embeddings": chunking.num_embeddings,
+        "chunk_dim": chunking.chunk_dim,
+        "condition_shape": condition_shape,
+    }
     option_lines = header_options(
         options,
         {
-            "num_embeddings": chunking.num_embeddings,
-            "chunk_dim": chunking.chunk_dim,
-            "condition_shape": condition_shape,
+            **resolved,
             # Flax files do not scale gradients yet (issue 16): say so in the header
             "gradient_scaling": options.gradient_scaling if loaded.framework == "torch" else "off",
         },
@@ -343,18 +347,7 @@ def build_context(
         },
         base_checkpoint=_relative(options.base) if options.base else None,
         gradient_scale=gradient_scale_of(options, layout, chunking),
-        options={
-            "backend": options.backend,
-            "mode": options.mode,
-            "embedding_dim": options.embedding_dim,
-            "num_embeddings": chunking.num_embeddings,
-            "chunk_dim": chunking.chunk_dim,
-            "chunking": options.chunking,
-            "init_scheme": options.init_scheme,
-            "gradient_scaling": options.gradient_scaling,
-            "generator_hidden": tuple(options.generator_hidden),
-            "embedding_hidden": tuple(options.embedding_hidden),
-        },
+        options=context_options(options, resolved),
     )
     return (ctx, source) if with_source else ctx
 

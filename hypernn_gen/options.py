@@ -32,6 +32,7 @@ __all__ = [
     "check_options",
     "check_sizes",
     "command_args",
+    "context_options",
     "convert",
     "header_options",
     "options_from_namespace",
@@ -451,6 +452,18 @@ def header_options(options: Any, resolved: dict[str, Any]) -> tuple[str, str]:
         text = _widths(value) if option.kind in ("widths", "shape") else str(value)
         lines[option.header[0]].append((option.header[1], f"{option.name}={text}"))
     return " ".join(t for _, t in sorted(lines[1])), " ".join(t for _, t in sorted(lines[2]))
+
+
+def context_options(options: Any, resolved: dict[str, Any]) -> dict[str, Any]:
+    """``ctx.options``: every option the header shows, by field name (``resolved`` as in
+    :func:`header_options`; widths and shapes as tuples)."""
+    out: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.header is not None:
+            value = resolved.get(option.name, getattr(options, option.name))
+            widths = option.kind in ("widths", "shape") and value is not None
+            out[option.name] = tuple(value) if widths else value
+    return out
 
 
 # -- checks ---------------------------------------------------------------------------------------

@@ -74,9 +74,7 @@ def reference() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-def test_lora_hypernetwork_matches_single_process(
-    wrapper: str, runs: Path, reference
-) -> None:  # noqa: ANN001
+def test_lora_hypernetwork_matches_single_process(wrapper: str, runs: Path, reference) -> None:  # noqa: ANN001
     error = runs / f"{wrapper}.error"
     if error.exists():
         pytest.skip(f"{wrapper} could not run here: {error.read_text().strip().splitlines()[-1]}")

@@ -56,6 +56,7 @@ def _code_blocks(page: Path, language: str) -> list[str]:
 def test_anatomy_quotes_match_the_generated_file() -> None:
     """Every ```python block of docs/anatomy.md is in generated_examples/cnn_torch_dynamic.py
     (a line holding only ``...`` separates fragments that are quoted separately)."""
+
     def lines(text: str) -> str:  # quotes of methods are dedented: compare line by line
         return "\n".join(line.strip() for line in text.strip().splitlines())
 

@@ -670,7 +670,7 @@ def test_fused_convolutions_and_fallbacks(tmp_path: Path) -> None:
     runtime's either way (Linen and NNX)."""
     x = _normal((BATCH, 9, 9, 2))
     linen = generate_file(tmp_path, f"{ZOO}:LinenConvs")
-    assert [f.path for f in linen.FUSED] == [
+    assert [f[0] for f in linen.FUSED] == [
         ("Conv_0",),
         ("Conv_1",),
         ("Conv_4",),
@@ -684,7 +684,7 @@ def test_fused_convolutions_and_fallbacks(tmp_path: Path) -> None:
     linen_matches_runtime(linen, import_file(ZOO).LinenConvs(), x)
 
     module = generate_file(tmp_path, f"{ZOO}:make_nnx")
-    fused = {f.path[0] for f in module.FUSED}
+    fused = {f[0][0] for f in module.FUSED}
     assert fused == {"strided", "dilated", "conv1d", "out"}
     assert dict(module.PER_SAMPLE)["grouped"] == "grouped convolution"
     runtime = NNXHyperNetwork(
@@ -708,7 +708,7 @@ def test_rows_spanning_too_many_chunks_are_materialised(tmp_path: Path) -> None:
     """With 3-value chunks a kernel row of 64 spans 22 chunks: more than MAX_SEGMENTS, so those
     layers run per sample; the 4-wide output layer's rows (2 chunks) stay fused."""
     module = generate_file(tmp_path, str(TARGETS_DIR / "linen_mlp.py"), "--chunk-dim", "3")
-    assert [f.path for f in module.FUSED] == [("Dense_2",)]
+    assert [f[0] for f in module.FUSED] == [("Dense_2",)]
     assert dict(module.PER_SAMPLE)["Dense_1"] == "a kernel row spans 22 chunks (more than 16)"
     linen_matches_runtime(module, plain_target("linen_mlp"), _normal((BATCH, 8)), chunk_dim=3)
 
