@@ -295,8 +295,7 @@ class SmallCNNHyperNetwork(nn.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,linen}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -774,4 +773,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=de82725bd32e2db9158a826c3f1ac4b37562943ce1794847127e60e571cceddf
+# hypernn-gen: sha256=577c676047baeab363049e7be853f7186b255cebd3eb906e028d757b12b88d23

@@ -223,8 +223,7 @@ class SmallCNNHyperNetwork(nn.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,linen}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -418,4 +417,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=1fe5ee0b64ef01fbd2ef1b5d01364324f146e96482b744d9df7d6e08b109eb5a
+# hypernn-gen: sha256=a91dc2142e2036ef3199d019ab3aa2dbefe2f92f9ae92e586680caf6a313cd53

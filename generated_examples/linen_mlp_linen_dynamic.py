@@ -265,8 +265,7 @@ class MLPHyperNetwork(nn.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,linen}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -741,4 +740,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=9fa06080a7840cacef4123fe9ff791736c8861e767e1f71339a578a5f20a4f8f
+# hypernn-gen: sha256=fb5a124eeb464e020b159615797ab423d44589cd27a0bbd05583f4bfdcb9c529

@@ -406,8 +406,7 @@ class LinenTransformerHyperNetwork(nn.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,linen}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -882,4 +881,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=6ef54767a94044aab892984d296e3769aab80f23f1cfc6621339f520d6141c77
+# hypernn-gen: sha256=6c3e3a2b525c93553eeb14f57f415451f876fc4c856447f1938aeba0ae630042

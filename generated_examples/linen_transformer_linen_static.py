@@ -323,8 +323,7 @@ class LinenTransformerHyperNetwork(nn.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,linen}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -515,4 +514,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=f0f716c6987f2c8713542e63a495df6c68a7aca9b48ee21f76b5f7ebeeff6261
+# hypernn-gen: sha256=293eb437ce09c9af6030bcb1cdc814117c7373649ee5168ee32f9dfeeb1cd56d

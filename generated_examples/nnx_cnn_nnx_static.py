@@ -207,8 +207,7 @@ class NnxCnnHyperNetwork(nnx.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,nnx}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -422,4 +421,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=5642be9f6010a56859a8250f3700126edefc2cf50a61a3a786866c53d67fd900
+# hypernn-gen: sha256=e96b5fc2597d58fd359caf5b7e7c7dfc6f57b5bf5bef56576934ba3870f1f7d7

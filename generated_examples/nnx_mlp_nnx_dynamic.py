@@ -275,8 +275,7 @@ class NnxMlpHyperNetwork(nnx.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,nnx}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -786,4 +785,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=78ce2f83c3793fb951fa0bf0e494bcc8eb77c9b31a37cb84dac16d704fb2a5c1
+# hypernn-gen: sha256=e187dacabf0d5c77328f25d8c5b3c4f2a457e5be422394f703c570832764f256

@@ -198,8 +198,7 @@ class NnxMlpHyperNetwork(nnx.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,nnx}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -413,4 +412,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=73a7c460bf1780ce35797775c9bcd5b7b681522526b98d7317b950065d4faa98
+# hypernn-gen: sha256=e71380504e263e96c4e3c0f59515a026898076cba5319ca4a4a892958a1dd75f

@@ -283,8 +283,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,nnx}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -498,4 +497,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=f65cdb805248306dcdf17163bf1dba39ca69cbef738739615f574992096fe1b8
+# hypernn-gen: sha256=b641513245d8f0398f315ac3a6dfbfd69d0a560c86a8d9e9fb0c36b1b5b79d68

@@ -204,8 +204,7 @@ class DigitsCNNHyperNetwork(nn.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,linen}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -396,4 +395,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=665fc078842dd235a3f78dc1a74e7f9ccc9babb49addf58bfc930529587dce25
+# hypernn-gen: sha256=e8fff7fc04cd9927b414afe60a0a1b17c20746cfd643e9028dfca820b61f2ef2

@@ -205,8 +205,7 @@ class DigitsCNNHyperNetwork(nnx.Module):
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/{flax,nnx}.py: layout
-# constants (GENERATED, FLAT_SIZE, FUSED, ...) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -420,4 +419,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=63e80feb271078aa4e586f862685b2cee965173dce1cfce2f122ccf709cc6264
+# hypernn-gen: sha256=840de021101a1f6a26bd3753c6f79acaa16e234adf58ca8d8f2a7d2af4af86ea
