@@ -266,15 +266,10 @@ def build_context(
         "num_embeddings": chunking.num_embeddings,
         "chunk_dim": chunking.chunk_dim,
         "condition_shape": condition_shape,
+        # Flax files do not scale gradients yet (issue 16): the header and ctx.options say so
+        "gradient_scaling": options.gradient_scaling if loaded.framework == "torch" else "off",
     }
-    option_lines = header_options(
-        options,
-        {
-            **resolved,
-            # Flax files do not scale gradients yet (issue 16): say so in the header
-            "gradient_scaling": options.gradient_scaling if loaded.framework == "torch" else "off",
-        },
-    )
+    option_lines = header_options(options, resolved)
     if lora(options):
         option_lines = lora_option_lines(options, condition_shape)
         what = f"layout:   {len(adapters)} LoRA-adapted Linear layers, " + (

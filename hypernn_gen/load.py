@@ -809,9 +809,7 @@ _PLAIN_VALUES = (type(None), bool, int, float, str)
 
 def _unsupported_leaf(value: Any, depth: int = 0) -> Any:
     """The first value in ``value`` that is neither a tensor nor a plain literal, else ``None``."""
-    if getattr(value, "shape", None) is not None and getattr(value, "dtype", None) is not None:
-        return None
-    if isinstance(value, _PLAIN_VALUES):
+    if is_example_array(value) or isinstance(value, _PLAIN_VALUES):
         return None
     if isinstance(value, (tuple, list, dict)) and depth < 8:
         items = value.values() if isinstance(value, dict) else value
