@@ -196,3 +196,128 @@ def format_lora(report: dict[str, Any]) -> str:
         f"{report['generator_params']:,} trainable parameters",
     ]
     return "\n".join(lines)
+
+
+# -- Flax (Linen and NNX): the adapted layers -------------------------------------------------
+
+
+def _depth_of(parents: tuple) -> tuple[int, int | None]:
+    """The block index of a layer from its parents' keys: the first integer key, or the number
+    ending a Linen name (``Block_3``); ``(0, None)`` without one. Also the key's position."""
+    for i, key in enumerate(parents):
+        if isinstance(key, int) or str(key).isdigit():
+            return int(key), i
+        match = re.fullmatch(r".*_(\d+)", str(key))
+        if match:
+            return int(match.group(1)), i
+    return 0, None
+
+
+def _flax_adapters(found: list[tuple[tuple, tuple, tuple, int]], framework: str) -> tuple:
+    """Adapters from ``(keys, in_shape, out_shape, in_dims)`` of the selected layers."""
+    import math
+
+    from .kernel.lora_flax import Adapter
+
+    kinds: dict[tuple, int] = {}
+    adapters = []
+    for keys, in_shape, out_shape, in_dims in found:
+        depth, at = _depth_of(keys[:-1])
+        pattern = tuple("*" if i == at else str(k) for i, k in enumerate(keys))
+        in_features = math.prod(in_shape)
+        kind = kinds.setdefault((pattern, in_features, tuple(out_shape)), len(kinds))
+        path = ".".join(map(str, keys))
+        adapters.append(
+            Adapter(path, tuple(keys), in_features, tuple(out_shape), in_dims, depth, kind)
+        )
+    if not adapters:
+        raise GenerationError(
+            f"--generate lora found nothing to adapt: the target has no {framework} Dense layer "
+            "inside a submodule that --include/--exclude select; select layers with --include, "
+            "e.g. --include '*.kernel'"
+        )
+    return tuple(adapters)
+
+
+def _select(path: str, keys: tuple, include: Callable[[str], bool] | None) -> bool:
+    if include is None:
+        return len(keys) >= 2  # inside a submodule: not a top-level head
+    return include(f"{path}.kernel")
+
+
+def linen_lora_adapters(
+    module: Any, inputs: tuple, kwargs: dict, include: Callable[[str], bool] | None = None
+) -> tuple:
+    """The :class:`~hypernn_gen.kernel.lora_flax.Adapter` of every adapted ``nn.Dense`` /
+    ``nn.DenseGeneral`` (trailing contracted axes) of a Linen module, in call order."""
+    import flax.linen as nn
+    import jax
+
+    calls: dict[tuple, tuple] = {}
+
+    def record(next_fun: Callable, args: tuple, kw: dict, context: Any) -> Any:
+        m = context.module
+        if context.method_name == "__call__" and m.path not in calls and args:
+            calls[m.path] = (m, tuple(args[0].shape))
+        return next_fun(*args, **kw)
+
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    with nn.intercept_methods(record):
+        variables = jax.eval_shape(lambda: module.init(rngs, *inputs, **kwargs))
+    params = nn.meta.unbox(variables).get("params", {})
+    found = []
+    for keys, (m, x_shape) in calls.items():
+        path = ".".join(keys)
+        node: Any = params
+        for key in keys:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if not isinstance(node, dict) or "kernel" not in node or not _select(path, keys, include):
+            continue
+        kernel = tuple(node["kernel"].shape)
+        if type(m) is nn.Dense:
+            found.append((keys, kernel[:1], kernel[1:], 1))
+            continue
+        axis = (m.axis,) if isinstance(m.axis, int) else tuple(m.axis)
+        axis = tuple(sorted(a % len(x_shape) for a in axis))
+        trailing = axis == tuple(range(len(x_shape) - len(axis), len(x_shape)))
+        if type(m) is not nn.DenseGeneral or m.batch_dims or not trailing:
+            if include is None:
+                continue
+            raise GenerationError(
+                f"--generate lora adapts nn.Dense and nn.DenseGeneral (contracting the last "
+                f"axes) layers, and {path!r} is a {type(m).__name__}; --exclude '{path}.*'"
+            )
+        n = len(axis)
+        found.append((keys, kernel[:n], kernel[n:], n))
+    return _flax_adapters(found, "Linen")
+
+
+def nnx_lora_adapters(module: Any, include: Callable[[str], bool] | None = None) -> tuple:
+    """The :class:`~hypernn_gen.kernel.lora_flax.Adapter` of every adapted ``nnx.Linear`` /
+    ``nnx.LinearGeneral`` (negative trailing axes) of an NNX module, in module order."""
+    from flax import nnx
+
+    found = []
+    for keys, m in nnx.iter_modules(module):
+        keys = tuple(keys)
+        path = ".".join(map(str, keys))
+        kernel_var = getattr(m, "kernel", None)
+        if not keys or not isinstance(kernel_var, nnx.Variable) or not _select(path, keys, include):
+            continue
+        kernel = tuple(kernel_var.get_value().shape)
+        if type(m) is nnx.Linear:
+            found.append((keys, kernel[:1], kernel[1:], 1))
+            continue
+        axis = tuple(getattr(m, "axis", ()) or ())
+        trailing = axis == tuple(range(-len(axis), 0))
+        if type(m) is not nnx.LinearGeneral or m.batch_axis or not trailing:
+            if include is None:
+                continue
+            raise GenerationError(
+                f"--generate lora adapts nnx.Linear and nnx.LinearGeneral (contracting the last "
+                f"axes, negative axis) layers, and {path!r} is a {type(m).__name__}; "
+                f"--exclude '{path}.*'"
+            )
+        n = len(axis)
+        found.append((keys, kernel[:n], kernel[n:], n))
+    return _flax_adapters(found, "NNX")
