@@ -20,10 +20,15 @@ from .errors import GenerationError
 __all__ = [
     "DELTA_FALLBACK_STD",
     "GENERATES",
+    "adapter_out",
+    "check_base",
     "delta_layout",
     "describe_base",
+    "generator_params",
     "load_base",
+    "linen_lora_adapters",
     "lora_adapters",
+    "nnx_lora_adapters",
 ]
 
 GENERATES = ("weights", "delta", "lora")
@@ -91,6 +96,41 @@ def load_base(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
+def check_base(path: str | Path, framework: str) -> None:
+    """Refuse a ``--base`` checkpoint that is missing or unreadable for the target's framework:
+    Torch: safetensors or a torch state dict; Linen/NNX: a ``flax.serialization`` msgpack file."""
+    if framework == "torch":
+        load_base(path)
+        return
+    if not Path(path).is_file():
+        raise GenerationError(
+            f"--base {path}: no such file; give a msgpack checkpoint "
+            "(flax.serialization.msgpack_serialize of the variables)"
+        )
+    from .kernel.lora_flax import read_checkpoint
+
+    try:
+        tree = read_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one clear line
+        raise GenerationError(
+            f"--base {path}: not a msgpack checkpoint ({type(exc).__name__}); save one with "
+            "flax.serialization.msgpack_serialize(variables)"
+        ) from None
+    if not isinstance(tree, dict):
+        raise GenerationError(
+            f"--base {path}: holds a {type(tree).__name__}, not a tree of variables; save one with "
+            "flax.serialization.msgpack_serialize(variables)"
+        )
+
+
+def adapter_out(adapter: Any) -> int:
+    """An adapter's output size (Torch: ``out_features``; Flax: the product of its features)."""
+    import math
+
+    shape = getattr(adapter, "out_shape", None)
+    return adapter.out_features if shape is None else math.prod(shape)
+
+
 def describe_base(base: str | None, factory: str) -> str:
     """The header's ``base:`` line: where the frozen base weights come from."""
     return f"checkpoint {base}" if base else f"the target's own weights ({factory})"
@@ -117,33 +157,58 @@ def delta_layout(layout: Any) -> Any:
     return dataclasses.replace(layout, tensors=tensors)
 
 
-def lora_report(adapters: tuple, options: Any, base: str) -> dict[str, Any]:
-    """What ``inspect --generate lora`` shows: per layer its base shape, depth, kind and adapter
-    size; the totals and the generator's trainable parameter count (built on ``meta``)."""
-    import torch
-
-    from .kernel.lora_torch import LoRAGenerator
-
+def generator_params(adapters: tuple, options: Any, framework: str = "torch") -> int:
+    """The trainable parameter count of a LoRA generator (built on ``meta`` / traced shapes)."""
     rank = options.lora_rank
     shape = tuple(options.condition_shape) if options.condition_shape else (1,)
-    with torch.device("meta"):
-        generator = LoRAGenerator(
-            adapters,
-            rank,
-            options.embedding_dim,
-            shape if options.dynamic else None,
-            tuple(options.embedding_hidden),
-            tuple(options.generator_hidden),
-            options.lora_generator == "shared",
-        )
+    args = (
+        adapters,
+        rank,
+        options.embedding_dim,
+        shape if options.dynamic else None,
+        tuple(options.embedding_hidden),
+        tuple(options.generator_hidden),
+        options.lora_generator == "shared",
+    )
+    if framework == "torch":
+        import torch
+
+        from .kernel.lora_torch import LoRAGenerator
+
+        with torch.device("meta"):
+            return sum(p.numel() for p in LoRAGenerator(*args).parameters())
+    import jax
+    import jax.numpy as jnp
+
+    if framework == "linen":
+        from .kernel.lora_linen import LinenLoRAGenerator
+
+        condition = jnp.zeros((1, *shape)) if options.dynamic else None
+        init = LinenLoRAGenerator(*args).init
+        variables = jax.eval_shape(lambda: init(jax.random.key(0), condition))
+        return sum(x.size for x in jax.tree.leaves(variables["params"]))
+    from flax import nnx
+
+    from .kernel.lora_nnx import NNXLoRAGenerator
+
+    generator = nnx.eval_shape(lambda: NNXLoRAGenerator(*args, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(generator, nnx.Param)))
+
+
+def lora_report(
+    adapters: tuple, options: Any, base: str, framework: str = "torch"
+) -> dict[str, Any]:
+    """What ``inspect --generate lora`` shows: per layer its base shape ``(out, in)``, depth,
+    kind and adapter size; the totals and the generator's trainable parameter count."""
+    rank = options.lora_rank
     layers = [
         {
             "path": a.path,
-            "base_shape": [a.out_features, a.in_features],
+            "base_shape": [adapter_out(a), a.in_features],
             "depth": a.depth,
             "kind": a.kind,
             "rank": rank,
-            "adapter_values": rank * (a.in_features + a.out_features),
+            "adapter_values": rank * (a.in_features + adapter_out(a)),
         }
         for a in adapters
     ]
@@ -154,8 +219,8 @@ def lora_report(adapters: tuple, options: Any, base: str) -> dict[str, Any]:
         "base": base,
         "layers": layers,
         "adapter_values": sum(layer["adapter_values"] for layer in layers),
-        "base_values": sum(a.in_features * a.out_features for a in adapters),
-        "generator_params": sum(p.numel() for p in generator.parameters()),
+        "base_values": sum(a.in_features * adapter_out(a) for a in adapters),
+        "generator_params": generator_params(adapters, options, framework),
     }
 
 
