@@ -21,11 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from ...adapters import linen_lora_adapters, nnx_lora_adapters
 from ...design import check_hidden
 from ...errors import HyperNetworkError, HypernnGenError
+from ...kernel.flax import is_array
 from ...kernel.lora_linen import LinenLoRAHyperNetwork
 from ...kernel.lora_nnx import FrozenBase, NNXLoRAHyperModule
 
@@ -101,13 +103,22 @@ class FlaxLoRAHyperNetwork(LinenLoRAHyperNetwork):
         super().__post_init__()
 
     def adapted_layers(self, inputs: tuple, kwargs: dict) -> tuple:
+        """The adapted layers, found once per target, inputs' shapes and keywords."""
         if self.adapters:
             return self.adapters
-        try:
-            target = self.target_network.clone(parent=None)
-            return linen_lora_adapters(target, inputs, kwargs, self.include)
-        except HypernnGenError as exc:
-            raise _runtime_error(exc) from None
+        target = self.target_network.clone(parent=None)
+        shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)) if is_array(x) else x, inputs)
+        key = (target, self.include, repr(shapes), repr(kwargs))
+        if key not in _FOUND:
+            try:
+                _FOUND[key] = linen_lora_adapters(target, inputs, kwargs, self.include)
+            except HypernnGenError as exc:
+                raise _runtime_error(exc) from None
+        return _FOUND[key]
+
+
+#: the adapted layers of Linen targets, by (target, include, input shapes, keywords)
+_FOUND: dict[tuple, tuple] = {}
 
 
 class NNXLoRAHyperNetwork(NNXLoRAHyperModule):
