@@ -116,6 +116,9 @@ class FusionPlan:
     #: (detail: the kind), ``"whole batch"`` (owns no generated tensor), ``"per sample"`` (run
     #: alone under vmap; detail: why) or ``"inside"`` (detail: the per-sample module it is in)
     routes: tuple[tuple[str, str, str], ...] = ()
+    #: (module path, flags) for each module in ``per_sample``: which tensors of its call
+    #: (positional, then keyword, in any container) carry the batch, as the probe saw them
+    batched: tuple[tuple[str, tuple[bool, ...]], ...] = ()
 
     def summary(self) -> str:
         if not self.fused:
@@ -150,7 +153,8 @@ class BatchFlow:
     :data:`PROBE_BATCHES`), on ``meta`` or, where the forward branches on values, for real.
 
     ``calls[path]`` holds, for every call of the module at ``path``, one flag per tensor input
-    (positional, then keyword in call order): does its first dimension follow the batch? A module
+    (the tensors among the ``pytree`` leaves of ``(args, kwargs)``: positional, then keyword in
+    call order, in any container): does its first dimension follow the batch? A module
     that was never called has no entry. ``error`` says why the target could not be run.
 
     ``uses[name]`` says how a tracked value is used: a parameter by its name, or (``">" + path``)
@@ -170,6 +174,11 @@ class BatchFlow:
     def shared_input(self, path: str) -> bool:
         """Some call of ``path`` got a tensor without the batch first (a shared input)."""
         return any(not all(flags) for flags in self.calls.get(path, ()))
+
+    def flags(self, path: str) -> tuple[bool, ...] | None:
+        """The flags of ``path``'s calls if every call has the same ones, else ``None``."""
+        calls = set(self.calls.get(path, ()))
+        return next(iter(calls)) if len(calls) == 1 else None
 
     def batched_input(self, path: str) -> bool:
         """Every call of ``path`` got at least one tensor with the batch first."""
@@ -278,14 +287,17 @@ class _UseTracker:
         self._use(key, f"used by {name}, not only broadcast elementwise into batched tensors")
 
 
-def probe_batch_flow(module, inputs, real=None) -> BatchFlow:  # noqa: ANN001 - torch objects
+def probe_batch_flow(module, inputs, kwargs=None, real=None) -> BatchFlow:  # noqa: ANN001
     """Run ``module`` on inputs with the batch sizes :data:`PROBE_BATCHES`.
 
-    ``inputs`` are example tensors (any device) whose first dimension is the batch. On ``meta``
-    nothing is computed or allocated: parameters and buffers are swapped for ``meta`` stand-ins.
-    Where the forward branches on values (``if mask.all():``), ``meta`` cannot run it: then, if
-    ``real`` is given (a callable returning the target built for real, or the module), the probe
-    runs it on CPU with random inputs, up to :data:`REAL_PROBE_LIMIT` values.
+    ``inputs`` are the example call's positional arguments (tensors on any device, or other
+    values), the first a tensor whose first dimension is the batch; every positional tensor
+    carries the batch. ``kwargs``, its keyword arguments (any pytree): a tensor in them carries
+    the batch when its first dimension is the first input's. On ``meta`` nothing is computed or
+    allocated: parameters and buffers are swapped for ``meta`` stand-ins. Where the forward
+    branches on values (``if mask.all():``), ``meta`` cannot run it: then, if ``real`` is given
+    (a callable returning the target built for real, or the module), the probe runs it on CPU
+    with random inputs, up to :data:`REAL_PROBE_LIMIT` values.
     """
     import torch
 
@@ -293,7 +305,7 @@ def probe_batch_flow(module, inputs, real=None) -> BatchFlow:  # noqa: ANN001 - 
         name: t if t.device.type == "meta" else torch.empty_like(t, device="meta")
         for name, t in (*module.named_parameters(), *module.named_buffers())
     }
-    flow = _probe(module, stand_ins, inputs, "meta")
+    flow = _probe(module, stand_ins, inputs, kwargs, "meta")
     if flow.error is None or real is None:
         return flow
     try:
@@ -307,7 +319,7 @@ def probe_batch_flow(module, inputs, real=None) -> BatchFlow:  # noqa: ANN001 - 
                 name: t.detach().clone()
                 for name, t in (*built.named_parameters(), *built.named_buffers())
             }
-            runs = [_probe(built, states, inputs, fill) for fill in ("randn", "zeros")]
+            runs = [_probe(built, states, inputs, kwargs, fill) for fill in ("randn", "zeros")]
     except Exception:  # noqa: BLE001 - the meta probe's error says why
         return flow
     ran = [run for run in runs if run.error is None]
@@ -351,10 +363,11 @@ def _use_mode(tracker: _UseTracker):  # noqa: ANN202
     return Mode()
 
 
-def _probe(module, stand_ins: dict, inputs, fill: str) -> BatchFlow:  # noqa: ANN001
+def _probe(module, stand_ins: dict, inputs, kwargs, fill: str) -> BatchFlow:  # noqa: ANN001
     """One probe, ``fill``: ``"meta"``, or real inputs, ``"randn"`` or ``"zeros"``."""
     import torch
     from torch.func import functional_call
+    from torch.utils import _pytree as pytree
 
     global _OPS
     if not _OPS:
@@ -364,6 +377,7 @@ def _probe(module, stand_ins: dict, inputs, fill: str) -> BatchFlow:  # noqa: AN
     seen: list[dict[str, list[tuple[int | None, ...]]]] = []
     uses: list[dict[str, int | str]] = []
     generator = torch.Generator().manual_seed(0)
+    example = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim())
     for batch in PROBE_BATCHES:
         calls: dict[str, list[tuple[int | None, ...]]] = {}
         tracker = _UseTracker(batch)
@@ -372,14 +386,15 @@ def _probe(module, stand_ins: dict, inputs, fill: str) -> BatchFlow:  # noqa: AN
                 tracker.track(t, name)
 
         def record(path, _module, args, kwargs, calls=calls):  # noqa: ANN001
-            tensors = [*args, *kwargs.values()]
+            tensors = pytree.tree_leaves((args, kwargs))
             dims = tuple(
                 (t.shape[0] if t.dim() else None) for t in tensors if isinstance(t, torch.Tensor)
             )
             calls.setdefault(path, []).append(dims)
 
         def output(path, _module, args, kwargs, out, tracker=tracker, batch=batch):  # noqa: ANN001
-            tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+            leaves = pytree.tree_leaves((args, kwargs))
+            tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
             if tensors and all(t.dim() and t.shape[0] == 1 for t in tensors) and batch != 1:
                 if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == 1:
                     tracker.track(out, ">" + path)
@@ -399,14 +414,30 @@ def _probe(module, stand_ins: dict, inputs, fill: str) -> BatchFlow:  # noqa: AN
                         lambda m, a, k, o, path=path: output(path, m, a, k, o), with_kwargs=True
                     )
                 )
-        xs = tuple(_probe_input(x, batch, fill, generator) for x in inputs)
+
+        def resize(x, batch=batch, example=example):  # noqa: ANN001, ANN202
+            if not isinstance(x, torch.Tensor):
+                return x
+            if x.dim() and x.shape[0] == example:
+                return _probe_input(x, (batch, *x.shape[1:]), fill, generator)
+            if x.device.type == "meta":  # shared: its own shape, values made up for real
+                return _probe_input(x, tuple(x.shape), fill, generator)
+            return x.to("meta" if fill == "meta" else "cpu")
+
+        xs = tuple(
+            _probe_input(x, (batch, *x.shape[1:]), fill, generator)
+            if isinstance(x, torch.Tensor)
+            else x
+            for x in inputs
+        )
+        kw = pytree.tree_map(resize, dict(kwargs or {}))
         try:
             with (
                 torch.no_grad(),
                 torch.device("meta" if fill == "meta" else "cpu"),
                 _use_mode(tracker),
             ):  # tensors made in forward too
-                functional_call(module, stand_ins, xs)
+                functional_call(module, stand_ins, xs, kw)
         except Exception as exc:  # noqa: BLE001 - any failure only means "unknown"
             return BatchFlow(
                 {}, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -444,10 +475,10 @@ def _probe(module, stand_ins: dict, inputs, fill: str) -> BatchFlow:  # noqa: AN
     return BatchFlow(flow, None, merged, mutated)
 
 
-def _probe_input(x, batch: int, fill: str, generator):  # noqa: ANN001
+def _probe_input(x, shape: tuple, fill: str, generator):  # noqa: ANN001
+    """A probe's input like ``x``, shaped ``shape``: ``meta``, or real values by ``fill``."""
     import torch
 
-    shape = (batch, *x.shape[1:])
     if fill == "meta":
         return torch.empty(shape, dtype=x.dtype, device="meta")
     if x.dtype.is_floating_point and fill == "randn":
@@ -577,10 +608,16 @@ def plan_torch_fusion(  # noqa: ANN001 - module: a torch nn.Module (torch import
                 fused.append(FusedLayer(path, kind, index[weight], index.get(bias), s, broadcast))
                 routes.append((path, "fused", f"{kind} (S={s}){repeated}"))
                 continue
+        if flow is not None and path and flow.flags(path) is None:
+            why = f"{path}: its calls differ in which inputs carry the batch"
+            return _whole_target(why)
         per_sample.append(path)
         reasons.append((path, why))
         routes.append((path, "per sample", why))
-    return FusionPlan(tuple(fused), tuple(per_sample), tuple(reasons), tuple(routes))
+    batched = tuple(
+        (path, flow.flags(path) or ()) for path in per_sample if flow is not None and path
+    )
+    return FusionPlan(tuple(fused), tuple(per_sample), tuple(reasons), tuple(routes), batched)
 
 
 def _whole_target(why: str) -> FusionPlan:
