@@ -556,11 +556,37 @@ def run_per_sample(
     keyword, in any container) are split per sample; the others (positions, masks) are shared.
     The output may hold anything: its tensors come back with the batch first, ``None`` and other
     plain values as they are, containers and objects (``ModelOutput``, ``DynamicCache``) rebuilt.
-    In training each sample gets its own copy of the module's buffers (BatchNorm statistics)
-    and their mean is written back.
+    In training each sample gets its own copy of the module's buffers and their mean is written
+    back; a BatchNorm (:func:`batch_statistics`) normalises with the whole batch's statistics
+    (:class:`BatchMoments`), as the plain target on the batch, so every copy gets the same update.
     """
     buffers = dict(module.named_buffers()) if module.training else {}
     copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
+    whole = [m for m in module.modules() if batch_statistics(m)]
+    for m in whole:  # conditional BatchNorm: the whole batch's statistics, inside vmap too
+        m.forward = whole_batch_norm_forward.__get__(m)
+    try:
+        out = vmap_samples(module, params, copies, args, kwargs, batch, flags)
+    finally:
+        for m in whole:
+            del m.forward
+    with torch.no_grad():
+        for name, value in copies.items():
+            mean = value.float().mean(0) if value.is_floating_point() else value[0]
+            buffers[name].copy_(mean.to(buffers[name].dtype))
+    return out
+
+
+def vmap_samples(
+    module: nn.Module,
+    params: dict[str, Tensor],
+    copies: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    flags: tuple | None,
+) -> Any:
+    """:func:`run_per_sample`'s vmap: sample b with ``params[...][b]`` and ``copies[...][b]``."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     split = iter(batched_leaves(batch, args, kwargs, flags))
     where = [isinstance(x, Tensor) and next(split) for x in leaves]
@@ -590,12 +616,74 @@ def run_per_sample(
             "per sample under vmap; call it in eval mode, or draw with torch.bernoulli(torch.full"
             "(...)) / torch.rand(...) < p instead"
         ) from None
-    with torch.no_grad():
-        for name, value in copies.items():
-            mean = value.float().mean(0) if value.is_floating_point() else value[0]
-            buffers[name].copy_(mean.to(buffers[name].dtype))
     out_spec, outs = template[-1]
     return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
+
+
+def batch_statistics(module: nn.Module) -> bool:
+    """A BatchNorm set to the whole batch's statistics (:func:`set_batch_norm_statistics`) that
+    normalises with batch statistics now (training, or no running statistics)."""
+    return getattr(module, "hyper_stats", None) == "batch" and (
+        module.training or module.running_mean is None
+    )
+
+
+class BatchMoments(torch.autograd.Function):
+    """Mean, biased variance and count of ``x`` over every dimension but 1 (the channels);
+    under vmap over the vmapped batch too, outputs the same for every sample."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x: Tensor, copies: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        count = x.numel() // x.shape[1] * copies
+        if count <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{tuple(x.shape)} for the whole batch"
+            )
+        var, mean = torch.var_mean(x, [d for d in range(x.dim()) if d != 1], correction=0)
+        return mean, var, torch.tensor(count, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(inputs[0], output[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor, _: Tensor) -> tuple:
+        x, mean = ctx.saved_tensors
+        view = (1, -1, *(1,) * (x.dim() - 2))
+        n = x.numel() // x.shape[1]
+        return (grad_mean.view(view) + 2 * grad_var.view(view) * (x - mean.view(view))) / n, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, copies: int = 1) -> tuple[tuple, tuple]:
+        if in_dims[0] is None:  # the same input for every sample: a batch of identical copies
+            return BatchMoments.apply(x, copies * info.batch_size), (None, None, None)
+        x = x.movedim(in_dims[0], 0).flatten(0, 1)
+        return BatchMoments.apply(x, copies), (None, None, None)
+
+
+def whole_batch_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a BatchNorm run per sample under vmap, with the whole batch's statistics:
+    what the plain target computes on the batch, running statistics updated alike."""
+    self._check_input_dim(x)
+    mean, var, count = BatchMoments.apply(x)
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum
+            if factor is None:  # a cumulative average, as BatchNorm's momentum=None
+                factor = 1.0 / self.num_batches_tracked
+            if self.running_mean is not None:
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.copy_(self.running_mean * (1 - factor) + mean * factor)
+                self.running_var.copy_(self.running_var * (1 - factor) + unbiased * factor)
+    view = (1, -1, *(1,) * (x.dim() - 2))
+    y = (x - mean.view(view)) * torch.rsqrt(var.view(view) + self.eps)
+    if self.weight is not None:
+        y = y * self.weight.view(view)
+    return y if self.bias is None else y + self.bias.view(view)
 
 
 # -- Fused per-sample layers: per-sample outputs without per-sample weights --
@@ -918,4 +1006,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=e34a0e9155e62bb3ccbd615ae4c1c2a193871389cb0f029214bbee9d19f1f81b
+# hypernn-gen: sha256=eb045d3d9dc180fdfb7a1066135402683faa595d88db1438b138ae2558f42cb8

@@ -27,6 +27,7 @@ from .errors import TraceError
 from .layout import Chunking, Layout, TensorSpec, round_stat
 
 __all__ = [
+    "BATCH_NORM_STATS",
     "CHUNKINGS",
     "INIT_SCHEMES",
     "apply_init",
@@ -41,6 +42,9 @@ __all__ = [
 CHUNKINGS = ("flat", "tensor")
 INIT_SCHEMES = ("target", "hyperfan-in", "hyperfan-out")
 GRADIENT_SCALINGS = ("on", "off")
+#: dynamic BatchNorm in training: the whole batch's statistics (conditional BatchNorm), or each
+#: sample's own
+BATCH_NORM_STATS = ("batch", "sample")
 
 
 def design_layout(

@@ -519,6 +519,13 @@ def _meta_module(loaded: LoadedTarget):  # noqa: ANN202
         return loaded.factory()
 
 
+def _has_batch_norm(loaded: LoadedTarget) -> bool:
+    """The target has a BatchNorm1d/2d/3d (exact types: the statistics option applies to it)."""
+    from .kernel.torch import BATCH_NORMS
+
+    return any(type(m) in BATCH_NORMS for m in _meta_module(loaded).modules())
+
+
 #: What the Torch specialised part (layout, classes) imports itself, beside the kernel's needs.
 _TORCH_IMPORTS = (
     "from typing import Any, NamedTuple",
@@ -575,6 +582,10 @@ def torch_decisions(
         roots += ["scale_grad"] if options.generator_hidden else ["scale_grad", "scaled_linear"]
     if dynamic:
         roots += ["check_condition", "dynamic_inputs", "run_per_sample"]
+    batch_norm_stats = None
+    if dynamic and _has_batch_norm(loaded):
+        batch_norm_stats = options.batch_norm_stats
+        roots.append("set_batch_norm_statistics")
     if delta:
         roots += ["apply_base", "load_checkpoint", "zero_output"]
     if fused:
@@ -591,6 +602,7 @@ def torch_decisions(
     else:
         example_args = tuple(_tensor_expression(s.shape, s.dtype) for s in specs)
     decisions.update(
+        batch_norm_stats=batch_norm_stats,
         example_args=example_args,
         example_kwargs=tuple((k, example_expression(v)) for k, v in loaded.example_kwargs.items()),
         fused=fused,

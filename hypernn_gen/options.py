@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .adapters import GENERATES
-from .design import CHUNKINGS, GRADIENT_SCALINGS, INIT_SCHEMES, check_hidden, parse_widths
+from .design import (
+    BATCH_NORM_STATS,
+    CHUNKINGS,
+    GRADIENT_SCALINGS,
+    INIT_SCHEMES,
+    check_hidden,
+    parse_widths,
+)
 from .errors import GenerationError, HypernnGenError
 from .load import INPUT_DTYPES, parse_input_shape
 from .verify import FORMATTERS
@@ -200,6 +207,17 @@ OPTIONS: tuple[Option, ...] = (
         metavar="W",
         dynamic_only=True,
         header=(2, 4),
+    ),
+    Option(
+        "batch_norm_stats",
+        "choice",
+        "batch",
+        "dynamic, BatchNorm in training: batch (default: conditional BatchNorm, the whole "
+        "batch's statistics as the plain target, each sample's own weight and bias) or sample "
+        "(each sample normalised by its own statistics); Torch only for now, Flax files use "
+        "per-sample statistics",
+        BATCH_NORM_STATS,
+        dynamic_only=True,
     ),
     Option(
         "input_shapes",

@@ -140,6 +140,8 @@ class TemplateContext:
     #: ``--gradient-scaling on``: the gradient multipliers of the embedding table, the generator's
     #: weight and bias (:func:`hypernn_gen.design.gradient_multipliers`); ``None``: off
     gradient_scale: tuple[float, float, float] | None = None
+    #: dynamic Torch with a BatchNorm: ``--batch-norm-stats`` (``batch`` or ``sample``), else None
+    batch_norm_stats: str | None = None
     imports: tuple[str, ...] = ()  #: the file's own import lines (specialised part and kernel)
     kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
     kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim
