@@ -132,13 +132,15 @@ def apply_base(target_network: nn.Module, state: dict[str, Tensor], paths: list[
 
 
 class Adapter(NamedTuple):
-    """One adapted Linear layer: its module path, its shape, block index and module type."""
+    """One adapted Linear layer: its module path, its shape, block index and module type;
+    ``transposed``: its weight is ``(in, out)`` (transformers' ``Conv1D``, GPT-2's layers)."""
 
     path: str
     out_features: int
     in_features: int
     depth: int
     kind: int
+    transposed: bool = False
 
 
 def check_adapters(target_network: nn.Module, adapters: Sequence[Adapter]) -> None:
@@ -148,12 +150,18 @@ def check_adapters(target_network: nn.Module, adapters: Sequence[Adapter]) -> No
             module = target_network.get_submodule(a.path)
         except AttributeError:
             module = None
-        shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
-        if not isinstance(module, nn.Linear) or shape != (a.out_features, a.in_features):
+        weight = getattr(module, "weight", None)
+        shape = tuple(getattr(weight, "shape", ()))
+        if a.transposed:  # a Conv1D: its weight is (in, out)
+            fits = type(module).__name__ == "Conv1D" and shape == (a.in_features, a.out_features)
+            what = f"Conv1D({a.out_features}, {a.in_features})"
+        else:
+            fits = isinstance(module, nn.Linear) and shape == (a.out_features, a.in_features)
+            what = f"nn.Linear({a.in_features}, {a.out_features})"
+        if not fits:
             raise ValueError(
-                f"this target's layer {a.path!r} is not the nn.Linear({a.in_features}, "
-                f"{a.out_features}) the adapters were made for; regenerate the file for the new "
-                "target"
+                f"this target's layer {a.path!r} is not the {what} the adapters were made for; "
+                "regenerate the file for the new target"
             )
 
 
@@ -403,7 +411,7 @@ class LoRAHyperModule(nn.Module):
             "lora_dropout": dropout,
             "target_modules": [a.path for a in self.adapters],
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": any(a.transposed for a in self.adapters),
             "inference_mode": True,
             "init_lora_weights": True,
             "modules_to_save": None,
@@ -431,6 +439,7 @@ class LoRAHyperModule(nn.Module):
         state = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
         for a in self.adapters:
             delta = adapters[f"{a.path}.lora_B"] @ adapters[f"{a.path}.lora_A"]
+            delta = delta.T if a.transposed else delta  # a Conv1D's weight is (in, out)
             weight = state[f"{a.path}.weight"]
             state[f"{a.path}.weight"] = weight + (self.scaling * delta).to(weight.dtype)
         return state
@@ -451,7 +460,8 @@ CONDITION_SHAPE = (4,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the condition network
 BASE_CHECKPOINT: str | None = None  # None: the target's own weights
 
-# Module path, out and in features, depth (block index) and kind (module type) of each layer.
+# Module path, out and in features, depth (block index) and kind (module type) of each layer
+# (True: a Conv1D, weight (in, out)).
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter("layers.0.attn.q_proj", 32, 32, 0, 0),
     Adapter("layers.0.attn.k_proj", 32, 32, 0, 1),
@@ -501,4 +511,4 @@ if __name__ == "__main__":
     output, adapters = hypernetwork(*inputs, condition=condition)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("adapters:", len(adapters), "tensors")
-# hypernn-gen: sha256=d9125889dcff2b2dbeb9d4a09faee38d8656beafadca2f0ff86cf57632e513af
+# hypernn-gen: sha256=a025978d020b925e49771a4dd0a9b74c84f7810207101145b5a3dbfa997ec309

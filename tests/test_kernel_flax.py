@@ -20,10 +20,10 @@ from hypernn_gen.kernel import flax as fk
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "hypernn_gen" / "kernel"
-FLAX_FILES = sorted(
+FLAX_FILES = sorted(  # the --generate lora files: tests/test_lora_flax.py
     [
-        *(REPO / "generated_examples").glob("*linen*.py"),
-        *(REPO / "generated_examples").glob("*nnx*.py"),
+        *(p for p in (REPO / "generated_examples").glob("*linen*.py") if "_lora_" not in p.name),
+        *(p for p in (REPO / "generated_examples").glob("*nnx*.py") if "_lora_" not in p.name),
         REPO / "examples" / "digits" / "digits_linen_static.py",
         REPO / "examples" / "digits" / "digits_nnx_static.py",
     ]
