@@ -62,14 +62,22 @@ def lora_adapters(module: Any, include: Callable[[str], bool] | None = None) -> 
                 continue
         elif "weight" not in sub._parameters or not include(f"{path}.weight"):
             continue
-        elif not (isinstance(sub, nn.Linear) or conv1d):
+        elif isinstance(sub, nn.Conv2d) and (sub.groups != 1 or sub.padding_mode != "zeros"):
             raise GenerationError(
-                f"--generate lora adapts nn.Linear (and transformers' Conv1D) layers, and "
+                f"--generate lora adapts nn.Conv2d layers with groups=1 and zero padding, and "
+                f"{path!r} has groups={sub.groups}, padding_mode={sub.padding_mode!r}; "
+                f"--exclude '{path}.*'"
+            )
+        elif not (isinstance(sub, nn.Linear | nn.Conv2d) or conv1d):
+            raise GenerationError(
+                f"--generate lora adapts nn.Linear, nn.Conv2d (and transformers' Conv1D) layers, and "
                 f"{path!r} is a {type(sub).__name__}; --exclude '{path}.*' (or use --generate "
                 "delta for it)"
             )
         if conv1d:  # weight (in, out)
             in_features, out_features = sub.weight.shape
+        elif isinstance(sub, nn.Conv2d):  # A (rank, in * kh * kw): a row of the weight each
+            out_features, in_features = sub.out_channels, sub.weight[0].numel()
         else:
             in_features, out_features = sub.in_features, sub.out_features
         key = (re.sub(r"(?<![^.])\d+(?![^.])", "*", path), out_features, in_features)
