@@ -56,28 +56,47 @@ def lora_adapters(module: Any, include: Callable[[str], bool] | None = None) -> 
                 )
             continue
         ints = [int(p) for p in path.split(".") if p.isdigit()]
+        conv1d = _is_conv1d(sub)
         if include is None:
-            if not isinstance(sub, nn.Linear) or not ints:
+            if not (isinstance(sub, nn.Linear) or conv1d) or not ints:
                 continue
         elif "weight" not in sub._parameters or not include(f"{path}.weight"):
             continue
-        elif not isinstance(sub, nn.Linear):
+        elif isinstance(sub, nn.Conv2d) and (sub.groups != 1 or sub.padding_mode != "zeros"):
             raise GenerationError(
-                f"--generate lora adapts nn.Linear layers, and {path!r} is a "
-                f"{type(sub).__name__}; --exclude '{path}.*' (or use --generate delta for it)"
+                f"--generate lora adapts nn.Conv2d layers with groups=1 and zero padding, and "
+                f"{path!r} has groups={sub.groups}, padding_mode={sub.padding_mode!r}; "
+                f"--exclude '{path}.*'"
             )
-        key = (re.sub(r"(?<![^.])\d+(?![^.])", "*", path), sub.out_features, sub.in_features)
+        elif not (isinstance(sub, nn.Linear | nn.Conv2d) or conv1d):
+            raise GenerationError(
+                f"--generate lora adapts nn.Linear, nn.Conv2d (and transformers' Conv1D) layers, and "
+                f"{path!r} is a {type(sub).__name__}; --exclude '{path}.*' (or use --generate "
+                "delta for it)"
+            )
+        if conv1d:  # weight (in, out)
+            in_features, out_features = sub.weight.shape
+        elif isinstance(sub, nn.Conv2d):  # A (rank, in * kh * kw): a row of the weight each
+            out_features, in_features = sub.out_channels, sub.weight[0].numel()
+        else:
+            in_features, out_features = sub.in_features, sub.out_features
+        key = (re.sub(r"(?<![^.])\d+(?![^.])", "*", path), out_features, in_features)
         kind = kinds.setdefault(key, len(kinds))
-        adapters.append(
-            Adapter(path, sub.out_features, sub.in_features, ints[0] if ints else 0, kind)
-        )
+        depth = ints[0] if ints else 0
+        adapters.append(Adapter(path, out_features, in_features, depth, kind, conv1d))
     if not adapters:
         how = "no --include/--exclude glob selects" if include else "the target has no"
         raise GenerationError(
-            f"--generate lora found nothing to adapt: {how} nn.Linear layer inside a block; "
+            f"--generate lora found nothing to adapt: {how} nn.Linear (or Conv1D) layer inside a block; "
             "select layers with --include, e.g. --include '*.weight'"
         )
     return tuple(adapters)
+
+
+def _is_conv1d(module: Any) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's layers): ``y = x @ weight + bias``, weight ``(in, out)``."""
+    kind = type(module)
+    return kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers")
 
 
 def load_base(path: str | Path) -> dict[str, Any]:

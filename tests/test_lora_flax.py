@@ -279,6 +279,32 @@ def test_flax_lora_starts_exactly_at_the_base_and_the_optimizer_never_sees_it(
     assert float(jnp.abs(moved - out).max()) > 0  # one step moves it away from the base
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_flax_lora_dropout_acts_in_training_only(framework: str) -> None:
+    """The adapters' input dropout: Linen with an rng named lora_dropout, NNX in train() mode;
+    without it the output is the deterministic one."""
+    module = target_module(framework)
+    x = tokens()
+    if framework == "linen":
+        hyper = FlaxLoRAHyperNetwork(module.TinyGPT(), lora_dropout=0.5)
+        variables = hyper.init(jax.random.key(0), x)
+        variables = {**variables, "params": perturb_b_tree(variables["params"])}
+        plain, _ = hyper.apply(variables, x)
+        again, _ = hyper.apply(variables, x)
+        one, _ = hyper.apply(variables, x, rngs={"lora_dropout": jax.random.key(1)})
+        two, _ = hyper.apply(variables, x, rngs={"lora_dropout": jax.random.key(2)})
+    else:
+        hyper = NNXLoRAHyperNetwork(module.make_target(), lora_dropout=0.5, rngs=nnx.Rngs(0))
+        nnx.update(hyper, perturb_b_tree(nnx.state(hyper, nnx.Param)))
+        one, _ = hyper(x)  # train() mode: the default
+        two, _ = hyper(x)
+        hyper.eval()
+        plain, _ = hyper(x)
+        again, _ = hyper(x)
+    np.testing.assert_array_equal(plain, again)
+    assert float(jnp.abs(one - plain).max()) > 1e-4 and float(jnp.abs(one - two).max()) > 1e-4
+
+
 class Blocks(nnx.Module):
     def __init__(self, rngs: nnx.Rngs) -> None:
         self.blocks = nnx.List(
@@ -492,3 +518,33 @@ def test_committed_flax_lora_files_carry_the_kernel_verbatim(name: str) -> None:
         assert ast.get_source_segment(section, stmt) in source
     assert "hypernn_gen" not in text.replace("hypernn_gen/kernel", "")
     assert "# base:     the target's own weights (make_target())" in text
+
+
+def test_committed_flax_lora_files_run_as_scripts_without_hypernn_gen() -> None:
+    import os
+    import subprocess
+    import sys
+
+    files = [TARGETS_DIR.parent / f"{k}_transformer_lora_dynamic.py" for k in FRAMEWORKS]
+    script = (
+        "import runpy, sys\n"
+        "sys.modules['hypernn_gen'] = None  # any import of hypernn_gen now fails\n"
+        "for path in sys.argv[1:]:\n"
+        "    print('==', path, flush=True)\n"
+        "    runpy.run_path(path, run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, files)],
+        cwd=TARGETS_DIR.parents[1],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    blocks = proc.stdout.split("== ")[1:]
+    assert len(blocks) == 2
+    for block in blocks:
+        assert "output: (2, 16, 64)" in block and "adapters: 12 tensors" in block, block
+        assert "trainable parameters, a frozen target of 15,328" in block, block
