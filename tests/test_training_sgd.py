@@ -26,6 +26,7 @@ from gen_support import REPO, hypernetwork_class, import_file
 from torch import nn
 
 from hypernn_gen.cli import main
+from hypernn_gen.errors import HyperNetworkError
 from hypernn_gen.runtime.flax import FlaxHyperNetwork, NNXHyperNetwork
 from hypernn_gen.runtime.torch import TorchHyperNetwork
 
@@ -290,3 +291,15 @@ def test_flax_without_gradient_scaling_sgd_diverges(framework: str) -> None:
     plain = flax_train(*loss("plain", "static"), "sgd")
     raw = flax_train(*loss("runtime", "static", "off"), "sgd")
     assert not math.isfinite(raw) or raw > 10 * plain, (raw, plain)
+
+
+def test_flax_gradient_scaling_must_be_on_or_off() -> None:
+    module, _ = flax_file("nnx", "static")
+    with pytest.raises(
+        HyperNetworkError, match="gradient_scaling must be 'on' or 'off', got 'yes'"
+    ):
+        NNXHyperNetwork(module.MLP(rngs=nnx.Rngs(0)), gradient_scaling="yes", rngs=nnx.Rngs(0))
+    linen, _ = flax_file("linen", "static")
+    hn = FlaxHyperNetwork(linen.MLP(), gradient_scaling="yes")
+    with pytest.raises(HyperNetworkError, match="gradient_scaling must be 'on' or 'off'"):
+        hn.init(jax.random.key(0), jnp.zeros((2, 8)))
