@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=off
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_cnn_linen_static.py
@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # -- Target network (copied from generated_examples/targets/linen_cnn.py) --
 
@@ -72,6 +73,7 @@ NUM_EMBEDDINGS = 38
 CHUNK_DIM = 37
 FLAT_SIZE = 1_386
 LAYOUT_DIGEST = "17e5c9a94800ee01"
+GRADIENT_SCALE = (59.5188, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("BatchNorm_0.bias", ("BatchNorm_0", "bias"), (8,), 0, 8, 0.0, 0.0),
@@ -92,7 +94,8 @@ class SmallCNNEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self) -> jax.Array:
-        return self.param("weight", nn.initializers.normal(1.0), (NUM_EMBEDDINGS, EMBEDDING_DIM))
+        weight = self.param("weight", nn.initializers.normal(1.0), (NUM_EMBEDDINGS, EMBEDDING_DIM))
+        return scale_grad(weight, GRADIENT_SCALE[0])
 
 
 class SmallCNNWeightGenerator(nn.Module):
@@ -115,12 +118,20 @@ class SmallCNNWeightGenerator(nn.Module):
     def __call__(self, embedding: jax.Array) -> jax.Array:
         init = nn.initializers.normal(1.0 / math.sqrt(EMBEDDING_DIM))
         if self.model_axis is None:
-            return nn.Dense(CHUNK_DIM, kernel_init=init, name="linear")(embedding)
+            return ScaledDense(CHUNK_DIM, GRADIENT_SCALE[1:], kernel_init=init, name="linear")(
+                embedding
+            )
         # checked before the annotated params are used:
         mesh = model_mesh(self.model_axis, CHUNK_DIM)
         kernel_init = nn.with_partitioning(init, (None, self.model_axis))
         bias_init = nn.with_partitioning(nn.initializers.zeros_init(), (self.model_axis,))
-        dense = nn.Dense(CHUNK_DIM, kernel_init=kernel_init, bias_init=bias_init, name="linear")
+        dense = ScaledDense(
+            CHUNK_DIM,
+            GRADIENT_SCALE[1:],
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            name="linear",
+        )
         raw = dense(embedding)
         return raw if mesh is None else split_chunks(raw, self.model_axis)
 
@@ -173,7 +184,7 @@ class SmallCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     @nn.compact
     def __call__(
@@ -277,14 +288,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -400,6 +449,22 @@ def apply_target(
     return out, {col: updates[col] for col in mutable}
 
 
+class ScaledDense(nn.Module):
+    """``nn.Dense`` (the same ``kernel`` and ``bias``, the same init) whose gradients are
+    multiplied by ``gradient_scale``: ``(kernel's, bias's)`` multipliers, ``None``: raw."""
+
+    features: int
+    gradient_scale: tuple = (None, None)
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return scaled_dense(x, kernel, bias, *self.gradient_scale)
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -417,4 +482,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=a91dc2142e2036ef3199d019ab3aa2dbefe2f92f9ae92e586680caf6a313cd53
+# hypernn-gen: sha256=e463102b1ce4b01a533eed7e20ca604fb0baa83116594c598f1d129a8b48baee

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_transformer.py:make_target (linen, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=off
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 496a48899a4e80be
 # fusion:   fused: Block_0.Dense_0, Block_0.Dense_1; per sample: Block_0.LayerNorm_0, Block_0.LayerNorm_1, Block_0.MultiHeadDotProductAttention_0.key, Block_0.MultiHeadDotProductAttention_0.out, Block_0.MultiHeadDotProductAttention_0.query, Block_0.MultiHeadDotProductAttention_0.value, Embed_0, LayerNorm_0, <root>
@@ -96,6 +96,7 @@ FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "496a48899a4e80be"
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
+GRADIENT_SCALE = (16.256, 0.508001, 2.87368)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Block_0.Dense_0.bias", ("Block_0", "Dense_0", "bias"), (32,), 0, 32, 0.0, 0.0),
@@ -269,7 +270,7 @@ class LinenTransformerEmbedding(nn.Module):
         return 1.0 + self.modulation(flat)
 
     def __call__(self, condition: jax.Array) -> jax.Array:
-        return self.scales(condition)[..., None] * self.weight
+        return self.scales(condition)[..., None] * scale_grad(self.weight, GRADIENT_SCALE[0])
 
 
 class LinenTransformerWeightGenerator(nn.Module):
@@ -292,12 +293,20 @@ class LinenTransformerWeightGenerator(nn.Module):
     def __call__(self, embedding: jax.Array) -> jax.Array:
         init = nn.initializers.normal(1.0 / math.sqrt(EMBEDDING_DIM))
         if self.model_axis is None:
-            return nn.Dense(CHUNK_DIM, kernel_init=init, name="linear")(embedding)
+            return ScaledDense(CHUNK_DIM, GRADIENT_SCALE[1:], kernel_init=init, name="linear")(
+                embedding
+            )
         # checked before the annotated params are used:
         mesh = model_mesh(self.model_axis, CHUNK_DIM)
         kernel_init = nn.with_partitioning(init, (None, self.model_axis))
         bias_init = nn.with_partitioning(nn.initializers.zeros_init(), (self.model_axis,))
-        dense = nn.Dense(CHUNK_DIM, kernel_init=kernel_init, bias_init=bias_init, name="linear")
+        dense = ScaledDense(
+            CHUNK_DIM,
+            GRADIENT_SCALE[1:],
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            name="linear",
+        )
         raw = dense(embedding)
         return raw if mesh is None else split_chunks(raw, self.model_axis)
 
@@ -351,7 +360,7 @@ class LinenTransformerHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     @nn.compact
     def __call__(
@@ -390,7 +399,9 @@ class LinenTransformerHyperNetwork(nn.Module):
         flat, step = None, None  # step: the fused path's, for one sample
         if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
             table, scale, shift = self.embedding_module.weight, self.param_scale, self.param_shift
-            shared = shared_inputs(self.weight_generator, table, scale, shift, GENERATED, FUSED)
+            shared = shared_inputs(
+                self.weight_generator, table, scale, shift, GENERATED, FUSED, GRADIENT_SCALE
+            )
             step, samples = fused_path(target, shared), self.embedding_module.scales(condition)
         elif generated_params is None or initializing:  # init creates the generator's parameters
             flat = self.generate_params(condition)
@@ -460,14 +471,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -692,10 +741,15 @@ def shared_inputs(
     shift: jax.Array,
     tensors: Any,
     fused: Any,
+    gradient_scale: Any = None,
 ) -> Shared:
     """What all samples share: the (linear) ``generator`` on the embedding ``table``, split into
     its linear part and its bias, the decoder's ``scale`` and ``shift``; ``fused``: plain
-    ``(path, kernel, bias, segments)`` tuples."""
+    ``(path, kernel, bias, segments)`` tuples. ``gradient_scale``: the multipliers of the
+    table, the generator's weight and bias (the generator applies its own), or ``None``."""
+    if gradient_scale is not None:
+        table = scale_grad(table, gradient_scale[0])
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     bias = generator(jnp.zeros((1, table.shape[-1]), table.dtype))[0]
     g0 = (generator(table) - bias).reshape(-1)
     layers = tuple(FusedLayer(*layer) for layer in fused)
@@ -865,6 +919,22 @@ def fused_path(target: nn.Module, shared: Shared) -> Callable:
     return sample
 
 
+class ScaledDense(nn.Module):
+    """``nn.Dense`` (the same ``kernel`` and ``bias``, the same init) whose gradients are
+    multiplied by ``gradient_scale``: ``(kernel's, bias's)`` multipliers, ``None``: raw."""
+
+    features: int
+    gradient_scale: tuple = (None, None)
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return scaled_dense(x, kernel, bias, *self.gradient_scale)
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -881,4 +951,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=6c3e3a2b525c93553eeb14f57f415451f876fc4c856447f1938aeba0ae630042
+# hypernn-gen: sha256=ca1a26873efd0d74993055d92b2a01284d0fa8119433f05fbea93a65049332b9

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=off
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
 # command:  hypernn-gen generated_examples/targets/nnx_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_cnn_nnx_static.py
@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # -- Target network (copied from generated_examples/targets/nnx_cnn.py) --
@@ -73,6 +74,7 @@ NUM_EMBEDDINGS = 38
 CHUNK_DIM = 37
 FLAT_SIZE = 1_386
 LAYOUT_DIGEST = "d19cc5e10d64838d"
+GRADIENT_SCALE = (59.5188, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("bn.bias", ("bn", "bias"), (8,), 0, 8, 0.0, 0.0),
@@ -96,7 +98,7 @@ class NnxCnnEmbedding(nnx.Module):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (NUM_EMBEDDINGS, EMBEDDING_DIM)))
 
     def __call__(self) -> jax.Array:
-        return self.weight[...]
+        return scale_grad(self.weight[...], GRADIENT_SCALE[0])
 
 
 class NnxCnnWeightGenerator(nnx.Module):
@@ -123,9 +125,10 @@ class NnxCnnWeightGenerator(nnx.Module):
             init = nnx.with_partitioning(init, (None, model_axis), eager_sharding=eager)
             bias_init = nnx.with_partitioning(bias_init, (model_axis,), eager_sharding=eager)
         self.model_axis = model_axis
-        self.linear = nnx.Linear(
+        self.linear = ScaledLinear(
             EMBEDDING_DIM, CHUNK_DIM, kernel_init=init, bias_init=bias_init, rngs=rngs
         )
+        self.linear.gradient_scale = GRADIENT_SCALE[1:]
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
         raw = self.linear(embedding)
@@ -173,7 +176,9 @@ class NnxCnnHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        return decode(raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE)
+        return decode(
+            raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE, GRADIENT_SCALE
+        )
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -261,14 +266,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -408,6 +451,17 @@ def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs
     return out
 
 
+class ScaledLinear(nnx.Linear):
+    """``nnx.Linear`` (the same variables) whose gradients are multiplied by ``gradient_scale``:
+    ``(kernel's, bias's)`` multipliers, ``None``: raw (set after construction)."""
+
+    gradient_scale: tuple = (None, None)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel, bias = self.kernel[...], self.bias[...]
+        return scaled_dense(inputs, kernel, bias, *self.gradient_scale)
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -421,4 +475,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=e96b5fc2597d58fd359caf5b7e7c7dfc6f57b5bf5bef56576934ba3870f1f7d7
+# hypernn-gen: sha256=014b9637071d14b2f770f80138d33a4e8f39ee29a01317e35f20ffd576741f62

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_mlp.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=off
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
 # fusion:   fused: hidden1, hidden2, out
@@ -80,6 +80,7 @@ FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "f11016d3d9607959"
 CONDITION_SHAPE = (8,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
+GRADIENT_SCALE = (21.483, 0.671345, 3.7977)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("hidden1.bias", ("hidden1", "bias"), (64,), 0, 64, 0.0, 0.0),
@@ -138,7 +139,7 @@ class NnxMlpEmbedding(nnx.Module):
         return 1.0 + self.modulation(flat)
 
     def __call__(self, condition: jax.Array) -> jax.Array:
-        return self.scales(condition)[..., None] * self.weight[...]
+        return self.scales(condition)[..., None] * scale_grad(self.weight[...], GRADIENT_SCALE[0])
 
 
 class NnxMlpWeightGenerator(nnx.Module):
@@ -165,9 +166,10 @@ class NnxMlpWeightGenerator(nnx.Module):
             init = nnx.with_partitioning(init, (None, model_axis), eager_sharding=eager)
             bias_init = nnx.with_partitioning(bias_init, (model_axis,), eager_sharding=eager)
         self.model_axis = model_axis
-        self.linear = nnx.Linear(
+        self.linear = ScaledLinear(
             EMBEDDING_DIM, CHUNK_DIM, kernel_init=init, bias_init=bias_init, rngs=rngs
         )
+        self.linear.gradient_scale = GRADIENT_SCALE[1:]
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
         raw = self.linear(embedding)
@@ -217,7 +219,9 @@ class NnxMlpHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        return decode(raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE)
+        return decode(
+            raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE, GRADIENT_SCALE
+        )
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -264,7 +268,9 @@ class NnxMlpHyperNetwork(nnx.Module):
         if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
             table = self.embedding_module.weight[...]
             scale, shift = self.param_scale[...], self.param_shift[...]
-            shared = shared_inputs(self.weight_generator, table, scale, shift, GENERATED, FUSED)
+            shared = shared_inputs(
+                self.weight_generator, table, scale, shift, GENERATED, FUSED, GRADIENT_SCALE
+            )
             step, samples = fused_path(shared), self.embedding_module.scales(condition)
         else:  # samples: per-sample weight sets
             if generated_params is None:
@@ -329,14 +335,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -561,10 +605,15 @@ def shared_inputs(
     shift: jax.Array,
     tensors: Any,
     fused: Any,
+    gradient_scale: Any = None,
 ) -> Shared:
     """What all samples share: the (linear) ``generator`` on the embedding ``table``, split into
     its linear part and its bias, the decoder's ``scale`` and ``shift``; ``fused``: plain
-    ``(path, kernel, bias, segments)`` tuples."""
+    ``(path, kernel, bias, segments)`` tuples. ``gradient_scale``: the multipliers of the
+    table, the generator's weight and bias (the generator applies its own), or ``None``."""
+    if gradient_scale is not None:
+        table = scale_grad(table, gradient_scale[0])
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     bias = generator(jnp.zeros((1, table.shape[-1]), table.dtype))[0]
     g0 = (generator(table) - bias).reshape(-1)
     layers = tuple(FusedLayer(*layer) for layer in fused)
@@ -770,6 +819,17 @@ def fused_path(shared: Shared) -> Callable:
     return sample
 
 
+class ScaledLinear(nnx.Linear):
+    """``nnx.Linear`` (the same variables) whose gradients are multiplied by ``gradient_scale``:
+    ``(kernel's, bias's)`` multipliers, ``None``: raw (set after construction)."""
+
+    gradient_scale: tuple = (None, None)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel, bias = self.kernel[...], self.bias[...]
+        return scaled_dense(inputs, kernel, bias, *self.gradient_scale)
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -785,4 +845,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=e187dacabf0d5c77328f25d8c5b3c4f2a457e5be422394f703c570832764f256
+# hypernn-gen: sha256=fa28ff226a74f4c818b652740d5faa6d53aef0b47554b4f45a8c956e48d3b42c

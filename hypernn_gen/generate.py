@@ -272,8 +272,6 @@ def build_context(
         "num_embeddings": chunking.num_embeddings,
         "chunk_dim": chunking.chunk_dim,
         "condition_shape": condition_shape,
-        # Flax files do not scale gradients yet (issue 16): the header and ctx.options say so
-        "gradient_scaling": options.gradient_scaling if loaded.framework == "torch" else "off",
     }
     option_lines = header_options(options, resolved)
     if lora(options):
@@ -646,9 +644,8 @@ def example_expression(value: Any) -> str:
 def gradient_scale_of(
     options: GenerateOptions, layout: Layout, chunking: Chunking
 ) -> tuple[float, float, float] | None:
-    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``, and
-    Flax files for now)."""
-    if options.gradient_scaling == "off" or options.backend != "torch":
+    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``)."""
+    if options.gradient_scaling == "off":
         return None
     generated = layout.generated
     return gradient_multipliers(
@@ -725,7 +722,10 @@ def flax_decisions(
     fused = bool(dynamic and not options.generator_hidden and fusion is not None and fusion.fused)
     collections = tuple(sorted({t.collection for t in state if t.collection != "params"}))
     excluded = any(t.reason == "excluded" for t in state)
-    kernel = kernel_source(framework, flax_kernel_roots(framework, dynamic, fused, excluded))
+    roots = flax_kernel_roots(framework, dynamic, fused, excluded)
+    if options.gradient_scaling == "on":
+        roots += flax_scaling_roots(framework, bool(options.generator_hidden))
+    kernel = kernel_source(framework, roots)
     own = list(_FLAX_IMPORTS[framework])
     if framework == "linen" and (collections or excluded):
         own.append("import functools")
@@ -739,6 +739,14 @@ def flax_decisions(
         "kernel_source": kernel.body,
         "kernel_names": tuple(sorted(kernel.names)),
     }
+
+
+def flax_scaling_roots(framework: str, generator_hidden: bool) -> list[str]:
+    """The kernel definitions a Flax file with gradient scaling calls: ``scale_grad`` (the
+    table), and the linear generator's layer unless the generator has hidden layers."""
+    if generator_hidden:
+        return ["scale_grad"]
+    return ["scale_grad", "ScaledDense" if framework == "linen" else "ScaledLinear"]
 
 
 def flax_kernel_roots(

@@ -174,8 +174,7 @@ OPTIONS: tuple[Option, ...] = (
         "choice",
         "on",
         "on (default: gradient multipliers that let the target's own optimizer and learning "
-        "rate train the hypernetwork; the forward is unchanged; Torch only for now, Flax files "
-        "are off) or off (raw gradients)",
+        "rate train the hypernetwork; the forward is unchanged) or off (raw gradients)",
         GRADIENT_SCALINGS,
         header=(1, 6),
     ),

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/digits/target_nnx.py:target (nnx, instance)
-# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=off
+# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   8 generated tensors, 38,282 values, 0 state tensors, digest 8611cc9f4df350bc
 # command:  hypernn-gen examples/digits/target_nnx.py --backend flax --mode static --embedding-dim 16 -o examples/digits/digits_nnx_static.py
@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # -- Target network (copied from examples/digits/target_nnx.py) --
@@ -74,6 +75,7 @@ NUM_EMBEDDINGS = 196
 CHUNK_DIM = 196
 FLAT_SIZE = 38_282
 LAYOUT_DIGEST = "8611cc9f4df350bc"
+GRADIENT_SCALE = (73.1429, 4.57143, 18.2857)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("conv1.bias", ("conv1", "bias"), (16,), 0, 16, 0.0, 0.0),
@@ -94,7 +96,7 @@ class DigitsCNNEmbedding(nnx.Module):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (NUM_EMBEDDINGS, EMBEDDING_DIM)))
 
     def __call__(self) -> jax.Array:
-        return self.weight[...]
+        return scale_grad(self.weight[...], GRADIENT_SCALE[0])
 
 
 class DigitsCNNWeightGenerator(nnx.Module):
@@ -121,9 +123,10 @@ class DigitsCNNWeightGenerator(nnx.Module):
             init = nnx.with_partitioning(init, (None, model_axis), eager_sharding=eager)
             bias_init = nnx.with_partitioning(bias_init, (model_axis,), eager_sharding=eager)
         self.model_axis = model_axis
-        self.linear = nnx.Linear(
+        self.linear = ScaledLinear(
             EMBEDDING_DIM, CHUNK_DIM, kernel_init=init, bias_init=bias_init, rngs=rngs
         )
+        self.linear.gradient_scale = GRADIENT_SCALE[1:]
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
         raw = self.linear(embedding)
@@ -171,7 +174,9 @@ class DigitsCNNHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        return decode(raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE)
+        return decode(
+            raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE, GRADIENT_SCALE
+        )
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -259,14 +264,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -406,6 +449,17 @@ def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs
     return out
 
 
+class ScaledLinear(nnx.Linear):
+    """``nnx.Linear`` (the same variables) whose gradients are multiplied by ``gradient_scale``:
+    ``(kernel's, bias's)`` multipliers, ``None``: raw (set after construction)."""
+
+    gradient_scale: tuple = (None, None)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel, bias = self.kernel[...], self.bias[...]
+        return scaled_dense(inputs, kernel, bias, *self.gradient_scale)
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -419,4 +473,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=840de021101a1f6a26bd3753c6f79acaa16e234adf58ca8d8f2a7d2af4af86ea
+# hypernn-gen: sha256=f308658c073f11ac01ae936a188ce8727d8a23d4359e2e005cbd72f760b02aa2

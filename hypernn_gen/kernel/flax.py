@@ -66,14 +66,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -298,10 +336,15 @@ def shared_inputs(
     shift: jax.Array,
     tensors: Any,
     fused: Any,
+    gradient_scale: Any = None,
 ) -> Shared:
     """What all samples share: the (linear) ``generator`` on the embedding ``table``, split into
     its linear part and its bias, the decoder's ``scale`` and ``shift``; ``fused``: plain
-    ``(path, kernel, bias, segments)`` tuples."""
+    ``(path, kernel, bias, segments)`` tuples. ``gradient_scale``: the multipliers of the
+    table, the generator's weight and bias (the generator applies its own), or ``None``."""
+    if gradient_scale is not None:
+        table = scale_grad(table, gradient_scale[0])
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     bias = generator(jnp.zeros((1, table.shape[-1]), table.dtype))[0]
     g0 = (generator(table) - bias).reshape(-1)
     layers = tuple(FusedLayer(*layer) for layer in fused)

@@ -24,6 +24,8 @@ from .flax import (
     merge_samples,
     model_mesh,
     per_sample,
+    scale_grad,
+    scaled_dense,
     shared_inputs,
     split_chunks,
     squeeze_sample,
@@ -31,6 +33,7 @@ from .flax import (
 )
 
 __all__ = [
+    "ScaledDense",
     "Shared",
     "apply_target",
     "check_batch",
@@ -45,6 +48,7 @@ __all__ = [
     "merge_params",
     "model_mesh",
     "run_per_sample",
+    "scale_grad",
     "shared_inputs",
     "split_chunks",
     "unflatten",
@@ -172,3 +176,19 @@ def fused_path(target: nn.Module, shared: Shared) -> Callable:
         return shared.params(scales), fused_apply(target, shared, stacks, scales)
 
     return sample
+
+
+class ScaledDense(nn.Module):
+    """``nn.Dense`` (the same ``kernel`` and ``bias``, the same init) whose gradients are
+    multiplied by ``gradient_scale``: ``(kernel's, bias's)`` multipliers, ``None``: raw."""
+
+    features: int
+    gradient_scale: tuple = (None, None)
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return scaled_dense(x, kernel, bias, *self.gradient_scale)

@@ -27,6 +27,8 @@ from .flax import (
     merge_samples,
     model_mesh,
     per_sample,
+    scale_grad,
+    scaled_dense,
     shared_inputs,
     split_chunks,
     squeeze_sample,
@@ -38,6 +40,7 @@ __all__ = [
     "FusedConv",
     "FusedLinear",
     "GeneratedSlot",
+    "ScaledLinear",
     "Shared",
     "as_params",
     "check_batch",
@@ -52,6 +55,7 @@ __all__ = [
     "model_mesh",
     "run_per_sample",
     "run_target",
+    "scale_grad",
     "shared_inputs",
     "split_chunks",
     "unflatten",
@@ -205,3 +209,14 @@ def fused_path(shared: Shared) -> Callable:
         return shared.params(scales), fused_layers(shared, stacks, scales)
 
     return sample
+
+
+class ScaledLinear(nnx.Linear):
+    """``nnx.Linear`` (the same variables) whose gradients are multiplied by ``gradient_scale``:
+    ``(kernel's, bias's)`` multipliers, ``None``: raw (set after construction)."""
+
+    gradient_scale: tuple = (None, None)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel, bias = self.kernel[...], self.bias[...]
+        return scaled_dense(inputs, kernel, bias, *self.gradient_scale)

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ...design import GRADIENT_SCALINGS, gradient_multipliers
 from ...errors import HyperNetworkError, TraceError
 from ...kernel import flax as fk
-from ...layout import Layout
+from ...layout import Chunking, Layout
 
 __all__ = ["flatten_params", "unflatten_params"]
 
@@ -80,10 +81,36 @@ get_path = fk.get_path
 # -- decoding -----------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def decode(layout: Layout, raw: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
-    """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor (the kernel's)."""
-    return fk.decode(raw, scale, shift, layout.generated, layout.flat_size)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def decode(
+    layout: Layout,
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    gradient_scale: tuple[float, float, float] | None = None,
+) -> jax.Array:
+    """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor (the kernel's);
+    ``gradient_scale``: the multipliers (:func:`gradient_scale`), ``None``: raw gradients."""
+    return fk.decode(raw, scale, shift, layout.generated, layout.flat_size, gradient_scale)
+
+
+def gradient_scale(
+    layout: Layout, chunking: Chunking, embedding_dim: int, scaling: str
+) -> tuple[float, float, float] | None:
+    """The multipliers of the table, the linear generator's weight and bias for ``scaling``
+    (``"on"``/``"off"``: ``None``), the generated files' ``GRADIENT_SCALE``."""
+    if scaling not in GRADIENT_SCALINGS:
+        raise HyperNetworkError(f"gradient_scaling must be 'on' or 'off', got {scaling!r}")
+    if scaling == "off":
+        return None
+    generated = layout.generated
+    return gradient_multipliers(
+        [t.size for t in generated],
+        [t.init_std for t in generated],
+        chunking.num_embeddings,
+        chunking.chunk_dim,
+        embedding_dim,
+    )
 
 
 def condition_dim(shape: tuple[int, ...] | None, dim: int | None) -> int | None:
