@@ -121,10 +121,12 @@ GENERATED: tuple[ParamSlice, ...] = (
 TIED: dict[str, str] = {
     "head.weight": "tok_emb.weight",
 }
-# Fused layers: module path, kind, weight and bias index in GENERATED, chunks a row spans.
-FUSED: tuple[tuple[str, str, int | None, int | None, int], ...] = ()
+# Fused layers: path, kind, weight/bias index in GENERATED, chunks a row spans, shared input.
+FUSED: tuple[tuple[str, str, int | None, int | None, int, bool], ...] = ()
 # Modules run per sample with their own generated tensors materialised, and why.
-PER_SAMPLE: tuple[tuple[str, str], ...] = (("", "TinyGPT has no fused form (it owns pos_emb)"),)
+PER_SAMPLE: tuple[tuple[str, str], ...] = (
+    ("", "pos_emb is used by __getitem__, not only broadcast elementwise into batched tensors"),
+)
 
 
 class TransformerEmbedding(nn.Module):
@@ -679,13 +681,16 @@ def run_per_sample(
 
 class FusedLayer(NamedTuple):
     """A layer computed from shared weights: its module path, its kind, the indices of its
-    weight and bias in the layout (None: the layer keeps its own), and S for Linear/Conv."""
+    weight and bias in the layout (None: the layer keeps its own), S for Linear/Conv (for a
+    parameter used directly, kind "direct": the rank it is broadcast at), and whether its inputs,
+    shared with a leading 1, are repeated for every sample."""
 
     path: str
     kind: str
     weight: int | None
     bias: int | None
     segments: int
+    broadcast: bool = False
 
 
 class Shared(NamedTuple):
@@ -798,10 +803,14 @@ class FusedIndex(nn.Module):
         for name, value in self.indices(self.chunk.device).items():
             getattr(self, name).copy_(value)
 
-    def coefficients(self, shared: Shared) -> Tensor:
-        """Each sample's chunk scale for every segment (and bias value), ``(batch, S (+ 1), out)``."""
-        out = self.generated[self.layer.weight].shape[0]
-        return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
+    def coefficients(self, shared: Shared) -> tuple[Tensor, Tensor | None]:
+        """Each sample's chunk scale for every (segment, row), ``(batch, S, rows)``, and for every
+        bias value, ``(batch, out)`` (None: the bias is not generated)."""
+        rows = self.generated[self.layer.weight].shape[0]
+        batch, size = shared.scales.shape[0], self.layer.segments * rows
+        coeff = shared.scales.index_select(1, self.chunk)
+        bias = coeff[:, size:] if self.layer.bias is not None else None
+        return coeff[:, :size].view(batch, -1, rows), bias
 
 
 def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -836,8 +845,17 @@ def install_fusion(
     (the generator's probe: positional, then keyword tensors). Returns the index buffers of the
     Linear/Conv layers and the swapped modules."""
     swapped, indices = [], nn.ModuleList()
-    for layer in map(FusedLayer._make, fused):
+    for layer in (FusedLayer(*f) for f in fused):
         module = target.get_submodule(layer.path)
+        if layer.kind == "direct":  # one entry per parameter; the module is swapped once
+            if not hasattr(module, "hyper_direct"):
+                forward = {"forward": forwards["direct"]}
+                module.__class__ = type(f"Direct{type(module).__name__}", (type(module),), forward)
+                module.hyper_direct = ()
+                swapped.append(module)
+            name = generated[layer.weight].path.rpartition(".")[2]
+            module.hyper_direct += ((name, layer.weight, layer.segments),)
+            continue
         kind = type(
             f"Fused{type(module).__name__}", (type(module),), {"forward": forwards[layer.kind]}
         )
@@ -875,4 +893,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=7953ecc8315d3cca3a9262b484489a7900ed3213002807adde14cd964950d5f3
+# hypernn-gen: sha256=50cc50f6e500bdea2a2cb262a507b2e3b33a41e24f9f4f922a72758079483587

@@ -418,7 +418,11 @@ def _plan_torch(
 
     module = _meta_module(loaded)
     check_dynamic_support(module, layout)  # raises where dynamic mode is impossible
-    flow = probe_batch_flow(module, *torch_meta_call(loaded)) if loaded.input_specs else None
+    real = loaded.obj if loaded.factory is None else loaded.factory  # where meta cannot branch
+    if not loaded.input_specs:
+        return plan_torch_fusion(module, layout, chunking, linear_generator=linear_generator)
+    args, kwargs = torch_meta_call(loaded)
+    flow = probe_batch_flow(module, args, kwargs, real=real)
     return plan_torch_fusion(module, layout, chunking, linear_generator=linear_generator, flow=flow)
 
 
@@ -469,7 +473,15 @@ _TORCH_IMPORTS = (
     "import torch",
     "from torch import Tensor, nn",
 )
-_FUSED_FORWARD = {"linear": "fused_forward", "conv1d": "fused_forward", "conv2d": "fused_forward"}
+_FUSED_FORWARD = {
+    "linear": "fused_forward",
+    "conv1d": "fused_forward",
+    "conv2d": "fused_forward",
+    "conv3d": "fused_forward",
+    "conv_transpose1d": "conv_transpose_forward",
+    "conv_transpose2d": "conv_transpose_forward",
+    "transposed_linear": "transposed_linear_forward",
+}
 
 
 def torch_decisions(

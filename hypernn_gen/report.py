@@ -66,10 +66,19 @@ def fusion_dict(fusion: FusionPlan | str) -> dict:
     """What a generated dynamic file fuses, as JSON data (a string: why there is no plan)."""
     if isinstance(fusion, str):
         return {"error": fusion}
-    return {
-        "fused": [{"path": f.path, "kind": f.kind, "segments": f.segments} for f in fusion.fused],
+    data = {
+        "fused": [
+            {"path": f.path, "kind": f.kind, "segments": f.segments, "broadcast": f.broadcast}
+            for f in fusion.fused
+        ],
         "per_sample": [{"path": path, "why": why} for path, why in fusion.reasons],
     }
+    if fusion.routes:
+        data["modules"] = [
+            {"path": path, "route": route, "detail": detail}
+            for path, route, detail in fusion.routes
+        ]
+    return data
 
 
 def format_layout(
@@ -100,19 +109,37 @@ def format_layout(
     return "\n".join(lines)
 
 
+#: How ``inspect`` names each route of :attr:`FusionPlan.routes`.
+ROUTES = {
+    "fused": "fused",
+    "whole batch": "whole batch",
+    "per sample": "per sample (vmap)",
+    "inside": "per sample (vmap)",
+}
+
+
 def format_fusion(plan: FusionPlan | str) -> list[str]:
-    """What a generated dynamic file fuses (whole batch, no per-sample weights) and what it runs
-    per sample, with the reason, one layer per line (a string: why dynamic mode is refused)."""
+    """Which path every module takes in a generated dynamic file: fused (its batched form, no
+    per-sample weights), on the whole batch (no generated tensors), or per sample under vmap,
+    with the kind or the reason, one module per line (a string: why dynamic mode is refused)."""
     if isinstance(plan, str):
         return [f"dynamic mode: not supported: {plan}"]
-    rows = [
-        [f.path or "<root>", "fused", f.kind + (f" (S={f.segments})" if f.segments else "")]
-        for f in plan.fused
-    ]
-    rows += [[path or "<root>", "per sample", why] for path, why in plan.reasons]
+    if plan.routes:
+        rows = [
+            [path or "<root>", ROUTES[route], f"inside {detail}" if route == "inside" else detail]
+            for path, route, detail in plan.routes
+        ]
+    else:  # Flax plans list the fused layers and the per-sample ones only
+        rows = [
+            [f.path or "<root>", "fused", f.kind + (f" (S={f.segments})" if f.segments else "")]
+            for f in plan.fused
+        ]
+        rows += [[path or "<root>", "per sample", why] for path, why in plan.reasons]
     if not rows:
         return ["dynamic mode: no layer owns generated tensors"]
-    header = "dynamic mode: fused layers run on the whole batch; per-sample ones under vmap"
+    header = "dynamic mode: the target runs once on the whole batch; per-sample modules alone, vmap"
+    if rows[0][:2] == ["<root>", ROUTES["per sample"]]:
+        header = "dynamic mode: every sample runs through the whole target alone (vmap)"
     return [header, *("  " + line for line in _columns(rows, right=()))]
 
 

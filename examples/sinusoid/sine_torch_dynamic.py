@@ -78,11 +78,11 @@ GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("net.4.weight", (1, 40), 1_720, 40, 0.0, 0.0912871),
     ParamSlice("net.4.bias", (1,), 1_760, 1, 0.0, 0.0912871),
 )
-# Fused layers: module path, kind, weight and bias index in GENERATED, chunks a row spans.
-FUSED: tuple[tuple[str, str, int | None, int | None, int], ...] = (
-    ("net.0", "linear", 0, 1, 1),
-    ("net.2", "linear", 2, 3, 2),
-    ("net.4", "linear", 4, 5, 2),
+# Fused layers: path, kind, weight/bias index in GENERATED, chunks a row spans, shared input.
+FUSED: tuple[tuple[str, str, int | None, int | None, int, bool], ...] = (
+    ("net.0", "linear", 0, 1, 1, False),
+    ("net.2", "linear", 2, 3, 2, False),
+    ("net.4", "linear", 4, 5, 2, False),
 )
 
 
@@ -617,13 +617,16 @@ def run_per_sample(
 
 class FusedLayer(NamedTuple):
     """A layer computed from shared weights: its module path, its kind, the indices of its
-    weight and bias in the layout (None: the layer keeps its own), and S for Linear/Conv."""
+    weight and bias in the layout (None: the layer keeps its own), S for Linear/Conv (for a
+    parameter used directly, kind "direct": the rank it is broadcast at), and whether its inputs,
+    shared with a leading 1, are repeated for every sample."""
 
     path: str
     kind: str
     weight: int | None
     bias: int | None
     segments: int
+    broadcast: bool = False
 
 
 class Shared(NamedTuple):
@@ -736,10 +739,14 @@ class FusedIndex(nn.Module):
         for name, value in self.indices(self.chunk.device).items():
             getattr(self, name).copy_(value)
 
-    def coefficients(self, shared: Shared) -> Tensor:
-        """Each sample's chunk scale for every segment (and bias value), ``(batch, S (+ 1), out)``."""
-        out = self.generated[self.layer.weight].shape[0]
-        return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
+    def coefficients(self, shared: Shared) -> tuple[Tensor, Tensor | None]:
+        """Each sample's chunk scale for every (segment, row), ``(batch, S, rows)``, and for every
+        bias value, ``(batch, out)`` (None: the bias is not generated)."""
+        rows = self.generated[self.layer.weight].shape[0]
+        batch, size = shared.scales.shape[0], self.layer.segments * rows
+        coeff = shared.scales.index_select(1, self.chunk)
+        bias = coeff[:, size:] if self.layer.bias is not None else None
+        return coeff[:, :size].view(batch, -1, rows), bias
 
 
 # A convolution repeats each weight over every output position, so S + 1 shared convolutions
@@ -749,56 +756,91 @@ class FusedIndex(nn.Module):
 GROUPED_CONV_LIMIT = 1 << 22
 
 
-def grouped_conv(self: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """Sample b through the convolution with kernel ``weight[b]`` (no bias): one convolution
-    with ``groups=batch`` over the batch folded into the channels."""
+def grouped_conv(conv: Any, x: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """Sample b through ``conv(x, weight, groups)`` with its own kernel ``weight[b]`` (no bias):
+    one convolution, ``batch x groups`` groups, over the batch folded into the channels."""
     batch = x.shape[0]
-    conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
-    folded = x.reshape(1, -1, *x.shape[2:])
-    y = conv(folded, weight.flatten(0, 1), None, self.stride, self.padding, self.dilation, batch)
+    y = conv(x.reshape(1, -1, *x.shape[2:]), weight.flatten(0, 1), batch * groups)
     return y.view(batch, -1, *y.shape[2:])
 
 
-def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated).
+def batch_input(self: nn.Module, shared: Shared, x: Tensor) -> Tensor:
+    """The input, repeated for every sample where it is shared with a leading 1 (position ids
+    ``(1, L)``) and the planner proved the output only broadcast into batched tensors."""
+    if self.hyper_layer.broadcast and x.shape[0] == 1:
+        return x.expand(shared.scales.shape[0], *x.shape[1:])
+    return x
+
+
+def add_bias(self: nn.Module, shared: Shared, y: Tensor, out_view: tuple[int, ...]) -> Tensor:
+    """``y`` plus each sample's generated bias (or the layer's own), shaped as ``out_view``."""
+    if self.hyper_layer.bias is not None:
+        return y + shared.materialise(self.hyper_layer.bias).view(out_view)
+    return y if self.bias is None else y + self.bias.view(out_view[1:])
+
+
+def fused_product(
+    self: nn.Module,
+    shared: Shared,
+    x: Tensor,
+    apply: Any,
+    ones: Tensor,
+    out_view: tuple[int, ...],
+    in_view: tuple[int, ...] | None = None,
+) -> Tensor:
+    """Each sample through the layer's operation ``apply(x, weight)`` with its own weight.
 
     With W_b = shift + scale * (sum_j c_j[b] * M_j + BG) (M_j: g0 on segment j of every row, BG:
     the generator's bias at each weight's position), y_b = shift * (1 x_b) + scale * (sum_j
-    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, and 1 x_b (a sum over the inputs).
-    """
-    shared: Shared | None = self.hyper_shared
-    if shared is None:
-        return type(self).__mro__[1].forward(self, x)
+    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, ``ones`` = 1 x_b. Rows are the outputs
+    (``in_view`` None: c_j scales the output, shaped ``out_view``) or the inputs (transposed
+    weights: c_j scales the input, shaped ``in_view``)."""
     index: FusedIndex = self.hyper_index[0]
     i, s = index.layer.weight, index.layer.segments
     p = shared.generated[i]
     g0, bias = shared.g0[i].view(p.shape), shared.bias[i].view(p.shape)  # views, no copies
-    linear = isinstance(self, nn.Linear)  # (batch, ..., in) or (batch, in, *spatial)
-    if linear:
-        channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
-    else:
-        channel_shape = (x.shape[0], -1, *(1,) * (x.dim() - 2))
-
-    def apply(weight: Tensor) -> Tensor:  # the layer's own operation with a shared weight
-        return F.linear(x, weight) if linear else self._conv_forward(x, weight, None)
-
-    if not linear and x.shape[0] * p.size <= GROUPED_CONV_LIMIT:
-        y = grouped_conv(self, x, shared.materialise(i))
-        if index.layer.bias is not None:
-            return y + shared.materialise(index.layer.bias).view(channel_shape)
-        return y if self.bias is None else y + self.bias.view(-1, *channel_shape[2:])
-    coeff = index.coefficients(shared)
+    coeff, bias_coeff = index.coefficients(shared)
     segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
-    y = apply(bias)
+    y = apply(x, bias)
     for j, segment in enumerate(segments):
-        y = y + apply(segment) * coeff[:, j].view(channel_shape)
-    ones = x.sum(-1, keepdim=True) if linear else apply(g0.new_ones(1, *p.shape[1:]))  # 1 x
+        if in_view is None:
+            y = y + apply(x, segment) * coeff[:, j].view(out_view)
+        else:
+            y = y + apply(x * coeff[:, j].view(in_view), segment)
     y = shared.param_shift[i] * ones + shared.param_scale[i] * y
-    if index.layer.bias is not None:  # each value's chunk scale is the last row of coeff
-        return y + shared.raw(index.layer.bias, coeff[:, s]).view(channel_shape)
-    if self.bias is not None:
-        return y + self.bias.view(channel_shape[1:] if linear else (-1, *channel_shape[2:]))
-    return y
+    if bias_coeff is not None:
+        return y + shared.raw(index.layer.bias, bias_coeff).view(out_view)
+    own = getattr(self, "bias", None)  # nn.MultiheadAttention: its in_proj_bias is generated
+    return y if own is None else y + own.view(out_view[1:])
+
+
+def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated):
+    shared products (:func:`fused_product`), or for a small convolution each sample's kernel
+    built and the batch run as one grouped convolution."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    i = self.hyper_layer.weight
+    p = shared.generated[i]
+    if isinstance(self, nn.Linear):  # (batch, ..., in)
+        out_view = (x.shape[0], *(1,) * (x.dim() - 2), -1)
+        return fused_product(self, shared, x, F.linear, x.sum(-1, keepdim=True), out_view)
+    out_view = (x.shape[0], -1, *(1,) * (x.dim() - 2))  # (batch, in, *spatial)
+
+    def apply(x: Tensor, weight: Tensor, groups: int = self.groups) -> Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+        return conv(x, weight, None, self.stride, self.padding, self.dilation, groups)
+
+    if x.shape[0] * p.size <= GROUPED_CONV_LIMIT:
+        y = grouped_conv(apply, x, shared.materialise(i), self.groups)
+        return add_bias(self, shared, y, out_view)
+
+    ones = apply(x, x.new_ones(self.groups, *p.shape[1:]))  # 1 x, per group
+    if self.groups > 1:
+        ones = ones.repeat_interleave(p.shape[0] // self.groups, 1)
+    return fused_product(self, shared, x, apply, ones, out_view)
 
 
 def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -833,8 +875,17 @@ def install_fusion(
     (the generator's probe: positional, then keyword tensors). Returns the index buffers of the
     Linear/Conv layers and the swapped modules."""
     swapped, indices = [], nn.ModuleList()
-    for layer in map(FusedLayer._make, fused):
+    for layer in (FusedLayer(*f) for f in fused):
         module = target.get_submodule(layer.path)
+        if layer.kind == "direct":  # one entry per parameter; the module is swapped once
+            if not hasattr(module, "hyper_direct"):
+                forward = {"forward": forwards["direct"]}
+                module.__class__ = type(f"Direct{type(module).__name__}", (type(module),), forward)
+                module.hyper_direct = ()
+                swapped.append(module)
+            name = generated[layer.weight].path.rpartition(".")[2]
+            module.hyper_direct += ((name, layer.weight, layer.segments),)
+            continue
         kind = type(
             f"Fused{type(module).__name__}", (type(module),), {"forward": forwards[layer.kind]}
         )
@@ -872,4 +923,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=604b06d5ea43b8fadca82f5984b25bd46dae68d86eb8634ba80a039c1a833e25
+# hypernn-gen: sha256=be81644567004c49bbbc2ec2acca8d8f212621e5ebeb7a1d8d1fc5ed95323601

@@ -419,13 +419,16 @@ def run_per_sample(
 
 class FusedLayer(NamedTuple):
     """A layer computed from shared weights: its module path, its kind, the indices of its
-    weight and bias in the layout (None: the layer keeps its own), and S for Linear/Conv."""
+    weight and bias in the layout (None: the layer keeps its own), S for Linear/Conv (for a
+    parameter used directly, kind "direct": the rank it is broadcast at), and whether its inputs,
+    shared with a leading 1, are repeated for every sample."""
 
     path: str
     kind: str
     weight: int | None
     bias: int | None
     segments: int
+    broadcast: bool = False
 
 
 class Shared(NamedTuple):
@@ -538,10 +541,14 @@ class FusedIndex(nn.Module):
         for name, value in self.indices(self.chunk.device).items():
             getattr(self, name).copy_(value)
 
-    def coefficients(self, shared: Shared) -> Tensor:
-        """Each sample's chunk scale for every segment (and bias value), ``(batch, S (+ 1), out)``."""
-        out = self.generated[self.layer.weight].shape[0]
-        return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
+    def coefficients(self, shared: Shared) -> tuple[Tensor, Tensor | None]:
+        """Each sample's chunk scale for every (segment, row), ``(batch, S, rows)``, and for every
+        bias value, ``(batch, out)`` (None: the bias is not generated)."""
+        rows = self.generated[self.layer.weight].shape[0]
+        batch, size = shared.scales.shape[0], self.layer.segments * rows
+        coeff = shared.scales.index_select(1, self.chunk)
+        bias = coeff[:, size:] if self.layer.bias is not None else None
+        return coeff[:, :size].view(batch, -1, rows), bias
 
 
 # A convolution repeats each weight over every output position, so S + 1 shared convolutions
@@ -551,56 +558,129 @@ class FusedIndex(nn.Module):
 GROUPED_CONV_LIMIT = 1 << 22
 
 
-def grouped_conv(self: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """Sample b through the convolution with kernel ``weight[b]`` (no bias): one convolution
-    with ``groups=batch`` over the batch folded into the channels."""
+def grouped_conv(conv: Any, x: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """Sample b through ``conv(x, weight, groups)`` with its own kernel ``weight[b]`` (no bias):
+    one convolution, ``batch x groups`` groups, over the batch folded into the channels."""
     batch = x.shape[0]
-    conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
-    folded = x.reshape(1, -1, *x.shape[2:])
-    y = conv(folded, weight.flatten(0, 1), None, self.stride, self.padding, self.dilation, batch)
+    y = conv(x.reshape(1, -1, *x.shape[2:]), weight.flatten(0, 1), batch * groups)
     return y.view(batch, -1, *y.shape[2:])
 
 
-def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated).
+def batch_input(self: nn.Module, shared: Shared, x: Tensor) -> Tensor:
+    """The input, repeated for every sample where it is shared with a leading 1 (position ids
+    ``(1, L)``) and the planner proved the output only broadcast into batched tensors."""
+    if self.hyper_layer.broadcast and x.shape[0] == 1:
+        return x.expand(shared.scales.shape[0], *x.shape[1:])
+    return x
+
+
+def add_bias(self: nn.Module, shared: Shared, y: Tensor, out_view: tuple[int, ...]) -> Tensor:
+    """``y`` plus each sample's generated bias (or the layer's own), shaped as ``out_view``."""
+    if self.hyper_layer.bias is not None:
+        return y + shared.materialise(self.hyper_layer.bias).view(out_view)
+    return y if self.bias is None else y + self.bias.view(out_view[1:])
+
+
+def fused_product(
+    self: nn.Module,
+    shared: Shared,
+    x: Tensor,
+    apply: Any,
+    ones: Tensor,
+    out_view: tuple[int, ...],
+    in_view: tuple[int, ...] | None = None,
+) -> Tensor:
+    """Each sample through the layer's operation ``apply(x, weight)`` with its own weight.
 
     With W_b = shift + scale * (sum_j c_j[b] * M_j + BG) (M_j: g0 on segment j of every row, BG:
     the generator's bias at each weight's position), y_b = shift * (1 x_b) + scale * (sum_j
-    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, and 1 x_b (a sum over the inputs).
-    """
-    shared: Shared | None = self.hyper_shared
-    if shared is None:
-        return type(self).__mro__[1].forward(self, x)
+    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, ``ones`` = 1 x_b. Rows are the outputs
+    (``in_view`` None: c_j scales the output, shaped ``out_view``) or the inputs (transposed
+    weights: c_j scales the input, shaped ``in_view``)."""
     index: FusedIndex = self.hyper_index[0]
     i, s = index.layer.weight, index.layer.segments
     p = shared.generated[i]
     g0, bias = shared.g0[i].view(p.shape), shared.bias[i].view(p.shape)  # views, no copies
-    linear = isinstance(self, nn.Linear)  # (batch, ..., in) or (batch, in, *spatial)
-    if linear:
-        channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
-    else:
-        channel_shape = (x.shape[0], -1, *(1,) * (x.dim() - 2))
-
-    def apply(weight: Tensor) -> Tensor:  # the layer's own operation with a shared weight
-        return F.linear(x, weight) if linear else self._conv_forward(x, weight, None)
-
-    if not linear and x.shape[0] * p.size <= GROUPED_CONV_LIMIT:
-        y = grouped_conv(self, x, shared.materialise(i))
-        if index.layer.bias is not None:
-            return y + shared.materialise(index.layer.bias).view(channel_shape)
-        return y if self.bias is None else y + self.bias.view(-1, *channel_shape[2:])
-    coeff = index.coefficients(shared)
+    coeff, bias_coeff = index.coefficients(shared)
     segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
-    y = apply(bias)
+    y = apply(x, bias)
     for j, segment in enumerate(segments):
-        y = y + apply(segment) * coeff[:, j].view(channel_shape)
-    ones = x.sum(-1, keepdim=True) if linear else apply(g0.new_ones(1, *p.shape[1:]))  # 1 x
+        if in_view is None:
+            y = y + apply(x, segment) * coeff[:, j].view(out_view)
+        else:
+            y = y + apply(x * coeff[:, j].view(in_view), segment)
     y = shared.param_shift[i] * ones + shared.param_scale[i] * y
-    if index.layer.bias is not None:  # each value's chunk scale is the last row of coeff
-        return y + shared.raw(index.layer.bias, coeff[:, s]).view(channel_shape)
-    if self.bias is not None:
-        return y + self.bias.view(channel_shape[1:] if linear else (-1, *channel_shape[2:]))
-    return y
+    if bias_coeff is not None:
+        return y + shared.raw(index.layer.bias, bias_coeff).view(out_view)
+    own = getattr(self, "bias", None)  # nn.MultiheadAttention: its in_proj_bias is generated
+    return y if own is None else y + own.view(out_view[1:])
+
+
+def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated):
+    shared products (:func:`fused_product`), or for a small convolution each sample's kernel
+    built and the batch run as one grouped convolution."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    i = self.hyper_layer.weight
+    p = shared.generated[i]
+    if isinstance(self, nn.Linear):  # (batch, ..., in)
+        out_view = (x.shape[0], *(1,) * (x.dim() - 2), -1)
+        return fused_product(self, shared, x, F.linear, x.sum(-1, keepdim=True), out_view)
+    out_view = (x.shape[0], -1, *(1,) * (x.dim() - 2))  # (batch, in, *spatial)
+
+    def apply(x: Tensor, weight: Tensor, groups: int = self.groups) -> Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+        return conv(x, weight, None, self.stride, self.padding, self.dilation, groups)
+
+    if x.shape[0] * p.size <= GROUPED_CONV_LIMIT:
+        y = grouped_conv(apply, x, shared.materialise(i), self.groups)
+        return add_bias(self, shared, y, out_view)
+
+    ones = apply(x, x.new_ones(self.groups, *p.shape[1:]))  # 1 x, per group
+    if self.groups > 1:
+        ones = ones.repeat_interleave(p.shape[0] // self.groups, 1)
+    return fused_product(self, shared, x, apply, ones, out_view)
+
+
+def conv_transpose_forward(self: nn.Module, x: Tensor, output_size: Any = None) -> Tensor:
+    """forward() of a fused ConvTranspose1d/2d: its weight ``(in, out / groups, *kernel)`` has
+    the input first, so each sample's chunk scales multiply the input's channels."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x, output_size)
+    x = batch_input(self, shared, x)
+    n, i = x.dim() - 2, self.hyper_layer.weight
+    p = shared.generated[i]
+    padding = self._output_padding(
+        x, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
+    )
+    conv = F.conv_transpose1d if n == 1 else F.conv_transpose2d
+    batch, view = x.shape[0], (x.shape[0], -1, *(1,) * n)
+
+    def apply(x: Tensor, weight: Tensor, groups: int = self.groups) -> Tensor:
+        return conv(x, weight, None, self.stride, self.padding, padding, groups, self.dilation)
+
+    if batch * p.size <= GROUPED_CONV_LIMIT:
+        y = grouped_conv(apply, x, shared.materialise(i), self.groups)
+        return add_bias(self, shared, y, view)
+    ones = apply(x, x.new_ones(p.shape[0], 1, *p.shape[2:]))  # 1 x, per group
+    if self.groups > 1:
+        ones = ones.repeat_interleave(p.shape[1], 1)
+    return fused_product(self, shared, x, apply, ones, view, view)
+
+
+def transposed_linear_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a layer computing ``x @ weight + bias`` with ``weight (in, out)``
+    (transformers' Conv1D): each sample's chunk scales multiply the input's features."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    view = (x.shape[0], *(1,) * (x.dim() - 2), -1)
+    return fused_product(self, shared, x, torch.matmul, x.sum(-1, keepdim=True), view, view)
 
 
 def affine(self: nn.Module, shared: Shared, y: Tensor, channel_shape: tuple[int, ...]) -> Tensor:
@@ -611,7 +691,10 @@ def affine(self: nn.Module, shared: Shared, y: Tensor, channel_shape: tuple[int,
         if layer.weight is None
         else shared.materialise(layer.weight).view(channel_shape)
     )
-    bias = self.bias if layer.bias is None else shared.materialise(layer.bias).view(channel_shape)
+    if layer.bias is None:
+        bias = getattr(self, "bias", None)  # RMSNorm has none
+    else:
+        bias = shared.materialise(layer.bias).view(channel_shape)
     if weight is not None:
         y = y * weight
     return y if bias is None else y + bias
@@ -655,6 +738,7 @@ def layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
     shared: Shared | None = self.hyper_shared
     if shared is None:
         return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
     y = F.layer_norm(x, self.normalized_shape, eps=self.eps)
     ones = (1,) * (x.dim() - 1 - len(self.normalized_shape))
     return affine(self, shared, y, (x.shape[0], *ones, *self.normalized_shape))
@@ -662,10 +746,11 @@ def layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 def embedding_forward(self: nn.Module, ids: Tensor) -> Tensor:
     """forward() of an Embedding: each looked-up row read from its sample's generated table,
-    computed for the looked-up entries only."""
+    computed for the looked-up entries only (``padding_idx``'s rows without gradient)."""
     shared: Shared | None = self.hyper_shared
     if shared is None:
         return type(self).__mro__[1].forward(self, ids)
+    ids = batch_input(self, shared, ids)
     i = self.hyper_layer.weight
     p = shared.generated[i]
     if ids.numel() and (ids.min() < 0 or ids.max() >= p.shape[0]):
@@ -674,7 +759,145 @@ def embedding_forward(self: nn.Module, ids: Tensor) -> Tensor:
     sample = torch.arange(ids.shape[0], device=ids.device).view(-1, *(1,) * (pos.dim() - 1))
     coeff = shared.scales[sample, (p.offset + pos) // shared.chunk_dim]
     raw = torch.addcmul(shared.bias[i][pos], coeff, shared.g0[i][pos])
-    return torch.addcmul(shared.param_shift[i], shared.param_scale[i], raw)
+    rows = torch.addcmul(shared.param_shift[i], shared.param_scale[i], raw)
+    if self.padding_idx is None:
+        return rows
+    # as F.embedding: the padding row's values are read, but get no gradient
+    return torch.where((ids == self.padding_idx).unsqueeze(-1), rows.detach(), rows)
+
+
+def group_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a GroupNorm: normalise, then each sample's own generated weight and bias."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    y = F.group_norm(x, self.num_groups, eps=self.eps)
+    return affine(self, shared, y, (x.shape[0], -1, *(1,) * (x.dim() - 2)))
+
+
+def rms_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of an RMSNorm: normalise, then each sample's own generated weight."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    y = F.rms_norm(x, self.normalized_shape, eps=self.eps)
+    ones = (1,) * (x.dim() - 1 - len(self.normalized_shape))
+    return affine(self, shared, y, (x.shape[0], *ones, *self.normalized_shape))
+
+
+def elementwise_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a module that uses its weight elementwise (LlamaRMSNorm, T5LayerNorm): its
+    own forward, with each sample's weight shaped ``(batch, 1, ..., D)`` to broadcast."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    i = self.hyper_layer.weight
+    shape = shared.generated[i].shape
+    weight = shared.materialise(i).view(x.shape[0], *(1,) * (x.dim() - 1 - len(shape)), *shape)
+    self.hyper_shared = None  # inside, the module's own forward runs
+    try:
+        return functional_call(self, {"weight": weight}, (x,), tie_weights=False)
+    finally:
+        self.hyper_shared = shared
+
+
+def direct_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """forward() of a module whose parameters its forward uses directly, only broadcast
+    elementwise into batched tensors (``x + self.pos_embed``): its own forward, with one value
+    per sample, shaped to broadcast at the rank the planner saw."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, *args, **kwargs)
+    batch, params = shared.scales.shape[0], {}
+    for name, i, rank in self.hyper_direct:
+        shape = shared.generated[i].shape
+        lead = shape[1:] if len(shape) == rank else (*(1,) * (rank - 1 - len(shape)), *shape)
+        params[name] = shared.materialise(i).view(batch, *lead)
+    self.hyper_shared = None  # inside, the module's own forward runs (its children stay fused)
+    try:
+        return functional_call(self, params, args, kwargs, tie_weights=False)
+    finally:
+        self.hyper_shared = shared
+
+
+def multihead_attention_forward(
+    self: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """forward() of an nn.MultiheadAttention (batch first, packed in_proj_weight, no bias_k/v or
+    zero attention): the q/k/v projections fused (:func:`fused_product` over in_proj_weight),
+    the masks and attention as F.multi_head_attention_forward computes them, ``out_proj`` fused."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(
+            self, query, key, value, key_padding_mask, need_weights, attn_mask,
+            average_attn_weights, is_causal,
+        )  # fmt: skip
+    e, h = self.embed_dim, self.num_heads
+
+    def project(x: Tensor) -> Tensor:  # (batch, len, 3 e): q, k, v
+        view = (x.shape[0], *(1,) * (x.dim() - 2), -1)
+        return fused_product(self, shared, x, F.linear, x.sum(-1, keepdim=True), view)
+
+    if query is key and key is value:
+        q, k, v = project(query).split(e, -1)
+    else:
+        q, k, v = (
+            project(query)[..., :e],
+            project(key)[..., e : 2 * e],
+            project(value)[..., 2 * e :],
+        )
+    b, length, source = q.shape[0], q.shape[1], k.shape[1]
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=q.dtype,
+    )
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None
+    else:
+        attn_mask = F._canonical_mask(
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=q.dtype,
+            check_other=False,
+        )
+        is_causal = is_causal and key_padding_mask is None
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)  # (1 or batch x heads, len, source)
+    if key_padding_mask is not None:
+        padding = key_padding_mask.view(b, 1, 1, source).expand(-1, h, -1, -1)
+        padding = padding.reshape(b * h, 1, source)
+        attn_mask = padding if attn_mask is None else attn_mask + padding
+    if attn_mask is not None:
+        attn_mask = attn_mask.view(1 if attn_mask.shape[0] == 1 else b, -1, length, source)
+    dropout = self.dropout if self.training else 0.0
+    q, k, v = (t.reshape(b, -1, h, e // h).transpose(1, 2) for t in (q, k, v))
+    if need_weights:
+        scores = (q * math.sqrt(1.0 / float(e // h))) @ k.transpose(-2, -1)
+        weights = torch.softmax(scores if attn_mask is None else scores + attn_mask, dim=-1)
+        if dropout > 0.0:
+            weights = F.dropout(weights, p=dropout)
+        out = self.out_proj((weights @ v).transpose(1, 2).reshape(b, length, e))
+        return out, weights.mean(dim=1) if average_attn_weights else weights
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout, is_causal)
+    return self.out_proj(out.transpose(1, 2).reshape(b, length, e)), None
 
 
 def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -709,8 +932,17 @@ def install_fusion(
     (the generator's probe: positional, then keyword tensors). Returns the index buffers of the
     Linear/Conv layers and the swapped modules."""
     swapped, indices = [], nn.ModuleList()
-    for layer in map(FusedLayer._make, fused):
+    for layer in (FusedLayer(*f) for f in fused):
         module = target.get_submodule(layer.path)
+        if layer.kind == "direct":  # one entry per parameter; the module is swapped once
+            if not hasattr(module, "hyper_direct"):
+                forward = {"forward": forwards["direct"]}
+                module.__class__ = type(f"Direct{type(module).__name__}", (type(module),), forward)
+                module.hyper_direct = ()
+                swapped.append(module)
+            name = generated[layer.weight].path.rpartition(".")[2]
+            module.hyper_direct += ((name, layer.weight, layer.segments),)
+            continue
         kind = type(
             f"Fused{type(module).__name__}", (type(module),), {"forward": forwards[layer.kind]}
         )
