@@ -73,6 +73,7 @@ NUM_EMBEDDINGS = 38
 CHUNK_DIM = 37
 FLAT_SIZE = 1_386
 LAYOUT_DIGEST = "17e5c9a94800ee01"
+CHECKPOINT_DIGEST = "d3b2ab825fba447e"  # variables["layout"]["digest"], checked
 GRADIENT_SCALE = (59.5188, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
@@ -176,6 +177,7 @@ class SmallCNNHyperNetwork(nn.Module):
         )
         self.embedding_module = SmallCNNEmbedding()
         self.weight_generator = SmallCNNWeightGenerator(model_axis=self.model_axis)
+        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self) -> jax.Array:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -368,6 +370,29 @@ def check_flat(
         )
 
 
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
 def get_path(tree: Any, keys: tuple) -> Any:
     """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
     for key in keys:
@@ -438,6 +463,16 @@ def check_layout(
     check_params(found, expected, "regenerate the file for the new target and inputs")
 
 
+def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueError) -> None:
+    """The checkpoint digest as the variable ``("layout", "digest")`` (8 bytes): made at init,
+    checked at every apply whose variables have it (``check_digest``); variables without a
+    ``"layout"`` collection (saved before digests existed) apply as before."""
+    if module.is_initializing():
+        module.variable("layout", "digest", digest_array, digest)
+    elif module.has_variable("layout", "digest"):
+        check_digest(module.get_variable("layout", "digest"), digest, error)
+
+
 def apply_target(
     apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
 ) -> tuple[Any, dict]:
@@ -482,4 +517,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=e463102b1ce4b01a533eed7e20ca604fb0baa83116594c598f1d129a8b48baee
+# hypernn-gen: sha256=99423866d158702be59e3a12df746ccc658364e09cb12a957429e2657c6df79d

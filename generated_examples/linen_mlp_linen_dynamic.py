@@ -69,6 +69,7 @@ NUM_EMBEDDINGS = 71
 CHUNK_DIM = 71
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "19edc0f11d9aa69c"
+CHECKPOINT_DIGEST = "52f3ca981ba467cd"  # variables["layout"]["digest"], checked
 CONDITION_SHAPE = (8,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 GRADIENT_SCALE = (21.483, 0.671345, 3.7977)  # gradient multipliers: table, generator weight, bias
@@ -210,6 +211,7 @@ class MLPHyperNetwork(nn.Module):
         )
         self.embedding_module = MLPEmbedding()
         self.weight_generator = MLPWeightGenerator(model_axis=self.model_axis)
+        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self, condition: jax.Array) -> jax.Array:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -407,6 +409,29 @@ def check_flat(
         raise error(
             f"generated_params has shape {shape}, expected {expected}; build it with "
             "flatten_params()"
+        )
+
+
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
         )
 
 
@@ -687,6 +712,16 @@ def check_layout(
     check_params(found, expected, "regenerate the file for the new target and inputs")
 
 
+def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueError) -> None:
+    """The checkpoint digest as the variable ``("layout", "digest")`` (8 bytes): made at init,
+    checked at every apply whose variables have it (``check_digest``); variables without a
+    ``"layout"`` collection (saved before digests existed) apply as before."""
+    if module.is_initializing():
+        module.variable("layout", "digest", digest_array, digest)
+    elif module.has_variable("layout", "digest"):
+        check_digest(module.get_variable("layout", "digest"), digest, error)
+
+
 def merge_params(generated: dict[str, Any], excluded: dict[str, Any]) -> dict[str, Any]:
     """Deep merge of two ``params`` trees with disjoint leaves."""
     out = dict(generated)
@@ -810,4 +845,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=56b3ca3ee736a926a108eb0910ece54b77a3b8eeb7838d383644541000e23475
+# hypernn-gen: sha256=38e8ba2d671a1e8bce5063dae9aad3b23e22e25035dc83b21ab728d1514c1a5e

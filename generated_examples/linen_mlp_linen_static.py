@@ -64,6 +64,7 @@ NUM_EMBEDDINGS = 71
 CHUNK_DIM = 71
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "19edc0f11d9aa69c"
+CHECKPOINT_DIGEST = "42acecd8660e1f52"  # variables["layout"]["digest"], checked
 GRADIENT_SCALE = (21.483, 0.671345, 3.7977)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
@@ -164,6 +165,7 @@ class MLPHyperNetwork(nn.Module):
         )
         self.embedding_module = MLPEmbedding()
         self.weight_generator = MLPWeightGenerator(model_axis=self.model_axis)
+        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self) -> jax.Array:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -339,6 +341,29 @@ def check_flat(
         )
 
 
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
 def get_path(tree: Any, keys: tuple) -> Any:
     """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
     for key in keys:
@@ -409,6 +434,16 @@ def check_layout(
     check_params(found, expected, "regenerate the file for the new target and inputs")
 
 
+def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueError) -> None:
+    """The checkpoint digest as the variable ``("layout", "digest")`` (8 bytes): made at init,
+    checked at every apply whose variables have it (``check_digest``); variables without a
+    ``"layout"`` collection (saved before digests existed) apply as before."""
+    if module.is_initializing():
+        module.variable("layout", "digest", digest_array, digest)
+    elif module.has_variable("layout", "digest"):
+        check_digest(module.get_variable("layout", "digest"), digest, error)
+
+
 def apply_target(
     apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
 ) -> tuple[Any, dict]:
@@ -450,4 +485,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=3fb4cd7bd489c12148f804f4bc966f64fe65a2b084e886f256b824a27deb4887
+# hypernn-gen: sha256=240c5ad53199e4d1d6f5c8dd5cb1b11ddd22a7144183c39783dc324d237ffa6d

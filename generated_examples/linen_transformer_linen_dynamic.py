@@ -94,6 +94,7 @@ NUM_EMBEDDINGS = 124
 CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "496a48899a4e80be"
+CHECKPOINT_DIGEST = "e4f0aaa749c74b76"  # variables["layout"]["digest"], checked
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 GRADIENT_SCALE = (16.256, 0.508001, 2.87368)  # gradient multipliers: table, generator weight, bias
@@ -351,6 +352,7 @@ class LinenTransformerHyperNetwork(nn.Module):
         )
         self.embedding_module = LinenTransformerEmbedding()
         self.weight_generator = LinenTransformerWeightGenerator(model_axis=self.model_axis)
+        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self, condition: jax.Array) -> jax.Array:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -548,6 +550,29 @@ def check_flat(
         raise error(
             f"generated_params has shape {shape}, expected {expected}; build it with "
             "flatten_params()"
+        )
+
+
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
         )
 
 
@@ -828,6 +853,16 @@ def check_layout(
     check_params(found, expected, "regenerate the file for the new target and inputs")
 
 
+def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueError) -> None:
+    """The checkpoint digest as the variable ``("layout", "digest")`` (8 bytes): made at init,
+    checked at every apply whose variables have it (``check_digest``); variables without a
+    ``"layout"`` collection (saved before digests existed) apply as before."""
+    if module.is_initializing():
+        module.variable("layout", "digest", digest_array, digest)
+    elif module.has_variable("layout", "digest"):
+        check_digest(module.get_variable("layout", "digest"), digest, error)
+
+
 def merge_params(generated: dict[str, Any], excluded: dict[str, Any]) -> dict[str, Any]:
     """Deep merge of two ``params`` trees with disjoint leaves."""
     out = dict(generated)
@@ -951,4 +986,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=ca1a26873efd0d74993055d92b2a01284d0fa8119433f05fbea93a65049332b9
+# hypernn-gen: sha256=bdd04112ebeaf00a6d923a7efe9265b860be96746dc5eb9a7d4106b74c4b971d

@@ -86,6 +86,7 @@ NUM_EMBEDDINGS = 124
 CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "496a48899a4e80be"
+CHECKPOINT_DIGEST = "3840494c9926d234"  # variables["layout"]["digest"], checked
 GRADIENT_SCALE = (16.256, 0.508001, 2.87368)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
@@ -293,6 +294,7 @@ class LinenTransformerHyperNetwork(nn.Module):
         )
         self.embedding_module = LinenTransformerEmbedding()
         self.weight_generator = LinenTransformerWeightGenerator(model_axis=self.model_axis)
+        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self) -> jax.Array:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -468,6 +470,29 @@ def check_flat(
         )
 
 
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
 def get_path(tree: Any, keys: tuple) -> Any:
     """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
     for key in keys:
@@ -538,6 +563,16 @@ def check_layout(
     check_params(found, expected, "regenerate the file for the new target and inputs")
 
 
+def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueError) -> None:
+    """The checkpoint digest as the variable ``("layout", "digest")`` (8 bytes): made at init,
+    checked at every apply whose variables have it (``check_digest``); variables without a
+    ``"layout"`` collection (saved before digests existed) apply as before."""
+    if module.is_initializing():
+        module.variable("layout", "digest", digest_array, digest)
+    elif module.has_variable("layout", "digest"):
+        check_digest(module.get_variable("layout", "digest"), digest, error)
+
+
 def apply_target(
     apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
 ) -> tuple[Any, dict]:
@@ -579,4 +614,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=cc8321ae3495ddb6aa63eca49de7f5a48e3190ce3d24d15ea60e739471d7a9b0
+# hypernn-gen: sha256=545d6612d6492e00423dcfe6d8b7b1e59eeebf09185e0d3f48b64780b20d0171

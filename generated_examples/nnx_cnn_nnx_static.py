@@ -74,6 +74,7 @@ NUM_EMBEDDINGS = 38
 CHUNK_DIM = 37
 FLAT_SIZE = 1_386
 LAYOUT_DIGEST = "d19cc5e10d64838d"
+CHECKPOINT_DIGEST = "7152b69e550ebe1d"  # the layout_digest variable, checked
 GRADIENT_SCALE = (59.5188, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
@@ -167,6 +168,7 @@ class NnxCnnHyperNetwork(nnx.Module):
         self.weight_generator = NnxCnnWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
+        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network, GENERATED)
 
     def generate_params(self) -> jax.Array:
@@ -204,6 +206,7 @@ class NnxCnnHyperNetwork(nnx.Module):
         ``generated_params`` is ``(FLAT_SIZE,)``; pass one (``flatten_params(target)``) to run the
         target with those weights instead.
         """
+        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE, dynamic=False)
@@ -346,6 +349,29 @@ def check_flat(
         )
 
 
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
 def get_path(tree: Any, keys: tuple) -> Any:
     """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
     for key in keys:
@@ -475,4 +501,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=014b9637071d14b2f770f80138d33a4e8f39ee29a01317e35f20ffd576741f62
+# hypernn-gen: sha256=107f50fe3faec7e7d9d3b581d5180abd005c0e0c150288ce8960a5adbf7f50de

@@ -78,6 +78,7 @@ NUM_EMBEDDINGS = 71
 CHUNK_DIM = 71
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "f11016d3d9607959"
+CHECKPOINT_DIGEST = "7d50ead3199b198e"  # the layout_digest variable, checked
 CONDITION_SHAPE = (8,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 GRADIENT_SCALE = (21.483, 0.671345, 3.7977)  # gradient multipliers: table, generator weight, bias
@@ -208,6 +209,7 @@ class NnxMlpHyperNetwork(nnx.Module):
         self.weight_generator = NnxMlpWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
+        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network, GENERATED)
         install_fusion(self.target, FUSED)
 
@@ -253,6 +255,7 @@ class NnxMlpHyperNetwork(nnx.Module):
         ``(batch, FLAT_SIZE)``. The condition is the first array input unless ``condition`` is
         given.
         """
+        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if condition is None:
             condition = next((x for x in inputs if is_array(x)), None)
         if condition is None or condition.ndim == 0:
@@ -412,6 +415,29 @@ def check_flat(
         raise error(
             f"generated_params has shape {shape}, expected {expected}; build it with "
             "flatten_params()"
+        )
+
+
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
         )
 
 
@@ -845,4 +871,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=fa28ff226a74f4c818b652740d5faa6d53aef0b47554b4f45a8c956e48d3b42c
+# hypernn-gen: sha256=d5e3c9b8a26818e3f286795d6cdbdbbb99a5ef3b8c9cd092b680f7d4d6ed74f5

@@ -102,6 +102,7 @@ NUM_EMBEDDINGS = 124
 CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "4dce26a7936cb729"
+CHECKPOINT_DIGEST = "5626701b6aaba52b"  # the layout_digest variable, checked
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 GRADIENT_SCALE = (16.256, 0.508001, 2.87368)  # gradient multipliers: table, generator weight, bias
@@ -304,6 +305,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
         self.weight_generator = NnxTransformerWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
+        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network, GENERATED)
         install_fusion(self.target, FUSED)
 
@@ -349,6 +351,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
         ``(batch, FLAT_SIZE)``. The condition is the first array input unless ``condition`` is
         given.
         """
+        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if condition is None:
             condition = next((x for x in inputs if is_array(x)), None)
         if condition is None or condition.ndim == 0:
@@ -508,6 +511,29 @@ def check_flat(
         raise error(
             f"generated_params has shape {shape}, expected {expected}; build it with "
             "flatten_params()"
+        )
+
+
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
         )
 
 
@@ -941,4 +967,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=53d6407fb73cc33399dcee367ec862e431f711f7421a491d36889155d7b8476a
+# hypernn-gen: sha256=2e5d58ea5935347dfe43356d70ad7e664a7bcd150a27779f1185f12ea573b979

@@ -93,6 +93,7 @@ NUM_EMBEDDINGS = 124
 CHUNK_DIM = 124
 FLAT_SIZE = 15_328
 LAYOUT_DIGEST = "4dce26a7936cb729"
+CHECKPOINT_DIGEST = "5720bd4398a4adc8"  # the layout_digest variable, checked
 GRADIENT_SCALE = (16.256, 0.508001, 2.87368)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
@@ -243,6 +244,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
         self.weight_generator = NnxTransformerWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
+        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network, GENERATED)
 
     def generate_params(self) -> jax.Array:
@@ -280,6 +282,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
         ``generated_params`` is ``(FLAT_SIZE,)``; pass one (``flatten_params(target)``) to run the
         target with those weights instead.
         """
+        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE, dynamic=False)
@@ -422,6 +425,29 @@ def check_flat(
         )
 
 
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
 def get_path(tree: Any, keys: tuple) -> Any:
     """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
     for key in keys:
@@ -551,4 +577,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=aa0475a83aa531c0e282726409c42970a56952a1bee034b44b360c6d08858867
+# hypernn-gen: sha256=a71b085845406066e2b8ca619ff08fde786a8f6ed8610a0d63e55030e98e5a7f

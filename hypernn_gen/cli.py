@@ -208,8 +208,9 @@ def _jobs(args: argparse.Namespace) -> tuple[list[GenerateOptions], Path | None]
         return [GenerateOptions(target=args.target, **given)], None
     pyproject = Path(args.config) if args.config else find_pyproject()
     if args.config and not pyproject.is_file():
+        what = "is a directory, not a file" if pyproject.is_dir() else "no such file"
         raise GenerationError(
-            f"--config {args.config}: no such file; pass the path of a pyproject.toml with "
+            f"--config {args.config}: {what}; pass the path of a pyproject.toml with "
             "[tool.hypernn-gen] jobs"
         )
     if pyproject is None:
@@ -235,6 +236,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(sys.stderr), paths_relative_to(root):
             results.append((options, generate(options)))
     _refuse_duplicate_outputs(results)
+    _refuse_overwriting_targets(results)
     for _, result in results:  # e.g. "input shape not checked": not only in the file header
         for note in result.layout.notes:
             print(f"{PROG}: note: {result.path}: {note}", file=sys.stderr)
@@ -287,6 +289,20 @@ def _refuse_duplicate_outputs(results: list[tuple[GenerateOptions, Generated]]) 
                 "give each job its own output"
             )
         seen[key] = options.target
+
+
+def _refuse_overwriting_targets(results: list[tuple[GenerateOptions, Generated]]) -> None:
+    """An output that is a target file (this job's or another's) would replace the code it was
+    generated from; refused even with --force (which is for generated and foreign files)."""
+    targets = {Path(os.path.realpath(r.loaded.path)): o.target for o, r in results}
+    for _, result in results:
+        target = targets.get(Path(os.path.realpath(result.path)))
+        if target is not None:
+            raise GenerationError(
+                f"-o {result.path} is the target file of {target}: writing it would replace the "
+                "code the hypernetwork is generated from (even with --force); choose another -o "
+                "path"
+            )
 
 
 # -- templates ------------------------------------------------------------------------------------

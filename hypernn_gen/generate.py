@@ -756,10 +756,10 @@ def flax_kernel_roots(
     ``nnx``; with what they use of ``kernel/flax.py``) a file of this design calls."""
     roots = ["model_mesh", "split_chunks", "decode", "unflatten", "flatten", "check_flat"]
     if framework == "linen":
-        roots += ["check_layout", "apply_target"]
+        roots += ["check_layout", "apply_target", "carry_digest"]
         roots += ["merge_params", "excluded_params"] if excluded else []
     else:
-        roots += ["check_layout", "without_generated", "run_target"]
+        roots += ["check_layout", "without_generated", "run_target", "digest_array", "check_digest"]
     if dynamic:
         roots += ["is_array", "check_batch", "run_per_sample"]
     if fused:

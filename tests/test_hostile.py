@@ -229,6 +229,59 @@ def test_a_stale_temp_file_of_ours_is_cleaned(work: Path, capsys) -> None:
     assert not stale.exists() and fresh.exists() and other.exists()
 
 
+def test_force_never_replaces_the_target_file(work: Path, capsys) -> None:
+    mine = (work / "tiny.py").read_text()
+    (work / "link_to_tiny.py").symlink_to(work / "tiny.py")
+    for spec, out in (("tiny.py", "tiny.py"), ("link_to_tiny.py", "./tiny.py")):
+        code, _, err = cli(capsys, spec, "-o", out, "--force")
+        assert code == 2
+        line = one_error(err)
+        assert "is the target file of" in line and "even with --force" in line
+        assert "choose another -o path" in line
+        assert (work / "tiny.py").read_text() == mine
+    pyproject(  # a job's output that is another job's target
+        work,
+        """
+        [[tool.hypernn-gen.jobs]]
+        target = "tiny.py"
+        output = "two.py"
+
+        [[tool.hypernn-gen.jobs]]
+        target = "two.py"
+        """,
+    )
+    (work / "two.py").write_text(mine)
+    code, _, err = cli(capsys, "--force")
+    assert code == 2 and "-o two.py is the target file of two.py" in one_error(err)
+    assert (work / "two.py").read_text() == mine
+
+
+def test_a_real_ctrl_c_while_loading_is_one_line_exit_130(work: Path) -> None:
+    import signal
+
+    write(
+        work / "slow.py",
+        "import pathlib, time\npathlib.Path('started').touch()\ntime.sleep(120)\n" + TINY,
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hypernn_gen", "slow.py", "-o", "out.py"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own SIGINT handler, as in a terminal
+    )
+    deadline = time.monotonic() + 120
+    while not (work / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (130, "", "hypernn-gen: interrupted\n")
+    assert not (work / "out.py").exists()
+
+
 # -- OS errors: one line naming the real path -----------------------------------------------------
 
 

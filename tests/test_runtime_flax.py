@@ -211,7 +211,8 @@ def test_linen_round_trip_and_static(linen_mlp, linen_cnn):
         out, flat = hn.apply(variables, x)
         assert flat.shape == (layout.flat_size,)
         reference = {"params": unflatten_params(layout, flat)}
-        reference |= {k: v["target"] for k, v in variables.items() if k != "params"}
+        # the target's collections sit under "target"; "layout" is the hypernetwork's digest
+        reference |= {k: v["target"] for k, v in variables.items() if k not in ("params", "layout")}
         np.testing.assert_array_equal(out, target.apply(reference, x))
     params = linen_mlp[1]["params"]
     assert set(params) == {"embedding_module", "weight_generator", "param_scale", "param_shift"}

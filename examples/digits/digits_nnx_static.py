@@ -75,6 +75,7 @@ NUM_EMBEDDINGS = 196
 CHUNK_DIM = 196
 FLAT_SIZE = 38_282
 LAYOUT_DIGEST = "8611cc9f4df350bc"
+CHECKPOINT_DIGEST = "0c122eec4b7605dd"  # the layout_digest variable, checked
 GRADIENT_SCALE = (73.1429, 4.57143, 18.2857)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
@@ -165,6 +166,7 @@ class DigitsCNNHyperNetwork(nnx.Module):
         self.weight_generator = DigitsCNNWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
+        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network, GENERATED)
 
     def generate_params(self) -> jax.Array:
@@ -202,6 +204,7 @@ class DigitsCNNHyperNetwork(nnx.Module):
         ``generated_params`` is ``(FLAT_SIZE,)``; pass one (``flatten_params(target)``) to run the
         target with those weights instead.
         """
+        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE, dynamic=False)
@@ -344,6 +347,29 @@ def check_flat(
         )
 
 
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
 def get_path(tree: Any, keys: tuple) -> Any:
     """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
     for key in keys:
@@ -473,4 +499,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=f308658c073f11ac01ae936a188ce8727d8a23d4359e2e005cbd72f760b02aa2
+# hypernn-gen: sha256=5502daf50c8e07a5ab01e1d258c22dc2a4d4f7209af7d07a0f6d3f294b404d79

@@ -15,9 +15,11 @@ import jax
 from .flax import (
     Shared,
     check_batch,
+    check_digest,
     check_flat,
     check_params,
     decode,
+    digest_array,
     flatten,
     fused_output,
     is_array,
@@ -36,10 +38,13 @@ __all__ = [
     "ScaledDense",
     "Shared",
     "apply_target",
+    "carry_digest",
     "check_batch",
+    "check_digest",
     "check_flat",
     "check_layout",
     "decode",
+    "digest_array",
     "excluded_params",
     "flatten",
     "fused_apply",
@@ -74,6 +79,16 @@ def check_layout(
     expected = {p.keys: p.shape for p in tensors}
     expected.update(excluded)
     check_params(found, expected, "regenerate the file for the new target and inputs")
+
+
+def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueError) -> None:
+    """The checkpoint digest as the variable ``("layout", "digest")`` (8 bytes): made at init,
+    checked at every apply whose variables have it (``check_digest``); variables without a
+    ``"layout"`` collection (saved before digests existed) apply as before."""
+    if module.is_initializing():
+        module.variable("layout", "digest", digest_array, digest)
+    elif module.has_variable("layout", "digest"):
+        check_digest(module.get_variable("layout", "digest"), digest, error)
 
 
 def merge_params(generated: dict[str, Any], excluded: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
 from ...kernel import linen as lk
-from ...layout import Chunking, Layout
+from ...layout import Chunking, Layout, checkpoint_digest
 from ...trace_flax import _array_inputs, trace_linen
 from . import _common as c
 
@@ -278,6 +278,8 @@ class FlaxHyperNetwork(nn.Module):
             layout = _structure(target, inputs, target_kwargs, self.include, tuple(rng_names))
         layout, chunking = self.design(layout)
         grad_scale = c.gradient_scale(layout, chunking, self.embedding_dim, self.gradient_scaling)
+        digest = checkpoint_digest(layout, chunking, self.mode, self.embedding_dim)
+        lk.carry_digest(self, digest, HyperNetworkError)  # as generated files: made, checked
         generated = layout.generated
         scale = self.param("param_scale", lambda _: _vector([t.init_std for t in generated]))
         shift = self.param("param_shift", lambda _: _vector([t.init_mean for t in generated]))

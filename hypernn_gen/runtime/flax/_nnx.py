@@ -30,7 +30,7 @@ from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
 from ...kernel import nnx as nk
 from ...kernel.nnx import GeneratedSlot
-from ...layout import Chunking, Layout
+from ...layout import Chunking, Layout, checkpoint_digest
 from ...trace_flax import trace_nnx_module
 from . import _common as c
 
@@ -323,6 +323,9 @@ class NNXHyperNetwork(nnx.Module):
         generated = self.layout.generated
         self.param_scale = nnx.Param(jnp.array([t.init_std for t in generated], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([t.init_mean for t in generated], jnp.float32))
+        #: saved in the state (``layout_digest``) and checked at every call, as generated files do
+        self.checkpoint_digest = checkpoint_digest(self.layout, self.chunking, mode, embedding_dim)
+        self.layout_digest = nnx.Variable(nk.digest_array(self.checkpoint_digest))
         self.target = nk.without_generated(target, self.layout.generated)
 
     # -- generation ---------------------------------------------------------------------------
@@ -369,6 +372,7 @@ class NNXHyperNetwork(nnx.Module):
         **kwargs: Any,
     ) -> tuple[Any, jax.Array]:
         """Run the target with generated weights; returns ``(output, generated_params)``."""
+        nk.check_digest(self.layout_digest[...], self.checkpoint_digest, HyperNetworkError)
         batch = None
         if self.mode == "dynamic":
             if condition is None:
