@@ -199,6 +199,27 @@ def lora_output(
     return y + (scaling * u).reshape(y.shape).astype(y.dtype)
 
 
+def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+    """The kernel ``(*in, *features)`` with one adapter merged in: ``W + scaling * (B A)^T``."""
+    delta = (scaling * (b @ a)).T.reshape(kernel.shape)
+    return kernel + delta.astype(kernel.dtype)
+
+
+def merge_adapters(params: dict, adapters: Any, lora: dict, scaling: float) -> dict:
+    """A copy of a target's parameter tree (nested dicts keyed by the adapters' ``keys``: Linen's
+    ``params``, NNX's ``nnx.to_pure_dict``) with one adapter set merged into each adapted
+    kernel: load it into the plain target to run it without the hypernetwork."""
+    out = dict(params)
+    for a in adapters:
+        node = out
+        for key in a.keys:
+            node[key] = dict(node[key])
+            node = node[key]
+        a_, b_ = lora[f"{a.path}.lora_A"], lora[f"{a.path}.lora_B"]
+        node["kernel"] = merged_kernel(jnp.asarray(node["kernel"]), a_, b_, scaling)
+    return out
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A nested dict of arrays saved with ``flax.serialization.msgpack_serialize`` (Linen: the
     variables or their ``params``; NNX: ``nnx.state(model).to_pure_dict()``)."""
@@ -517,4 +538,4 @@ if __name__ == "__main__":
     output, adapters = jax.jit(lambda v: hypernetwork.apply(v, *inputs, **call))(variables)
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("adapters:", len(adapters), "tensors")
-# hypernn-gen: sha256=8d348676fff86eb1e994e0926c29e56b0aa14c057fc5e9cf7450748ab83f5b53
+# hypernn-gen: sha256=6ce5e37b15a8b420bc1250440a807ee55fb314c6f95c5e11f8c7522fd47ae996

@@ -197,6 +197,27 @@ def lora_output(
     return y + (scaling * u).reshape(y.shape).astype(y.dtype)
 
 
+def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+    """The kernel ``(*in, *features)`` with one adapter merged in: ``W + scaling * (B A)^T``."""
+    delta = (scaling * (b @ a)).T.reshape(kernel.shape)
+    return kernel + delta.astype(kernel.dtype)
+
+
+def merge_adapters(params: dict, adapters: Any, lora: dict, scaling: float) -> dict:
+    """A copy of a target's parameter tree (nested dicts keyed by the adapters' ``keys``: Linen's
+    ``params``, NNX's ``nnx.to_pure_dict``) with one adapter set merged into each adapted
+    kernel: load it into the plain target to run it without the hypernetwork."""
+    out = dict(params)
+    for a in adapters:
+        node = out
+        for key in a.keys:
+            node[key] = dict(node[key])
+            node = node[key]
+        a_, b_ = lora[f"{a.path}.lora_A"], lora[f"{a.path}.lora_B"]
+        node["kernel"] = merged_kernel(jnp.asarray(node["kernel"]), a_, b_, scaling)
+    return out
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A nested dict of arrays saved with ``flax.serialization.msgpack_serialize`` (Linen: the
     variables or their ``params``; NNX: ``nnx.state(model).to_pure_dict()``)."""
@@ -451,6 +472,17 @@ class NNXLoRAHyperModule(nnx.Module):
         shape = self.generator.condition_shape
         return self.generator(condition_features(condition, shape, self.error))
 
+    def merged_params(self, condition: Any = None) -> dict:
+        """The target's parameters (``nnx.to_pure_dict`` of its ``nnx.Param`` state) with the
+        adapters of one condition (dynamic: a batch of 1) merged into the adapted kernels."""
+        lora = self.generate_adapters(condition)
+        if self.dynamic:
+            if jax.tree.leaves(lora)[0].shape[0] != 1:
+                raise self.error("merged_params takes the condition of one sample (a batch of 1)")
+            lora = {k: v[0] for k, v in lora.items()}
+        params = nnx.to_pure_dict(nnx.state(self.target, FrozenBase))
+        return merge_adapters(params, self.adapters, lora, self.scaling)
+
     def __call__(
         self,
         *inputs: Any,
@@ -536,4 +568,4 @@ if __name__ == "__main__":
     output, adapters = nnx.jit(lambda hn, *xs: hn(*xs, condition=condition))(hypernetwork, *inputs)
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("adapters:", len(adapters), "tensors")
-# hypernn-gen: sha256=3ce048e87691be12cd813f9fa52967c56050a9ff99349b1cc1534ac782e7a7f4
+# hypernn-gen: sha256=3e87efdd0af33ea9ff1d2d6eaafe150558a02da3b72e4d93bd45a28cd2f80093

@@ -424,7 +424,7 @@ _LORA_KERNELS = {
     ),
     "linen": (
         "lora_linen",
-        ["Adapter", "LinenLoRAHyperNetwork"],
+        ["Adapter", "LinenLoRAHyperNetwork", "merge_adapters"],
         ["import dataclasses", "from typing import Any", "import flax.linen as nn", "import jax"],
     ),
     "nnx": (

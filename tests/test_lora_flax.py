@@ -23,7 +23,12 @@ from gen_support import TARGETS_DIR, import_file
 
 from hypernn_gen.cli import main
 from hypernn_gen.errors import HyperNetworkError
-from hypernn_gen.runtime.flax.lora import FlaxLoRAHyperNetwork, FrozenBase, NNXLoRAHyperNetwork
+from hypernn_gen.runtime.flax.lora import (
+    FlaxLoRAHyperNetwork,
+    FrozenBase,
+    NNXLoRAHyperNetwork,
+    merge_adapters,
+)
 
 FRAMEWORKS = ("linen", "nnx")
 TASKS = 4
@@ -303,6 +308,40 @@ def test_flax_lora_dropout_acts_in_training_only(framework: str) -> None:
         again, _ = hyper(x)
     np.testing.assert_array_equal(plain, again)
     assert float(jnp.abs(one - plain).max()) > 1e-4 and float(jnp.abs(one - two).max()) > 1e-4
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_flax_merged_params_run_the_plain_target_as_the_hypernetwork(framework: str) -> None:
+    """One condition's adapters merged into the kernels (``merge_adapters``, NNX's
+    ``merged_params``): the plain target loaded with them gives the hypernetwork's output."""
+    module = target_module(framework)
+    x, c = tokens(), conditions()
+    options = {"mode": "dynamic", "condition_shape": (TASKS,)}
+    if framework == "linen":
+        hyper = FlaxLoRAHyperNetwork(module.TinyGPT(), lora_alpha=16.0, **options)
+        variables = hyper.init(jax.random.key(0), x, condition=c)
+        variables = {**variables, "params": perturb_b_tree(variables["params"])}
+        out, lora = hyper.apply(variables, x, condition=c)
+        one = {k: v[1] for k, v in lora.items()}
+        base = variables["base"]["target"]
+        layers = hyper.adapted_layers((x,), {})
+        merged = merge_adapters(base["params"], layers, one, 16.0 / 8)
+        plain_out = module.TinyGPT().apply({**base, "params": merged}, x[1:2])
+        untouched = module.TinyGPT().apply(base, x[1:2])
+    else:
+        plain = module.make_target()
+        hyper = NNXLoRAHyperNetwork(plain, lora_alpha=16.0, **options, rngs=nnx.Rngs(0))
+        nnx.update(hyper, perturb_b_tree(nnx.state(hyper, nnx.Param)))
+        out, _ = hyper(x, condition=c)
+        untouched = plain(x[1:2])
+        state = nnx.state(plain, nnx.Param)
+        nnx.replace_by_pure_dict(state, hyper.merged_params(c[1:2]))
+        nnx.update(plain, state)
+        plain_out = plain(x[1:2])
+        with pytest.raises(HyperNetworkError, match="the condition of one sample"):
+            hyper.merged_params(c)
+    close(plain_out, out[1:2], msg="merged")
+    assert float(jnp.abs(plain_out - untouched).max()) > 1e-3
 
 
 class Blocks(nnx.Module):

@@ -155,6 +155,21 @@ def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: float)
     return kernel + delta.astype(kernel.dtype)
 
 
+def merge_adapters(params: dict, adapters: Any, lora: dict, scaling: float) -> dict:
+    """A copy of a target's parameter tree (nested dicts keyed by the adapters' ``keys``: Linen's
+    ``params``, NNX's ``nnx.to_pure_dict``) with one adapter set merged into each adapted
+    kernel: load it into the plain target to run it without the hypernetwork."""
+    out = dict(params)
+    for a in adapters:
+        node = out
+        for key in a.keys:
+            node[key] = dict(node[key])
+            node = node[key]
+        a_, b_ = lora[f"{a.path}.lora_A"], lora[f"{a.path}.lora_B"]
+        node["kernel"] = merged_kernel(jnp.asarray(node["kernel"]), a_, b_, scaling)
+    return out
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A nested dict of arrays saved with ``flax.serialization.msgpack_serialize`` (Linen: the
     variables or their ``params``; NNX: ``nnx.state(model).to_pure_dict()``)."""

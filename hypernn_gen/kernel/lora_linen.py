@@ -24,6 +24,7 @@ from .lora_flax import (
     layer_embeddings,
     lora_dropout,
     lora_output,
+    merge_adapters,
     out_features,
     read_checkpoint,
     split_adapters,
@@ -36,6 +37,7 @@ __all__ = [
     "base_variables",
     "check_layers",
     "lora_apply",
+    "merge_adapters",
 ]
 
 

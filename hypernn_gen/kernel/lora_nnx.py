@@ -26,6 +26,7 @@ from .lora_flax import (
     head_groups,
     layer_embeddings,
     lora_output,
+    merge_adapters,
     out_features,
     read_checkpoint,
     split_adapters,
@@ -266,6 +267,17 @@ class NNXLoRAHyperModule(nnx.Module):
             return self.generator()
         shape = self.generator.condition_shape
         return self.generator(condition_features(condition, shape, self.error))
+
+    def merged_params(self, condition: Any = None) -> dict:
+        """The target's parameters (``nnx.to_pure_dict`` of its ``nnx.Param`` state) with the
+        adapters of one condition (dynamic: a batch of 1) merged into the adapted kernels."""
+        lora = self.generate_adapters(condition)
+        if self.dynamic:
+            if jax.tree.leaves(lora)[0].shape[0] != 1:
+                raise self.error("merged_params takes the condition of one sample (a batch of 1)")
+            lora = {k: v[0] for k, v in lora.items()}
+        params = nnx.to_pure_dict(nnx.state(self.target, FrozenBase))
+        return merge_adapters(params, self.adapters, lora, self.scaling)
 
     def __call__(
         self,

@@ -28,10 +28,11 @@ from ...adapters import linen_lora_adapters, nnx_lora_adapters
 from ...design import check_hidden
 from ...errors import HyperNetworkError, HypernnGenError
 from ...kernel.flax import is_array
+from ...kernel.lora_flax import merge_adapters
 from ...kernel.lora_linen import LinenLoRAHyperNetwork
 from ...kernel.lora_nnx import FrozenBase, NNXLoRAHyperModule
 
-__all__ = ["FlaxLoRAHyperNetwork", "FrozenBase", "NNXLoRAHyperNetwork"]
+__all__ = ["FlaxLoRAHyperNetwork", "FrozenBase", "NNXLoRAHyperNetwork", "merge_adapters"]
 
 
 def check_lora_options(
