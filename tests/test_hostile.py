@@ -436,6 +436,24 @@ def test_lazy_modules_and_cuda_get_a_specific_fix(work: Path, capsys, source, ex
     assert not (work / "gen.py").exists()
 
 
+def test_a_builder_that_reads_values_on_meta_is_built_for_real(work: Path, capsys) -> None:
+    """timm's ConvNeXt reads its drop-path rates with ``torch.linspace(...).tolist()``: on the
+    meta device that fails ("Cannot copy out of meta tensor"), which is no device move; the
+    target is built for real (seeded) and the header says so."""
+    write(
+        work / "rates.py",
+        "import torch\nfrom torch import nn\n\n\ndef make_target():\n"
+        "    rates = torch.linspace(0, 0.1, 3).tolist()\n"
+        "    return nn.Sequential(nn.Linear(4, 3), nn.Dropout(rates[1]), nn.Linear(3, 2))\n\n\n"
+        "example_input = torch.zeros(2, 4)\n",
+    )
+    code, out, err = cli(capsys, "rates.py", "-o", "gen.py")
+    assert code == 0 and out.startswith("wrote"), err
+    source = (work / "gen.py").read_text()
+    assert "traced by a real build under torch.manual_seed(0)" in source
+    assert "the target moves itself to a device" not in err
+
+
 def test_a_template_that_raises_names_its_file(work: Path, capsys) -> None:
     write(work / "tpl" / "torch" / "hypernetwork.py.jinja", "{{ ctx.embedding_dim // 0 }}\n")
     code, _, err = cli(capsys, "tiny.py", "--template-dir", "tpl", "-o", "gen.py")
