@@ -10,7 +10,8 @@ The targets live in ``tests/real/targets`` (built from configs, nothing download
 
 GPT-2 and Llama return a ``ModelOutput`` holding a ``DynamicCache`` (an object holding tensors),
 T5 and the UNet need keyword tensors (``decoder_input_ids=``, ``timestep=``) given by the
-targets' ``example_call``.
+targets' ``example_call``; so does BERT with a padding ``attention_mask=`` (split per sample under
+vmap, whole on the fused path, where the target runs once on the batch).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
 TARGETS = Path(__file__).parent / "targets"
-NAMES = ("hf_bert", "hf_gpt2", "hf_llama", "hf_t5", "diffusers_unet")
+NAMES = ("hf_bert", "hf_bert_masked", "hf_gpt2", "hf_llama", "hf_t5", "diffusers_unet")
 
 
 def _call(name: str) -> tuple[tuple, dict]:
@@ -43,6 +44,10 @@ def _call(name: str) -> tuple[tuple, dict]:
         return (ids,), {"decoder_input_ids": torch.randint(0, 100, (2, 5), generator=g)}
     if name == "diffusers_unet":
         return (torch.randn(2, 3, 8, 8, generator=g),), {"timestep": torch.tensor([3, 7])}
+    if name == "hf_bert_masked":
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 5:] = 0  # the second sequence is padded
+        return (ids,), {"attention_mask": mask}
     return (ids,), {}
 
 
@@ -124,3 +129,28 @@ def test_one_training_step_gives_finite_nonzero_gradients(
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     for part in ("embedding_module", "weight_generator"):
         assert sum(float(g.norm()) for n, g in grads.items() if n.startswith(part)) > 0, part
+
+
+@pytest.mark.parametrize("return_params", [False, True], ids=["fused", "vmap"])
+def test_the_attention_mask_reaches_each_sample(
+    generated: dict[str, ModuleType], return_params: bool
+) -> None:
+    """BERT's attention_mask on the fused (whole batch, no vmap) path and under vmap: sample 0
+    (no padding) gets what it gets without a mask, sample 1 (padded) its masked result, which is
+    the plain target's on the batch with sample 1's own weights, and differs from no mask."""
+    torch.manual_seed(0)
+    module = generated["hf_bert_masked"]
+    hyper = hypernetwork_class(module)().eval()
+    (ids,), kwargs = _call("hf_bert_masked")
+    with torch.no_grad():
+        masked, _ = hyper(ids, return_params=return_params, **kwargs)
+        plain, _ = hyper(ids, return_params=return_params)
+        flat = hyper.generate_params(ids)
+    masked, plain = _main(masked), _main(plain)
+    torch.testing.assert_close(masked[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert (masked[1, :5] - plain[1, :5]).abs().max() > 1e-3  # the padding is not attended
+    target = _plain("hf_bert_masked")
+    target.load_state_dict(hyper.unflatten_params(flat[1]), strict=False)
+    with torch.no_grad():
+        alone = _main(target(ids[1:], attention_mask=kwargs["attention_mask"][1:]))
+    torch.testing.assert_close(masked[1:], alone, rtol=1e-4, atol=1e-5)
