@@ -163,18 +163,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_lora(options: Any, loaded: Any, as_json: bool) -> str:
     """``inspect --generate lora``: the adapted layers, their base shapes and adapter sizes."""
-    from .adapters import describe_base, format_lora, load_base, lora_adapters, lora_report
-    from .generate import _meta_module, factory_expression, lora_filter
+    from .adapters import check_base, describe_base, format_lora, lora_report
+    from .generate import factory_expression, lora_layers
 
-    if loaded.framework != "torch":
-        raise GenerationError(
-            f"--generate lora is implemented for PyTorch targets only so far, and "
-            f"{loaded.display} is a {loaded.framework} target"
-        )
     if options.base is not None:
-        load_base(options.base)
-    adapters = lora_adapters(_meta_module(loaded), lora_filter(options))
-    report = lora_report(adapters, options, describe_base(options.base, factory_expression(loaded)))
+        check_base(options.base, loaded.framework)
+    adapters = lora_layers(loaded, options)
+    base = describe_base(options.base, factory_expression(loaded))
+    report = lora_report(adapters, options, base, loaded.framework)
     return json.dumps(report, indent=2) if as_json else format_lora(report)
 
 

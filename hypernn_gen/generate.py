@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .adapters import delta_layout, describe_base, load_base, lora_adapters
+from .adapters import (
+    adapter_out,
+    check_base,
+    delta_layout,
+    describe_base,
+    linen_lora_adapters,
+    lora_adapters,
+    nnx_lora_adapters,
+)
 from .backends import backend_for, framework_backend
 from .design import design_layout, gradient_multipliers
 from .errors import GenerationError
@@ -98,15 +106,13 @@ def _generate(options: GenerateOptions) -> Generated:
     backend = backend_for(loaded.framework, options.backend, loaded.display)
     if options.backend is None:
         options = replace(options, backend=backend.family)
-    if options.generate != "weights" and loaded.framework != "torch":
+    if options.generate == "delta" and loaded.framework != "torch":
         raise GenerationError(
-            f"--generate {options.generate} is implemented for PyTorch targets only so far, and "
-            f"{loaded.display} is a {loaded.framework} target; use --generate weights"
+            f"--generate delta is implemented for PyTorch targets only so far, and "
+            f"{loaded.display} is a {loaded.framework} target; use --generate weights or lora"
         )
-    if options.base is not None:
-        load_base(
-            options.base
-        )  # a missing or unreadable checkpoint is refused now, not at run time
+    if options.base is not None:  # a missing or unreadable checkpoint is refused now
+        check_base(options.base, loaded.framework)
     layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
     layout, chunking = design_layout(
         layout,
@@ -123,7 +129,7 @@ def _generate(options: GenerateOptions) -> Generated:
     ctx, source = build_context(options, loaded, layout, chunking, path, with_source=True)
     template_dir = Path(options.template_dir) if options.template_dir else None
     rendered = render(ctx, template_dir=template_dir)
-    template = "torch/lora.py.jinja" if options.generate == "lora" else backend.template
+    template = lora_template(loaded.framework) if lora(options) else backend.template
     module = dedupe_imports(check_source(rendered, template=template))
     clash = template_clashes(module, source.imports, source.body, source.names)
     if clash:
@@ -256,7 +262,7 @@ def build_context(
         StateView(t.path, t.shape, t.collection, t.reason, t.keys, t.dtype) for t in layout.state
     )
     command = command_line(options, loaded, path)
-    adapters = lora_adapters(_meta_module(loaded), lora_filter(options)) if lora(options) else ()
+    adapters = lora_layers(loaded, options) if lora(options) else ()
     fusion = None
     if options.dynamic and options.generate == "weights":  # delta: the materialising path
         fusion = plan_fusion(
@@ -272,7 +278,8 @@ def build_context(
     option_lines = header_options(options, resolved)
     if lora(options):
         option_lines = lora_option_lines(options, condition_shape)
-        what = f"layout:   {len(adapters)} LoRA-adapted Linear layers, " + (
+        layer = "Linear" if loaded.framework == "torch" else "Dense"
+        what = f"layout:   {len(adapters)} LoRA-adapted {layer} layers, " + (
             f"{lora_values(adapters, options.lora_rank):,} adapter values per set"
         )
     else:
@@ -304,7 +311,7 @@ def build_context(
         f"command:  {command}",
     )
     if lora(options):
-        decisions = lora_decisions(options)
+        decisions = lora_decisions(options, loaded)
     else:
         decisions = torch_decisions(
             options, loaded, layout, params, state, fusion, condition_shape, condition_dtype
@@ -360,7 +367,29 @@ def lora_filter(options: GenerateOptions) -> Any:
 
 def lora_values(adapters: tuple, rank: int) -> int:
     """Values of one adapter set: ``rank * (in + out)`` per layer."""
-    return sum(rank * (a.in_features + a.out_features) for a in adapters)
+    return sum(rank * (a.in_features + adapter_out(a)) for a in adapters)
+
+
+def lora_template(framework: str) -> str:
+    """The built-in template of a --generate lora file: ``<framework>/lora.py.jinja``."""
+    return f"{framework}/lora.py.jinja"
+
+
+def lora_layers(loaded: LoadedTarget, options: GenerateOptions) -> tuple:
+    """The adapted layers of a --generate lora file, for any framework."""
+    if loaded.framework == "torch":
+        return lora_adapters(_meta_module(loaded), lora_filter(options))
+    from .trace import _jax_inputs, jax_kwargs
+
+    if loaded.framework == "linen":
+        module = loaded.obj if loaded.factory is None else loaded.factory()
+        return linen_lora_adapters(
+            module, _jax_inputs(loaded), jax_kwargs(loaded), lora_filter(options)
+        )
+    from flax import nnx
+
+    module = loaded.obj if loaded.factory is None else nnx.eval_shape(loaded.factory)
+    return nnx_lora_adapters(module, lora_filter(options))
 
 
 def lora_option_lines(
@@ -388,10 +417,33 @@ def _widths_text(widths: Any) -> str:
     return ",".join(map(str, widths)) if widths else "none"
 
 
-def lora_decisions(options: GenerateOptions) -> dict[str, Any]:
+#: a --generate lora file's kernel module, its roots and its own imports, per framework
+_LORA_KERNELS = {
+    "torch": (
+        "lora_torch",
+        ["Adapter", "LoRAHyperModule"],
+        ["import torch", "from torch import Tensor, nn"],
+    ),
+    "linen": (
+        "lora_linen",
+        ["Adapter", "LinenLoRAHyperNetwork"],
+        ["import dataclasses", "from typing import Any", "import flax.linen as nn", "import jax"],
+    ),
+    "nnx": (
+        "lora_nnx",
+        ["Adapter", "FrozenBase", "NNXLoRAHyperModule"],
+        ["from typing import Any", "import jax", "import jax.numpy as jnp", "from flax import nnx"],
+    ),
+}
+
+
+def lora_decisions(options: GenerateOptions, loaded: LoadedTarget) -> dict[str, Any]:
     """The decisions and kernel section of a --generate lora file."""
-    kernel = kernel_source("lora_torch", ["Adapter", "LoRAHyperModule"])
-    own = ["import torch", "from torch import Tensor, nn"]
+    module, roots, own = _LORA_KERNELS[loaded.framework]
+    kernel = kernel_source(module, roots)
+    own = list(own)
+    if loaded.framework != "torch" and "copy.deepcopy(" in factory_expression(loaded):
+        own.append("import copy")
     return {
         "dynamic": options.dynamic,
         "imports": merge_imports([*own, *kernel.imports]),

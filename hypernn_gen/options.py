@@ -303,8 +303,8 @@ OPTIONS: tuple[Option, ...] = (
         "base",
         "path",
         None,
-        "delta/lora: checkpoint of the frozen base weights, .safetensors or a torch state dict "
-        "(default: the target's own weights)",
+        "delta/lora: checkpoint of the frozen base weights: Torch .safetensors or a torch state "
+        "dict, Flax a flax.serialization msgpack file (default: the target's own weights)",
         metavar="PATH",
         layout_arg=True,
         generates=("delta", "lora"),

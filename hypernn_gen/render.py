@@ -220,7 +220,9 @@ def make_environment(template_dir: Path | None = None) -> jinja2.Environment:
 def render(ctx: TemplateContext, *, template_dir: Path | None = None) -> str:
     """Render the entry template for ``ctx.framework``; errors name the template file and line."""
     env = make_environment(template_dir)
-    name = "torch/lora.py.jinja" if ctx.generate == "lora" else template_name(ctx.framework)
+    name = (
+        f"{ctx.framework}/lora.py.jinja" if ctx.generate == "lora" else template_name(ctx.framework)
+    )
     try:
         return env.get_template(name).render(ctx=ctx)
     except jinja2.TemplateSyntaxError as exc:

@@ -20,13 +20,16 @@ from hypernn_gen.kernel import flax as fk
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "hypernn_gen" / "kernel"
+# Weight-generating files; the adapter files carry the LoRA kernels (tests/test_lora_flax.py).
 FLAX_FILES = sorted(
-    [
+    path
+    for path in [
         *(REPO / "generated_examples").glob("*linen*.py"),
         *(REPO / "generated_examples").glob("*nnx*.py"),
         REPO / "examples" / "digits" / "digits_linen_static.py",
         REPO / "examples" / "digits" / "digits_nnx_static.py",
     ]
+    if "_lora_" not in path.name and "_delta_" not in path.name
 )
 
 
