@@ -628,6 +628,8 @@ def run_per_sample(
     In training each sample gets its own copy of the module's buffers and their mean is written
     back; a BatchNorm (:func:`batch_statistics`) normalises with the whole batch's statistics
     (:class:`BatchMoments`), as the plain target on the batch, so every copy gets the same update.
+    A forward that branches on tensor values (``if mask.all():``) runs one sample at a time
+    (:func:`loop_samples`), with the same result.
     """
     buffers = dict(module.named_buffers()) if module.training else {}
     copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
@@ -677,6 +679,10 @@ def vmap_samples(
     try:
         tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
     except RuntimeError as exc:
+        if "data-dependent control flow" in str(exc):  # if mask.all(): one sample at a time
+            tensors = loop_samples(module, one_sample, params, copies, xs, batch)
+            out_spec, outs = template[-1]
+            return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
         if "inplace randomness" not in str(exc):
             raise
         raise ValueError(
@@ -687,6 +693,34 @@ def vmap_samples(
         ) from None
     out_spec, outs = template[-1]
     return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
+
+
+def loop_samples(
+    module: nn.Module,
+    one_sample: Any,
+    params: dict[str, Tensor],
+    copies: dict[str, Tensor],
+    xs: list[Tensor],
+    batch: int,
+) -> tuple[Tensor, ...]:
+    """What vmap gives, one sample after another: for a forward that branches on tensor values
+    (transformers' ``if mask.all():``), which vmap cannot run."""
+    if any(batch_statistics(m) for m in module.modules()):
+        raise ValueError(
+            f"{type(module).__name__}'s forward branches on tensor values, so its samples run one "
+            "at a time, where a BatchNorm cannot see the whole batch's statistics; use "
+            "batch_norm_stats 'sample', eval mode, or the fused path (no generated_params/"
+            "return_params)"
+        )
+    results = [
+        one_sample(
+            {k: v[b] for k, v in params.items()},
+            {k: v[b] for k, v in copies.items()},  # views: in-place updates land in the copies
+            [x[b] for x in xs],
+        )
+        for b in range(batch)
+    ]
+    return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
 
 
 def batch_statistics(module: nn.Module) -> bool:
@@ -981,4 +1015,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=97b5b8fdbf8c7af9705a22f71f756ad5869072802750f0c3316ff9595ab089d2
+# hypernn-gen: sha256=4b79fa1cb288ec43601c31695bc6a6b7e3b58549488628dfba9dccb9264bd24d

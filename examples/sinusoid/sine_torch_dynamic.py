@@ -564,6 +564,8 @@ def run_per_sample(
     In training each sample gets its own copy of the module's buffers and their mean is written
     back; a BatchNorm (:func:`batch_statistics`) normalises with the whole batch's statistics
     (:class:`BatchMoments`), as the plain target on the batch, so every copy gets the same update.
+    A forward that branches on tensor values (``if mask.all():``) runs one sample at a time
+    (:func:`loop_samples`), with the same result.
     """
     buffers = dict(module.named_buffers()) if module.training else {}
     copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
@@ -613,6 +615,10 @@ def vmap_samples(
     try:
         tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
     except RuntimeError as exc:
+        if "data-dependent control flow" in str(exc):  # if mask.all(): one sample at a time
+            tensors = loop_samples(module, one_sample, params, copies, xs, batch)
+            out_spec, outs = template[-1]
+            return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
         if "inplace randomness" not in str(exc):
             raise
         raise ValueError(
@@ -623,6 +629,34 @@ def vmap_samples(
         ) from None
     out_spec, outs = template[-1]
     return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
+
+
+def loop_samples(
+    module: nn.Module,
+    one_sample: Any,
+    params: dict[str, Tensor],
+    copies: dict[str, Tensor],
+    xs: list[Tensor],
+    batch: int,
+) -> tuple[Tensor, ...]:
+    """What vmap gives, one sample after another: for a forward that branches on tensor values
+    (transformers' ``if mask.all():``), which vmap cannot run."""
+    if any(batch_statistics(m) for m in module.modules()):
+        raise ValueError(
+            f"{type(module).__name__}'s forward branches on tensor values, so its samples run one "
+            "at a time, where a BatchNorm cannot see the whole batch's statistics; use "
+            "batch_norm_stats 'sample', eval mode, or the fused path (no generated_params/"
+            "return_params)"
+        )
+    results = [
+        one_sample(
+            {k: v[b] for k, v in params.items()},
+            {k: v[b] for k, v in copies.items()},  # views: in-place updates land in the copies
+            [x[b] for x in xs],
+        )
+        for b in range(batch)
+    ]
+    return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
 
 
 def batch_statistics(module: nn.Module) -> bool:
@@ -1011,4 +1045,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=6d751ab611e0f395c43cf94b7a18c3d3a9bf30eba6b90add27523ec8a16d895e
+# hypernn-gen: sha256=e71c6d671780f7fac0a79f042cea6f3f121ecc16fd727f9569f68df86caaa9e5

@@ -10,8 +10,9 @@ The targets live in ``tests/real/targets`` (built from configs, nothing download
 
 GPT-2 and Llama return a ``ModelOutput`` holding a ``DynamicCache`` (an object holding tensors),
 T5 and the UNet need keyword tensors (``decoder_input_ids=``, ``timestep=``) given by the
-targets' ``example_call``. The vision models (torchvision/timm style: ResNet-18, MobileNetV3,
-ConvNeXt, ViT) run on 32x32 (ViT: 16x16) images.
+targets' ``example_call``; so does BERT with a padding ``attention_mask=`` (split per sample under
+vmap, whole on the fused path, where the target runs once on the batch). The vision models
+(torchvision/timm style: ResNet-18, MobileNetV3, ConvNeXt, ViT) run on 32x32 (ViT: 16x16) images.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ VISION = {  # torchvision/timm-style models (tests/real/targets) and their image
     "timm_convnext": 32,
     "timm_vit": 16,
 }
-NAMES = ("hf_bert", "hf_gpt2", "hf_llama", "hf_t5", "diffusers_unet", *VISION)
+NAMES = ("hf_bert", "hf_bert_masked", "hf_gpt2", "hf_llama", "hf_t5", "diffusers_unet", *VISION)
 
 
 def _call(name: str) -> tuple[tuple, dict]:
@@ -52,6 +53,10 @@ def _call(name: str) -> tuple[tuple, dict]:
         return (torch.randn(2, 3, VISION[name], VISION[name], generator=g),), {}
     if name == "diffusers_unet":
         return (torch.randn(2, 3, 8, 8, generator=g),), {"timestep": torch.tensor([3, 7])}
+    if name == "hf_bert_masked":
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 5:] = 0  # the second sequence is padded
+        return (ids,), {"attention_mask": mask}
     return (ids,), {}
 
 
@@ -171,3 +176,28 @@ def test_in_place_randomness_runs_on_both_paths(generated: dict[str, ModuleType]
     fused, _ = hyper(*args)
     materialised, _ = hyper(*args, return_params=True)
     torch.testing.assert_close(fused, materialised, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("return_params", [False, True], ids=["fused", "vmap"])
+def test_the_attention_mask_reaches_each_sample(
+    generated: dict[str, ModuleType], return_params: bool
+) -> None:
+    """BERT's attention_mask on the fused (whole batch, no vmap) path and under vmap: sample 0
+    (no padding) gets what it gets without a mask, sample 1 (padded) its masked result, which is
+    the plain target's on the batch with sample 1's own weights, and differs from no mask."""
+    torch.manual_seed(0)
+    module = generated["hf_bert_masked"]
+    hyper = hypernetwork_class(module)().eval()
+    (ids,), kwargs = _call("hf_bert_masked")
+    with torch.no_grad():
+        masked, _ = hyper(ids, return_params=return_params, **kwargs)
+        plain, _ = hyper(ids, return_params=return_params)
+        flat = hyper.generate_params(ids)
+    masked, plain = _main(masked), _main(plain)
+    torch.testing.assert_close(masked[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert (masked[1, :5] - plain[1, :5]).abs().max() > 1e-3  # the padding is not attended
+    target = _plain("hf_bert_masked")
+    target.load_state_dict(hyper.unflatten_params(flat[1]), strict=False)
+    with torch.no_grad():
+        alone = _main(target(ids[1:], attention_mask=kwargs["attention_mask"][1:]))
+    torch.testing.assert_close(masked[1:], alone, rtol=1e-4, atol=1e-5)
