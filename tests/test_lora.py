@@ -81,9 +81,7 @@ def lora_twins(tmp_path: Path, flags: tuple[str, ...], **options):  # noqa: ANN2
     return gen.eval(), runtime.eval(), plain.eval()
 
 
-def merged_reference(
-    plain: nn.Module, adapters: dict, scaling: float, x, sample=None
-):  # noqa: ANN001, ANN201
+def merged_reference(plain: nn.Module, adapters: dict, scaling: float, x, sample=None):  # noqa: ANN001, ANN201
     """The plain target with W + scaling * B @ A for each adapted layer (one sample's adapters)."""
     params = dict(plain.named_parameters())
     for path in ADAPTED:

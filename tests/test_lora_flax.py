@@ -90,9 +90,7 @@ def perturb_b_tree(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def merged_reference(
-    framework: str, module, base, adapters: dict, scaling: float, x, sample=None
-):  # noqa: ANN001, ANN201
+def merged_reference(framework: str, module, base, adapters: dict, scaling: float, x, sample=None):  # noqa: ANN001, ANN201
     """The plain target with each adapted kernel ``W + scaling * (B A)^T`` (one sample's)."""
 
     def merge(kernel, path):  # noqa: ANN001, ANN202
