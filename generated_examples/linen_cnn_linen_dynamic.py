@@ -486,8 +486,7 @@ class SmallCNNHyperNetwork(nn.Module):
             samples = unflatten_params(flat)
         mutable = [col for col in STATE_COLLECTIONS if self.is_mutable_collection(col)]
         rngs = {name: self.make_rng(name) for name in rng_names}
-        positions = [i for i, x in enumerate(inputs) if is_array(x)]
-        arrays = [inputs[i] for i in positions]
+        parts, sample_call = split_call(inputs, target_kwargs, batch)  # arrays, keys: per sample
         # Each sample gets its own rng keys and its own copy of the mutable collections (BatchNorm
         # statistics); the copies' mean is written back below. Frozen collections are shared.
         sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}
@@ -498,20 +497,19 @@ class SmallCNNHyperNetwork(nn.Module):
 
         def one_sample(sample: Any, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
             """Sample ``b``'s output and updated collections: inputs ``(1, ...)``, weight set ``b``            (fused: its embedding scales)."""
-            args = list(inputs)
-            for i, x in zip(positions, xs, strict=True):
-                args[i] = x[None]
+            args, kwargs = sample_call(xs)
             p, apply = sample, target.apply
             if fused:
                 p, apply = shared.params(sample), fused_apply(target, shared, stacks, sample)
             variables = {**frozen, **own, "params": p}
             if not mutable:
-                out = apply(variables, *args, rngs=keys, **target_kwargs)
+                out = apply(variables, *args, rngs=keys, **kwargs)
                 return squeeze_sample(out), {}
-            out, updates = apply(variables, *args, rngs=keys, mutable=mutable, **target_kwargs)
+            out, updates = apply(variables, *args, rngs=keys, mutable=mutable, **kwargs)
             return squeeze_sample(out), {col: updates[col] for col in mutable}
 
-        out, updates = jax.vmap(one_sample)(samples, copies, sample_rngs, arrays)
+        vmapped = jax.vmap(one_sample, axis_name=SAMPLE_AXIS)
+        out, updates = vmapped(samples, copies, sample_rngs, parts)
         if not initializing:  # init keeps the target's own initial state
             for col in mutable:
                 state[col].value = jax.tree.map(merge_samples, state[col].value, updates[col])
@@ -616,9 +614,15 @@ def check_flat(
         )
 
 
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def is_array(x: Any) -> bool:
-    """An array input (batched per sample); anything else is passed to every sample as is."""
-    return isinstance(x, jax.Array | np.ndarray)
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
 
 
 def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) -> None:
@@ -631,6 +635,57 @@ def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) 
                 f"has batch size {size}; give the target inputs and the condition the same "
                 "leading batch dimension"
             )
+
+
+def split_call(
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    rngs_type: Any = None,
+    error: type[Exception] = ValueError,
+) -> tuple[list, Any]:
+    """The per-sample parts of a call ``(args, kwargs)``, and ``one(parts) -> (args, kwargs)``
+    that rebuilds sample ``b``'s call from its parts (inside ``jax.vmap``).
+
+    Per sample: an array with the leading batch dimension (sample ``b`` gets row ``b``, as a
+    batch of one), by position or keyword; a single typed PRNG key and an ``nnx.Rngs``
+    (``rngs_type``), split so that each sample draws from keys of its own, as each row of the
+    plain target's batch does. Shared: everything else (flags, ``None``, 0-d keyword arrays). A
+    keyword array without the batch dimension is refused: which dimension is the batch cannot be
+    known.
+    """
+    values = [*args, *kwargs.values()]
+    parts, kinds = [], []
+    for i, x in enumerate(values):
+        kind = None
+        if is_key(x) and x.ndim == 0:
+            kind, x = "key", jax.random.split(x, batch)
+        elif rngs_type is not None and isinstance(x, rngs_type):
+            kind, x = "rngs", {name: jax.random.split(s(), batch) for name, s in x.items()}
+        elif (is_array(x) or is_key(x)) and (i < len(args) or x.ndim):
+            if x.shape[0] != batch:
+                raise error(
+                    f"dynamic mode made {batch} weight sets but keyword argument "
+                    f"{list(kwargs)[i - len(args)]!r} has shape {tuple(x.shape)}, whose first "
+                    f"dimension is not that batch; each sample runs alone: give it the batch "
+                    "dimension first (jnp.broadcast_to) or build it inside the target"
+                )
+            kind = "row"
+        if kind is not None:
+            parts.append(x)
+            kinds.append((i, kind))
+
+    def one(xs: list) -> tuple[list, dict]:
+        out = list(values)
+        for (i, kind), x in zip(kinds, xs, strict=True):
+            out[i] = x[None] if kind == "row" else rngs_type(**x) if kind == "rngs" else x
+        return out[: len(args)], dict(zip(kwargs, out[len(args) :], strict=True))
+
+    return parts, one
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
 
 
 def per_sample(x: jax.Array, batch: int) -> jax.Array:
@@ -674,4 +729,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=fdfd03c41b60cbd9942ebbb1be8c6184ab305af6ec6b1120f2307651a3ce54b9
+# hypernn-gen: sha256=736fd762c06257d940aa0f5aa7c7e9a9bb5ec3452df8f470ea49f720964e32b6

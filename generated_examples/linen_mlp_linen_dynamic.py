@@ -462,23 +462,21 @@ class MLPHyperNetwork(nn.Module):
         if not fused:  # samples: per-sample weight sets
             samples = unflatten_params(flat)
         rngs = {name: self.make_rng(name) for name in rng_names}
-        positions = [i for i, x in enumerate(inputs) if is_array(x)]
-        arrays = [inputs[i] for i in positions]
+        parts, sample_call = split_call(inputs, target_kwargs, batch)  # arrays, keys: per sample
         sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}  # own keys
 
         def one_sample(sample: Any, keys: dict, xs: list) -> Any:
             """Sample ``b``'s output: inputs ``(1, ...)``, weight set ``b`` (fused: its embedding
             scales)."""
-            args = list(inputs)
-            for i, x in zip(positions, xs, strict=True):
-                args[i] = x[None]
+            args, kwargs = sample_call(xs)
             p, apply = sample, target.apply
             if fused:
                 p, apply = shared.params(sample), fused_apply(target, shared, stacks, sample)
             variables = {"params": p}
-            return squeeze_sample(apply(variables, *args, rngs=keys, **target_kwargs))
+            return squeeze_sample(apply(variables, *args, rngs=keys, **kwargs))
 
-        return jax.vmap(one_sample)(samples, sample_rngs, arrays), flat
+        vmapped = jax.vmap(one_sample, axis_name=SAMPLE_AXIS)
+        return vmapped(samples, sample_rngs, parts), flat
 
 
 # -- hypernn-gen kernel 1
@@ -579,9 +577,15 @@ def check_flat(
         )
 
 
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def is_array(x: Any) -> bool:
-    """An array input (batched per sample); anything else is passed to every sample as is."""
-    return isinstance(x, jax.Array | np.ndarray)
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
 
 
 def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) -> None:
@@ -594,6 +598,57 @@ def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) 
                 f"has batch size {size}; give the target inputs and the condition the same "
                 "leading batch dimension"
             )
+
+
+def split_call(
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    rngs_type: Any = None,
+    error: type[Exception] = ValueError,
+) -> tuple[list, Any]:
+    """The per-sample parts of a call ``(args, kwargs)``, and ``one(parts) -> (args, kwargs)``
+    that rebuilds sample ``b``'s call from its parts (inside ``jax.vmap``).
+
+    Per sample: an array with the leading batch dimension (sample ``b`` gets row ``b``, as a
+    batch of one), by position or keyword; a single typed PRNG key and an ``nnx.Rngs``
+    (``rngs_type``), split so that each sample draws from keys of its own, as each row of the
+    plain target's batch does. Shared: everything else (flags, ``None``, 0-d keyword arrays). A
+    keyword array without the batch dimension is refused: which dimension is the batch cannot be
+    known.
+    """
+    values = [*args, *kwargs.values()]
+    parts, kinds = [], []
+    for i, x in enumerate(values):
+        kind = None
+        if is_key(x) and x.ndim == 0:
+            kind, x = "key", jax.random.split(x, batch)
+        elif rngs_type is not None and isinstance(x, rngs_type):
+            kind, x = "rngs", {name: jax.random.split(s(), batch) for name, s in x.items()}
+        elif (is_array(x) or is_key(x)) and (i < len(args) or x.ndim):
+            if x.shape[0] != batch:
+                raise error(
+                    f"dynamic mode made {batch} weight sets but keyword argument "
+                    f"{list(kwargs)[i - len(args)]!r} has shape {tuple(x.shape)}, whose first "
+                    f"dimension is not that batch; each sample runs alone: give it the batch "
+                    "dimension first (jnp.broadcast_to) or build it inside the target"
+                )
+            kind = "row"
+        if kind is not None:
+            parts.append(x)
+            kinds.append((i, kind))
+
+    def one(xs: list) -> tuple[list, dict]:
+        out = list(values)
+        for (i, kind), x in zip(kinds, xs, strict=True):
+            out[i] = x[None] if kind == "row" else rngs_type(**x) if kind == "rngs" else x
+        return out[: len(args)], dict(zip(kwargs, out[len(args) :], strict=True))
+
+    return parts, one
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
 
 
 def per_sample(x: jax.Array, batch: int) -> jax.Array:
@@ -634,4 +689,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=564a832e3d993b06929b7ee74221aef253af190488f0f734bbc649d59f7d9619
+# hypernn-gen: sha256=84834ae6fdcc5e6db3e88b815e3a0ce1f1a25576fb9e2677eb6b924f22640c0c

@@ -394,9 +394,17 @@ class FusedLinear(nnx.Linear):
 
     fused_index: int  # its entry in FUSED
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        if out_sharding is not None:
+            raise ValueError(
+                f"out_sharding={out_sharding!r} on the fused layer {'.'.join(map(str, FUSED[self.fused_index].path))}: "
+                "a fused layer computes one sample at a time and cannot place its output; call "
+                "the hypernetwork with return_params=True (materialising path) or drop out_sharding"
+            )
+        return call(self, inputs)
 
 
 class FusedConv(nnx.Conv):
@@ -404,9 +412,17 @@ class FusedConv(nnx.Conv):
 
     fused_index: int  # its entry in FUSED
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        if out_sharding is not None:
+            raise ValueError(
+                f"out_sharding={out_sharding!r} on the fused layer {'.'.join(map(str, FUSED[self.fused_index].path))}: "
+                "a fused layer computes one sample at a time and cannot place its output; call "
+                "the hypernetwork with return_params=True (materialising path) or drop out_sharding"
+            )
+        return call(self, inputs)
 
 
 def install_fusion(target: nnx.Module) -> None:
@@ -538,29 +554,27 @@ class NnxMlpHyperNetwork(nnx.Module):
             self.target, lambda path, _: tuple(path) in FUSED_KEYS, GeneratedSlot, nnx.Param, ...
         )
         copies = jax.tree.map(lambda x: per_sample(x, batch), rest)
-        positions = [i for i, x in enumerate(inputs) if is_array(x)]
+        parts, sample_call = split_call(inputs, kwargs, batch, nnx.Rngs)  # arrays, keys, rngs
 
         def one_sample(
             sample: Any, fixed: nnx.State, own: nnx.State, xs: list
         ) -> tuple[Any, nnx.State]:
             """Sample ``b``'s output and updated state: inputs ``(1, ...)``, weight set ``b``
             (fused: its embedding scales)."""
-            args = list(inputs)
-            for i, x in zip(positions, xs, strict=True):
-                args[i] = x[None]
+            args, sample_kwargs = sample_call(xs)
             if fused:  # the fused layers' slots stay empty: they compute from `stacks`
                 filled = (fused_slots, as_params(slots, shared.params(sample)))
             else:
                 filled = (as_params(fused_slots, sample), as_params(slots, sample))
             module = nnx.merge(graphdef, *filled, fixed, own)
             with fused_layers(shared, stacks, sample if fused else None):
-                out = module(*args, **kwargs)
+                out = module(*args, **sample_kwargs)
             return squeeze_sample(out), nnx.state(
                 module, nnx.Not(nnx.Any(nnx.Param, GeneratedSlot))
             )
 
-        arrays = [inputs[i] for i in positions]
-        out, updated = jax.vmap(one_sample, in_axes=(0, None, 0, 0))(samples, fixed, copies, arrays)
+        vmapped = jax.vmap(one_sample, in_axes=(0, None, 0, 0), axis_name=SAMPLE_AXIS)
+        out, updated = vmapped(samples, fixed, copies, parts)
         nnx.update(self.target, jax.tree.map(merge_samples, rest, updated))
         return out, generated_params
 
@@ -663,9 +677,15 @@ def check_flat(
         )
 
 
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def is_array(x: Any) -> bool:
-    """An array input (batched per sample); anything else is passed to every sample as is."""
-    return isinstance(x, jax.Array | np.ndarray)
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
 
 
 def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) -> None:
@@ -678,6 +698,57 @@ def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) 
                 f"has batch size {size}; give the target inputs and the condition the same "
                 "leading batch dimension"
             )
+
+
+def split_call(
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    rngs_type: Any = None,
+    error: type[Exception] = ValueError,
+) -> tuple[list, Any]:
+    """The per-sample parts of a call ``(args, kwargs)``, and ``one(parts) -> (args, kwargs)``
+    that rebuilds sample ``b``'s call from its parts (inside ``jax.vmap``).
+
+    Per sample: an array with the leading batch dimension (sample ``b`` gets row ``b``, as a
+    batch of one), by position or keyword; a single typed PRNG key and an ``nnx.Rngs``
+    (``rngs_type``), split so that each sample draws from keys of its own, as each row of the
+    plain target's batch does. Shared: everything else (flags, ``None``, 0-d keyword arrays). A
+    keyword array without the batch dimension is refused: which dimension is the batch cannot be
+    known.
+    """
+    values = [*args, *kwargs.values()]
+    parts, kinds = [], []
+    for i, x in enumerate(values):
+        kind = None
+        if is_key(x) and x.ndim == 0:
+            kind, x = "key", jax.random.split(x, batch)
+        elif rngs_type is not None and isinstance(x, rngs_type):
+            kind, x = "rngs", {name: jax.random.split(s(), batch) for name, s in x.items()}
+        elif (is_array(x) or is_key(x)) and (i < len(args) or x.ndim):
+            if x.shape[0] != batch:
+                raise error(
+                    f"dynamic mode made {batch} weight sets but keyword argument "
+                    f"{list(kwargs)[i - len(args)]!r} has shape {tuple(x.shape)}, whose first "
+                    f"dimension is not that batch; each sample runs alone: give it the batch "
+                    "dimension first (jnp.broadcast_to) or build it inside the target"
+                )
+            kind = "row"
+        if kind is not None:
+            parts.append(x)
+            kinds.append((i, kind))
+
+    def one(xs: list) -> tuple[list, dict]:
+        out = list(values)
+        for (i, kind), x in zip(kinds, xs, strict=True):
+            out[i] = x[None] if kind == "row" else rngs_type(**x) if kind == "rngs" else x
+        return out[: len(args)], dict(zip(kwargs, out[len(args) :], strict=True))
+
+    return parts, one
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
 
 
 def per_sample(x: jax.Array, batch: int) -> jax.Array:
@@ -717,4 +788,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=ea5e5c329409a63b61eba6860957cc1021c251f9c026c9869d0265d2554363c1
+# hypernn-gen: sha256=d4215551c98988362306d2d542ba54d5bfac723652ff6377522ba6150a64da2a

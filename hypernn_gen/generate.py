@@ -24,7 +24,7 @@ from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
 from .layout import Chunking, Layout
-from .load import LoadedTarget, load_target
+from .load import EXAMPLE_CALL, LoadedTarget, load_target
 from .options import (
     BACKENDS,
     DEFAULT_EMBEDDING_HIDDEN,
@@ -201,7 +201,10 @@ def build_context(
         target_factory=factory_expression(loaded),
     )
     package = loaded.source_module.__package__ or None  # set for a file imported in its package
-    source = extract_target_source(Path(loaded.path), [loaded.name], package=package)
+    flax = loaded.framework in ("linen", "nnx")
+    call = _example_call_expression(loaded) if flax else None
+    roots = [loaded.name, *([EXAMPLE_CALL] if call else [])]
+    source = extract_target_source(Path(loaded.path), roots, package=package)
     condition_shape, condition_dtype = None, None
     if options.dynamic:
         if options.condition_shape is not None:
@@ -265,6 +268,15 @@ def build_context(
     decisions = torch_decisions(
         options, loaded, layout, params, state, fusion, condition_shape, condition_dtype
     )
+    if flax:
+        norms = synced_norms(loaded)
+        kernel = kernel_source("flax", flax_kernel_roots(options.dynamic, loaded.framework, norms))
+        decisions.update(
+            kernel_imports=kernel.imports,
+            kernel_source=kernel.body,
+            example_call=call,
+            synced_norms=norms,
+        )
     ctx = TemplateContext(
         **decisions,
         context_version=CONTEXT_VERSION,
@@ -476,9 +488,61 @@ def _by_type(name: str) -> tuple[int, str]:
     return (0 if name.isupper() else 1 if name[:1].isupper() else 2, name)
 
 
-def flax_kernel_roots(dynamic: bool) -> list[str]:
-    """The ``hypernn_gen/kernel/flax.py`` definitions a Linen/NNX file of this mode calls."""
+def flax_kernel_roots(
+    dynamic: bool, framework: str = "linen", synced: tuple[str, ...] = ()
+) -> list[str]:
+    """The ``hypernn_gen/kernel/flax.py`` definitions a Linen/NNX file of this mode calls
+    (``synced``: the target has BatchNorm layers with an ``axis_name``)."""
     roots = ["model_mesh", "split_chunks", "concat_flat", "decode", "unflatten", "check_flat"]
     if dynamic:
         roots += ["is_array", "check_batch", "per_sample", "merge_samples", "squeeze_sample"]
+        roots += ["split_call", "SAMPLE_AXIS"]
+    if synced:
+        roots += ["batch_norm_axes"] if framework == "linen" else []
+        roots += ["sample_batch_norms"] if framework == "nnx" and dynamic else []
     return roots
+
+
+def _example_call_expression(loaded: LoadedTarget) -> str | None:
+    """``example_call`` or ``example_call()``: how a generated Flax file's ``__main__`` makes the
+    target file's example call (copied with the target); ``None`` without one."""
+    if loaded.example_call is None:
+        return None
+    return (
+        EXAMPLE_CALL + "()"
+        if callable(getattr(loaded.source_module, EXAMPLE_CALL))
+        else EXAMPLE_CALL
+    )
+
+
+def synced_norms(loaded: LoadedTarget) -> tuple[str, ...]:
+    """Paths of the Flax target's BatchNorm layers (exact type) that have an ``axis_name``."""
+    import jax
+
+    if loaded.framework == "nnx":
+        from flax import nnx
+
+        module = loaded.obj if loaded.factory is None else nnx.eval_shape(loaded.factory)
+        return tuple(
+            ".".join(map(str, path))
+            for path, m in nnx.iter_modules(module)
+            if type(m) is nnx.BatchNorm and m.axis_name is not None
+        )
+    import flax.linen as nn
+
+    from .trace import _jax_inputs, jax_kwargs
+
+    found: dict[str, None] = {}
+
+    def record(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        m = context.module
+        if type(m) is nn.BatchNorm and m.axis_name is not None:
+            found[".".join(m.path)] = None
+        return next_fun(*args, **kwargs)
+
+    module = loaded.obj if loaded.factory is None else loaded.factory()
+    kwargs = jax_kwargs(loaded)
+    rngs = {name: jax.random.key(i) for i, name in enumerate(("params", "dropout"))}
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda *xs: module.init(rngs, *xs, **kwargs), *_jax_inputs(loaded))
+    return tuple(found)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -41,7 +42,6 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +52,7 @@ from .seeding import seeded_import
 
 __all__ = [
     "DEFAULT_NAMES",
+    "EXAMPLE_CALL",
     "INPUT_DTYPES",
     "InputSpec",
     "LoadedTarget",
@@ -237,9 +238,7 @@ def load_target(
         example_inputs, example_call = None, None
     elif example_call is not None:
         example_inputs = example_args
-        input_specs = tuple(
-            _input_spec(x, file_text) for x in example_args if is_example_array(x)
-        )
+        input_specs = tuple(_input_spec(x, file_text) for x in example_args if is_example_array(x))
     else:
         example_inputs = _file_example_inputs(module, file_text)
         input_specs = tuple(_input_spec(x, file_text) for x in example_inputs or ())
@@ -766,7 +765,7 @@ def _file_example_call(
         if not ok:
             raise TargetLoadError(
                 f"{EXAMPLE_CALL} in {file_text} is {_a(type(made).__name__)}, not (args, kwargs); "
-                f"write {EXAMPLE_CALL} = ((x,), {{\"train\": False}}) or a function returning it"
+                f'write {EXAMPLE_CALL} = ((x,), {{"train": False}}) or a function returning it'
             )
         return tuple(made[0]), dict(made[1])
 

@@ -142,6 +142,11 @@ class TemplateContext:
     kernel_names: tuple[str, ...] = ()  #: names the kernel section defines
     kernel_begin: str = KERNEL_BEGIN  #: the kernel section's first line
     kernel_end: str = KERNEL_END  #: the kernel section's last line
+    #: Flax: the expression giving the target file's example call ``(args, kwargs)``
+    #: (``example_call`` or ``example_call()``, copied with the target), else ``None``
+    example_call: str | None = None
+    #: Flax: paths of the target's BatchNorm layers with an ``axis_name`` (cross-device statistics)
+    synced_norms: tuple[str, ...] = ()
 
     @property
     def condition_dim(self) -> int | None:

@@ -240,7 +240,6 @@ def _trace_nnx(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> L
 
 def _check_nnx_inputs(loaded: LoadedTarget) -> None:
     """Call the NNX module once under ``jax.eval_shape`` on the example inputs (no compute)."""
-    import jax
     from flax import nnx
 
     inputs = _jax_inputs(loaded)

@@ -107,9 +107,15 @@ def check_flat(
         )
 
 
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def is_array(x: Any) -> bool:
-    """An array input (batched per sample); anything else is passed to every sample as is."""
-    return isinstance(x, jax.Array | np.ndarray)
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
 
 
 def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) -> None:
@@ -122,6 +128,102 @@ def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) 
                 f"has batch size {size}; give the target inputs and the condition the same "
                 "leading batch dimension"
             )
+
+
+def split_call(
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    rngs_type: Any = None,
+    error: type[Exception] = ValueError,
+) -> tuple[list, Any]:
+    """The per-sample parts of a call ``(args, kwargs)``, and ``one(parts) -> (args, kwargs)``
+    that rebuilds sample ``b``'s call from its parts (inside ``jax.vmap``).
+
+    Per sample: an array with the leading batch dimension (sample ``b`` gets row ``b``, as a
+    batch of one), by position or keyword; a single typed PRNG key and an ``nnx.Rngs``
+    (``rngs_type``), split so that each sample draws from keys of its own, as each row of the
+    plain target's batch does. Shared: everything else (flags, ``None``, 0-d keyword arrays). A
+    keyword array without the batch dimension is refused: which dimension is the batch cannot be
+    known.
+    """
+    values = [*args, *kwargs.values()]
+    parts, kinds = [], []
+    for i, x in enumerate(values):
+        kind = None
+        if is_key(x) and x.ndim == 0:
+            kind, x = "key", jax.random.split(x, batch)
+        elif rngs_type is not None and isinstance(x, rngs_type):
+            kind, x = "rngs", {name: jax.random.split(s(), batch) for name, s in x.items()}
+        elif (is_array(x) or is_key(x)) and (i < len(args) or x.ndim):
+            if x.shape[0] != batch:
+                raise error(
+                    f"dynamic mode made {batch} weight sets but keyword argument "
+                    f"{list(kwargs)[i - len(args)]!r} has shape {tuple(x.shape)}, whose first "
+                    f"dimension is not that batch; each sample runs alone: give it the batch "
+                    "dimension first (jnp.broadcast_to) or build it inside the target"
+                )
+            kind = "row"
+        if kind is not None:
+            parts.append(x)
+            kinds.append((i, kind))
+
+    def one(xs: list) -> tuple[list, dict]:
+        out = list(values)
+        for (i, kind), x in zip(kinds, xs, strict=True):
+            out[i] = x[None] if kind == "row" else rngs_type(**x) if kind == "rngs" else x
+        return out[: len(args)], dict(zip(kwargs, out[len(args) :], strict=True))
+
+    return parts, one
+
+
+def sample_batch_norms(modules: Any, norm_type: Any) -> None:
+    """NNX BatchNorm layers (exactly ``norm_type``, among ``nnx.iter_modules(...)``) of a
+    per-sample module that average their statistics over devices (``axis_name``) average over
+    the samples (``SAMPLE_AXIS``) too: the plain target's batch statistics, not one sample's
+    averaged over devices."""
+    for _, m in modules:
+        if type(m) is norm_type and m.axis_name is not None:
+            m.axis_name = with_sample_axis(m.axis_name, m.axis_index_groups)
+
+
+def batch_norm_axes(norm_type: Any, per_sample: bool, initializing: bool) -> Any:
+    """An ``nn.intercept_methods`` interceptor for Linen BatchNorm layers (exactly ``norm_type``)
+    with an ``axis_name``: while the hypernetwork initialises, none (Flax's own init skips
+    it too, so init works outside ``pmap``); per sample (dynamic mode), ``SAMPLE_AXIS`` first
+    (statistics over samples and devices, as the plain target's over its batch)."""
+
+    def intercept(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        m = context.module
+        if context.method_name != "__call__" or type(m) is not norm_type or not m.axis_name:
+            return next_fun(*args, **kwargs)
+        saved = m.axis_name
+        axes = with_sample_axis(saved, m.axis_index_groups)
+        axes = (
+            (axes[:1] if per_sample else None) if initializing else axes[0 if per_sample else 1 :]
+        )
+        object.__setattr__(m, "axis_name", axes)  # a frozen dataclass field, read by __call__
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(m, "axis_name", saved)
+
+    return intercept
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
+
+
+def with_sample_axis(axis_name: Any, groups: Any, error: type[Exception] = ValueError) -> tuple:
+    """``axis_name`` with ``SAMPLE_AXIS`` first: BatchNorm statistics over samples and devices."""
+    if groups is not None:
+        raise error(
+            "a BatchNorm with axis_index_groups cannot run per sample in dynamic mode (its "
+            "groups name devices, not samples); drop axis_index_groups or use static mode"
+        )
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return (SAMPLE_AXIS, *names)
 
 
 def per_sample(x: jax.Array, batch: int) -> jax.Array:
