@@ -66,6 +66,7 @@ NUM_EMBEDDINGS = 63
 CHUNK_DIM = 62
 FLAT_SIZE = 3_866
 LAYOUT_DIGEST = "75a4cac9dc7e9bd3"
+CHECKPOINT_DIGEST = "a2099c14794483c7"  # saved in every state dict, checked on load
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("features.0.weight", (8, 1, 3, 3), 0, 72, 0.0, 0.19245),
@@ -128,6 +129,7 @@ class SmallCNNHyperNetwork(nn.Module):
         super().__init__()
         target_network = SmallCNN() if target_network is None else target_network
         check_layout(target_network, GENERATED)
+        carry_digest(self, CHECKPOINT_DIGEST)
         self.embedding_module = SmallCNNEmbedding()
         self.weight_generator = SmallCNNWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
@@ -180,6 +182,7 @@ class SmallCNNHyperNetwork(nn.Module):
         """Run the target with generated weights; returns ``(output, generated_params)``."""
         if generated_params is None:
             generated_params = self.generate_params()
+        check_flat(generated_params, FLAT_SIZE)
         params = self.unflatten_params(generated_params)
         return (
             functional_call(self.target, params, args, kwargs, tie_weights=False),
@@ -246,6 +249,39 @@ def drop_anchor(module: nn.Module, state: dict, prefix: str, local_metadata: Any
 
 def add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
     state.setdefault(prefix + ANCHOR, getattr(module, ANCHOR).detach())
+
+
+DIGEST_KEY = "layout_digest"  #: the state-dict entry naming the layout a checkpoint was saved from
+
+
+def carry_digest(hypernetwork: nn.Module, digest: str) -> None:
+    """Put ``digest`` (16 hex digits: the layout, chunking, mode and sizes) in every state dict,
+    as 8 bytes under ``DIGEST_KEY``, and refuse to load one that carries another (saved from a
+    hypernetwork of another layout; shapes alone cannot tell). One without it (saved before
+    digests existed, or built by hand) loads as before."""
+    hypernetwork.layout_digest = digest
+    hypernetwork.register_state_dict_post_hook(save_digest)
+    hypernetwork.register_load_state_dict_pre_hook(load_digest)
+
+
+def save_digest(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    device = next(module.parameters()).device  # beside the values it describes
+    digest = list(bytes.fromhex(module.layout_digest))
+    state[prefix + DIGEST_KEY] = torch.tensor(digest, dtype=torch.uint8, device=device)
+
+
+def load_digest(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    saved = state.pop(prefix + DIGEST_KEY, None)
+    if saved is None or saved.is_meta:  # saved before digests existed, or built by hand
+        return
+    found = bytes(saved.tolist()).hex()
+    if found != module.layout_digest:
+        raise ValueError(
+            f"the state dict was saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {module.layout_digest}): its values would land on other tensors; "
+            "load it into the hypernetwork it was saved from, or regenerate this one with that "
+            "target and those options"
+        )
 
 
 def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
@@ -319,6 +355,17 @@ def reset_decoder(param_scale: Tensor, param_shift: Tensor, generated: tuple) ->
     param_shift.copy_(torch.tensor([p.init_mean for p in generated], device=param_shift.device))
 
 
+def check_flat(flat: Tensor, flat_size: int, dynamic: bool = False) -> None:
+    """``generated_params`` must be ``(flat_size,)`` (static) or ``(batch, flat_size)``."""
+    shape = tuple(flat.shape) if isinstance(flat, Tensor) else type(flat).__name__
+    if not isinstance(flat, Tensor) or flat.dim() != 1 + dynamic or flat.shape[-1] != flat_size:
+        expected = f"(batch, {flat_size})" if dynamic else f"({flat_size},)"
+        raise ValueError(
+            f"generated_params has shape {shape}, expected {expected}; build it with "
+            "flatten_params() or generate_params()"
+        )
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -330,4 +377,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=fcd93c9fc2ceaa48d8e587bf846e44310bad33b30700cc6c05fd7165db48967b
+# hypernn-gen: sha256=ada8fdbd93f402a61ca7d84aef91009a891f250e7383a04d347247b663104344

@@ -62,6 +62,9 @@ class FusionPlan:
     fused: tuple[FusedLayer, ...]
     per_sample: tuple[str, ...]  #: module paths run per sample with materialised weights
     reasons: tuple[tuple[str, str], ...]  #: (module path, why it is not fused)
+    #: (module path, flags) for each module in ``per_sample``: which tensors of its call
+    #: (positional, then keyword, in any container) carry the batch, as the probe saw them
+    batched: tuple[tuple[str, tuple[bool, ...]], ...] = ()
 
     def summary(self) -> str:
         if not self.fused:
@@ -92,7 +95,8 @@ class BatchFlow:
     """Where the batch goes inside the target, seen by running it on ``meta`` twice.
 
     ``calls[path]`` holds, for every call of the module at ``path``, one flag per tensor input
-    (positional, then keyword in call order): does its first dimension follow the batch? A module
+    (the tensors among the ``pytree`` leaves of ``(args, kwargs)``: positional, then keyword in
+    call order, in any container): does its first dimension follow the batch? A module
     that was never called has no entry. ``error`` says why the target could not be run.
     """
 
@@ -102,6 +106,11 @@ class BatchFlow:
     def shared_input(self, path: str) -> bool:
         """Some call of ``path`` got a tensor without the batch first (a shared input)."""
         return any(not all(flags) for flags in self.calls.get(path, ()))
+
+    def flags(self, path: str) -> tuple[bool, ...] | None:
+        """The flags of ``path``'s calls if every call has the same ones, else ``None``."""
+        calls = set(self.calls.get(path, ()))
+        return next(iter(calls)) if len(calls) == 1 else None
 
     def batched_input(self, path: str) -> bool:
         """Every call of ``path`` got at least one tensor with the batch first."""
@@ -117,6 +126,7 @@ def probe_batch_flow(module, inputs) -> BatchFlow:  # noqa: ANN001 - torch objec
     """
     import torch
     from torch.func import functional_call
+    from torch.utils import _pytree as pytree
 
     stand_ins = {
         name: t if t.device.type == "meta" else torch.empty_like(t, device="meta")
@@ -127,7 +137,7 @@ def probe_batch_flow(module, inputs) -> BatchFlow:  # noqa: ANN001 - torch objec
         calls: dict[str, list[tuple[int | None, ...]]] = {}
 
         def record(path, _module, args, kwargs, calls=calls):  # noqa: ANN001
-            tensors = [*args, *kwargs.values()]
+            tensors = pytree.tree_leaves((args, kwargs))
             dims = tuple(
                 (t.shape[0] if t.dim() else None) for t in tensors if isinstance(t, torch.Tensor)
             )
@@ -240,9 +250,15 @@ def plan_torch_fusion(  # noqa: ANN001 - module: a torch nn.Module (torch import
             else:
                 fused.append(FusedLayer(path, kind, index[weight], index.get(bias), s))
                 continue
+        if flow is not None and path and flow.flags(path) is None:
+            why = f"{path}: its calls differ in which inputs carry the batch"
+            return FusionPlan((), (), (("", why),))
         per_sample.append(path)
         reasons.append((path, why))
-    return FusionPlan(tuple(fused), tuple(per_sample), tuple(reasons))
+    batched = tuple(
+        (path, flow.flags(path) or ()) for path in per_sample if flow is not None and path
+    )
+    return FusionPlan(tuple(fused), tuple(per_sample), tuple(reasons), batched)
 
 
 def _unfusible(sub, kind, weight, bias, own, has_buffers, generated) -> str | None:  # noqa: ANN001

@@ -23,7 +23,7 @@ from .design import design_layout
 from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
-from .layout import Chunking, Layout
+from .layout import Chunking, Layout, checkpoint_digest
 from .load import EXAMPLE_CALL, LoadedTarget, load_target
 from .options import (
     BACKENDS,
@@ -280,6 +280,7 @@ def build_context(
     ctx = TemplateContext(
         **decisions,
         context_version=CONTEXT_VERSION,
+        checkpoint_digest=checkpoint_digest(layout, chunking, options.mode, options.embedding_dim),
         generator_version=__version__,
         framework=loaded.framework,
         mode=options.mode,
@@ -427,9 +428,9 @@ def torch_decisions(
     kinds = tuple(dict.fromkeys(f.kind for f in fusion.fused)) if fused else ()
     forwards = tuple((k, _FUSED_FORWARD.get(k, f"{k}_forward")) for k in kinds)
     roots = ["check_layout", "without_generated", "reset_decoder", "decode", "unflatten_params"]
-    roots += ["flatten_params"]
+    roots += ["flatten_params", "carry_digest", "check_flat"]
     if dynamic:
-        roots += ["check_condition", "check_batch", "run_per_sample"]
+        roots += ["check_condition", "dynamic_inputs", "run_per_sample"]
     if fused:
         roots += ["shared_inputs", "run_fused", "install_fusion"]
         roots += list(dict.fromkeys(f for _, f in forwards))

@@ -140,6 +140,7 @@ class TemplateContext:
     kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
     kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim
     kernel_names: tuple[str, ...] = ()  #: names the kernel section defines
+    checkpoint_digest: str = ""  #: what saved state carries (``hypernn_gen.layout.checkpoint_digest``)
     kernel_begin: str = KERNEL_BEGIN  #: the kernel section's first line
     kernel_end: str = KERNEL_END  #: the kernel section's last line
     #: Flax: the expression giving the target file's example call ``(args, kwargs)``

@@ -34,13 +34,14 @@ from torch.func import functional_call
 from ..design import check_hidden, design_layout
 from ..errors import HyperNetworkError
 from ..kernel.torch import (
+    carry_digest,
     decode,
     flatten_params,
     run_per_sample,
     unflatten_params,
     without_generated,
 )
-from ..layout import Layout
+from ..layout import Layout, checkpoint_digest
 from ..trace_torch import check_dynamic_support, trace_module
 
 __all__ = [
@@ -295,6 +296,9 @@ class TorchHyperNetwork(nn.Module):
         self.param_shift = nn.Parameter(torch.tensor([t.init_mean for t in generated]))
         paths = {t.path for t in generated} | {".".join(a) for t in generated for a in t.aliases}
         self.target = without_generated(target_network, paths)
+        #: saved in every state dict (``layout_digest``) and checked on load, as generated files do
+        self.checkpoint_digest = checkpoint_digest(self.layout, self.chunking, mode, embedding_dim)
+        carry_digest(self, self.checkpoint_digest)
 
     # -- generation ---------------------------------------------------------------------------
 
