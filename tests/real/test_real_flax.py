@@ -34,6 +34,8 @@ from hypernn_gen.cli import main
 from hypernn_gen.errors import TargetLoadError
 from hypernn_gen.load import load_target
 
+pytestmark = pytest.mark.real
+
 BATCH = 3
 
 
@@ -116,6 +118,7 @@ def linen_variables(target: str, module: ModuleType, args: tuple, kwargs: dict) 
     return model, own, hn, variables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", list(LINEN))
 def test_linen_static_and_dynamic_with_the_targets_weights_equal_the_target(
     generated: Callable, target: str
@@ -142,6 +145,7 @@ def test_linen_static_and_dynamic_with_the_targets_weights_equal_the_target(
         close(out, expected, STATIC if mode == "static" else DYNAMIC, f"{target} {mode}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", list(LINEN))
 def test_linen_fused_equals_materialising_and_trains(generated: Callable, target: str) -> None:
     make, kwargs = LINEN[target]
@@ -227,8 +231,6 @@ def test_nnx_cnn_static_and_dynamic_with_the_targets_weights(
         close(out, target(x, rngs=nnx.Rngs(dropout=5)), STATIC, "static, train mode")
     else:
         flat = jnp.broadcast_to(flat, (BATCH, flat.shape[-1]))
-        out, _ = hn(x, generated_params=flat, rngs=nnx.Rngs(dropout=5))  # runs, per sample
-        assert out.shape == (BATCH, 10)
     hn.eval()
     target.eval()
     out, _ = hn(x, generated_params=flat)
@@ -257,25 +259,6 @@ def test_nnx_cnn_fused_equals_materialising_and_trains(generated: Callable) -> N
     close(results[0][0], results[1][0], DYNAMIC, "fused output (train mode, rngs)")
     close(results[0][1], results[1][1], GRAD, "fused gradients")
     finite_nonzero(results[0][1])
-
-
-def test_fused_nnx_layer_refuses_an_out_sharding_it_cannot_honour(tmp_path: Path) -> None:
-    source = (
-        "import jax\nimport jax.numpy as jnp\nfrom flax import nnx\n\n\n"
-        "class Net(nnx.Module):\n"
-        "    def __init__(self, *, rngs: nnx.Rngs) -> None:\n"
-        "        self.out = nnx.Linear(4, 3, rngs=rngs)\n\n"
-        "    def __call__(self, x: jax.Array) -> jax.Array:\n"
-        "        return self.out(x, out_sharding=jax.sharding.PartitionSpec())\n\n\n"
-        "def make_target() -> Net:\n    return Net(rngs=nnx.Rngs(0))\n\n\n"
-        "example_input = jnp.zeros((2, 4))\n"
-    )
-    (tmp_path / "net.py").write_text(source)
-    out = tmp_path / "net_dynamic.py"
-    assert main([str(tmp_path / "net.py"), "--mode", "dynamic", "-o", str(out)]) == 0
-    hn = hypernetwork(import_file(out))(rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"out_sharding=PartitionSpec\(\) on the fused layer out"):
-        hn(jnp.zeros((2, 4)))
 
 
 # -- the example call and its failure classes -----------------------------------------------------
