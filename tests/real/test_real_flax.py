@@ -203,11 +203,6 @@ def test_resnet_axis_name_batch_norm_trains_inside_pmap(generated: Callable) -> 
     close(out, expected, DYNAMIC, "train-mode output in pmap")
     close(ours_updates["batch_stats"]["target"], updates["batch_stats"], DYNAMIC, "batch_stats")
 
-    fused, _ = jax.pmap(lambda v, xs: ours(v, xs, None, False), axis_name="batch")(
-        jax.tree.map(lambda a: a[None], variables), x[None]
-    )
-    close(fused, expected, DYNAMIC, "fused train-mode output in pmap")
-
 
 # -- NNX ------------------------------------------------------------------------------------------
 
