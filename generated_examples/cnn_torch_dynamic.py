@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/cnn.py:SmallCNN (torch, class)
-# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=63 chunk_dim=62
+# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=63 chunk_dim=62 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=1,8,8
 # layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 75a4cac9dc7e9bd3
 # fusion:   fused: features.0, features.1, features.3, features.4, classifier
@@ -74,6 +74,7 @@ LAYOUT_DIGEST = "75a4cac9dc7e9bd3"
 CHECKPOINT_DIGEST = "3702f2c22d48d792"  # saved in every state dict, checked on load
 CONDITION_SHAPE = (1, 8, 8)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
+GRADIENT_SCALE = (183.916, 5.70157, 32.253)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("features.0.weight", (8, 1, 3, 3), 0, 72, 0.0, 0.19245),
@@ -133,7 +134,7 @@ class SmallCNNEmbedding(nn.Module):
         return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
 
     def forward(self, condition: Tensor) -> Tensor:
-        return self.scales(condition).unsqueeze(-1) * self.weight
+        return self.scales(condition).unsqueeze(-1) * scale_grad(self.weight, GRADIENT_SCALE[0])
 
 
 class SmallCNNWeightGenerator(nn.Module):
@@ -154,14 +155,13 @@ class SmallCNNWeightGenerator(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, embedding: Tensor) -> Tensor:
-        return self.linear(embedding)
+        return scaled_linear(self.linear, embedding, *GRADIENT_SCALE[1:])
 
 
 class SmallCNNHyperNetwork(nn.Module):
-    """Generates the target's trainable tensors per sample: tensor ``t`` is
-    ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the weight
-    generator's output, flattened. ``target_network`` (default ``SmallCNN()``) keeps
-    its buffers and frozen parameters."""
+    """Generates the target's trainable tensors per sample: tensor ``t`` is ``param_shift[t] +
+    param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the generator's output, flat.
+    ``target_network`` (default ``SmallCNN()``) keeps its buffers and frozen parameters."""
 
     def __init__(self, target_network: nn.Module | None = None) -> None:
         super().__init__()
@@ -214,7 +214,7 @@ class SmallCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Raw generator output to parameter values, tensor by tensor."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -236,7 +236,7 @@ class SmallCNNHyperNetwork(nn.Module):
         latter ``None`` (the fused path never builds it) unless given or ``return_params``."""
         condition, batch = dynamic_inputs(args, condition, generated_params, FLAT_SIZE)
         if generated_params is None and not return_params:  # fused: no per-sample weights
-            shared = shared_inputs(self, condition, GENERATED, FLAT_SIZE)
+            shared = shared_inputs(self, condition, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
             return run_fused(self.target, self.swapped, shared, args, kwargs), None
         if generated_params is None:
             generated_params = self.generate_params(condition)
@@ -355,13 +355,49 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
+def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
+    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    detached = x.detach()
+    return detached + factor * (x - detached)
+
+
+def scaled_linear(
+    layer: nn.Linear, x: Tensor, weight_scale: float | None, bias_scale: float | None
+) -> Tensor:
+    """``layer(x)`` with the gradients of its weight and bias multiplied by the two factors."""
+    bias = None if layer.bias is None else scale_grad(layer.bias, bias_scale)
+    return F.linear(x, scale_grad(layer.weight, weight_scale), bias)
+
+
+def decoder(
+    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
+    their gradients divided by the tensor's size, the number of values they are summed over."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    if gradient_scale is None:
+        return scale, shift
+    factors = [1.0 / p.size for p in generated]
+    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
+    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+
+
 def decode(
-    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+    raw: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Tensor:
     """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
     (leading batch dimensions are kept; padding between tensors is 0)."""
-    scale = param_scale.to(raw.dtype).unbind()
-    shift = param_shift.to(raw.dtype).unbind()
+    scale, shift = decoder(
+        param_scale.to(raw.dtype), param_shift.to(raw.dtype), generated, gradient_scale
+    )
     sizes, owners = segments(generated, flat_size)
     pieces = raw.split(sizes, -1)
     decoded = [
@@ -580,7 +616,17 @@ def run_per_sample(
         return tuple(found)
 
     xs = [x for x, w in zip(leaves, where, strict=True) if w]
-    tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
+    try:
+        tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
+    except RuntimeError as exc:
+        if "inplace randomness" not in str(exc):
+            raise
+        raise ValueError(
+            f"{type(module).__name__} draws random numbers in place into a tensor it makes "
+            "(torch.empty(...).bernoulli_(), as DropPath/StochasticDepth do), which cannot run "
+            "per sample under vmap; call it in eval mode, or draw with torch.bernoulli(torch.full"
+            "(...)) / torch.rand(...) < p instead"
+        ) from None
     with torch.no_grad():
         for name, value in copies.items():
             mean = value.float().mean(0) if value.is_floating_point() else value[0]
@@ -639,21 +685,30 @@ class Shared(NamedTuple):
 
 
 def shared_inputs(
-    hypernetwork: nn.Module, condition: Tensor, generated: tuple, flat_size: int
+    hypernetwork: nn.Module,
+    condition: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Shared:
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
-    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``.
-    """
+    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
+    ``gradient_scale``: the multipliers of the table, the generator's weight and bias."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
-    g0 = F.linear(embedding.weight, generator.weight)
-    bias = generator.bias.expand(embedding.weight.shape[0], -1)
+    table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
+    table = scale_grad(embedding.weight, table_scale)
+    g0 = F.linear(table, scale_grad(generator.weight, weight_scale))
+    bias = scale_grad(generator.bias, bias_scale).expand(table.shape[0], -1)
     sizes = [p.size for p in generated]
+    scale, shift = decoder(
+        hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
+    )
     return Shared(
         scales=embedding.scales(condition),
         g0=g0.view(-1)[:flat_size].split(sizes),  # one split: one node in the backward
         bias=bias.reshape(-1)[:flat_size].split(sizes),
-        param_scale=hypernetwork.param_scale.unbind(),
-        param_shift=hypernetwork.param_shift.unbind(),
+        param_scale=scale,
+        param_shift=shift,
         generated=generated,
         chunk_dim=g0.shape[1],
     )
@@ -896,4 +951,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=bcd58d4b69f1e3c556cacf27dc6d5d798f5c7dc8846407eda38c9082137e472a
+# hypernn-gen: sha256=34dfc516911044fb86c5b698b90872edc28079ecd668c2c890fd46ab1f96395e

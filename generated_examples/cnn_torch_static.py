@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/cnn.py:SmallCNN (torch, class)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=63 chunk_dim=62
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=63 chunk_dim=62 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 75a4cac9dc7e9bd3
 # command:  hypernn-gen generated_examples/targets/cnn.py --backend torch --mode static --embedding-dim 32 -o generated_examples/cnn_torch_static.py
@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 # -- Target network (copied from generated_examples/targets/cnn.py) --
 
@@ -67,6 +68,7 @@ CHUNK_DIM = 62
 FLAT_SIZE = 3_866
 LAYOUT_DIGEST = "75a4cac9dc7e9bd3"
 CHECKPOINT_DIGEST = "a2099c14794483c7"  # saved in every state dict, checked on load
+GRADIENT_SCALE = (183.916, 5.70157, 32.253)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("features.0.weight", (8, 1, 3, 3), 0, 72, 0.0, 0.19245),
@@ -95,7 +97,7 @@ class SmallCNNEmbedding(nn.Module):
             self.weight.normal_()
 
     def forward(self) -> Tensor:
-        return self.weight
+        return scale_grad(self.weight, GRADIENT_SCALE[0])
 
 
 class SmallCNNWeightGenerator(nn.Module):
@@ -116,14 +118,13 @@ class SmallCNNWeightGenerator(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, embedding: Tensor) -> Tensor:
-        return self.linear(embedding)
+        return scaled_linear(self.linear, embedding, *GRADIENT_SCALE[1:])
 
 
 class SmallCNNHyperNetwork(nn.Module):
-    """Generates the target's trainable tensors: tensor ``t`` is
-    ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the weight
-    generator's output, flattened. ``target_network`` (default ``SmallCNN()``) keeps
-    its buffers and frozen parameters."""
+    """Generates the target's trainable tensors: tensor ``t`` is ``param_shift[t] + param_scale[t]
+    * raw[t.offset : t.offset + t.size]``, ``raw`` the generator's output, flat.
+    ``target_network`` (default ``SmallCNN()``) keeps its buffers and frozen parameters."""
 
     def __init__(self, target_network: nn.Module | None = None) -> None:
         super().__init__()
@@ -166,7 +167,7 @@ class SmallCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Raw generator output to parameter values, tensor by tensor."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -301,13 +302,49 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
+def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
+    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    detached = x.detach()
+    return detached + factor * (x - detached)
+
+
+def scaled_linear(
+    layer: nn.Linear, x: Tensor, weight_scale: float | None, bias_scale: float | None
+) -> Tensor:
+    """``layer(x)`` with the gradients of its weight and bias multiplied by the two factors."""
+    bias = None if layer.bias is None else scale_grad(layer.bias, bias_scale)
+    return F.linear(x, scale_grad(layer.weight, weight_scale), bias)
+
+
+def decoder(
+    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
+    their gradients divided by the tensor's size, the number of values they are summed over."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    if gradient_scale is None:
+        return scale, shift
+    factors = [1.0 / p.size for p in generated]
+    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
+    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+
+
 def decode(
-    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+    raw: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Tensor:
     """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
     (leading batch dimensions are kept; padding between tensors is 0)."""
-    scale = param_scale.to(raw.dtype).unbind()
-    shift = param_shift.to(raw.dtype).unbind()
+    scale, shift = decoder(
+        param_scale.to(raw.dtype), param_shift.to(raw.dtype), generated, gradient_scale
+    )
     sizes, owners = segments(generated, flat_size)
     pieces = raw.split(sizes, -1)
     decoded = [
@@ -377,4 +414,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=ada8fdbd93f402a61ca7d84aef91009a891f250e7383a04d347247b663104344
+# hypernn-gen: sha256=72ff6264648c69d02afd8116af0677f287d991fee86c3b18a7351eb8b4776fa7

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_transformer.py:make_target (linen, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=off
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 496a48899a4e80be
 # command:  hypernn-gen generated_examples/targets/linen_transformer.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_transformer_linen_static.py
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # -- Target network (copied from generated_examples/targets/linen_transformer.py) --
 
@@ -241,33 +243,6 @@ class LinenTransformerWeightGenerator(nn.Module):
         return raw if mesh is None else split_chunks(raw, self.model_axis)
 
 
-def check_layout(
-    target_network: nn.Module, inputs: tuple, kwargs: dict[str, Any], rng_names: list[str]
-) -> None:
-    """Refuse a target whose ``params`` differ from the generated layout (shapes only: the
-    target's init is traced, not run)."""
-    rngs = {name: jax.random.key(0) for name in ("params", "dropout", *rng_names)}
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(target_network.init(rngs, *inputs, **kwargs)))
-    found = {
-        tuple(getattr(k, "key", k) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get("params", {}))[0]
-    }
-    expected = {p.keys: p.shape for p in GENERATED}
-    if found != expected:
-        diff = next(
-            (
-                f"{'.'.join(keys)}: {shape} expected, found {found.get(keys, 'nothing')}"
-                for keys, shape in expected.items()
-                if found.get(keys) != shape
-            ),
-            f"{len(expected)} parameters expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target and inputs"
-        )
-
-
 def unflatten_params(flat: jax.Array) -> dict[str, Any]:
     """The target's ``params`` tree from a flat vector ``(..., FLAT_SIZE)``; leading batch
     dimensions are kept (``(batch, FLAT_SIZE)`` gives leaves ``(batch, *shape)``)."""
@@ -276,14 +251,7 @@ def unflatten_params(flat: jax.Array) -> dict[str, Any]:
 
 def flatten_params(params: Any) -> jax.Array:
     """The flat vector ``(..., FLAT_SIZE)`` for a target's ``params`` tree (``variables["params"]``)."""
-    pieces = []
-    for p in GENERATED:
-        leaf = params
-        for key in p.keys:
-            leaf = leaf[key]
-        leaf = jnp.asarray(leaf)
-        pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(p.shape)], -1))
-    return concat_flat(pieces, [p.offset for p in GENERATED], FLAT_SIZE)
+    return flatten(params, GENERATED, FLAT_SIZE)
 
 
 class LinenTransformerHyperNetwork(nn.Module):
@@ -341,7 +309,7 @@ class LinenTransformerHyperNetwork(nn.Module):
         rng_names = [name for name in self.scope.rngs if name != "params"]
         initializing = self.is_initializing()
         if initializing:
-            check_layout(target, inputs, target_kwargs, rng_names)
+            check_layout(target, inputs, target_kwargs, rng_names, GENERATED)
         if generated_params is None or initializing:  # init creates the generator's parameters
             flat = self.generate_params()
         if generated_params is not None:
@@ -351,12 +319,14 @@ class LinenTransformerHyperNetwork(nn.Module):
         params = unflatten_params(flat)
         rngs = {name: self.make_rng(name) for name in rng_names}
         variables = {"params": params}
-        return target.apply(variables, *inputs, rngs=rngs, **target_kwargs), flat
+        out, _ = apply_target(
+            target.apply, variables, inputs, rngs, [], target_kwargs, initializing
+        )
+        return out, flat
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/flax.py: layout constants
-# (GENERATED, FLAT_SIZE, CHUNK_DIM) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -452,6 +422,177 @@ def check_flat(
         )
 
 
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def is_array(x: Any) -> bool:
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
+
+
+def sample_axes(
+    axis_name: Any, groups: Any, stats: str, error: type[Exception] = ValueError
+) -> Any:
+    """A BatchNorm's ``axis_name`` for one sample (inside ``jax.vmap`` over ``SAMPLE_AXIS``):
+    ``stats="batch"``: ``SAMPLE_AXIS`` first, then the devices' axes (statistics over the
+    samples and devices, as the plain target's over its batch); ``"sample"``: as it is.
+    """
+    if stats == "sample":
+        return axis_name
+    if groups is not None:
+        raise error(
+            "a BatchNorm with axis_index_groups cannot take statistics over the samples of a "
+            "dynamic hypernetwork (its groups name devices, not samples); drop "
+            "axis_index_groups or generate with --batch-norm-stats sample"
+        )
+    names = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return (SAMPLE_AXIS, *names)
+
+
+def check_sample_reduction(x: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse BatchNorm statistics over the samples (a reduction over the ``jax.vmap`` axis) of
+    an input that varies over a ``shard_map`` axis under ``check_vma=True``: JAX (0.10) fails
+    there with a bare AssertionError."""
+    aval = jax.typeof(x) if is_array(x) else None
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older: aval.vma
+    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
+        raise error(
+            f"{where} in training mode takes its statistics over the samples, which JAX cannot "
+            "do inside shard_map with check_vma=True; call shard_map with check_vma=False, or "
+            "generate with --batch-norm-stats sample (each sample's own statistics)"
+        )
+
+
+def get_path(tree: Any, keys: tuple) -> Any:
+    """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
+    for key in keys:
+        tree = tree[key]
+    return tree.get_value() if hasattr(tree, "get_value") else tree
+
+
+def flatten(
+    params: Any, tensors: Any, flat_size: int, error: type[Exception] = ValueError
+) -> jax.Array:
+    """The flat vector ``(..., flat_size)`` for a tree holding the generated tensors (a Linen
+    ``params`` tree, an ``nnx.State`` or pure dict); leading batch dims (the same on every leaf)
+    are kept. The inverse of :func:`unflatten`."""
+    pieces = []
+    for t in tensors:
+        try:
+            leaf = jnp.asarray(get_path(params, t.keys))
+        except (KeyError, IndexError, TypeError) as exc:
+            raise error(
+                f"flatten_params: the parameter tree has no {t.path!r}; pass the target's own "
+                "params tree (Linen: variables['params'], NNX: nnx.state(target, nnx.Param))"
+            ) from exc
+        if leaf.shape[leaf.ndim - len(t.shape) :] != tuple(t.shape):
+            raise error(
+                f"flatten_params: {t.path!r} has shape {leaf.shape}, the layout says {t.shape}; "
+                "pass parameters of the target the hypernetwork was built for"
+            )
+        pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(t.shape)], -1))
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def check_params(found: dict, expected: dict, fix: str) -> None:
+    """Refuse a target whose parameter shapes ``found`` (keys -> shape) differ from the layout's
+    ``expected``; ``fix`` ends the message."""
+    if found != expected:
+        diff = next(
+            (
+                f"{'.'.join(map(str, keys))}: {shape} expected, found {found.get(keys, 'nothing')}"
+                for keys, shape in expected.items()
+                if found.get(keys) != shape
+            ),
+            f"{len(expected)} parameters expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); {fix}"
+        )
+
+
+def check_layout(
+    target_network: nn.Module,
+    inputs: tuple,
+    kwargs: dict[str, Any],
+    rng_names: list[str],
+    tensors: Any,
+    excluded: Any = (),
+) -> None:
+    """Refuse a target whose ``params`` differ from the generated layout (shapes only: the
+    target's init is traced, not run)."""
+    rngs = {name: jax.random.key(0) for name in ("params", "dropout", *rng_names)}
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(target_network.init(rngs, *inputs, **kwargs)))
+    found = {
+        tuple(getattr(k, "key", k) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get("params", {}))[0]
+    }
+    expected = {p.keys: p.shape for p in tensors}
+    expected.update(excluded)
+    check_params(found, expected, "regenerate the file for the new target and inputs")
+
+
+def batch_norm_axes(initializing: bool, stats: str | None = None) -> Callable:
+    """An ``nn.intercept_methods`` interceptor that sets the ``axis_name`` of the target's
+    ``nn.BatchNorm`` layers (exact type) for one run: while the hypernetwork initialises, the
+    devices' axes are dropped (Flax's own init skips them too, so init works outside ``pmap``);
+    per sample (``stats``: dynamic mode, ``"batch"`` or ``"sample"``), :func:`sample_axes`."""
+
+    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        m = context.module
+        if context.method_name != "__call__" or type(m) is not nn.BatchNorm:
+            return next_fun(*args, **kwargs)
+        running = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        running = m.use_running_average if running is None else running
+        if running or (stats in (None, "sample") and not (initializing and m.axis_name)):
+            return next_fun(*args, **kwargs)
+        if stats == "batch":
+            check_sample_reduction(args[0], f"BatchNorm {'/'.join(m.path)}")
+        if stats == "batch" and kwargs.get("mask") is not None:
+            raise ValueError(
+                f"BatchNorm {'/'.join(m.path)} is called with a mask: its statistics over the "
+                "whole batch cannot be made from the samples' own (their masked sizes differ); "
+                "generate with --batch-norm-stats sample"
+            )
+        axes = None if initializing else m.axis_name
+        axes = axes if stats is None else sample_axes(axes, m.axis_index_groups, stats)
+        saved = m.axis_name
+        object.__setattr__(m, "axis_name", axes)  # a frozen dataclass field, read by __call__
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(m, "axis_name", saved)
+
+    return intercept
+
+
+def apply_target(
+    apply: Callable,
+    variables: dict,
+    args: tuple,
+    rngs: dict,
+    mutable: list,
+    kwargs: dict,
+    initializing: bool = False,
+    stats: str | None = None,
+) -> tuple[Any, dict]:
+    """``apply(variables, *args, ...)`` (a target's ``apply``), returning ``(output, the updated
+    mutable collections)``; its BatchNorm layers' axes set by :func:`batch_norm_axes`."""
+    with nn.intercept_methods(batch_norm_axes(initializing, stats)):
+        if not mutable:
+            return apply(variables, *args, rngs=rngs, **kwargs), {}
+        out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+    return out, {col: updates[col] for col in mutable}
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -459,6 +600,7 @@ if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = LinenTransformerHyperNetwork()
     inputs = (jnp.zeros((2, 16), dtype=jnp.int32),)
+
     variables = jax.jit(hypernetwork.init)(jax.random.key(0), *inputs)
     own = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"LinenTransformerHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
@@ -466,4 +608,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=abf583de3985f3df01836496014d1c675db99b63f5988ed926b57c10941c50a4
+# hypernn-gen: sha256=9516150ab6fee26dde780fcf63d8173a641ddc1c0f34ad67e5f359a6584d60fb

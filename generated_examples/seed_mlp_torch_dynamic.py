@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/seed_mlp.py:make_target (torch, factory)
-# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=263 chunk_dim=263
+# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=263 chunk_dim=263 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 69,120 values, 0 state tensors, digest 92f8307eadc3dee6
 # fusion:   fused: 0, 2, 4
@@ -64,6 +64,7 @@ LAYOUT_DIGEST = "92f8307eadc3dee6"
 CHECKPOINT_DIGEST = "77542bd1b751cf8b"  # saved in every state dict, checked on load
 CONDITION_SHAPE = (8,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
+GRADIENT_SCALE = (178.594, 5.58107, 31.5713)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("0.weight", (256, 8), 0, 2_048, 0.0, 0.204124),
@@ -116,7 +117,7 @@ class SeedMlpEmbedding(nn.Module):
         return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
 
     def forward(self, condition: Tensor) -> Tensor:
-        return self.scales(condition).unsqueeze(-1) * self.weight
+        return self.scales(condition).unsqueeze(-1) * scale_grad(self.weight, GRADIENT_SCALE[0])
 
 
 class SeedMlpWeightGenerator(nn.Module):
@@ -137,14 +138,13 @@ class SeedMlpWeightGenerator(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, embedding: Tensor) -> Tensor:
-        return self.linear(embedding)
+        return scaled_linear(self.linear, embedding, *GRADIENT_SCALE[1:])
 
 
 class SeedMlpHyperNetwork(nn.Module):
-    """Generates the target's trainable tensors per sample: tensor ``t`` is
-    ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the weight
-    generator's output, flattened. ``target_network`` (default ``make_target()``) keeps
-    its buffers and frozen parameters."""
+    """Generates the target's trainable tensors per sample: tensor ``t`` is ``param_shift[t] +
+    param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the generator's output, flat.
+    ``target_network`` (default ``make_target()``) keeps its buffers and frozen parameters."""
 
     def __init__(self, target_network: nn.Module | None = None) -> None:
         super().__init__()
@@ -177,7 +177,7 @@ class SeedMlpHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Raw generator output to parameter values, tensor by tensor."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -199,7 +199,7 @@ class SeedMlpHyperNetwork(nn.Module):
         latter ``None`` (the fused path never builds it) unless given or ``return_params``."""
         condition, batch = dynamic_inputs(args, condition, generated_params, FLAT_SIZE)
         if generated_params is None and not return_params:  # fused: no per-sample weights
-            shared = shared_inputs(self, condition, GENERATED, FLAT_SIZE)
+            shared = shared_inputs(self, condition, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
             return run_fused(self.target, self.swapped, shared, args, kwargs), None
         if generated_params is None:
             generated_params = self.generate_params(condition)
@@ -318,13 +318,49 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
+def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
+    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    detached = x.detach()
+    return detached + factor * (x - detached)
+
+
+def scaled_linear(
+    layer: nn.Linear, x: Tensor, weight_scale: float | None, bias_scale: float | None
+) -> Tensor:
+    """``layer(x)`` with the gradients of its weight and bias multiplied by the two factors."""
+    bias = None if layer.bias is None else scale_grad(layer.bias, bias_scale)
+    return F.linear(x, scale_grad(layer.weight, weight_scale), bias)
+
+
+def decoder(
+    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
+    their gradients divided by the tensor's size, the number of values they are summed over."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    if gradient_scale is None:
+        return scale, shift
+    factors = [1.0 / p.size for p in generated]
+    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
+    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+
+
 def decode(
-    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+    raw: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Tensor:
     """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
     (leading batch dimensions are kept; padding between tensors is 0)."""
-    scale = param_scale.to(raw.dtype).unbind()
-    shift = param_shift.to(raw.dtype).unbind()
+    scale, shift = decoder(
+        param_scale.to(raw.dtype), param_shift.to(raw.dtype), generated, gradient_scale
+    )
     sizes, owners = segments(generated, flat_size)
     pieces = raw.split(sizes, -1)
     decoded = [
@@ -543,7 +579,17 @@ def run_per_sample(
         return tuple(found)
 
     xs = [x for x, w in zip(leaves, where, strict=True) if w]
-    tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
+    try:
+        tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
+    except RuntimeError as exc:
+        if "inplace randomness" not in str(exc):
+            raise
+        raise ValueError(
+            f"{type(module).__name__} draws random numbers in place into a tensor it makes "
+            "(torch.empty(...).bernoulli_(), as DropPath/StochasticDepth do), which cannot run "
+            "per sample under vmap; call it in eval mode, or draw with torch.bernoulli(torch.full"
+            "(...)) / torch.rand(...) < p instead"
+        ) from None
     with torch.no_grad():
         for name, value in copies.items():
             mean = value.float().mean(0) if value.is_floating_point() else value[0]
@@ -602,21 +648,30 @@ class Shared(NamedTuple):
 
 
 def shared_inputs(
-    hypernetwork: nn.Module, condition: Tensor, generated: tuple, flat_size: int
+    hypernetwork: nn.Module,
+    condition: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Shared:
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
-    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``.
-    """
+    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
+    ``gradient_scale``: the multipliers of the table, the generator's weight and bias."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
-    g0 = F.linear(embedding.weight, generator.weight)
-    bias = generator.bias.expand(embedding.weight.shape[0], -1)
+    table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
+    table = scale_grad(embedding.weight, table_scale)
+    g0 = F.linear(table, scale_grad(generator.weight, weight_scale))
+    bias = scale_grad(generator.bias, bias_scale).expand(table.shape[0], -1)
     sizes = [p.size for p in generated]
+    scale, shift = decoder(
+        hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
+    )
     return Shared(
         scales=embedding.scales(condition),
         g0=g0.view(-1)[:flat_size].split(sizes),  # one split: one node in the backward
         bias=bias.reshape(-1)[:flat_size].split(sizes),
-        param_scale=hypernetwork.param_scale.unbind(),
-        param_shift=hypernetwork.param_shift.unbind(),
+        param_scale=scale,
+        param_shift=shift,
         generated=generated,
         chunk_dim=g0.shape[1],
     )
@@ -812,4 +867,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=b00b5e9f6691ee848b8d6103306398ea363224c7ec69c6a881f3951ed5da7b08
+# hypernn-gen: sha256=eba2c59be6afd11de7cd5d1b9c14aa34938a5d67bc5e817210d7aa2fdbc9763d

@@ -118,11 +118,14 @@ class BatchFlow:
         return bool(calls) and all(any(flags) for flags in calls)
 
 
-def probe_batch_flow(module, inputs) -> BatchFlow:  # noqa: ANN001 - torch objects, imported lazily
+def probe_batch_flow(module, inputs, kwargs=None) -> BatchFlow:  # noqa: ANN001 - torch objects
     """Run ``module`` on ``meta`` inputs with the batch sizes :data:`PROBE_BATCHES`.
 
-    ``inputs`` are example tensors (any device) whose first dimension is the batch. Nothing is
-    computed or allocated: parameters and buffers are swapped for ``meta`` stand-ins.
+    ``inputs`` are the example call's positional arguments (tensors on any device, or other
+    values), the first a tensor whose first dimension is the batch; every positional tensor
+    carries the batch. ``kwargs``, its keyword arguments (any pytree): a tensor in them carries
+    the batch when its first dimension is the first input's. Nothing is computed or allocated:
+    parameters and buffers are swapped for ``meta`` stand-ins.
     """
     import torch
     from torch.func import functional_call
@@ -133,6 +136,7 @@ def probe_batch_flow(module, inputs) -> BatchFlow:  # noqa: ANN001 - torch objec
         for name, t in (*module.named_parameters(), *module.named_buffers())
     }
     seen: list[dict[str, list[tuple[int | None, ...]]]] = []
+    example = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim())
     for batch in PROBE_BATCHES:
         calls: dict[str, list[tuple[int | None, ...]]] = {}
 
@@ -149,10 +153,22 @@ def probe_batch_flow(module, inputs) -> BatchFlow:  # noqa: ANN001 - torch objec
             )
             for path, sub in module.named_modules()
         ]
-        xs = tuple(torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs)
+
+        def resize(x, batch=batch):  # noqa: ANN001, ANN202
+            return torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta")
+
+        xs = tuple(resize(x) if isinstance(x, torch.Tensor) else x for x in inputs)
+        kw = pytree.tree_map(
+            lambda x: (
+                (resize(x) if x.dim() and x.shape[0] == example else x.to("meta"))
+                if isinstance(x, torch.Tensor)
+                else x
+            ),
+            dict(kwargs or {}),
+        )
         try:
             with torch.no_grad(), torch.device("meta"):  # tensors made in forward too
-                functional_call(module, stand_ins, xs)
+                functional_call(module, stand_ins, xs, kw)
         except Exception as exc:  # noqa: BLE001 - any failure only means "unknown"
             return BatchFlow(
                 {}, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

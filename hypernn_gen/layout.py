@@ -37,6 +37,14 @@ Key = str | int
 LAYOUT_FORMAT_VERSION = 1
 
 
+#: How a target keeps a tensor out of the generated ones, in its own framework.
+_KEEP_OUT = {
+    "torch": "mark it frozen (requires_grad=False)",
+    "linen": "keep it in a collection other than 'params' (self.variable('consts', ...))",
+    "nnx": "make it an nnx.Variable instead of an nnx.Param",
+}
+
+
 def round_stat(x: float, digits: int = 6) -> float:
     """Round an init statistic to ``digits`` significant digits (short, stable constants)."""
     return float(f"{x:.{digits}g}") if x else 0.0
@@ -146,8 +154,8 @@ class Layout:
             if t.generated and not t.dtype.startswith(("float", "bfloat")):
                 raise TraceError(
                     f"parameter {t.path!r} has dtype {t.dtype}; hypernetworks can only generate "
-                    "floating-point parameters. Mark it frozen (requires_grad=False) or keep it "
-                    "in a non-'params' collection."
+                    f"floating-point parameters: keep it out with --exclude {t.path!r} (it stays "
+                    f"a parameter of the target), or {_KEEP_OUT.get(self.framework, _KEEP_OUT['torch'])}"
                 )
 
     # -- views --------------------------------------------------------------------------------

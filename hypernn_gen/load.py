@@ -58,6 +58,7 @@ __all__ = [
     "LoadedTarget",
     "DEFAULT_LOAD_TIMEOUT",
     "guarded_target_code",
+    "target_time_limit",
     "load_target",
     "is_example_array",
     "load_time_limit",
@@ -232,6 +233,8 @@ def load_target(
         kind, framework, factory = _classify(obj, name, file_text, path, frameworks)
         example_call = _file_example_call(module, file_text, path.parent)
         example_args, example_kwargs = example_call() if example_call else ((), {})
+        if example_call is not None and framework == "torch":
+            _check_torch_example_values(example_args, example_kwargs, file_text)
 
     if shapes:
         input_specs = tuple(InputSpec(shape, input_dtype) for shape in shapes)
@@ -279,6 +282,7 @@ def guarded_target_code(
     saved_cwd = os.getcwd()
     use_alarm = (
         bool(timeout)
+        and not _WHOLE_JOB.get()  # inside target_time_limit: its alarm covers this block too
         and hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
     )
@@ -299,10 +303,12 @@ def guarded_target_code(
             finally:
                 sys.stdin = saved_stdin
     except _LoadTimeout:
+        if not use_alarm:  # the enclosing target_time_limit's alarm: it reports
+            raise
         raise TargetLoadError(
-            f"{what} {file_text} took longer than {timeout:g} s (an endless loop at import, or "
-            "a wait for input?); fix the target file, or raise the limit with --load-timeout "
-            "SECONDS (0: none)"
+            f"{what} {file_text} took longer than {timeout:g} s (an endless loop at import or "
+            "in its forward, or a wait for input?); fix the target file, or raise the limit "
+            "with --load-timeout SECONDS (0: none)"
         ) from None
     finally:
         if use_alarm:
@@ -313,6 +319,24 @@ def guarded_target_code(
 
 
 _guarded = guarded_target_code
+
+#: set within :func:`target_time_limit`, whose one alarm covers every guarded block inside it
+_WHOLE_JOB: contextvars.ContextVar[bool] = contextvars.ContextVar("whole_job", default=False)
+
+
+@contextlib.contextmanager
+def target_time_limit(spec: str, timeout: float | None = None) -> Iterator[None]:
+    """One time limit (``--load-timeout``; default: :func:`load_time_limit`'s) over a whole job
+    that runs the target's code: importing and building it, and tracing it, where its forward
+    runs (the meta probe, the example call, ``eval_shape``) and may loop just as well."""
+    if timeout is None:
+        timeout = _LOAD_TIMEOUT.get()
+    with guarded_target_code(_split_spec(spec)[0], timeout, what="loading and tracing"):
+        token = _WHOLE_JOB.set(True)
+        try:
+            yield
+        finally:
+            _WHOLE_JOB.reset(token)
 
 
 # -- the file -------------------------------------------------------------------------------------
@@ -570,7 +594,7 @@ def _classify(
         _require_no_arguments(obj, shown, f"{name}()", file_text)
         return "class", framework, _in_directory(obj, path.parent)
     if inspect.isclass(obj) or not callable(obj):
-        what = f"the class {obj.__name__}" if inspect.isclass(obj) else _a(type(obj).__name__)
+        what = f"the class {obj.__name__}" if inspect.isclass(obj) else article(type(obj).__name__)
         raise TargetLoadError(
             f"{shown} is {what}, not a torch or flax module class, module instance or "
             f"zero-argument factory; point NAME at one of those, e.g. {file_text}:make_target"
@@ -638,7 +662,7 @@ def _refuse_lazy(built: Any, shown: str) -> None:
         )
 
 
-def _a(noun: str) -> str:
+def article(noun: str) -> str:
     return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
@@ -764,12 +788,46 @@ def _file_example_call(
         )
         if not ok:
             raise TargetLoadError(
-                f"{EXAMPLE_CALL} in {file_text} is {_a(type(made).__name__)}, not (args, kwargs); "
-                f'write {EXAMPLE_CALL} = ((x,), {{"train": False}}) or a function returning it'
+                f"{EXAMPLE_CALL} in {file_text} is {article(type(made).__name__)}, not a pair "
+                f"(positional arguments, keyword arguments); write {EXAMPLE_CALL} = "
+                f'((x,), {{"train": False}}) or a function returning it'
+            )
+        if not made[0] or not is_example_array(made[0][0]):
+            raise TargetLoadError(
+                f"{EXAMPLE_CALL} in {file_text} needs a tensor/array as its first positional "
+                f"argument (the conditioning input, batch first); write {EXAMPLE_CALL} = "
+                f'((x,), {{"train": False}})'
             )
         return tuple(made[0]), dict(made[1])
 
     return call
+
+
+#: What a Torch ``example_call`` may hold besides tensors (in tuples, lists and dicts): the
+#: values a generated ``__main__`` can write out as Python literals.
+_PLAIN_VALUES = (type(None), bool, int, float, str)
+
+
+def _unsupported_leaf(value: Any, depth: int = 0) -> Any:
+    """The first value in ``value`` that is neither a tensor nor a plain literal, else ``None``."""
+    if is_example_array(value) or isinstance(value, _PLAIN_VALUES):
+        return None
+    if isinstance(value, (tuple, list, dict)) and depth < 8:
+        items = value.values() if isinstance(value, dict) else value
+        bad = (_unsupported_leaf(v, depth + 1) for v in items)
+        return next((b for b in bad if b is not None), None)
+    return value
+
+
+def _check_torch_example_values(args: tuple, kwargs: dict, file_text: str) -> None:
+    """Refuse example-call values the generated Torch ``__main__`` cannot write out."""
+    for where, item in [*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items()]:
+        bad = _unsupported_leaf(item)
+        if bad is not None:
+            raise TargetLoadError(
+                f"example_call in {file_text} holds {article(type(bad).__name__)} in {where}; "
+                "use tensors, None, bools, numbers, strings, or tuples/lists/dicts of them"
+            )
 
 
 def _file_example_inputs(module: ModuleType, file_text: str) -> tuple[Any, ...] | None:
@@ -788,7 +846,7 @@ def _input_spec(value: Any, file_text: str) -> InputSpec:
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or dtype is None:
         raise TargetLoadError(
-            f"example_input in {file_text} holds {_a(type(value).__name__)}, not a tensor or "
+            f"example_input in {file_text} holds {article(type(value).__name__)}, not a tensor or "
             "array; set it to a tensor/array (or a tuple of them), or pass --input-shape 1,8"
         )
     return InputSpec(tuple(int(s) for s in shape), str(dtype).removeprefix("torch."))

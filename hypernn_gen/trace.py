@@ -63,11 +63,22 @@ def trace_selected(
     Raises:
         TraceError: as :func:`trace_target`, or a pattern matches no trainable parameter.
     """
-    layout = trace_target(loaded)
     if not include and not exclude:
-        return layout
+        return trace_target(loaded)
+    # Traced with the filter only: a tensor it keeps out (a complex parameter) is never checked
+    # as a generated one. Its layout still lists every trainable path (excluded ones as state).
+    try:
+        layout = trace_target(loaded, include=path_filter(include, exclude))
+    except TraceError:  # nothing left to generate: a pattern that matches nothing explains it
+        try:
+            unfiltered = trace_target(loaded)
+        except TraceError:
+            unfiltered = None
+        if unfiltered is not None:
+            check_patterns(unfiltered, include=include, exclude=exclude)
+        raise
     check_patterns(layout, include=include, exclude=exclude)
-    return trace_target(loaded, include=path_filter(include, exclude))
+    return layout
 
 
 def _build_failed(loaded: LoadedTarget, exc: Exception) -> TraceError:
@@ -117,6 +128,25 @@ def _trace_torch(loaded: LoadedTarget, include: Callable[[str], bool] | None) ->
     return layout
 
 
+def torch_meta_call(loaded: LoadedTarget) -> tuple[tuple, dict]:
+    """The example call, positional and keyword arguments, with every tensor on ``meta``: the
+    file's ``example_call``/``example_input(s)`` objects, or ``--input-shape`` stand-ins."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    def meta(x: Any) -> Any:
+        return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+    kwargs = pytree.tree_map(meta, dict(loaded.example_kwargs))
+    if loaded.example_inputs is None:  # --input-shape replaces the positional arguments only
+        args = tuple(
+            torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
+            for spec in loaded.input_specs
+        )
+        return args, kwargs
+    return pytree.tree_map(meta, tuple(loaded.example_inputs)), kwargs
+
+
 def _check_torch_inputs(loaded: LoadedTarget, module: Any) -> str | None:
     """Run ``module`` once on ``meta`` inputs; a note when the forward cannot run on ``meta``.
 
@@ -126,17 +156,14 @@ def _check_torch_inputs(loaded: LoadedTarget, module: Any) -> str | None:
     import torch
     from torch.func import functional_call
 
-    inputs = tuple(
-        torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
-        for spec in loaded.input_specs
-    )
+    inputs, kwargs = torch_meta_call(loaded)
     stand_ins = {
         name: tensor if tensor.device.type == "meta" else torch.empty_like(tensor, device="meta")
         for name, tensor in (*module.named_parameters(), *module.named_buffers())
     }
     try:
         with torch.no_grad(), _same_dtype_mode()():
-            functional_call(module, stand_ins, inputs)
+            functional_call(module, stand_ins, inputs, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure is reported, with its location
         if "meta" in str(exc).lower():
             return (

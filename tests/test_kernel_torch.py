@@ -214,9 +214,9 @@ def test_kernel_section_is_a_verbatim_copy_of_kernel_code(path: Path) -> None:
     assert tree.body, f"{path.name}: empty kernel section"
     for stmt in tree.body:
         segment = ast.get_source_segment(section, stmt)
-        assert (
-            segment in source
-        ), f"{path.name}: not in hypernn_gen/kernel/torch.py:\n{segment[:200]}"
+        assert segment in source, (
+            f"{path.name}: not in hypernn_gen/kernel/torch.py:\n{segment[:200]}"
+        )
     # and the kernel is not defined a second time outside its section
     outside = {
         n.name for n in ast.parse(rest).body if isinstance(n, ast.FunctionDef | ast.ClassDef)
@@ -270,7 +270,9 @@ def test_layout_block_renders_from_a_hand_built_context() -> None:
     ctx = SimpleNamespace(
         dynamic=False,
         fused=False,
+        delta=False,
         generator_hidden=(),
+        gradient_scale=(1.5, 0.25, 0.5),
         embedding_dim=4,
         excluded=("frozen",),
         chunking=SimpleNamespace(num_embeddings=3, chunk_dim=4),
@@ -291,4 +293,5 @@ def test_layout_block_renders_from_a_hand_built_context() -> None:
     assert (scope["FLAT_SIZE"], scope["CHUNK_DIM"], scope["LAYOUT_DIGEST"]) == (12, 4, "0123abcd")
     assert scope["CHECKPOINT_DIGEST"] == "4567cdef"
     assert scope["TIED"] == {"tied.bias": "fc.bias"} and scope["EXCLUDED"] == frozenset({"frozen"})
+    assert scope["GRADIENT_SCALE"] == (1.5, 0.25, 0.5)
     assert "FUSED" not in scope and not re.search(r"^def ", text, re.M)

@@ -10,6 +10,8 @@ alone with its own weights (``functional_call``), or the plain target on the bat
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,3 +207,137 @@ def test_generated_file_splits_keyword_tensors_by_the_probe(tmp_path: Path) -> N
         torch.testing.assert_close(fused[b : b + 1], expected, rtol=1e-5, atol=1e-6)
     materialised, _ = hyper(x, mask, generated_params=flat)
     torch.testing.assert_close(fused, materialised, rtol=1e-5, atol=1e-6)
+
+
+DROP_PATH = textwrap.dedent(
+    '''
+    import torch
+    from torch import nn
+
+
+    class DropPath(nn.Module):
+        """Stochastic depth as torchvision/timm write it: in-place randomness on a fresh tensor."""
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            if self.training:
+                y = y * torch.empty(y.shape[0], 1).bernoulli_(0.5) / 0.5
+            return y
+
+
+    example_input = torch.zeros(2, 4)
+    '''
+)
+
+
+def test_in_place_randomness_runs_batched_on_the_fused_path_and_is_refused_per_sample(
+    tmp_path: Path,
+) -> None:
+    """Repro r6: vmap cannot draw different in-place randomness into an unbatched tensor. The
+    fused path runs the parameter-free root on the whole batch (one draw per sample, as the
+    plain target); the per-sample path refuses in one line naming the fix."""
+    target = tmp_path / "drop_path.py"
+    target.write_text(DROP_PATH)
+    out = tmp_path / "drop_path_hyper.py"
+    assert main([str(target), "--mode", "dynamic", "--embedding-dim", "8", "-o", str(out)]) == 0
+    generated = import_file(out)
+    torch.manual_seed(0)
+    hyper = hypernetwork_class(generated)().train()
+    with torch.no_grad():
+        hyper.embedding_module.modulation[-1].weight.zero_()  # every sample: the same weights
+    x = torch.randn(64, 4)
+    flat = hyper.generate_params(x).detach()
+    plain = import_file(target).DropPath().train()
+    params = {
+        p.path: flat[0, p.offset : p.offset + p.size].view(p.shape) for p in generated.GENERATED
+    }
+    torch.manual_seed(5)
+    fused, _ = hyper(x)
+    torch.manual_seed(5)
+    expected = functional_call(plain, params, (x,))
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+    dropped = (fused == 0).all(1)
+    assert 0 < int(dropped.sum()) < 64  # samples drawn apart, not all the same
+    with pytest.raises(ValueError, match=r"draws random numbers in place .* eval mode"):
+        hyper(x, return_params=True)
+    hyper.eval()
+    torch.testing.assert_close(hyper(x)[0], hyper(x, return_params=True)[0])
+
+
+EXAMPLE_CALL = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x, *, attention_mask, scale=None, train=False):
+            y = self.lin(x) * attention_mask[..., None]
+            return y * scale if scale is not None else y
+
+
+    def example_call():
+        return (torch.zeros(2, 5, 4),), {"attention_mask": torch.ones(2, 5), "train": True}
+    """
+)
+
+
+def test_example_call_declares_keywords_and_plain_values(tmp_path: Path) -> None:
+    """A forward that needs a keyword-only tensor and a flag (repro r11's torch twin): the file's
+    ``example_call`` describes the whole call; the probe resizes the keyword tensor with the
+    batch; the generated ``__main__`` makes the same call."""
+    target = tmp_path / "masked.py"
+    target.write_text(EXAMPLE_CALL)
+    out = tmp_path / "masked_dynamic.py"
+    assert main([str(target), "--mode", "dynamic", "--embedding-dim", "8", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert (
+        "kwargs = {'attention_mask': torch.randn((2, 5), dtype=torch.float32), 'train': True}"
+        in text.replace('"', "'")
+    )
+    run = subprocess.run(
+        [sys.executable, str(out)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert "output: (2, 5, 3)" in run.stdout
+    assert "fusion:   fused: lin" in text  # the probe ran with the keyword tensor resized
+    torch.manual_seed(0)
+    hyper = hypernetwork_class(import_file(out))()
+    x, mask = torch.randn(3, 5, 4), torch.rand(3, 5)
+    fused, _ = hyper(x, attention_mask=mask)
+    materialised, _ = hyper(x, attention_mask=mask, return_params=True)
+    torch.testing.assert_close(fused, materialised, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("example_call = (torch.zeros(2, 4),)", "not a pair (positional arguments, keyword"),
+        ("example_call = ((None,), {})", "needs a tensor/array as its first positional"),
+        ("example_call = ((torch.zeros(2, 4),), {'f': object()})", "holds an object in f"),
+        (
+            "example_call = ((torch.zeros(2, 4),), {})\nexample_input = torch.zeros(2, 4)",
+            "defines both example_call and example_input",
+        ),
+    ],
+)
+def test_a_bad_example_call_is_one_clear_line(
+    tmp_path: Path, source: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "bad_call.py"
+    target.write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Net(nn.Linear):\n"
+        "    def forward(self, x, f=None):\n        return super().forward(x)\n\n\n"
+        f"def make_target():\n    return Net(4, 3)\n\n\n{source}\n"
+    )
+    assert main([str(target), "--mode", "dynamic", "-o", str(tmp_path / "out.py")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err

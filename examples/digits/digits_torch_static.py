@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/digits/target.py:DigitsCNN (torch, class)
-# options:  backend=torch mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196
+# options:  backend=torch mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=on
 #           chunking=flat init_scheme=target generator_hidden=none
 # layout:   8 generated tensors, 38,282 values, 0 state tensors, digest 74c94e2c7432a748
 # command:  hypernn-gen examples/digits/target.py --backend torch --mode static --embedding-dim 16 -o examples/digits/digits_torch_static.py
@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 # -- Target network (copied from examples/digits/target.py) --
 
@@ -68,6 +69,7 @@ CHUNK_DIM = 196
 FLAT_SIZE = 38_282
 LAYOUT_DIGEST = "74c94e2c7432a748"
 CHECKPOINT_DIGEST = "69999095844bfab4"  # saved in every state dict, checked on load
+GRADIENT_SCALE = (292.571, 18.2857, 73.1429)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("features.0.weight", (16, 1, 3, 3), 0, 144, 0.0, 0.19245),
@@ -94,7 +96,7 @@ class DigitsCNNEmbedding(nn.Module):
             self.weight.normal_()
 
     def forward(self) -> Tensor:
-        return self.weight
+        return scale_grad(self.weight, GRADIENT_SCALE[0])
 
 
 class DigitsCNNWeightGenerator(nn.Module):
@@ -115,14 +117,13 @@ class DigitsCNNWeightGenerator(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, embedding: Tensor) -> Tensor:
-        return self.linear(embedding)
+        return scaled_linear(self.linear, embedding, *GRADIENT_SCALE[1:])
 
 
 class DigitsCNNHyperNetwork(nn.Module):
-    """Generates the target's trainable tensors: tensor ``t`` is
-    ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the weight
-    generator's output, flattened. ``target_network`` (default ``DigitsCNN()``) keeps
-    its buffers and frozen parameters."""
+    """Generates the target's trainable tensors: tensor ``t`` is ``param_shift[t] + param_scale[t]
+    * raw[t.offset : t.offset + t.size]``, ``raw`` the generator's output, flat.
+    ``target_network`` (default ``DigitsCNN()``) keeps its buffers and frozen parameters."""
 
     def __init__(self, target_network: nn.Module | None = None) -> None:
         super().__init__()
@@ -149,7 +150,7 @@ class DigitsCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Raw generator output to parameter values, tensor by tensor."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -284,13 +285,49 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
+def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
+    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    detached = x.detach()
+    return detached + factor * (x - detached)
+
+
+def scaled_linear(
+    layer: nn.Linear, x: Tensor, weight_scale: float | None, bias_scale: float | None
+) -> Tensor:
+    """``layer(x)`` with the gradients of its weight and bias multiplied by the two factors."""
+    bias = None if layer.bias is None else scale_grad(layer.bias, bias_scale)
+    return F.linear(x, scale_grad(layer.weight, weight_scale), bias)
+
+
+def decoder(
+    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
+    their gradients divided by the tensor's size, the number of values they are summed over."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    if gradient_scale is None:
+        return scale, shift
+    factors = [1.0 / p.size for p in generated]
+    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
+    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+
+
 def decode(
-    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+    raw: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Tensor:
     """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
     (leading batch dimensions are kept; padding between tensors is 0)."""
-    scale = param_scale.to(raw.dtype).unbind()
-    shift = param_shift.to(raw.dtype).unbind()
+    scale, shift = decoder(
+        param_scale.to(raw.dtype), param_shift.to(raw.dtype), generated, gradient_scale
+    )
     sizes, owners = segments(generated, flat_size)
     pieces = raw.split(sizes, -1)
     decoded = [
@@ -360,4 +397,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=c8f7cc8ab5868e257fcf12759a44fde675bff94620da4f4a488503c82885c59a
+# hypernn-gen: sha256=224a28db9cd2f9a08ad203b186bbbbe83cc25b67b4661379d43faa2c98dd58fd

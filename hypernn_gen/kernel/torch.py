@@ -125,13 +125,49 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
+def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
+    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    detached = x.detach()
+    return detached + factor * (x - detached)
+
+
+def scaled_linear(
+    layer: nn.Linear, x: Tensor, weight_scale: float | None, bias_scale: float | None
+) -> Tensor:
+    """``layer(x)`` with the gradients of its weight and bias multiplied by the two factors."""
+    bias = None if layer.bias is None else scale_grad(layer.bias, bias_scale)
+    return F.linear(x, scale_grad(layer.weight, weight_scale), bias)
+
+
+def decoder(
+    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
+    their gradients divided by the tensor's size, the number of values they are summed over."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    if gradient_scale is None:
+        return scale, shift
+    factors = [1.0 / p.size for p in generated]
+    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
+    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+
+
 def decode(
-    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+    raw: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Tensor:
     """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
     (leading batch dimensions are kept; padding between tensors is 0)."""
-    scale = param_scale.to(raw.dtype).unbind()
-    shift = param_shift.to(raw.dtype).unbind()
+    scale, shift = decoder(
+        param_scale.to(raw.dtype), param_shift.to(raw.dtype), generated, gradient_scale
+    )
     sizes, owners = segments(generated, flat_size)
     pieces = raw.split(sizes, -1)
     decoded = [
@@ -350,7 +386,17 @@ def run_per_sample(
         return tuple(found)
 
     xs = [x for x, w in zip(leaves, where, strict=True) if w]
-    tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
+    try:
+        tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
+    except RuntimeError as exc:
+        if "inplace randomness" not in str(exc):
+            raise
+        raise ValueError(
+            f"{type(module).__name__} draws random numbers in place into a tensor it makes "
+            "(torch.empty(...).bernoulli_(), as DropPath/StochasticDepth do), which cannot run "
+            "per sample under vmap; call it in eval mode, or draw with torch.bernoulli(torch.full"
+            "(...)) / torch.rand(...) < p instead"
+        ) from None
     with torch.no_grad():
         for name, value in copies.items():
             mean = value.float().mean(0) if value.is_floating_point() else value[0]
@@ -409,21 +455,30 @@ class Shared(NamedTuple):
 
 
 def shared_inputs(
-    hypernetwork: nn.Module, condition: Tensor, generated: tuple, flat_size: int
+    hypernetwork: nn.Module,
+    condition: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Shared:
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
-    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``.
-    """
+    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
+    ``gradient_scale``: the multipliers of the table, the generator's weight and bias."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
-    g0 = F.linear(embedding.weight, generator.weight)
-    bias = generator.bias.expand(embedding.weight.shape[0], -1)
+    table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
+    table = scale_grad(embedding.weight, table_scale)
+    g0 = F.linear(table, scale_grad(generator.weight, weight_scale))
+    bias = scale_grad(generator.bias, bias_scale).expand(table.shape[0], -1)
     sizes = [p.size for p in generated]
+    scale, shift = decoder(
+        hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
+    )
     return Shared(
         scales=embedding.scales(condition),
         g0=g0.view(-1)[:flat_size].split(sizes),  # one split: one node in the backward
         bias=bias.reshape(-1)[:flat_size].split(sizes),
-        param_scale=hypernetwork.param_scale.unbind(),
-        param_shift=hypernetwork.param_shift.unbind(),
+        param_scale=scale,
+        param_shift=shift,
         generated=generated,
         chunk_dim=g0.shape[1],
     )
@@ -680,3 +735,49 @@ def install_fusion(
     for module in swapped:
         module.hyper_shared = None
     return indices, tuple(swapped)
+
+
+# -- Adapters on a frozen base (--generate delta / lora) --
+
+
+def load_checkpoint(path: str) -> dict[str, Tensor]:
+    """A checkpoint's tensors: a ``.safetensors`` file, or a torch state dict (``torch.save``)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+@torch.no_grad()
+def apply_base(target_network: nn.Module, state: dict[str, Tensor], paths: list[str]) -> None:
+    """Copy a checkpoint's values into the target: every entry it has of the target's state, and
+    it must have ``paths`` (the base of what is adapted)."""
+    missing = [p for p in paths if p not in state]
+    if missing:
+        raise ValueError(
+            f"the base checkpoint has no {missing[0]!r} (and {len(missing) - 1} more); give a "
+            "checkpoint of this target (its state_dict)"
+        )
+    for name, tensor in target_network.state_dict(keep_vars=True).items():
+        if name not in state:
+            continue
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"the base checkpoint's {name!r} has shape {tuple(state[name].shape)}, the target's "
+                f"is {tuple(tensor.shape)}; give a checkpoint of this target"
+            )
+        tensor.copy_(state[name])
+
+
+def zero_output(module: nn.Module) -> None:
+    """Zero the last Linear layer of ``module`` (weight and bias): ``--generate delta``'s weight
+    generator starts with output 0, so every delta starts at exactly 0 and that layer's first
+    gradients are nonzero."""
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()

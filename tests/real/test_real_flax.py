@@ -48,14 +48,19 @@ def _quick_compiles() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], ModuleType]:
+def generated(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str, str], ModuleType]:
     directory = tmp_path_factory.mktemp("real_flax")
     cache: dict[tuple[str, str], ModuleType] = {}
 
     def get(target: str, mode: str) -> ModuleType:
         if (target, mode) not in cache:
             out = directory / f"{target}_{mode}.py"
-            assert main([str(ZOO_DIR / f"{target}.py"), "--mode", mode, "-o", str(out)]) == 0
+            assert (
+                main([str(ZOO_DIR / f"{target}.py"), "--mode", mode, "-o", str(out)])
+                == 0
+            )
             cache[target, mode] = import_file(out)
         return cache[target, mode]
 
@@ -82,7 +87,9 @@ def close(actual: Any, expected: Any, tol: dict[str, float], what: str) -> None:
 
 
 def normal(*shape: int, seed: int = 0) -> jax.Array:
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
+    return jnp.asarray(
+        np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    )
 
 
 def finite_nonzero(grads: Any) -> None:
@@ -99,14 +106,20 @@ def finite_nonzero(grads: Any) -> None:
 LINEN = {
     "flax_resnet": (lambda: (normal(BATCH, 8, 8, 3),), {"train": False}),
     "flax_lm": (
-        lambda: (jnp.asarray(np.random.default_rng(0).integers(1, 32, (BATCH, 8)), jnp.int32),),
+        lambda: (
+            jnp.asarray(
+                np.random.default_rng(0).integers(1, 32, (BATCH, 8)), jnp.int32
+            ),
+        ),
         {"deterministic": True},
     ),
     "flax_vae": (lambda: (normal(BATCH, 16), jax.random.key(7)), {}),
 }
 
 
-def linen_variables(target: str, module: ModuleType, args: tuple, kwargs: dict) -> tuple:
+def linen_variables(
+    target: str, module: ModuleType, args: tuple, kwargs: dict
+) -> tuple:
     """The plain target's variables and the generated module's, with the target's state."""
     model = plain(target).make_target()
     own = model.init(jax.random.key(1), *args, **kwargs)
@@ -142,12 +155,16 @@ def test_linen_static_and_dynamic_with_the_targets_weights_equal_the_target(
             close(out, per_sample, DYNAMIC, f"{target} {mode} per sample")
             close(out[1:], expected[1:], DYNAMIC, f"{target} {mode} mean, logvar")
             continue
-        close(out, expected, STATIC if mode == "static" else DYNAMIC, f"{target} {mode}")
+        close(
+            out, expected, STATIC if mode == "static" else DYNAMIC, f"{target} {mode}"
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", list(LINEN))
-def test_linen_fused_equals_materialising_and_trains(generated: Callable, target: str) -> None:
+def test_linen_fused_equals_materialising_and_trains(
+    generated: Callable, target: str
+) -> None:
     make, kwargs = LINEN[target]
     args = make()
     module = generated(target, "dynamic")
@@ -160,7 +177,9 @@ def test_linen_fused_equals_materialising_and_trains(generated: Callable, target
         )
         return sum(jnp.mean(o**2) for o in jax.tree.leaves(out)), out
 
-    grads = [jax.grad(loss, has_aux=True)(variables["params"], m) for m in (False, True)]
+    grads = [
+        jax.grad(loss, has_aux=True)(variables["params"], m) for m in (False, True)
+    ]
     close(grads[0][1], grads[1][1], DYNAMIC, f"{target} fused output")
     close(grads[0][0], grads[1][0], GRAD, f"{target} fused gradients")
     finite_nonzero(grads[0][0])
@@ -169,39 +188,85 @@ def test_linen_fused_equals_materialising_and_trains(generated: Callable, target
     finite_nonzero(
         jax.grad(
             lambda p: jnp.mean(
-                jax.tree.leaves(hs.apply({**sv, "params": p}, *args, **kwargs)[0])[0] ** 2
+                jax.tree.leaves(hs.apply({**sv, "params": p}, *args, **kwargs)[0])[0]
+                ** 2
             )
         )(sv["params"])
     )
 
 
-def test_resnet_axis_name_batch_norm_trains_inside_pmap(generated: Callable) -> None:
-    """In train mode the target's BatchNorm(axis_name="batch") needs the axis: under pmap the
-    dynamic module with one weight set for every sample computes the plain
+def test_resnet_axis_name_batch_norm_trains_inside_pmap_and_shard_map(
+    generated: Callable,
+) -> None:
+    """In train mode the target's BatchNorm(axis_name="batch") needs the axis: under pmap and
+    shard_map the dynamic module with one weight set for every sample computes the plain
     target's batch statistics (over the samples and the devices), so outputs and updated
-    batch_stats equal the plain target's; outside pmap, init in train mode works, as Flax's."""
+    batch_stats equal the plain target's, and the fused path equals the materialising one;
+    outside them, init in train mode works, as Flax's (static and dynamic)."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
     x = normal(BATCH, 8, 8, 3)
     module = generated("flax_resnet", "dynamic")
-    model, own, hn, variables = linen_variables("flax_resnet", module, (x,), {"train": False})
+    model, own, hn, variables = linen_variables(
+        "flax_resnet", module, (x,), {"train": False}
+    )
     hn.init(jax.random.key(0), x, train=True)  # no axis needed at init
-    flat = jnp.broadcast_to(module.flatten_params(own["params"]), (BATCH, module.FLAT_SIZE))
-
-    def theirs(v: dict, xs: jax.Array) -> tuple:
-        return model.apply(v, xs, train=True, mutable=["batch_stats"])
-
-    def ours(v: dict, xs: jax.Array, p: jax.Array, materialise: bool) -> tuple:
-        kwargs = {"generated_params": p} if materialise else {}
-        (out, _), updates = hn.apply(v, xs, train=True, mutable=["batch_stats"], **kwargs)
-        return out, updates
-
-    expected, updates = jax.pmap(theirs, axis_name="batch")(
-        jax.tree.map(lambda a: a[None], own), x[None]
+    hypernetwork(generated("flax_resnet", "static"))().init(
+        jax.random.key(0), x, train=True
     )
-    out, ours_updates = jax.pmap(lambda v, xs, p: ours(v, xs, p, True), axis_name="batch")(
-        jax.tree.map(lambda a: a[None], variables), x[None], flat[None]
+    flat = jnp.broadcast_to(
+        module.flatten_params(own["params"]), (BATCH, module.FLAT_SIZE)
     )
-    close(out, expected, DYNAMIC, "train-mode output in pmap")
-    close(ours_updates["batch_stats"]["target"], updates["batch_stats"], DYNAMIC, "batch_stats")
+
+    def theirs(xs: jax.Array) -> tuple:
+        return model.apply(own, xs, train=True, mutable=["batch_stats"])
+
+    def ours(xs: jax.Array, p: jax.Array, how: str) -> tuple:
+        kwargs = {
+            "own": {"generated_params": p},
+            "fused": {},
+            "materialise": {"return_params": True},
+        }
+        (out, _), updates = hn.apply(
+            variables, xs, train=True, mutable=["batch_stats"], **kwargs[how]
+        )
+        return out, updates["batch_stats"]["target"]
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+    runs = {
+        "pmap": lambda f: jax.pmap(f, axis_name="batch"),
+        "shard_map": lambda f: jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=P("batch"),
+            out_specs=(P("batch"), P()),
+            check_vma=False,
+        ),
+    }
+    for name, wrap in runs.items():
+        lead = (lambda a: a[None]) if name == "pmap" else (lambda a: a)
+        expected, stats = wrap(theirs)(lead(x))
+        expected_stats = stats["batch_stats"]
+        results = {}
+        for how in ("own", "fused", "materialise"):
+            results[how] = wrap(lambda xs, p, how=how: ours(xs, p, how))(
+                lead(x), lead(flat)
+            )
+        close(results["own"][0], expected, DYNAMIC, f"train-mode output in {name}")
+        close(results["own"][1], expected_stats, DYNAMIC, f"batch_stats in {name}")
+        close(results["fused"], results["materialise"], DYNAMIC, f"fused in {name}")
+    checked = jax.shard_map(
+        lambda xs, p: ours(xs, p, "fused"),
+        mesh=mesh,
+        in_specs=P("batch"),
+        out_specs=(P("batch"), P()),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"BatchNorm .* check_vma=True; call shard_map with check_vma=False",
+    ):
+        checked(x, flat)
 
 
 # -- NNX ------------------------------------------------------------------------------------------
@@ -216,7 +281,8 @@ def test_nnx_cnn_static_and_dynamic_with_the_targets_weights(
     generated: Callable, mode: str
 ) -> None:
     """Static: the target's own weights give the target's output in train mode (the same
-    dropout rngs, batch statistics) and in eval mode; dynamic, eval mode: the whole batch's."""
+    dropout rngs, batch statistics) and in eval mode; dynamic, eval mode: the whole batch's.
+    """
     module = generated("flax_nnx_cnn", mode)
     x = normal(BATCH, 8, 8, 1)
     target, hn = nnx_pair(module)
@@ -232,10 +298,60 @@ def test_nnx_cnn_static_and_dynamic_with_the_targets_weights(
     close(out, target(x), STATIC if mode == "static" else DYNAMIC, f"{mode}, eval mode")
 
 
+def without_dropout(model: nnx.Module) -> nnx.Module:
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.Dropout):
+            m.rate = 0.0
+    return model
+
+
+@pytest.mark.parametrize("stats", ["batch", "sample"])
+def test_nnx_cnn_dynamic_train_mode_batch_norm(
+    tmp_path: Path, generated: Callable, stats: str
+) -> None:
+    """Train mode, one weight set for every sample: by default (conditional BatchNorm) the
+    dynamic module equals the plain target on the whole batch, outputs and running statistics;
+    ``--batch-norm-stats sample`` equals the plain target sample by sample (each its own
+    statistics; the running statistics move by the samples' mean)."""
+    if stats == "batch":
+        module = generated("flax_nnx_cnn", "dynamic")
+    else:
+        out = tmp_path / "cnn_sample.py"
+        argv = [str(ZOO_DIR / "flax_nnx_cnn.py"), "--mode", "dynamic", "-o", str(out)]
+        assert main([*argv, "--batch-norm-stats", "sample"]) == 0
+        module = import_file(out)
+    x = normal(BATCH, 8, 8, 1)
+    target, hn = nnx_pair(module)
+    without_dropout(target)
+    without_dropout(hn.target)
+    flat = jnp.broadcast_to(hn.flatten_params(target), (BATCH, module.FLAT_SIZE))
+    out, _ = hn(x, generated_params=flat)
+    if stats == "batch":
+        expected = target(x)
+    else:
+        rows = []
+        for b in range(BATCH):
+            one = without_dropout(plain("flax_nnx_cnn").make_target())
+            rows.append(one(x[b : b + 1]))
+        expected = jnp.concatenate(rows)
+        target(
+            x
+        )  # the plain target's running statistics, for the batch (compared for "batch")
+    close(out, expected, DYNAMIC, f"train-mode output ({stats})")
+    # either way the running mean equals the batch's (the samples' updates are averaged)
+    close(
+        hn.target.batch_norm1.mean[...],
+        target.batch_norm1.mean[...],
+        DYNAMIC,
+        "running mean",
+    )
+
+
 def test_nnx_cnn_fused_equals_materialising_and_trains(generated: Callable) -> None:
     module = generated("flax_nnx_cnn", "dynamic")
     assert {
-        type(m).__name__ for _, m in nnx.iter_modules(hypernetwork(module)(rngs=nnx.Rngs(0)))
+        type(m).__name__
+        for _, m in nnx.iter_modules(hypernetwork(module)(rngs=nnx.Rngs(0)))
     } >= {
         "FusedConv",
         "FusedLinear",
@@ -267,11 +383,11 @@ def test_example_call_forms_and_bad_declarations(tmp_path: Path) -> None:
     first, second = loaded.example_call()[1]["rngs"], loaded.example_call()[1]["rngs"]
     assert isinstance(first, nnx.Rngs) and first is not second
     loaded = load_target(str(ZOO_DIR / "flax_vae.py"))
-    assert [s.shape for s in loaded.input_specs] == [(2, 16)]  # the key is not an input array
+    assert [s.shape for s in loaded.input_specs] == [
+        (2, 16)
+    ]  # the key is not an input array
     head = "import flax.linen as nn\nimport jax.numpy as jnp\n\n\nclass M(nn.Module):\n"
-    head += (
-        "    @nn.compact\n    def __call__(self, x, *, train):\n        return nn.Dense(2)(x)\n\n\n"
-    )
+    head += "    @nn.compact\n    def __call__(self, x, *, train):\n        return nn.Dense(2)(x)\n\n\n"
     cases = {
         "example_call = (jnp.zeros((1, 3)), jnp.zeros((1, 3)))": r"example_call in .* is a tuple, not \(args, kwargs\)",
         "example_call = ((jnp.zeros((1, 3)),), {})\nexample_input = jnp.zeros((1, 3))": "defines both example_call and example_input",
@@ -286,7 +402,9 @@ def test_example_call_forms_and_bad_declarations(tmp_path: Path) -> None:
     assert load_target(str(path)).example_kwargs == {"train": False}
 
 
-def test_keyword_arrays_are_split_per_sample_and_refused_without_the_batch(tmp_path: Path) -> None:
+def test_keyword_arrays_are_split_per_sample_and_refused_without_the_batch(
+    tmp_path: Path,
+) -> None:
     """A keyword array with the batch first reaches each sample as its row; one without it is
     refused (which dimension is the batch cannot be known)."""
     source = (
@@ -306,7 +424,9 @@ def test_keyword_arrays_are_split_per_sample_and_refused_without_the_batch(tmp_p
     variables = hn.init(jax.random.key(0), x, mask=mask)
     target = import_file(tmp_path / "masked.py").Masked()
     own = target.init(jax.random.key(1), x, mask=mask)
-    flat = jnp.broadcast_to(module.flatten_params(own["params"]), (BATCH, module.FLAT_SIZE))
+    flat = jnp.broadcast_to(
+        module.flatten_params(own["params"]), (BATCH, module.FLAT_SIZE)
+    )
     out, _ = hn.apply(variables, x, mask=mask, generated_params=flat)
     close(out, target.apply(own, x, mask=mask), DYNAMIC, "keyword array per sample")
     with pytest.raises(ValueError, match=r"keyword argument 'mask' has shape \(1, 3\)"):
@@ -314,7 +434,9 @@ def test_keyword_arrays_are_split_per_sample_and_refused_without_the_batch(tmp_p
 
 
 @pytest.mark.parametrize("target", ["flax_resnet", "flax_nnx_cnn"])
-def test_generated_main_runs_the_targets_example_call(generated: Callable, target: str) -> None:
+def test_generated_main_runs_the_targets_example_call(
+    generated: Callable, target: str
+) -> None:
     """``python file.py`` makes the target file's example call (ResNet: train=False, outside
     pmap; the NNX CNN: its rngs), as the plain target would run it."""
     path = Path(generated(target, "dynamic").__file__)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
+from ...kernel import linen as lk
 from ...layout import Chunking, Layout
 from ...trace_flax import _array_inputs, trace_linen
 from . import _common as c
@@ -188,6 +189,9 @@ class FlaxHyperNetwork(nn.Module):
             parameters of the hypernetwork, under ``params["target"]``.
         model_axis: a mesh axis to split the default weight generator's output over (see
             :class:`LinearWeightGenerator`); ``None`` (default): not split.
+        batch_norm_stats: dynamic mode, BatchNorm in training mode: ``"batch"`` (default:
+            statistics over the whole batch, each sample's own scale and bias) or ``"sample"``
+            (each sample by its own statistics, as a batch of one).
 
     ``hn.apply(variables, *inputs, generated_params=None, condition=None, **target_kwargs)``
     returns ``(output, generated_params)``, the flat vector ``(flat_size,)`` (static) or
@@ -210,6 +214,7 @@ class FlaxHyperNetwork(nn.Module):
     embedding_hidden: tuple[int, ...] = (64,)
     include: Callable[[str], bool] | None = None
     model_axis: str | None = None
+    batch_norm_stats: str = "batch"
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -246,6 +251,7 @@ class FlaxHyperNetwork(nn.Module):
         """Run the target with generated weights; returns ``(output, generated_params)``."""
         if self.mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {self.mode!r}")
+        c.check_batch_norm_stats(self.batch_norm_stats)
         target = _detached(self.target_network)
         rng_names = [n for n in self.scope.rngs if n != "params"]
         initializing = self.is_initializing()
@@ -286,13 +292,25 @@ class FlaxHyperNetwork(nn.Module):
         params = c.unflatten_params(layout, flat)
         mutable = [col for col in state_cols if self.is_mutable_collection(col)]
         rngs = self._rngs(rng_names, False)
-        call = functools.partial(_apply_target, target, target_kwargs, mutable)
+        values = {col: v.value for col, v in state.items()}
         if dynamic:
-            out, updates = _per_sample(call, params, excluded, state, mutable, rngs, inputs, batch)
+            out, updates = lk.run_per_sample(
+                target,
+                params,
+                values,
+                mutable,
+                excluded,
+                rngs,
+                inputs,
+                target_kwargs,
+                initializing=initializing,
+                stats=self.batch_norm_stats,
+            )
         else:
-            variables = {col: v.value for col, v in state.items()}
-            variables["params"] = _merge(params, excluded)
-            out, updates = call(variables, rngs, inputs)
+            values["params"] = lk.merge_params(params, excluded)
+            out, updates = lk.apply_target(
+                target.apply, values, inputs, rngs, mutable, target_kwargs, initializing
+            )
         if not initializing:  # init keeps the target's own initial state
             for col in mutable:
                 state[col].value = updates[col]
@@ -423,73 +441,17 @@ def _target_init(
     _, rebuild = _array_inputs(inputs)
     arrays = [x for x in inputs if hasattr(x, "shape") and hasattr(x, "dtype")]
     keep = {t.collection for t in layout.state}
-    excluded = [t.keys for t in layout.state if t.collection == "params"]
+    excluded = [(t.keys, t.shape) for t in layout.state if t.collection == "params"]
 
     @jax.jit
     def init(rngs: dict, arrays: list) -> dict:
         variables = nn.meta.unbox(target.init(rngs, *rebuild(arrays), **kwargs))
         out = {col: variables[col] for col in keep if col != "params"}
         if excluded:
-            out["params"] = {}
-            for keys in excluded:
-                c.set_path(out["params"], keys, c.get_path(variables["params"], keys))
+            out["params"] = lk.excluded_params(variables["params"], excluded)
         return out
 
     return init(rngs, arrays)
-
-
-def _merge(generated: dict, excluded: dict) -> dict:
-    """Deep merge of two ``params`` trees with disjoint leaves."""
-    out = dict(generated)
-    for k, v in excluded.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and k in out else v
-    return out
-
-
-def _apply_target(
-    target: nn.Module, kwargs: dict, mutable: list, variables: dict, rngs: dict, args: tuple
-) -> tuple[Any, dict]:
-    """``target.apply`` returning ``(output, updated mutable collections)``."""
-    if mutable:
-        out, updates = target.apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
-        return out, {col: updates[col] for col in mutable}
-    return target.apply(variables, *args, rngs=rngs, **kwargs), {}
-
-
-def _per_sample(
-    call: Callable,
-    params: dict,
-    excluded: dict,
-    state: dict,
-    mutable: list,
-    rngs: dict,
-    inputs: tuple,
-    batch: int,
-) -> tuple[Any, dict]:
-    """Sample b through the target alone (a batch of 1) with weight set b, batched by ``vmap``.
-
-    Mutable collections are given to each sample as its own copy and written back as the mean
-    over samples; frozen ones are shared. Each sample gets its own rng keys.
-    """
-    positions = [i for i, x in enumerate(inputs) if c.is_array(x)]
-    frozen = {col: v.value for col, v in state.items() if col not in mutable}
-    copies = {
-        col: jax.tree.map(lambda x: c.per_sample(x, batch), state[col].value) for col in mutable
-    }
-    sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}
-
-    def one(p: dict, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
-        args = list(inputs)
-        for i, x in zip(positions, xs, strict=True):
-            args[i] = x[None]
-        variables = {**frozen, **own, "params": _merge(p, excluded)}
-        out, updates = call(variables, keys, tuple(args))
-        return c.squeeze(out), updates
-
-    xs = [inputs[i] for i in positions]
-    out, updates = jax.vmap(one)(params, copies, sample_rngs, xs)
-    merged = {col: jax.tree.map(c.merge_samples, state[col].value, updates[col]) for col in mutable}
-    return out, merged
 
 
 def _vector(values: list[float]) -> jax.Array:
