@@ -299,7 +299,17 @@ class SmallCNNHyperNetwork(nn.Module):
         variables = {col: v.value for col, v in state.items()}
         rngs = {name: self.make_rng(name) for name in rng_names}
         out, updates = run_per_sample(
-            target, samples, variables, mutable, {}, rngs, inputs, target_kwargs, step
+            target,
+            samples,
+            variables,
+            mutable,
+            {},
+            rngs,
+            inputs,
+            target_kwargs,
+            step,
+            initializing,
+            "batch",
         )
         if not initializing:  # init keeps the target's own initial state
             for col in mutable:
@@ -465,9 +475,15 @@ def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -
         )
 
 
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def is_array(x: Any) -> bool:
-    """An array input (batched per sample); anything else is passed to every sample as is."""
-    return isinstance(x, jax.Array | np.ndarray)
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
 
 
 def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) -> None:
@@ -480,6 +496,90 @@ def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) 
                 f"has batch size {size}; give the target inputs and the condition the same "
                 "leading batch dimension"
             )
+
+
+def split_call(
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    rngs_type: Any = None,
+    error: type[Exception] = ValueError,
+) -> tuple[list, Any]:
+    """The per-sample parts of a call ``(args, kwargs)``, and ``one(parts) -> (args, kwargs)``
+    that rebuilds sample ``b``'s call from its parts (inside ``jax.vmap``).
+
+    Per sample: an array with the leading batch dimension (sample ``b`` gets row ``b``, as a
+    batch of one), by position or keyword; a single typed PRNG key and an ``nnx.Rngs``
+    (``rngs_type``), split so that each sample draws from keys of its own, as each row of the
+    plain target's batch does. Shared: everything else (flags, ``None``, 0-d keyword arrays). A
+    keyword array without the batch dimension is refused: which dimension is the batch cannot be
+    known.
+    """
+    values = [*args, *kwargs.values()]
+    parts, kinds = [], []
+    for i, x in enumerate(values):
+        kind = None
+        if is_key(x) and x.ndim == 0:
+            kind, x = "key", jax.random.split(x, batch)
+        elif rngs_type is not None and isinstance(x, rngs_type):
+            kind, x = "rngs", {name: jax.random.split(s(), batch) for name, s in x.items()}
+        elif (is_array(x) or is_key(x)) and (i < len(args) or x.ndim):
+            if x.shape[0] != batch:
+                raise error(
+                    f"dynamic mode made {batch} weight sets but keyword argument "
+                    f"{list(kwargs)[i - len(args)]!r} has shape {tuple(x.shape)}, whose first "
+                    f"dimension is not that batch; each sample runs alone: give it the batch "
+                    "dimension first (jnp.broadcast_to) or build it inside the target"
+                )
+            kind = "row"
+        if kind is not None:
+            parts.append(x)
+            kinds.append((i, kind))
+
+    def one(xs: list) -> tuple[list, dict]:
+        out = list(values)
+        for (i, kind), x in zip(kinds, xs, strict=True):
+            out[i] = x[None] if kind == "row" else rngs_type(**x) if kind == "rngs" else x
+        return out[: len(args)], dict(zip(kwargs, out[len(args) :], strict=True))
+
+    return parts, one
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
+
+
+def sample_axes(
+    axis_name: Any, groups: Any, stats: str, error: type[Exception] = ValueError
+) -> Any:
+    """A BatchNorm's ``axis_name`` for one sample (inside ``jax.vmap`` over ``SAMPLE_AXIS``):
+    ``stats="batch"``: ``SAMPLE_AXIS`` first, then the devices' axes (statistics over the
+    samples and devices, as the plain target's over its batch); ``"sample"``: as it is.
+    """
+    if stats == "sample":
+        return axis_name
+    if groups is not None:
+        raise error(
+            "a BatchNorm with axis_index_groups cannot take statistics over the samples of a "
+            "dynamic hypernetwork (its groups name devices, not samples); drop "
+            "axis_index_groups or generate with --batch-norm-stats sample"
+        )
+    names = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return (SAMPLE_AXIS, *names)
+
+
+def check_sample_reduction(x: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse BatchNorm statistics over the samples (a reduction over the ``jax.vmap`` axis) of
+    an input that varies over a ``shard_map`` axis under ``check_vma=True``: JAX (0.10) fails
+    there with a bare AssertionError."""
+    aval = jax.typeof(x) if is_array(x) else None
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older: aval.vma
+    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
+        raise error(
+            f"{where} in training mode takes its statistics over the samples, which JAX cannot "
+            "do inside shard_map with check_vma=True; call shard_map with check_vma=False, or "
+            "generate with --batch-norm-stats sample (each sample's own statistics)"
+        )
 
 
 def per_sample(x: jax.Array, batch: int) -> jax.Array:
@@ -762,14 +862,56 @@ def merge_params(generated: dict[str, Any], excluded: dict[str, Any]) -> dict[st
     return out
 
 
+def batch_norm_axes(initializing: bool, stats: str | None = None) -> Callable:
+    """An ``nn.intercept_methods`` interceptor that sets the ``axis_name`` of the target's
+    ``nn.BatchNorm`` layers (exact type) for one run: while the hypernetwork initialises, the
+    devices' axes are dropped (Flax's own init skips them too, so init works outside ``pmap``);
+    per sample (``stats``: dynamic mode, ``"batch"`` or ``"sample"``), :func:`sample_axes`."""
+
+    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        m = context.module
+        if context.method_name != "__call__" or type(m) is not nn.BatchNorm:
+            return next_fun(*args, **kwargs)
+        running = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        running = m.use_running_average if running is None else running
+        if running or (stats in (None, "sample") and not (initializing and m.axis_name)):
+            return next_fun(*args, **kwargs)
+        if stats == "batch":
+            check_sample_reduction(args[0], f"BatchNorm {'/'.join(m.path)}")
+        if stats == "batch" and kwargs.get("mask") is not None:
+            raise ValueError(
+                f"BatchNorm {'/'.join(m.path)} is called with a mask: its statistics over the "
+                "whole batch cannot be made from the samples' own (their masked sizes differ); "
+                "generate with --batch-norm-stats sample"
+            )
+        axes = None if initializing else m.axis_name
+        axes = axes if stats is None else sample_axes(axes, m.axis_index_groups, stats)
+        saved = m.axis_name
+        object.__setattr__(m, "axis_name", axes)  # a frozen dataclass field, read by __call__
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(m, "axis_name", saved)
+
+    return intercept
+
+
 def apply_target(
-    apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
+    apply: Callable,
+    variables: dict,
+    args: tuple,
+    rngs: dict,
+    mutable: list,
+    kwargs: dict,
+    initializing: bool = False,
+    stats: str | None = None,
 ) -> tuple[Any, dict]:
     """``apply(variables, *args, ...)`` (a target's ``apply``), returning ``(output, the updated
-    mutable collections)``."""
-    if not mutable:
-        return apply(variables, *args, rngs=rngs, **kwargs), {}
-    out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+    mutable collections)``; its BatchNorm layers' axes set by :func:`batch_norm_axes`."""
+    with nn.intercept_methods(batch_norm_axes(initializing, stats)):
+        if not mutable:
+            return apply(variables, *args, rngs=rngs, **kwargs), {}
+        out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
     return out, {col: updates[col] for col in mutable}
 
 
@@ -783,37 +925,43 @@ def run_per_sample(
     inputs: tuple,
     kwargs: dict,
     fused: Callable | None = None,
+    initializing: bool = False,
+    stats: str = "batch",
 ) -> tuple[Any, dict]:
     """Sample ``b`` through the target alone (a batch of 1) with ``samples[b]``, batched with
-    ``jax.vmap``: its weight set, or, with ``fused`` (:func:`fused_path`), its embedding scales.
+    ``jax.vmap`` over ``SAMPLE_AXIS``: its weight set, or, with ``fused`` (:func:`fused_path`),
+    its embedding scales.
 
-    ``state`` holds the target's collections besides ``params``: each sample gets its own copy
-    of the ``mutable`` ones (BatchNorm statistics) and its own rng keys, the frozen ones are
-    shared. Returns the outputs and the mutable collections with the copies' mean written back.
+    The call is split per sample by ``split_call`` (arrays by row, a PRNG key into one key per
+    sample). ``state`` holds the target's collections besides ``params``: each sample gets its
+    own copy of the ``mutable`` ones and its own rng keys, the frozen ones are shared; BatchNorm
+    in training mode normalises by ``stats`` (``"batch"`` or ``"sample"``). Returns the outputs
+    and the mutable collections with the copies' mean written back.
     """
     batch = jax.tree.leaves(samples)[0].shape[0]
-    positions = [i for i, x in enumerate(inputs) if is_array(x)]
+    parts, sample_call = split_call(inputs, kwargs, batch)
     sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}
     frozen = {col: value for col, value in state.items() if col not in mutable}
     copies = {col: jax.tree.map(lambda x: per_sample(x, batch), state[col]) for col in mutable}
 
     def one_sample(sample: Any, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
-        args = list(inputs)
-        for i, x in zip(positions, xs, strict=True):
-            args[i] = x[None]
+        args, sample_kwargs = sample_call(xs)
         p, apply = (sample, target.apply) if fused is None else fused(sample)
         variables = {**frozen, **own, "params": merge_params(p, excluded)}
-        out, updates = apply_target(apply, variables, tuple(args), keys, mutable, kwargs)
+        out, updates = apply_target(
+            apply, variables, tuple(args), keys, mutable, sample_kwargs, initializing, stats
+        )
         return squeeze_sample(out), updates
 
-    arrays = [inputs[i] for i in positions]
-    out, updates = jax.vmap(one_sample)(samples, copies, sample_rngs, arrays)
+    vmapped = jax.vmap(one_sample, axis_name=SAMPLE_AXIS)
+    out, updates = vmapped(samples, copies, sample_rngs, parts)
     return out, {col: jax.tree.map(merge_samples, state[col], updates[col]) for col in mutable}
 
 
 def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Array) -> Callable:
     """``target.apply`` for one sample: its fused layers compute their output from the shared
-    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is."""
+    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is.
+    """
     found = {layer.path: (layer, stack) for layer, stack in zip(shared.fused, stacks, strict=True)}
 
     def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -834,7 +982,8 @@ def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Ar
 
 def fused_path(target: nn.Module, shared: Shared) -> Callable:
     """The fused path's step for :func:`run_per_sample`: a sample's embedding scales -> (its
-    tensors not fused, ``target.apply`` with the fused layers computing from shared weights)."""
+    tensors not fused, ``target.apply`` with the fused layers computing from shared weights).
+    """
     stacks = tuple(shared.stack(layer) for layer in shared.fused)
 
     def sample(scales: jax.Array) -> tuple[dict, Callable]:
@@ -866,6 +1015,7 @@ if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = SmallCNNHyperNetwork()
     inputs = (jnp.zeros((2, 8, 8, 1), dtype=jnp.float32),)
+
     variables = jax.jit(hypernetwork.init)(jax.random.key(0), *inputs)
     own = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"SmallCNNHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
@@ -878,4 +1028,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=4e289a1d9ca4577ccf63e7c8866273c954ef9a19f66cfad20b4eedfb026f271e
+# hypernn-gen: sha256=fdea5f60f7345a51eff173101806760271e25a74c29708caa659d69122558a87

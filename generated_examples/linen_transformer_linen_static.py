@@ -331,7 +331,9 @@ class LinenTransformerHyperNetwork(nn.Module):
         params = unflatten_params(flat)
         rngs = {name: self.make_rng(name) for name in rng_names}
         variables = {"params": params}
-        out, _ = apply_target(target.apply, variables, inputs, rngs, [], target_kwargs)
+        out, _ = apply_target(
+            target.apply, variables, inputs, rngs, [], target_kwargs, initializing
+        )
         return out, flat
 
 
@@ -493,6 +495,54 @@ def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -
         )
 
 
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def is_array(x: Any) -> bool:
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
+
+
+def sample_axes(
+    axis_name: Any, groups: Any, stats: str, error: type[Exception] = ValueError
+) -> Any:
+    """A BatchNorm's ``axis_name`` for one sample (inside ``jax.vmap`` over ``SAMPLE_AXIS``):
+    ``stats="batch"``: ``SAMPLE_AXIS`` first, then the devices' axes (statistics over the
+    samples and devices, as the plain target's over its batch); ``"sample"``: as it is.
+    """
+    if stats == "sample":
+        return axis_name
+    if groups is not None:
+        raise error(
+            "a BatchNorm with axis_index_groups cannot take statistics over the samples of a "
+            "dynamic hypernetwork (its groups name devices, not samples); drop "
+            "axis_index_groups or generate with --batch-norm-stats sample"
+        )
+    names = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return (SAMPLE_AXIS, *names)
+
+
+def check_sample_reduction(x: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse BatchNorm statistics over the samples (a reduction over the ``jax.vmap`` axis) of
+    an input that varies over a ``shard_map`` axis under ``check_vma=True``: JAX (0.10) fails
+    there with a bare AssertionError."""
+    aval = jax.typeof(x) if is_array(x) else None
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older: aval.vma
+    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
+        raise error(
+            f"{where} in training mode takes its statistics over the samples, which JAX cannot "
+            "do inside shard_map with check_vma=True; call shard_map with check_vma=False, or "
+            "generate with --batch-norm-stats sample (each sample's own statistics)"
+        )
+
+
 def get_path(tree: Any, keys: tuple) -> Any:
     """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
     for key in keys:
@@ -573,14 +623,56 @@ def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueE
         check_digest(module.get_variable("layout", "digest"), digest, error)
 
 
+def batch_norm_axes(initializing: bool, stats: str | None = None) -> Callable:
+    """An ``nn.intercept_methods`` interceptor that sets the ``axis_name`` of the target's
+    ``nn.BatchNorm`` layers (exact type) for one run: while the hypernetwork initialises, the
+    devices' axes are dropped (Flax's own init skips them too, so init works outside ``pmap``);
+    per sample (``stats``: dynamic mode, ``"batch"`` or ``"sample"``), :func:`sample_axes`."""
+
+    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        m = context.module
+        if context.method_name != "__call__" or type(m) is not nn.BatchNorm:
+            return next_fun(*args, **kwargs)
+        running = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        running = m.use_running_average if running is None else running
+        if running or (stats in (None, "sample") and not (initializing and m.axis_name)):
+            return next_fun(*args, **kwargs)
+        if stats == "batch":
+            check_sample_reduction(args[0], f"BatchNorm {'/'.join(m.path)}")
+        if stats == "batch" and kwargs.get("mask") is not None:
+            raise ValueError(
+                f"BatchNorm {'/'.join(m.path)} is called with a mask: its statistics over the "
+                "whole batch cannot be made from the samples' own (their masked sizes differ); "
+                "generate with --batch-norm-stats sample"
+            )
+        axes = None if initializing else m.axis_name
+        axes = axes if stats is None else sample_axes(axes, m.axis_index_groups, stats)
+        saved = m.axis_name
+        object.__setattr__(m, "axis_name", axes)  # a frozen dataclass field, read by __call__
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(m, "axis_name", saved)
+
+    return intercept
+
+
 def apply_target(
-    apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
+    apply: Callable,
+    variables: dict,
+    args: tuple,
+    rngs: dict,
+    mutable: list,
+    kwargs: dict,
+    initializing: bool = False,
+    stats: str | None = None,
 ) -> tuple[Any, dict]:
     """``apply(variables, *args, ...)`` (a target's ``apply``), returning ``(output, the updated
-    mutable collections)``."""
-    if not mutable:
-        return apply(variables, *args, rngs=rngs, **kwargs), {}
-    out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+    mutable collections)``; its BatchNorm layers' axes set by :func:`batch_norm_axes`."""
+    with nn.intercept_methods(batch_norm_axes(initializing, stats)):
+        if not mutable:
+            return apply(variables, *args, rngs=rngs, **kwargs), {}
+        out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
     return out, {col: updates[col] for col in mutable}
 
 
@@ -607,6 +699,7 @@ if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = LinenTransformerHyperNetwork()
     inputs = (jnp.zeros((2, 16), dtype=jnp.int32),)
+
     variables = jax.jit(hypernetwork.init)(jax.random.key(0), *inputs)
     own = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"LinenTransformerHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
@@ -614,4 +707,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=545d6612d6492e00423dcfe6d8b7b1e59eeebf09185e0d3f48b64780b20d0171
+# hypernn-gen: sha256=60d2ff0ecc9a36ccb70c51236051747ba670bc8db07e2078667ca217e38d7b83

@@ -497,8 +497,9 @@ if __name__ == "__main__":
     own = sum(x.size for x in jax.tree.leaves(nnx.state(hypernetwork, nnx.Param)))
     print(f"NnxCnnHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (jnp.zeros((2, 8, 8, 1), dtype=jnp.float32),)
+
     output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs))(hypernetwork, *inputs)
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=107f50fe3faec7e7d9d3b581d5180abd005c0e0c150288ce8960a5adbf7f50de
+# hypernn-gen: sha256=0f193ef60bb83b7f355e8aa437d041c522152ac5febed50bec44975eeb710f15

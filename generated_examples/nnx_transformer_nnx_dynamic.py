@@ -376,7 +376,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
                 generated_params = self.generate_params(condition)
             check_flat(generated_params, FLAT_SIZE, dynamic=True)
             step, samples = None, self.unflatten_params(generated_params)
-        return run_per_sample(self.target, samples, inputs, kwargs, step), generated_params
+        return run_per_sample(self.target, samples, inputs, kwargs, step, "batch"), generated_params
 
 
 # -- hypernn-gen kernel 1
@@ -537,9 +537,15 @@ def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -
         )
 
 
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def is_array(x: Any) -> bool:
-    """An array input (batched per sample); anything else is passed to every sample as is."""
-    return isinstance(x, jax.Array | np.ndarray)
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
 
 
 def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) -> None:
@@ -552,6 +558,90 @@ def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) 
                 f"has batch size {size}; give the target inputs and the condition the same "
                 "leading batch dimension"
             )
+
+
+def split_call(
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    rngs_type: Any = None,
+    error: type[Exception] = ValueError,
+) -> tuple[list, Any]:
+    """The per-sample parts of a call ``(args, kwargs)``, and ``one(parts) -> (args, kwargs)``
+    that rebuilds sample ``b``'s call from its parts (inside ``jax.vmap``).
+
+    Per sample: an array with the leading batch dimension (sample ``b`` gets row ``b``, as a
+    batch of one), by position or keyword; a single typed PRNG key and an ``nnx.Rngs``
+    (``rngs_type``), split so that each sample draws from keys of its own, as each row of the
+    plain target's batch does. Shared: everything else (flags, ``None``, 0-d keyword arrays). A
+    keyword array without the batch dimension is refused: which dimension is the batch cannot be
+    known.
+    """
+    values = [*args, *kwargs.values()]
+    parts, kinds = [], []
+    for i, x in enumerate(values):
+        kind = None
+        if is_key(x) and x.ndim == 0:
+            kind, x = "key", jax.random.split(x, batch)
+        elif rngs_type is not None and isinstance(x, rngs_type):
+            kind, x = "rngs", {name: jax.random.split(s(), batch) for name, s in x.items()}
+        elif (is_array(x) or is_key(x)) and (i < len(args) or x.ndim):
+            if x.shape[0] != batch:
+                raise error(
+                    f"dynamic mode made {batch} weight sets but keyword argument "
+                    f"{list(kwargs)[i - len(args)]!r} has shape {tuple(x.shape)}, whose first "
+                    f"dimension is not that batch; each sample runs alone: give it the batch "
+                    "dimension first (jnp.broadcast_to) or build it inside the target"
+                )
+            kind = "row"
+        if kind is not None:
+            parts.append(x)
+            kinds.append((i, kind))
+
+    def one(xs: list) -> tuple[list, dict]:
+        out = list(values)
+        for (i, kind), x in zip(kinds, xs, strict=True):
+            out[i] = x[None] if kind == "row" else rngs_type(**x) if kind == "rngs" else x
+        return out[: len(args)], dict(zip(kwargs, out[len(args) :], strict=True))
+
+    return parts, one
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
+
+
+def sample_axes(
+    axis_name: Any, groups: Any, stats: str, error: type[Exception] = ValueError
+) -> Any:
+    """A BatchNorm's ``axis_name`` for one sample (inside ``jax.vmap`` over ``SAMPLE_AXIS``):
+    ``stats="batch"``: ``SAMPLE_AXIS`` first, then the devices' axes (statistics over the
+    samples and devices, as the plain target's over its batch); ``"sample"``: as it is.
+    """
+    if stats == "sample":
+        return axis_name
+    if groups is not None:
+        raise error(
+            "a BatchNorm with axis_index_groups cannot take statistics over the samples of a "
+            "dynamic hypernetwork (its groups name devices, not samples); drop "
+            "axis_index_groups or generate with --batch-norm-stats sample"
+        )
+    names = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return (SAMPLE_AXIS, *names)
+
+
+def check_sample_reduction(x: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse BatchNorm statistics over the samples (a reduction over the ``jax.vmap`` axis) of
+    an input that varies over a ``shard_map`` axis under ``check_vma=True``: JAX (0.10) fails
+    there with a bare AssertionError."""
+    aval = jax.typeof(x) if is_array(x) else None
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older: aval.vma
+    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
+        raise error(
+            f"{where} in training mode takes its statistics over the samples, which JAX cannot "
+            "do inside shard_map with check_vma=True; call shard_map with check_vma=False, or "
+            "generate with --batch-norm-stats sample (each sample's own statistics)"
+        )
 
 
 def per_sample(x: jax.Array, batch: int) -> jax.Array:
@@ -850,31 +940,44 @@ def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs
 
 
 def run_per_sample(
-    target: nnx.Module, samples: Any, inputs: tuple, kwargs: dict, fused: Callable | None = None
+    target: nnx.Module,
+    samples: Any,
+    inputs: tuple,
+    kwargs: dict,
+    fused: Callable | None = None,
+    stats: str = "batch",
 ) -> Any:
     """Sample ``b`` through the target alone (a batch of 1) with ``samples[b]``, batched with
-    ``jax.vmap``: its weight set, or, with ``fused`` (:func:`fused_path`), its embedding scales.
+    ``jax.vmap`` over ``SAMPLE_AXIS``: its weight set, or, with ``fused`` (:func:`fused_path`),
+    its embedding scales.
 
-    Each sample gets its own copy of the target's state (BatchNorm then sees that sample's
-    statistics, Dropout its own key); the copies' mean is written back afterwards.
+    The call is split per sample by ``split_call`` (arrays by row, a PRNG key and an
+    ``nnx.Rngs`` into keys of each sample's own). Each sample gets its own copy of the target's
+    state (Dropout its own key); BatchNorm in training mode normalises by ``stats``
+    (``"batch"``: over the whole batch; ``"sample"``: alone); the copies' mean is written back
+    afterwards.
     """
     batch = jax.tree.leaves(samples)[0].shape[0]
     graphdef, slots, fixed, rest = nnx.split(target, GeneratedSlot, nnx.Param, ...)
     copies = jax.tree.map(lambda x: per_sample(x, batch), rest)
-    positions = [i for i, x in enumerate(inputs) if is_array(x)]
+    parts, sample_call = split_call(inputs, kwargs, batch, nnx.Rngs)
 
     def one_sample(sample: Any, fixed: nnx.State, own: nnx.State, xs: list) -> tuple[Any, Any]:
-        args = list(inputs)
-        for i, x in zip(positions, xs, strict=True):
-            args[i] = x[None]
+        args, sample_kwargs = sample_call(xs)
         params, layers = (sample, contextlib.nullcontext()) if fused is None else fused(sample)
         module = nnx.merge(graphdef, as_params(slots, params), fixed, own)
+        for path, m in nnx.iter_modules(module):  # this sample's copy: its BatchNorm axes
+            if type(m) is nnx.BatchNorm:
+                m.axis_name = sample_axes(m.axis_name, m.axis_index_groups, stats)
+                if stats == "batch" and m.use_running_average is not True and xs:
+                    where = f"BatchNorm {'.'.join(map(str, path))}"
+                    check_sample_reduction(jax.tree.leaves(xs)[0], where)
         with layers:
-            out = module(*args, **kwargs)
+            out = module(*args, **sample_kwargs)
         return squeeze_sample(out), nnx.state(module, nnx.Not(nnx.Any(nnx.Param, GeneratedSlot)))
 
-    arrays = [inputs[i] for i in positions]
-    out, updated = jax.vmap(one_sample, in_axes=(0, None, 0, 0))(samples, fixed, copies, arrays)
+    vmapped = jax.vmap(one_sample, in_axes=(0, None, 0, 0), axis_name=SAMPLE_AXIS)
+    out, updated = vmapped(samples, fixed, copies, parts)
     nnx.update(target, jax.tree.map(merge_samples, rest, updated))
     return out
 
@@ -888,8 +991,15 @@ def fused_layers(shared: Shared, stacks: tuple, scales: jax.Array) -> Iterator[N
     """While active, the fused layers compute one sample's output from the shared ``stacks`` and
     the sample's ``scales``."""
 
-    def call(module: Any, x: jax.Array) -> jax.Array:
+    def call(module: Any, x: jax.Array, out_sharding: Any = None) -> jax.Array:
         i = module.fused_index
+        if out_sharding is not None:
+            raise ValueError(
+                f"out_sharding={out_sharding!r} on the fused layer "
+                f"{'.'.join(map(str, shared.fused[i].path))}: a fused layer computes one sample "
+                "at a time and cannot place its output; call the "
+                "hypernetwork with return_params=True (materialising path) or drop out_sharding"
+            )
         conv = isinstance(module, nnx.Conv)
         return fused_output(shared.fused[i], stacks[i], shared, scales, module, x, conv)
 
@@ -905,9 +1015,11 @@ class FusedLinear(nnx.Linear):
 
     fused_index: int  # its entry in the fused layers
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return call(self, inputs, out_sharding)
 
 
 class FusedConv(nnx.Conv):
@@ -915,9 +1027,11 @@ class FusedConv(nnx.Conv):
 
     fused_index: int  # its entry in the fused layers
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return call(self, inputs, out_sharding)
 
 
 def install_fusion(target: nnx.Module, fused: Any) -> None:
@@ -961,10 +1075,11 @@ if __name__ == "__main__":
     own = sum(x.size for x in jax.tree.leaves(nnx.state(hypernetwork, nnx.Param)))
     print(f"NnxTransformerHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (jnp.zeros((2, 16), dtype=jnp.int32),)
+
     output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs, return_params=True))(
         hypernetwork, *inputs
     )
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=2e5d58ea5935347dfe43356d70ad7e664a7bcd150a27779f1185f12ea573b979
+# hypernn-gen: sha256=973be87a116d2e73d3e0cc1d462bc93612177c8df75564abd2884d3a1ddc8833

@@ -573,8 +573,9 @@ if __name__ == "__main__":
     own = sum(x.size for x in jax.tree.leaves(nnx.state(hypernetwork, nnx.Param)))
     print(f"NnxTransformerHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (jnp.zeros((2, 16), dtype=jnp.int32),)
+
     output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs))(hypernetwork, *inputs)
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=a71b085845406066e2b8ca619ff08fde786a8f6ed8610a0d63e55030e98e5a7f
+# hypernn-gen: sha256=381e07bcd2d88a3e76510d0227ba08fa84b7751fde6331a3e7850ac1d6478e51

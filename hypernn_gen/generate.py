@@ -33,7 +33,7 @@ from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
 from .layout import Chunking, Layout, checkpoint_digest
-from .load import LoadedTarget, load_target, target_time_limit
+from .load import EXAMPLE_CALL, LoadedTarget, load_target, target_time_limit
 from .options import (
     BACKENDS,
     DEFAULT_EMBEDDING_HIDDEN,
@@ -227,7 +227,9 @@ def build_context(
         target_factory=factory_expression(loaded),
     )
     package = loaded.source_module.__package__ or None  # set for a file imported in its package
-    source = extract_target_source(Path(loaded.path), [loaded.name], package=package)
+    call = example_call_expression(loaded)
+    roots = [loaded.name, *([EXAMPLE_CALL] if call else [])]
+    source = extract_target_source(Path(loaded.path), roots, package=package)
     condition_shape, condition_dtype = None, None
     if options.dynamic:
         if options.condition_shape is not None:
@@ -732,6 +734,8 @@ def flax_decisions(
     if "copy.deepcopy(" in factory_expression(loaded):
         own.append("import copy")
     return {
+        "example_call": example_call_expression(loaded),
+        "batch_norm_stats": options.batch_norm_stats,
         "fused": fused,
         "collections": collections,
         "imports": merge_imports([*own, *kernel.imports]),
@@ -747,6 +751,18 @@ def flax_scaling_roots(framework: str, generator_hidden: bool) -> list[str]:
     if generator_hidden:
         return ["scale_grad"]
     return ["scale_grad", "ScaledDense" if framework == "linen" else "ScaledLinear"]
+
+
+def example_call_expression(loaded: LoadedTarget) -> str | None:
+    """Flax: ``example_call`` or ``example_call()``, how a generated file's ``__main__`` makes the
+    target file's example call (copied with the target); ``None`` without one (and for Torch,
+    whose ``__main__`` writes the call out)."""
+    if loaded.framework == "torch" or loaded.example_call is None:
+        return None
+    made = getattr(loaded.source_module, EXAMPLE_CALL, None)
+    if made is None:
+        return None
+    return EXAMPLE_CALL + "()" if callable(made) else EXAMPLE_CALL
 
 
 def flax_kernel_roots(

@@ -52,6 +52,7 @@ from .seeding import seeded_import
 
 __all__ = [
     "DEFAULT_NAMES",
+    "EXAMPLE_CALL",
     "INPUT_DTYPES",
     "InputSpec",
     "LoadedTarget",

@@ -211,10 +211,9 @@ OPTIONS: tuple[Option, ...] = (
         "batch_norm_stats",
         "choice",
         "batch",
-        "dynamic, BatchNorm in training: batch (default: conditional BatchNorm, the whole "
-        "batch's statistics as the plain target, each sample's own weight and bias) or sample "
-        "(each sample normalised by its own statistics); Torch only for now, Flax files use "
-        "per-sample statistics",
+        "dynamic: BatchNorm in training mode normalises by batch (default: statistics over the "
+        "whole batch, as the plain target, each sample's own scale and bias) or sample (each "
+        "sample by its own statistics, as a batch of one)",
         BATCH_NORM_STATS,
         dynamic_only=True,
     ),

@@ -159,6 +159,12 @@ class TemplateContext:
     #: expressions (tensors as ``torch.randn``/``torch.zeros`` of their shape and dtype)
     example_args: tuple[str, ...] = ()
     example_kwargs: tuple[tuple[str, str], ...] = ()
+    #: Flax ``__main__``: the expression giving the target file's example call ``(args, kwargs)``
+    #: (``example_call`` or ``example_call()``, copied with the target), else ``None``
+    example_call: str | None = None
+    #: Flax dynamic mode: how BatchNorm in training mode normalises the samples (``batch`` or
+    #: ``sample``, ``--batch-norm-stats``)
+    batch_norm_stats: str = "batch"
 
     @property
     def condition_dim(self) -> int | None:

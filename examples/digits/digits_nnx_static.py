@@ -495,8 +495,9 @@ if __name__ == "__main__":
     own = sum(x.size for x in jax.tree.leaves(nnx.state(hypernetwork, nnx.Param)))
     print(f"DigitsCNNHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (jnp.zeros((2, 8, 8, 1), dtype=jnp.float32),)
+
     output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs))(hypernetwork, *inputs)
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=5502daf50c8e07a5ab01e1d258c22dc2a4d4f7209af7d07a0f6d3f294b404d79
+# hypernn-gen: sha256=ceb74d915eb60dfec0725013751276d608365fa0c94cecf0d9e082d7401ae4f0

@@ -208,6 +208,14 @@ def check_batch(args: tuple, batch: int) -> None:
     fk.check_batch(args, batch, HyperNetworkError)
 
 
+def check_batch_norm_stats(stats: str) -> None:
+    if stats not in fk.BATCH_NORM_STATS:
+        raise HyperNetworkError(
+            f"batch_norm_stats must be one of {', '.join(map(repr, fk.BATCH_NORM_STATS))}, "
+            f"got {stats!r}"
+        )
+
+
 def condition_batch(condition: Any) -> int:
     if not is_array(condition) or condition.ndim == 0:
         raise HyperNetworkError(

@@ -209,6 +209,9 @@ class FlaxHyperNetwork(nn.Module):
             decode's scale and shift of each tensor, and the default embedding table and linear
             generator (see :func:`hypernn_gen.design.gradient_multipliers`); ``"off"``: raw
             gradients.
+        batch_norm_stats: dynamic mode, BatchNorm in training mode: ``"batch"`` (default:
+            statistics over the whole batch, each sample's own scale and bias) or ``"sample"``
+            (each sample by its own statistics, as a batch of one).
 
     ``hn.apply(variables, *inputs, generated_params=None, condition=None, **target_kwargs)``
     returns ``(output, generated_params)``, the flat vector ``(flat_size,)`` (static) or
@@ -232,6 +235,7 @@ class FlaxHyperNetwork(nn.Module):
     include: Callable[[str], bool] | None = None
     model_axis: str | None = None
     gradient_scaling: str = "on"
+    batch_norm_stats: str = "batch"
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -268,6 +272,7 @@ class FlaxHyperNetwork(nn.Module):
         """Run the target with generated weights; returns ``(output, generated_params)``."""
         if self.mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {self.mode!r}")
+        c.check_batch_norm_stats(self.batch_norm_stats)
         target = _detached(self.target_network)
         rng_names = [n for n in self.scope.rngs if n != "params"]
         initializing = self.is_initializing()
@@ -315,12 +320,21 @@ class FlaxHyperNetwork(nn.Module):
         values = {col: v.value for col, v in state.items()}
         if dynamic:
             out, updates = lk.run_per_sample(
-                target, params, values, mutable, excluded, rngs, inputs, target_kwargs
+                target,
+                params,
+                values,
+                mutable,
+                excluded,
+                rngs,
+                inputs,
+                target_kwargs,
+                initializing=initializing,
+                stats=self.batch_norm_stats,
             )
         else:
             values["params"] = lk.merge_params(params, excluded)
             out, updates = lk.apply_target(
-                target.apply, values, inputs, rngs, mutable, target_kwargs
+                target.apply, values, inputs, rngs, mutable, target_kwargs, initializing
             )
         if not initializing:  # init keeps the target's own initial state
             for col in mutable:

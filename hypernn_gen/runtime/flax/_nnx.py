@@ -229,6 +229,9 @@ class NNXHyperNetwork(nnx.Module):
             decode's scale and shift of each tensor, and the default embedding table and linear
             generator (see :func:`hypernn_gen.design.gradient_multipliers`); ``"off"``: raw
             gradients.
+        batch_norm_stats: dynamic mode, BatchNorm in training mode: ``"batch"`` (default:
+            statistics over the whole batch, each sample's own scale and bias) or ``"sample"``
+            (each sample by its own statistics, as a batch of one).
         rngs: initialises the embedding and the generator.
 
     ``hn(*inputs, generated_params=None, condition=None, **kwargs)`` returns
@@ -254,11 +257,14 @@ class NNXHyperNetwork(nnx.Module):
         include: Callable[[str], bool] | None = None,
         model_axis: str | None = None,
         gradient_scaling: str = "on",
+        batch_norm_stats: str = "batch",
         rngs: nnx.Rngs,
     ):
         if mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        c.check_batch_norm_stats(batch_norm_stats)
         self.mode = mode
+        self.batch_norm_stats = batch_norm_stats
         self.layout: Layout
         self.chunking: Chunking
         self.layout, self.chunking = c.traced(
@@ -386,5 +392,7 @@ class NNXHyperNetwork(nnx.Module):
         if batch is None:
             out = nk.run_target(self.target, params, inputs, kwargs)
         else:
-            out = nk.run_per_sample(self.target, params, inputs, kwargs)
+            out = nk.run_per_sample(
+                self.target, params, inputs, kwargs, stats=self.batch_norm_stats
+            )
         return out, generated_params
