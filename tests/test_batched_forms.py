@@ -127,12 +127,22 @@ def test_data_dependent_control_flow_runs_once_on_the_whole_batch(tmp_path: Path
     check_against_materialising(generated, plain, zeros, condition=torch.randn(3, 6))
 
 
-def test_the_plain_vmap_path_cannot_run_that_target(tmp_path: Path) -> None:
-    """Why the whole-batch run matters: the materialising path's vmap refuses the branch."""
-    generated, _ = generate(tmp_path, CONTROL_FLOW)
+def test_the_materialising_path_runs_that_target_one_sample_at_a_time(tmp_path: Path) -> None:
+    """vmap cannot run the branch, so the materialising path runs its samples one at a time:
+    each sample alone, even where a zero sample takes the other branch."""
+    generated, target = generate(tmp_path, CONTROL_FLOW)
     hyper = hypernetwork_class(generated)()
-    with pytest.raises(RuntimeError, match="data-dependent control flow"):
-        hyper(torch.randn(3, 6), return_params=True)
+    x = torch.randn(3, 6)
+    x[1] = 0.0  # alone, sample 1 takes branch b
+    condition = torch.randn(3, 6)
+    out, flat = hyper(x, return_params=True, condition=condition)
+    plain = target.Branchy()
+    for b in range(3):
+        weights = {
+            p.path: flat[b, p.offset : p.offset + p.size].view(p.shape) for p in generated.GENERATED
+        }
+        alone = functional_call(plain, weights, (x[b : b + 1],))
+        assert_close(out[b : b + 1], alone, DYNAMIC, f"sample {b}")
 
 
 NORMS = """
