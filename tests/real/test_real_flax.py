@@ -360,7 +360,7 @@ def test_example_call_forms_and_bad_declarations(tmp_path: Path) -> None:
         "    @nn.compact\n    def __call__(self, x, *, train):\n        return nn.Dense(2)(x)\n\n\n"
     )
     cases = {
-        "example_call = (jnp.zeros((1, 3)), jnp.zeros((1, 3)))": r"example_call in .* is a tuple, not \(args, kwargs\)",
+        "example_call = (jnp.zeros((1, 3)), jnp.zeros((1, 3)))": r"example_call in .* is a tuple, not a pair \(positional arguments, keyword arguments\); write",
         "example_call = ((jnp.zeros((1, 3)),), {})\nexample_input = jnp.zeros((1, 3))": "defines both example_call and example_input",
     }
     for i, (tail, message) in enumerate(cases.items()):
