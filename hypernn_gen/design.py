@@ -232,6 +232,23 @@ def gradient_multipliers(
     )
 
 
+def layout_gradient_multipliers(
+    layout: Layout, chunking: Chunking, embedding_dim: int, scaling: str
+) -> tuple[float, float, float] | None:
+    """:func:`gradient_multipliers` of a designed layout, the ``GRADIENT_SCALE`` of generated
+    files and of the runtime (``scaling`` ``"off"``: ``None``, raw gradients)."""
+    if scaling == "off":
+        return None
+    generated = layout.generated
+    return gradient_multipliers(
+        [t.size for t in generated],
+        [t.init_std for t in generated],
+        chunking.num_embeddings,
+        chunking.chunk_dim,
+        embedding_dim,
+    )
+
+
 def parse_widths(text: str | int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
     """Hidden widths from ``"64,64"``, ``64``, ``[64, 64]``; ``"none"``/``""``/``[]`` is no layers."""
     if isinstance(text, int) and not isinstance(text, bool):

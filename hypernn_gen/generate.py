@@ -28,7 +28,7 @@ from .adapters import (
     nnx_lora_adapters,
 )
 from .backends import backend_for, framework_backend
-from .design import design_layout, gradient_multipliers
+from .design import design_layout, layout_gradient_multipliers
 from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
@@ -348,7 +348,9 @@ def build_context(
             "shared": options.lora_generator == "shared",
         },
         base_checkpoint=_relative(options.base) if options.base else None,
-        gradient_scale=gradient_scale_of(options, layout, chunking),
+        gradient_scale=layout_gradient_multipliers(
+            layout, chunking, options.embedding_dim, options.gradient_scaling
+        ),
         options=context_options(options, resolved),
     )
     return (ctx, source) if with_source else ctx
@@ -640,22 +642,6 @@ def example_expression(value: Any) -> str:
     raise GenerationError(
         f"the example call holds {type(value).__name__!r}, which a PyTorch file's __main__ cannot "
         "repeat; use tensors, None, bools, numbers, strings, or tuples/lists/dicts of them"
-    )
-
-
-def gradient_scale_of(
-    options: GenerateOptions, layout: Layout, chunking: Chunking
-) -> tuple[float, float, float] | None:
-    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``)."""
-    if options.gradient_scaling == "off":
-        return None
-    generated = layout.generated
-    return gradient_multipliers(
-        [t.size for t in generated],
-        [t.init_std for t in generated],
-        chunking.num_embeddings,
-        chunking.chunk_dim,
-        options.embedding_dim,
     )
 
 

@@ -39,7 +39,7 @@ from ..design import (
     GRADIENT_SCALINGS,
     check_hidden,
     design_layout,
-    gradient_multipliers,
+    layout_gradient_multipliers,
 )
 from ..errors import HyperNetworkError
 from ..kernel.torch import (
@@ -380,15 +380,10 @@ class TorchHyperNetwork(nn.Module):
 
         generated = self.layout.generated
         #: the multipliers of the table, the generator's weight and bias (None: off)
-        self.gradient_scale: tuple[float, float, float] | None = None
-        if gradient_scaling == "on":
-            self.gradient_scale = gradient_multipliers(
-                [t.size for t in generated],
-                [t.init_std for t in generated],
-                self.num_embeddings,
-                self.hidden_dim,
-                embedding_dim,
-            )
+        self.gradient_scale = layout_gradient_multipliers(
+            self.layout, self.chunking, embedding_dim, gradient_scaling
+        )
+        if self.gradient_scale is not None:
             if isinstance(self.embedding_module, StaticEmbedding | DynamicEmbedding):
                 self.embedding_module.gradient_scale = self.gradient_scale[0]
             if isinstance(self.weight_generator, LinearWeightGenerator):

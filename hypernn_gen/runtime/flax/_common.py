@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...design import GRADIENT_SCALINGS, gradient_multipliers
+from ...design import GRADIENT_SCALINGS, layout_gradient_multipliers
 from ...errors import HyperNetworkError, TraceError
 from ...kernel import flax as fk
 from ...layout import Chunking, Layout
@@ -101,16 +101,7 @@ def gradient_scale(
     (``"on"``/``"off"``: ``None``), the generated files' ``GRADIENT_SCALE``."""
     if scaling not in GRADIENT_SCALINGS:
         raise HyperNetworkError(f"gradient_scaling must be 'on' or 'off', got {scaling!r}")
-    if scaling == "off":
-        return None
-    generated = layout.generated
-    return gradient_multipliers(
-        [t.size for t in generated],
-        [t.init_std for t in generated],
-        chunking.num_embeddings,
-        chunking.chunk_dim,
-        embedding_dim,
-    )
+    return layout_gradient_multipliers(layout, chunking, embedding_dim, scaling)
 
 
 def condition_dim(shape: tuple[int, ...] | None, dim: int | None) -> int | None:
