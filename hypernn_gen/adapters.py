@@ -126,7 +126,7 @@ def check_base(path: str | Path, framework: str) -> None:
             f"--base {path}: no such file; give a msgpack checkpoint "
             "(flax.serialization.msgpack_serialize of the variables)"
         )
-    from .kernel.lora_flax import read_checkpoint
+    from .kernel.flax import read_checkpoint
 
     try:
         tree = read_checkpoint(path)

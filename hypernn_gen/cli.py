@@ -145,12 +145,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
                 init_scheme=options.init_scheme,
             )
             check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
-            try:
-                fusion: FusionPlan | str = plan_fusion(
-                    loaded, layout, chunking, linear_generator=not options.generator_hidden
+            if options.generate == "delta":  # base + delta is built per sample, never fused
+                why = "--generate delta builds each sample's weights (base + delta)"
+                fusion: FusionPlan | str = FusionPlan(
+                    (), (), (("", why),), (("", "per sample", why),)
                 )
-            except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still shown
-                fusion = str(exc)
+            else:
+                try:
+                    fusion = plan_fusion(
+                        loaded, layout, chunking, linear_generator=not options.generator_hidden
+                    )
+                except HypernnGenError as exc:  # dynamic mode is impossible; layout still shown
+                    fusion = str(exc)
     if lora_text is not None:
         print(lora_text)
         return 0

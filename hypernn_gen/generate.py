@@ -106,11 +106,6 @@ def _generate(options: GenerateOptions) -> Generated:
     backend = backend_for(loaded.framework, options.backend, loaded.display)
     if options.backend is None:
         options = replace(options, backend=backend.family)
-    if options.generate == "delta" and loaded.framework != "torch":
-        raise GenerationError(
-            f"--generate delta is implemented for PyTorch targets only so far, and "
-            f"{loaded.display} is a {loaded.framework} target; use --generate weights or lora"
-        )
     if options.base is not None:  # a missing or unreadable checkpoint is refused now
         check_base(options.base, loaded.framework)
     layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
@@ -707,15 +702,19 @@ def flax_decisions(
     """The Linen/NNX decisions (fused, collections) and the kernel section: the definitions of
     ``hypernn_gen/kernel/{flax,linen,nnx}.py`` this file's design uses."""
     framework, dynamic = loaded.framework, options.dynamic
-    fused = bool(dynamic and not options.generator_hidden and fusion is not None and fusion.fused)
+    delta = options.generate == "delta"  # the materialising path: base + delta, sample by sample
+    fused = bool(dynamic and not delta and not options.generator_hidden and fusion and fusion.fused)
     collections = tuple(sorted({t.collection for t in state if t.collection != "params"}))
     excluded = any(t.reason == "excluded" for t in state)
     roots = flax_kernel_roots(framework, dynamic, fused, excluded)
+    roots += ["base_flat"] if delta else []
     if options.gradient_scaling == "on":
         roots += flax_scaling_roots(framework, bool(options.generator_hidden))
     kernel = kernel_source(framework, roots)
     own = list(_FLAX_IMPORTS[framework])
-    if framework == "linen" and (collections or excluded):
+    if delta and not dynamic and not options.generator_hidden:  # a zero-initialised generator
+        own.remove("import math")
+    if framework == "linen" and (collections or excluded or delta):
         own.append("import functools")
     if "copy.deepcopy(" in factory_expression(loaded):
         own.append("import copy")
@@ -723,6 +722,7 @@ def flax_decisions(
         "example_call": example_call_expression(loaded),
         "batch_norm_stats": options.batch_norm_stats,
         "fused": fused,
+        "delta": delta,
         "collections": collections,
         "imports": merge_imports([*own, *kernel.imports]),
         "kernel_imports": kernel.imports,

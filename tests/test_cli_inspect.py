@@ -416,3 +416,25 @@ def test_python_dash_m(tmp_path: Path) -> None:
         "hypernn-gen: error: targets/seed_mlp.py has no 'Nope'; candidates: make_target. "
         "Pass one as targets/seed_mlp.py:NAME"
     ]
+
+
+@pytest.mark.parametrize("target", ["seed_mlp.py", "linen_mlp.py"])
+def test_delta_plan_says_every_sample_runs_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, target: str
+) -> None:
+    """--generate delta builds base + delta per sample: inspect must not claim a fused plan,
+    and the generated dynamic file indeed installs no fused layer."""
+    path = str(TARGETS / target)
+    out = run_ok(capsys, path, "--generate", "delta")
+    assert "dynamic mode: every sample runs through the whole target alone (vmap)" in out
+    assert fusion_section(out) == [
+        [
+            "<root>",
+            "per sample (vmap)",
+            "--generate delta builds each sample's weights (base + delta)",
+        ]
+    ]
+    written = tmp_path / "delta.py"
+    assert cli.main([path, "--mode", "dynamic", "--generate", "delta", "-o", str(written)]) == 0
+    source = written.read_text()
+    assert "install_fusion(" not in source and "Fused" not in source

@@ -8,11 +8,13 @@ call the same code. ``error`` is the exception class a check raises (generated f
 """
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -518,3 +520,55 @@ def fused_output(
     if layer.bias is not None:
         y = y + shared.materialise(layer.bias, scales).astype(dtype)
     return y
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A nested dict of arrays saved with ``flax.serialization.msgpack_serialize`` (Linen: the
+    variables or their ``params``; NNX: ``nnx.state(model).to_pure_dict()``)."""
+    return serialization.msgpack_restore(Path(path).read_bytes())
+
+
+def lookup(tree: Any, keys: tuple) -> Any:
+    """The leaf of a nested dict at ``keys`` (int keys also as strings, as msgpack stores them);
+    ``None`` when absent."""
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree[key] if key in tree else tree.get(str(key))
+    return tree
+
+
+def base_leaf(
+    tree: Any, keys: tuple, shape: tuple, path: str, error: type[Exception] = ValueError
+) -> jax.Array:
+    """The base checkpoint's value at ``keys``, checked against the target's ``shape``."""
+    value = lookup(tree, keys)
+    if value is None or isinstance(value, dict):
+        raise error(f"the base checkpoint has no {path!r}; save the target's own variables")
+    if tuple(value.shape) != tuple(shape):
+        raise error(
+            f"the base checkpoint's {path!r} has shape {tuple(value.shape)}, the target's is "
+            f"{tuple(shape)}; save the variables of this target"
+        )
+    return jnp.asarray(value)
+
+
+def base_flat(
+    params: Any,
+    base: Any,
+    tensors: Any,
+    flat_size: int,
+    collection: str | None = None,
+    error: type[Exception] = ValueError,
+) -> jax.Array:
+    """``--generate delta``'s frozen base, one flat vector ``(flat_size,)``: the generated tensors
+    of ``params`` (the target's own), or of ``base`` when given (a msgpack checkpoint path or a
+    tree; Linen, ``collection="params"``: the variables or their ``params``; NNX:
+    ``nnx.state(model).to_pure_dict()``), each checked against the layout's shape."""
+    if base is None:
+        return jax.lax.stop_gradient(flatten(params, tensors, flat_size, error))
+    tree = read_checkpoint(base) if isinstance(base, (str, Path)) else base
+    if collection is not None and collection in tree:
+        tree = tree[collection]
+    pieces = [base_leaf(tree, t.keys, t.shape, t.path, error).reshape(-1) for t in tensors]
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)

@@ -15,6 +15,7 @@ import jax
 from .flax import (
     SAMPLE_AXIS,
     Shared,
+    base_flat,
     check_batch,
     check_digest,
     check_flat,
@@ -39,6 +40,7 @@ from .flax import (
 )
 
 __all__ = [
+    "base_flat",
     "ScaledDense",
     "Shared",
     "apply_target",

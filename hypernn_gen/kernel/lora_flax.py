@@ -15,12 +15,10 @@ model; the ``A`` heads start at PEFT's scale for ``A`` (std ``1 / sqrt(3 * in)``
 """
 
 import math
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import serialization
 
 
 class Adapter(NamedTuple):
@@ -168,34 +166,3 @@ def merge_adapters(params: dict, adapters: Any, lora: dict, scaling: float) -> d
         a_, b_ = lora[f"{a.path}.lora_A"], lora[f"{a.path}.lora_B"]
         node["kernel"] = merged_kernel(jnp.asarray(node["kernel"]), a_, b_, scaling)
     return out
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A nested dict of arrays saved with ``flax.serialization.msgpack_serialize`` (Linen: the
-    variables or their ``params``; NNX: ``nnx.state(model).to_pure_dict()``)."""
-    return serialization.msgpack_restore(Path(path).read_bytes())
-
-
-def lookup(tree: Any, keys: tuple) -> Any:
-    """The leaf of a nested dict at ``keys`` (int keys also as strings, as msgpack stores them);
-    ``None`` when absent."""
-    for key in keys:
-        if not isinstance(tree, dict):
-            return None
-        tree = tree[key] if key in tree else tree.get(str(key))
-    return tree
-
-
-def base_leaf(
-    tree: Any, keys: tuple, shape: tuple, path: str, error: type[Exception] = ValueError
-) -> jax.Array:
-    """The base checkpoint's value at ``keys``, checked against the target's ``shape``."""
-    value = lookup(tree, keys)
-    if value is None or isinstance(value, dict):
-        raise error(f"the base checkpoint has no {path!r}; save the target's own variables")
-    if tuple(value.shape) != tuple(shape):
-        raise error(
-            f"the base checkpoint's {path!r} has shape {tuple(value.shape)}, the target's is "
-            f"{tuple(shape)}; save the variables of this target"
-        )
-    return jnp.asarray(value)

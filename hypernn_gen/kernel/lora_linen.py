@@ -14,10 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .flax import (
+    base_leaf,
+    read_checkpoint,
+)
 from .lora_flax import (
     Adapter,
     a_head_std,
-    base_leaf,
     check_kernel,
     condition_features,
     head_groups,
@@ -26,7 +29,6 @@ from .lora_flax import (
     lora_output,
     merge_adapters,
     out_features,
-    read_checkpoint,
     split_adapters,
 )
 

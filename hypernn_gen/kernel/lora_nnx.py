@@ -17,10 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .flax import (
+    base_leaf,
+    read_checkpoint,
+)
 from .lora_flax import (
     Adapter,
     a_head_std,
-    base_leaf,
     check_kernel,
     condition_features,
     head_groups,
@@ -28,7 +31,6 @@ from .lora_flax import (
     lora_output,
     merge_adapters,
     out_features,
-    read_checkpoint,
     split_adapters,
 )
 

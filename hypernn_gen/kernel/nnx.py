@@ -18,6 +18,7 @@ from flax import nnx
 from .flax import (
     SAMPLE_AXIS,
     Shared,
+    base_flat,
     check_batch,
     check_digest,
     check_flat,
@@ -42,6 +43,7 @@ from .flax import (
 )
 
 __all__ = [
+    "base_flat",
     "FUSION",
     "FusedConv",
     "FusedLinear",
