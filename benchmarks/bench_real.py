@@ -1,7 +1,7 @@
 """Dynamic mode on real models: the fused whole-batch path against the materialising vmap path.
 
     python benchmarks/bench_real.py [--threads 1] [--batches 16,32] [--rounds 3] [--quick]
-                                    [--eval]
+                                    [--eval] [--only bert|resnet]
 
 Targets: a BERT-style encoder (transformers' ``BertModel`` from a tiny config, nothing
 downloaded; ``benchmarks/targets/bert_tiny.py``, every batch of ``--batches``) and ResNet-18
@@ -18,8 +18,8 @@ statistics, no dropout):
 * ``vmap``: the generated module with ``return_params=True`` (builds the batch x P weights, then
   ``vmap(functional_call)`` over the whole target).
 
-Before timing, ``fused`` and ``vmap`` are checked to agree (outputs and the gradients of every
-hypernetwork parameter; in train mode with every ``nn.Dropout`` at p 0 for the check only, since
+Before timing, ``fused`` and ``vmap`` are checked to agree in float64 (outputs and the gradients of
+every hypernetwork parameter; in train mode with every ``nn.Dropout`` at p 0 for the check only, since
 the two paths draw different dropout masks). Timing is interleaved (round-robin, rotating start) after a warm-up;
 tables give medians and ratios. Peak memory: each candidate in a fresh subprocess, the growth of
 the peak RSS over one forward+backward, next to one batch x P float32 buffer.
@@ -119,8 +119,11 @@ def steps(hyper: Any, plain: Any) -> dict[str, Any]:
 
 
 def check(hyper: Any, x: Any) -> str:
-    """fused == vmap: outputs and gradients; returns the largest relative difference. Dropout
-    is off for the check (each path draws its own masks); BatchNorm keeps the mode."""
+    """fused == vmap: outputs and gradients, in float64; returns the largest relative
+    difference. Dropout is off for the check (each path draws its own masks); BatchNorm keeps
+    the mode. Float64: in train mode ResNet-18's last BatchNorms normalise over batch x 1 x 1
+    values, so float32 gradients of either path are off by more than 100 % from float64 ones
+    (both paths alike: the difference is rounding, not the paths)."""
     import torch
 
     dropouts = [m for m in hyper.modules() if isinstance(m, torch.nn.Dropout)]
@@ -128,6 +131,8 @@ def check(hyper: Any, x: Any) -> str:
     for m in dropouts:
         m.p = 0.0
     state = {k: v.clone() for k, v in hyper.state_dict().items()}  # running statistics
+    hyper.double()
+    x = x.double() if x.is_floating_point() else x
     worst = 0.0
     outs, grads = [], []
     for kwargs in ({}, {"return_params": True}):
@@ -138,11 +143,12 @@ def check(hyper: Any, x: Any) -> str:
         grads.append({n: p.grad.clone() for n, p in hyper.named_parameters() if p.grad is not None})
         hyper.zero_grad(set_to_none=True)
     pairs = [(outs[0], outs[1])] + [(grads[0][n], grads[1][n]) for n in grads[1]]
-    floor = 1e-3 * max(float(b.abs().max()) for _, b in pairs[1:])  # rounding noise on ~0 grads
+    floor = 1e-6 * max(float(b.abs().max()) for _, b in pairs[1:])  # rounding noise on ~0 grads
     for a, b in pairs:
         scale = max(float(b.abs().max()), floor)
         worst = max(worst, float((a - b).abs().max()) / scale)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * scale)
+    hyper.float()
     hyper.load_state_dict(state)
     for m, p in zip(dropouts, saved, strict=True):
         m.p = p
@@ -169,7 +175,8 @@ def time_interleaved(runs: dict[str, Any], x: Any, rounds: int) -> dict[str, Any
 
 def memory_worker(spec: dict[str, Any]) -> None:
     """One candidate in this fresh process: peak RSS growth (MiB) over one forward+backward,
-    after a batch-1 step (allocator, lazy initialisation)."""
+    after a batch-2 step (allocator, lazy initialisation; 2: a train-mode BatchNorm on a 1x1 map
+    needs more than one value per channel)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -178,7 +185,7 @@ def memory_worker(spec: dict[str, Any]) -> None:
     hyper, plain = build(generated, target, spec["train"])
     x = make_input(target, spec["batch"])
     run = steps(hyper, plain)[spec["candidate"]]
-    small = x[:1]
+    small = x[:2]
     run(small)  # allocator and lazy initialisation outside the measurement
     before = peak_rss_kib()
     run(x)
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch 4, 2 rounds, no memory")
     parser.add_argument("--memory-only", action="store_true", help="the memory table only")
     parser.add_argument("--eval", action="store_true", help="eval mode (default: train mode)")
+    parser.add_argument("--only", choices=("bert", "resnet"), help="one target only")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
@@ -239,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     memory_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, path in TARGETS.items():
+            if args.only and not label.lower().startswith(args.only):
+                continue
             generated = generate(path, Path(tmp) / f"{path.stem}_dynamic.py")
             target = import_file(path, path.stem)
             hyper, plain = build(generated, target, not args.eval)

@@ -873,8 +873,11 @@ def run_per_sample(
         for path, m in nnx.iter_modules(module):  # this sample's copy: its BatchNorm axes
             if type(m) is nnx.BatchNorm:
                 m.axis_name = sample_axes(m.axis_name, m.axis_index_groups, stats)
+                where = f"BatchNorm {'.'.join(map(str, path))}"
+                if stats == "batch":
+                    m.__class__ = SamplesBatchNorm
+                    m.where = where
                 if stats == "batch" and m.use_running_average is not True and xs:
-                    where = f"BatchNorm {'.'.join(map(str, path))}"
                     check_sample_reduction(jax.tree.leaves(xs)[0], where)
         with layers:
             out = module(*args, **sample_kwargs)
@@ -884,6 +887,26 @@ def run_per_sample(
     out, updated = vmapped(samples, fixed, copies, parts)
     nnx.update(target, jax.tree.map(merge_samples, rest, updated))
     return out
+
+
+class SamplesBatchNorm(nnx.BatchNorm):
+    """One sample's ``nnx.BatchNorm`` whose statistics span the samples (``stats="batch"``). It
+    refuses ``mask=`` in training: Flax would average the samples' own masked means, not take
+    the masked mean over the whole batch that the plain target takes (masked sizes differ)."""
+
+    where: str  # "BatchNorm <path>", for the message
+
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None
+    ) -> jax.Array:
+        running = self.use_running_average if use_running_average is None else use_running_average
+        if mask is not None and running is not None and not running:
+            raise ValueError(
+                f"{self.where} is called with a mask: its statistics over the whole batch "
+                "cannot be made from the samples' own (their masked sizes differ); generate "
+                "with --batch-norm-stats sample"
+            )
+        return super().__call__(x, use_running_average, mask=mask)
 
 
 # While a fused forward runs: (module, input) -> output of the fused layers, for one sample.
@@ -986,4 +1009,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=2e2ed38a9c1af16bc9228342f551eb6e0bf6f3165d8ebd03c41f60f5779d1ea3
+# hypernn-gen: sha256=e578d2c8409ca798fec26b5fadfc770e1f26ab00e9eeb965fa15516c3091a755

@@ -679,3 +679,52 @@ def test_include_tied_and_dynamic_jit():
     grads = nnx.jit(nnx.grad(lambda m, x: m(x)[0].sum()))(hn, X_MLP)
     assert jnp.abs(grads["target"]["head"]["kernel"][...]).sum() > 0
     assert jnp.abs(grads["weight_generator"]["linear"]["kernel"][...]).sum() > 0
+
+
+class LinenMaskedNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask, train: bool = False):
+        return nn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x), mask=mask)
+
+
+class NNXMaskedNorm(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(3, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x, mask):
+        return self.bn(self.dense(x), mask=mask)
+
+
+def test_batch_norm_with_a_mask_in_batch_statistics_is_refused():
+    """BatchNorm(mask=) in training with statistics over the batch (the default): Flax would
+    average the samples' own masked means, not the plain target's masked mean over the batch,
+    so both runtimes refuse with one line; running statistics and per-sample statistics run."""
+    x = jax.random.normal(jax.random.key(5), (B, 6, 3))
+    mask = jnp.arange(6)[None, :, None] < jnp.array([1, 2, 3, 5, 6])[:, None, None]
+    dynamic = dict(mode="dynamic", rngs=nnx.Rngs(0), condition_dim=18)
+    refusal = (
+        r"^BatchNorm \S+ is called with a mask: .* generate with --batch-norm-stats sample(\n|$)"
+    )
+
+    hn = NNXHyperNetwork(NNXMaskedNorm(nnx.Rngs(0)), **dynamic)
+    with pytest.raises(ValueError, match=refusal.replace(r"\S+", "bn")):
+        hn(x, mask=mask)  # modules start in training mode
+    hn.eval()
+    out, flat = hn(x, mask=mask)
+    target = with_params(NNXMaskedNorm(nnx.Rngs(0)), hn.unflatten_params(flat[1]))
+    target.eval()
+    np.testing.assert_allclose(out[1], target(x[1:2], mask=mask[1:2])[0], **TOL)
+    hn = NNXHyperNetwork(NNXMaskedNorm(nnx.Rngs(0)), **dynamic, batch_norm_stats="sample")
+    out, flat = hn(x, mask=mask)
+    target = with_params(NNXMaskedNorm(nnx.Rngs(0)), hn.unflatten_params(flat[2]))
+    np.testing.assert_allclose(out[2], target(x[2:3], mask=mask[2:3])[0], **TOL)
+
+    hn = FlaxHyperNetwork(LinenMaskedNorm(), mode="dynamic")
+    variables = hn.init(jax.random.key(0), x, mask)
+    with pytest.raises(ValueError, match=refusal.replace(r"\S+", "BatchNorm_0")):
+        hn.apply(variables, x, mask, train=True, mutable=["batch_stats"])
+    out, flat = hn.apply(variables, x, mask)  # running statistics
+    stats = {"batch_stats": variables["batch_stats"]["target"]}
+    params = {"params": unflatten_params(hn.layout(x, mask), flat[3]), **stats}
+    np.testing.assert_allclose(out[3], LinenMaskedNorm().apply(params, x[3:4], mask[3:4])[0], **TOL)
