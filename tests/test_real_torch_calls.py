@@ -341,3 +341,34 @@ def test_a_bad_example_call_is_one_clear_line(
     assert main([str(target), "--mode", "dynamic", "-o", str(tmp_path / "out.py")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+class ReadsItsDtype(nn.Module):
+    """Reads its dtype and device from its first parameter, as transformers' ``self.dtype`` and
+    diffusers' ``self.device`` do (repro: the hypernetwork's copy had no parameter left)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        first = next(self.parameters())
+        return self.lin(ids.to(dtype=first.dtype, device=first.device))
+
+
+def test_a_fully_generated_target_still_has_a_dtype_and_device() -> None:
+    """Every tensor generated: the copy keeps a frozen zero-size parameter that follows
+    ``.double()``, stays out of the state dict, and lets ``forward`` read its dtype."""
+    from hypernn_gen.runtime.torch import TorchHyperNetwork
+
+    torch.manual_seed(0)
+    target = ReadsItsDtype()
+    hn = TorchHyperNetwork(target, mode="static")
+    ids = torch.tensor([[1, 2, 3], [0, 4, 1]])
+    flat = hn.flatten_params(dict(target.named_parameters()))
+    torch.testing.assert_close(hn(ids, generated_params=flat)[0], target(ids))
+    assert not any("anchor" in k for k in hn.state_dict())
+    hn.double()
+    out, _ = hn(ids, generated_params=flat.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, target.double()(ids))

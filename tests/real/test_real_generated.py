@@ -105,6 +105,26 @@ def test_identical_weights_equal_the_plain_target_on_the_batch(
         torch.testing.assert_close(cache.layers[0].keys, own.layers[0].keys)
 
 
+def test_train_mode_batch_norm_equals_the_plain_target_on_the_batch(
+    generated: dict[str, ModuleType],
+) -> None:
+    """ResNet-18 in train mode (layer4 on a 1x1 map), the target's own weights for every sample:
+    output and running statistics are the plain target's on the batch (conditional BatchNorm)."""
+    target = _plain("tv_resnet18").train()
+    hyper = hypernetwork_class(generated["tv_resnet18"])(_plain("tv_resnet18")).train()
+    (x,), _ = _call("tv_resnet18")
+    flat = hyper.flatten_params(dict(target.named_parameters())).expand(2, -1)
+    with torch.no_grad():
+        expected, got = target(x), hyper(x, generated_params=flat)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    own = {k: v for k, v in target.state_dict().items() if k.endswith("running_var")}
+    theirs = {k: v for k, v in hyper.state_dict().items() if k.endswith("running_var")}
+    assert len(own) == len(theirs) == 20
+    for k, v in own.items():
+        mine = min((t for t in theirs if t == k or t.endswith(f".{k}")), key=len)
+        torch.testing.assert_close(theirs[mine], v)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fused_equals_the_materialising_path(generated: dict[str, ModuleType], name: str) -> None:
     torch.manual_seed(0)
@@ -127,12 +147,6 @@ def test_fused_equals_the_materialising_path(generated: dict[str, ModuleType], n
         torch.testing.assert_close(fused_grads[n], g, rtol=1e-3, atol=5e-5 * scale)
 
 
-# Dynamic train mode normalises each sample alone (per-sample BatchNorm statistics): ResNet-18's
-# layer4 sees a 1x1 map at 32x32, one value per channel, refused in one line (as the plain
-# target refuses a batch of one); conditional BatchNorm (batch statistics) will run it.
-ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_one_training_step_gives_finite_nonzero_gradients(
     generated: dict[str, ModuleType], name: str
@@ -140,18 +154,8 @@ def test_one_training_step_gives_finite_nonzero_gradients(
     torch.manual_seed(0)
     hyper = hypernetwork_class(generated[name])().train()
     args, kwargs = _call(name)
-    if name == "tv_resnet18":
-        try:
-            out, _ = hyper(*args, **kwargs)
-        except ValueError as exc:  # per-sample statistics: refused in one clear line
-            message = str(exc)
-            assert "\n" not in message and message.startswith(ONE_VALUE_PER_CHANNEL), message
-            assert "(1, 32, 1, 1) per sample" in message and "normalised alone" in message
-            with pytest.raises(ValueError, match=ONE_VALUE_PER_CHANNEL):  # as the target does
-                _plain(name).train()(args[0][:1])
-            # 64x64 images (layer4: 2x2), conditioned on the 32x32 ones
-            kwargs = {"condition": args[0]}
-            args = (torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)),)
+    # ResNet-18 at 32x32: layer4 sees a 1x1 map; the default conditional BatchNorm takes the
+    # whole batch's statistics, as the plain target does (each sample alone would be refused)
     out, _ = hyper(*args, **kwargs)
     assert torch.isfinite(_main(out)).all()
     _main(out).square().mean().backward()

@@ -34,60 +34,13 @@ def _ids(*shape: int) -> torch.Tensor:
     return torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(1))
 
 
-def bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(cfg)
-
-
-def gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)
-    return transformers.GPT2Model(cfg)
-
-
-def llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaModel(cfg)
-
-
-def t5() -> nn.Module:
-    cfg = transformers.T5Config(
-        vocab_size=100,
-        d_model=32,
-        d_ff=64,
-        d_kv=16,
-        num_layers=2,
-        num_heads=2,
-        decoder_start_token_id=0,
-    )
-    return transformers.T5Model(cfg)
-
-
-def unet() -> nn.Module:
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
+# The tiny configs live in the target files (tests/real/targets, self-contained: a generated
+# file copies its target's factory and imports); the runtime tests build from the same ones.
+TARGETS = Path(__file__).parent / "targets"
+bert, gpt2, llama, t5, unet = (
+    import_file(TARGETS / f"{name}.py").make_target
+    for name in ("hf_bert", "hf_gpt2", "hf_llama", "hf_t5", "diffusers_unet")
+)
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -123,7 +76,7 @@ VISION = {
     "timm_vit": (2, 3, 16, 16),
 }
 for _name, _shape in VISION.items():
-    _factory = import_file(Path(__file__).parent / "targets" / f"{_name}.py").make_target
+    _factory = import_file(TARGETS / f"{_name}.py").make_target
     MODELS[_name] = (
         _factory,
         lambda shape=_shape: (torch.randn(*shape, generator=torch.Generator().manual_seed(2)),),
