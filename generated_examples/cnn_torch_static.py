@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/cnn.py:SmallCNN (torch, class)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=63 chunk_dim=62
-#           chunking=flat init_scheme=target generator_hidden=none
-# layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 75a4cac9dc7e9bd3
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=23 chunk_dim=256
+#           chunking=auto init_scheme=target generator_hidden=none
+# layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 15d20e526271ad0c
 # command:  hypernn-gen generated_examples/targets/cnn.py --backend torch --mode static --embedding-dim 32 -o generated_examples/cnn_torch_static.py
 """Static hypernetwork for SmallCNN (PyTorch).
 
@@ -62,22 +62,22 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 63
-CHUNK_DIM = 62
-FLAT_SIZE = 3_866
-LAYOUT_DIGEST = "75a4cac9dc7e9bd3"
+NUM_EMBEDDINGS = 23
+CHUNK_DIM = 256
+FLAT_SIZE = 5_888
+LAYOUT_DIGEST = "15d20e526271ad0c"
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("features.0.weight", (8, 1, 3, 3), 0, 72, 0.0, 0.19245),
-    ParamSlice("features.0.bias", (8,), 72, 8, 0.0, 0.19245),
-    ParamSlice("features.1.weight", (8,), 80, 8, 1.0, 0.0),
-    ParamSlice("features.1.bias", (8,), 88, 8, 0.0, 0.0),
-    ParamSlice("features.3.weight", (16, 8, 3, 3), 96, 1_152, 0.0, 0.0680414),
-    ParamSlice("features.3.bias", (16,), 1_248, 16, 0.0, 0.0680414),
-    ParamSlice("features.4.weight", (16,), 1_264, 16, 1.0, 0.0),
-    ParamSlice("features.4.bias", (16,), 1_280, 16, 0.0, 0.0),
-    ParamSlice("classifier.weight", (10, 256), 1_296, 2_560, 0.0, 0.0360844),
-    ParamSlice("classifier.bias", (10,), 3_856, 10, 0.0, 0.0360844),
+    ParamSlice("features.0.bias", (8,), 256, 8, 0.0, 0.19245),
+    ParamSlice("features.1.weight", (8,), 512, 8, 1.0, 0.0),
+    ParamSlice("features.1.bias", (8,), 768, 8, 0.0, 0.0),
+    ParamSlice("features.3.weight", (16, 8, 3, 3), 1_024, 1_152, 0.0, 0.0680414),
+    ParamSlice("features.3.bias", (16,), 2_304, 16, 0.0, 0.0680414),
+    ParamSlice("features.4.weight", (16,), 2_560, 16, 1.0, 0.0),
+    ParamSlice("features.4.bias", (16,), 2_816, 16, 0.0, 0.0),
+    ParamSlice("classifier.weight", (10, 256), 3_072, 2_560, 0.0, 0.0360844),
+    ParamSlice("classifier.bias", (10,), 5_632, 10, 0.0, 0.0360844),
 )
 
 
@@ -163,7 +163,7 @@ class SmallCNNHyperNetwork(nn.Module):
         return self.decode(raw[:FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Raw generator output to parameter values, tensor by tensor."""
+        """Raw generator output to parameter values, tensor by tensor (padding: 0)."""
         return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
@@ -330,4 +330,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=fcd93c9fc2ceaa48d8e587bf846e44310bad33b30700cc6c05fd7165db48967b
+# hypernn-gen: sha256=7c93383d116a5a4ca1a9fcbb25a74c0c6d38a4c2a5c32dc33109e2a32ca9fc5d

@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37
-#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
-# layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=40
+#           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
+# layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 3ce348d6e5ce1a99
 # fusion:   fused: Conv_0, Dense_0; per sample: BatchNorm_0
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/linen_cnn_linen_dynamic.py
 """Dynamic hypernetwork for SmallCNN (Flax Linen).
@@ -75,19 +75,19 @@ class ParamSlice(NamedTuple):
 
 EMBEDDING_DIM = 32
 NUM_EMBEDDINGS = 38
-CHUNK_DIM = 37
-FLAT_SIZE = 1_386
-LAYOUT_DIGEST = "17e5c9a94800ee01"
+CHUNK_DIM = 40
+FLAT_SIZE = 1_520
+LAYOUT_DIGEST = "3ce348d6e5ce1a99"
 CONDITION_SHAPE = (8, 8, 1)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("BatchNorm_0.bias", ("BatchNorm_0", "bias"), (8,), 0, 8, 0.0, 0.0),
-    ParamSlice("BatchNorm_0.scale", ("BatchNorm_0", "scale"), (8,), 8, 8, 1.0, 0.0),
-    ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (8,), 16, 8, 0.0, 0.0),
-    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 24, 72, -0.01687, 0.3497),
-    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (10,), 96, 10, 0.0, 0.0),
-    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 106, 1_280, -0.00345, 0.08812),
+    ParamSlice("BatchNorm_0.scale", ("BatchNorm_0", "scale"), (8,), 40, 8, 1.0, 0.0),
+    ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (8,), 80, 8, 0.0, 0.0),
+    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 120, 72, -0.01687, 0.3497),
+    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (10,), 200, 10, 0.0, 0.0),
+    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 240, 1_280, -0.00345, 0.08812),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ("batch_stats",)
@@ -231,8 +231,8 @@ class FusedLayer(NamedTuple):
 
 
 FUSED: tuple[FusedLayer, ...] = (
-    FusedLayer(("Conv_0",), 3, 2, 2),
-    FusedLayer(("Dense_0",), 5, 4, 2),
+    FusedLayer(("Conv_0",), 3, 2, 1),
+    FusedLayer(("Dense_0",), 5, 4, 1),
 )
 # Modules whose generated tensors are materialised per sample, and why.
 PER_SAMPLE: tuple[tuple[str, str], ...] = (("BatchNorm_0", "BatchNorm has no fused form"),)
@@ -674,4 +674,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=fdfd03c41b60cbd9942ebbb1be8c6184ab305af6ec6b1120f2307651a3ce54b9
+# hypernn-gen: sha256=a81941d7d5b6ee5a176e929b196de9e2e0cb2882444bbc59367e206e0f0bb116

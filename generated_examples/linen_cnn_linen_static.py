@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37
-#           chunking=flat init_scheme=target generator_hidden=none
-# layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=40
+#           chunking=auto init_scheme=target generator_hidden=none
+# layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 3ce348d6e5ce1a99
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_cnn_linen_static.py
 """Static hypernetwork for SmallCNN (Flax Linen).
 
@@ -68,17 +68,17 @@ class ParamSlice(NamedTuple):
 
 EMBEDDING_DIM = 32
 NUM_EMBEDDINGS = 38
-CHUNK_DIM = 37
-FLAT_SIZE = 1_386
-LAYOUT_DIGEST = "17e5c9a94800ee01"
+CHUNK_DIM = 40
+FLAT_SIZE = 1_520
+LAYOUT_DIGEST = "3ce348d6e5ce1a99"
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("BatchNorm_0.bias", ("BatchNorm_0", "bias"), (8,), 0, 8, 0.0, 0.0),
-    ParamSlice("BatchNorm_0.scale", ("BatchNorm_0", "scale"), (8,), 8, 8, 1.0, 0.0),
-    ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (8,), 16, 8, 0.0, 0.0),
-    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 24, 72, -0.01687, 0.3497),
-    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (10,), 96, 10, 0.0, 0.0),
-    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 106, 1_280, -0.00345, 0.08812),
+    ParamSlice("BatchNorm_0.scale", ("BatchNorm_0", "scale"), (8,), 40, 8, 1.0, 0.0),
+    ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (8,), 80, 8, 0.0, 0.0),
+    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 120, 72, -0.01687, 0.3497),
+    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (10,), 200, 10, 0.0, 0.0),
+    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 240, 1_280, -0.00345, 0.08812),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ("batch_stats",)
@@ -372,4 +372,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=0eba7b4491f483acc1915b96d0dc4993df3e64845b36be3d17b9e8a60b3ad7c4
+# hypernn-gen: sha256=10029f5a36a520351d2a0ac2961d949682ac71d376d4ac7a6f8b5da957dfac7d

@@ -2,8 +2,8 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71
-#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=78 chunk_dim=64
+#           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # fusion:   fused: Dense_0, Dense_1, Dense_2
 # command:  hypernn-gen generated_examples/targets/linen_mlp.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/linen_mlp_linen_dynamic.py
@@ -65,8 +65,8 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 71
-CHUNK_DIM = 71
+NUM_EMBEDDINGS = 78
+CHUNK_DIM = 64
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "19edc0f11d9aa69c"
 CONDITION_SHAPE = (8,)  # one sample's conditioning input
@@ -219,9 +219,9 @@ class FusedLayer(NamedTuple):
 
 
 FUSED: tuple[FusedLayer, ...] = (
-    FusedLayer(("Dense_0",), 1, 0, 2),
-    FusedLayer(("Dense_1",), 3, 2, 2),
-    FusedLayer(("Dense_2",), 4, None, 2),
+    FusedLayer(("Dense_0",), 1, 0, 1),
+    FusedLayer(("Dense_1",), 3, 2, 1),
+    FusedLayer(("Dense_2",), 4, None, 1),
 )
 # Modules whose generated tensors are materialised per sample, and why.
 PER_SAMPLE: tuple[tuple[str, str], ...] = ()
@@ -634,4 +634,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=564a832e3d993b06929b7ee74221aef253af190488f0f734bbc649d59f7d9619
+# hypernn-gen: sha256=d9dbc78d71fa8304f6ddff71331a790a5b0c227f162eeb160988d8671cf61fa1

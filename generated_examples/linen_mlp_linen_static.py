@@ -2,8 +2,8 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71
-#           chunking=flat init_scheme=target generator_hidden=none
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=78 chunk_dim=64
+#           chunking=auto init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # command:  hypernn-gen generated_examples/targets/linen_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_mlp_linen_static.py
 """Static hypernetwork for MLP (Flax Linen).
@@ -58,8 +58,8 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 71
-CHUNK_DIM = 71
+NUM_EMBEDDINGS = 78
+CHUNK_DIM = 64
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "19edc0f11d9aa69c"
 
@@ -337,4 +337,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=eb78f1b1da34c344e1ef3233ce0c78cead66c88fc4ca3a73ac3a98360bbd2ff2
+# hypernn-gen: sha256=9630e9b63cb20863800f2685c0466bd82b01631b2f413c25c0702205a98ac44b

@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37
-#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
-# layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=40
+#           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
+# layout:   6 generated tensors, 1,386 values, 4 state tensors, digest 64056269635d92fd
 # fusion:   fused: conv, linear; per sample: bn
 # command:  hypernn-gen generated_examples/targets/nnx_cnn.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/nnx_cnn_nnx_dynamic.py
 """Dynamic hypernetwork for NnxCnn (Flax NNX).
@@ -79,19 +79,19 @@ class ParamSlice(NamedTuple):
 
 EMBEDDING_DIM = 32
 NUM_EMBEDDINGS = 38
-CHUNK_DIM = 37
-FLAT_SIZE = 1_386
-LAYOUT_DIGEST = "d19cc5e10d64838d"
+CHUNK_DIM = 40
+FLAT_SIZE = 1_520
+LAYOUT_DIGEST = "64056269635d92fd"
 CONDITION_SHAPE = (8, 8, 1)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("bn.bias", ("bn", "bias"), (8,), 0, 8, 0.0, 0.0),
-    ParamSlice("bn.scale", ("bn", "scale"), (8,), 8, 8, 1.0, 0.0),
-    ParamSlice("conv.bias", ("conv", "bias"), (8,), 16, 8, 0.0, 0.0),
-    ParamSlice("conv.kernel", ("conv", "kernel"), (3, 3, 1, 8), 24, 72, 0.01193, 0.3911),
-    ParamSlice("linear.bias", ("linear", "bias"), (10,), 96, 10, 0.0, 0.0),
-    ParamSlice("linear.kernel", ("linear", "kernel"), (128, 10), 106, 1_280, 0.001358, 0.09037),
+    ParamSlice("bn.scale", ("bn", "scale"), (8,), 40, 8, 1.0, 0.0),
+    ParamSlice("conv.bias", ("conv", "bias"), (8,), 80, 8, 0.0, 0.0),
+    ParamSlice("conv.kernel", ("conv", "kernel"), (3, 3, 1, 8), 120, 72, 0.01193, 0.3911),
+    ParamSlice("linear.bias", ("linear", "bias"), (10,), 200, 10, 0.0, 0.0),
+    ParamSlice("linear.kernel", ("linear", "kernel"), (128, 10), 240, 1_280, 0.001358, 0.09037),
 )
 # The target's other state, kept by the hypernetwork's copy of the target (hypernetwork.target):
 #   BatchStat: bn.mean (8,)
@@ -253,8 +253,8 @@ class FusedLayer(NamedTuple):
 
 
 FUSED: tuple[FusedLayer, ...] = (
-    FusedLayer(("conv",), 3, 2, 2),
-    FusedLayer(("linear",), 5, 4, 2),
+    FusedLayer(("conv",), 3, 2, 1),
+    FusedLayer(("linear",), 5, 4, 1),
 )
 # Modules whose generated tensors are materialised per sample, and why.
 PER_SAMPLE: tuple[tuple[str, str], ...] = (("bn", "BatchNorm has no fused form"),)
@@ -726,4 +726,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=7957c6f75b690cb3ee8caa1a84ec4198915ae2be21c1bbd68cb61a256f535a5f
+# hypernn-gen: sha256=01c9bb24426db2767cb105364fb1969f43fcc230a99421f68c03a7c647b07d7f

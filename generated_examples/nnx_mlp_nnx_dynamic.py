@@ -2,8 +2,8 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_mlp.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=71 chunk_dim=71
-#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=78 chunk_dim=64
+#           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
 # fusion:   fused: hidden1, hidden2, out
 # command:  hypernn-gen generated_examples/targets/nnx_mlp.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/nnx_mlp_nnx_dynamic.py
@@ -74,8 +74,8 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 71
-CHUNK_DIM = 71
+NUM_EMBEDDINGS = 78
+CHUNK_DIM = 64
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "f11016d3d9607959"
 CONDITION_SHAPE = (8,)  # one sample's conditioning input
@@ -243,9 +243,9 @@ class FusedLayer(NamedTuple):
 
 
 FUSED: tuple[FusedLayer, ...] = (
-    FusedLayer(("hidden1",), 1, 0, 2),
-    FusedLayer(("hidden2",), 3, 2, 2),
-    FusedLayer(("out",), 4, None, 2),
+    FusedLayer(("hidden1",), 1, 0, 1),
+    FusedLayer(("hidden2",), 3, 2, 1),
+    FusedLayer(("out",), 4, None, 1),
 )
 # Modules whose generated tensors are materialised per sample, and why.
 PER_SAMPLE: tuple[tuple[str, str], ...] = ()
@@ -717,4 +717,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=ea5e5c329409a63b61eba6860957cc1021c251f9c026c9869d0265d2554363c1
+# hypernn-gen: sha256=5ed5dd3f36c880f3fca1c1a4bebf75bd2eeb36aadb98bff27731b473ed2a6b02

@@ -2,8 +2,8 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_mlp.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71
-#           chunking=flat init_scheme=target generator_hidden=none
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=78 chunk_dim=64
+#           chunking=auto init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
 # command:  hypernn-gen generated_examples/targets/nnx_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_mlp_nnx_static.py
 """Static hypernetwork for NnxMlp (Flax NNX).
@@ -66,8 +66,8 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 71
-CHUNK_DIM = 71
+NUM_EMBEDDINGS = 78
+CHUNK_DIM = 64
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "f11016d3d9607959"
 
@@ -374,4 +374,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=80a86d2bf1de136dbd62e6dc98ba869846d2426b7dbf663190c05c0c3b480823
+# hypernn-gen: sha256=76557020d80139b801abaa32a2c8f087ba4532b59e9f34ba5b473271a952fb0a

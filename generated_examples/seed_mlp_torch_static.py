@@ -2,8 +2,8 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/seed_mlp.py:make_target (torch, factory)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=263 chunk_dim=263
-#           chunking=flat init_scheme=target generator_hidden=none
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=270 chunk_dim=256
+#           chunking=auto init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 69,120 values, 0 state tensors, digest 92f8307eadc3dee6
 # command:  hypernn-gen generated_examples/targets/seed_mlp.py --backend torch --mode static --embedding-dim 32 -o generated_examples/seed_mlp_torch_static.py
 """Static hypernetwork for SeedMlp (PyTorch).
@@ -52,8 +52,8 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 263
-CHUNK_DIM = 263
+NUM_EMBEDDINGS = 270
+CHUNK_DIM = 256
 FLAT_SIZE = 69_120
 LAYOUT_DIGEST = "92f8307eadc3dee6"
 
@@ -299,4 +299,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=4d8715abf11f1fb1da621ef427cf9c41f570a032354271a5b0204161550a901d
+# hypernn-gen: sha256=68bdc19877ab6138bf7fd6e113fa684a19e88c62544ca0534e0bc75bcc6b6c9c

@@ -96,13 +96,37 @@ def format_layout(
     if layout.notes:
         lines += ["", "notes:"] + [f"  - {note}" for note in layout.notes]
     if fusion is not None:
-        lines += ["", *format_fusion(fusion)]
+        lines += ["", *format_fusion(fusion, layout, chunking)]
     return "\n".join(lines)
 
 
-def format_fusion(plan: FusionPlan | str) -> list[str]:
+def predicted_products(plan: FusionPlan, layout: Layout, chunking: Chunking) -> float | None:
+    """The shared products of the fused Linear/Conv layers per product of the target's own:
+    S + 1 per layer (S segments and the generator's bias), or, in Torch, where every row lies in
+    one chunk from a chunk boundary, 1 and one shared row per chunk's worth of rows (``k = C //
+    row`` rows: 1 + k / out)."""
+    generated, c = layout.generated, chunking.chunk_dim
+    total = cost = 0.0
+    for f in plan.fused:
+        if not f.segments or f.weight is None:
+            continue
+        t = generated[f.weight]
+        row = t.size // t.shape[0] if layout.framework == "torch" else t.shape[-1]
+        if layout.framework == "torch" and t.offset % c == 0 and c % row == 0:
+            per_chunk = c // row
+            cost += t.size * (2.0 if per_chunk > 1 else 1.0 + 1.0 / t.shape[0])
+        else:
+            cost += t.size * (f.segments + 1)
+        total += t.size
+    return cost / total if total else None
+
+
+def format_fusion(
+    plan: FusionPlan | str, layout: Layout | None = None, chunking: Chunking | None = None
+) -> list[str]:
     """What a generated dynamic file fuses (whole batch, no per-sample weights) and what it runs
-    per sample, with the reason, one layer per line (a string: why dynamic mode is refused)."""
+    per sample, with the reason, one layer per line (a string: why dynamic mode is refused), and
+    with the layout, the :func:`predicted_products` of the fused layers."""
     if isinstance(plan, str):
         return [f"dynamic mode: not supported: {plan}"]
     rows = [
@@ -113,7 +137,16 @@ def format_fusion(plan: FusionPlan | str) -> list[str]:
     if not rows:
         return ["dynamic mode: no layer owns generated tensors"]
     header = "dynamic mode: fused layers run on the whole batch; per-sample ones under vmap"
-    return [header, *("  " + line for line in _columns(rows, right=()))]
+    lines = [header, *("  " + line for line in _columns(rows, right=()))]
+    ratio = (
+        None if layout is None or chunking is None else predicted_products(plan, layout, chunking)
+    )
+    if ratio is not None:
+        lines.append(
+            f"  predicted cost: {ratio:.2f}x the target's products in the fused Linear/Conv "
+            "layers (S + 1 each; about 1 where chunks hold whole rows)"
+        )
+    return lines
 
 
 def _row(t: TensorSpec) -> list[str]:
@@ -142,7 +175,7 @@ def _totals(layout: Layout, chunking: Chunking) -> list[str]:
     generated, state = layout.generated, layout.state
     hyper = hypernetwork_param_count(layout, chunking)
     n, c, d = chunking.num_embeddings, chunking.chunk_dim, DEFAULT_EMBEDDING_DIM
-    padding = chunking.total - layout.flat_size
+    padding = chunking.total - layout.num_generated
     return _columns(
         [
             ["generated parameters", f"{layout.num_generated:,}", _tensors(len(generated))],

@@ -89,8 +89,7 @@ def build(module: ModuleType, target: str, mode: str) -> tuple[nn.Module, nn.Mod
         copy.deepcopy(plain),
         mode=mode,
         condition_dim=condition_dim,
-        num_embeddings=module.NUM_EMBEDDINGS,
-        embedding_dim=32,
+        embedding_dim=32,  # the default chunking, as the CLI's
     )
     hyper.load_state_dict(runtime.state_dict())
     return plain, hyper, runtime
@@ -379,7 +378,6 @@ def test_excluded_parameters_stay_parameters_of_the_target(mode: str, tmp_path) 
         copy.deepcopy(plain),
         mode=mode,
         condition_dim=64 if mode == "dynamic" else None,
-        num_embeddings=module.NUM_EMBEDDINGS,
         include=lambda path: not path.startswith("classifier."),
     )
     assert set(hyper.state_dict()) == set(runtime.state_dict())

@@ -2,8 +2,8 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/hyper_nn_seed/cartpole_policy.py:make_target (torch, factory)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=260 chunk_dim=260
-#           chunking=flat init_scheme=target generator_hidden=none
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=264 chunk_dim=256
+#           chunking=auto init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 67,584 values, 0 state tensors, digest 20909676f13b0d00
 # command:  hypernn-gen examples/hyper_nn_seed/cartpole_policy.py --backend torch --mode static --embedding-dim 32 -o examples/hyper_nn_seed/cartpole_policy_torch_static.py
 """Static hypernetwork for CartpolePolicy (PyTorch).
@@ -52,8 +52,8 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 260
-CHUNK_DIM = 260
+NUM_EMBEDDINGS = 264
+CHUNK_DIM = 256
 FLAT_SIZE = 67_584
 LAYOUT_DIGEST = "20909676f13b0d00"
 
@@ -299,4 +299,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=e27fab02bbb7bb6cb50b5d9ff535164589f5d4c1644cd9be592734e6f5030ac2
+# hypernn-gen: sha256=3888cc01cb6357d2ff5947171472139ae8cce5f6d1abd5f3064611c8c574333d

@@ -3,7 +3,7 @@
 #
 # target:   examples/hyper_nn_seed/policy.py:make_target (torch, factory)
 # options:  backend=torch mode=static embedding_dim=32 num_embeddings=512 chunk_dim=135
-#           chunking=flat init_scheme=target generator_hidden=none
+#           chunking=auto init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 69,120 values, 0 state tensors, digest 92f8307eadc3dee6
 # command:  hypernn-gen examples/hyper_nn_seed/policy.py --backend torch --mode static --embedding-dim 32 --num-embeddings 512 -o examples/hyper_nn_seed/policy_torch_static.py
 """Static hypernetwork for Policy (PyTorch).
@@ -298,4 +298,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=a388fca47c58dbbc91ec73642fa6fa7ab6f27727dc8357ae25e00ecd2a063837
+# hypernn-gen: sha256=c2588a7a6c401bb56db88a0642df0e9f983317b6e46501bfeef417bb070ed73e

@@ -221,25 +221,86 @@ class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
     scales: Tensor  # (batch, num_embeddings)
-    g0: tuple[Tensor, ...]  # per generated tensor, flat: g0 at its positions
-    bias: tuple[Tensor, ...]  # per generated tensor, flat: bg at its positions
+    table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
+    generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
+    generator_bias: Tensor  # (chunk_dim,): its bias bg
     param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
     param_shift: tuple[Tensor, ...]
     generated: tuple  # the layout
     chunk_dim: int
+    flat_size: int
+    cache: dict  # g0 and bg per generated tensor, computed when first asked for
+
+    def span(self, i: int) -> tuple[int, int, int]:
+        """Tensor i's first chunk, its number of chunks and its start in the first."""
+        p = self.generated[i]
+        first, last = p.offset // self.chunk_dim, (p.offset + p.size - 1) // self.chunk_dim
+        return first, last - first + 1, p.offset - first * self.chunk_dim
+
+    @property
+    def aligned(self) -> bool:
+        """Every tensor starts a chunk (``chunking="tensor"``): no chunk holds two tensors."""
+        if "aligned" not in self.cache:
+            self.cache["aligned"] = all(p.offset % self.chunk_dim == 0 for p in self.generated)
+        return self.cache["aligned"]
+
+    def chunks(self, i: int) -> tuple[Tensor, Tensor]:
+        """Tensor i's chunks: each sample's scales ``(batch, count)`` and the table's rows
+        ``(count, embedding_dim)``; one split of each for all tensors when no chunk holds two."""
+        first, count, _ = self.span(i)
+        if not self.aligned:
+            return self.scales[:, first : first + count], self.table[first : first + count]
+        if "chunks" not in self.cache:
+            sizes, owners, end = [], [], 0
+            for j in range(len(self.generated)):
+                start, n, _ = self.span(j)
+                if start > end:  # never with chunking="tensor"; kept for safety
+                    sizes.append(start - end)
+                    owners.append(-1)
+                sizes.append(n)
+                owners.append(j)
+                end = start + n
+            if self.table.shape[0] > end:
+                sizes.append(self.table.shape[0] - end)
+                owners.append(-1)
+            pieces = zip(owners, self.scales.split(sizes, 1), self.table.split(sizes), strict=True)
+            self.cache["chunks"] = {j: (s, t) for j, s, t in pieces if j >= 0}
+        return self.cache["chunks"][i]
+
+    def g0(self, i: int) -> Tensor:
+        """``G0 = E Wg^T`` at tensor i's positions, flat: chunk by chunk where every tensor
+        starts a chunk (``chunking="tensor"``), else one product split (one backward node)."""
+        if i not in self.cache:
+            if self.aligned:
+                g0 = F.linear(self.chunks(i)[1], self.generator).view(-1)
+                size = self.generated[i].size
+                self.cache[i] = g0 if g0.shape[0] == size else g0[:size]
+            else:
+                sizes, owners = segments(self.generated, self.flat_size)
+                g0 = F.linear(self.table, self.generator).view(-1)[: self.flat_size]
+                pieces = zip(owners, g0.split(sizes), strict=True)
+                self.cache.update((j, v) for j, v in pieces if j < len(self.generated))
+        return self.cache[i]
+
+    def bg(self, i: int) -> Tensor:
+        """The generator's bias at tensor i's positions, flat."""
+        first, count, start = self.span(i)
+        bias = self.generator_bias if count == 1 else self.generator_bias.repeat(count)
+        size = self.generated[i].size
+        return bias if start == 0 and size == bias.shape[0] else bias[start : start + size]
 
     def raw(self, i: int, coeff: Tensor) -> Tensor:
         """Tensor i's values for every sample, ``(batch, size)``, given the scale of the
-        chunk each value lies in, ``(batch, size)``."""
-        raw = torch.addcmul(self.bias[i], coeff, self.g0[i])
-        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw)
+        chunk each value lies in, ``(batch, size)`` (or ``(batch, 1)``: one chunk)."""
+        raw = self.bg(i) + coeff * self.g0(i)  # no addcmul: its backward is heavier
+        return self.param_shift[i] + self.param_scale[i] * raw
 
     def materialise(self, i: int) -> Tensor:
         """Tensor i for every sample, ``(batch, *shape)``."""
-        p, chunk_dim = self.generated[i], self.chunk_dim
-        first, last = p.offset // chunk_dim, (p.offset + p.size - 1) // chunk_dim
-        start = p.offset - first * chunk_dim
-        scales = self.scales[:, first : last + 1, None].expand(-1, -1, chunk_dim).flatten(1)
+        p, (_, count, start), scales = self.generated[i], self.span(i), self.chunks(i)[0]
+        if count == 1:
+            return self.raw(i, scales).view(-1, *p.shape)
+        scales = scales[:, :, None].expand(-1, -1, self.chunk_dim).flatten(1)
         return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
 
 
@@ -250,17 +311,17 @@ def shared_inputs(
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``.
     """
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
-    g0 = F.linear(embedding.weight, generator.weight)
-    bias = generator.bias.expand(embedding.weight.shape[0], -1)
-    sizes = [p.size for p in generated]
     return Shared(
         scales=embedding.scales(condition),
-        g0=g0.view(-1)[:flat_size].split(sizes),  # one split: one node in the backward
-        bias=bias.reshape(-1)[:flat_size].split(sizes),
+        table=embedding.weight,
+        generator=generator.weight,
+        generator_bias=generator.bias,
         param_scale=hypernetwork.param_scale.unbind(),
         param_shift=hypernetwork.param_shift.unbind(),
         generated=generated,
-        chunk_dim=g0.shape[1],
+        chunk_dim=generator.weight.shape[0],
+        flat_size=flat_size,
+        cache={},
     )
 
 
@@ -286,13 +347,15 @@ class FusedIndex(nn.Module):
         super().__init__()
         self.layer = layer
         self.generated, self.chunk_dim, self.num_embeddings = generated, chunk_dim, num_embeddings
+        p = generated[layer.weight]
+        row = p.size // p.shape[0]  # every row in one chunk, chunks starting on rows:
+        self.aligned = p.offset % chunk_dim == 0 and chunk_dim % row == 0  # row_products
         for name, value in self.indices().items():
             self.register_buffer(name, value, persistent=False)
 
     def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
         """The index tensors, computed from the layout alone: ``chunk``, the chunk of each
-        (segment, row) and of each bias value; if S > 1, ``mask[j]``, which weights lie in
-        segment ``j`` of their row."""
+        (segment, row); if S > 1, ``mask[j]``, which weights lie in segment ``j`` of their row."""
         p, segments, chunk_dim = (
             self.generated[self.layer.weight],
             self.layer.segments,
@@ -302,11 +365,7 @@ class FusedIndex(nn.Module):
         first = pos[:, 0] // chunk_dim
         chunk = first[None, :] + torch.arange(segments, device=device)[:, None]
         segment = pos // chunk_dim - first[:, None]
-        chunks = [chunk.clamp(max=self.num_embeddings - 1).flatten()]
-        if self.layer.bias is not None:  # then the chunk of each bias value
-            b = self.generated[self.layer.bias]
-            chunks.append(torch.arange(b.offset, b.offset + b.size, device=device) // chunk_dim)
-        indices = {"chunk": torch.cat(chunks)}
+        indices = {"chunk": chunk.clamp(max=self.num_embeddings - 1).flatten()}
         if segments > 1:
             segment = segment.view(p.shape)
             steps = torch.arange(segments, device=device).view(-1, *(1,) * len(p.shape))
@@ -319,7 +378,7 @@ class FusedIndex(nn.Module):
             getattr(self, name).copy_(value)
 
     def coefficients(self, shared: Shared) -> Tensor:
-        """Each sample's chunk scale for every segment (and bias value), ``(batch, S (+ 1), out)``."""
+        """Each sample's chunk scale for every segment of every row, ``(batch, S, out)``."""
         out = self.generated[self.layer.weight].shape[0]
         return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
 
@@ -354,7 +413,6 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     index: FusedIndex = self.hyper_index[0]
     i, s = index.layer.weight, index.layer.segments
     p = shared.generated[i]
-    g0, bias = shared.g0[i].view(p.shape), shared.bias[i].view(p.shape)  # views, no copies
     linear = isinstance(self, nn.Linear)  # (batch, ..., in) or (batch, in, *spatial)
     if linear:
         channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
@@ -366,19 +424,73 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
 
     if not linear and x.shape[0] * p.size <= GROUPED_CONV_LIMIT:
         y = grouped_conv(self, x, shared.materialise(i))
-        if index.layer.bias is not None:
-            return y + shared.materialise(index.layer.bias).view(channel_shape)
-        return y if self.bias is None else y + self.bias.view(-1, *channel_shape[2:])
-    coeff = index.coefficients(shared)
-    segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
-    y = apply(bias)
-    for j, segment in enumerate(segments):
-        y = y + apply(segment) * coeff[:, j].view(channel_shape)
-    ones = x.sum(-1, keepdim=True) if linear else apply(g0.new_ones(1, *p.shape[1:]))  # 1 x
-    y = shared.param_shift[i] * ones + shared.param_scale[i] * y
-    if index.layer.bias is not None:  # each value's chunk scale is the last row of coeff
-        return y + shared.raw(index.layer.bias, coeff[:, s]).view(channel_shape)
+    elif index.aligned and (linear or self.groups == 1):
+        return row_products(self, shared, index.layer, x, apply, channel_shape)
+    else:
+        g0, bias = shared.g0(i).view(p.shape), shared.bg(i).view(p.shape)  # views, no copies
+        coeff = index.coefficients(shared)
+        segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
+        y = apply(bias)
+        for j, segment in enumerate(segments):
+            y = y + apply(segment) * coeff[:, j].view(channel_shape)
+        ones = x.sum(-1, keepdim=True) if linear else apply(g0.new_ones(1, *p.shape[1:]))  # 1 x
+        y = shared.param_shift[i] * ones + shared.param_scale[i] * y
+    if index.layer.bias is not None:
+        return y + shared.materialise(index.layer.bias).view(channel_shape)
     if self.bias is not None:
+        return y + self.bias.view(channel_shape[1:] if linear else (-1, *channel_shape[2:]))
+    return y
+
+
+def row_products(
+    self: nn.Module,
+    shared: Shared,
+    layer: FusedLayer,
+    x: Tensor,
+    apply: Any,
+    channel_shape: tuple[int, ...],
+) -> Tensor:
+    """The output of a Linear/Conv layer whose weight rows each lie in one chunk, ``k = C // row``
+    rows to a chunk, chunks starting on rows (S = 1). Row ``o = q k + h`` of sample b is
+    ``shift + scale * (s[b, first + q] * G0[first + q, h] + bg[h])`` (``G0[c, h]``, ``bg[h]``:
+    the h-th row-sized piece), so ``W_b x_b = s_b * (M x_b) + R x_b``: one shared product with
+    ``M = scale * G0`` (from the scaled table rows), and one with the k rows
+    ``R[h] = shift + scale * bg[h]``, repeated. When ``k = 1`` and it is cheaper,
+    ``M x = (scale E_rows) (Wg^T x)``: M has rank D. A generated bias in one chunk is
+    ``shift' + scale' * bg + (scale' * G0[c]) s[b, c]``: folded in the same way."""
+    i = layer.weight
+    p, linear = shared.generated[i], isinstance(self, nn.Linear)
+    out, row = p.shape[0], p.size // p.shape[0]
+    per_chunk, count = shared.chunk_dim // row, shared.span(i)[1]
+    scale, shift = shared.param_scale[i], shared.param_shift[i]
+    scales, table = shared.chunks(i)
+    table = table * scale
+    fixed = shift + scale * shared.generator_bias.view(per_chunk, *p.shape[1:])  # R
+    if per_chunk > 1:  # R for every row (a small layer: k > 1 rows to a chunk)
+        fixed = fixed.repeat(count, *(1,) * (len(p.shape) - 1))[:out]
+        scales = scales[:, :, None].expand(-1, -1, per_chunk).flatten(1)[:, :out]
+    rest = apply(fixed)
+    rows = x.numel() // row  # samples (times positions) through the layer
+    dim = table.shape[1]
+    if linear and per_chunk == 1 and dim * (row + out) * rows < row * out * (rows + dim):
+        products = F.linear(x @ shared.generator, table)
+    else:
+        g0 = F.linear(table, shared.generator).view(-1)
+        products = apply((g0 if g0.shape[0] == p.size else g0[: p.size]).view(p.shape))
+    b = layer.bias
+    if b is not None and shared.span(b)[1] == 1 and shared.span(b)[2] == 0:
+        bias_scales, bias_table = shared.chunks(b)
+        bias_scale, size = shared.param_scale[b], shared.generated[b].size
+        g0 = F.linear(bias_table * bias_scale, shared.generator).view(-1)[:size]
+        shape = channel_shape[1:] if linear else (-1, *channel_shape[2:])
+        fixed = shared.param_shift[b] + bias_scale * shared.bg(b)
+        bias_scales = bias_scales.view(-1, *(1,) * (len(channel_shape) - 1))
+        rest = rest + fixed.view(shape) + bias_scales * g0.view(shape)
+        b = None
+    y = rest + products * scales.view(channel_shape)  # no addcmul: a lighter backward
+    if b is not None:
+        return y + shared.materialise(b).view(channel_shape)
+    if layer.bias is None and self.bias is not None:
         return y + self.bias.view(channel_shape[1:] if linear else (-1, *channel_shape[2:]))
     return y
 
@@ -453,7 +565,7 @@ def embedding_forward(self: nn.Module, ids: Tensor) -> Tensor:
     pos = ids.unsqueeze(-1) * p.shape[1] + torch.arange(p.shape[1], device=ids.device)
     sample = torch.arange(ids.shape[0], device=ids.device).view(-1, *(1,) * (pos.dim() - 1))
     coeff = shared.scales[sample, (p.offset + pos) // shared.chunk_dim]
-    raw = torch.addcmul(shared.bias[i][pos], coeff, shared.g0[i][pos])
+    raw = torch.addcmul(shared.bg(i)[pos], coeff, shared.g0(i)[pos])
     return torch.addcmul(shared.param_shift[i], shared.param_scale[i], raw)
 
 
