@@ -43,8 +43,9 @@ step. The output must be a regular file or absent: a symbolic link, FIFO, device
 is refused, with or without `--force` (a link is never written through nor replaced; pass the
 real file as `-o`). Two jobs with the same output are refused. The target's own code runs with
 stdin at end of file and its prints sent to stderr (stdout stays clean for `--json` and
-`--diff`); importing and building it may take `--load-timeout` seconds (default 120, 0: no
-limit), and the working directory is restored if it changes it. Paths in a configured job's
+`--diff`); importing, building and tracing it (its forward runs there too) may take
+`--load-timeout` seconds (default 120, 0: no limit), and the working directory is restored if
+it changes it. Paths in a configured job's
 header are relative to its `pyproject.toml`, so `--check` gives the same answer from any
 subfolder.
 """

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/cnn.py:SmallCNN (torch, class)
-# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=23 chunk_dim=256
+# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=23 chunk_dim=256 gradient_scaling=on
 #           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=1,8,8
 # layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 15d20e526271ad0c
 # fusion:   fused: features.0, features.1, features.3, features.4, classifier
@@ -71,8 +71,10 @@ NUM_EMBEDDINGS = 23
 CHUNK_DIM = 256
 FLAT_SIZE = 5_888
 LAYOUT_DIGEST = "15d20e526271ad0c"
+CHECKPOINT_DIGEST = "5c8a50cab6210c10"  # saved in every state dict, checked on load
 CONDITION_SHAPE = (1, 8, 8)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
+GRADIENT_SCALE = (90.5097, 9.43629, 53.3797)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("features.0.weight", (8, 1, 3, 3), 0, 72, 0.0, 0.19245),
@@ -132,7 +134,7 @@ class SmallCNNEmbedding(nn.Module):
         return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
 
     def forward(self, condition: Tensor) -> Tensor:
-        return self.scales(condition).unsqueeze(-1) * self.weight
+        return self.scales(condition).unsqueeze(-1) * scale_grad(self.weight, GRADIENT_SCALE[0])
 
 
 class SmallCNNWeightGenerator(nn.Module):
@@ -153,19 +155,19 @@ class SmallCNNWeightGenerator(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, embedding: Tensor) -> Tensor:
-        return self.linear(embedding)
+        return scaled_linear(self.linear, embedding, *GRADIENT_SCALE[1:])
 
 
 class SmallCNNHyperNetwork(nn.Module):
-    """Generates the target's trainable tensors per sample: tensor ``t`` is
-    ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the weight
-    generator's output, flattened. ``target_network`` (default ``SmallCNN()``) keeps
-    its buffers and frozen parameters."""
+    """Generates the target's trainable tensors per sample: tensor ``t`` is ``param_shift[t] +
+    param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the generator's output, flat.
+    ``target_network`` (default ``SmallCNN()``) keeps its buffers and frozen parameters."""
 
     def __init__(self, target_network: nn.Module | None = None) -> None:
         super().__init__()
         target_network = SmallCNN() if target_network is None else target_network
         check_layout(target_network, GENERATED)
+        carry_digest(self, CHECKPOINT_DIGEST)
         self.embedding_module = SmallCNNEmbedding()
         self.weight_generator = SmallCNNWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
@@ -212,7 +214,7 @@ class SmallCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Raw generator output to parameter values, tensor by tensor (padding: 0)."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -232,11 +234,9 @@ class SmallCNNHyperNetwork(nn.Module):
     ) -> tuple[Any, Tensor | None]:
         """Run the target with per-sample weights; returns ``(output, generated_params)``, the
         latter ``None`` (the fused path never builds it) unless given or ``return_params``."""
-        condition = args[0] if condition is None and args else condition
-        batch = condition.shape[0] if generated_params is None else generated_params.shape[0]
-        check_batch(args, batch)
+        condition, batch = dynamic_inputs(args, condition, generated_params, FLAT_SIZE)
         if generated_params is None and not return_params:  # fused: no per-sample weights
-            shared = shared_inputs(self, condition, GENERATED, FLAT_SIZE)
+            shared = shared_inputs(self, condition, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
             return run_fused(self.target, self.swapped, shared, args, kwargs), None
         if generated_params is None:
             generated_params = self.generate_params(condition)
@@ -305,6 +305,39 @@ def add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
     state.setdefault(prefix + ANCHOR, getattr(module, ANCHOR).detach())
 
 
+DIGEST_KEY = "layout_digest"  #: the state-dict entry naming the layout a checkpoint was saved from
+
+
+def carry_digest(hypernetwork: nn.Module, digest: str) -> None:
+    """Put ``digest`` (16 hex digits: the layout, chunking, mode and sizes) in every state dict,
+    as 8 bytes under ``DIGEST_KEY``, and refuse to load one that carries another (saved from a
+    hypernetwork of another layout; shapes alone cannot tell). One without it (saved before
+    digests existed, or built by hand) loads as before."""
+    hypernetwork.layout_digest = digest
+    hypernetwork.register_state_dict_post_hook(save_digest)
+    hypernetwork.register_load_state_dict_pre_hook(load_digest)
+
+
+def save_digest(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    device = next(module.parameters()).device  # beside the values it describes
+    digest = list(bytes.fromhex(module.layout_digest))
+    state[prefix + DIGEST_KEY] = torch.tensor(digest, dtype=torch.uint8, device=device)
+
+
+def load_digest(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    saved = state.pop(prefix + DIGEST_KEY, None)
+    if saved is None or saved.is_meta:  # saved before digests existed, or built by hand
+        return
+    found = bytes(saved.tolist()).hex()
+    if found != module.layout_digest:
+        raise ValueError(
+            f"the state dict was saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {module.layout_digest}): its values would land on other tensors; "
+            "load it into the hypernetwork it was saved from, or regenerate this one with that "
+            "target and those options"
+        )
+
+
 def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     """The pieces covering ``[0, flat_size)``: their sizes, and the index in ``generated`` each
     belongs to (``len(generated)``: padding between tensors, chunking="tensor")."""
@@ -322,13 +355,49 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
+def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
+    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    detached = x.detach()
+    return detached + factor * (x - detached)
+
+
+def scaled_linear(
+    layer: nn.Linear, x: Tensor, weight_scale: float | None, bias_scale: float | None
+) -> Tensor:
+    """``layer(x)`` with the gradients of its weight and bias multiplied by the two factors."""
+    bias = None if layer.bias is None else scale_grad(layer.bias, bias_scale)
+    return F.linear(x, scale_grad(layer.weight, weight_scale), bias)
+
+
+def decoder(
+    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
+    their gradients divided by the tensor's size, the number of values they are summed over."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    if gradient_scale is None:
+        return scale, shift
+    factors = [1.0 / p.size for p in generated]
+    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
+    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+
+
 def decode(
-    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+    raw: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Tensor:
     """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
     (leading batch dimensions are kept; padding between tensors is 0)."""
-    scale = param_scale.to(raw.dtype).unbind()
-    shift = param_shift.to(raw.dtype).unbind()
+    scale, shift = decoder(
+        param_scale.to(raw.dtype), param_shift.to(raw.dtype), generated, gradient_scale
+    )
     sizes, owners = segments(generated, flat_size)
     pieces = raw.split(sizes, -1)
     decoded = [
@@ -385,6 +454,41 @@ def check_condition(condition: Tensor, shape: tuple[int, ...]) -> None:
         )
 
 
+def check_flat(flat: Tensor, flat_size: int, dynamic: bool = False) -> None:
+    """``generated_params`` must be ``(flat_size,)`` (static) or ``(batch, flat_size)``."""
+    shape = tuple(flat.shape) if isinstance(flat, Tensor) else type(flat).__name__
+    if not isinstance(flat, Tensor) or flat.dim() != 1 + dynamic or flat.shape[-1] != flat_size:
+        expected = f"(batch, {flat_size})" if dynamic else f"({flat_size},)"
+        raise ValueError(
+            f"generated_params has shape {shape}, expected {expected}; build it with "
+            "flatten_params() or generate_params()"
+        )
+
+
+def dynamic_inputs(
+    args: tuple, condition: Tensor | None, flat: Tensor | None, flat_size: int
+) -> tuple[Tensor, int]:
+    """The condition (default: the first input) and the number of weight sets, checked before
+    PyTorch sees them: ``generated_params`` ``(batch, flat_size)``, a batch of at least one
+    sample and every tensor input batched alike (the condition's shape: ``check_condition``)."""
+    condition = args[0] if condition is None and args else condition
+    if flat is None and (not isinstance(condition, Tensor) or condition.dim() == 0):
+        got = f"shape {tuple(condition.shape)}" if isinstance(condition, Tensor) else condition
+        raise ValueError(
+            f"dynamic mode needs a conditioning input (batch, *condition shape), got {got}; "
+            "pass the target's inputs or condition=... with a leading batch dimension"
+        )
+    if flat is not None:
+        check_flat(flat, flat_size, dynamic=True)
+    batch = (condition if flat is None else flat).shape[0]
+    if batch == 0:
+        raise ValueError(
+            "a batch of 0 samples: dynamic mode makes one weight set per sample; pass at least one"
+        )
+    check_batch(args, batch)
+    return condition, batch
+
+
 def check_batch(args: tuple, batch: int) -> None:
     """Refuse a tensor input whose leading dimension is not the number of weight sets."""
     for i, x in enumerate(args):
@@ -395,33 +499,140 @@ def check_batch(args: tuple, batch: int) -> None:
             )
 
 
+def batched_leaves(batch: int, args: tuple, kwargs: dict, flags: tuple | None = None) -> list[bool]:
+    """Which tensors of a call (``pytree`` leaves of ``(args, kwargs)``, in order) carry the batch
+    first: ``flags`` as the generator's probe recorded them (checked against the shapes), or,
+    without them, those whose first dimension is ``batch`` (the hypernetwork's own inputs)."""
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+    if flags is None:
+        return [x.dim() > 0 and x.shape[0] == batch for x in tensors]
+    if len(flags) != len(tensors) or any(
+        flag and (x.dim() == 0 or x.shape[0] != batch)
+        for x, flag in zip(tensors, flags, strict=False)
+    ):
+        shapes = [tuple(x.shape) for x in tensors]
+        raise ValueError(
+            f"a module run per sample got tensors of shapes {shapes}, not the {len(flags)} "
+            f"inputs (batch of {batch} first: {list(flags)}) seen when the file was generated; "
+            "regenerate the file with an example call like this one"
+        )
+    return list(flags)
+
+
+class Static(NamedTuple):
+    """A slot in an output rebuilt after vmap: the index of a tensor among the outputs."""
+
+    index: int
+
+
+def split_tensors(value: Any, found: list[Tensor], depth: int = 0) -> Any:
+    """``value`` with every tensor in it replaced by its :class:`Static` slot in ``found``.
+
+    Containers and objects that hold tensors (transformers' ``DynamicCache``) are copied, so
+    the tensors a function makes under vmap can leave it; values without tensors (``None``,
+    numbers, strings) are kept as they are, the same for every sample.
+    """
+    if isinstance(value, Tensor):
+        found.append(value)
+        return Static(len(found) - 1)
+    if depth > 6 or value is None or isinstance(value, (bool, int, float, str, type, nn.Module)):
+        return value
+    before = len(found)
+    if isinstance(value, (list, tuple, dict)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        parts = {k: split_tensors(v, found, depth + 1) for k, v in items}
+        if len(found) == before:
+            return value
+        if isinstance(value, dict):
+            clone = copy.copy(value)
+            clone.update(parts)
+            return clone
+        rebuilt = list(parts.values())
+        if isinstance(value, list):
+            return rebuilt
+        return type(value)(*rebuilt) if hasattr(value, "_fields") else tuple(rebuilt)
+    if not hasattr(value, "__dict__"):
+        return value
+    parts = {k: split_tensors(v, found, depth + 1) for k, v in vars(value).items()}
+    if len(found) == before:
+        return value
+    clone = copy.copy(value)
+    vars(clone).update(parts)
+    return clone
+
+
+def fill_tensors(value: Any, tensors: tuple[Tensor, ...], depth: int = 0) -> Any:
+    """The inverse of :func:`split_tensors`: each :class:`Static` slot back to its tensor."""
+    if isinstance(value, Static):
+        return tensors[value.index]
+    if depth > 6 or value is None or isinstance(value, (bool, int, float, str, type, nn.Module)):
+        return value
+    if isinstance(value, dict):
+        value.update({k: fill_tensors(v, tensors, depth + 1) for k, v in value.items()})
+    elif isinstance(value, list):
+        value[:] = [fill_tensors(v, tensors, depth + 1) for v in value]
+    elif isinstance(value, tuple):
+        parts = [fill_tensors(v, tensors, depth + 1) for v in value]
+        return type(value)(*parts) if hasattr(value, "_fields") else tuple(parts)
+    elif hasattr(value, "__dict__"):
+        vars(value).update({k: fill_tensors(v, tensors, depth + 1) for k, v in vars(value).items()})
+    return value
+
+
 def run_per_sample(
-    module: nn.Module, params: dict[str, Tensor], batch: int, args: tuple, kwargs: dict
+    module: nn.Module,
+    params: dict[str, Tensor],
+    batch: int,
+    args: tuple,
+    kwargs: dict,
+    flags: tuple | None = None,
 ) -> Any:
     """Sample b through ``module`` alone with ``params[...][b]``, batched with vmap.
 
-    Inputs with the batch first are split per sample; others (positions, masks) are shared.
+    The tensors of the call that carry the batch first (:func:`batched_leaves`; positional or
+    keyword, in any container) are split per sample; the others (positions, masks) are shared.
+    The output may hold anything: its tensors come back with the batch first, ``None`` and other
+    plain values as they are, containers and objects (``ModelOutput``, ``DynamicCache``) rebuilt.
     In training each sample gets its own copy of the module's buffers (BatchNorm statistics)
     and their mean is written back.
     """
     buffers = dict(module.named_buffers()) if module.training else {}
     copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
-    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch for x in args]
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    split = iter(batched_leaves(batch, args, kwargs, flags))
+    where = [isinstance(x, Tensor) and next(split) for x in leaves]
+    template: list[Any] = []
 
-    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-        xs = tuple(x.unsqueeze(0) if split else x for x, split in zip(xs, batched, strict=True))
-        out = functional_call(module, {**p, **b}, xs, kwargs, tie_weights=False)
-        if not any(batched):
-            return out
-        return pytree.tree_map(lambda o: o.squeeze(0) if isinstance(o, Tensor) else o, out)
+    def one_sample(p: dict[str, Tensor], b: dict[str, Tensor], xs: list[Tensor]) -> tuple:
+        given = iter(xs)
+        full = [next(given).unsqueeze(0) if w else x for x, w in zip(leaves, where, strict=True)]
+        a, k = pytree.tree_unflatten(full, spec)
+        out = functional_call(module, {**p, **b}, a, k, tie_weights=False)
+        found: list[Tensor] = []
+        outs, out_spec = pytree.tree_flatten(out)
+        template.append((out_spec, [split_tensors(o, found) for o in outs]))
+        if any(where):
+            found = [o.squeeze(0) if o.dim() and o.shape[0] == 1 else o for o in found]
+        return tuple(found)
 
-    in_dims = (0, 0, *(0 if split else None for split in batched))
-    output = vmap(one_sample, in_dims=in_dims, randomness="different")(params, copies, *args)
+    xs = [x for x, w in zip(leaves, where, strict=True) if w]
+    try:
+        tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
+    except RuntimeError as exc:
+        if "inplace randomness" not in str(exc):
+            raise
+        raise ValueError(
+            f"{type(module).__name__} draws random numbers in place into a tensor it makes "
+            "(torch.empty(...).bernoulli_(), as DropPath/StochasticDepth do), which cannot run "
+            "per sample under vmap; call it in eval mode, or draw with torch.bernoulli(torch.full"
+            "(...)) / torch.rand(...) < p instead"
+        ) from None
     with torch.no_grad():
         for name, value in copies.items():
             mean = value.float().mean(0) if value.is_floating_point() else value[0]
             buffers[name].copy_(mean.to(buffers[name].dtype))
-    return output
+    out_spec, outs = template[-1]
+    return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
 
 
 # -- Fused per-sample layers: per-sample outputs without per-sample weights --
@@ -535,19 +746,27 @@ class Shared(NamedTuple):
 
 
 def shared_inputs(
-    hypernetwork: nn.Module, condition: Tensor, generated: tuple, flat_size: int
+    hypernetwork: nn.Module,
+    condition: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Shared:
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
-    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``.
-    """
+    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
+    ``gradient_scale``: the multipliers of the table, the generator's weight and bias."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
+    table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
+    scale, shift = decoder(
+        hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
+    )
     return Shared(
         scales=embedding.scales(condition),
-        table=embedding.weight,
-        generator=generator.weight,
-        generator_bias=generator.bias,
-        param_scale=hypernetwork.param_scale.unbind(),
-        param_shift=hypernetwork.param_shift.unbind(),
+        table=scale_grad(embedding.weight, table_scale),
+        generator=scale_grad(generator.weight, weight_scale),
+        generator_bias=scale_grad(generator.bias, bias_scale),
+        param_scale=scale,
+        param_shift=shift,
         generated=generated,
         chunk_dim=generator.weight.shape[0],
         flat_size=flat_size,
@@ -780,7 +999,8 @@ def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     params = {name: shared.materialise(i) for name, i in self.hyper_params}
     self.hyper_shared = None  # inside, the module's own forward runs
     try:
-        return run_per_sample(self, params, shared.scales.shape[0], args, kwargs)
+        batch = shared.scales.shape[0]
+        return run_per_sample(self, params, batch, args, kwargs, self.hyper_batched)
     finally:
         self.hyper_shared = shared
 
@@ -794,11 +1014,14 @@ def install_fusion(
     tied: dict[str, str],
     chunk_dim: int,
     num_embeddings: int,
+    batched: dict[str, tuple[bool, ...]] | None = None,
 ) -> tuple[nn.ModuleList, tuple[nn.Module, ...]]:
     """Swap the forward of fused and per-sample modules (their state and names are unchanged):
     ``forwards[kind]`` for each fused layer (a :class:`FusedLayer` tuple), :func:`per_sample_forward`
     for each module in ``per_sample``, which reads the generated tensors below it (under every
-    name, ``tied``). Returns the index buffers of the Linear/Conv layers and the swapped modules."""
+    name, ``tied``) and splits per sample the tensors of its call that ``batched[path]`` flags
+    (the generator's probe: positional, then keyword tensors). Returns the index buffers of the
+    Linear/Conv layers and the swapped modules."""
     swapped, indices = [], nn.ModuleList()
     for layer in map(FusedLayer._make, fused):
         module = target.get_submodule(layer.path)
@@ -821,6 +1044,7 @@ def install_fusion(
         module.hyper_params = tuple(
             (n[len(prefix) :], i) for n, i in names.items() if n.startswith(prefix)
         )
+        module.hyper_batched = (batched or {}).get(path)
         swapped.append(module)
     for module in swapped:
         module.hyper_shared = None
@@ -838,4 +1062,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=a85f74f9e223d6fb0a54b1c99fcb5e6c1ec6356a9af2e0371c84d4223a752383
+# hypernn-gen: sha256=19ca51b0c15ab212b065764fabdf9efa777ff5e17087438d82499d0e43971a0c

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_transformer.py:make_target (linen, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=128 chunk_dim=128
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=128 chunk_dim=128 gradient_scaling=off
 #           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 93d35e67c3215b11
 # fusion:   fused: Block_0.Dense_0, Block_0.Dense_1; per sample: Block_0.LayerNorm_0, Block_0.LayerNorm_1, Block_0.MultiHeadDotProductAttention_0.key, Block_0.MultiHeadDotProductAttention_0.out, Block_0.MultiHeadDotProductAttention_0.query, Block_0.MultiHeadDotProductAttention_0.value, Embed_0, LayerNorm_0, <root>
@@ -213,6 +213,24 @@ GENERATED: tuple[ParamSlice, ...] = (
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ()
+# Fused layers (per-sample outputs from shared weights, see the kernel's fused_path): module
+# path in the target, indices of its kernel and bias in GENERATED, chunks a kernel row spans.
+FUSED: tuple[tuple[tuple[str, ...], int, int | None, int], ...] = (
+    (("Block_0", "Dense_0"), 1, 0, 1),
+    (("Block_0", "Dense_1"), 3, 2, 1),
+)
+# Modules whose generated tensors are materialised per sample, and why.
+PER_SAMPLE: tuple[tuple[str, str], ...] = (
+    ("Block_0.LayerNorm_0", "LayerNorm has no fused form"),
+    ("Block_0.LayerNorm_1", "LayerNorm has no fused form"),
+    ("Block_0.MultiHeadDotProductAttention_0.key", "DenseGeneral has no fused form"),
+    ("Block_0.MultiHeadDotProductAttention_0.out", "DenseGeneral has no fused form"),
+    ("Block_0.MultiHeadDotProductAttention_0.query", "DenseGeneral has no fused form"),
+    ("Block_0.MultiHeadDotProductAttention_0.value", "DenseGeneral has no fused form"),
+    ("Embed_0", "Embed has no fused form"),
+    ("LayerNorm_0", "LayerNorm has no fused form"),
+    ("", "TinyGPT has no fused form"),
+)
 
 
 def scaled_lecun_normal(
@@ -284,33 +302,6 @@ class LinenTransformerWeightGenerator(nn.Module):
         return raw if mesh is None else split_chunks(raw, self.model_axis)
 
 
-def check_layout(
-    target_network: nn.Module, inputs: tuple, kwargs: dict[str, Any], rng_names: list[str]
-) -> None:
-    """Refuse a target whose ``params`` differ from the generated layout (shapes only: the
-    target's init is traced, not run)."""
-    rngs = {name: jax.random.key(0) for name in ("params", "dropout", *rng_names)}
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(target_network.init(rngs, *inputs, **kwargs)))
-    found = {
-        tuple(getattr(k, "key", k) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get("params", {}))[0]
-    }
-    expected = {p.keys: p.shape for p in GENERATED}
-    if found != expected:
-        diff = next(
-            (
-                f"{'.'.join(keys)}: {shape} expected, found {found.get(keys, 'nothing')}"
-                for keys, shape in expected.items()
-                if found.get(keys) != shape
-            ),
-            f"{len(expected)} parameters expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target and inputs"
-        )
-
-
 def unflatten_params(flat: jax.Array) -> dict[str, Any]:
     """The target's ``params`` tree from a flat vector ``(..., FLAT_SIZE)``; leading batch
     dimensions are kept (``(batch, FLAT_SIZE)`` gives leaves ``(batch, *shape)``)."""
@@ -319,191 +310,7 @@ def unflatten_params(flat: jax.Array) -> dict[str, Any]:
 
 def flatten_params(params: Any) -> jax.Array:
     """The flat vector ``(..., FLAT_SIZE)`` for a target's ``params`` tree (``variables["params"]``)."""
-    pieces = []
-    for p in GENERATED:
-        leaf = params
-        for key in p.keys:
-            leaf = leaf[key]
-        leaf = jnp.asarray(leaf)
-        pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(p.shape)], -1))
-    return concat_flat(pieces, [p.offset for p in GENERATED], FLAT_SIZE)
-
-
-# -- Fused per-sample layers: per-sample outputs without per-sample weights --
-#
-# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
-# (s: per-sample embedding scales, g0: the generator applied to the shared table, without its
-# bias bg). Row r of a Dense/Conv kernel (one input feature; Conv: one input feature at one
-# window position) holds `out` consecutive values, in the chunks first(r) .. first(r) + S - 1, so
-#     y_b = [x_b * s_b[first + 0], ..., x_b * s_b[first + S - 1], x_b] @ stack
-# with `stack` ((S + 1) * rows, out) shared by all samples: under vmap, one GEMM for the whole
-# batch (Conv: on the input's patches). Every other generated tensor is materialised per sample.
-
-
-class FusedLayer(NamedTuple):
-    """A Dense/Conv layer computed from shared weights: its module path in the target, the
-    indices of its kernel and bias in GENERATED (bias None: no bias), and S."""
-
-    path: tuple[str, ...]
-    kernel: int
-    bias: int | None
-    segments: int
-
-
-FUSED: tuple[FusedLayer, ...] = (
-    FusedLayer(("Block_0", "Dense_0"), 1, 0, 1),
-    FusedLayer(("Block_0", "Dense_1"), 3, 2, 1),
-)
-# Modules whose generated tensors are materialised per sample, and why.
-PER_SAMPLE: tuple[tuple[str, str], ...] = (
-    ("Block_0.LayerNorm_0", "LayerNorm has no fused form"),
-    ("Block_0.LayerNorm_1", "LayerNorm has no fused form"),
-    ("Block_0.MultiHeadDotProductAttention_0.key", "DenseGeneral has no fused form"),
-    ("Block_0.MultiHeadDotProductAttention_0.out", "DenseGeneral has no fused form"),
-    ("Block_0.MultiHeadDotProductAttention_0.query", "DenseGeneral has no fused form"),
-    ("Block_0.MultiHeadDotProductAttention_0.value", "DenseGeneral has no fused form"),
-    ("Embed_0", "Embed has no fused form"),
-    ("LayerNorm_0", "LayerNorm has no fused form"),
-    ("", "TinyGPT has no fused form"),
-)
-
-
-def kernel_rows(kernel: Any) -> Any:
-    """A kernel ``(*window, in, out)`` as rows ``(in * prod(window), out)``, in the order of the
-    input's patches (input feature first); a Dense kernel ``(in, out)`` stays as it is."""
-    n = kernel.ndim
-    return kernel.transpose(n - 2, *range(n - 2), n - 1).reshape(-1, kernel.shape[-1])
-
-
-def fused_indices(layer: FusedLayer) -> tuple[np.ndarray, np.ndarray]:
-    """Constants of a fused kernel, as rows: the flat position of each value, and the chunk of
-    each (segment, row), ``(S, rows)``."""
-    p = GENERATED[layer.kernel]
-    position = kernel_rows(p.offset + np.arange(p.size).reshape(p.shape))
-    chunk = position[:, 0] // CHUNK_DIM + np.arange(layer.segments)[:, None]
-    return position, np.minimum(chunk, NUM_EMBEDDINGS - 1)
-
-
-class Shared(NamedTuple):
-    """What every sample's generated tensors are made of (see above)."""
-
-    g0: jax.Array  # (NUM_EMBEDDINGS * CHUNK_DIM,): the generator on the table, without its bias
-    bias: jax.Array  # (CHUNK_DIM,): the generator's bias
-    param_scale: jax.Array
-    param_shift: jax.Array
-
-    def chunk_bias(self, p: ParamSlice) -> jax.Array:
-        """``bias[position % CHUNK_DIM]`` for the values of ``p``, ``p.shape`` (tiled, not
-        gathered: its gradient is a sum, not a scatter)."""
-        start = p.offset % CHUNK_DIM
-        tiled = jnp.tile(self.bias, -(-(start + p.size) // CHUNK_DIM))
-        return tiled[start : start + p.size].reshape(p.shape)
-
-    def materialise(self, i: int, scales: jax.Array) -> jax.Array:
-        """GENERATED[i] for one sample, from its embedding scales ``(NUM_EMBEDDINGS,)``."""
-        p = GENERATED[i]
-        first, start = divmod(p.offset, CHUNK_DIM)  # the chunks p spans, repeated, not gathered
-        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // CHUNK_DIM + 1], CHUNK_DIM)
-        scale = scale[start : start + p.size].reshape(p.shape)
-        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        raw = scale * g0 + self.chunk_bias(p)
-        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
-
-    def params(self, scales: jax.Array) -> dict[str, Any]:
-        """One sample's ``params`` tree of the tensors not fused."""
-        fused = {i for layer in FUSED for i in (layer.kernel, layer.bias)}
-        params: dict[str, Any] = {}
-        for i, p in enumerate(GENERATED):
-            if i not in fused:
-                node = params
-                for key in p.keys[:-1]:
-                    node = node.setdefault(key, {})
-                node[p.keys[-1]] = self.materialise(i, scales)
-        return params
-
-    def stack(self, layer: FusedLayer) -> jax.Array:
-        """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
-        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
-        i, p = layer.kernel, GENERATED[layer.kernel]
-        position, chunk = fused_indices(layer)
-        segment = position // CHUNK_DIM - chunk[0][:, None]
-        w0 = self.param_scale[i] * kernel_rows(
-            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        )
-        parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
-        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
-        # The barrier keeps XLA from folding the construction into every sample's GEMM.
-        return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
-
-
-def conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
-    """The patches ``(..., *spatial, in * prod(window))`` that ``module`` convolves."""
-    window = tuple(module.kernel_size)
-    n = len(window)
-
-    def per_axis(value: Any) -> tuple[int, ...]:
-        return (
-            (1,) * n if value is None else (value,) * n if isinstance(value, int) else tuple(value)
-        )
-
-    padding = module.padding
-    if isinstance(padding, int):
-        padding = [(padding, padding)] * n
-    elif not isinstance(padding, str):
-        padding = [(q, q) if isinstance(q, int) else tuple(q) for q in padding]
-    spec = (0, n + 1, *range(1, n + 1))
-    patches = jax.lax.conv_general_dilated_patches(
-        x.reshape(-1, *x.shape[x.ndim - n - 1 :]),
-        window,
-        per_axis(module.strides),
-        padding,
-        lhs_dilation=per_axis(module.input_dilation),
-        rhs_dilation=per_axis(module.kernel_dilation),
-        dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec),
-        precision=jax.lax.Precision.HIGHEST,  # patches are copies of the input: keep them exact
-    )
-    return patches.reshape(*x.shape[: x.ndim - n - 1], *patches.shape[1:])
-
-
-def fused_output(
-    layer: FusedLayer,
-    stack: jax.Array,
-    shared: Shared,
-    scales: jax.Array,
-    module: Any,
-    x: jax.Array,
-) -> jax.Array:
-    """One sample's output of a fused Dense/Conv ``module`` for its input ``x``."""
-    if isinstance(module, nn.Conv):
-        x = conv_patches(module, x)
-    _, chunk = fused_indices(layer)
-    coeff = jnp.concatenate([scales[chunk], jnp.ones((1, chunk.shape[1]), scales.dtype)])
-    dtype = module.dtype or jnp.result_type(x, stack)
-    x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
-    y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
-    if layer.bias is not None:
-        y = y + shared.materialise(layer.bias, scales).astype(dtype)
-    return y
-
-
-def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Array) -> Callable:
-    """``target.apply`` for one sample: its fused layers compute their output from the shared
-    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is."""
-    found = {layer.path: (layer, stack) for layer, stack in zip(FUSED, stacks, strict=True)}
-
-    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        module = context.module
-        fusible = context.method_name == "__call__" and type(module) in (nn.Dense, nn.Conv)
-        if not fusible or module.path not in found:
-            return next_fun(*args, **kwargs)
-        layer, stack = found[module.path]
-        return fused_output(layer, stack, shared, scales, module, *args, **kwargs)
-
-    def apply(*args: Any, **kwargs: Any) -> Any:
-        with nn.intercept_methods(intercept):
-            return target.apply(*args, **kwargs)
-
-    return apply
+    return flatten(params, GENERATED, FLAT_SIZE)
 
 
 class LinenTransformerHyperNetwork(nn.Module):
@@ -546,14 +353,6 @@ class LinenTransformerHyperNetwork(nn.Module):
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
         return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
 
-    def shared(self) -> Shared:
-        """What all samples share: the (linear) generator on the table, split into its linear
-        part and its bias, and the decoder's scale and shift."""
-        table = self.embedding_module.weight
-        bias = self.weight_generator(jnp.zeros((1, EMBEDDING_DIM), table.dtype))[0]
-        g0 = (self.weight_generator(table) - bias).reshape(-1)
-        return Shared(g0, bias, self.param_scale, self.param_shift)
-
     @nn.compact
     def __call__(
         self,
@@ -576,7 +375,7 @@ class LinenTransformerHyperNetwork(nn.Module):
         rng_names = [name for name in self.scope.rngs if name != "params"]
         initializing = self.is_initializing()
         if initializing:
-            check_layout(target, inputs, target_kwargs, rng_names)
+            check_layout(target, inputs, target_kwargs, rng_names, GENERATED)
         if condition is None:
             condition = next((x for x in inputs if is_array(x)), None)
         if condition is None or condition.ndim == 0:
@@ -584,16 +383,15 @@ class LinenTransformerHyperNetwork(nn.Module):
                 "dynamic mode needs a conditioning input with a leading batch dimension: pass "
                 "the target's inputs or condition=..."
             )
-        batch = condition.shape[0]
-        check_batch(inputs, batch)
+        check_batch(inputs, condition.shape[0])
         # model_axis: the materialising path. Under a model-axis split, XLA's partitioning of
         # the fused path gave the embedding network gradients off by ~1% (jax 0.10, CPU).
         fused = generated_params is None and not return_params and self.model_axis is None
-        shared, stacks, flat = None, (), None
+        flat, step = None, None  # step: the fused path's, for one sample
         if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
-            shared = self.shared()
-            stacks = tuple(shared.stack(layer) for layer in FUSED)
-            samples = self.embedding_module.scales(condition)
+            table, scale, shift = self.embedding_module.weight, self.param_scale, self.param_shift
+            shared = shared_inputs(self.weight_generator, table, scale, shift, GENERATED, FUSED)
+            step, samples = fused_path(target, shared), self.embedding_module.scales(condition)
         elif generated_params is None or initializing:  # init creates the generator's parameters
             flat = self.generate_params(condition)
         if generated_params is not None:
@@ -603,28 +401,12 @@ class LinenTransformerHyperNetwork(nn.Module):
         if not fused:  # samples: per-sample weight sets
             samples = unflatten_params(flat)
         rngs = {name: self.make_rng(name) for name in rng_names}
-        positions = [i for i, x in enumerate(inputs) if is_array(x)]
-        arrays = [inputs[i] for i in positions]
-        sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}  # own keys
-
-        def one_sample(sample: Any, keys: dict, xs: list) -> Any:
-            """Sample ``b``'s output: inputs ``(1, ...)``, weight set ``b`` (fused: its embedding
-            scales)."""
-            args = list(inputs)
-            for i, x in zip(positions, xs, strict=True):
-                args[i] = x[None]
-            p, apply = sample, target.apply
-            if fused:
-                p, apply = shared.params(sample), fused_apply(target, shared, stacks, sample)
-            variables = {"params": p}
-            return squeeze_sample(apply(variables, *args, rngs=keys, **target_kwargs))
-
-        return jax.vmap(one_sample)(samples, sample_rngs, arrays), flat
+        out, _ = run_per_sample(target, samples, {}, [], {}, rngs, inputs, target_kwargs, step)
+        return out, flat
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/flax.py: layout constants
-# (GENERATED, FLAT_SIZE, CHUNK_DIM) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -759,6 +541,330 @@ def squeeze_sample(tree: Any) -> Any:
     return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
 
 
+def get_path(tree: Any, keys: tuple) -> Any:
+    """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
+    for key in keys:
+        tree = tree[key]
+    return tree.get_value() if hasattr(tree, "get_value") else tree
+
+
+def flatten(
+    params: Any, tensors: Any, flat_size: int, error: type[Exception] = ValueError
+) -> jax.Array:
+    """The flat vector ``(..., flat_size)`` for a tree holding the generated tensors (a Linen
+    ``params`` tree, an ``nnx.State`` or pure dict); leading batch dims (the same on every leaf)
+    are kept. The inverse of :func:`unflatten`."""
+    pieces = []
+    for t in tensors:
+        try:
+            leaf = jnp.asarray(get_path(params, t.keys))
+        except (KeyError, IndexError, TypeError) as exc:
+            raise error(
+                f"flatten_params: the parameter tree has no {t.path!r}; pass the target's own "
+                "params tree (Linen: variables['params'], NNX: nnx.state(target, nnx.Param))"
+            ) from exc
+        if leaf.shape[leaf.ndim - len(t.shape) :] != tuple(t.shape):
+            raise error(
+                f"flatten_params: {t.path!r} has shape {leaf.shape}, the layout says {t.shape}; "
+                "pass parameters of the target the hypernetwork was built for"
+            )
+        pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(t.shape)], -1))
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def check_params(found: dict, expected: dict, fix: str) -> None:
+    """Refuse a target whose parameter shapes ``found`` (keys -> shape) differ from the layout's
+    ``expected``; ``fix`` ends the message."""
+    if found != expected:
+        diff = next(
+            (
+                f"{'.'.join(map(str, keys))}: {shape} expected, found {found.get(keys, 'nothing')}"
+                for keys, shape in expected.items()
+                if found.get(keys) != shape
+            ),
+            f"{len(expected)} parameters expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); {fix}"
+        )
+
+
+# -- Fused per-sample layers: per-sample outputs without per-sample weights --
+#
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // chunk_dim] * g0[p] + bg[p % chunk_dim])
+# (s: per-sample embedding scales, g0: the generator applied to the shared table, without its
+# bias bg). Row r of a Dense/Conv kernel (one input feature; Conv: one input feature at one
+# window position) holds `out` consecutive values, in the chunks first(r) .. first(r) + S - 1, so
+#     y_b = [x_b * s_b[first + 0], ..., x_b * s_b[first + S - 1], x_b] @ stack
+# with `stack` ((S + 1) * rows, out) shared by all samples: under vmap, one GEMM for the whole
+# batch (Conv: on the input's patches). Every other generated tensor is materialised per sample.
+
+
+class FusedLayer(NamedTuple):
+    """A Dense/Linear/Conv layer computed from shared weights: its module path in the target,
+    the indices of its kernel and bias in the layout (bias None: no bias), and S."""
+
+    path: tuple
+    kernel: int
+    bias: int | None
+    segments: int
+
+
+def kernel_rows(kernel: Any) -> Any:
+    """A kernel ``(*window, in, out)`` as rows ``(in * prod(window), out)``, in the order of the
+    input's patches (input feature first); a Dense kernel ``(in, out)`` stays as it is."""
+    n = kernel.ndim
+    return kernel.transpose(n - 2, *range(n - 2), n - 1).reshape(-1, kernel.shape[-1])
+
+
+def fused_indices(
+    layer: FusedLayer, tensors: Any, chunk_dim: int, num_embeddings: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Constants of a fused kernel, as rows: the flat position of each value, and the chunk of
+    each (segment, row), ``(S, rows)``."""
+    p = tensors[layer.kernel]
+    position = kernel_rows(p.offset + np.arange(p.size).reshape(p.shape))
+    chunk = position[:, 0] // chunk_dim + np.arange(layer.segments)[:, None]
+    return position, np.minimum(chunk, num_embeddings - 1)
+
+
+class Shared(NamedTuple):
+    """What every sample's generated tensors are made of (see above), and the layout."""
+
+    g0: jax.Array  # (num_embeddings * chunk_dim,): the generator on the table, without its bias
+    bias: jax.Array  # (chunk_dim,): the generator's bias
+    param_scale: jax.Array
+    param_shift: jax.Array
+    tensors: tuple  # the layout's generated tensors
+    fused: tuple[FusedLayer, ...]
+    num_embeddings: int
+
+    def chunk_bias(self, p: Any) -> jax.Array:
+        """``bias[position % chunk_dim]`` for the values of ``p``, ``p.shape`` (tiled, not
+        gathered: its gradient is a sum, not a scatter)."""
+        chunk_dim = self.bias.shape[0]
+        start = p.offset % chunk_dim
+        tiled = jnp.tile(self.bias, -(-(start + p.size) // chunk_dim))
+        return tiled[start : start + p.size].reshape(p.shape)
+
+    def materialise(self, i: int, scales: jax.Array) -> jax.Array:
+        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``."""
+        p, chunk_dim = self.tensors[i], self.bias.shape[0]
+        first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
+        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
+        scale = scale[start : start + p.size].reshape(p.shape)
+        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        raw = scale * g0 + self.chunk_bias(p)
+        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
+
+    def params(self, scales: jax.Array) -> dict:
+        """One sample's tree of the tensors not fused (keyed like ``unflatten``)."""
+        fused = {i for layer in self.fused for i in (layer.kernel, layer.bias)}
+        params: dict = {}
+        for i, p in enumerate(self.tensors):
+            if i not in fused:
+                node = params
+                for key in p.keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[p.keys[-1]] = self.materialise(i, scales)
+        return params
+
+    def stack(self, layer: FusedLayer) -> jax.Array:
+        """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
+        i, p, chunk_dim = layer.kernel, self.tensors[layer.kernel], self.bias.shape[0]
+        position, chunk = fused_indices(layer, self.tensors, chunk_dim, self.num_embeddings)
+        segment = position // chunk_dim - chunk[0][:, None]
+        w0 = self.param_scale[i] * kernel_rows(
+            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        )
+        parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
+        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
+        # The barrier keeps XLA from folding the construction into every sample's GEMM.
+        return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
+
+
+def shared_inputs(
+    generator: Callable,
+    table: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    fused: Any,
+) -> Shared:
+    """What all samples share: the (linear) ``generator`` on the embedding ``table``, split into
+    its linear part and its bias, the decoder's ``scale`` and ``shift``; ``fused``: plain
+    ``(path, kernel, bias, segments)`` tuples."""
+    bias = generator(jnp.zeros((1, table.shape[-1]), table.dtype))[0]
+    g0 = (generator(table) - bias).reshape(-1)
+    layers = tuple(FusedLayer(*layer) for layer in fused)
+    return Shared(g0, bias, scale, shift, tuple(tensors), layers, table.shape[0])
+
+
+def conv_patches(module: Any, x: jax.Array) -> jax.Array:
+    """The patches ``(..., *spatial, in * prod(window))`` that the Conv ``module`` convolves."""
+    window = tuple(module.kernel_size)
+    n = len(window)
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        return (
+            (1,) * n if value is None else (value,) * n if isinstance(value, int) else tuple(value)
+        )
+
+    padding = module.padding
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(q, q) if isinstance(q, int) else tuple(q) for q in padding]
+    spec = (0, n + 1, *range(1, n + 1))
+    patches = jax.lax.conv_general_dilated_patches(
+        x.reshape(-1, *x.shape[x.ndim - n - 1 :]),
+        window,
+        per_axis(module.strides),
+        padding,
+        lhs_dilation=per_axis(module.input_dilation),
+        rhs_dilation=per_axis(module.kernel_dilation),
+        dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec),
+        precision=jax.lax.Precision.HIGHEST,  # patches are copies of the input: keep them exact
+    )
+    return patches.reshape(*x.shape[: x.ndim - n - 1], *patches.shape[1:])
+
+
+def fused_output(
+    layer: FusedLayer,
+    stack: jax.Array,
+    shared: Shared,
+    scales: jax.Array,
+    module: Any,
+    x: jax.Array,
+    conv: bool,
+) -> jax.Array:
+    """One sample's output of a fused Dense/Linear (``conv``: Conv) ``module`` for its input."""
+    if conv:
+        x = conv_patches(module, x)
+    _, chunk = fused_indices(layer, shared.tensors, shared.bias.shape[0], shared.num_embeddings)
+    coeff = jnp.concatenate([scales[chunk], jnp.ones((1, chunk.shape[1]), scales.dtype)])
+    dtype = module.dtype or jnp.result_type(x, stack)
+    x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
+    y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
+def check_layout(
+    target_network: nn.Module,
+    inputs: tuple,
+    kwargs: dict[str, Any],
+    rng_names: list[str],
+    tensors: Any,
+    excluded: Any = (),
+) -> None:
+    """Refuse a target whose ``params`` differ from the generated layout (shapes only: the
+    target's init is traced, not run)."""
+    rngs = {name: jax.random.key(0) for name in ("params", "dropout", *rng_names)}
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(target_network.init(rngs, *inputs, **kwargs)))
+    found = {
+        tuple(getattr(k, "key", k) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get("params", {}))[0]
+    }
+    expected = {p.keys: p.shape for p in tensors}
+    expected.update(excluded)
+    check_params(found, expected, "regenerate the file for the new target and inputs")
+
+
+def merge_params(generated: dict[str, Any], excluded: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of two ``params`` trees with disjoint leaves."""
+    out = dict(generated)
+    for key, value in excluded.items():
+        out[key] = (
+            merge_params(out[key], value) if isinstance(value, dict) and key in out else value
+        )
+    return out
+
+
+def apply_target(
+    apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
+) -> tuple[Any, dict]:
+    """``apply(variables, *args, ...)`` (a target's ``apply``), returning ``(output, the updated
+    mutable collections)``."""
+    if not mutable:
+        return apply(variables, *args, rngs=rngs, **kwargs), {}
+    out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+    return out, {col: updates[col] for col in mutable}
+
+
+def run_per_sample(
+    target: nn.Module,
+    samples: Any,
+    state: dict,
+    mutable: list,
+    excluded: dict,
+    rngs: dict,
+    inputs: tuple,
+    kwargs: dict,
+    fused: Callable | None = None,
+) -> tuple[Any, dict]:
+    """Sample ``b`` through the target alone (a batch of 1) with ``samples[b]``, batched with
+    ``jax.vmap``: its weight set, or, with ``fused`` (:func:`fused_path`), its embedding scales.
+
+    ``state`` holds the target's collections besides ``params``: each sample gets its own copy
+    of the ``mutable`` ones (BatchNorm statistics) and its own rng keys, the frozen ones are
+    shared. Returns the outputs and the mutable collections with the copies' mean written back.
+    """
+    batch = jax.tree.leaves(samples)[0].shape[0]
+    positions = [i for i, x in enumerate(inputs) if is_array(x)]
+    sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}
+    frozen = {col: value for col, value in state.items() if col not in mutable}
+    copies = {col: jax.tree.map(lambda x: per_sample(x, batch), state[col]) for col in mutable}
+
+    def one_sample(sample: Any, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
+        args = list(inputs)
+        for i, x in zip(positions, xs, strict=True):
+            args[i] = x[None]
+        p, apply = (sample, target.apply) if fused is None else fused(sample)
+        variables = {**frozen, **own, "params": merge_params(p, excluded)}
+        out, updates = apply_target(apply, variables, tuple(args), keys, mutable, kwargs)
+        return squeeze_sample(out), updates
+
+    arrays = [inputs[i] for i in positions]
+    out, updates = jax.vmap(one_sample)(samples, copies, sample_rngs, arrays)
+    return out, {col: jax.tree.map(merge_samples, state[col], updates[col]) for col in mutable}
+
+
+def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Array) -> Callable:
+    """``target.apply`` for one sample: its fused layers compute their output from the shared
+    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is."""
+    found = {layer.path: (layer, stack) for layer, stack in zip(shared.fused, stacks, strict=True)}
+
+    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        fusible = context.method_name == "__call__" and type(module) in (nn.Dense, nn.Conv)
+        if not fusible or module.path not in found:
+            return next_fun(*args, **kwargs)
+        layer, stack = found[module.path]
+        conv = isinstance(module, nn.Conv)
+        return fused_output(layer, stack, shared, scales, module, *args, **kwargs, conv=conv)
+
+    def apply(*args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(intercept):
+            return target.apply(*args, **kwargs)
+
+    return apply
+
+
+def fused_path(target: nn.Module, shared: Shared) -> Callable:
+    """The fused path's step for :func:`run_per_sample`: a sample's embedding scales -> (its
+    tensors not fused, ``target.apply`` with the fused layers computing from shared weights)."""
+    stacks = tuple(shared.stack(layer) for layer in shared.fused)
+
+    def sample(scales: jax.Array) -> tuple[dict, Callable]:
+        return shared.params(scales), fused_apply(target, shared, stacks, scales)
+
+    return sample
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -775,4 +881,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=88a255630f18649359f10c7ba552a0833ae7643369d7af27068a6ef0f478558f
+# hypernn-gen: sha256=0bda84df3dbb447b36c9f46aaef3b6f5af064cdd698a13474bf5894693f23838

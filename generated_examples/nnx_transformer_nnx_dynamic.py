@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=128 chunk_dim=128
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=128 chunk_dim=128 gradient_scaling=off
 #           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 1d6d6e76d408c687
 # fusion:   fused: block.fc, block.proj; per sample: block.attn.key, block.attn.out, block.attn.query, block.attn.value, block.ln1, block.ln2, embed, ln_f, <root>
@@ -176,10 +176,24 @@ GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("pos_emb", ("pos_emb",), (16, 32), 15_872, 512, -0.00213, 0.02063),
 )
 
-
-class GeneratedSlot(nnx.Variable):
-    """Where a generated ``nnx.Param`` sits in the hypernetwork's copy of the target: an empty
-    ``(0,)`` array of the parameter's dtype; the values come from the weight generator."""
+# Fused layers (per-sample outputs from shared weights, see the kernel's fused_path): module
+# path in the target, indices of its kernel and bias in GENERATED, chunks a kernel row spans.
+FUSED: tuple[tuple[tuple[str | int, ...], int, int | None, int], ...] = (
+    (("block", "fc"), 9, 8, 1),
+    (("block", "proj"), 15, 14, 1),
+)
+# Modules whose generated tensors are materialised per sample, and why.
+PER_SAMPLE: tuple[tuple[str, str], ...] = (
+    ("block.attn.key", "LinearGeneral has no fused form"),
+    ("block.attn.out", "LinearGeneral has no fused form"),
+    ("block.attn.query", "LinearGeneral has no fused form"),
+    ("block.attn.value", "LinearGeneral has no fused form"),
+    ("block.ln1", "LayerNorm has no fused form"),
+    ("block.ln2", "LayerNorm has no fused form"),
+    ("embed", "Embed has no fused form"),
+    ("ln_f", "LayerNorm has no fused form"),
+    ("", "TinyGPT has no fused form"),
+)
 
 
 def scaled_lecun_normal(
@@ -258,262 +272,6 @@ class NnxTransformerWeightGenerator(nnx.Module):
         return split_chunks(raw, self.model_axis)
 
 
-def check_layout(target_network: nnx.Module) -> None:
-    """Refuse a target whose ``nnx.Param`` variables differ from the generated layout."""
-    found = {
-        tuple(path): tuple(var.get_value().shape)
-        for path, var in nnx.to_flat_state(nnx.state(target_network, nnx.Param))
-    }
-    expected = {p.keys: p.shape for p in GENERATED}
-    if found != expected:
-        diff = next(
-            (
-                f"{'.'.join(map(str, keys))}: {shape} expected, found {found.get(keys, 'nothing')}"
-                for keys, shape in expected.items()
-                if found.get(keys) != shape
-            ),
-            f"{len(expected)} parameters expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target"
-        )
-
-
-def without_generated(target_network: nnx.Module) -> nnx.Module:
-    """A copy of the target whose generated Params are empty ``GeneratedSlot`` placeholders.
-
-    Its other variables are copied (new Variable objects sharing the immutable arrays), so the
-    copy neither holds a second set of weights nor shares state with ``target_network``.
-    """
-    generated = {p.keys for p in GENERATED}
-    graphdef, state = nnx.split(target_network)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if tuple(path) in generated:
-            flat.append((path, GeneratedSlot(jnp.zeros((0,), var.get_value().dtype))))
-        else:
-            flat.append((path, var.copy()))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def as_params(slots: nnx.State, params: dict[Any, Any]) -> nnx.State:
-    """A State of ``nnx.Param`` at the slots' paths, with values from the ``params`` tree."""
-    flat = []
-    for path, _ in nnx.to_flat_state(slots):
-        value = params
-        for key in path:
-            value = value[key]
-        flat.append((path, nnx.Param(value)))
-    return nnx.from_flat_state(flat)
-
-
-# -- Fused per-sample layers: per-sample outputs without per-sample weights --
-#
-# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // CHUNK_DIM] * g0[p] + bg[p % CHUNK_DIM])
-# (s: per-sample embedding scales, g0: the generator applied to the shared table, without its
-# bias bg). Row r of a Linear/Conv kernel (one input feature; Conv: one input feature at one
-# window position) holds `out` consecutive values, in the chunks first(r) .. first(r) + S - 1, so
-#     y_b = [x_b * s_b[first + 0], ..., x_b * s_b[first + S - 1], x_b] @ stack
-# with `stack` ((S + 1) * rows, out) shared by all samples: under vmap, one GEMM for the whole
-# batch (Conv: on the input's patches). Every other generated tensor is materialised per sample.
-
-
-class FusedLayer(NamedTuple):
-    """A Linear/Conv layer computed from shared weights: its module path in the target, the
-    indices of its kernel and bias in GENERATED (bias None: no bias), and S."""
-
-    path: tuple[str | int, ...]
-    kernel: int
-    bias: int | None
-    segments: int
-
-
-FUSED: tuple[FusedLayer, ...] = (
-    FusedLayer(("block", "fc"), 9, 8, 1),
-    FusedLayer(("block", "proj"), 15, 14, 1),
-)
-# Modules whose generated tensors are materialised per sample, and why.
-PER_SAMPLE: tuple[tuple[str, str], ...] = (
-    ("block.attn.key", "LinearGeneral has no fused form"),
-    ("block.attn.out", "LinearGeneral has no fused form"),
-    ("block.attn.query", "LinearGeneral has no fused form"),
-    ("block.attn.value", "LinearGeneral has no fused form"),
-    ("block.ln1", "LayerNorm has no fused form"),
-    ("block.ln2", "LayerNorm has no fused form"),
-    ("embed", "Embed has no fused form"),
-    ("ln_f", "LayerNorm has no fused form"),
-    ("", "TinyGPT has no fused form"),
-)
-FUSED_KEYS = frozenset(
-    GENERATED[i].keys for f in FUSED for i in (f.kernel, f.bias) if i is not None
-)
-# While a fused forward runs: (module, input) -> output of the fused layers, for one sample.
-FUSION: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("fusion", default=None)
-
-
-def kernel_rows(kernel: Any) -> Any:
-    """A kernel ``(*window, in, out)`` as rows ``(in * prod(window), out)``, in the order of the
-    input's patches (input feature first); a Linear kernel ``(in, out)`` stays as it is."""
-    n = kernel.ndim
-    return kernel.transpose(n - 2, *range(n - 2), n - 1).reshape(-1, kernel.shape[-1])
-
-
-def fused_indices(layer: FusedLayer) -> tuple[np.ndarray, np.ndarray]:
-    """Constants of a fused kernel, as rows: the flat position of each value, and the chunk of
-    each (segment, row), ``(S, rows)``."""
-    p = GENERATED[layer.kernel]
-    position = kernel_rows(p.offset + np.arange(p.size).reshape(p.shape))
-    chunk = position[:, 0] // CHUNK_DIM + np.arange(layer.segments)[:, None]
-    return position, np.minimum(chunk, NUM_EMBEDDINGS - 1)
-
-
-class Shared(NamedTuple):
-    """What every sample's generated tensors are made of (see above)."""
-
-    g0: jax.Array  # (NUM_EMBEDDINGS * CHUNK_DIM,): the generator on the table, without its bias
-    bias: jax.Array  # (CHUNK_DIM,): the generator's bias
-    param_scale: jax.Array
-    param_shift: jax.Array
-
-    def chunk_bias(self, p: ParamSlice) -> jax.Array:
-        """``bias[position % CHUNK_DIM]`` for the values of ``p``, ``p.shape`` (tiled, not
-        gathered: its gradient is a sum, not a scatter)."""
-        start = p.offset % CHUNK_DIM
-        tiled = jnp.tile(self.bias, -(-(start + p.size) // CHUNK_DIM))
-        return tiled[start : start + p.size].reshape(p.shape)
-
-    def materialise(self, i: int, scales: jax.Array) -> jax.Array:
-        """GENERATED[i] for one sample, from its embedding scales ``(NUM_EMBEDDINGS,)``."""
-        p = GENERATED[i]
-        first, start = divmod(p.offset, CHUNK_DIM)  # the chunks p spans, repeated, not gathered
-        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // CHUNK_DIM + 1], CHUNK_DIM)
-        scale = scale[start : start + p.size].reshape(p.shape)
-        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        raw = scale * g0 + self.chunk_bias(p)
-        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
-
-    def params(self, scales: jax.Array) -> dict[Any, Any]:
-        """One sample's tree (``nnx.state`` paths) of the tensors not fused."""
-        params: dict[Any, Any] = {}
-        for i, p in enumerate(GENERATED):
-            if p.keys not in FUSED_KEYS:
-                node = params
-                for key in p.keys[:-1]:
-                    node = node.setdefault(key, {})
-                node[p.keys[-1]] = self.materialise(i, scales)
-        return params
-
-    def stack(self, layer: FusedLayer) -> jax.Array:
-        """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
-        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
-        i, p = layer.kernel, GENERATED[layer.kernel]
-        position, chunk = fused_indices(layer)
-        segment = position // CHUNK_DIM - chunk[0][:, None]
-        w0 = self.param_scale[i] * kernel_rows(
-            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        )
-        parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
-        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
-        # The barrier keeps XLA from folding the construction into every sample's GEMM.
-        return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
-
-
-def conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
-    """The patches ``(..., *spatial, in * prod(window))`` that ``module`` convolves."""
-    window = tuple(module.kernel_size)
-    n = len(window)
-
-    def per_axis(value: Any) -> tuple[int, ...]:
-        return (
-            (1,) * n if value is None else (value,) * n if isinstance(value, int) else tuple(value)
-        )
-
-    padding = module.padding
-    if isinstance(padding, int):
-        padding = [(padding, padding)] * n
-    elif not isinstance(padding, str):
-        padding = [(q, q) if isinstance(q, int) else tuple(q) for q in padding]
-    spec = (0, n + 1, *range(1, n + 1))
-    patches = jax.lax.conv_general_dilated_patches(
-        x.reshape(-1, *x.shape[x.ndim - n - 1 :]),
-        window,
-        per_axis(module.strides),
-        padding,
-        lhs_dilation=per_axis(module.input_dilation),
-        rhs_dilation=per_axis(module.kernel_dilation),
-        dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec),
-        precision=jax.lax.Precision.HIGHEST,  # patches are copies of the input: keep them exact
-    )
-    return patches.reshape(*x.shape[: x.ndim - n - 1], *patches.shape[1:])
-
-
-def fused_output(
-    layer: FusedLayer,
-    stack: jax.Array,
-    shared: Shared,
-    scales: jax.Array,
-    module: Any,
-    x: jax.Array,
-) -> jax.Array:
-    """One sample's output of a fused Linear/Conv ``module`` for its input ``x``."""
-    if isinstance(module, nnx.Conv):
-        x = conv_patches(module, x)
-    _, chunk = fused_indices(layer)
-    coeff = jnp.concatenate([scales[chunk], jnp.ones((1, chunk.shape[1]), scales.dtype)])
-    dtype = module.dtype or jnp.result_type(x, stack)
-    x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
-    y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
-    if layer.bias is not None:
-        y = y + shared.materialise(layer.bias, scales).astype(dtype)
-    return y
-
-
-@contextlib.contextmanager
-def fused_layers(shared: Shared, stacks: tuple, scales: jax.Array | None) -> Iterator[None]:
-    """While active, the fused layers compute one sample's output from the shared ``stacks`` and
-    the sample's ``scales`` (``None``: from their own Params, as plain layers)."""
-
-    def call(module: Any, x: jax.Array) -> jax.Array:
-        i = module.fused_index
-        return fused_output(FUSED[i], stacks[i], shared, scales, module, x)
-
-    token = FUSION.set(None if scales is None else call)
-    try:
-        yield
-    finally:
-        FUSION.reset(token)
-
-
-class FusedLinear(nnx.Linear):
-    """``nnx.Linear`` that computes from shared weights while ``fused_layers`` is active."""
-
-    fused_index: int  # its entry in FUSED
-
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
-
-
-class FusedConv(nnx.Conv):
-    """``nnx.Conv`` that computes from shared weights while ``fused_layers`` is active."""
-
-    fused_index: int  # its entry in FUSED
-
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
-
-
-def install_fusion(target: nnx.Module) -> None:
-    """Turn the target's fused layers into ``FusedLinear``/``FusedConv`` (same variables)."""
-    modules = dict(nnx.iter_modules(target))
-    for i, layer in enumerate(FUSED):
-        module = modules[layer.path]
-        module.__class__ = FusedLinear if isinstance(module, nnx.Linear) else FusedConv
-        module.fused_index = i
-
-
 class NnxTransformerHyperNetwork(nnx.Module):
     """Dynamic hypernetwork: generates the target's ``nnx.Param`` variables per sample.
 
@@ -539,13 +297,13 @@ class NnxTransformerHyperNetwork(nnx.Module):
     ) -> None:
         if target_network is None:
             target_network = make_target()
-        check_layout(target_network)
+        check_layout(target_network, GENERATED)
         self.embedding_module = NnxTransformerEmbedding(rngs=rngs)
         self.weight_generator = NnxTransformerWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
-        self.target = without_generated(target_network)
-        install_fusion(self.target)
+        self.target = without_generated(target_network, GENERATED)
+        install_fusion(self.target, FUSED)
 
     def generate_params(self, condition: jax.Array) -> jax.Array:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -556,14 +314,6 @@ class NnxTransformerHyperNetwork(nnx.Module):
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
         return decode(raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE)
-
-    def shared(self) -> Shared:
-        """What all samples share: the (linear) generator on the table, split into its linear
-        part and its bias, and the decoder's scale and shift."""
-        table = self.embedding_module.weight[...]
-        bias = self.weight_generator(jnp.zeros((1, EMBEDDING_DIM), table.dtype))[0]
-        g0 = (self.weight_generator(table) - bias).reshape(-1)
-        return Shared(g0, bias, self.param_scale[...], self.param_shift[...])
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -576,14 +326,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
         or a target module."""
         if isinstance(params, nnx.Module):
             params = nnx.state(params, nnx.Param)
-        pieces = []
-        for p in GENERATED:
-            leaf = params
-            for key in p.keys:
-                leaf = leaf[key]
-            leaf = jnp.asarray(leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf)
-            pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(p.shape)], -1))
-        return concat_flat(pieces, [p.offset for p in GENERATED], FLAT_SIZE)
+        return flatten(params, GENERATED, FLAT_SIZE)
 
     def __call__(
         self,
@@ -609,61 +352,26 @@ class NnxTransformerHyperNetwork(nnx.Module):
                 "dynamic mode needs a conditioning input with a leading batch dimension: pass "
                 "the target's inputs or condition=..."
             )
-        batch = condition.shape[0]
-        check_batch(inputs, batch)
+        check_batch(inputs, condition.shape[0])
         # model_axis: the materialising path. Under a model-axis split, XLA's partitioning of
         # the fused path gave the embedding network gradients off by ~1% (jax 0.10, CPU).
-        fused = (
-            generated_params is None
-            and not return_params
-            and self.weight_generator.model_axis is None
-        )
+        split = self.weight_generator.model_axis is not None
+        fused = generated_params is None and not return_params and not split
         if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
-            shared = self.shared()
-            stacks = tuple(shared.stack(layer) for layer in FUSED)
-            samples = self.embedding_module.scales(condition)
+            table = self.embedding_module.weight[...]
+            scale, shift = self.param_scale[...], self.param_shift[...]
+            shared = shared_inputs(self.weight_generator, table, scale, shift, GENERATED, FUSED)
+            step, samples = fused_path(shared), self.embedding_module.scales(condition)
         else:  # samples: per-sample weight sets
             if generated_params is None:
                 generated_params = self.generate_params(condition)
             check_flat(generated_params, FLAT_SIZE, dynamic=True)
-            shared, stacks, samples = None, (), self.unflatten_params(generated_params)
-
-        # Each sample gets its own copy of the target's state (BatchNorm then sees that sample's
-        # statistics, Dropout its own key); the copies' mean is written back afterwards.
-        graphdef, fused_slots, slots, fixed, rest = nnx.split(
-            self.target, lambda path, _: tuple(path) in FUSED_KEYS, GeneratedSlot, nnx.Param, ...
-        )
-        copies = jax.tree.map(lambda x: per_sample(x, batch), rest)
-        positions = [i for i, x in enumerate(inputs) if is_array(x)]
-
-        def one_sample(
-            sample: Any, fixed: nnx.State, own: nnx.State, xs: list
-        ) -> tuple[Any, nnx.State]:
-            """Sample ``b``'s output and updated state: inputs ``(1, ...)``, weight set ``b``
-            (fused: its embedding scales)."""
-            args = list(inputs)
-            for i, x in zip(positions, xs, strict=True):
-                args[i] = x[None]
-            if fused:  # the fused layers' slots stay empty: they compute from `stacks`
-                filled = (fused_slots, as_params(slots, shared.params(sample)))
-            else:
-                filled = (as_params(fused_slots, sample), as_params(slots, sample))
-            module = nnx.merge(graphdef, *filled, fixed, own)
-            with fused_layers(shared, stacks, sample if fused else None):
-                out = module(*args, **kwargs)
-            return squeeze_sample(out), nnx.state(
-                module, nnx.Not(nnx.Any(nnx.Param, GeneratedSlot))
-            )
-
-        arrays = [inputs[i] for i in positions]
-        out, updated = jax.vmap(one_sample, in_axes=(0, None, 0, 0))(samples, fixed, copies, arrays)
-        nnx.update(self.target, jax.tree.map(merge_samples, rest, updated))
-        return out, generated_params
+            step, samples = None, self.unflatten_params(generated_params)
+        return run_per_sample(self.target, samples, inputs, kwargs, step), generated_params
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/flax.py: layout constants
-# (GENERATED, FLAT_SIZE, CHUNK_DIM) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -798,6 +506,366 @@ def squeeze_sample(tree: Any) -> Any:
     return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
 
 
+def get_path(tree: Any, keys: tuple) -> Any:
+    """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
+    for key in keys:
+        tree = tree[key]
+    return tree.get_value() if hasattr(tree, "get_value") else tree
+
+
+def flatten(
+    params: Any, tensors: Any, flat_size: int, error: type[Exception] = ValueError
+) -> jax.Array:
+    """The flat vector ``(..., flat_size)`` for a tree holding the generated tensors (a Linen
+    ``params`` tree, an ``nnx.State`` or pure dict); leading batch dims (the same on every leaf)
+    are kept. The inverse of :func:`unflatten`."""
+    pieces = []
+    for t in tensors:
+        try:
+            leaf = jnp.asarray(get_path(params, t.keys))
+        except (KeyError, IndexError, TypeError) as exc:
+            raise error(
+                f"flatten_params: the parameter tree has no {t.path!r}; pass the target's own "
+                "params tree (Linen: variables['params'], NNX: nnx.state(target, nnx.Param))"
+            ) from exc
+        if leaf.shape[leaf.ndim - len(t.shape) :] != tuple(t.shape):
+            raise error(
+                f"flatten_params: {t.path!r} has shape {leaf.shape}, the layout says {t.shape}; "
+                "pass parameters of the target the hypernetwork was built for"
+            )
+        pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(t.shape)], -1))
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def check_params(found: dict, expected: dict, fix: str) -> None:
+    """Refuse a target whose parameter shapes ``found`` (keys -> shape) differ from the layout's
+    ``expected``; ``fix`` ends the message."""
+    if found != expected:
+        diff = next(
+            (
+                f"{'.'.join(map(str, keys))}: {shape} expected, found {found.get(keys, 'nothing')}"
+                for keys, shape in expected.items()
+                if found.get(keys) != shape
+            ),
+            f"{len(expected)} parameters expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); {fix}"
+        )
+
+
+# -- Fused per-sample layers: per-sample outputs without per-sample weights --
+#
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // chunk_dim] * g0[p] + bg[p % chunk_dim])
+# (s: per-sample embedding scales, g0: the generator applied to the shared table, without its
+# bias bg). Row r of a Dense/Conv kernel (one input feature; Conv: one input feature at one
+# window position) holds `out` consecutive values, in the chunks first(r) .. first(r) + S - 1, so
+#     y_b = [x_b * s_b[first + 0], ..., x_b * s_b[first + S - 1], x_b] @ stack
+# with `stack` ((S + 1) * rows, out) shared by all samples: under vmap, one GEMM for the whole
+# batch (Conv: on the input's patches). Every other generated tensor is materialised per sample.
+
+
+class FusedLayer(NamedTuple):
+    """A Dense/Linear/Conv layer computed from shared weights: its module path in the target,
+    the indices of its kernel and bias in the layout (bias None: no bias), and S."""
+
+    path: tuple
+    kernel: int
+    bias: int | None
+    segments: int
+
+
+def kernel_rows(kernel: Any) -> Any:
+    """A kernel ``(*window, in, out)`` as rows ``(in * prod(window), out)``, in the order of the
+    input's patches (input feature first); a Dense kernel ``(in, out)`` stays as it is."""
+    n = kernel.ndim
+    return kernel.transpose(n - 2, *range(n - 2), n - 1).reshape(-1, kernel.shape[-1])
+
+
+def fused_indices(
+    layer: FusedLayer, tensors: Any, chunk_dim: int, num_embeddings: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Constants of a fused kernel, as rows: the flat position of each value, and the chunk of
+    each (segment, row), ``(S, rows)``."""
+    p = tensors[layer.kernel]
+    position = kernel_rows(p.offset + np.arange(p.size).reshape(p.shape))
+    chunk = position[:, 0] // chunk_dim + np.arange(layer.segments)[:, None]
+    return position, np.minimum(chunk, num_embeddings - 1)
+
+
+class Shared(NamedTuple):
+    """What every sample's generated tensors are made of (see above), and the layout."""
+
+    g0: jax.Array  # (num_embeddings * chunk_dim,): the generator on the table, without its bias
+    bias: jax.Array  # (chunk_dim,): the generator's bias
+    param_scale: jax.Array
+    param_shift: jax.Array
+    tensors: tuple  # the layout's generated tensors
+    fused: tuple[FusedLayer, ...]
+    num_embeddings: int
+
+    def chunk_bias(self, p: Any) -> jax.Array:
+        """``bias[position % chunk_dim]`` for the values of ``p``, ``p.shape`` (tiled, not
+        gathered: its gradient is a sum, not a scatter)."""
+        chunk_dim = self.bias.shape[0]
+        start = p.offset % chunk_dim
+        tiled = jnp.tile(self.bias, -(-(start + p.size) // chunk_dim))
+        return tiled[start : start + p.size].reshape(p.shape)
+
+    def materialise(self, i: int, scales: jax.Array) -> jax.Array:
+        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``."""
+        p, chunk_dim = self.tensors[i], self.bias.shape[0]
+        first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
+        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
+        scale = scale[start : start + p.size].reshape(p.shape)
+        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        raw = scale * g0 + self.chunk_bias(p)
+        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
+
+    def params(self, scales: jax.Array) -> dict:
+        """One sample's tree of the tensors not fused (keyed like ``unflatten``)."""
+        fused = {i for layer in self.fused for i in (layer.kernel, layer.bias)}
+        params: dict = {}
+        for i, p in enumerate(self.tensors):
+            if i not in fused:
+                node = params
+                for key in p.keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[p.keys[-1]] = self.materialise(i, scales)
+        return params
+
+    def stack(self, layer: FusedLayer) -> jax.Array:
+        """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
+        i, p, chunk_dim = layer.kernel, self.tensors[layer.kernel], self.bias.shape[0]
+        position, chunk = fused_indices(layer, self.tensors, chunk_dim, self.num_embeddings)
+        segment = position // chunk_dim - chunk[0][:, None]
+        w0 = self.param_scale[i] * kernel_rows(
+            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        )
+        parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
+        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
+        # The barrier keeps XLA from folding the construction into every sample's GEMM.
+        return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
+
+
+def shared_inputs(
+    generator: Callable,
+    table: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    fused: Any,
+) -> Shared:
+    """What all samples share: the (linear) ``generator`` on the embedding ``table``, split into
+    its linear part and its bias, the decoder's ``scale`` and ``shift``; ``fused``: plain
+    ``(path, kernel, bias, segments)`` tuples."""
+    bias = generator(jnp.zeros((1, table.shape[-1]), table.dtype))[0]
+    g0 = (generator(table) - bias).reshape(-1)
+    layers = tuple(FusedLayer(*layer) for layer in fused)
+    return Shared(g0, bias, scale, shift, tuple(tensors), layers, table.shape[0])
+
+
+def conv_patches(module: Any, x: jax.Array) -> jax.Array:
+    """The patches ``(..., *spatial, in * prod(window))`` that the Conv ``module`` convolves."""
+    window = tuple(module.kernel_size)
+    n = len(window)
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        return (
+            (1,) * n if value is None else (value,) * n if isinstance(value, int) else tuple(value)
+        )
+
+    padding = module.padding
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(q, q) if isinstance(q, int) else tuple(q) for q in padding]
+    spec = (0, n + 1, *range(1, n + 1))
+    patches = jax.lax.conv_general_dilated_patches(
+        x.reshape(-1, *x.shape[x.ndim - n - 1 :]),
+        window,
+        per_axis(module.strides),
+        padding,
+        lhs_dilation=per_axis(module.input_dilation),
+        rhs_dilation=per_axis(module.kernel_dilation),
+        dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec),
+        precision=jax.lax.Precision.HIGHEST,  # patches are copies of the input: keep them exact
+    )
+    return patches.reshape(*x.shape[: x.ndim - n - 1], *patches.shape[1:])
+
+
+def fused_output(
+    layer: FusedLayer,
+    stack: jax.Array,
+    shared: Shared,
+    scales: jax.Array,
+    module: Any,
+    x: jax.Array,
+    conv: bool,
+) -> jax.Array:
+    """One sample's output of a fused Dense/Linear (``conv``: Conv) ``module`` for its input."""
+    if conv:
+        x = conv_patches(module, x)
+    _, chunk = fused_indices(layer, shared.tensors, shared.bias.shape[0], shared.num_embeddings)
+    coeff = jnp.concatenate([scales[chunk], jnp.ones((1, chunk.shape[1]), scales.dtype)])
+    dtype = module.dtype or jnp.result_type(x, stack)
+    x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
+    y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
+class GeneratedSlot(nnx.Variable):
+    """Where a generated ``nnx.Param`` sits in the hypernetwork's copy of the target: an empty
+    ``(0,)`` array of the parameter's dtype; the values come from the weight generator."""
+
+
+def check_layout(target_network: nnx.Module, tensors: Any, excluded: Any = ()) -> None:
+    """Refuse a target whose ``nnx.Param`` variables differ from the generated layout."""
+    found = {
+        tuple(path): tuple(var.get_value().shape)
+        for path, var in nnx.to_flat_state(nnx.state(target_network, nnx.Param))
+    }
+    expected = {p.keys: p.shape for p in tensors}
+    expected.update(excluded)
+    check_params(found, expected, "regenerate the file for the new target")
+
+
+def without_generated(target_network: nnx.Module, tensors: Any) -> nnx.Module:
+    """A copy of the target whose generated Params are empty :class:`GeneratedSlot` placeholders.
+
+    Its other variables are copied (new Variable objects sharing the immutable arrays), so the
+    copy neither holds a second set of weights nor shares state with ``target_network``.
+    """
+    generated = {p.keys for p in tensors}
+    graphdef, state = nnx.split(target_network)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if tuple(path) in generated:
+            flat.append((path, GeneratedSlot(jnp.zeros((0,), var.get_value().dtype))))
+        else:
+            flat.append((path, var.copy()))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def as_params(slots: nnx.State, params: dict[Any, Any]) -> nnx.State:
+    """A State of ``nnx.Param`` at the slots' paths, with values from the ``params`` tree; a
+    slot ``params`` has no value for stays empty (a fused layer's: it computes from shared
+    weights)."""
+    flat = []
+    for path, slot in nnx.to_flat_state(slots):
+        value = params
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        flat.append((path, slot if value is None else nnx.Param(value)))
+    return nnx.from_flat_state(flat)
+
+
+def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs: dict) -> Any:
+    """The target (a :func:`without_generated` copy) with one weight set ``params``; its updated
+    state (BatchNorm statistics, rng counts) is kept."""
+    graphdef, slots, rest = nnx.split(target, GeneratedSlot, ...)
+    module = nnx.merge(graphdef, as_params(slots, params), rest)
+    out = module(*inputs, **kwargs)
+    nnx.update(target, nnx.state(module, nnx.Not(nnx.Param)))
+    return out
+
+
+def run_per_sample(
+    target: nnx.Module, samples: Any, inputs: tuple, kwargs: dict, fused: Callable | None = None
+) -> Any:
+    """Sample ``b`` through the target alone (a batch of 1) with ``samples[b]``, batched with
+    ``jax.vmap``: its weight set, or, with ``fused`` (:func:`fused_path`), its embedding scales.
+
+    Each sample gets its own copy of the target's state (BatchNorm then sees that sample's
+    statistics, Dropout its own key); the copies' mean is written back afterwards.
+    """
+    batch = jax.tree.leaves(samples)[0].shape[0]
+    graphdef, slots, fixed, rest = nnx.split(target, GeneratedSlot, nnx.Param, ...)
+    copies = jax.tree.map(lambda x: per_sample(x, batch), rest)
+    positions = [i for i, x in enumerate(inputs) if is_array(x)]
+
+    def one_sample(sample: Any, fixed: nnx.State, own: nnx.State, xs: list) -> tuple[Any, Any]:
+        args = list(inputs)
+        for i, x in zip(positions, xs, strict=True):
+            args[i] = x[None]
+        params, layers = (sample, contextlib.nullcontext()) if fused is None else fused(sample)
+        module = nnx.merge(graphdef, as_params(slots, params), fixed, own)
+        with layers:
+            out = module(*args, **kwargs)
+        return squeeze_sample(out), nnx.state(module, nnx.Not(nnx.Any(nnx.Param, GeneratedSlot)))
+
+    arrays = [inputs[i] for i in positions]
+    out, updated = jax.vmap(one_sample, in_axes=(0, None, 0, 0))(samples, fixed, copies, arrays)
+    nnx.update(target, jax.tree.map(merge_samples, rest, updated))
+    return out
+
+
+# While a fused forward runs: (module, input) -> output of the fused layers, for one sample.
+FUSION: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("fusion", default=None)
+
+
+@contextlib.contextmanager
+def fused_layers(shared: Shared, stacks: tuple, scales: jax.Array) -> Iterator[None]:
+    """While active, the fused layers compute one sample's output from the shared ``stacks`` and
+    the sample's ``scales``."""
+
+    def call(module: Any, x: jax.Array) -> jax.Array:
+        i = module.fused_index
+        conv = isinstance(module, nnx.Conv)
+        return fused_output(shared.fused[i], stacks[i], shared, scales, module, x, conv)
+
+    token = FUSION.set(call)
+    try:
+        yield
+    finally:
+        FUSION.reset(token)
+
+
+class FusedLinear(nnx.Linear):
+    """``nnx.Linear`` that computes from shared weights while ``fused_layers`` is active."""
+
+    fused_index: int  # its entry in the fused layers
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        call = FUSION.get()
+        return super().__call__(inputs) if call is None else call(self, inputs)
+
+
+class FusedConv(nnx.Conv):
+    """``nnx.Conv`` that computes from shared weights while ``fused_layers`` is active."""
+
+    fused_index: int  # its entry in the fused layers
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        call = FUSION.get()
+        return super().__call__(inputs) if call is None else call(self, inputs)
+
+
+def install_fusion(target: nnx.Module, fused: Any) -> None:
+    """Turn the target's fused layers (``(path, kernel, bias, segments)`` tuples) into
+    ``FusedLinear``/``FusedConv`` (same variables)."""
+    modules = dict(nnx.iter_modules(target))
+    for i, (path, *_) in enumerate(fused):
+        module = modules[path]
+        module.__class__ = FusedLinear if isinstance(module, nnx.Linear) else FusedConv
+        module.fused_index = i
+
+
+def fused_path(shared: Shared) -> Callable:
+    """The fused path's step for :func:`run_per_sample`: a sample's embedding scales -> (its
+    tensors not fused, a context in which the fused layers compute from shared weights)."""
+    stacks = tuple(shared.stack(layer) for layer in shared.fused)
+
+    def sample(scales: jax.Array) -> tuple[dict, Any]:
+        return shared.params(scales), fused_layers(shared, stacks, scales)
+
+    return sample
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -813,4 +881,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=ba9b5fe6bd44f41e89a98e49285352d49e25e7cae478eda4d34efb3175ee5fff
+# hypernn-gen: sha256=9e461bff77e365d63ec1a72c30b43f065be08798f629d2d6332a623390ac4017

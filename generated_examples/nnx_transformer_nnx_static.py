@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=128 chunk_dim=128
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=128 chunk_dim=128 gradient_scaling=off
 #           chunking=auto init_scheme=target generator_hidden=none
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 1d6d6e76d408c687
 # command:  hypernn-gen generated_examples/targets/nnx_transformer.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_transformer_nnx_static.py
@@ -165,11 +165,6 @@ GENERATED: tuple[ParamSlice, ...] = (
 )
 
 
-class GeneratedSlot(nnx.Variable):
-    """Where a generated ``nnx.Param`` sits in the hypernetwork's copy of the target: an empty
-    ``(0,)`` array of the parameter's dtype; the values come from the weight generator."""
-
-
 class NnxTransformerEmbedding(nnx.Module):
     """A learned table of embeddings, ``(NUM_EMBEDDINGS, EMBEDDING_DIM)``, entries ~ N(0, 1)."""
 
@@ -215,56 +210,6 @@ class NnxTransformerWeightGenerator(nnx.Module):
         return split_chunks(raw, self.model_axis)
 
 
-def check_layout(target_network: nnx.Module) -> None:
-    """Refuse a target whose ``nnx.Param`` variables differ from the generated layout."""
-    found = {
-        tuple(path): tuple(var.get_value().shape)
-        for path, var in nnx.to_flat_state(nnx.state(target_network, nnx.Param))
-    }
-    expected = {p.keys: p.shape for p in GENERATED}
-    if found != expected:
-        diff = next(
-            (
-                f"{'.'.join(map(str, keys))}: {shape} expected, found {found.get(keys, 'nothing')}"
-                for keys, shape in expected.items()
-                if found.get(keys) != shape
-            ),
-            f"{len(expected)} parameters expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target"
-        )
-
-
-def without_generated(target_network: nnx.Module) -> nnx.Module:
-    """A copy of the target whose generated Params are empty ``GeneratedSlot`` placeholders.
-
-    Its other variables are copied (new Variable objects sharing the immutable arrays), so the
-    copy neither holds a second set of weights nor shares state with ``target_network``.
-    """
-    generated = {p.keys for p in GENERATED}
-    graphdef, state = nnx.split(target_network)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if tuple(path) in generated:
-            flat.append((path, GeneratedSlot(jnp.zeros((0,), var.get_value().dtype))))
-        else:
-            flat.append((path, var.copy()))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def as_params(slots: nnx.State, params: dict[Any, Any]) -> nnx.State:
-    """A State of ``nnx.Param`` at the slots' paths, with values from the ``params`` tree."""
-    flat = []
-    for path, _ in nnx.to_flat_state(slots):
-        value = params
-        for key in path:
-            value = value[key]
-        flat.append((path, nnx.Param(value)))
-    return nnx.from_flat_state(flat)
-
-
 class NnxTransformerHyperNetwork(nnx.Module):
     """Static hypernetwork: generates the target's ``nnx.Param`` variables.
 
@@ -290,12 +235,12 @@ class NnxTransformerHyperNetwork(nnx.Module):
     ) -> None:
         if target_network is None:
             target_network = make_target()
-        check_layout(target_network)
+        check_layout(target_network, GENERATED)
         self.embedding_module = NnxTransformerEmbedding(rngs=rngs)
         self.weight_generator = NnxTransformerWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
-        self.target = without_generated(target_network)
+        self.target = without_generated(target_network, GENERATED)
 
     def generate_params(self) -> jax.Array:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -317,14 +262,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
         or a target module."""
         if isinstance(params, nnx.Module):
             params = nnx.state(params, nnx.Param)
-        pieces = []
-        for p in GENERATED:
-            leaf = params
-            for key in p.keys:
-                leaf = leaf[key]
-            leaf = jnp.asarray(leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf)
-            pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(p.shape)], -1))
-        return concat_flat(pieces, [p.offset for p in GENERATED], FLAT_SIZE)
+        return flatten(params, GENERATED, FLAT_SIZE)
 
     def __call__(
         self,
@@ -341,16 +279,11 @@ class NnxTransformerHyperNetwork(nnx.Module):
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE, dynamic=False)
         params = self.unflatten_params(generated_params)
-        graphdef, slots, rest = nnx.split(self.target, GeneratedSlot, ...)
-        module = nnx.merge(graphdef, as_params(slots, params), rest)
-        out = module(*inputs, **kwargs)
-        nnx.update(self.target, nnx.state(module, nnx.Not(nnx.Param)))  # BatchNorm statistics, rngs
-        return out, generated_params
+        return run_target(self.target, params, inputs, kwargs), generated_params
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/flax.py: layout constants
-# (GENERATED, FLAT_SIZE, CHUNK_DIM) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -446,6 +379,111 @@ def check_flat(
         )
 
 
+def get_path(tree: Any, keys: tuple) -> Any:
+    """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
+    for key in keys:
+        tree = tree[key]
+    return tree.get_value() if hasattr(tree, "get_value") else tree
+
+
+def flatten(
+    params: Any, tensors: Any, flat_size: int, error: type[Exception] = ValueError
+) -> jax.Array:
+    """The flat vector ``(..., flat_size)`` for a tree holding the generated tensors (a Linen
+    ``params`` tree, an ``nnx.State`` or pure dict); leading batch dims (the same on every leaf)
+    are kept. The inverse of :func:`unflatten`."""
+    pieces = []
+    for t in tensors:
+        try:
+            leaf = jnp.asarray(get_path(params, t.keys))
+        except (KeyError, IndexError, TypeError) as exc:
+            raise error(
+                f"flatten_params: the parameter tree has no {t.path!r}; pass the target's own "
+                "params tree (Linen: variables['params'], NNX: nnx.state(target, nnx.Param))"
+            ) from exc
+        if leaf.shape[leaf.ndim - len(t.shape) :] != tuple(t.shape):
+            raise error(
+                f"flatten_params: {t.path!r} has shape {leaf.shape}, the layout says {t.shape}; "
+                "pass parameters of the target the hypernetwork was built for"
+            )
+        pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(t.shape)], -1))
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def check_params(found: dict, expected: dict, fix: str) -> None:
+    """Refuse a target whose parameter shapes ``found`` (keys -> shape) differ from the layout's
+    ``expected``; ``fix`` ends the message."""
+    if found != expected:
+        diff = next(
+            (
+                f"{'.'.join(map(str, keys))}: {shape} expected, found {found.get(keys, 'nothing')}"
+                for keys, shape in expected.items()
+                if found.get(keys) != shape
+            ),
+            f"{len(expected)} parameters expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); {fix}"
+        )
+
+
+class GeneratedSlot(nnx.Variable):
+    """Where a generated ``nnx.Param`` sits in the hypernetwork's copy of the target: an empty
+    ``(0,)`` array of the parameter's dtype; the values come from the weight generator."""
+
+
+def check_layout(target_network: nnx.Module, tensors: Any, excluded: Any = ()) -> None:
+    """Refuse a target whose ``nnx.Param`` variables differ from the generated layout."""
+    found = {
+        tuple(path): tuple(var.get_value().shape)
+        for path, var in nnx.to_flat_state(nnx.state(target_network, nnx.Param))
+    }
+    expected = {p.keys: p.shape for p in tensors}
+    expected.update(excluded)
+    check_params(found, expected, "regenerate the file for the new target")
+
+
+def without_generated(target_network: nnx.Module, tensors: Any) -> nnx.Module:
+    """A copy of the target whose generated Params are empty :class:`GeneratedSlot` placeholders.
+
+    Its other variables are copied (new Variable objects sharing the immutable arrays), so the
+    copy neither holds a second set of weights nor shares state with ``target_network``.
+    """
+    generated = {p.keys for p in tensors}
+    graphdef, state = nnx.split(target_network)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if tuple(path) in generated:
+            flat.append((path, GeneratedSlot(jnp.zeros((0,), var.get_value().dtype))))
+        else:
+            flat.append((path, var.copy()))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def as_params(slots: nnx.State, params: dict[Any, Any]) -> nnx.State:
+    """A State of ``nnx.Param`` at the slots' paths, with values from the ``params`` tree; a
+    slot ``params`` has no value for stays empty (a fused layer's: it computes from shared
+    weights)."""
+    flat = []
+    for path, slot in nnx.to_flat_state(slots):
+        value = params
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        flat.append((path, slot if value is None else nnx.Param(value)))
+    return nnx.from_flat_state(flat)
+
+
+def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs: dict) -> Any:
+    """The target (a :func:`without_generated` copy) with one weight set ``params``; its updated
+    state (BatchNorm statistics, rng counts) is kept."""
+    graphdef, slots, rest = nnx.split(target, GeneratedSlot, ...)
+    module = nnx.merge(graphdef, as_params(slots, params), rest)
+    out = module(*inputs, **kwargs)
+    nnx.update(target, nnx.state(module, nnx.Not(nnx.Param)))
+    return out
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -459,4 +497,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=cdb165b35c1053a17cf14ffed052840b942b2b0dadc55846626c40545d8a4076
+# hypernn-gen: sha256=cf8b74bdb45ff7b494ab15e880d11ca5096ed5e5f934cc81e8ca4d5995715cd7

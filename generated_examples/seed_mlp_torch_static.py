@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/seed_mlp.py:make_target (torch, factory)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=270 chunk_dim=256
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=270 chunk_dim=256 gradient_scaling=on
 #           chunking=auto init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 69,120 values, 0 state tensors, digest 92f8307eadc3dee6
 # command:  hypernn-gen generated_examples/targets/seed_mlp.py --backend torch --mode static --embedding-dim 32 -o generated_examples/seed_mlp_torch_static.py
@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 # -- Target network (copied from generated_examples/targets/seed_mlp.py) --
 
@@ -56,6 +57,8 @@ NUM_EMBEDDINGS = 270
 CHUNK_DIM = 256
 FLAT_SIZE = 69_120
 LAYOUT_DIGEST = "92f8307eadc3dee6"
+CHECKPOINT_DIGEST = "a3a6b47e5f044160"  # saved in every state dict, checked on load
+GRADIENT_SCALE = (181.019, 5.50824, 31.1593)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("0.weight", (256, 8), 0, 2_048, 0.0, 0.204124),
@@ -79,7 +82,7 @@ class SeedMlpEmbedding(nn.Module):
             self.weight.normal_()
 
     def forward(self) -> Tensor:
-        return self.weight
+        return scale_grad(self.weight, GRADIENT_SCALE[0])
 
 
 class SeedMlpWeightGenerator(nn.Module):
@@ -100,19 +103,19 @@ class SeedMlpWeightGenerator(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, embedding: Tensor) -> Tensor:
-        return self.linear(embedding)
+        return scaled_linear(self.linear, embedding, *GRADIENT_SCALE[1:])
 
 
 class SeedMlpHyperNetwork(nn.Module):
-    """Generates the target's trainable tensors: tensor ``t`` is
-    ``param_shift[t] + param_scale[t] * raw[t.offset : t.offset + t.size]``, ``raw`` the weight
-    generator's output, flattened. ``target_network`` (default ``make_target()``) keeps
-    its buffers and frozen parameters."""
+    """Generates the target's trainable tensors: tensor ``t`` is ``param_shift[t] + param_scale[t]
+    * raw[t.offset : t.offset + t.size]``, ``raw`` the generator's output, flat.
+    ``target_network`` (default ``make_target()``) keeps its buffers and frozen parameters."""
 
     def __init__(self, target_network: nn.Module | None = None) -> None:
         super().__init__()
         target_network = make_target() if target_network is None else target_network
         check_layout(target_network, GENERATED)
+        carry_digest(self, CHECKPOINT_DIGEST)
         self.embedding_module = SeedMlpEmbedding()
         self.weight_generator = SeedMlpWeightGenerator()
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
@@ -133,7 +136,7 @@ class SeedMlpHyperNetwork(nn.Module):
 
     def decode(self, raw: Tensor) -> Tensor:
         """Raw generator output to parameter values, tensor by tensor."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
         """Named tensors from a flat vector (leading batch dimensions are kept)."""
@@ -149,6 +152,7 @@ class SeedMlpHyperNetwork(nn.Module):
         """Run the target with generated weights; returns ``(output, generated_params)``."""
         if generated_params is None:
             generated_params = self.generate_params()
+        check_flat(generated_params, FLAT_SIZE)
         params = self.unflatten_params(generated_params)
         return (
             functional_call(self.target, params, args, kwargs, tie_weights=False),
@@ -217,6 +221,39 @@ def add_anchor(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
     state.setdefault(prefix + ANCHOR, getattr(module, ANCHOR).detach())
 
 
+DIGEST_KEY = "layout_digest"  #: the state-dict entry naming the layout a checkpoint was saved from
+
+
+def carry_digest(hypernetwork: nn.Module, digest: str) -> None:
+    """Put ``digest`` (16 hex digits: the layout, chunking, mode and sizes) in every state dict,
+    as 8 bytes under ``DIGEST_KEY``, and refuse to load one that carries another (saved from a
+    hypernetwork of another layout; shapes alone cannot tell). One without it (saved before
+    digests existed, or built by hand) loads as before."""
+    hypernetwork.layout_digest = digest
+    hypernetwork.register_state_dict_post_hook(save_digest)
+    hypernetwork.register_load_state_dict_pre_hook(load_digest)
+
+
+def save_digest(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    device = next(module.parameters()).device  # beside the values it describes
+    digest = list(bytes.fromhex(module.layout_digest))
+    state[prefix + DIGEST_KEY] = torch.tensor(digest, dtype=torch.uint8, device=device)
+
+
+def load_digest(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    saved = state.pop(prefix + DIGEST_KEY, None)
+    if saved is None or saved.is_meta:  # saved before digests existed, or built by hand
+        return
+    found = bytes(saved.tolist()).hex()
+    if found != module.layout_digest:
+        raise ValueError(
+            f"the state dict was saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {module.layout_digest}): its values would land on other tensors; "
+            "load it into the hypernetwork it was saved from, or regenerate this one with that "
+            "target and those options"
+        )
+
+
 def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     """The pieces covering ``[0, flat_size)``: their sizes, and the index in ``generated`` each
     belongs to (``len(generated)``: padding between tensors, chunking="tensor")."""
@@ -234,13 +271,49 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
+def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
+    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    detached = x.detach()
+    return detached + factor * (x - detached)
+
+
+def scaled_linear(
+    layer: nn.Linear, x: Tensor, weight_scale: float | None, bias_scale: float | None
+) -> Tensor:
+    """``layer(x)`` with the gradients of its weight and bias multiplied by the two factors."""
+    bias = None if layer.bias is None else scale_grad(layer.bias, bias_scale)
+    return F.linear(x, scale_grad(layer.weight, weight_scale), bias)
+
+
+def decoder(
+    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
+    their gradients divided by the tensor's size, the number of values they are summed over."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    if gradient_scale is None:
+        return scale, shift
+    factors = [1.0 / p.size for p in generated]
+    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
+    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+
+
 def decode(
-    raw: Tensor, param_scale: Tensor, param_shift: Tensor, generated: tuple, flat_size: int
+    raw: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
 ) -> Tensor:
     """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
     (leading batch dimensions are kept; padding between tensors is 0)."""
-    scale = param_scale.to(raw.dtype).unbind()
-    shift = param_shift.to(raw.dtype).unbind()
+    scale, shift = decoder(
+        param_scale.to(raw.dtype), param_shift.to(raw.dtype), generated, gradient_scale
+    )
     sizes, owners = segments(generated, flat_size)
     pieces = raw.split(sizes, -1)
     decoded = [
@@ -288,6 +361,17 @@ def reset_decoder(param_scale: Tensor, param_shift: Tensor, generated: tuple) ->
     param_shift.copy_(torch.tensor([p.init_mean for p in generated], device=param_shift.device))
 
 
+def check_flat(flat: Tensor, flat_size: int, dynamic: bool = False) -> None:
+    """``generated_params`` must be ``(flat_size,)`` (static) or ``(batch, flat_size)``."""
+    shape = tuple(flat.shape) if isinstance(flat, Tensor) else type(flat).__name__
+    if not isinstance(flat, Tensor) or flat.dim() != 1 + dynamic or flat.shape[-1] != flat_size:
+        expected = f"(batch, {flat_size})" if dynamic else f"({flat_size},)"
+        raise ValueError(
+            f"generated_params has shape {shape}, expected {expected}; build it with "
+            "flatten_params() or generate_params()"
+        )
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -299,4 +383,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=68bdc19877ab6138bf7fd6e113fa684a19e88c62544ca0534e0bc75bcc6b6c9c
+# hypernn-gen: sha256=b2409092435ee96595ab702737a5ddecb48833269f50d73748f08eb068ec68a1

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import json
 import os
 import re
 import sys
@@ -26,6 +27,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -36,7 +38,7 @@ from .design import design_layout
 from .errors import GenerationError, HypernnGenError
 from .fuse import FusionPlan
 from .generate import Generated, generate, paths_relative_to, plan_fusion
-from .load import DEFAULT_LOAD_TIMEOUT, load_target, load_time_limit
+from .load import DEFAULT_LOAD_TIMEOUT, load_target, load_time_limit, target_time_limit
 from .options import (
     GenerateOptions,
     add_option_arguments,
@@ -87,8 +89,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         type=_seconds,
         default=DEFAULT_LOAD_TIMEOUT,
-        help=f"limit on importing and building the target (default {DEFAULT_LOAD_TIMEOUT:g}; "
-        "0: none)",
+        help="limit on running the target's code: importing, building and tracing it (default "
+        f"{DEFAULT_LOAD_TIMEOUT:g}; 0: none)",
     )
 
 
@@ -122,7 +124,8 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     options = GenerateOptions(target=args.target, **options_from_namespace(args))
     check_options(options)
-    with contextlib.redirect_stdout(sys.stderr):  # what the target prints stays off --json
+    # what the target prints stays off --json; one time limit from loading to the last probe
+    with contextlib.redirect_stdout(sys.stderr), target_time_limit(options.target):
         loaded = load_target(
             options.target,
             input_shapes=list(options.input_shapes) or None,
@@ -130,25 +133,49 @@ def _run_inspect(args: argparse.Namespace) -> int:
         )
         backend_for(loaded.framework, options.backend, loaded.display)
         layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
-        layout, chunking = design_layout(
-            layout,
-            num_embeddings=options.num_embeddings,
-            chunk_dim=options.chunk_dim,
-            chunking=options.chunking,
-            init_scheme=options.init_scheme,
+        lora_text = (
+            _inspect_lora(options, loaded, args.json) if options.generate == "lora" else None
         )
-        check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
-        try:
-            fusion: FusionPlan | str = plan_fusion(
-                loaded, layout, chunking, linear_generator=not options.generator_hidden
+        if lora_text is None:
+            layout, chunking = design_layout(
+                layout,
+                num_embeddings=options.num_embeddings,
+                chunk_dim=options.chunk_dim,
+                chunking=options.chunking,
+                init_scheme=options.init_scheme,
             )
-        except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still shown
-            fusion = str(exc)
+            check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
+            try:
+                fusion: FusionPlan | str = plan_fusion(
+                    loaded, layout, chunking, linear_generator=not options.generator_hidden
+                )
+            except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still shown
+                fusion = str(exc)
+    if lora_text is not None:
+        print(lora_text)
+        return 0
     if args.json:
         print(layout_json(layout, chunking, fusion))
     else:
         print(format_layout(loaded, layout, chunking, fusion))
     return 0
+
+
+def _inspect_lora(options: Any, loaded: Any, as_json: bool) -> str:
+    """``inspect --generate lora``: the adapted layers, their base shapes and adapter sizes."""
+    from .adapters import describe_base, format_lora, load_base, lora_adapters, lora_report
+    from .generate import _meta_module, factory_expression, lora_filter
+
+    if loaded.framework != "torch":
+        raise GenerationError(
+            f"--generate lora is implemented for PyTorch targets only so far, and "
+            f"{loaded.display} is a {loaded.framework} target"
+        )
+    if options.base is not None:
+        load_base(options.base)
+    adapters = lora_adapters(_meta_module(loaded), lora_filter(options))
+    report = lora_report(adapters, options, describe_base(options.base, factory_expression(loaded)))
+    return json.dumps(report, indent=2) if as_json else format_lora(report)
 
 
 # -- generate -------------------------------------------------------------------------------------
@@ -239,10 +266,12 @@ def _run_generate(args: argparse.Namespace) -> int:
             old = write_generated(result.path, result.text, force=args.force)
             verb = "unchanged" if old is FileStatus.CURRENT else "wrote    "
             layout = result.layout
-            print(
-                f"{verb} {result.path} ({options.mode}, {len(layout.generated)} tensors, "
-                f"{layout.num_generated:,} generated values)"
-            )
+            what = f"{len(layout.generated)} tensors, {layout.num_generated:,} generated values"
+            if options.generate != "weights":
+                what = f"--generate {options.generate}, " + (
+                    what if options.generate == "delta" else "LoRA adapters on a frozen target"
+                )
+            print(f"{verb} {result.path} ({options.mode}, {what})")
     if args.check and exit_code:
         print(
             f"{PROG}: regenerate with `{PROG}` (or the command in each file's header)",

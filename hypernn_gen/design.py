@@ -34,9 +34,11 @@ __all__ = [
     "CHUNKINGS",
     "INIT_SCHEMES",
     "apply_init",
+    "GRADIENT_SCALINGS",
     "check_hidden",
     "chunk_layout",
     "design_layout",
+    "gradient_multipliers",
     "parse_widths",
     "row_chunk",
     "row_cost",
@@ -44,6 +46,7 @@ __all__ = [
 
 CHUNKINGS = ("auto", "flat", "tensor")
 INIT_SCHEMES = ("target", "hyperfan-in", "hyperfan-out")
+GRADIENT_SCALINGS = ("on", "off")
 
 
 def design_layout(
@@ -203,7 +206,7 @@ def apply_init(layout: Layout, scheme: str = "target") -> Layout:
     if scheme not in INIT_SCHEMES:
         raise TraceError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
     if scheme == "target":
-        return layout
+        return _zero_start(layout)
     generated = {t.keys: t for t in layout.generated}
     weights = {t.keys[:-1]: t for t in generated.values() if len(t.shape) >= 2}
     biased = {
@@ -219,6 +222,35 @@ def apply_init(layout: Layout, scheme: str = "target") -> Layout:
                 t = dataclasses.replace(t, init_mean=0.0, init_std=std, init_source=scheme)
         tensors.append(t)
     return dataclasses.replace(layout, tensors=tuple(tensors))
+
+
+#: A zero-initialised weight (ViT heads, DiT's adaLN-Zero) starts at this fraction of
+#: ``1/sqrt(fan_in)`` instead: ``param_scale = 0`` would give the embedding and the generator
+#: exactly zero gradient on the first backward (nothing upstream of the layer sees an error).
+ZERO_START = 0.01
+ZERO_SOURCE = "zero init: starts at 0.01/sqrt(fan_in)"
+
+
+def _zero_start(layout: Layout) -> Layout:
+    """``layout`` with every zero-initialised weight (2+ dimensions, not a bias, mean and std 0)
+    given the
+    small std :data:`ZERO_START` / sqrt(fan_in): the target's output starts near its own (the
+    layer's output is about 1% of a default-initialised one) and gradients flow."""
+    tensors = tuple(
+        dataclasses.replace(
+            t,
+            init_std=round_stat(ZERO_START / math.sqrt(t.fan_in)),
+            init_source=ZERO_SOURCE,
+        )
+        if t.generated
+        and len(t.shape) >= 2
+        and t.init_std == 0
+        and t.init_mean == 0
+        and t.keys[-1] not in ("bias", "b")
+        else t
+        for t in layout.tensors
+    )
+    return dataclasses.replace(layout, tensors=tensors)
 
 
 def _is_bias(t: TensorSpec, weight: TensorSpec) -> bool:
@@ -237,6 +269,34 @@ def _hyperfan_std(
     if scheme == "hyperfan-in":
         return round_stat(math.sqrt(0.5))
     return round_stat(math.sqrt(max(0.0, 1.0 - weight.fan_in / weight.fan_out)))
+
+
+def gradient_multipliers(
+    sizes: list[int] | tuple[int, ...],
+    init_stds: list[float] | tuple[float, ...],
+    num_embeddings: int,
+    chunk_dim: int,
+    embedding_dim: int,
+) -> tuple[float, float, float]:
+    """The gradient multipliers of the embedding table, the linear generator's weight and its
+    bias, so that one SGD step moves the generated weights as much as it moves the target's own
+    (the derivation is in docs/concepts.md, "Training with the target's optimizer").
+
+    With ``N`` chunks of ``C`` values, embeddings of ``D`` values and ``s2`` the generated
+    tensors' mean init variance (weighted by size, rounded to a power of two), the multipliers are ``sqrt(D / C) / s2``,
+    ``1 / (s2 * sqrt(N * D))`` and ``1 / (s2 * sqrt(N))``; the decode's scale and shift of each
+    tensor get ``1 / size`` (applied in the kernel). Rounded to 6 digits, as init statistics.
+    """
+    total = sum(sizes)
+    s2 = sum(n * s * s for n, s in zip(sizes, init_stds, strict=True)) / total if total else 0.0
+    # the nearest power of two: a coarse scale, the same whether the statistics were measured
+    # (the runtime, from a live module) or known from the init function (generated files)
+    s2 = 2.0 ** round(math.log2(s2)) if s2 else 1.0  # all constant: no scale to match
+    return (
+        round_stat(math.sqrt(embedding_dim / chunk_dim) / s2),
+        round_stat(1.0 / (s2 * math.sqrt(num_embeddings * embedding_dim))),
+        round_stat(1.0 / (s2 * math.sqrt(num_embeddings))),
+    )
 
 
 def parse_widths(text: str | int | list[int] | tuple[int, ...]) -> tuple[int, ...]:

@@ -62,6 +62,9 @@ class FusionPlan:
     fused: tuple[FusedLayer, ...]
     per_sample: tuple[str, ...]  #: module paths run per sample with materialised weights
     reasons: tuple[tuple[str, str], ...]  #: (module path, why it is not fused)
+    #: (module path, flags) for each module in ``per_sample``: which tensors of its call
+    #: (positional, then keyword, in any container) carry the batch, as the probe saw them
+    batched: tuple[tuple[str, tuple[bool, ...]], ...] = ()
 
     def summary(self) -> str:
         if not self.fused:
@@ -92,7 +95,8 @@ class BatchFlow:
     """Where the batch goes inside the target, seen by running it on ``meta`` twice.
 
     ``calls[path]`` holds, for every call of the module at ``path``, one flag per tensor input
-    (positional, then keyword in call order): does its first dimension follow the batch? A module
+    (the tensors among the ``pytree`` leaves of ``(args, kwargs)``: positional, then keyword in
+    call order, in any container): does its first dimension follow the batch? A module
     that was never called has no entry. ``error`` says why the target could not be run.
     """
 
@@ -103,31 +107,41 @@ class BatchFlow:
         """Some call of ``path`` got a tensor without the batch first (a shared input)."""
         return any(not all(flags) for flags in self.calls.get(path, ()))
 
+    def flags(self, path: str) -> tuple[bool, ...] | None:
+        """The flags of ``path``'s calls if every call has the same ones, else ``None``."""
+        calls = set(self.calls.get(path, ()))
+        return next(iter(calls)) if len(calls) == 1 else None
+
     def batched_input(self, path: str) -> bool:
         """Every call of ``path`` got at least one tensor with the batch first."""
         calls = self.calls.get(path, ())
         return bool(calls) and all(any(flags) for flags in calls)
 
 
-def probe_batch_flow(module, inputs) -> BatchFlow:  # noqa: ANN001 - torch objects, imported lazily
+def probe_batch_flow(module, inputs, kwargs=None) -> BatchFlow:  # noqa: ANN001 - torch objects
     """Run ``module`` on ``meta`` inputs with the batch sizes :data:`PROBE_BATCHES`.
 
-    ``inputs`` are example tensors (any device) whose first dimension is the batch. Nothing is
-    computed or allocated: parameters and buffers are swapped for ``meta`` stand-ins.
+    ``inputs`` are the example call's positional arguments (tensors on any device, or other
+    values), the first a tensor whose first dimension is the batch; every positional tensor
+    carries the batch. ``kwargs``, its keyword arguments (any pytree): a tensor in them carries
+    the batch when its first dimension is the first input's. Nothing is computed or allocated:
+    parameters and buffers are swapped for ``meta`` stand-ins.
     """
     import torch
     from torch.func import functional_call
+    from torch.utils import _pytree as pytree
 
     stand_ins = {
         name: t if t.device.type == "meta" else torch.empty_like(t, device="meta")
         for name, t in (*module.named_parameters(), *module.named_buffers())
     }
     seen: list[dict[str, list[tuple[int | None, ...]]]] = []
+    example = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim())
     for batch in PROBE_BATCHES:
         calls: dict[str, list[tuple[int | None, ...]]] = {}
 
         def record(path, _module, args, kwargs, calls=calls):  # noqa: ANN001
-            tensors = [*args, *kwargs.values()]
+            tensors = pytree.tree_leaves((args, kwargs))
             dims = tuple(
                 (t.shape[0] if t.dim() else None) for t in tensors if isinstance(t, torch.Tensor)
             )
@@ -139,10 +153,22 @@ def probe_batch_flow(module, inputs) -> BatchFlow:  # noqa: ANN001 - torch objec
             )
             for path, sub in module.named_modules()
         ]
-        xs = tuple(torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs)
+
+        def resize(x, batch=batch):  # noqa: ANN001, ANN202
+            return torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta")
+
+        xs = tuple(resize(x) if isinstance(x, torch.Tensor) else x for x in inputs)
+        kw = pytree.tree_map(
+            lambda x: (
+                (resize(x) if x.dim() and x.shape[0] == example else x.to("meta"))
+                if isinstance(x, torch.Tensor)
+                else x
+            ),
+            dict(kwargs or {}),
+        )
         try:
             with torch.no_grad(), torch.device("meta"):  # tensors made in forward too
-                functional_call(module, stand_ins, xs)
+                functional_call(module, stand_ins, xs, kw)
         except Exception as exc:  # noqa: BLE001 - any failure only means "unknown"
             return BatchFlow(
                 {}, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -240,9 +266,15 @@ def plan_torch_fusion(  # noqa: ANN001 - module: a torch nn.Module (torch import
             else:
                 fused.append(FusedLayer(path, kind, index[weight], index.get(bias), s))
                 continue
+        if flow is not None and path and flow.flags(path) is None:
+            why = f"{path}: its calls differ in which inputs carry the batch"
+            return FusionPlan((), (), (("", why),))
         per_sample.append(path)
         reasons.append((path, why))
-    return FusionPlan(tuple(fused), tuple(per_sample), tuple(reasons))
+    batched = tuple(
+        (path, flow.flags(path) or ()) for path in per_sample if flow is not None and path
+    )
+    return FusionPlan(tuple(fused), tuple(per_sample), tuple(reasons), batched)
 
 
 def _unfusible(sub, kind, weight, bias, own, has_buffers, generated) -> str | None:  # noqa: ANN001

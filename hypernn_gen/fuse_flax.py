@@ -44,9 +44,10 @@ def plan_linen_fusion(
     chunking: Chunking,
     *,
     linear_generator: bool = True,
+    kwargs: dict[str, Any] | None = None,
 ) -> FusionPlan:
     """The fusion plan of a Linen target: its submodules are recorded while its init is traced
-    (``jax.eval_shape``, no parameter memory)."""
+    (``jax.eval_shape``, no parameter memory) on ``example_inputs`` and keywords ``kwargs``."""
     import flax.linen as nn
     import jax
 
@@ -61,7 +62,7 @@ def plan_linen_fusion(
 
     rngs = {name: jax.random.key(i) for i, name in enumerate(("params", "dropout"))}
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda *xs: module.init(rngs, *xs), *example_inputs)
+        jax.eval_shape(lambda *xs: module.init(rngs, *xs, **(kwargs or {})), *example_inputs)
     return _plan(records, layout, chunking, linear_generator)
 
 

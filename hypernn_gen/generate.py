@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .adapters import delta_layout, describe_base, load_base, lora_adapters
 from .backends import backend_for, framework_backend
-from .design import design_layout
+from .design import design_layout, gradient_multipliers
 from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
-from .layout import Chunking, Layout
-from .load import LoadedTarget, load_target
+from .layout import Chunking, Layout, checkpoint_digest
+from .load import LoadedTarget, load_target, target_time_limit
 from .options import (
     BACKENDS,
     DEFAULT_EMBEDDING_HIDDEN,
@@ -33,6 +34,7 @@ from .options import (
     check_options,
     check_sizes,
     command_args,
+    context_options,
     header_options,
 )
 from .render import (
@@ -41,6 +43,7 @@ from .render import (
     ParamView,
     StateView,
     TemplateContext,
+    _py,
     render,
 )
 from .trace import trace_selected
@@ -82,7 +85,11 @@ def resolve_output(options: GenerateOptions, loaded: LoadedTarget) -> Path:
 def generate(options: GenerateOptions) -> Generated:
     """Run the pipeline for one file and return its final (formatted, sealed) text."""
     check_options(options)
+    with target_time_limit(options.target):  # the target's code runs until tracing is done
+        return _generate(options)
 
+
+def _generate(options: GenerateOptions) -> Generated:
     loaded = load_target(
         options.target,
         input_shapes=list(options.input_shapes) or None,
@@ -91,6 +98,15 @@ def generate(options: GenerateOptions) -> Generated:
     backend = backend_for(loaded.framework, options.backend, loaded.display)
     if options.backend is None:
         options = replace(options, backend=backend.family)
+    if options.generate != "weights" and loaded.framework != "torch":
+        raise GenerationError(
+            f"--generate {options.generate} is implemented for PyTorch targets only so far, and "
+            f"{loaded.display} is a {loaded.framework} target; use --generate weights"
+        )
+    if options.base is not None:
+        load_base(
+            options.base
+        )  # a missing or unreadable checkpoint is refused now, not at run time
     layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
     layout, chunking = design_layout(
         layout,
@@ -99,12 +115,16 @@ def generate(options: GenerateOptions) -> Generated:
         chunking=options.chunking,
         init_scheme=options.init_scheme,
     )
-    check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
+    if options.generate == "delta":
+        layout = delta_layout(layout)
+    if options.generate != "lora":
+        check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
     path = resolve_output(options, loaded)
     ctx, source = build_context(options, loaded, layout, chunking, path, with_source=True)
     template_dir = Path(options.template_dir) if options.template_dir else None
     rendered = render(ctx, template_dir=template_dir)
-    module = dedupe_imports(check_source(rendered, template=backend.template))
+    template = "torch/lora.py.jinja" if options.generate == "lora" else backend.template
+    module = dedupe_imports(check_source(rendered, template=template))
     clash = template_clashes(module, source.imports, source.body, source.names)
     if clash:
         raise GenerationError(
@@ -236,19 +256,40 @@ def build_context(
         StateView(t.path, t.shape, t.collection, t.reason, t.keys, t.dtype) for t in layout.state
     )
     command = command_line(options, loaded, path)
+    adapters = lora_adapters(_meta_module(loaded), lora_filter(options)) if lora(options) else ()
     fusion = None
-    if options.dynamic:
+    if options.dynamic and options.generate == "weights":  # delta: the materialising path
         fusion = plan_fusion(
             loaded, layout, chunking, linear_generator=not options.generator_hidden
         )
-    option_lines = header_options(
-        options,
-        {
-            "num_embeddings": chunking.num_embeddings,
-            "chunk_dim": chunking.chunk_dim,
-            "condition_shape": condition_shape,
-        },
-    )
+    resolved = {
+        "num_embeddings": chunking.num_embeddings,
+        "chunk_dim": chunking.chunk_dim,
+        "condition_shape": condition_shape,
+        # Flax files do not scale gradients yet (issue 16): the header and ctx.options say so
+        "gradient_scaling": options.gradient_scaling if loaded.framework == "torch" else "off",
+    }
+    option_lines = header_options(options, resolved)
+    if lora(options):
+        option_lines = lora_option_lines(options, condition_shape)
+        what = f"layout:   {len(adapters)} LoRA-adapted Linear layers, " + (
+            f"{lora_values(adapters, options.lora_rank):,} adapter values per set"
+        )
+    else:
+        what = (
+            f"layout:   {len(params)} generated tensors, {layout.num_generated:,} values, "
+            f"{len(state)} state tensors, digest {layout.digest()}"
+        )
+    adapter_lines = ()
+    if options.generate != "weights":
+        how = {
+            "delta": "each generated tensor is its frozen base plus a delta that starts at 0",
+            "lora": "LoRA adapters on the frozen target, B starts at 0",
+        }[options.generate]
+        adapter_lines = (
+            f"generate: {options.generate} ({how})",
+            f"base:     {describe_base(_relative(options.base) if options.base else None, names.target_factory)}",
+        )
     header = (
         f"Generated by hypernn-gen {__version__}: a {options.mode} hypernetwork for {prefix}.",
         "Do not edit by hand: change the options or templates, then run the command below.",
@@ -256,18 +297,22 @@ def build_context(
         f"target:   {_relative(loaded.path)}:{loaded.name} ({loaded.framework}, {loaded.kind})",
         f"options:  {option_lines[0]}",
         f"          {option_lines[1]}",
-        f"layout:   {len(params)} generated tensors, {layout.num_generated:,} values, "
-        f"{len(state)} state tensors, digest {layout.digest()}",
-        *(f"note:     {note}" for note in layout.notes),
+        *adapter_lines,
+        what,
+        *(f"note:     {note}" for note in layout.notes if not lora(options)),
         *([f"fusion:   {fusion.summary()}"] if fusion is not None else []),
         f"command:  {command}",
     )
-    decisions = torch_decisions(
-        options, loaded, layout, params, state, fusion, condition_shape, condition_dtype
-    )
+    if lora(options):
+        decisions = lora_decisions(options)
+    else:
+        decisions = torch_decisions(
+            options, loaded, layout, params, state, fusion, condition_shape, condition_dtype
+        )
     ctx = TemplateContext(
         **decisions,
         context_version=CONTEXT_VERSION,
+        checkpoint_digest=checkpoint_digest(layout, chunking, options.mode, options.embedding_dim),
         generator_version=__version__,
         framework=loaded.framework,
         mode=options.mode,
@@ -287,19 +332,73 @@ def build_context(
         target_file=_relative(loaded.path),
         header=header,
         fusion=fusion,
-        options={
-            "backend": options.backend,
-            "mode": options.mode,
-            "embedding_dim": options.embedding_dim,
-            "num_embeddings": chunking.num_embeddings,
-            "chunk_dim": chunking.chunk_dim,
-            "chunking": options.chunking,
-            "init_scheme": options.init_scheme,
-            "generator_hidden": tuple(options.generator_hidden),
-            "embedding_hidden": tuple(options.embedding_hidden),
+        generate=options.generate,
+        adapters=adapters,
+        lora={
+            "rank": options.lora_rank,
+            "alpha": float(options.lora_alpha or options.lora_rank),
+            "dropout": float(options.lora_dropout),
+            "shared": options.lora_generator == "shared",
         },
+        base_checkpoint=_relative(options.base) if options.base else None,
+        gradient_scale=gradient_scale_of(options, layout, chunking),
+        options=context_options(options, resolved),
     )
     return (ctx, source) if with_source else ctx
+
+
+def lora(options: GenerateOptions) -> bool:
+    return options.generate == "lora"
+
+
+def lora_filter(options: GenerateOptions) -> Any:
+    """The --include/--exclude predicate on parameter paths (``None``: the default layers)."""
+    from .select import path_filter
+
+    return path_filter(options.include, options.exclude)
+
+
+def lora_values(adapters: tuple, rank: int) -> int:
+    """Values of one adapter set: ``rank * (in + out)`` per layer."""
+    return sum(rank * (a.in_features + a.out_features) for a in adapters)
+
+
+def lora_option_lines(
+    options: GenerateOptions, condition_shape: tuple[int, ...] | None
+) -> tuple[str, str]:
+    """The header's two ``options:`` lines of a --generate lora file."""
+    alpha = float(options.lora_alpha or options.lora_rank)
+    first = (
+        f"backend={options.backend} mode={options.mode} generate=lora "
+        f"embedding_dim={options.embedding_dim} lora_rank={options.lora_rank} lora_alpha={alpha}"
+    )
+    second = (
+        f"lora_dropout={float(options.lora_dropout)} lora_generator={options.lora_generator} "
+        f"generator_hidden={_widths_text(options.generator_hidden)}"
+    )
+    if options.dynamic:
+        second += (
+            f" embedding_hidden={_widths_text(options.embedding_hidden)} "
+            f"condition_shape={_widths_text(condition_shape)}"
+        )
+    return first, second
+
+
+def _widths_text(widths: Any) -> str:
+    return ",".join(map(str, widths)) if widths else "none"
+
+
+def lora_decisions(options: GenerateOptions) -> dict[str, Any]:
+    """The decisions and kernel section of a --generate lora file."""
+    kernel = kernel_source("lora_torch", ["Adapter", "LoRAHyperModule"])
+    own = ["import torch", "from torch import Tensor, nn"]
+    return {
+        "dynamic": options.dynamic,
+        "imports": merge_imports([*own, *kernel.imports]),
+        "kernel_imports": kernel.imports,
+        "kernel_source": kernel.body,
+        "kernel_names": tuple(sorted(kernel.names)),
+    }
 
 
 def plan_fusion(
@@ -314,11 +413,12 @@ def _plan_torch(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
 ) -> FusionPlan:
     from .fuse import plan_torch_fusion, probe_batch_flow
+    from .trace import torch_meta_call
     from .trace_torch import check_dynamic_support  # torch only when the target is torch
 
     module = _meta_module(loaded)
     check_dynamic_support(module, layout)  # raises where dynamic mode is impossible
-    flow = probe_batch_flow(module, _torch_meta_inputs(loaded)) if loaded.input_specs else None
+    flow = probe_batch_flow(module, *torch_meta_call(loaded)) if loaded.input_specs else None
     return plan_torch_fusion(module, layout, chunking, linear_generator=linear_generator, flow=flow)
 
 
@@ -337,21 +437,16 @@ def _plan_linen(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
 ) -> FusionPlan:
     from .fuse_flax import plan_linen_fusion
-    from .trace import _jax_inputs
+    from .trace import _jax_inputs, jax_kwargs
 
     module = loaded.obj if loaded.factory is None else loaded.factory()
     return plan_linen_fusion(
-        module, _jax_inputs(loaded), layout, chunking, linear_generator=linear_generator
-    )
-
-
-def _torch_meta_inputs(loaded: LoadedTarget) -> tuple:
-    """The example inputs as ``meta`` tensors (their first dimension is the batch)."""
-    import torch
-
-    return tuple(
-        torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
-        for spec in loaded.input_specs
+        module,
+        _jax_inputs(loaded),
+        layout,
+        chunking,
+        linear_generator=linear_generator,
+        kwargs=jax_kwargs(loaded),
     )
 
 
@@ -403,16 +498,21 @@ def torch_decisions(
         "excluded": tuple(t.path for t in state if t.reason == "excluded"),
     }
     if loaded.framework != "torch":
-        kernel = kernel_source("flax", flax_kernel_roots(dynamic))
-        decisions.update(kernel_imports=kernel.imports, kernel_source=kernel.body)
+        decisions.update(flax_decisions(options, loaded, state, fusion))
         return decisions
+    delta = options.generate == "delta"
+    decisions["delta"] = delta
     fused = dynamic and not options.generator_hidden and fusion is not None
     kinds = tuple(dict.fromkeys(f.kind for f in fusion.fused)) if fused else ()
     forwards = tuple((k, _FUSED_FORWARD.get(k, f"{k}_forward")) for k in kinds)
     roots = ["check_layout", "without_generated", "reset_decoder", "decode", "unflatten_params"]
-    roots += ["flatten_params"]
+    roots += ["flatten_params", "carry_digest", "check_flat"]
+    if options.gradient_scaling == "on":
+        roots += ["scale_grad"] if options.generator_hidden else ["scale_grad", "scaled_linear"]
     if dynamic:
-        roots += ["check_condition", "check_batch", "run_per_sample"]
+        roots += ["check_condition", "dynamic_inputs", "run_per_sample"]
+    if delta:
+        roots += ["apply_base", "load_checkpoint", "zero_output"]
     if fused:
         roots += ["shared_inputs", "run_fused", "install_fusion"]
         roots += list(dict.fromkeys(f for _, f in forwards))
@@ -422,7 +522,13 @@ def torch_decisions(
         if not dynamic
         else list(_TORCH_IMPORTS)
     )
+    if loaded.example_inputs is not None:
+        example_args = tuple(map(example_expression, loaded.example_inputs))
+    else:
+        example_args = tuple(_tensor_expression(s.shape, s.dtype) for s in specs)
     decisions.update(
+        example_args=example_args,
+        example_kwargs=tuple((k, example_expression(v)) for k, v in loaded.example_kwargs.items()),
         fused=fused,
         fused_kinds=kinds,
         indexed=any(k in _FUSED_FORWARD for k in kinds),
@@ -433,6 +539,49 @@ def torch_decisions(
         kernel_names=tuple(sorted(kernel.names)),
     )
     return decisions
+
+
+def _tensor_expression(shape: tuple[int, ...], dtype: str) -> str:
+    maker = "torch.randn" if dtype.startswith("float") else "torch.zeros"
+    return f"{maker}({_py(tuple(shape))}, dtype=torch.{dtype})"
+
+
+def example_expression(value: Any) -> str:
+    """A Python expression for a value of an example call (tensors by shape and dtype)."""
+    if getattr(value, "shape", None) is not None and getattr(value, "dtype", None) is not None:
+        dtype = str(value.dtype).removeprefix("torch.")
+        return _tensor_expression(tuple(int(d) for d in value.shape), dtype)
+    if isinstance(value, dict):
+        items = ", ".join(f"{k!r}: {example_expression(v)}" for k, v in value.items())
+        return "{" + items + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(example_expression, value)) + "]"
+    if isinstance(value, tuple):
+        parts = list(map(example_expression, value))
+        return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise GenerationError(
+        f"the example call holds {type(value).__name__!r}, which a PyTorch file's __main__ cannot "
+        "repeat; use tensors, None, bools, numbers, strings, or tuples/lists/dicts of them"
+    )
+
+
+def gradient_scale_of(
+    options: GenerateOptions, layout: Layout, chunking: Chunking
+) -> tuple[float, float, float] | None:
+    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``, and
+    Flax files for now)."""
+    if options.gradient_scaling == "off" or options.backend != "torch":
+        return None
+    generated = layout.generated
+    return gradient_multipliers(
+        [t.size for t in generated],
+        [t.init_std for t in generated],
+        chunking.num_embeddings,
+        chunking.chunk_dim,
+        options.embedding_dim,
+    )
 
 
 def merge_imports(lines: list[str]) -> tuple[str, ...]:
@@ -456,7 +605,7 @@ def merge_imports(lines: list[str]) -> tuple[str, ...]:
         (key(m), 1, f"from {m} import {', '.join(sorted(n, key=_by_type))}")
         for m, n in froms.items()
     ]
-    out.sort(key=lambda item: (item[0][0], item[0][1], item[1]))
+    out.sort(key=lambda item: (item[0][0], item[1], item[0][1]))  # isort: plain, then from
     lines_out, group = [], None
     for (g, _), _, line in out:
         if group is not None and g != group:
@@ -471,9 +620,65 @@ def _by_type(name: str) -> tuple[int, str]:
     return (0 if name.isupper() else 1 if name[:1].isupper() else 2, name)
 
 
-def flax_kernel_roots(dynamic: bool) -> list[str]:
-    """The ``hypernn_gen/kernel/flax.py`` definitions a Linen/NNX file of this mode calls."""
-    roots = ["model_mesh", "split_chunks", "concat_flat", "decode", "unflatten", "check_flat"]
+#: What the Linen/NNX specialised part imports itself, beside the kernel's needs.
+_FLAX_IMPORTS = {
+    "linen": (
+        "import dataclasses",
+        "import math",
+        "from typing import Any, NamedTuple",
+        "import flax.linen as nn",
+        "import jax",
+        "import jax.numpy as jnp",
+    ),
+    "nnx": (
+        "import math",
+        "from typing import Any, NamedTuple",
+        "import jax",
+        "import jax.numpy as jnp",
+        "from flax import nnx",
+    ),
+}
+
+
+def flax_decisions(
+    options: GenerateOptions, loaded: LoadedTarget, state: tuple, fusion: Any
+) -> dict[str, Any]:
+    """The Linen/NNX decisions (fused, collections) and the kernel section: the definitions of
+    ``hypernn_gen/kernel/{flax,linen,nnx}.py`` this file's design uses."""
+    framework, dynamic = loaded.framework, options.dynamic
+    fused = bool(dynamic and not options.generator_hidden and fusion is not None and fusion.fused)
+    collections = tuple(sorted({t.collection for t in state if t.collection != "params"}))
+    excluded = any(t.reason == "excluded" for t in state)
+    kernel = kernel_source(framework, flax_kernel_roots(framework, dynamic, fused, excluded))
+    own = list(_FLAX_IMPORTS[framework])
+    if framework == "linen" and (collections or excluded):
+        own.append("import functools")
+    if "copy.deepcopy(" in factory_expression(loaded):
+        own.append("import copy")
+    return {
+        "fused": fused,
+        "collections": collections,
+        "imports": merge_imports([*own, *kernel.imports]),
+        "kernel_imports": kernel.imports,
+        "kernel_source": kernel.body,
+        "kernel_names": tuple(sorted(kernel.names)),
+    }
+
+
+def flax_kernel_roots(
+    framework: str, dynamic: bool, fused: bool = False, excluded: bool = False
+) -> list[str]:
+    """The ``hypernn_gen/kernel/<framework>.py`` definitions (``framework``: ``linen`` or
+    ``nnx``; with what they use of ``kernel/flax.py``) a file of this design calls."""
+    roots = ["model_mesh", "split_chunks", "decode", "unflatten", "flatten", "check_flat"]
+    if framework == "linen":
+        roots += ["check_layout", "apply_target"]
+        roots += ["merge_params", "excluded_params"] if excluded else []
+    else:
+        roots += ["check_layout", "without_generated", "run_target"]
     if dynamic:
-        roots += ["is_array", "check_batch", "per_sample", "merge_samples", "squeeze_sample"]
+        roots += ["is_array", "check_batch", "run_per_sample"]
+    if fused:
+        roots += ["shared_inputs", "fused_path"]
+        roots += ["install_fusion"] if framework == "nnx" else []
     return roots

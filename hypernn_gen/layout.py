@@ -29,12 +29,20 @@ from typing import Any, Literal
 
 from .errors import TraceError
 
-__all__ = ["Chunking", "Layout", "TensorSpec", "round_stat"]
+__all__ = ["Chunking", "Layout", "TensorSpec", "checkpoint_digest", "round_stat"]
 
 Role = Literal["generated", "state"]
 Key = str | int
 
 LAYOUT_FORMAT_VERSION = 1
+
+
+#: How a target keeps a tensor out of the generated ones, in its own framework.
+_KEEP_OUT = {
+    "torch": "mark it frozen (requires_grad=False)",
+    "linen": "keep it in a collection other than 'params' (self.variable('consts', ...))",
+    "nnx": "make it an nnx.Variable instead of an nnx.Param",
+}
 
 
 def round_stat(x: float, digits: int = 6) -> float:
@@ -146,8 +154,8 @@ class Layout:
             if t.generated and not t.dtype.startswith(("float", "bfloat")):
                 raise TraceError(
                     f"parameter {t.path!r} has dtype {t.dtype}; hypernetworks can only generate "
-                    "floating-point parameters. Mark it frozen (requires_grad=False) or keep it "
-                    "in a non-'params' collection."
+                    f"floating-point parameters: keep it out with --exclude {t.path!r} (it stays "
+                    f"a parameter of the target), or {_KEEP_OUT.get(self.framework, _KEEP_OUT['torch'])}"
                 )
 
     # -- views --------------------------------------------------------------------------------
@@ -222,6 +230,19 @@ class Layout:
         ]
         blob = json.dumps([self.framework, self.flat_size, structure], separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_digest(layout: Layout, chunking: Chunking, mode: str, embedding_dim: int) -> str:
+    """What a hypernetwork's saved state carries (``CHECKPOINT_DIGEST`` in generated files, the
+    runtime's ``checkpoint_digest``): a short hash of what its values mean, the generated
+    tensors' paths, shapes and offsets, the chunking, the mode and the sizes. Two hypernetworks
+    whose state dicts have the same shapes but other digests put the same values on other
+    tensors. Dtypes, state tensors and init statistics are left out: loading casts, checks
+    state shapes itself, and overwrites the initial values."""
+    generated = [[t.path, list(t.shape), t.offset] for t in layout.generated]
+    sizes = [layout.flat_size, chunking.num_embeddings, chunking.chunk_dim, embedding_dim]
+    blob = json.dumps([layout.framework, mode, sizes, generated], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ user never needs JAX and vice versa:
 Factories are called once to learn what they build: on the ``meta`` device for PyTorch and under
 ``jax.eval_shape`` for JAX, so no parameter memory is allocated.
 
+Example inputs come from ``--input-shape``, a module-level ``example_input(s)`` (positional
+arrays), or a module-level ``example_call``: the whole call, ``(args, kwargs)`` (any values:
+arrays, PRNG keys, ``nnx.Rngs``, flags such as ``train=False``), or a zero-argument function
+returning it (called afresh whenever the call is made, so an ``nnx.Rngs`` is never reused).
+
 Every problem raises :class:`~hypernn_gen.errors.TargetLoadError` with a one-line message that
 names the problem and the fix.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -51,7 +57,9 @@ __all__ = [
     "LoadedTarget",
     "DEFAULT_LOAD_TIMEOUT",
     "guarded_target_code",
+    "target_time_limit",
     "load_target",
+    "is_example_array",
     "load_time_limit",
     "parse_input_shape",
 ]
@@ -117,9 +125,15 @@ class LoadedTarget:
             on ``sys.path`` while it runs); ``None`` for an instance.
         input_specs: shape and dtype of each example input of the forward pass; empty when
             neither ``--input-shape`` nor ``example_input(s)`` in the file gave any.
-        example_inputs: the file's own ``example_input(s)`` objects, as a tuple; ``None`` when the
-            file defines none or ``input_shapes`` overrode them.
+        example_inputs: the file's own ``example_input(s)`` objects (or ``example_call``'s
+            positional arguments), as a tuple; ``None`` when the file defines none or
+            ``input_shapes`` overrode them.
         source_module: the imported Python module of the target file.
+        example_call: the file's ``example_call`` as a zero-argument function returning a fresh
+            ``(args, kwargs)``; ``None`` when the file defines none or ``input_shapes`` overrode
+            its positional arguments.
+        example_kwargs: the keyword arguments of the file's ``example_call`` (empty without
+            one); ``input_shapes`` replace only the positional arguments, these stay.
     """
 
     spec: str
@@ -132,6 +146,8 @@ class LoadedTarget:
     input_specs: tuple[InputSpec, ...]
     example_inputs: tuple[Any, ...] | None
     source_module: ModuleType
+    example_call: Callable[[], tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+    example_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def display(self) -> str:
@@ -177,7 +193,8 @@ def load_target(
     Args:
         spec: the target file, optionally followed by ``:NAME``.
         input_shapes: one shape per positional input of the forward pass (tuples, or
-            ``--input-shape`` text such as ``"1,8"``); overrides the file's ``example_input(s)``.
+            ``--input-shape`` text such as ``"1,8"``); overrides the file's ``example_input(s)``
+            (or ``example_call``'s positional arguments; its keyword arguments stay).
         input_dtype: dtype of the ``input_shapes`` inputs (one of :data:`INPUT_DTYPES`).
         cwd: directory that a relative path is resolved against (default: the current one).
         timeout: seconds that importing the file and building the target may take (``0``: no
@@ -213,10 +230,17 @@ def load_target(
             )
         obj = getattr(module, name)
         kind, framework, factory = _classify(obj, name, file_text, path, frameworks)
+        example_call = _file_example_call(module, file_text, path.parent)
+        example_args, example_kwargs = example_call() if example_call else ((), {})
+        if example_call is not None and framework == "torch":
+            _check_torch_example_values(example_args, example_kwargs, file_text)
 
     if shapes:
         input_specs = tuple(InputSpec(shape, input_dtype) for shape in shapes)
-        example_inputs = None
+        example_inputs, example_call = None, None
+    elif example_call is not None:
+        example_inputs = example_args
+        input_specs = tuple(_input_spec(x, file_text) for x in example_args if is_example_array(x))
     else:
         example_inputs = _file_example_inputs(module, file_text)
         input_specs = tuple(_input_spec(x, file_text) for x in example_inputs or ())
@@ -237,6 +261,8 @@ def load_target(
         input_specs=input_specs,
         example_inputs=example_inputs,
         source_module=module,
+        example_call=example_call,
+        example_kwargs=example_kwargs,
     )
 
 
@@ -255,6 +281,7 @@ def guarded_target_code(
     saved_cwd = os.getcwd()
     use_alarm = (
         bool(timeout)
+        and not _WHOLE_JOB.get()  # inside target_time_limit: its alarm covers this block too
         and hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
     )
@@ -275,10 +302,12 @@ def guarded_target_code(
             finally:
                 sys.stdin = saved_stdin
     except _LoadTimeout:
+        if not use_alarm:  # the enclosing target_time_limit's alarm: it reports
+            raise
         raise TargetLoadError(
-            f"{what} {file_text} took longer than {timeout:g} s (an endless loop at import, or "
-            "a wait for input?); fix the target file, or raise the limit with --load-timeout "
-            "SECONDS (0: none)"
+            f"{what} {file_text} took longer than {timeout:g} s (an endless loop at import or "
+            "in its forward, or a wait for input?); fix the target file, or raise the limit "
+            "with --load-timeout SECONDS (0: none)"
         ) from None
     finally:
         if use_alarm:
@@ -289,6 +318,24 @@ def guarded_target_code(
 
 
 _guarded = guarded_target_code
+
+#: set within :func:`target_time_limit`, whose one alarm covers every guarded block inside it
+_WHOLE_JOB: contextvars.ContextVar[bool] = contextvars.ContextVar("whole_job", default=False)
+
+
+@contextlib.contextmanager
+def target_time_limit(spec: str, timeout: float | None = None) -> Iterator[None]:
+    """One time limit (``--load-timeout``; default: :func:`load_time_limit`'s) over a whole job
+    that runs the target's code: importing and building it, and tracing it, where its forward
+    runs (the meta probe, the example call, ``eval_shape``) and may loop just as well."""
+    if timeout is None:
+        timeout = _LOAD_TIMEOUT.get()
+    with guarded_target_code(_split_spec(spec)[0], timeout, what="loading and tracing"):
+        token = _WHOLE_JOB.set(True)
+        try:
+            yield
+        finally:
+            _WHOLE_JOB.reset(token)
 
 
 # -- the file -------------------------------------------------------------------------------------
@@ -546,7 +593,7 @@ def _classify(
         _require_no_arguments(obj, shown, f"{name}()", file_text)
         return "class", framework, _in_directory(obj, path.parent)
     if inspect.isclass(obj) or not callable(obj):
-        what = f"the class {obj.__name__}" if inspect.isclass(obj) else _a(type(obj).__name__)
+        what = f"the class {obj.__name__}" if inspect.isclass(obj) else article(type(obj).__name__)
         raise TargetLoadError(
             f"{shown} is {what}, not a torch or flax module class, module instance or "
             f"zero-argument factory; point NAME at one of those, e.g. {file_text}:make_target"
@@ -614,7 +661,7 @@ def _refuse_lazy(built: Any, shown: str) -> None:
         )
 
 
-def _a(noun: str) -> str:
+def article(noun: str) -> str:
     return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
@@ -698,6 +745,90 @@ def _normalise_shapes(shapes: Sequence[Sequence[int] | str] | None) -> list[tupl
     return result
 
 
+EXAMPLE_CALL = "example_call"
+
+
+def is_example_array(x: Any) -> bool:
+    """An array-like example input with a shape and a numeric dtype (not a typed PRNG key)."""
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    return shape is not None and dtype is not None and "key<" not in str(dtype)
+
+
+def _file_example_call(
+    module: ModuleType, file_text: str, directory: Path
+) -> Callable[[], tuple[tuple[Any, ...], dict[str, Any]]] | None:
+    """``example_call`` as a checked zero-argument function returning ``(args, kwargs)``."""
+    if not hasattr(module, EXAMPLE_CALL):
+        return None
+    clash = [n for n in ("example_input", "example_inputs") if hasattr(module, n)]
+    if clash:
+        raise TargetLoadError(
+            f"{file_text} defines both {EXAMPLE_CALL} and {clash[0]}; keep one ({EXAMPLE_CALL} "
+            "holds the whole call: (args, kwargs))"
+        )
+    value = getattr(module, EXAMPLE_CALL)
+    make = _in_directory(value, directory) if callable(value) else (lambda: value)
+
+    def call() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        try:
+            made = make()
+        except Exception as exc:
+            raise TargetLoadError(
+                f"calling {EXAMPLE_CALL}() in {file_text} failed: "
+                f"{_describe_exception(exc, Path(module.__file__ or file_text), file_text)}; "
+                "fix the function"
+            ) from exc
+        ok = (
+            isinstance(made, (tuple, list))
+            and len(made) == 2
+            and isinstance(made[0], (tuple, list))
+            and isinstance(made[1], dict)
+            and all(isinstance(k, str) for k in made[1])
+        )
+        if not ok:
+            raise TargetLoadError(
+                f"{EXAMPLE_CALL} in {file_text} is {article(type(made).__name__)}, not a pair "
+                f"(positional arguments, keyword arguments); write {EXAMPLE_CALL} = "
+                f'((x,), {{"train": False}}) or a function returning it'
+            )
+        if not made[0] or not is_example_array(made[0][0]):
+            raise TargetLoadError(
+                f"{EXAMPLE_CALL} in {file_text} needs a tensor/array as its first positional "
+                f"argument (the conditioning input, batch first); write {EXAMPLE_CALL} = "
+                f'((x,), {{"train": False}})'
+            )
+        return tuple(made[0]), dict(made[1])
+
+    return call
+
+
+#: What a Torch ``example_call`` may hold besides tensors (in tuples, lists and dicts): the
+#: values a generated ``__main__`` can write out as Python literals.
+_PLAIN_VALUES = (type(None), bool, int, float, str)
+
+
+def _unsupported_leaf(value: Any, depth: int = 0) -> Any:
+    """The first value in ``value`` that is neither a tensor nor a plain literal, else ``None``."""
+    if is_example_array(value) or isinstance(value, _PLAIN_VALUES):
+        return None
+    if isinstance(value, (tuple, list, dict)) and depth < 8:
+        items = value.values() if isinstance(value, dict) else value
+        bad = (_unsupported_leaf(v, depth + 1) for v in items)
+        return next((b for b in bad if b is not None), None)
+    return value
+
+
+def _check_torch_example_values(args: tuple, kwargs: dict, file_text: str) -> None:
+    """Refuse example-call values the generated Torch ``__main__`` cannot write out."""
+    for where, item in [*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items()]:
+        bad = _unsupported_leaf(item)
+        if bad is not None:
+            raise TargetLoadError(
+                f"example_call in {file_text} holds {article(type(bad).__name__)} in {where}; "
+                "use tensors, None, bools, numbers, strings, or tuples/lists/dicts of them"
+            )
+
+
 def _file_example_inputs(module: ModuleType, file_text: str) -> tuple[Any, ...] | None:
     names = [n for n in ("example_input", "example_inputs") if hasattr(module, n)]
     if len(names) > 1:
@@ -714,7 +845,7 @@ def _input_spec(value: Any, file_text: str) -> InputSpec:
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or dtype is None:
         raise TargetLoadError(
-            f"example_input in {file_text} holds {_a(type(value).__name__)}, not a tensor or "
+            f"example_input in {file_text} holds {article(type(value).__name__)}, not a tensor or "
             "array; set it to a tensor/array (or a tuple of them), or pass --input-shape 1,8"
         )
     return InputSpec(tuple(int(s) for s in shape), str(dtype).removeprefix("torch."))

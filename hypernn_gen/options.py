@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .design import CHUNKINGS, INIT_SCHEMES, check_hidden, parse_widths
+from .adapters import GENERATES
+from .design import CHUNKINGS, GRADIENT_SCALINGS, INIT_SCHEMES, check_hidden, parse_widths
 from .errors import GenerationError, HypernnGenError
 from .load import INPUT_DTYPES, parse_input_shape
 from .verify import FORMATTERS
@@ -31,6 +32,7 @@ __all__ = [
     "check_options",
     "check_sizes",
     "command_args",
+    "context_options",
     "convert",
     "header_options",
     "options_from_namespace",
@@ -46,7 +48,7 @@ MIN_PADDING_REFUSED = 1024  #: ... once that padding is more than this many valu
 
 # kinds: how a value is written on the command line / in TOML and converted to the field's type
 #   str, int, choice, widths (64,64 | [64, 64] | none), shape (3 | 4,4 | [4, 4]),
-#   shapes (repeatable --input-shape), globs (repeatable strings), path
+#   shapes (repeatable --input-shape), globs (repeatable strings), path, float
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Option:
     layout_arg: bool = False  #: shapes the layout and chunking: inspect takes it too
     key: str | None = None  #: pyproject key, default the flag without ``--``
     header: tuple[int, int] | None = None  #: (line, position) in the header's ``options:`` lines
+    generates: tuple[str, ...] | None = None  #: only meaningful with these --generate values
 
     @property
     def cli_flag(self) -> str:
@@ -161,6 +164,16 @@ OPTIONS: tuple[Option, ...] = (
         header=(2, 2),
     ),
     Option(
+        "gradient_scaling",
+        "choice",
+        "on",
+        "on (default: gradient multipliers that let the target's own optimizer and learning "
+        "rate train the hypernetwork; the forward is unchanged; Torch only for now, Flax files "
+        "are off) or off (raw gradients)",
+        GRADIENT_SCALINGS,
+        header=(1, 6),
+    ),
+    Option(
         "condition_shape",
         "shape",
         None,
@@ -224,6 +237,61 @@ OPTIONS: tuple[Option, ...] = (
         metavar="GLOB",
         target_arg=True,
     ),
+    Option(
+        "generate",
+        "choice",
+        "weights",
+        "weights (default: generate the selected tensors), delta (each is its frozen base plus a "
+        "generated delta that starts at 0) or lora (generated LoRA adapters on the frozen "
+        "target's Linear layers)",
+        GENERATES,
+        layout_arg=True,
+    ),
+    Option(
+        "lora_rank",
+        "int",
+        8,
+        "lora: the adapters' rank r (default 8)",
+        metavar="R",
+        layout_arg=True,
+        generates=("lora",),
+    ),
+    Option(
+        "lora_alpha",
+        "float",
+        None,
+        "lora: alpha, the adapters are scaled by alpha / r as in PEFT (default: r, scale 1)",
+        metavar="A",
+        generates=("lora",),
+    ),
+    Option(
+        "lora_dropout",
+        "float",
+        0.0,
+        "lora: dropout on the adapters' input in training (default 0)",
+        metavar="P",
+        generates=("lora",),
+    ),
+    Option(
+        "lora_generator",
+        "choice",
+        "shared",
+        "lora: shared (default: one generator for every layer, fed layer embeddings of depth and "
+        "module type) or per-layer (each layer its own output heads, no layer embeddings)",
+        ("shared", "per-layer"),
+        layout_arg=True,
+        generates=("lora",),
+    ),
+    Option(
+        "base",
+        "path",
+        None,
+        "delta/lora: checkpoint of the frozen base weights, .safetensors or a torch state dict "
+        "(default: the target's own weights)",
+        metavar="PATH",
+        layout_arg=True,
+        generates=("delta", "lora"),
+    ),
     Option("template_dir", "path", None, "user templates, tried first", metavar="DIR"),
     Option("formatter", "choice", "black", "black (default, in-process) or ruff", FORMATTERS),
     Option("output", "path", None, "output file or directory", metavar="PATH", short="-o"),
@@ -268,6 +336,10 @@ def convert(option: Option, value: Any, where: str) -> Any:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise GenerationError(f"{prefix} must be an integer, got {value!r}")
             return value
+        if option.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise GenerationError(f"{prefix} must be a number, got {value!r}")
+            return float(value)
         if option.kind == "shapes":
             values = value if isinstance(value, (list, tuple)) else [value]
             return tuple(parse_input_shape(_shape_text(v)) for v in values)
@@ -297,7 +369,8 @@ def options_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
     for option in OPTIONS:
         if option.name in vars(args):
             value = getattr(args, option.name)
-            given[option.name] = value if option.kind == "int" else convert(option, value, "")
+            passed = option.kind in ("int", "float")
+            given[option.name] = value if passed else convert(option, value, "")
     return given
 
 
@@ -330,6 +403,8 @@ def add_option_arguments(
             kwargs["action"] = "append"
         if option.kind == "int":
             kwargs["type"] = int
+        if option.kind == "float":
+            kwargs["type"] = float
         if option.choices is not None and option.kind == "choice":
             kwargs["choices"] = option.choices
         where.add_argument(*flags, **kwargs)
@@ -348,6 +423,8 @@ def command_args(options: Any, relative: Callable[[str], str]) -> list[str]:
     for option in OPTIONS:
         value = getattr(options, option.name)
         if option.name == "output" or (option.dynamic_only and not options.dynamic):
+            continue
+        if option.generates and options.generate not in option.generates:
             continue
         if option.name == "input_dtype" and not options.input_shapes:
             continue
@@ -378,6 +455,18 @@ def header_options(options: Any, resolved: dict[str, Any]) -> tuple[str, str]:
     return " ".join(t for _, t in sorted(lines[1])), " ".join(t for _, t in sorted(lines[2]))
 
 
+def context_options(options: Any, resolved: dict[str, Any]) -> dict[str, Any]:
+    """``ctx.options``: every option the header shows, by field name (``resolved`` as in
+    :func:`header_options`; widths and shapes as tuples)."""
+    out: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.header is not None:
+            value = resolved.get(option.name, getattr(options, option.name))
+            widths = option.kind in ("widths", "shape") and value is not None
+            out[option.name] = tuple(value) if widths else value
+    return out
+
+
 # -- checks ---------------------------------------------------------------------------------------
 
 
@@ -400,6 +489,20 @@ def check_options(options: Any) -> None:
             raise GenerationError(
                 f"{option.cli_flag} applies to dynamic mode only; add --mode dynamic"
             )
+        if (
+            option.generates
+            and options.generate not in option.generates
+            and value != option.default
+        ):
+            what = " or ".join(option.generates)
+            raise GenerationError(
+                f"{option.cli_flag} applies to --generate {what} only; add --generate "
+                f"{option.generates[-1]}"
+            )
+        if option.kind == "float" and value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise GenerationError(f"{option.cli_flag} must be a number, got {value!r}")
+    check_adapter_options(options)
     exclusive: dict[str, list[Option]] = {}
     for option in OPTIONS:
         if option.exclusive and getattr(options, option.name) != option.default:
@@ -410,6 +513,25 @@ def check_options(options: Any) -> None:
             raise GenerationError(
                 f"{flags} both set the chunk size and exclude each other; give only one"
             )
+
+
+#: options of the chunked flat generator, which --generate lora does not use
+FLAT_ONLY = ("num_embeddings", "chunk_dim", "chunking", "init_scheme")
+
+
+def check_adapter_options(options: Any) -> None:
+    """The --generate delta/lora values and combinations (one line naming the flag and the fix)."""
+    if options.lora_alpha is not None and not options.lora_alpha > 0:
+        raise GenerationError(f"--lora-alpha must be positive, got {options.lora_alpha}")
+    if not 0.0 <= options.lora_dropout < 1.0:
+        raise GenerationError(f"--lora-dropout must lie in [0, 1), got {options.lora_dropout}")
+    if options.generate == "lora":
+        for name in FLAT_ONLY:
+            if getattr(options, name) != BY_NAME[name].default:
+                raise GenerationError(
+                    f"{BY_NAME[name].cli_flag} sizes the chunked weight generator, which "
+                    "--generate lora does not use; drop it (size the adapters with --lora-rank)"
+                )
 
 
 def check_sizes(options: Any, flat_size: int, num_embeddings: int, chunk_dim: int) -> None:

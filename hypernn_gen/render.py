@@ -128,7 +128,7 @@ class TemplateContext:
     options: dict[str, Any] = field(default_factory=dict)
     # -- decisions, computed once in Python (context version 3) --
     dynamic: bool = False  #: ``mode == "dynamic"``
-    fused: bool = False  #: dynamic Torch with a linear generator: the fused per-sample path
+    fused: bool = False  #: dynamic, linear generator, layers to fuse: the fused per-sample path
     padded: bool = False  #: the flat vector has padding between tensors (chunking="tensor")
     own_condition: bool = False  #: dynamic: a conditioning input other than the first input
     fused_kinds: tuple[str, ...] = ()  #: kinds of the fused layers, in order, without repeats
@@ -136,12 +136,27 @@ class TemplateContext:
     fused_forwards: tuple[tuple[str, str], ...] = ()  #: (kind, kernel forward function)
     tied: tuple[tuple[str, str], ...] = ()  #: (further name, generated name) of tied tensors
     excluded: tuple[str, ...] = ()  #: trainable tensors not generated (--include/--exclude)
+    collections: tuple[str, ...] = ()  #: Flax: the target's collections besides ``params``
+    #: ``--gradient-scaling on``: the gradient multipliers of the embedding table, the generator's
+    #: weight and bias (:func:`hypernn_gen.design.gradient_multipliers`); ``None``: off
+    gradient_scale: tuple[float, float, float] | None = None
     imports: tuple[str, ...] = ()  #: the file's own import lines (specialised part and kernel)
     kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
     kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim
     kernel_names: tuple[str, ...] = ()  #: names the kernel section defines
+    checkpoint_digest: str = ""  #: saved in every state (``layout.checkpoint_digest``)
+    # -- adapters (--generate delta/lora, context version 3) --
+    generate: str = "weights"  #: ``weights``, ``delta`` (base + generated delta) or ``lora``
+    delta: bool = False  #: ``generate == "delta"``: the ``base`` buffer, a zeroed generator output
+    adapters: tuple = ()  #: lora: the adapted layers (``hypernn_gen.kernel.lora_torch.Adapter``)
+    lora: dict[str, Any] = field(default_factory=dict)  #: lora: rank, alpha, dropout, shared
+    base_checkpoint: str | None = None  #: delta/lora: the --base checkpoint (relative), or None
     kernel_begin: str = KERNEL_BEGIN  #: the kernel section's first line
     kernel_end: str = KERNEL_END  #: the kernel section's last line
+    #: Torch ``__main__``: the example call's positional and keyword arguments as Python
+    #: expressions (tensors as ``torch.randn``/``torch.zeros`` of their shape and dtype)
+    example_args: tuple[str, ...] = ()
+    example_kwargs: tuple[tuple[str, str], ...] = ()
 
     @property
     def condition_dim(self) -> int | None:
@@ -203,7 +218,7 @@ def make_environment(template_dir: Path | None = None) -> jinja2.Environment:
 def render(ctx: TemplateContext, *, template_dir: Path | None = None) -> str:
     """Render the entry template for ``ctx.framework``; errors name the template file and line."""
     env = make_environment(template_dir)
-    name = template_name(ctx.framework)
+    name = "torch/lora.py.jinja" if ctx.generate == "lora" else template_name(ctx.framework)
     try:
         return env.get_template(name).render(ctx=ctx)
     except jinja2.TemplateSyntaxError as exc:

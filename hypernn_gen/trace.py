@@ -63,11 +63,22 @@ def trace_selected(
     Raises:
         TraceError: as :func:`trace_target`, or a pattern matches no trainable parameter.
     """
-    layout = trace_target(loaded)
     if not include and not exclude:
-        return layout
+        return trace_target(loaded)
+    # Traced with the filter only: a tensor it keeps out (a complex parameter) is never checked
+    # as a generated one. Its layout still lists every trainable path (excluded ones as state).
+    try:
+        layout = trace_target(loaded, include=path_filter(include, exclude))
+    except TraceError:  # nothing left to generate: a pattern that matches nothing explains it
+        try:
+            unfiltered = trace_target(loaded)
+        except TraceError:
+            unfiltered = None
+        if unfiltered is not None:
+            check_patterns(unfiltered, include=include, exclude=exclude)
+        raise
     check_patterns(layout, include=include, exclude=exclude)
-    return trace_target(loaded, include=path_filter(include, exclude))
+    return layout
 
 
 def _build_failed(loaded: LoadedTarget, exc: Exception) -> TraceError:
@@ -117,6 +128,25 @@ def _trace_torch(loaded: LoadedTarget, include: Callable[[str], bool] | None) ->
     return layout
 
 
+def torch_meta_call(loaded: LoadedTarget) -> tuple[tuple, dict]:
+    """The example call, positional and keyword arguments, with every tensor on ``meta``: the
+    file's ``example_call``/``example_input(s)`` objects, or ``--input-shape`` stand-ins."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    def meta(x: Any) -> Any:
+        return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+    kwargs = pytree.tree_map(meta, dict(loaded.example_kwargs))
+    if loaded.example_inputs is None:  # --input-shape replaces the positional arguments only
+        args = tuple(
+            torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
+            for spec in loaded.input_specs
+        )
+        return args, kwargs
+    return pytree.tree_map(meta, tuple(loaded.example_inputs)), kwargs
+
+
 def _check_torch_inputs(loaded: LoadedTarget, module: Any) -> str | None:
     """Run ``module`` once on ``meta`` inputs; a note when the forward cannot run on ``meta``.
 
@@ -126,17 +156,14 @@ def _check_torch_inputs(loaded: LoadedTarget, module: Any) -> str | None:
     import torch
     from torch.func import functional_call
 
-    inputs = tuple(
-        torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
-        for spec in loaded.input_specs
-    )
+    inputs, kwargs = torch_meta_call(loaded)
     stand_ins = {
         name: tensor if tensor.device.type == "meta" else torch.empty_like(tensor, device="meta")
         for name, tensor in (*module.named_parameters(), *module.named_buffers())
     }
     try:
         with torch.no_grad(), _same_dtype_mode()():
-            functional_call(module, stand_ins, inputs)
+            functional_call(module, stand_ins, inputs, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure is reported, with its location
         if "meta" in str(exc).lower():
             return (
@@ -192,6 +219,13 @@ def _jax_inputs(loaded: LoadedTarget) -> tuple[Any, ...]:
     return tuple(jax.ShapeDtypeStruct(spec.shape, spec.dtype) for spec in loaded.input_specs)
 
 
+def jax_kwargs(loaded: LoadedTarget) -> dict[str, Any]:
+    """The example call's keyword arguments, fresh (an ``nnx.Rngs`` is made anew each time)."""
+    if loaded.example_call is not None:
+        return loaded.example_call()[1]
+    return dict(loaded.example_kwargs)
+
+
 def _trace_linen(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> Layout:
     from . import trace_flax
 
@@ -201,7 +235,9 @@ def _trace_linen(loaded: LoadedTarget, include: Callable[[str], bool] | None) ->
     except Exception as exc:
         raise _build_failed(loaded, exc) from exc
     try:
-        return trace_flax.trace_linen(module, inputs, include=include)
+        return trace_flax.trace_linen(
+            module, inputs, include=include, init_kwargs=jax_kwargs(loaded)
+        )
     except HypernnGenError:
         raise
     except Exception as exc:
@@ -231,13 +267,11 @@ def _trace_nnx(loaded: LoadedTarget, include: Callable[[str], bool] | None) -> L
 
 def _check_nnx_inputs(loaded: LoadedTarget) -> None:
     """Call the NNX module once under ``jax.eval_shape`` on the example inputs (no compute)."""
-    import jax
     from flax import nnx
 
     inputs = _jax_inputs(loaded)
     module = loaded.obj if loaded.factory is None else nnx.eval_shape(loaded.factory)
-    graphdef, state = nnx.split(module)
-    try:
-        jax.eval_shape(lambda st, *xs: nnx.merge(graphdef, st)(*xs), state, *inputs)
+    try:  # nnx.eval_shape: an nnx.Rngs among the arguments is a graph node, not a constant
+        nnx.eval_shape(lambda m, xs, kw: m(*xs, **kw), module, inputs, jax_kwargs(loaded))
     except Exception as exc:  # noqa: BLE001 - any failure is reported, with its location
         raise _inputs_do_not_fit(loaded, exc) from exc

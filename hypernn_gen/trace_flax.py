@@ -92,7 +92,8 @@ def trace_linen(
         raise TraceError(
             f"{type(module).__name__}.init failed on inputs shaped "
             f"{[(tuple(a.shape), str(a.dtype)) for a in avals]}: {type(exc).__name__}: {exc}. "
-            "Pass example inputs the target accepts and any init kwargs (train=False, ...)"
+            "Pass inputs the target accepts (--input-shape), or declare its whole call in the "
+            'target file: example_call = ((x,), {"train": False})'
         ) from exc
     entries = _linen_entries(shapes)
     stats: list[Stats] | None = None
@@ -285,8 +286,13 @@ def _key(entry: Any) -> Key:
 
 
 def _array_inputs(inputs: tuple) -> tuple[tuple, Callable[[Sequence[Any]], tuple]]:
-    """Abstract values of the array-like inputs, and ``arrays -> full inputs`` (others static)."""
-    positions = [i for i, x in enumerate(inputs) if hasattr(x, "shape") and hasattr(x, "dtype")]
+    """Abstract values of the array-like inputs, and ``arrays -> full inputs`` (others static,
+    PRNG keys too: measuring the init runs it on zeros, and a key cannot be zeros)."""
+    positions = [
+        i
+        for i, x in enumerate(inputs)
+        if hasattr(x, "shape") and hasattr(x, "dtype") and "key<" not in str(x.dtype)
+    ]
     avals = tuple(_aval(inputs[i]) for i in positions)
 
     def rebuild(arrays: Sequence[Any]) -> tuple:

@@ -544,16 +544,16 @@ class _InitRecorder(TorchFunctionMode):
 def check_dynamic_support(module: nn.Module, layout: Layout) -> None:
     """Refuse targets that per-sample weights cannot run through (``torch.func.vmap``).
 
-    ``nn.LSTM``/``nn.GRU``/``nn.RNN`` call fused kernels that ``vmap`` has no batching rule for,
-    so one weight set per sample is impossible there; static mode works.
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN`` and their cells call fused kernels that ``vmap`` has no
+    batching rule for, so one weight set per sample is impossible there, even with their own
+    parameters kept out (every sample runs through the whole target). Static mode works, and so
+    does a recurrence written with ``nn.Linear`` gates.
     """
-    generated = {t.path for t in layout.generated}
     for path, sub in module.named_modules():
-        if isinstance(sub, nn.RNNBase) and any(
-            n.startswith(f"{path}.") if path else True for n in generated
-        ):
+        if isinstance(sub, nn.RNNBase | nn.RNNCellBase):  # generated or not: run per sample
             raise TraceError(
                 f"dynamic mode cannot generate {path or 'the target'} ({type(sub).__name__}): "
-                "torch.func.vmap has no batching rule for its fused kernel; use static mode, "
-                f"keep it out with --exclude '{path}.*', or write the recurrence with nn.LSTMCell"
+                "torch.func.vmap has no batching rule for its fused kernel, which every sample "
+                "runs through, even with its parameters excluded; use static mode, or write the "
+                "recurrence with nn.Linear gates (e.g. gates = self.gates(torch.cat([x_t, h], -1)))"
             )

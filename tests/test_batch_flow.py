@@ -25,7 +25,7 @@ from hypernn_gen.fuse import PROBE_BATCHES, plan_torch_fusion, probe_batch_flow
 from hypernn_gen.trace_torch import trace_module
 
 POS_EMB = textwrap.dedent(
-    '''
+    """
     import torch
     from torch import nn
 
@@ -43,7 +43,7 @@ POS_EMB = textwrap.dedent(
 
 
     example_input = torch.zeros(2, 6, dtype=torch.long)
-    '''
+    """
 )
 
 
@@ -133,8 +133,7 @@ def test_generated_file_with_shared_position_ids_equals_each_sample_alone(tmp_pa
     plain = import_file(target).PosEmb()
     for b in range(ids.shape[0]):
         params = {
-            p.path: flat[b, p.offset : p.offset + p.size].view(p.shape)
-            for p in generated.GENERATED
+            p.path: flat[b, p.offset : p.offset + p.size].view(p.shape) for p in generated.GENERATED
         }
         expected = functional_call(plain, params, (ids[b : b + 1],))
         torch.testing.assert_close(output[b : b + 1], expected, rtol=1e-5, atol=1e-6)

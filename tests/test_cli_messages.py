@@ -190,8 +190,10 @@ def test_every_schema_row_is_a_flag_a_field_and_a_pyproject_key(tmp_path: Path) 
         assert option.cli_flag in dests[option.name].option_strings
         keys.append(f"{option.toml_key} = {_toml(option)}")
     path = _pyproject(
-        tmp_path, '[[tool.hypernn-gen.jobs]]\ntarget = "t.py"\nmode = "dynamic"\n'
-        + "\n".join(k for k in keys if not k.startswith("mode ")) + "\n"
+        tmp_path,
+        '[[tool.hypernn-gen.jobs]]\ntarget = "t.py"\nmode = "dynamic"\n'
+        + "\n".join(k for k in keys if not k.startswith("mode "))
+        + "\n",
     )
     (job,) = load_jobs(path)
     for option in OPTIONS:
@@ -206,6 +208,7 @@ def _toml(option) -> str:  # noqa: ANN001 - a value different from the default, 
         "shapes": '["1,8"]',
         "globs": '["x*"]',
         "path": '"somewhere"',
+        "float": "0.5",
     }
     if option.kind == "choice":
         return f'"{next(c for c in option.choices if c != option.default)}"'
@@ -215,11 +218,23 @@ def _toml(option) -> str:  # noqa: ANN001 - a value different from the default, 
 def test_command_line_parses_back_to_the_same_options(tmp_path: Path) -> None:
     """The header's regeneration command, parsed by the CLI, gives the options it came from."""
     options = GenerateOptions(
-        target=SEED, backend="torch", mode="dynamic", embedding_dim=8, chunk_dim=40,
-        chunking="tensor", generator_hidden=(5,), init_scheme="hyperfan-out",
-        condition_shape=(3,), condition_dtype="float64", embedding_hidden=(7, 7),
-        input_shapes=((1, 8), (2, 3)), input_dtype="float64", include=("a*",),
-        exclude=("b",), template_dir="tpl", formatter="ruff",
+        target=SEED,
+        backend="torch",
+        mode="dynamic",
+        embedding_dim=8,
+        chunk_dim=40,
+        chunking="tensor",
+        generator_hidden=(5,),
+        init_scheme="hyperfan-out",
+        condition_shape=(3,),
+        condition_dtype="float64",
+        embedding_hidden=(7, 7),
+        input_shapes=((1, 8), (2, 3)),
+        input_dtype="float64",
+        include=("a*",),
+        exclude=("b",),
+        template_dir="tpl",
+        formatter="ruff",
     )
 
     class Loaded:
@@ -259,7 +274,9 @@ def test_absurd_sizes_are_refused_with_the_numbers(
     assert not (tiny.parent / "gen.py").exists()
 
 
-def test_default_sizes_of_a_tiny_target_pass(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_default_sizes_of_a_tiny_target_pass(
+    tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["tiny.py", "-o", "gen.py"]) == 0
     capsys.readouterr()
     module = {}
@@ -285,8 +302,12 @@ def test_backend_table_names_real_objects() -> None:
 
 def test_backend_contradicting_the_target(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ([SEED], ["inspect", SEED]):
-        message = one_error(capsys, [*command, "--backend", "flax", "-o", "/nonexistent/x.py"]
-                            if command == [SEED] else [*command, "--backend", "flax"])
+        message = one_error(
+            capsys,
+            [*command, "--backend", "flax", "-o", "/nonexistent/x.py"]
+            if command == [SEED]
+            else [*command, "--backend", "flax"],
+        )
         assert message.endswith(
             "is a torch target but --backend flax was given; use --backend torch"
         )
@@ -311,8 +332,9 @@ def test_user_template_helper_clashing_with_the_target_is_refused(
     assert "def width() -> int:" in (tiny.parent / "ok.py").read_text()
     # a target that defines the same name is refused, as a built-in name would be
     tiny.write_text(
-        TINY.replace("def make_target", "def width() -> int:\n    return 3\n\n\ndef make_target")
-        .replace("nn.Linear(4, 3)", "nn.Linear(4, width())")
+        TINY.replace(
+            "def make_target", "def width() -> int:\n    return 3\n\n\ndef make_target"
+        ).replace("nn.Linear(4, 3)", "nn.Linear(4, width())")
     )
     message = one_error(capsys, ["tiny.py", "--template-dir", "tpl", "-o", "bad.py"])
     assert message.endswith(
@@ -351,8 +373,9 @@ def test_readme_lists_commands() -> None:
     assert len(readme_commands()) >= 10
 
 
-def test_every_readme_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_readme_command_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Each ``hypernn-gen ...`` line of README.md exits 0, run in a directory that has the files
     it names (copies of the example targets) and writing only there."""
     import shutil
@@ -363,9 +386,13 @@ def test_every_readme_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     seed = (targets / "seed_mlp.py").read_text()
     policy = "\n\ndef make_policy() -> nn.Module:\n    return make_target()\n"
     (tmp_path / "path" / "to" / "target.py").write_text(seed + policy)
-    for name, source in {"seed_mlp.py": "seed_mlp.py", "policy.py": "seed_mlp.py",
-                         "sine.py": "seed_mlp.py", "cnn.py": "cnn.py",
-                         "transformer.py": "transformer.py"}.items():
+    for name, source in {
+        "seed_mlp.py": "seed_mlp.py",
+        "policy.py": "seed_mlp.py",
+        "sine.py": "seed_mlp.py",
+        "cnn.py": "cnn.py",
+        "transformer.py": "transformer.py",
+    }.items():
         shutil.copy(targets / source, tmp_path / name)
     for part in ("templates", "targets"):
         shutil.copytree(ROOT / "generated_examples" / part, tmp_path / "generated_examples" / part)

@@ -68,6 +68,20 @@ CASES = {
         ],
         "curves_flax_linen.png",
     ),
+    "lora-tasks": (
+        "lora_tasks/train.py",
+        ["--quick"],
+        ("torch", "matplotlib", "peft"),
+        [
+            r"^hypernetwork trainable parameters: 21,640$",
+            r"^frozen base parameters: 26,896$",
+            r"^eval loss per task \(hypernetwork \(per-task LoRA\)\): [\d., ]+$",
+            r"^eval loss per task \(one shared LoRA\): [\d., ]+$",
+            r"^eval loss per task \(full fine-tuning \(a model per task\)\): [\d., ]+$",
+            r"^task 2 via the PEFT export: (\d+\.\d+) \(hypernetwork: \1\)$",
+        ],
+        "task_losses.png",
+    ),
     "sinusoid": (
         "sinusoid/train_torch.py",
         ["--quick"],

@@ -159,7 +159,9 @@ def test_examples_refuse_other_targets_and_bad_inputs() -> None:
     with pytest.raises(ValueError, match=r"hidden1.bias: \(64,\) expected, found nothing"):
         hypernetwork_class(dynamic)(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
     hn = hypernetwork_class(dynamic)(rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"made 2 weight sets \(condition batch 2\) but input 1 has batch size 3"):
+    with pytest.raises(
+        ValueError, match=r"made 2 weight sets \(condition batch 2\) but input 1 has batch size 3"
+    ):
         hn(jnp.zeros((2, 8)), jnp.zeros((3, 8)))
     with pytest.raises(ValueError, match=r"the condition has 4 values per sample"):
         hn(jnp.zeros((2, 8)), condition=jnp.zeros((2, 4)))
@@ -542,13 +544,15 @@ def test_options_match_runtime_with_the_same_options(
     the zoo test; the embedding network's widths too (dynamic)."""
     flags, options = OPTION_FLAGS, dict(OPTIONS)
     if hidden:
-        flags, options = (*flags, "--generator-hidden", "16,8"), {
-            **options, "generator_hidden": (16, 8)
-        }
+        flags, options = (
+            (*flags, "--generator-hidden", "16,8"),
+            {**options, "generator_hidden": (16, 8)},
+        )
     if mode == "dynamic":
-        flags, options = (*flags, "--embedding-hidden", "24,12"), {
-            **options, "embedding_hidden": (24, 12)
-        }
+        flags, options = (
+            (*flags, "--embedding-hidden", "24,12"),
+            {**options, "embedding_hidden": (24, 12)},
+        )
     module = generated(name, mode, *flags)
     assert module.FLAT_SIZE > sum(p.size for p in module.GENERATED)  # padded
     if mode == "dynamic":  # fused unless the generator has hidden layers
@@ -666,7 +670,7 @@ def test_fused_convolutions_and_fallbacks(tmp_path: Path) -> None:
     runtime's either way (Linen and NNX)."""
     x = _normal((BATCH, 9, 9, 2))
     linen = generate_file(tmp_path, f"{ZOO}:LinenConvs")
-    assert [f.path for f in linen.FUSED] == [
+    assert [f[0] for f in linen.FUSED] == [
         ("Conv_0",),
         ("Conv_1",),
         ("Conv_4",),
@@ -680,7 +684,7 @@ def test_fused_convolutions_and_fallbacks(tmp_path: Path) -> None:
     linen_matches_runtime(linen, import_file(ZOO).LinenConvs(), x)
 
     module = generate_file(tmp_path, f"{ZOO}:make_nnx")
-    fused = {f.path[0] for f in module.FUSED}
+    fused = {f[0][0] for f in module.FUSED}
     assert fused == {"strided", "dilated", "conv1d", "out"}
     assert dict(module.PER_SAMPLE)["grouped"] == "grouped convolution"
     runtime = NNXHyperNetwork(
@@ -704,7 +708,7 @@ def test_rows_spanning_too_many_chunks_are_materialised(tmp_path: Path) -> None:
     """With 3-value chunks a kernel row of 64 spans 22 chunks: more than MAX_SEGMENTS, so those
     layers run per sample; the 4-wide output layer's rows (2 chunks) stay fused."""
     module = generate_file(tmp_path, str(TARGETS_DIR / "linen_mlp.py"), "--chunk-dim", "3")
-    assert [f.path for f in module.FUSED] == [("Dense_2",)]
+    assert [f[0] for f in module.FUSED] == [("Dense_2",)]
     assert dict(module.PER_SAMPLE)["Dense_1"] == "a kernel row spans 22 chunks (more than 16)"
     linen_matches_runtime(module, plain_target("linen_mlp"), _normal((BATCH, 8)), chunk_dim=3)
 

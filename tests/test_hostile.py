@@ -456,3 +456,235 @@ def test_nnx_targets_are_checked_against_the_input_shape(work: Path, capsys) -> 
     assert "input shape (2, 5) does not fit" in line and "--input-shape" in line
     assert "nnx_mlp.py line" in line
     assert cli(capsys, "inspect", str(target), "--input-shape", "2,8")[0] == 0
+
+
+# -- a forward that never returns hits the same limit ---------------------------------------------
+
+LOOPING_FORWARD = CLASS.format(layer="nn.Linear(4, 3)").replace(
+    "return self.fc(x)", "while True:\n            pass"
+)
+LOOPING_LINEN = """
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        while True:
+            pass
+
+
+example_input = jnp.zeros((2, 4))
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "args"),
+    [
+        (LOOPING_FORWARD, ()),
+        (LOOPING_FORWARD, ("--mode", "dynamic")),
+        (LOOPING_FORWARD, ("inspect",)),
+        (LOOPING_LINEN, ()),
+    ],
+    ids=["torch-static", "torch-dynamic", "torch-inspect", "linen-eval-shape"],
+)
+def test_a_forward_that_loops_hits_the_load_timeout(work: Path, capsys, source, args) -> None:
+    if "flax" in source:
+        pytest.importorskip("flax.linen")
+    write(work / "spin.py", source)
+    inspect = args == ("inspect",)
+    command = ["inspect", "spin.py"] if inspect else ["spin.py", *args, "-o", "out.py"]
+    start = time.monotonic()
+    code, out, err = cli(capsys, *command, "--load-timeout", "1")
+    assert time.monotonic() - start < 60
+    assert code == 2 and out == ""
+    line = one_error(err)
+    assert "loading and tracing spin.py took longer than 1 s" in line
+    assert "in its forward" in line and "--load-timeout" in line
+    assert not (work / "out.py").exists()
+
+
+# -- excluded tensors are never generated, so their dtype does not matter -------------------------
+
+COMPLEX = {
+    "torch": """
+        import torch
+        from torch import nn
+
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 3)
+                self.phase = nn.Parameter(torch.full((3,), 0.5 + 0.25j, dtype=torch.complex64))
+
+            def forward(self, x):
+                return self.fc(x) * self.phase.real
+        """,
+    "nnx": """
+        import jax.numpy as jnp
+        from flax import nnx
+
+
+        class Net(nnx.Module):
+            def __init__(self, rngs=None):
+                self.fc = nnx.Linear(4, 3, rngs=rngs or nnx.Rngs(0))
+                self.phase = nnx.Param(jnp.full((3,), 0.5 + 0.25j, jnp.complex64))
+
+            def __call__(self, x):
+                return self.fc(x) * self.phase[...].real
+        """,
+    "linen": """
+        import jax.numpy as jnp
+        from flax import linen as nn
+
+
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                phase = self.param("phase", lambda k, s: jnp.full(s, 0.5 + 0.25j, jnp.complex64), (3,))
+                return nn.Dense(3)(x) * phase.real
+        """,
+}
+KEEP_OUT = {
+    "torch": ("requires_grad=False", "nn.Parameter(torch.full(", "nn.Parameter(torch.full("),
+    "nnx": ("nnx.Variable instead of an nnx.Param", "nnx.Param(", "nnx.Variable("),
+    "linen": (
+        "collection other than 'params'",
+        'self.param("phase", ',
+        'self.variable("consts", "phase", ',
+    ),
+}
+
+
+@pytest.mark.parametrize("framework", ["torch", "nnx", "linen"])
+def test_complex_parameters_are_accepted_when_excluded(work: Path, capsys, framework) -> None:
+    if framework != "torch":
+        pytest.importorskip("flax.nnx")
+    source = textwrap.dedent(COMPLEX[framework]) + (
+        "\n\nexample_input = "
+        + ("torch.zeros(2, 4)" if framework == "torch" else "jnp.zeros((2, 4))")
+        + "\n"
+    )
+    write(work / "cplx.py", source)
+    code, _, err = cli(capsys, "cplx.py", "-o", "gen.py")
+    assert code == 2
+    line = one_error(err)
+    advice, old, new = KEEP_OUT[framework]
+    assert "'phase' has dtype complex64" in line and "--exclude 'phase'" in line
+    assert advice in line, line
+    other = {"torch": "nnx", "nnx": "requires_grad", "linen": "requires_grad"}[framework]
+    assert other not in line  # advice of this framework only
+    assert not (work / "gen.py").exists()
+    # the advised --exclude works: the file runs its own example, phase stays the target's
+    code, out, _ = cli(capsys, "cplx.py", "--exclude", "phase", "-o", "gen.py")
+    assert code == 0 and "2 tensors" in out, out
+    result = run_python_file(work, "gen.py")
+    assert result.returncode == 0, result.stderr
+    assert "output: (2, 3)" in result.stdout and "generated_params: (15,)" in result.stdout
+    # and so does the framework's own way of keeping it out
+    kept_out = source.replace(old, new, 1)
+    if framework == "linen":
+        kept_out = kept_out.replace("(3,))", "(3,)).value", 1).replace(
+            "lambda k, s: jnp.full(s,", "lambda s: jnp.full(s,", 1
+        )
+    if framework == "torch":
+        kept_out = kept_out.replace("complex64))", "complex64), requires_grad=False)", 1)
+    write(work / "kept.py", kept_out)
+    code, out, err = cli(capsys, "kept.py", "-o", "kept_gen.py")  # runs the example call too
+    assert code == 0 and "2 tensors" in out, err
+    if framework == "torch":  # (Flax files: the --exclude one above ran; a jax import is slow)
+        result = run_python_file(work, "kept_gen.py")
+        assert result.returncode == 0, result.stderr
+
+
+def run_python_file(cwd: Path, name: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1")  # no hypernn_gen at run time
+    return subprocess.run(
+        [sys.executable, name], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_complex_and_a_typo_in_exclude(work: Path, capsys) -> None:
+    write(
+        work / "cplx.py",
+        textwrap.dedent(COMPLEX["torch"]) + "\nexample_input = torch.zeros(2, 4)\n",
+    )
+    code, _, err = cli(capsys, "cplx.py", "--exclude", "fc.*", "-o", "gen.py")
+    assert code == 2 and "--exclude 'phase'" in one_error(err)
+    code, _, err = cli(capsys, "cplx.py", "--exclude", "phase", "--exclude", "nope.*", "-o", "g.py")
+    assert code == 2
+    line = one_error(err)
+    assert "--exclude 'nope.*' matches no parameter" in line and "phase" in line
+
+
+# -- recurrent layers in dynamic mode: the advice works --------------------------------------------
+
+LSTM = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.LSTM(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.head(self.fc(x)[0][:, -1])
+
+
+example_input = torch.zeros(2, 5, 4)
+"""
+LSTM_CELL = (
+    CLASS.format(layer="nn.LSTMCell(4, 8)")
+    .replace("return self.fc(x)", "return self.fc(x[:, 0])[0]")
+    .replace("torch.zeros(2, 4)", "torch.zeros(2, 5, 4)")
+)
+GATES = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gates = nn.Linear(4 + 8, 4 * 8)
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[0], 8)
+        for t in range(x.shape[1]):
+            i, f, g, o = self.gates(torch.cat([x[:, t], h], -1)).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return h
+
+
+example_input = torch.zeros(2, 5, 4)
+"""
+
+
+def test_recurrent_layers_in_dynamic_mode_get_advice_that_works(work: Path, capsys) -> None:
+    write(work / "rnn.py", LSTM)
+    write(work / "cell.py", LSTM_CELL)
+    for name, kind, extra in (
+        ("rnn.py", "fc (LSTM)", ()),
+        ("rnn.py", "fc (LSTM)", ("--exclude", "fc.*")),  # vmap runs it even when excluded
+        ("cell.py", "fc (LSTMCell)", ()),  # the cells have no batching rule either
+    ):
+        code, _, err = cli(capsys, name, "--mode", "dynamic", *extra, "-o", "dyn.py")
+        assert code == 2
+        line = one_error(err)
+        assert f"dynamic mode cannot generate {kind}" in line and "even with its parameters" in line
+        assert "use static mode" in line and "nn.Linear gates" in line and "--exclude" not in line
+        assert not (work / "dyn.py").exists()
+    # the advice, end to end: static mode, and a recurrence written with nn.Linear gates
+    write(work / "gates.py", GATES)
+    for name, mode in (("rnn.py", "static"), ("gates.py", "dynamic")):
+        code, out, err = cli(capsys, name, "--mode", mode, "-o", f"{mode}.py")
+        assert code == 0, err
+        result = run_python_file(work, f"{mode}.py")
+        assert result.returncode == 0, result.stderr
+        assert "output: (2, 8)" in result.stdout, result.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import jax
@@ -18,7 +19,7 @@ from hypernn_gen.generate import flax_kernel_roots
 from hypernn_gen.kernel import flax as fk
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_FILE = REPO / "hypernn_gen" / "kernel" / "flax.py"
+KERNEL_DIR = REPO / "hypernn_gen" / "kernel"
 FLAX_FILES = sorted(
     [
         *(REPO / "generated_examples").glob("*linen*.py"),
@@ -160,11 +161,14 @@ def _definitions(source: str) -> dict[str, str]:
 def test_generated_kernel_section_is_a_verbatim_copy(path: Path) -> None:
     text = path.read_text()
     section = _section(text)
+    framework = "nnx" if "from flax import nnx" in text else "linen"
     dynamic = "a dynamic hypernetwork" in text.splitlines()[0]
-    kernel = kernel_source("flax", flax_kernel_roots(dynamic))
+    fused, excluded = "\nFUSED: " in text, "\nEXCLUDED: " in text
+    kernel = kernel_source(framework, flax_kernel_roots(framework, dynamic, fused, excluded))
     assert kernel.body in section
     assert text.index(KERNEL_END) < text.index('if __name__ == "__main__":')
-    ours = _definitions(KERNEL_FILE.read_text())
+    ours = _definitions((KERNEL_DIR / "flax.py").read_text())
+    ours.update(_definitions((KERNEL_DIR / f"{framework}.py").read_text()))
     copied = _definitions(re.sub(r"^#.*$", "", section, flags=re.M))
     assert copied and set(copied) <= set(ours)
     for name, body in copied.items():
@@ -184,3 +188,166 @@ def _imported(source: str) -> set[tuple[str, str, str | None]]:
         elif isinstance(node, ast.ImportFrom):
             out |= {(node.module or "", a.name, a.asname) for a in node.names}
     return out
+
+
+# -- flat vector <-> tree, layout check ----------------------------------------------------------
+
+
+class Named(NamedTuple):
+    path: str
+    keys: tuple[str, ...]
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+    dtype: str = "float32"
+
+
+NAMED = tuple(Named(".".join(t.keys), t.keys, t.shape, t.offset, t.size, t.dtype) for t in TENSORS)
+
+
+def test_flatten_inverts_unflatten_and_names_what_is_missing() -> None:
+    flat = jnp.asarray(np.random.default_rng(2).normal(size=(3, FLAT_SIZE)), jnp.float32)
+    mask = np.zeros(FLAT_SIZE, bool)
+    for t in TENSORS:
+        mask[t.offset : t.offset + t.size] = True
+    flat = flat * mask  # padding is zero, as decode makes it
+    tree = fk.unflatten(flat, NAMED)
+    back = fk.flatten(tree, NAMED, FLAT_SIZE)
+    np.testing.assert_array_equal(np.asarray(back[:, :12]), np.asarray(flat[:, :12]))
+    with pytest.raises(KeyError, match=r"flatten_params: the parameter tree has no 'b'"):
+        fk.flatten({"a": tree["a"]}, NAMED, FLAT_SIZE, KeyError)
+    bad = {**tree, "b": jnp.zeros((3, 5))}
+    with pytest.raises(ValueError, match=r"'b' has shape \(3, 5\), the layout says \(4,\)"):
+        fk.flatten(bad, NAMED, FLAT_SIZE)
+
+
+def test_check_params_names_the_first_difference() -> None:
+    fk.check_params({("a",): (2,)}, {("a",): (2,)}, "fix it")
+    with pytest.raises(ValueError, match=r"\(a\.0: \(2,\) expected, found \(3,\)\); fix it"):
+        fk.check_params({("a", 0): (3,)}, {("a", 0): (2,)}, "fix it")
+
+
+# -- the fused path against the materialised weights ---------------------------------------------
+
+CHUNK, N_EMB = 5, 8
+# a Dense kernel (3, 4) starting inside chunk 0 (rows span 2 chunks), its bias, a Conv kernel
+FUSED_LAYOUT = (
+    Named("d.kernel", ("d", "kernel"), (3, 4), 2, 12),
+    Named("d.bias", ("d", "bias"), (4,), 14, 4),
+    Named("c.kernel", ("c", "kernel"), (2, 2, 1, 3), 18, 12),
+    Named("n.scale", ("n", "scale"), (3,), 30, 3),
+)
+
+
+def _shared() -> tuple[fk.Shared, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(6, CHUNK)), jnp.float32)  # a linear generator
+    b = jnp.asarray(rng.normal(size=(CHUNK,)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(N_EMB, 6)), jnp.float32)
+    scale = jnp.asarray(rng.normal(size=4), jnp.float32)
+    shift = jnp.asarray(rng.normal(size=4), jnp.float32)
+    fused = ((("d",), 0, 1, 2), (("c",), 2, None, 2))
+    shared = fk.shared_inputs(lambda e: e @ w + b, table, scale, shift, FUSED_LAYOUT, fused)
+    scales = rng.normal(size=(N_EMB,)).astype(np.float32)
+    # the plain computation: the generator on the scaled table, decoded per tensor
+    raw = (np.asarray(table) * scales[:, None]) @ np.asarray(w) + np.asarray(b)
+    flat = np.asarray(fk.decode(jnp.asarray(raw.reshape(-1)), scale, shift, FUSED_LAYOUT, 40))
+    return shared, scales, flat
+
+
+def test_shared_materialises_each_tensor_as_the_decoded_generator_output() -> None:
+    shared, scales, flat = _shared()
+    assert shared.fused[0] == fk.FusedLayer(("d",), 0, 1, 2)
+    for i, p in enumerate(FUSED_LAYOUT):
+        expected = flat[p.offset : p.offset + p.size].reshape(p.shape)
+        got = shared.materialise(i, jnp.asarray(scales))
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+    params = shared.params(jnp.asarray(scales))  # only the tensors no fused layer holds
+    assert set(params) == {"n"} and params["n"]["scale"].shape == (3,)
+
+
+def test_fused_output_is_the_layer_with_materialised_weights() -> None:
+    import flax.linen as nn
+
+    shared, scales, flat = _shared()
+    kernel = flat[2:14].reshape(3, 4)
+    x = np.random.default_rng(4).normal(size=(2, 3)).astype(np.float32)
+    dense = SimpleNamespace(dtype=None, precision=jax.lax.Precision.HIGHEST)
+    stack = shared.stack(shared.fused[0])
+    got = fk.fused_output(shared.fused[0], stack, shared, jnp.asarray(scales), dense, x, False)
+    np.testing.assert_allclose(np.asarray(got), x @ kernel + flat[14:18], rtol=1e-5, atol=1e-5)
+    conv = nn.Conv(3, (2, 2), padding="SAME", use_bias=False, precision="highest")
+    image = jnp.asarray(np.random.default_rng(5).normal(size=(1, 4, 4, 1)), jnp.float32)
+    ckernel = jnp.asarray(flat[18:30].reshape(2, 2, 1, 3))
+    expected = conv.apply({"params": {"kernel": ckernel}}, image)
+    layer = shared.fused[1]
+    got = fk.fused_output(
+        layer, shared.stack(layer), shared, jnp.asarray(scales), conv, image, True
+    )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+# -- Linen and NNX: running the target ------------------------------------------------------------
+
+
+def test_linen_excluded_merge_and_per_sample_run_match_a_loop() -> None:
+    import flax.linen as nn
+
+    from hypernn_gen.kernel import linen as lk
+
+    params = {"a": {"kernel": 1, "bias": 2}, "b": 3}
+    picked = lk.excluded_params(params, [(("a", "bias"), ())])
+    assert picked == {"a": {"bias": 2}}
+    assert lk.merge_params({"a": {"kernel": 1}, "b": 3}, picked) == params
+    target = nn.Dense(2)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(3, 4)), jnp.float32)
+    weights = target.init(jax.random.key(0), jnp.zeros((1, 4)))["params"]
+    bias = {"bias": weights["bias"]}
+    kernels = jnp.stack([weights["kernel"] * (b + 1) for b in range(3)])
+    out, updates = lk.run_per_sample(target, {"kernel": kernels}, {}, [], bias, {}, (x,), {})
+    assert updates == {}
+    for b in range(3):
+        variables = {"params": {"kernel": kernels[b], "bias": weights["bias"]}}
+        np.testing.assert_allclose(
+            np.asarray(out[b]), np.asarray(target.apply(variables, x[b])), rtol=1e-5, atol=1e-6
+        )
+    single, _ = lk.apply_target(target.apply, {"params": weights}, (x,), {}, [], {})
+    np.testing.assert_allclose(np.asarray(single), np.asarray(target.apply({"params": weights}, x)))
+
+
+def test_nnx_slots_and_per_sample_run_match_a_loop() -> None:
+    from flax import nnx
+
+    from hypernn_gen.kernel import nnx as nk
+
+    target = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    layout = (Named("kernel", ("kernel",), (4, 2), 0, 8), Named("bias", ("bias",), (2,), 8, 2))
+    nk.check_layout(target, layout)
+    with pytest.raises(ValueError, match=r"\(bias: \(3,\) expected, found \(2,\)\); regenerate"):
+        nk.check_layout(target, layout[:1] + (Named("bias", ("bias",), (3,), 8, 3),))
+    copy = nk.without_generated(target, layout)
+    slots = nnx.state(copy, nk.GeneratedSlot)
+    assert {tuple(p) for p, _ in nnx.to_flat_state(slots)} == {("kernel",), ("bias",)}
+    assert not nnx.state(copy, nnx.Param)  # no second set of weights
+    filled = nk.as_params(slots, {"kernel": jnp.ones((4, 2))})  # bias: no value, stays a slot
+    kinds = {tuple(p): type(v) for p, v in nnx.to_flat_state(filled)}
+    assert kinds == {("kernel",): nnx.Param, ("bias",): nk.GeneratedSlot}
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(3, 4)), jnp.float32)
+    kernels = jnp.stack([target.kernel[...] * (b + 1) for b in range(3)])
+    biases = jnp.stack([target.bias[...] - b for b in range(3)])
+    out = nk.run_per_sample(copy, {"kernel": kernels, "bias": biases}, (x,), {})
+    for b in range(3):
+        np.testing.assert_allclose(
+            np.asarray(out[b]), np.asarray(x[b] @ kernels[b] + biases[b]), rtol=1e-5, atol=1e-6
+        )
+    single = nk.run_target(copy, {"kernel": kernels[1], "bias": biases[1]}, (x,), {})
+    np.testing.assert_allclose(
+        np.asarray(single), np.asarray(x @ kernels[1] + biases[1]), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "template", sorted((REPO / "templates").rglob("*.jinja")), ids=lambda p: p.name
+)
+def test_every_template_is_at_most_350_lines(template: Path) -> None:
+    assert len(template.read_text().splitlines()) <= 350, template

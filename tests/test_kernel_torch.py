@@ -366,11 +366,14 @@ def test_layout_block_renders_from_a_hand_built_context() -> None:
     ctx = SimpleNamespace(
         dynamic=False,
         fused=False,
+        delta=False,
         generator_hidden=(),
+        gradient_scale=(1.5, 0.25, 0.5),
         embedding_dim=4,
         excluded=("frozen",),
         chunking=SimpleNamespace(num_embeddings=3, chunk_dim=4),
         layout=SimpleNamespace(flat_size=12, digest=lambda: "0123abcd"),
+        checkpoint_digest="4567cdef",
         params=params,
         tied=(("tied.bias", "fc.bias"),),
         names=SimpleNamespace(prefix="X"),
@@ -384,5 +387,7 @@ def test_layout_block_renders_from_a_hand_built_context() -> None:
         ("fc.bias", (2,), 8, 2, 0.1, 0.2),
     ]
     assert (scope["FLAT_SIZE"], scope["CHUNK_DIM"], scope["LAYOUT_DIGEST"]) == (12, 4, "0123abcd")
+    assert scope["CHECKPOINT_DIGEST"] == "4567cdef"
     assert scope["TIED"] == {"tied.bias": "fc.bias"} and scope["EXCLUDED"] == frozenset({"frozen"})
+    assert scope["GRADIENT_SCALE"] == (1.5, 0.25, 0.5)
     assert "FUSED" not in scope and not re.search(r"^def ", text, re.M)

@@ -236,8 +236,9 @@ def test_condition_shape_makes_weights_from_a_separate_condition(tmp_path: Path)
     flags = ("--condition-shape", "2,3", "--condition-dtype", "float64", "--embedding-hidden", "16")
     module = generate(tmp_path, "seed_mlp", *flags, mode="dynamic")
     assert module.CONDITION_SHAPE == (2, 3) and module.EMBEDDING_HIDDEN == (16,)
-    gen, runtime = twins(module, "seed_mlp", mode="dynamic", condition_shape=(2, 3),
-                         embedding_hidden=(16,))
+    gen, runtime = twins(
+        module, "seed_mlp", mode="dynamic", condition_shape=(2, 3), embedding_hidden=(16,)
+    )
     x, condition = torch.randn(5, 8), torch.randn(5, 2, 3, dtype=torch.float64)
     expected, expected_flat = runtime(x, condition=condition)
     fused, _ = gen(x, condition=condition)
@@ -303,8 +304,11 @@ def test_pyproject_job_takes_every_option_and_cli_flags_override_it(
     args += ["--init-scheme", "hyperfan-in", "--condition-shape", "4", "--embedding-hidden", "20"]
     assert main([*args, "-o", "flags.py"]) == 0
     job, by_flags = (tmp_path / "job.py").read_text(), (tmp_path / "flags.py").read_text()
+
     def strip(text: str) -> list[str]:  # the output path and the seal differ
-        return [ln for ln in text.splitlines() if not ln.startswith(("# command:", "# hypernn-gen:"))]
+        return [
+            ln for ln in text.splitlines() if not ln.startswith(("# command:", "# hypernn-gen:"))
+        ]
 
     assert strip(job) == strip(by_flags)
     module = import_file(tmp_path / "job.py")
@@ -323,7 +327,10 @@ def test_pyproject_job_takes_every_option_and_cli_flags_override_it(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--condition-shape", "3"], "--condition-shape applies to dynamic mode only; add --mode dynamic"),
+        (
+            ["--condition-shape", "3"],
+            "--condition-shape applies to dynamic mode only; add --mode dynamic",
+        ),
         (["--generator-hidden", "64,x"], "bad hidden widths '64,x'"),
         (["--generator-hidden", "0"], "hidden widths must be positive integers"),
         (["--init-scheme", "xavier"], "invalid choice: 'xavier'"),

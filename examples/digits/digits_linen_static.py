@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/digits/target_linen.py:DigitsCNN (linen, class)
-# options:  backend=flax mode=static embedding_dim=16 num_embeddings=204 chunk_dim=192
+# options:  backend=flax mode=static embedding_dim=16 num_embeddings=204 chunk_dim=192 gradient_scaling=off
 #           chunking=auto init_scheme=target generator_hidden=none
 # layout:   8 generated tensors, 38,282 values, 0 state tensors, digest 10560053157bbb1a
 # command:  hypernn-gen examples/digits/target_linen.py --backend flax --mode static --embedding-dim 16 -o examples/digits/digits_linen_static.py
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -122,33 +123,6 @@ class DigitsCNNWeightGenerator(nn.Module):
         return raw if mesh is None else split_chunks(raw, self.model_axis)
 
 
-def check_layout(
-    target_network: nn.Module, inputs: tuple, kwargs: dict[str, Any], rng_names: list[str]
-) -> None:
-    """Refuse a target whose ``params`` differ from the generated layout (shapes only: the
-    target's init is traced, not run)."""
-    rngs = {name: jax.random.key(0) for name in ("params", "dropout", *rng_names)}
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(target_network.init(rngs, *inputs, **kwargs)))
-    found = {
-        tuple(getattr(k, "key", k) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get("params", {}))[0]
-    }
-    expected = {p.keys: p.shape for p in GENERATED}
-    if found != expected:
-        diff = next(
-            (
-                f"{'.'.join(keys)}: {shape} expected, found {found.get(keys, 'nothing')}"
-                for keys, shape in expected.items()
-                if found.get(keys) != shape
-            ),
-            f"{len(expected)} parameters expected, the target has {len(found)}",
-        )
-        raise ValueError(
-            f"this target's parameters differ from the layout this file was generated for "
-            f"({diff}); regenerate the file for the new target and inputs"
-        )
-
-
 def unflatten_params(flat: jax.Array) -> dict[str, Any]:
     """The target's ``params`` tree from a flat vector ``(..., FLAT_SIZE)``; leading batch
     dimensions are kept (``(batch, FLAT_SIZE)`` gives leaves ``(batch, *shape)``)."""
@@ -157,14 +131,7 @@ def unflatten_params(flat: jax.Array) -> dict[str, Any]:
 
 def flatten_params(params: Any) -> jax.Array:
     """The flat vector ``(..., FLAT_SIZE)`` for a target's ``params`` tree (``variables["params"]``)."""
-    pieces = []
-    for p in GENERATED:
-        leaf = params
-        for key in p.keys:
-            leaf = leaf[key]
-        leaf = jnp.asarray(leaf)
-        pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(p.shape)], -1))
-    return concat_flat(pieces, [p.offset for p in GENERATED], FLAT_SIZE)
+    return flatten(params, GENERATED, FLAT_SIZE)
 
 
 class DigitsCNNHyperNetwork(nn.Module):
@@ -222,7 +189,7 @@ class DigitsCNNHyperNetwork(nn.Module):
         rng_names = [name for name in self.scope.rngs if name != "params"]
         initializing = self.is_initializing()
         if initializing:
-            check_layout(target, inputs, target_kwargs, rng_names)
+            check_layout(target, inputs, target_kwargs, rng_names, GENERATED)
         if generated_params is None or initializing:  # init creates the generator's parameters
             flat = self.generate_params()
         if generated_params is not None:
@@ -232,12 +199,12 @@ class DigitsCNNHyperNetwork(nn.Module):
         params = unflatten_params(flat)
         rngs = {name: self.make_rng(name) for name in rng_names}
         variables = {"params": params}
-        return target.apply(variables, *inputs, rngs=rngs, **target_kwargs), flat
+        out, _ = apply_target(target.apply, variables, inputs, rngs, [], target_kwargs)
+        return out, flat
 
 
 # -- hypernn-gen kernel 1
-# Target-independent code, copied verbatim from hypernn_gen/kernel/flax.py: layout constants
-# (GENERATED, FLAT_SIZE, CHUNK_DIM) are passed in as arguments.
+# Target-independent code, copied verbatim from hypernn_gen/kernel: the layout comes in as arguments.
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -333,6 +300,87 @@ def check_flat(
         )
 
 
+def get_path(tree: Any, keys: tuple) -> Any:
+    """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
+    for key in keys:
+        tree = tree[key]
+    return tree.get_value() if hasattr(tree, "get_value") else tree
+
+
+def flatten(
+    params: Any, tensors: Any, flat_size: int, error: type[Exception] = ValueError
+) -> jax.Array:
+    """The flat vector ``(..., flat_size)`` for a tree holding the generated tensors (a Linen
+    ``params`` tree, an ``nnx.State`` or pure dict); leading batch dims (the same on every leaf)
+    are kept. The inverse of :func:`unflatten`."""
+    pieces = []
+    for t in tensors:
+        try:
+            leaf = jnp.asarray(get_path(params, t.keys))
+        except (KeyError, IndexError, TypeError) as exc:
+            raise error(
+                f"flatten_params: the parameter tree has no {t.path!r}; pass the target's own "
+                "params tree (Linen: variables['params'], NNX: nnx.state(target, nnx.Param))"
+            ) from exc
+        if leaf.shape[leaf.ndim - len(t.shape) :] != tuple(t.shape):
+            raise error(
+                f"flatten_params: {t.path!r} has shape {leaf.shape}, the layout says {t.shape}; "
+                "pass parameters of the target the hypernetwork was built for"
+            )
+        pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(t.shape)], -1))
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def check_params(found: dict, expected: dict, fix: str) -> None:
+    """Refuse a target whose parameter shapes ``found`` (keys -> shape) differ from the layout's
+    ``expected``; ``fix`` ends the message."""
+    if found != expected:
+        diff = next(
+            (
+                f"{'.'.join(map(str, keys))}: {shape} expected, found {found.get(keys, 'nothing')}"
+                for keys, shape in expected.items()
+                if found.get(keys) != shape
+            ),
+            f"{len(expected)} parameters expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); {fix}"
+        )
+
+
+def check_layout(
+    target_network: nn.Module,
+    inputs: tuple,
+    kwargs: dict[str, Any],
+    rng_names: list[str],
+    tensors: Any,
+    excluded: Any = (),
+) -> None:
+    """Refuse a target whose ``params`` differ from the generated layout (shapes only: the
+    target's init is traced, not run)."""
+    rngs = {name: jax.random.key(0) for name in ("params", "dropout", *rng_names)}
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(target_network.init(rngs, *inputs, **kwargs)))
+    found = {
+        tuple(getattr(k, "key", k) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get("params", {}))[0]
+    }
+    expected = {p.keys: p.shape for p in tensors}
+    expected.update(excluded)
+    check_params(found, expected, "regenerate the file for the new target and inputs")
+
+
+def apply_target(
+    apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
+) -> tuple[Any, dict]:
+    """``apply(variables, *args, ...)`` (a target's ``apply``), returning ``(output, the updated
+    mutable collections)``."""
+    if not mutable:
+        return apply(variables, *args, rngs=rngs, **kwargs), {}
+    out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+    return out, {col: updates[col] for col in mutable}
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -347,4 +395,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=58a5e3e9286aafdc76e21a18c9354737d2120cb816a37a802e896ed3a0a1315f
+# hypernn-gen: sha256=ad20d91f9679de0250df241a8726f278105f591fb75a8b00083f0ef6b405d61c

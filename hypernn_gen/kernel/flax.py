@@ -7,7 +7,8 @@ call the same code. ``error`` is the exception class a check raises (generated f
 ``ValueError``; the runtime: ``HyperNetworkError``, a ``ValueError`` too).
 """
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +145,215 @@ def merge_samples(old: jax.Array, new: jax.Array) -> jax.Array:
 def squeeze_sample(tree: Any) -> Any:
     """Drop the per-sample batch of 1 from every output leaf (as ``torch.squeeze(0)`` does)."""
     return jax.tree.map(lambda o: o[0] if is_array(o) and o.ndim and o.shape[0] == 1 else o, tree)
+
+
+def get_path(tree: Any, keys: tuple) -> Any:
+    """The leaf of ``tree`` at ``keys`` (an ``nnx.Variable``'s value, not the Variable)."""
+    for key in keys:
+        tree = tree[key]
+    return tree.get_value() if hasattr(tree, "get_value") else tree
+
+
+def flatten(
+    params: Any, tensors: Any, flat_size: int, error: type[Exception] = ValueError
+) -> jax.Array:
+    """The flat vector ``(..., flat_size)`` for a tree holding the generated tensors (a Linen
+    ``params`` tree, an ``nnx.State`` or pure dict); leading batch dims (the same on every leaf)
+    are kept. The inverse of :func:`unflatten`."""
+    pieces = []
+    for t in tensors:
+        try:
+            leaf = jnp.asarray(get_path(params, t.keys))
+        except (KeyError, IndexError, TypeError) as exc:
+            raise error(
+                f"flatten_params: the parameter tree has no {t.path!r}; pass the target's own "
+                "params tree (Linen: variables['params'], NNX: nnx.state(target, nnx.Param))"
+            ) from exc
+        if leaf.shape[leaf.ndim - len(t.shape) :] != tuple(t.shape):
+            raise error(
+                f"flatten_params: {t.path!r} has shape {leaf.shape}, the layout says {t.shape}; "
+                "pass parameters of the target the hypernetwork was built for"
+            )
+        pieces.append(leaf.reshape(*leaf.shape[: leaf.ndim - len(t.shape)], -1))
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def check_params(found: dict, expected: dict, fix: str) -> None:
+    """Refuse a target whose parameter shapes ``found`` (keys -> shape) differ from the layout's
+    ``expected``; ``fix`` ends the message."""
+    if found != expected:
+        diff = next(
+            (
+                f"{'.'.join(map(str, keys))}: {shape} expected, found {found.get(keys, 'nothing')}"
+                for keys, shape in expected.items()
+                if found.get(keys) != shape
+            ),
+            f"{len(expected)} parameters expected, the target has {len(found)}",
+        )
+        raise ValueError(
+            f"this target's parameters differ from the layout this file was generated for "
+            f"({diff}); {fix}"
+        )
+
+
+# -- Fused per-sample layers: per-sample outputs without per-sample weights --
+#
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // chunk_dim] * g0[p] + bg[p % chunk_dim])
+# (s: per-sample embedding scales, g0: the generator applied to the shared table, without its
+# bias bg). Row r of a Dense/Conv kernel (one input feature; Conv: one input feature at one
+# window position) holds `out` consecutive values, in the chunks first(r) .. first(r) + S - 1, so
+#     y_b = [x_b * s_b[first + 0], ..., x_b * s_b[first + S - 1], x_b] @ stack
+# with `stack` ((S + 1) * rows, out) shared by all samples: under vmap, one GEMM for the whole
+# batch (Conv: on the input's patches). Every other generated tensor is materialised per sample.
+
+
+class FusedLayer(NamedTuple):
+    """A Dense/Linear/Conv layer computed from shared weights: its module path in the target,
+    the indices of its kernel and bias in the layout (bias None: no bias), and S."""
+
+    path: tuple
+    kernel: int
+    bias: int | None
+    segments: int
+
+
+def kernel_rows(kernel: Any) -> Any:
+    """A kernel ``(*window, in, out)`` as rows ``(in * prod(window), out)``, in the order of the
+    input's patches (input feature first); a Dense kernel ``(in, out)`` stays as it is."""
+    n = kernel.ndim
+    return kernel.transpose(n - 2, *range(n - 2), n - 1).reshape(-1, kernel.shape[-1])
+
+
+def fused_indices(
+    layer: FusedLayer, tensors: Any, chunk_dim: int, num_embeddings: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Constants of a fused kernel, as rows: the flat position of each value, and the chunk of
+    each (segment, row), ``(S, rows)``."""
+    p = tensors[layer.kernel]
+    position = kernel_rows(p.offset + np.arange(p.size).reshape(p.shape))
+    chunk = position[:, 0] // chunk_dim + np.arange(layer.segments)[:, None]
+    return position, np.minimum(chunk, num_embeddings - 1)
+
+
+class Shared(NamedTuple):
+    """What every sample's generated tensors are made of (see above), and the layout."""
+
+    g0: jax.Array  # (num_embeddings * chunk_dim,): the generator on the table, without its bias
+    bias: jax.Array  # (chunk_dim,): the generator's bias
+    param_scale: jax.Array
+    param_shift: jax.Array
+    tensors: tuple  # the layout's generated tensors
+    fused: tuple[FusedLayer, ...]
+    num_embeddings: int
+
+    def chunk_bias(self, p: Any) -> jax.Array:
+        """``bias[position % chunk_dim]`` for the values of ``p``, ``p.shape`` (tiled, not
+        gathered: its gradient is a sum, not a scatter)."""
+        chunk_dim = self.bias.shape[0]
+        start = p.offset % chunk_dim
+        tiled = jnp.tile(self.bias, -(-(start + p.size) // chunk_dim))
+        return tiled[start : start + p.size].reshape(p.shape)
+
+    def materialise(self, i: int, scales: jax.Array) -> jax.Array:
+        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``."""
+        p, chunk_dim = self.tensors[i], self.bias.shape[0]
+        first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
+        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
+        scale = scale[start : start + p.size].reshape(p.shape)
+        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        raw = scale * g0 + self.chunk_bias(p)
+        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
+
+    def params(self, scales: jax.Array) -> dict:
+        """One sample's tree of the tensors not fused (keyed like ``unflatten``)."""
+        fused = {i for layer in self.fused for i in (layer.kernel, layer.bias)}
+        params: dict = {}
+        for i, p in enumerate(self.tensors):
+            if i not in fused:
+                node = params
+                for key in p.keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[p.keys[-1]] = self.materialise(i, scales)
+        return params
+
+    def stack(self, layer: FusedLayer) -> jax.Array:
+        """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
+        i, p, chunk_dim = layer.kernel, self.tensors[layer.kernel], self.bias.shape[0]
+        position, chunk = fused_indices(layer, self.tensors, chunk_dim, self.num_embeddings)
+        segment = position // chunk_dim - chunk[0][:, None]
+        w0 = self.param_scale[i] * kernel_rows(
+            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
+        )
+        parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
+        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
+        # The barrier keeps XLA from folding the construction into every sample's GEMM.
+        return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
+
+
+def shared_inputs(
+    generator: Callable,
+    table: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    fused: Any,
+) -> Shared:
+    """What all samples share: the (linear) ``generator`` on the embedding ``table``, split into
+    its linear part and its bias, the decoder's ``scale`` and ``shift``; ``fused``: plain
+    ``(path, kernel, bias, segments)`` tuples."""
+    bias = generator(jnp.zeros((1, table.shape[-1]), table.dtype))[0]
+    g0 = (generator(table) - bias).reshape(-1)
+    layers = tuple(FusedLayer(*layer) for layer in fused)
+    return Shared(g0, bias, scale, shift, tuple(tensors), layers, table.shape[0])
+
+
+def conv_patches(module: Any, x: jax.Array) -> jax.Array:
+    """The patches ``(..., *spatial, in * prod(window))`` that the Conv ``module`` convolves."""
+    window = tuple(module.kernel_size)
+    n = len(window)
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        return (
+            (1,) * n if value is None else (value,) * n if isinstance(value, int) else tuple(value)
+        )
+
+    padding = module.padding
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(q, q) if isinstance(q, int) else tuple(q) for q in padding]
+    spec = (0, n + 1, *range(1, n + 1))
+    patches = jax.lax.conv_general_dilated_patches(
+        x.reshape(-1, *x.shape[x.ndim - n - 1 :]),
+        window,
+        per_axis(module.strides),
+        padding,
+        lhs_dilation=per_axis(module.input_dilation),
+        rhs_dilation=per_axis(module.kernel_dilation),
+        dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec),
+        precision=jax.lax.Precision.HIGHEST,  # patches are copies of the input: keep them exact
+    )
+    return patches.reshape(*x.shape[: x.ndim - n - 1], *patches.shape[1:])
+
+
+def fused_output(
+    layer: FusedLayer,
+    stack: jax.Array,
+    shared: Shared,
+    scales: jax.Array,
+    module: Any,
+    x: jax.Array,
+    conv: bool,
+) -> jax.Array:
+    """One sample's output of a fused Dense/Linear (``conv``: Conv) ``module`` for its input."""
+    if conv:
+        x = conv_patches(module, x)
+    _, chunk = fused_indices(layer, shared.tensors, shared.bias.shape[0], shared.num_embeddings)
+    coeff = jnp.concatenate([scales[chunk], jnp.ones((1, chunk.shape[1]), scales.dtype)])
+    dtype = module.dtype or jnp.result_type(x, stack)
+    x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
+    y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y

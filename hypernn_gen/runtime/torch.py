@@ -23,6 +23,8 @@ How weights are made (see :mod:`hypernn_gen.layout` for the contract):
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -31,16 +33,22 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..design import check_hidden, design_layout
+from ..adapters import GENERATES, delta_layout
+from ..design import GRADIENT_SCALINGS, check_hidden, design_layout, gradient_multipliers
 from ..errors import HyperNetworkError
 from ..kernel.torch import (
+    apply_base,
+    carry_digest,
     decode,
     flatten_params,
     run_per_sample,
+    scale_grad,
+    scaled_linear,
     unflatten_params,
     without_generated,
+    zero_output,
 )
-from ..layout import Layout
+from ..layout import Layout, checkpoint_digest
 from ..trace_torch import check_dynamic_support, trace_module
 
 __all__ = [
@@ -89,14 +97,20 @@ class TorchWeightGenerator(nn.Module):
 
 
 class StaticEmbedding(TorchEmbeddingModule):
-    """A learned table of ``num_embeddings`` vectors, entries ~ N(0, 1)."""
+    """A learned table of ``num_embeddings`` vectors, entries ~ N(0, 1).
+
+    ``gradient_scale``: the multiplier of the table's gradient (``None``: none), set by
+    :class:`TorchHyperNetwork` with gradient scaling on.
+    """
+
+    gradient_scale: float | None = None
 
     def __init__(self, embedding_dim: int, num_embeddings: int) -> None:
         super().__init__(embedding_dim, num_embeddings)
         self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
 
     def forward(self) -> torch.Tensor:
-        return self.weight
+        return scale_grad(self.weight, self.gradient_scale)
 
 
 class DynamicEmbedding(TorchEmbeddingModule):
@@ -106,7 +120,10 @@ class DynamicEmbedding(TorchEmbeddingModule):
     input ``c``. Its last layer starts at a tenth of PyTorch's default scale, so weight sets
     start close together and drift apart as the network learns to use the condition.
     ``condition_dim=None`` infers it on first call.
+    ``gradient_scale``: as in :class:`StaticEmbedding`.
     """
+
+    gradient_scale: float | None = None
 
     def __init__(
         self,
@@ -138,15 +155,18 @@ class DynamicEmbedding(TorchEmbeddingModule):
         return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
-        return self.scales(condition).unsqueeze(-1) * self.weight
+        return self.scales(condition).unsqueeze(-1) * scale_grad(self.weight, self.gradient_scale)
 
 
 class LinearWeightGenerator(TorchWeightGenerator):
     """One linear map from an embedding to a chunk; unit-variance output at init.
 
     Linearity is what lets generated dynamic modules compute per-sample layers without
-    materialising per-sample weights.
+    materialising per-sample weights. ``gradient_scale``: the multipliers of the weight's and
+    the bias's gradients, set by :class:`TorchHyperNetwork` with gradient scaling on.
     """
+
+    gradient_scale: tuple[float | None, float | None] = (None, None)
 
     def __init__(self, embedding_dim: int, hidden_dim: int) -> None:
         super().__init__(embedding_dim, hidden_dim)
@@ -156,7 +176,7 @@ class LinearWeightGenerator(TorchWeightGenerator):
             self.linear.bias.zero_()
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.linear(embedding)
+        return scaled_linear(self.linear, embedding, *self.gradient_scale)
 
 
 class MLPWeightGenerator(TorchWeightGenerator):
@@ -216,6 +236,19 @@ class TorchHyperNetwork(nn.Module):
         embedding_hidden: dynamic mode, default embedding: hidden widths of its network.
         include: optional predicate on parameter paths; trainable parameters it rejects stay
             ordinary parameters of the copied target.
+        generate: ``"weights"`` (the generated tensors are the target's), ``"delta"`` (each is a
+            frozen base, the ``base`` buffer, plus a generated delta that starts at exactly 0:
+            the default generator's output layer starts at zero) or ``"lora"`` (LoRA adapters on
+            a frozen copy of the target: this returns a
+            :class:`~hypernn_gen.runtime.lora_torch.TorchLoRAHyperNetwork`, which takes the
+            ``lora_*`` keywords).
+        base: ``"delta"``: a checkpoint path (safetensors or torch) or state dict holding the
+            base values (default: the target's own).
+        gradient_scaling: ``"on"`` (default): gradient multipliers (forward values unchanged)
+            that let the target's own optimizer and learning rate train the hypernetwork: the
+            decode's scale and shift of each tensor, and the default embedding table and linear
+            generator (see :func:`hypernn_gen.design.gradient_multipliers`); ``"off"``: raw
+            gradients.
 
     The keyword names are the CLI's flags and the ``[tool.hypernn-gen]`` keys, with ``_``.
 
@@ -223,6 +256,26 @@ class TorchHyperNetwork(nn.Module):
     ``(output, generated_params)``; ``generated_params`` is the flat vector of the target's
     generated tensors in layout order, ``(flat_size,)`` or ``(batch, flat_size)``.
     """
+
+    def __new__(cls, *args: Any, generate: str = "weights", **kwargs: Any) -> Any:
+        if generate != "lora" or cls is not TorchHyperNetwork:
+            return super().__new__(cls)
+        from .lora_torch import TorchLoRAHyperNetwork
+
+        flat_only = {"num_embeddings", "chunk_dim", "chunking", "init_scheme"}
+        given = [
+            k
+            for k in ("embedding_module_constructor", "weight_generator_constructor")
+            if k in kwargs
+        ]
+        given += sorted(flat_only & kwargs.keys())
+        if len(args) > 1 or given:
+            what = given[0] if given else "positional constructors or sizes"
+            raise HyperNetworkError(
+                f'{what} shapes the chunked weight generator, which generate="lora" does not '
+                "use; pass the target and keywords (lora_rank=..., embedding_dim=...)"
+            )
+        return TorchLoRAHyperNetwork(*args, **kwargs)
 
     def __init__(
         self,
@@ -241,10 +294,27 @@ class TorchHyperNetwork(nn.Module):
         condition_dim: int | None = None,
         embedding_hidden: Sequence[int] = (64,),
         include: Callable[[str], bool] | None = None,
+        generate: str = "weights",
+        base: Any = None,
+        gradient_scaling: str = "on",
     ) -> None:
         super().__init__()
         if mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        if generate not in GENERATES:
+            raise HyperNetworkError(f"generate must be one of {GENERATES}, got {generate!r}")
+        if base is not None and generate != "delta":
+            raise HyperNetworkError('base= applies to generate="delta" or "lora" only')
+        if generate == "delta" and weight_generator_constructor is not None:
+            raise HyperNetworkError(
+                'generate="delta" starts every delta at exactly 0 by zeroing the default weight '
+                "generator's output layer; drop weight_generator_constructor"
+            )
+        self.generates = generate
+        if gradient_scaling not in GRADIENT_SCALINGS:
+            raise HyperNetworkError(
+                f"gradient_scaling must be 'on' or 'off', got {gradient_scaling!r}"
+            )
         self.mode: Mode = mode
         layout = trace_module(target_network, include=include)
         if mode == "dynamic":
@@ -257,6 +327,8 @@ class TorchHyperNetwork(nn.Module):
             chunking=chunking,
             init_scheme=init_scheme,
         )
+        if generate == "delta":
+            self.layout = delta_layout(self.layout)
         if condition_shape is not None:
             condition_dim = math.prod(condition_shape)
         self.embedding_dim = embedding_dim
@@ -292,10 +364,47 @@ class TorchHyperNetwork(nn.Module):
                 )
 
         generated = self.layout.generated
+        #: the multipliers of the table, the generator's weight and bias (None: off)
+        self.gradient_scale: tuple[float, float, float] | None = None
+        if gradient_scaling == "on":
+            self.gradient_scale = gradient_multipliers(
+                [t.size for t in generated],
+                [t.init_std for t in generated],
+                self.num_embeddings,
+                self.hidden_dim,
+                embedding_dim,
+            )
+            if isinstance(self.embedding_module, StaticEmbedding | DynamicEmbedding):
+                self.embedding_module.gradient_scale = self.gradient_scale[0]
+            if isinstance(self.weight_generator, LinearWeightGenerator):
+                self.weight_generator.gradient_scale = self.gradient_scale[1:]
         self.param_scale = nn.Parameter(torch.tensor([t.init_std for t in generated]))
         self.param_shift = nn.Parameter(torch.tensor([t.init_mean for t in generated]))
         paths = {t.path for t in generated} | {".".join(a) for t in generated for a in t.aliases}
+        if generate == "delta":
+            target_network = self._init_delta(target_network, base)
         self.target = without_generated(target_network, paths)
+        #: saved in every state dict (``layout_digest``) and checked on load, as generated files do
+        self.checkpoint_digest = checkpoint_digest(self.layout, self.chunking, mode, embedding_dim)
+        carry_digest(self, self.checkpoint_digest)
+
+    def _init_delta(self, target_network: nn.Module, base: Any) -> nn.Module:
+        """``generate="delta"``: zero the generator's output layer and keep the base values as the
+        ``base`` buffer (from ``base`` when given, else the target's own)."""
+        from .lora_torch import base_state
+
+        zero_output(self.weight_generator)
+        generated = self.layout.generated
+        if base is not None:
+            target_network = copy.deepcopy(target_network)
+            try:
+                apply_base(target_network, base_state(base), [t.path for t in generated])
+            except ValueError as exc:
+                raise HyperNetworkError(str(exc)) from None
+        values = dict(target_network.named_parameters())
+        flat = flatten_params(values, generated, self.layout.flat_size)
+        self.register_buffer("base", flat.detach().clone())
+        return target_network
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -349,7 +458,15 @@ class TorchHyperNetwork(nn.Module):
     def _decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Per-tensor affine map from the raw vector to the target's parameters (the kernel's)."""
         layout = self.layout
-        return decode(raw, self.param_scale, self.param_shift, layout.generated, layout.flat_size)
+        out = decode(
+            raw,
+            self.param_scale,
+            self.param_shift,
+            layout.generated,
+            layout.flat_size,
+            self.gradient_scale,
+        )
+        return out + self.base if self.generates == "delta" else out
 
     def _expected_embedding(self, condition: Any) -> tuple[int, ...]:
         shape = (self.num_embeddings, self.embedding_dim)
@@ -441,3 +558,10 @@ class TorchHyperNetwork(nn.Module):
 
 def _first_tensor(args: tuple) -> torch.Tensor | None:
     return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+# ``inspect.signature(TorchHyperNetwork)`` shows ``__init__``'s keywords, not ``__new__``'s
+# dispatch to the LoRA class (``generate="lora"``).
+TorchHyperNetwork.__signature__ = inspect.signature(TorchHyperNetwork.__init__).replace(
+    parameters=list(inspect.signature(TorchHyperNetwork.__init__).parameters.values())[1:]
+)

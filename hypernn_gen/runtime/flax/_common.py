@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import HyperNetworkError, TraceError
 from ...kernel import flax as fk
-from ...layout import Key, Layout
+from ...layout import Layout
 
 __all__ = ["flatten_params", "unflatten_params"]
 
@@ -65,32 +65,7 @@ def flatten_params(layout: Layout, params: Any) -> jax.Array:
     the layout's keys; leaves may be ``nnx.Variable``. Extra entries are ignored; leading batch
     dims (the same on every leaf) are kept. The inverse of :func:`unflatten_params`.
     """
-    pieces = []
-    for t in layout.generated:
-        try:
-            leaf = get_path(params, t.keys)
-        except (KeyError, IndexError, TypeError) as exc:
-            raise HyperNetworkError(
-                f"flatten_params: the parameter tree has no {t.path!r}; pass the target's own "
-                "params tree (Linen: variables['params'], NNX: nnx.state(target, nnx.Param))"
-            ) from exc
-        leaf = jnp.asarray(leaf)
-        if leaf.shape[leaf.ndim - len(t.shape) :] != t.shape:
-            raise HyperNetworkError(
-                f"flatten_params: {t.path!r} has shape {leaf.shape}, the layout says {t.shape}; "
-                "pass parameters of the target the hypernetwork was built for"
-            )
-        pieces.append(leaf)
-    return _concat(layout, pieces)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _concat(layout: Layout, leaves: list[jax.Array]) -> jax.Array:
-    pieces = [
-        x.reshape(*x.shape[: x.ndim - len(t.shape)], -1)
-        for t, x in zip(layout.generated, leaves, strict=True)
-    ]
-    return concat_flat(layout, pieces)
+    return fk.flatten(params, layout.generated, layout.flat_size, HyperNetworkError)
 
 
 def concat_flat(layout: Layout, pieces: list[jax.Array]) -> jax.Array:
@@ -99,18 +74,7 @@ def concat_flat(layout: Layout, pieces: list[jax.Array]) -> jax.Array:
     return fk.concat_flat(pieces, [t.offset for t in layout.generated], layout.flat_size)
 
 
-def get_path(tree: Any, keys: tuple[Key, ...]) -> Any:
-    for k in keys:
-        tree = tree[k]
-    if hasattr(tree, "get_value"):  # nnx.Variable
-        tree = tree.get_value()
-    return tree
-
-
-def set_path(tree: dict, keys: tuple[Key, ...], value: Any) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
+get_path = fk.get_path
 
 
 # -- decoding -----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
+from ...kernel import linen as lk
 from ...layout import Chunking, Layout
 from ...trace_flax import _array_inputs, trace_linen
 from . import _common as c
@@ -286,13 +287,16 @@ class FlaxHyperNetwork(nn.Module):
         params = c.unflatten_params(layout, flat)
         mutable = [col for col in state_cols if self.is_mutable_collection(col)]
         rngs = self._rngs(rng_names, False)
-        call = functools.partial(_apply_target, target, target_kwargs, mutable)
+        values = {col: v.value for col, v in state.items()}
         if dynamic:
-            out, updates = _per_sample(call, params, excluded, state, mutable, rngs, inputs, batch)
+            out, updates = lk.run_per_sample(
+                target, params, values, mutable, excluded, rngs, inputs, target_kwargs
+            )
         else:
-            variables = {col: v.value for col, v in state.items()}
-            variables["params"] = _merge(params, excluded)
-            out, updates = call(variables, rngs, inputs)
+            values["params"] = lk.merge_params(params, excluded)
+            out, updates = lk.apply_target(
+                target.apply, values, inputs, rngs, mutable, target_kwargs
+            )
         if not initializing:  # init keeps the target's own initial state
             for col in mutable:
                 state[col].value = updates[col]
@@ -423,73 +427,17 @@ def _target_init(
     _, rebuild = _array_inputs(inputs)
     arrays = [x for x in inputs if hasattr(x, "shape") and hasattr(x, "dtype")]
     keep = {t.collection for t in layout.state}
-    excluded = [t.keys for t in layout.state if t.collection == "params"]
+    excluded = [(t.keys, t.shape) for t in layout.state if t.collection == "params"]
 
     @jax.jit
     def init(rngs: dict, arrays: list) -> dict:
         variables = nn.meta.unbox(target.init(rngs, *rebuild(arrays), **kwargs))
         out = {col: variables[col] for col in keep if col != "params"}
         if excluded:
-            out["params"] = {}
-            for keys in excluded:
-                c.set_path(out["params"], keys, c.get_path(variables["params"], keys))
+            out["params"] = lk.excluded_params(variables["params"], excluded)
         return out
 
     return init(rngs, arrays)
-
-
-def _merge(generated: dict, excluded: dict) -> dict:
-    """Deep merge of two ``params`` trees with disjoint leaves."""
-    out = dict(generated)
-    for k, v in excluded.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and k in out else v
-    return out
-
-
-def _apply_target(
-    target: nn.Module, kwargs: dict, mutable: list, variables: dict, rngs: dict, args: tuple
-) -> tuple[Any, dict]:
-    """``target.apply`` returning ``(output, updated mutable collections)``."""
-    if mutable:
-        out, updates = target.apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
-        return out, {col: updates[col] for col in mutable}
-    return target.apply(variables, *args, rngs=rngs, **kwargs), {}
-
-
-def _per_sample(
-    call: Callable,
-    params: dict,
-    excluded: dict,
-    state: dict,
-    mutable: list,
-    rngs: dict,
-    inputs: tuple,
-    batch: int,
-) -> tuple[Any, dict]:
-    """Sample b through the target alone (a batch of 1) with weight set b, batched by ``vmap``.
-
-    Mutable collections are given to each sample as its own copy and written back as the mean
-    over samples; frozen ones are shared. Each sample gets its own rng keys.
-    """
-    positions = [i for i, x in enumerate(inputs) if c.is_array(x)]
-    frozen = {col: v.value for col, v in state.items() if col not in mutable}
-    copies = {
-        col: jax.tree.map(lambda x: c.per_sample(x, batch), state[col].value) for col in mutable
-    }
-    sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}
-
-    def one(p: dict, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
-        args = list(inputs)
-        for i, x in zip(positions, xs, strict=True):
-            args[i] = x[None]
-        variables = {**frozen, **own, "params": _merge(p, excluded)}
-        out, updates = call(variables, keys, tuple(args))
-        return c.squeeze(out), updates
-
-    xs = [inputs[i] for i in positions]
-    out, updates = jax.vmap(one)(params, copies, sample_rngs, xs)
-    merged = {col: jax.tree.map(c.merge_samples, state[col].value, updates[col]) for col in mutable}
-    return out, merged
 
 
 def _vector(values: list[float]) -> jax.Array:

@@ -28,6 +28,8 @@ from flax import nnx
 
 from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
+from ...kernel import nnx as nk
+from ...kernel.nnx import GeneratedSlot
 from ...layout import Chunking, Layout
 from ...trace_flax import trace_nnx_module
 from . import _common as c
@@ -42,13 +44,6 @@ __all__ = [
     "NNXStaticEmbedding",
     "NNXWeightGenerator",
 ]
-
-
-class GeneratedSlot(nnx.Variable):
-    """Where a generated ``nnx.Param`` was in the hypernetwork's copy of the target.
-
-    Holds an empty ``(0,)`` array of the parameter's dtype; the weights come from the generator.
-    """
 
 
 class NNXEmbeddingModule(nnx.Module):
@@ -301,7 +296,7 @@ class NNXHyperNetwork(nnx.Module):
         generated = self.layout.generated
         self.param_scale = nnx.Param(jnp.array([t.init_std for t in generated], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([t.init_mean for t in generated], jnp.float32))
-        self.target = _strip_generated(target, self.layout)
+        self.target = nk.without_generated(target, self.layout.generated)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -357,62 +352,7 @@ class NNXHyperNetwork(nnx.Module):
         c.check_flat(self.layout, generated_params, self.mode)
         params = self.unflatten_params(generated_params)
         if batch is None:
-            out = self._forward(params, inputs, kwargs)
+            out = nk.run_target(self.target, params, inputs, kwargs)
         else:
-            out = self._per_sample_forward(params, batch, inputs, kwargs)
+            out = nk.run_per_sample(self.target, params, inputs, kwargs)
         return out, generated_params
-
-    def _forward(self, params: dict, inputs: tuple, kwargs: dict) -> Any:
-        """The target with one weight set; its updated state is kept."""
-        graphdef, slots, rest = nnx.split(self.target, GeneratedSlot, ...)
-        module = nnx.merge(graphdef, _as_params(slots, params), rest)
-        out = module(*inputs, **kwargs)
-        nnx.update(self.target, nnx.state(module, nnx.Not(nnx.Param)))
-        return out
-
-    def _per_sample_forward(self, params: dict, batch: int, inputs: tuple, kwargs: dict) -> Any:
-        """Sample b through the target alone (a batch of 1) with weight set b, batched by ``vmap``.
-
-        Each sample gets its own copy of the target's state (BatchNorm then sees that sample's
-        statistics; Dropout its own key) and the copies' mean is written back afterwards.
-        """
-        graphdef, slots, fixed, rest = nnx.split(self.target, GeneratedSlot, nnx.Param, ...)
-        copies = jax.tree.map(lambda x: c.per_sample(x, batch), rest)
-        positions = [i for i, x in enumerate(inputs) if c.is_array(x)]
-
-        def one(p: dict, fixed: nnx.State, own: nnx.State, xs: list) -> tuple[Any, nnx.State]:
-            args = list(inputs)
-            for i, x in zip(positions, xs, strict=True):
-                args[i] = x[None]
-            module = nnx.merge(graphdef, _as_params(slots, p), fixed, own)
-            out = module(*args, **kwargs)
-            return c.squeeze(out), nnx.state(module, nnx.Not(nnx.Param))
-
-        xs = [inputs[i] for i in positions]
-        out, updated = jax.vmap(one, in_axes=(0, None, 0, 0))(params, fixed, copies, xs)
-        nnx.update(self.target, jax.tree.map(c.merge_samples, rest, updated))
-        return out
-
-
-def _as_params(slots: nnx.State, params: dict) -> nnx.State:
-    """A State of ``nnx.Param`` at the slots' paths, with values from the ``params`` tree."""
-    return nnx.from_flat_state(
-        [(path, nnx.Param(c.get_path(params, tuple(path)))) for path, _ in nnx.to_flat_state(slots)]
-    )
-
-
-def _strip_generated(target: nnx.Module, layout: Layout) -> nnx.Module:
-    """A copy of ``target`` whose generated Params are empty :class:`GeneratedSlot` placeholders.
-
-    Other variables are copied (new Variable objects, shared immutable arrays), so the
-    hypernetwork neither owns a second copy of the weights nor shares state with ``target``.
-    """
-    generated = {t.keys for t in layout.generated}
-    graphdef, state = nnx.split(target)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if tuple(path) in generated:
-            flat.append((path, GeneratedSlot(jnp.zeros((0,), var.get_value().dtype))))
-        else:
-            flat.append((path, var.copy()))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))

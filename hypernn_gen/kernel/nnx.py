@@ -1,0 +1,207 @@
+"""The Flax NNX kernel: the target's copy with empty slots for the generated Params, layout
+check, running the target (one weight set or one per sample, vmapped) and the fused layers.
+
+As in :mod:`hypernn_gen.kernel.flax`, the layout comes in as arguments: ``tensors`` (the
+generated tensors: ``keys``, ``shape``, ...), ``excluded`` (``(keys, shape)`` of the trainable
+parameters not generated).
+"""
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .flax import (
+    Shared,
+    check_batch,
+    check_flat,
+    check_params,
+    decode,
+    flatten,
+    fused_output,
+    is_array,
+    merge_samples,
+    model_mesh,
+    per_sample,
+    shared_inputs,
+    split_chunks,
+    squeeze_sample,
+    unflatten,
+)
+
+__all__ = [
+    "FUSION",
+    "FusedConv",
+    "FusedLinear",
+    "GeneratedSlot",
+    "Shared",
+    "as_params",
+    "check_batch",
+    "check_flat",
+    "check_layout",
+    "decode",
+    "flatten",
+    "fused_layers",
+    "fused_path",
+    "install_fusion",
+    "is_array",
+    "model_mesh",
+    "run_per_sample",
+    "run_target",
+    "shared_inputs",
+    "split_chunks",
+    "unflatten",
+    "without_generated",
+]
+
+
+class GeneratedSlot(nnx.Variable):
+    """Where a generated ``nnx.Param`` sits in the hypernetwork's copy of the target: an empty
+    ``(0,)`` array of the parameter's dtype; the values come from the weight generator."""
+
+
+def check_layout(target_network: nnx.Module, tensors: Any, excluded: Any = ()) -> None:
+    """Refuse a target whose ``nnx.Param`` variables differ from the generated layout."""
+    found = {
+        tuple(path): tuple(var.get_value().shape)
+        for path, var in nnx.to_flat_state(nnx.state(target_network, nnx.Param))
+    }
+    expected = {p.keys: p.shape for p in tensors}
+    expected.update(excluded)
+    check_params(found, expected, "regenerate the file for the new target")
+
+
+def without_generated(target_network: nnx.Module, tensors: Any) -> nnx.Module:
+    """A copy of the target whose generated Params are empty :class:`GeneratedSlot` placeholders.
+
+    Its other variables are copied (new Variable objects sharing the immutable arrays), so the
+    copy neither holds a second set of weights nor shares state with ``target_network``.
+    """
+    generated = {p.keys for p in tensors}
+    graphdef, state = nnx.split(target_network)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if tuple(path) in generated:
+            flat.append((path, GeneratedSlot(jnp.zeros((0,), var.get_value().dtype))))
+        else:
+            flat.append((path, var.copy()))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def as_params(slots: nnx.State, params: dict[Any, Any]) -> nnx.State:
+    """A State of ``nnx.Param`` at the slots' paths, with values from the ``params`` tree; a
+    slot ``params`` has no value for stays empty (a fused layer's: it computes from shared
+    weights)."""
+    flat = []
+    for path, slot in nnx.to_flat_state(slots):
+        value = params
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        flat.append((path, slot if value is None else nnx.Param(value)))
+    return nnx.from_flat_state(flat)
+
+
+def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs: dict) -> Any:
+    """The target (a :func:`without_generated` copy) with one weight set ``params``; its updated
+    state (BatchNorm statistics, rng counts) is kept."""
+    graphdef, slots, rest = nnx.split(target, GeneratedSlot, ...)
+    module = nnx.merge(graphdef, as_params(slots, params), rest)
+    out = module(*inputs, **kwargs)
+    nnx.update(target, nnx.state(module, nnx.Not(nnx.Param)))
+    return out
+
+
+def run_per_sample(
+    target: nnx.Module, samples: Any, inputs: tuple, kwargs: dict, fused: Callable | None = None
+) -> Any:
+    """Sample ``b`` through the target alone (a batch of 1) with ``samples[b]``, batched with
+    ``jax.vmap``: its weight set, or, with ``fused`` (:func:`fused_path`), its embedding scales.
+
+    Each sample gets its own copy of the target's state (BatchNorm then sees that sample's
+    statistics, Dropout its own key); the copies' mean is written back afterwards.
+    """
+    batch = jax.tree.leaves(samples)[0].shape[0]
+    graphdef, slots, fixed, rest = nnx.split(target, GeneratedSlot, nnx.Param, ...)
+    copies = jax.tree.map(lambda x: per_sample(x, batch), rest)
+    positions = [i for i, x in enumerate(inputs) if is_array(x)]
+
+    def one_sample(sample: Any, fixed: nnx.State, own: nnx.State, xs: list) -> tuple[Any, Any]:
+        args = list(inputs)
+        for i, x in zip(positions, xs, strict=True):
+            args[i] = x[None]
+        params, layers = (sample, contextlib.nullcontext()) if fused is None else fused(sample)
+        module = nnx.merge(graphdef, as_params(slots, params), fixed, own)
+        with layers:
+            out = module(*args, **kwargs)
+        return squeeze_sample(out), nnx.state(module, nnx.Not(nnx.Any(nnx.Param, GeneratedSlot)))
+
+    arrays = [inputs[i] for i in positions]
+    out, updated = jax.vmap(one_sample, in_axes=(0, None, 0, 0))(samples, fixed, copies, arrays)
+    nnx.update(target, jax.tree.map(merge_samples, rest, updated))
+    return out
+
+
+# While a fused forward runs: (module, input) -> output of the fused layers, for one sample.
+FUSION: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("fusion", default=None)
+
+
+@contextlib.contextmanager
+def fused_layers(shared: Shared, stacks: tuple, scales: jax.Array) -> Iterator[None]:
+    """While active, the fused layers compute one sample's output from the shared ``stacks`` and
+    the sample's ``scales``."""
+
+    def call(module: Any, x: jax.Array) -> jax.Array:
+        i = module.fused_index
+        conv = isinstance(module, nnx.Conv)
+        return fused_output(shared.fused[i], stacks[i], shared, scales, module, x, conv)
+
+    token = FUSION.set(call)
+    try:
+        yield
+    finally:
+        FUSION.reset(token)
+
+
+class FusedLinear(nnx.Linear):
+    """``nnx.Linear`` that computes from shared weights while ``fused_layers`` is active."""
+
+    fused_index: int  # its entry in the fused layers
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        call = FUSION.get()
+        return super().__call__(inputs) if call is None else call(self, inputs)
+
+
+class FusedConv(nnx.Conv):
+    """``nnx.Conv`` that computes from shared weights while ``fused_layers`` is active."""
+
+    fused_index: int  # its entry in the fused layers
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        call = FUSION.get()
+        return super().__call__(inputs) if call is None else call(self, inputs)
+
+
+def install_fusion(target: nnx.Module, fused: Any) -> None:
+    """Turn the target's fused layers (``(path, kernel, bias, segments)`` tuples) into
+    ``FusedLinear``/``FusedConv`` (same variables)."""
+    modules = dict(nnx.iter_modules(target))
+    for i, (path, *_) in enumerate(fused):
+        module = modules[path]
+        module.__class__ = FusedLinear if isinstance(module, nnx.Linear) else FusedConv
+        module.fused_index = i
+
+
+def fused_path(shared: Shared) -> Callable:
+    """The fused path's step for :func:`run_per_sample`: a sample's embedding scales -> (its
+    tensors not fused, a context in which the fused layers compute from shared weights)."""
+    stacks = tuple(shared.stack(layer) for layer in shared.fused)
+
+    def sample(scales: jax.Array) -> tuple[dict, Any]:
+        return shared.params(scales), fused_layers(shared, stacks, scales)
+
+    return sample

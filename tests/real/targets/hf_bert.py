@@ -1,0 +1,19 @@
+"""A tiny BERT encoder (transformers), built from a config: nothing is downloaded."""
+
+import torch
+import transformers
+
+
+def make_target():
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(cfg)
+
+
+example_input = torch.zeros(2, 8, dtype=torch.long)
