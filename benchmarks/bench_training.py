@@ -5,8 +5,11 @@ of 32, the same batches for every model, trained as the plain target, through th
 static and dynamic hypernetworks (generated_examples/seed_mlp_torch_*.py, default options:
 gradient scaling on), the runtime static one with ``gradient_scaling="off"`` (the raw
 gradients), and hyper-nn 0.2.2's static ``TorchLinearHyperNetwork`` (skipped when it is not
-installed: ``pip install --no-deps hyper-nn==0.2.2``). Prints a Markdown table of the final
-full-data MSE (``nan``: diverged) and writes benchmarks/training_lr_sweep.png.
+installed: ``pip install --no-deps hyper-nn==0.2.2``). Then Flax (``--flax``, default on): the
+8-64-64-4 tanh MLP of generated_examples/targets/{linen,nnx}_mlp.py, plain and through the
+committed generated static and dynamic files, with optax's SGD and Adam on the same data and
+batches (one compiled scan per run). Prints a Markdown table of the final full-data MSE
+(``nan``: diverged) and writes benchmarks/training_lr_sweep.png.
 
     python benchmarks/bench_training.py --threads 1
 """
@@ -20,6 +23,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,6 +102,72 @@ def models() -> dict[str, Callable[[], nn.Module] | str]:
     return found
 
 
+def flax_models() -> dict[str, tuple[Callable, Any]]:
+    """name -> (loss_fn(params, x, y), initial params) of the plain Flax targets and ours."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def mse(out: Any, y: Any) -> Any:
+        return jnp.mean(((out[0] if isinstance(out, tuple) else out) - y) ** 2)
+
+    found: dict[str, tuple[Callable, Any]] = {}
+    for framework in ("linen", "nnx"):
+        files = {
+            m: load(ROOT / "generated_examples" / f"{framework}_mlp_{framework}_{m}.py")
+            for m in ("static", "dynamic")
+        }
+        for name, mode in (
+            ("target", None),
+            ("ours static", "static"),
+            ("ours dynamic", "dynamic"),
+        ):
+            module = files[mode or "static"]
+            cls = next(v for k, v in vars(module).items() if k.endswith("HyperNetwork"))
+            if framework == "linen":
+                model = module.MLP() if mode is None else cls()
+                params = model.init(jax.random.key(1), jnp.zeros((32, 8)))["params"]
+
+                def loss(p: Any, x: Any, y: Any, model: Any = model) -> Any:
+                    return mse(model.apply({"params": p}, x), y)
+            else:
+                target = module.MLP(rngs=nnx.Rngs(1))
+                model = target if mode is None else cls(target, rngs=nnx.Rngs(1))
+                graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+                def loss(p: Any, x: Any, y: Any, g: Any = graphdef, r: Any = rest) -> Any:
+                    return mse(nnx.merge(g, p, r)(x), y)
+
+            found[f"{'Linen' if framework == 'linen' else 'NNX'} {name}"] = (loss, params)
+    return found
+
+
+def flax_final_loss(loss_fn: Callable, params: Any, optimizer: str, lr: float, steps: int) -> float:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    x, y = (jnp.asarray(a.numpy()) for a in data())
+    g = torch.Generator().manual_seed(2)
+    idx = jnp.asarray(
+        torch.stack([torch.randint(0, 512, (32,), generator=g) for _ in range(steps)]).numpy()
+    )
+    tx = optax.sgd(lr) if optimizer == "SGD" else optax.adam(lr)
+
+    @jax.jit
+    def run(params: Any) -> Any:
+        def step(carry: tuple, batch: Any) -> tuple:
+            p, state = carry
+            updates, state = tx.update(jax.grad(loss_fn)(p, x[batch], y[batch]), state, p)
+            return (optax.apply_updates(p, updates), state), None
+
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), idx)
+        return loss_fn(params, x, y)
+
+    value = float(run(params))
+    return value if math.isfinite(value) else math.nan
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -109,7 +179,8 @@ def plot(results: dict, path: Path) -> None:
         finite = [v for losses in results[optimizer].values() for v in losses if math.isfinite(v)]
         top = 3 * max(finite, default=1.0)  # diverged runs: an x in the line's colour up here
         for name, losses in results[optimizer].items():
-            (line,) = ax.plot(LRS, losses, marker="o", label=name)
+            style = "--" if name.startswith(("Linen", "NNX")) else "-"
+            (line,) = ax.plot(LRS, losses, style, marker="o", label=name)
             nan = [lr for lr, v in zip(LRS, losses, strict=True) if not math.isfinite(v)]
             ax.plot(nan, [top] * len(nan), "x", color=line.get_color(), markersize=9)
         ax.set_xscale("log")
@@ -128,6 +199,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "training_lr_sweep.png"))
+    parser.add_argument("--flax", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     found = models()
@@ -142,6 +214,12 @@ def main() -> None:
                 losses.append(final_loss(make(), optimizer, lr, args.steps))
                 print(f"{optimizer} {name} lr {lr:g}: {losses[-1]:.4g}", file=sys.stderr)
             results[optimizer][name] = losses
+    if args.flax:
+        for name, (loss_fn, params) in flax_models().items():
+            for optimizer in OPTIMIZERS:
+                losses = [flax_final_loss(loss_fn, params, optimizer, lr, args.steps) for lr in LRS]
+                print(f"{optimizer} {name}: {losses}", file=sys.stderr)
+                results[optimizer][name] = losses
     print(f"final MSE after {args.steps} steps (batch 32, 512 points; nan: diverged)\n")
     print("| optimizer | model | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |")
     print("| --- | --- |" + " --- |" * len(LRS))

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=40 gradient_scaling=off
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=40 gradient_scaling=on
 #           chunking=auto init_scheme=target generator_hidden=none
 # layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 3ce348d6e5ce1a99
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_cnn_linen_static.py
@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # -- Target network (copied from generated_examples/targets/linen_cnn.py) --
 
@@ -72,6 +73,8 @@ NUM_EMBEDDINGS = 38
 CHUNK_DIM = 40
 FLAT_SIZE = 1_520
 LAYOUT_DIGEST = "3ce348d6e5ce1a99"
+CHECKPOINT_DIGEST = "4f8a24f9cfb05918"  # variables["layout"]["digest"], checked
+GRADIENT_SCALE = (57.2433, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("BatchNorm_0.bias", ("BatchNorm_0", "bias"), (8,), 0, 8, 0.0, 0.0),
@@ -92,7 +95,8 @@ class SmallCNNEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self) -> jax.Array:
-        return self.param("weight", nn.initializers.normal(1.0), (NUM_EMBEDDINGS, EMBEDDING_DIM))
+        weight = self.param("weight", nn.initializers.normal(1.0), (NUM_EMBEDDINGS, EMBEDDING_DIM))
+        return scale_grad(weight, GRADIENT_SCALE[0])
 
 
 class SmallCNNWeightGenerator(nn.Module):
@@ -115,12 +119,20 @@ class SmallCNNWeightGenerator(nn.Module):
     def __call__(self, embedding: jax.Array) -> jax.Array:
         init = nn.initializers.normal(1.0 / math.sqrt(EMBEDDING_DIM))
         if self.model_axis is None:
-            return nn.Dense(CHUNK_DIM, kernel_init=init, name="linear")(embedding)
+            return ScaledDense(CHUNK_DIM, GRADIENT_SCALE[1:], kernel_init=init, name="linear")(
+                embedding
+            )
         # checked before the annotated params are used:
         mesh = model_mesh(self.model_axis, CHUNK_DIM)
         kernel_init = nn.with_partitioning(init, (None, self.model_axis))
         bias_init = nn.with_partitioning(nn.initializers.zeros_init(), (self.model_axis,))
-        dense = nn.Dense(CHUNK_DIM, kernel_init=kernel_init, bias_init=bias_init, name="linear")
+        dense = ScaledDense(
+            CHUNK_DIM,
+            GRADIENT_SCALE[1:],
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            name="linear",
+        )
         raw = dense(embedding)
         return raw if mesh is None else split_chunks(raw, self.model_axis)
 
@@ -165,6 +177,7 @@ class SmallCNNHyperNetwork(nn.Module):
         )
         self.embedding_module = SmallCNNEmbedding()
         self.weight_generator = SmallCNNWeightGenerator(model_axis=self.model_axis)
+        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self) -> jax.Array:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -173,7 +186,7 @@ class SmallCNNHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     @nn.compact
     def __call__(
@@ -215,7 +228,9 @@ class SmallCNNHyperNetwork(nn.Module):
         variables = {col: v.value for col, v in state.items()}
         rngs = {name: self.make_rng(name) for name in rng_names}
         variables["params"] = params
-        out, updates = apply_target(target.apply, variables, inputs, rngs, mutable, target_kwargs)
+        out, updates = apply_target(
+            target.apply, variables, inputs, rngs, mutable, target_kwargs, initializing
+        )
         if not initializing:  # init keeps the target's own initial state
             for col in mutable:
                 state[col].value = updates[col]
@@ -277,14 +292,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -316,6 +369,77 @@ def check_flat(
         raise error(
             f"generated_params has shape {shape}, expected {expected}; build it with "
             "flatten_params()"
+        )
+
+
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def is_array(x: Any) -> bool:
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
+
+
+def sample_axes(
+    axis_name: Any, groups: Any, stats: str, error: type[Exception] = ValueError
+) -> Any:
+    """A BatchNorm's ``axis_name`` for one sample (inside ``jax.vmap`` over ``SAMPLE_AXIS``):
+    ``stats="batch"``: ``SAMPLE_AXIS`` first, then the devices' axes (statistics over the
+    samples and devices, as the plain target's over its batch); ``"sample"``: as it is.
+    """
+    if stats == "sample":
+        return axis_name
+    if groups is not None:
+        raise error(
+            "a BatchNorm with axis_index_groups cannot take statistics over the samples of a "
+            "dynamic hypernetwork (its groups name devices, not samples); drop "
+            "axis_index_groups or generate with --batch-norm-stats sample"
+        )
+    names = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return (SAMPLE_AXIS, *names)
+
+
+def check_sample_reduction(x: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse BatchNorm statistics over the samples (a reduction over the ``jax.vmap`` axis) of
+    an input that varies over a ``shard_map`` axis under ``check_vma=True``: JAX (0.10) fails
+    there with a bare AssertionError."""
+    aval = jax.typeof(x) if is_array(x) else None
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older: aval.vma
+    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
+        raise error(
+            f"{where} in training mode takes its statistics over the samples, which JAX cannot "
+            "do inside shard_map with check_vma=True; call shard_map with check_vma=False, or "
+            "generate with --batch-norm-stats sample (each sample's own statistics)"
         )
 
 
@@ -389,15 +513,83 @@ def check_layout(
     check_params(found, expected, "regenerate the file for the new target and inputs")
 
 
+def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueError) -> None:
+    """The checkpoint digest as the variable ``("layout", "digest")`` (8 bytes): made at init,
+    checked at every apply whose variables have it (``check_digest``); variables without a
+    ``"layout"`` collection (saved before digests existed) apply as before."""
+    if module.is_initializing():
+        module.variable("layout", "digest", digest_array, digest)
+    elif module.has_variable("layout", "digest"):
+        check_digest(module.get_variable("layout", "digest"), digest, error)
+
+
+def batch_norm_axes(initializing: bool, stats: str | None = None) -> Callable:
+    """An ``nn.intercept_methods`` interceptor that sets the ``axis_name`` of the target's
+    ``nn.BatchNorm`` layers (exact type) for one run: while the hypernetwork initialises, the
+    devices' axes are dropped (Flax's own init skips them too, so init works outside ``pmap``);
+    per sample (``stats``: dynamic mode, ``"batch"`` or ``"sample"``), :func:`sample_axes`."""
+
+    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        m = context.module
+        if context.method_name != "__call__" or type(m) is not nn.BatchNorm:
+            return next_fun(*args, **kwargs)
+        running = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        running = m.use_running_average if running is None else running
+        if running or (stats in (None, "sample") and not (initializing and m.axis_name)):
+            return next_fun(*args, **kwargs)
+        if stats == "batch":
+            check_sample_reduction(args[0], f"BatchNorm {'/'.join(m.path)}")
+        if stats == "batch" and kwargs.get("mask") is not None:
+            raise ValueError(
+                f"BatchNorm {'/'.join(m.path)} is called with a mask: its statistics over the "
+                "whole batch cannot be made from the samples' own (their masked sizes differ); "
+                "generate with --batch-norm-stats sample"
+            )
+        axes = None if initializing else m.axis_name
+        axes = axes if stats is None else sample_axes(axes, m.axis_index_groups, stats)
+        saved = m.axis_name
+        object.__setattr__(m, "axis_name", axes)  # a frozen dataclass field, read by __call__
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(m, "axis_name", saved)
+
+    return intercept
+
+
 def apply_target(
-    apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
+    apply: Callable,
+    variables: dict,
+    args: tuple,
+    rngs: dict,
+    mutable: list,
+    kwargs: dict,
+    initializing: bool = False,
+    stats: str | None = None,
 ) -> tuple[Any, dict]:
     """``apply(variables, *args, ...)`` (a target's ``apply``), returning ``(output, the updated
-    mutable collections)``."""
-    if not mutable:
-        return apply(variables, *args, rngs=rngs, **kwargs), {}
-    out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+    mutable collections)``; its BatchNorm layers' axes set by :func:`batch_norm_axes`."""
+    with nn.intercept_methods(batch_norm_axes(initializing, stats)):
+        if not mutable:
+            return apply(variables, *args, rngs=rngs, **kwargs), {}
+        out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
     return out, {col: updates[col] for col in mutable}
+
+
+class ScaledDense(nn.Module):
+    """``nn.Dense`` (the same ``kernel`` and ``bias``, the same init) whose gradients are
+    multiplied by ``gradient_scale``: ``(kernel's, bias's)`` multipliers, ``None``: raw."""
+
+    features: int
+    gradient_scale: tuple = (None, None)
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return scaled_dense(x, kernel, bias, *self.gradient_scale)
 
 
 # -- end of hypernn-gen kernel
@@ -407,6 +599,7 @@ if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = SmallCNNHyperNetwork()
     inputs = (jnp.zeros((2, 8, 8, 1), dtype=jnp.float32),)
+
     variables = jax.jit(hypernetwork.init)(jax.random.key(0), *inputs)
     own = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"SmallCNNHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
@@ -417,4 +610,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=9ece8369607f6b3d408e14a60dd1a54e406ae3735c8a485466fc41f06d0a7919
+# hypernn-gen: sha256=be2c8c3afafde71f0fa647996f49bb7d7732f31089b03b12f2f7582dd749216c

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=78 chunk_dim=64 gradient_scaling=off
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=78 chunk_dim=64 gradient_scaling=on
 #           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
 # fusion:   fused: Dense_0, Dense_1, Dense_2
@@ -69,8 +69,10 @@ NUM_EMBEDDINGS = 78
 CHUNK_DIM = 64
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "19edc0f11d9aa69c"
+CHECKPOINT_DIGEST = "8e080701d7da1fd3"  # variables["layout"]["digest"], checked
 CONDITION_SHAPE = (8,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
+GRADIENT_SCALE = (22.6274, 0.640513, 3.62329)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (64,), 0, 64, 0.0, 0.0),
@@ -128,7 +130,7 @@ class MLPEmbedding(nn.Module):
         return 1.0 + self.modulation(flat)
 
     def __call__(self, condition: jax.Array) -> jax.Array:
-        return self.scales(condition)[..., None] * self.weight
+        return self.scales(condition)[..., None] * scale_grad(self.weight, GRADIENT_SCALE[0])
 
 
 class MLPWeightGenerator(nn.Module):
@@ -151,12 +153,20 @@ class MLPWeightGenerator(nn.Module):
     def __call__(self, embedding: jax.Array) -> jax.Array:
         init = nn.initializers.normal(1.0 / math.sqrt(EMBEDDING_DIM))
         if self.model_axis is None:
-            return nn.Dense(CHUNK_DIM, kernel_init=init, name="linear")(embedding)
+            return ScaledDense(CHUNK_DIM, GRADIENT_SCALE[1:], kernel_init=init, name="linear")(
+                embedding
+            )
         # checked before the annotated params are used:
         mesh = model_mesh(self.model_axis, CHUNK_DIM)
         kernel_init = nn.with_partitioning(init, (None, self.model_axis))
         bias_init = nn.with_partitioning(nn.initializers.zeros_init(), (self.model_axis,))
-        dense = nn.Dense(CHUNK_DIM, kernel_init=kernel_init, bias_init=bias_init, name="linear")
+        dense = ScaledDense(
+            CHUNK_DIM,
+            GRADIENT_SCALE[1:],
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            name="linear",
+        )
         raw = dense(embedding)
         return raw if mesh is None else split_chunks(raw, self.model_axis)
 
@@ -201,6 +211,7 @@ class MLPHyperNetwork(nn.Module):
         )
         self.embedding_module = MLPEmbedding()
         self.weight_generator = MLPWeightGenerator(model_axis=self.model_axis)
+        carry_digest(self, CHECKPOINT_DIGEST)  # made at init, checked at apply
 
     def generate_params(self, condition: jax.Array) -> jax.Array:
         """One weight set per sample: ``(batch, *CONDITION_SHAPE)`` -> ``(batch, FLAT_SIZE)``."""
@@ -210,7 +221,7 @@ class MLPHyperNetwork(nn.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE)
+        return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     @nn.compact
     def __call__(
@@ -249,7 +260,9 @@ class MLPHyperNetwork(nn.Module):
         flat, step = None, None  # step: the fused path's, for one sample
         if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
             table, scale, shift = self.embedding_module.weight, self.param_scale, self.param_shift
-            shared = shared_inputs(self.weight_generator, table, scale, shift, GENERATED, FUSED)
+            shared = shared_inputs(
+                self.weight_generator, table, scale, shift, GENERATED, FUSED, GRADIENT_SCALE
+            )
             step, samples = fused_path(target, shared), self.embedding_module.scales(condition)
         elif generated_params is None or initializing:  # init creates the generator's parameters
             flat = self.generate_params(condition)
@@ -260,7 +273,9 @@ class MLPHyperNetwork(nn.Module):
         if not fused:  # samples: per-sample weight sets
             samples = unflatten_params(flat)
         rngs = {name: self.make_rng(name) for name in rng_names}
-        out, _ = run_per_sample(target, samples, {}, [], {}, rngs, inputs, target_kwargs, step)
+        out, _ = run_per_sample(
+            target, samples, {}, [], {}, rngs, inputs, target_kwargs, step, initializing, "batch"
+        )
         return out, flat
 
 
@@ -319,14 +334,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -361,9 +414,38 @@ def check_flat(
         )
 
 
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def is_array(x: Any) -> bool:
-    """An array input (batched per sample); anything else is passed to every sample as is."""
-    return isinstance(x, jax.Array | np.ndarray)
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
 
 
 def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) -> None:
@@ -376,6 +458,90 @@ def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) 
                 f"has batch size {size}; give the target inputs and the condition the same "
                 "leading batch dimension"
             )
+
+
+def split_call(
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    rngs_type: Any = None,
+    error: type[Exception] = ValueError,
+) -> tuple[list, Any]:
+    """The per-sample parts of a call ``(args, kwargs)``, and ``one(parts) -> (args, kwargs)``
+    that rebuilds sample ``b``'s call from its parts (inside ``jax.vmap``).
+
+    Per sample: an array with the leading batch dimension (sample ``b`` gets row ``b``, as a
+    batch of one), by position or keyword; a single typed PRNG key and an ``nnx.Rngs``
+    (``rngs_type``), split so that each sample draws from keys of its own, as each row of the
+    plain target's batch does. Shared: everything else (flags, ``None``, 0-d keyword arrays). A
+    keyword array without the batch dimension is refused: which dimension is the batch cannot be
+    known.
+    """
+    values = [*args, *kwargs.values()]
+    parts, kinds = [], []
+    for i, x in enumerate(values):
+        kind = None
+        if is_key(x) and x.ndim == 0:
+            kind, x = "key", jax.random.split(x, batch)
+        elif rngs_type is not None and isinstance(x, rngs_type):
+            kind, x = "rngs", {name: jax.random.split(s(), batch) for name, s in x.items()}
+        elif (is_array(x) or is_key(x)) and (i < len(args) or x.ndim):
+            if x.shape[0] != batch:
+                raise error(
+                    f"dynamic mode made {batch} weight sets but keyword argument "
+                    f"{list(kwargs)[i - len(args)]!r} has shape {tuple(x.shape)}, whose first "
+                    f"dimension is not that batch; each sample runs alone: give it the batch "
+                    "dimension first (jnp.broadcast_to) or build it inside the target"
+                )
+            kind = "row"
+        if kind is not None:
+            parts.append(x)
+            kinds.append((i, kind))
+
+    def one(xs: list) -> tuple[list, dict]:
+        out = list(values)
+        for (i, kind), x in zip(kinds, xs, strict=True):
+            out[i] = x[None] if kind == "row" else rngs_type(**x) if kind == "rngs" else x
+        return out[: len(args)], dict(zip(kwargs, out[len(args) :], strict=True))
+
+    return parts, one
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
+
+
+def sample_axes(
+    axis_name: Any, groups: Any, stats: str, error: type[Exception] = ValueError
+) -> Any:
+    """A BatchNorm's ``axis_name`` for one sample (inside ``jax.vmap`` over ``SAMPLE_AXIS``):
+    ``stats="batch"``: ``SAMPLE_AXIS`` first, then the devices' axes (statistics over the
+    samples and devices, as the plain target's over its batch); ``"sample"``: as it is.
+    """
+    if stats == "sample":
+        return axis_name
+    if groups is not None:
+        raise error(
+            "a BatchNorm with axis_index_groups cannot take statistics over the samples of a "
+            "dynamic hypernetwork (its groups name devices, not samples); drop "
+            "axis_index_groups or generate with --batch-norm-stats sample"
+        )
+    names = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return (SAMPLE_AXIS, *names)
+
+
+def check_sample_reduction(x: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse BatchNorm statistics over the samples (a reduction over the ``jax.vmap`` axis) of
+    an input that varies over a ``shard_map`` axis under ``check_vma=True``: JAX (0.10) fails
+    there with a bare AssertionError."""
+    aval = jax.typeof(x) if is_array(x) else None
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older: aval.vma
+    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
+        raise error(
+            f"{where} in training mode takes its statistics over the samples, which JAX cannot "
+            "do inside shard_map with check_vma=True; call shard_map with check_vma=False, or "
+            "generate with --batch-norm-stats sample (each sample's own statistics)"
+        )
 
 
 def per_sample(x: jax.Array, batch: int) -> jax.Array:
@@ -563,11 +729,19 @@ def shared_inputs(
     shift: jax.Array,
     tensors: Any,
     fused: Any,
+    gradient_scale: Any = None,
 ) -> Shared:
     """What all samples share: the embedding ``table``, the (linear) ``generator``'s kernel and
     bias (:func:`linear_weights`), the decoder's ``scale`` and ``shift``; ``fused``: plain
-    ``(path, kernel, bias, segments)`` tuples."""
+    ``(path, kernel, bias, segments)`` tuples. ``gradient_scale``: the multipliers of the
+    table, the generator's weight and bias (the generator applies its own), or ``None``."""
+    if gradient_scale is not None:
+        table = scale_grad(table, gradient_scale[0])
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     kernel, bias = linear_weights(generator, table)
+    if gradient_scale is not None:  # read from the parameters: the generator's multipliers
+        kernel = scale_grad(kernel, gradient_scale[1])
+        bias = scale_grad(bias, gradient_scale[2])
     layers = tuple(FusedLayer(*layer) for layer in fused)
     chunk_dim, dim = bias.shape[0], table.shape[1]
     rank_d = {layer.kernel for layer in layers if low_rank(tensors[layer.kernel], chunk_dim, dim)}
@@ -714,6 +888,16 @@ def check_layout(
     check_params(found, expected, "regenerate the file for the new target and inputs")
 
 
+def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueError) -> None:
+    """The checkpoint digest as the variable ``("layout", "digest")`` (8 bytes): made at init,
+    checked at every apply whose variables have it (``check_digest``); variables without a
+    ``"layout"`` collection (saved before digests existed) apply as before."""
+    if module.is_initializing():
+        module.variable("layout", "digest", digest_array, digest)
+    elif module.has_variable("layout", "digest"):
+        check_digest(module.get_variable("layout", "digest"), digest, error)
+
+
 def merge_params(generated: dict[str, Any], excluded: dict[str, Any]) -> dict[str, Any]:
     """Deep merge of two ``params`` trees with disjoint leaves."""
     out = dict(generated)
@@ -724,14 +908,56 @@ def merge_params(generated: dict[str, Any], excluded: dict[str, Any]) -> dict[st
     return out
 
 
+def batch_norm_axes(initializing: bool, stats: str | None = None) -> Callable:
+    """An ``nn.intercept_methods`` interceptor that sets the ``axis_name`` of the target's
+    ``nn.BatchNorm`` layers (exact type) for one run: while the hypernetwork initialises, the
+    devices' axes are dropped (Flax's own init skips them too, so init works outside ``pmap``);
+    per sample (``stats``: dynamic mode, ``"batch"`` or ``"sample"``), :func:`sample_axes`."""
+
+    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        m = context.module
+        if context.method_name != "__call__" or type(m) is not nn.BatchNorm:
+            return next_fun(*args, **kwargs)
+        running = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        running = m.use_running_average if running is None else running
+        if running or (stats in (None, "sample") and not (initializing and m.axis_name)):
+            return next_fun(*args, **kwargs)
+        if stats == "batch":
+            check_sample_reduction(args[0], f"BatchNorm {'/'.join(m.path)}")
+        if stats == "batch" and kwargs.get("mask") is not None:
+            raise ValueError(
+                f"BatchNorm {'/'.join(m.path)} is called with a mask: its statistics over the "
+                "whole batch cannot be made from the samples' own (their masked sizes differ); "
+                "generate with --batch-norm-stats sample"
+            )
+        axes = None if initializing else m.axis_name
+        axes = axes if stats is None else sample_axes(axes, m.axis_index_groups, stats)
+        saved = m.axis_name
+        object.__setattr__(m, "axis_name", axes)  # a frozen dataclass field, read by __call__
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(m, "axis_name", saved)
+
+    return intercept
+
+
 def apply_target(
-    apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
+    apply: Callable,
+    variables: dict,
+    args: tuple,
+    rngs: dict,
+    mutable: list,
+    kwargs: dict,
+    initializing: bool = False,
+    stats: str | None = None,
 ) -> tuple[Any, dict]:
     """``apply(variables, *args, ...)`` (a target's ``apply``), returning ``(output, the updated
-    mutable collections)``."""
-    if not mutable:
-        return apply(variables, *args, rngs=rngs, **kwargs), {}
-    out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+    mutable collections)``; its BatchNorm layers' axes set by :func:`batch_norm_axes`."""
+    with nn.intercept_methods(batch_norm_axes(initializing, stats)):
+        if not mutable:
+            return apply(variables, *args, rngs=rngs, **kwargs), {}
+        out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
     return out, {col: updates[col] for col in mutable}
 
 
@@ -745,37 +971,43 @@ def run_per_sample(
     inputs: tuple,
     kwargs: dict,
     fused: Callable | None = None,
+    initializing: bool = False,
+    stats: str = "batch",
 ) -> tuple[Any, dict]:
     """Sample ``b`` through the target alone (a batch of 1) with ``samples[b]``, batched with
-    ``jax.vmap``: its weight set, or, with ``fused`` (:func:`fused_path`), its embedding scales.
+    ``jax.vmap`` over ``SAMPLE_AXIS``: its weight set, or, with ``fused`` (:func:`fused_path`),
+    its embedding scales.
 
-    ``state`` holds the target's collections besides ``params``: each sample gets its own copy
-    of the ``mutable`` ones (BatchNorm statistics) and its own rng keys, the frozen ones are
-    shared. Returns the outputs and the mutable collections with the copies' mean written back.
+    The call is split per sample by ``split_call`` (arrays by row, a PRNG key into one key per
+    sample). ``state`` holds the target's collections besides ``params``: each sample gets its
+    own copy of the ``mutable`` ones and its own rng keys, the frozen ones are shared; BatchNorm
+    in training mode normalises by ``stats`` (``"batch"`` or ``"sample"``). Returns the outputs
+    and the mutable collections with the copies' mean written back.
     """
     batch = jax.tree.leaves(samples)[0].shape[0]
-    positions = [i for i, x in enumerate(inputs) if is_array(x)]
+    parts, sample_call = split_call(inputs, kwargs, batch)
     sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}
     frozen = {col: value for col, value in state.items() if col not in mutable}
     copies = {col: jax.tree.map(lambda x: per_sample(x, batch), state[col]) for col in mutable}
 
     def one_sample(sample: Any, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
-        args = list(inputs)
-        for i, x in zip(positions, xs, strict=True):
-            args[i] = x[None]
+        args, sample_kwargs = sample_call(xs)
         p, apply = (sample, target.apply) if fused is None else fused(sample)
         variables = {**frozen, **own, "params": merge_params(p, excluded)}
-        out, updates = apply_target(apply, variables, tuple(args), keys, mutable, kwargs)
+        out, updates = apply_target(
+            apply, variables, tuple(args), keys, mutable, sample_kwargs, initializing, stats
+        )
         return squeeze_sample(out), updates
 
-    arrays = [inputs[i] for i in positions]
-    out, updates = jax.vmap(one_sample)(samples, copies, sample_rngs, arrays)
+    vmapped = jax.vmap(one_sample, axis_name=SAMPLE_AXIS)
+    out, updates = vmapped(samples, copies, sample_rngs, parts)
     return out, {col: jax.tree.map(merge_samples, state[col], updates[col]) for col in mutable}
 
 
 def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Array) -> Callable:
     """``target.apply`` for one sample: its fused layers compute their output from the shared
-    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is."""
+    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is.
+    """
     found = {layer.path: (layer, stack) for layer, stack in zip(shared.fused, stacks, strict=True)}
 
     def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -796,13 +1028,30 @@ def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Ar
 
 def fused_path(target: nn.Module, shared: Shared) -> Callable:
     """The fused path's step for :func:`run_per_sample`: a sample's embedding scales -> (its
-    tensors not fused, ``target.apply`` with the fused layers computing from shared weights)."""
+    tensors not fused, ``target.apply`` with the fused layers computing from shared weights).
+    """
     stacks = tuple(shared.stack(layer) for layer in shared.fused)
 
     def sample(scales: jax.Array) -> tuple[dict, Callable]:
         return shared.params(scales), fused_apply(target, shared, stacks, scales)
 
     return sample
+
+
+class ScaledDense(nn.Module):
+    """``nn.Dense`` (the same ``kernel`` and ``bias``, the same init) whose gradients are
+    multiplied by ``gradient_scale``: ``(kernel's, bias's)`` multipliers, ``None``: raw."""
+
+    features: int
+    gradient_scale: tuple = (None, None)
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return scaled_dense(x, kernel, bias, *self.gradient_scale)
 
 
 # -- end of hypernn-gen kernel
@@ -812,6 +1061,7 @@ if __name__ == "__main__":
     # Smoke example: build the hypernetwork, run it once, print shapes.
     hypernetwork = MLPHyperNetwork()
     inputs = (jnp.zeros((1, 8), dtype=jnp.float32),)
+
     variables = jax.jit(hypernetwork.init)(jax.random.key(0), *inputs)
     own = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"MLPHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
@@ -821,4 +1071,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=ac9074f84a6f537fe6b70b0ee696a88b9307a3e7d8c16bb489e5793ddfaf0e7e
+# hypernn-gen: sha256=89006255f293d5c053e45aab7523fe137e26d5257160bb6a6c1686ba1b86b2b8

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=40 gradient_scaling=off
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=40 gradient_scaling=on
 #           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
 # layout:   6 generated tensors, 1,386 values, 4 state tensors, digest 64056269635d92fd
 # fusion:   fused: conv, linear; per sample: bn
@@ -82,8 +82,10 @@ NUM_EMBEDDINGS = 38
 CHUNK_DIM = 40
 FLAT_SIZE = 1_520
 LAYOUT_DIGEST = "64056269635d92fd"
+CHECKPOINT_DIGEST = "13eb75aa2bafab3e"  # the layout_digest variable, checked
 CONDITION_SHAPE = (8, 8, 1)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
+GRADIENT_SCALE = (57.2433, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("bn.bias", ("bn", "bias"), (8,), 0, 8, 0.0, 0.0),
@@ -147,7 +149,7 @@ class NnxCnnEmbedding(nnx.Module):
         return 1.0 + self.modulation(flat)
 
     def __call__(self, condition: jax.Array) -> jax.Array:
-        return self.scales(condition)[..., None] * self.weight[...]
+        return self.scales(condition)[..., None] * scale_grad(self.weight[...], GRADIENT_SCALE[0])
 
 
 class NnxCnnWeightGenerator(nnx.Module):
@@ -174,9 +176,10 @@ class NnxCnnWeightGenerator(nnx.Module):
             init = nnx.with_partitioning(init, (None, model_axis), eager_sharding=eager)
             bias_init = nnx.with_partitioning(bias_init, (model_axis,), eager_sharding=eager)
         self.model_axis = model_axis
-        self.linear = nnx.Linear(
+        self.linear = ScaledLinear(
             EMBEDDING_DIM, CHUNK_DIM, kernel_init=init, bias_init=bias_init, rngs=rngs
         )
+        self.linear.gradient_scale = GRADIENT_SCALE[1:]
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
         raw = self.linear(embedding)
@@ -215,6 +218,7 @@ class NnxCnnHyperNetwork(nnx.Module):
         self.weight_generator = NnxCnnWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
+        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network, GENERATED)
         install_fusion(self.target, FUSED)
 
@@ -226,7 +230,9 @@ class NnxCnnHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        return decode(raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE)
+        return decode(
+            raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE, GRADIENT_SCALE
+        )
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -258,6 +264,7 @@ class NnxCnnHyperNetwork(nnx.Module):
         ``(batch, FLAT_SIZE)``. The condition is the first array input unless ``condition`` is
         given.
         """
+        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if condition is None:
             condition = next((x for x in inputs if is_array(x)), None)
         if condition is None or condition.ndim == 0:
@@ -273,14 +280,16 @@ class NnxCnnHyperNetwork(nnx.Module):
         if fused:  # samples: per-sample embedding scales; the weights are built layer by layer
             table = self.embedding_module.weight[...]
             scale, shift = self.param_scale[...], self.param_shift[...]
-            shared = shared_inputs(self.weight_generator, table, scale, shift, GENERATED, FUSED)
+            shared = shared_inputs(
+                self.weight_generator, table, scale, shift, GENERATED, FUSED, GRADIENT_SCALE
+            )
             step, samples = fused_path(shared), self.embedding_module.scales(condition)
         else:  # samples: per-sample weight sets
             if generated_params is None:
                 generated_params = self.generate_params(condition)
             check_flat(generated_params, FLAT_SIZE, dynamic=True)
             step, samples = None, self.unflatten_params(generated_params)
-        return run_per_sample(self.target, samples, inputs, kwargs, step), generated_params
+        return run_per_sample(self.target, samples, inputs, kwargs, step, "batch"), generated_params
 
 
 # -- hypernn-gen kernel 1
@@ -338,14 +347,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -380,9 +427,38 @@ def check_flat(
         )
 
 
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def is_array(x: Any) -> bool:
-    """An array input (batched per sample); anything else is passed to every sample as is."""
-    return isinstance(x, jax.Array | np.ndarray)
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
 
 
 def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) -> None:
@@ -395,6 +471,90 @@ def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) 
                 f"has batch size {size}; give the target inputs and the condition the same "
                 "leading batch dimension"
             )
+
+
+def split_call(
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    rngs_type: Any = None,
+    error: type[Exception] = ValueError,
+) -> tuple[list, Any]:
+    """The per-sample parts of a call ``(args, kwargs)``, and ``one(parts) -> (args, kwargs)``
+    that rebuilds sample ``b``'s call from its parts (inside ``jax.vmap``).
+
+    Per sample: an array with the leading batch dimension (sample ``b`` gets row ``b``, as a
+    batch of one), by position or keyword; a single typed PRNG key and an ``nnx.Rngs``
+    (``rngs_type``), split so that each sample draws from keys of its own, as each row of the
+    plain target's batch does. Shared: everything else (flags, ``None``, 0-d keyword arrays). A
+    keyword array without the batch dimension is refused: which dimension is the batch cannot be
+    known.
+    """
+    values = [*args, *kwargs.values()]
+    parts, kinds = [], []
+    for i, x in enumerate(values):
+        kind = None
+        if is_key(x) and x.ndim == 0:
+            kind, x = "key", jax.random.split(x, batch)
+        elif rngs_type is not None and isinstance(x, rngs_type):
+            kind, x = "rngs", {name: jax.random.split(s(), batch) for name, s in x.items()}
+        elif (is_array(x) or is_key(x)) and (i < len(args) or x.ndim):
+            if x.shape[0] != batch:
+                raise error(
+                    f"dynamic mode made {batch} weight sets but keyword argument "
+                    f"{list(kwargs)[i - len(args)]!r} has shape {tuple(x.shape)}, whose first "
+                    f"dimension is not that batch; each sample runs alone: give it the batch "
+                    "dimension first (jnp.broadcast_to) or build it inside the target"
+                )
+            kind = "row"
+        if kind is not None:
+            parts.append(x)
+            kinds.append((i, kind))
+
+    def one(xs: list) -> tuple[list, dict]:
+        out = list(values)
+        for (i, kind), x in zip(kinds, xs, strict=True):
+            out[i] = x[None] if kind == "row" else rngs_type(**x) if kind == "rngs" else x
+        return out[: len(args)], dict(zip(kwargs, out[len(args) :], strict=True))
+
+    return parts, one
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
+
+
+def sample_axes(
+    axis_name: Any, groups: Any, stats: str, error: type[Exception] = ValueError
+) -> Any:
+    """A BatchNorm's ``axis_name`` for one sample (inside ``jax.vmap`` over ``SAMPLE_AXIS``):
+    ``stats="batch"``: ``SAMPLE_AXIS`` first, then the devices' axes (statistics over the
+    samples and devices, as the plain target's over its batch); ``"sample"``: as it is.
+    """
+    if stats == "sample":
+        return axis_name
+    if groups is not None:
+        raise error(
+            "a BatchNorm with axis_index_groups cannot take statistics over the samples of a "
+            "dynamic hypernetwork (its groups name devices, not samples); drop "
+            "axis_index_groups or generate with --batch-norm-stats sample"
+        )
+    names = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return (SAMPLE_AXIS, *names)
+
+
+def check_sample_reduction(x: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse BatchNorm statistics over the samples (a reduction over the ``jax.vmap`` axis) of
+    an input that varies over a ``shard_map`` axis under ``check_vma=True``: JAX (0.10) fails
+    there with a bare AssertionError."""
+    aval = jax.typeof(x) if is_array(x) else None
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older: aval.vma
+    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
+        raise error(
+            f"{where} in training mode takes its statistics over the samples, which JAX cannot "
+            "do inside shard_map with check_vma=True; call shard_map with check_vma=False, or "
+            "generate with --batch-norm-stats sample (each sample's own statistics)"
+        )
 
 
 def per_sample(x: jax.Array, batch: int) -> jax.Array:
@@ -582,11 +742,19 @@ def shared_inputs(
     shift: jax.Array,
     tensors: Any,
     fused: Any,
+    gradient_scale: Any = None,
 ) -> Shared:
     """What all samples share: the embedding ``table``, the (linear) ``generator``'s kernel and
     bias (:func:`linear_weights`), the decoder's ``scale`` and ``shift``; ``fused``: plain
-    ``(path, kernel, bias, segments)`` tuples."""
+    ``(path, kernel, bias, segments)`` tuples. ``gradient_scale``: the multipliers of the
+    table, the generator's weight and bias (the generator applies its own), or ``None``."""
+    if gradient_scale is not None:
+        table = scale_grad(table, gradient_scale[0])
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     kernel, bias = linear_weights(generator, table)
+    if gradient_scale is not None:  # read from the parameters: the generator's multipliers
+        kernel = scale_grad(kernel, gradient_scale[1])
+        bias = scale_grad(bias, gradient_scale[2])
     layers = tuple(FusedLayer(*layer) for layer in fused)
     chunk_dim, dim = bias.shape[0], table.shape[1]
     rank_d = {layer.kernel for layer in layers if low_rank(tensors[layer.kernel], chunk_dim, dim)}
@@ -769,31 +937,44 @@ def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs
 
 
 def run_per_sample(
-    target: nnx.Module, samples: Any, inputs: tuple, kwargs: dict, fused: Callable | None = None
+    target: nnx.Module,
+    samples: Any,
+    inputs: tuple,
+    kwargs: dict,
+    fused: Callable | None = None,
+    stats: str = "batch",
 ) -> Any:
     """Sample ``b`` through the target alone (a batch of 1) with ``samples[b]``, batched with
-    ``jax.vmap``: its weight set, or, with ``fused`` (:func:`fused_path`), its embedding scales.
+    ``jax.vmap`` over ``SAMPLE_AXIS``: its weight set, or, with ``fused`` (:func:`fused_path`),
+    its embedding scales.
 
-    Each sample gets its own copy of the target's state (BatchNorm then sees that sample's
-    statistics, Dropout its own key); the copies' mean is written back afterwards.
+    The call is split per sample by ``split_call`` (arrays by row, a PRNG key and an
+    ``nnx.Rngs`` into keys of each sample's own). Each sample gets its own copy of the target's
+    state (Dropout its own key); BatchNorm in training mode normalises by ``stats``
+    (``"batch"``: over the whole batch; ``"sample"``: alone); the copies' mean is written back
+    afterwards.
     """
     batch = jax.tree.leaves(samples)[0].shape[0]
     graphdef, slots, fixed, rest = nnx.split(target, GeneratedSlot, nnx.Param, ...)
     copies = jax.tree.map(lambda x: per_sample(x, batch), rest)
-    positions = [i for i, x in enumerate(inputs) if is_array(x)]
+    parts, sample_call = split_call(inputs, kwargs, batch, nnx.Rngs)
 
     def one_sample(sample: Any, fixed: nnx.State, own: nnx.State, xs: list) -> tuple[Any, Any]:
-        args = list(inputs)
-        for i, x in zip(positions, xs, strict=True):
-            args[i] = x[None]
+        args, sample_kwargs = sample_call(xs)
         params, layers = (sample, contextlib.nullcontext()) if fused is None else fused(sample)
         module = nnx.merge(graphdef, as_params(slots, params), fixed, own)
+        for path, m in nnx.iter_modules(module):  # this sample's copy: its BatchNorm axes
+            if type(m) is nnx.BatchNorm:
+                m.axis_name = sample_axes(m.axis_name, m.axis_index_groups, stats)
+                if stats == "batch" and m.use_running_average is not True and xs:
+                    where = f"BatchNorm {'.'.join(map(str, path))}"
+                    check_sample_reduction(jax.tree.leaves(xs)[0], where)
         with layers:
-            out = module(*args, **kwargs)
+            out = module(*args, **sample_kwargs)
         return squeeze_sample(out), nnx.state(module, nnx.Not(nnx.Any(nnx.Param, GeneratedSlot)))
 
-    arrays = [inputs[i] for i in positions]
-    out, updated = jax.vmap(one_sample, in_axes=(0, None, 0, 0))(samples, fixed, copies, arrays)
+    vmapped = jax.vmap(one_sample, in_axes=(0, None, 0, 0), axis_name=SAMPLE_AXIS)
+    out, updated = vmapped(samples, fixed, copies, parts)
     nnx.update(target, jax.tree.map(merge_samples, rest, updated))
     return out
 
@@ -807,8 +988,15 @@ def fused_layers(shared: Shared, stacks: tuple, scales: jax.Array) -> Iterator[N
     """While active, the fused layers compute one sample's output from the shared ``stacks`` and
     the sample's ``scales``."""
 
-    def call(module: Any, x: jax.Array) -> jax.Array:
+    def call(module: Any, x: jax.Array, out_sharding: Any = None) -> jax.Array:
         i = module.fused_index
+        if out_sharding is not None:
+            raise ValueError(
+                f"out_sharding={out_sharding!r} on the fused layer "
+                f"{'.'.join(map(str, shared.fused[i].path))}: a fused layer computes one sample "
+                "at a time and cannot place its output; call the "
+                "hypernetwork with return_params=True (materialising path) or drop out_sharding"
+            )
         conv = isinstance(module, nnx.Conv)
         return fused_output(shared.fused[i], stacks[i], shared, scales, module, x, conv)
 
@@ -824,9 +1012,11 @@ class FusedLinear(nnx.Linear):
 
     fused_index: int  # its entry in the fused layers
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return call(self, inputs, out_sharding)
 
 
 class FusedConv(nnx.Conv):
@@ -834,9 +1024,11 @@ class FusedConv(nnx.Conv):
 
     fused_index: int  # its entry in the fused layers
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return call(self, inputs, out_sharding)
 
 
 def install_fusion(target: nnx.Module, fused: Any) -> None:
@@ -860,6 +1052,17 @@ def fused_path(shared: Shared) -> Callable:
     return sample
 
 
+class ScaledLinear(nnx.Linear):
+    """``nnx.Linear`` (the same variables) whose gradients are multiplied by ``gradient_scale``:
+    ``(kernel's, bias's)`` multipliers, ``None``: raw (set after construction)."""
+
+    gradient_scale: tuple = (None, None)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel, bias = self.kernel[...], self.bias[...]
+        return scaled_dense(inputs, kernel, bias, *self.gradient_scale)
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -869,10 +1072,11 @@ if __name__ == "__main__":
     own = sum(x.size for x in jax.tree.leaves(nnx.state(hypernetwork, nnx.Param)))
     print(f"NnxCnnHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (jnp.zeros((2, 8, 8, 1), dtype=jnp.float32),)
+
     output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs, return_params=True))(
         hypernetwork, *inputs
     )
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=51e0b488aae707f4de92e7fad3a938dd35b6ddf4db2e9214b380afbcd098a332
+# hypernn-gen: sha256=0e758b735bcb44ad5e6380c6c42384513158a57fb924a9fe2dd43197fd1b0552

@@ -2,7 +2,7 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_mlp.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=78 chunk_dim=64 gradient_scaling=off
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=78 chunk_dim=64 gradient_scaling=on
 #           chunking=auto init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest f11016d3d9607959
 # command:  hypernn-gen generated_examples/targets/nnx_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_mlp_nnx_static.py
@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # -- Target network (copied from generated_examples/targets/nnx_mlp.py) --
@@ -70,6 +71,8 @@ NUM_EMBEDDINGS = 78
 CHUNK_DIM = 64
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "f11016d3d9607959"
+CHECKPOINT_DIGEST = "7a9d73280b475a2d"  # the layout_digest variable, checked
+GRADIENT_SCALE = (22.6274, 0.640513, 3.62329)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("hidden1.bias", ("hidden1", "bias"), (64,), 0, 64, 0.0, 0.0),
@@ -87,7 +90,7 @@ class NnxMlpEmbedding(nnx.Module):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (NUM_EMBEDDINGS, EMBEDDING_DIM)))
 
     def __call__(self) -> jax.Array:
-        return self.weight[...]
+        return scale_grad(self.weight[...], GRADIENT_SCALE[0])
 
 
 class NnxMlpWeightGenerator(nnx.Module):
@@ -114,9 +117,10 @@ class NnxMlpWeightGenerator(nnx.Module):
             init = nnx.with_partitioning(init, (None, model_axis), eager_sharding=eager)
             bias_init = nnx.with_partitioning(bias_init, (model_axis,), eager_sharding=eager)
         self.model_axis = model_axis
-        self.linear = nnx.Linear(
+        self.linear = ScaledLinear(
             EMBEDDING_DIM, CHUNK_DIM, kernel_init=init, bias_init=bias_init, rngs=rngs
         )
+        self.linear.gradient_scale = GRADIENT_SCALE[1:]
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
         raw = self.linear(embedding)
@@ -155,6 +159,7 @@ class NnxMlpHyperNetwork(nnx.Module):
         self.weight_generator = NnxMlpWeightGenerator(model_axis=model_axis, rngs=rngs)
         self.param_scale = nnx.Param(jnp.array([p.init_std for p in GENERATED], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
+        self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network, GENERATED)
 
     def generate_params(self) -> jax.Array:
@@ -164,7 +169,9 @@ class NnxMlpHyperNetwork(nnx.Module):
 
     def decode(self, raw: jax.Array) -> jax.Array:
         """Per-tensor affine map from raw generator output ``(..., FLAT_SIZE)`` to parameter values."""
-        return decode(raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE)
+        return decode(
+            raw, self.param_scale[...], self.param_shift[...], GENERATED, FLAT_SIZE, GRADIENT_SCALE
+        )
 
     def unflatten_params(self, flat: jax.Array) -> dict[Any, Any]:
         """Nested dict (``nnx.state`` paths) of the generated tensors from ``(..., FLAT_SIZE)``;
@@ -190,6 +197,7 @@ class NnxMlpHyperNetwork(nnx.Module):
         ``generated_params`` is ``(FLAT_SIZE,)``; pass one (``flatten_params(target)``) to run the
         target with those weights instead.
         """
+        check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE, dynamic=False)
@@ -252,14 +260,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -291,6 +337,29 @@ def check_flat(
         raise error(
             f"generated_params has shape {shape}, expected {expected}; build it with "
             "flatten_params()"
+        )
+
+
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
         )
 
 
@@ -399,6 +468,17 @@ def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs
     return out
 
 
+class ScaledLinear(nnx.Linear):
+    """``nnx.Linear`` (the same variables) whose gradients are multiplied by ``gradient_scale``:
+    ``(kernel's, bias's)`` multipliers, ``None``: raw (set after construction)."""
+
+    gradient_scale: tuple = (None, None)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel, bias = self.kernel[...], self.bias[...]
+        return scaled_dense(inputs, kernel, bias, *self.gradient_scale)
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -408,8 +488,9 @@ if __name__ == "__main__":
     own = sum(x.size for x in jax.tree.leaves(nnx.state(hypernetwork, nnx.Param)))
     print(f"NnxMlpHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (jnp.zeros((1, 8), dtype=jnp.float32),)
+
     output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs))(hypernetwork, *inputs)
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=1084e71258c56d7780a9da1b875f5599f8f795101c620564039b86ac411f360c
+# hypernn-gen: sha256=e9e4af01c586819aa83e0084dbc2331d15a458c4dee6efdf97ded7e3ed5bd061

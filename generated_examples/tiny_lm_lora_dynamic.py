@@ -132,13 +132,15 @@ def apply_base(target_network: nn.Module, state: dict[str, Tensor], paths: list[
 
 
 class Adapter(NamedTuple):
-    """One adapted Linear layer: its module path, its shape, block index and module type."""
+    """One adapted Linear layer: its module path, its shape, block index and module type;
+    ``transposed``: its weight is ``(in, out)`` (transformers' ``Conv1D``, GPT-2's layers)."""
 
     path: str
     out_features: int
     in_features: int
     depth: int
     kind: int
+    transposed: bool = False
 
 
 def check_adapters(target_network: nn.Module, adapters: Sequence[Adapter]) -> None:
@@ -148,12 +150,22 @@ def check_adapters(target_network: nn.Module, adapters: Sequence[Adapter]) -> No
             module = target_network.get_submodule(a.path)
         except AttributeError:
             module = None
-        shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
-        if not isinstance(module, nn.Linear) or shape != (a.out_features, a.in_features):
+        weight = getattr(module, "weight", None)
+        shape = tuple(getattr(weight, "shape", ()))
+        if a.transposed:  # a Conv1D: its weight is (in, out)
+            fits = type(module).__name__ == "Conv1D" and shape == (a.in_features, a.out_features)
+            what = f"Conv1D({a.out_features}, {a.in_features})"
+        elif isinstance(module, nn.Conv2d):  # A is (rank, in * kh * kw), like its weight's rows
+            fits = shape[:1] == (a.out_features,) and math.prod(shape[1:]) == a.in_features
+            fits = fits and module.groups == 1 and module.padding_mode == "zeros"
+            what = f"nn.Conv2d({a.out_features} out, {a.in_features} in x window, groups 1)"
+        else:
+            fits = isinstance(module, nn.Linear) and shape == (a.out_features, a.in_features)
+            what = f"nn.Linear({a.in_features}, {a.out_features})"
+        if not fits:
             raise ValueError(
-                f"this target's layer {a.path!r} is not the nn.Linear({a.in_features}, "
-                f"{a.out_features}) the adapters were made for; regenerate the file for the new "
-                "target"
+                f"this target's layer {a.path!r} is not the {what} the adapters were made for; "
+                "regenerate the file for the new target"
             )
 
 
@@ -167,6 +179,8 @@ def lora_forward(self: nn.Module, x: Tensor) -> Tensor:
     a, b, scaling, dropout = lora
     h = dropout(x)
     a, b = a.to(h.dtype), b.to(h.dtype)
+    if isinstance(self, nn.Conv2d):
+        return y + scaling * conv2d_lora(self, h, a, b)
     if a.dim() == 2:
         return y + scaling * F.linear(F.linear(h, a), b)
     if h.dim() < 2 or h.shape[0] != a.shape[0]:
@@ -177,6 +191,26 @@ def lora_forward(self: nn.Module, x: Tensor) -> Tensor:
     h = h.reshape(a.shape[0], -1, h.shape[-1])  # (batch, tokens, in)
     u = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # (batch, tokens, out)
     return y + scaling * u.view(y.shape)
+
+
+def conv2d_lora(module: nn.Conv2d, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``B (A * x)`` of an adapted Conv2d (PEFT's: ``A`` a convolution like the layer's with
+    ``rank`` output channels, ``B`` a 1x1 one), one adapter or one per sample: a grouped
+    convolution over the batch, never per-sample weights of the layer's size."""
+    window, rank = module.kernel_size, a.shape[-2]
+    conv = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+    if a.dim() == 2:
+        u = F.conv2d(x, a.view(rank, -1, *window), **conv)
+        return F.conv2d(u, b[:, :, None, None])
+    n = a.shape[0]
+    if x.dim() != 4 or x.shape[0] != n:
+        raise ValueError(
+            f"{n} adapter sets but a LoRA Conv2d got input {tuple(x.shape)}; in dynamic mode "
+            "every adapted layer's input must carry the batch first"
+        )
+    weight = a.reshape(n * rank, -1, *window)
+    u = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight, groups=n, **conv)
+    return torch.einsum("brhw,bor->bohw", u.view(n, rank, *u.shape[2:]), b)
 
 
 def install_lora(target_network: nn.Module, adapters: Sequence[Adapter]) -> tuple[nn.Module, ...]:
@@ -389,7 +423,15 @@ class LoRAHyperModule(nn.Module):
     def peft_state_dict(self, condition: Tensor | None = None) -> dict[str, Tensor]:
         """The adapters of one condition under PEFT's key names."""
         adapters = self.single_adapters(condition)
-        return {f"base_model.model.{k}.weight": v.contiguous() for k, v in adapters.items()}
+        out = {}
+        for a in self.adapters:  # a Conv2d's: A (rank, in, kh, kw), B (out, rank, 1, 1)
+            weight = self.target.get_submodule(a.path).weight
+            lora_a, lora_b = adapters[f"{a.path}.lora_A"], adapters[f"{a.path}.lora_B"]
+            if weight.dim() == 4:
+                lora_a, lora_b = lora_a.view(-1, *weight.shape[1:]), lora_b[:, :, None, None]
+            out[f"base_model.model.{a.path}.lora_A.weight"] = lora_a.contiguous()
+            out[f"base_model.model.{a.path}.lora_B.weight"] = lora_b.contiguous()
+        return out
 
     def peft_config(self) -> dict[str, Any]:
         """PEFT's ``adapter_config.json`` for these adapters."""
@@ -403,7 +445,7 @@ class LoRAHyperModule(nn.Module):
             "lora_dropout": dropout,
             "target_modules": [a.path for a in self.adapters],
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": any(a.transposed for a in self.adapters),
             "inference_mode": True,
             "init_lora_weights": True,
             "modules_to_save": None,
@@ -431,8 +473,10 @@ class LoRAHyperModule(nn.Module):
         state = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
         for a in self.adapters:
             delta = adapters[f"{a.path}.lora_B"] @ adapters[f"{a.path}.lora_A"]
+            delta = delta.T if a.transposed else delta  # a Conv1D's weight is (in, out)
             weight = state[f"{a.path}.weight"]
-            state[f"{a.path}.weight"] = weight + (self.scaling * delta).to(weight.dtype)
+            delta = (self.scaling * delta).view(weight.shape)  # a Conv2d's: (out, in, kh, kw)
+            state[f"{a.path}.weight"] = weight + delta.to(weight.dtype)
         return state
 
 
@@ -451,7 +495,8 @@ CONDITION_SHAPE = (4,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the condition network
 BASE_CHECKPOINT: str | None = None  # None: the target's own weights
 
-# Module path, out and in features, depth (block index) and kind (module type) of each layer.
+# Module path, out and in features, depth (block index) and kind (module type) of each layer
+# (True: a Conv1D, weight (in, out)).
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter("layers.0.attn.q_proj", 32, 32, 0, 0),
     Adapter("layers.0.attn.k_proj", 32, 32, 0, 1),
@@ -501,4 +546,4 @@ if __name__ == "__main__":
     output, adapters = hypernetwork(*inputs, condition=condition)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("adapters:", len(adapters), "tensors")
-# hypernn-gen: sha256=d9125889dcff2b2dbeb9d4a09faee38d8656beafadca2f0ff86cf57632e513af
+# hypernn-gen: sha256=c424a1e2cffde5062ad589aa42880e21931e598c12dbfa6a6c9d0f47e89a835e

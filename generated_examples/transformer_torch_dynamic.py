@@ -121,10 +121,12 @@ GENERATED: tuple[ParamSlice, ...] = (
 TIED: dict[str, str] = {
     "head.weight": "tok_emb.weight",
 }
-# Fused layers: module path, kind, weight and bias index in GENERATED, chunks a row spans.
-FUSED: tuple[tuple[str, str, int | None, int | None, int], ...] = ()
+# Fused layers: path, kind, weight/bias index in GENERATED, chunks a row spans, shared input.
+FUSED: tuple[tuple[str, str, int | None, int | None, int, bool], ...] = ()
 # Modules run per sample with their own generated tensors materialised, and why.
-PER_SAMPLE: tuple[tuple[str, str], ...] = (("", "TinyGPT has no fused form (it owns pos_emb)"),)
+PER_SAMPLE: tuple[tuple[str, str], ...] = (
+    ("", "pos_emb is used by __getitem__, not only broadcast elementwise into batched tensors"),
+)
 
 
 class TransformerEmbedding(nn.Module):
@@ -623,11 +625,39 @@ def run_per_sample(
     keyword, in any container) are split per sample; the others (positions, masks) are shared.
     The output may hold anything: its tensors come back with the batch first, ``None`` and other
     plain values as they are, containers and objects (``ModelOutput``, ``DynamicCache``) rebuilt.
-    In training each sample gets its own copy of the module's buffers (BatchNorm statistics)
-    and their mean is written back.
+    In training each sample gets its own copy of the module's buffers and their mean is written
+    back; a BatchNorm (:func:`batch_statistics`) normalises with the whole batch's statistics
+    (:class:`BatchMoments`), as the plain target on the batch, so every copy gets the same update.
+    A forward that branches on tensor values (``if mask.all():``) runs one sample at a time
+    (:func:`loop_samples`), with the same result.
     """
     buffers = dict(module.named_buffers()) if module.training else {}
     copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
+    whole = [m for m in module.modules() if batch_statistics(m)]
+    for m in whole:  # conditional BatchNorm: the whole batch's statistics, inside vmap too
+        m.forward = whole_batch_norm_forward.__get__(m)
+    try:
+        out = vmap_samples(module, params, copies, args, kwargs, batch, flags)
+    finally:
+        for m in whole:
+            del m.forward
+    with torch.no_grad():
+        for name, value in copies.items():
+            mean = value.float().mean(0) if value.is_floating_point() else value[0]
+            buffers[name].copy_(mean.to(buffers[name].dtype))
+    return out
+
+
+def vmap_samples(
+    module: nn.Module,
+    params: dict[str, Tensor],
+    copies: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    flags: tuple | None,
+) -> Any:
+    """:func:`run_per_sample`'s vmap: sample b with ``params[...][b]`` and ``copies[...][b]``."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     split = iter(batched_leaves(batch, args, kwargs, flags))
     where = [isinstance(x, Tensor) and next(split) for x in leaves]
@@ -649,6 +679,10 @@ def run_per_sample(
     try:
         tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
     except RuntimeError as exc:
+        if "data-dependent control flow" in str(exc):  # if mask.all(): one sample at a time
+            tensors = loop_samples(module, one_sample, params, copies, xs, batch)
+            out_spec, outs = template[-1]
+            return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
         if "inplace randomness" not in str(exc):
             raise
         raise ValueError(
@@ -657,12 +691,102 @@ def run_per_sample(
             "per sample under vmap; call it in eval mode, or draw with torch.bernoulli(torch.full"
             "(...)) / torch.rand(...) < p instead"
         ) from None
-    with torch.no_grad():
-        for name, value in copies.items():
-            mean = value.float().mean(0) if value.is_floating_point() else value[0]
-            buffers[name].copy_(mean.to(buffers[name].dtype))
     out_spec, outs = template[-1]
     return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
+
+
+def loop_samples(
+    module: nn.Module,
+    one_sample: Any,
+    params: dict[str, Tensor],
+    copies: dict[str, Tensor],
+    xs: list[Tensor],
+    batch: int,
+) -> tuple[Tensor, ...]:
+    """What vmap gives, one sample after another: for a forward that branches on tensor values
+    (transformers' ``if mask.all():``), which vmap cannot run."""
+    if any(batch_statistics(m) for m in module.modules()):
+        raise ValueError(
+            f"{type(module).__name__}'s forward branches on tensor values, so its samples run one "
+            "at a time, where a BatchNorm cannot see the whole batch's statistics; use "
+            "batch_norm_stats 'sample', eval mode, or the fused path (no generated_params/"
+            "return_params)"
+        )
+    results = [
+        one_sample(
+            {k: v[b] for k, v in params.items()},
+            {k: v[b] for k, v in copies.items()},  # views: in-place updates land in the copies
+            [x[b] for x in xs],
+        )
+        for b in range(batch)
+    ]
+    return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+
+
+def batch_statistics(module: nn.Module) -> bool:
+    """A BatchNorm set to the whole batch's statistics (:func:`set_batch_norm_statistics`) that
+    normalises with batch statistics now (training, or no running statistics)."""
+    return getattr(module, "hyper_stats", None) == "batch" and (
+        module.training or module.running_mean is None
+    )
+
+
+class BatchMoments(torch.autograd.Function):
+    """Mean, biased variance and count of ``x`` over every dimension but 1 (the channels);
+    under vmap over the vmapped batch too, outputs the same for every sample."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x: Tensor, copies: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        count = x.numel() // x.shape[1] * copies
+        if count <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{tuple(x.shape)} for the whole batch"
+            )
+        var, mean = torch.var_mean(x, [d for d in range(x.dim()) if d != 1], correction=0)
+        return mean, var, torch.tensor(count, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(inputs[0], output[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor, _: Tensor) -> tuple:
+        x, mean = ctx.saved_tensors
+        view = (1, -1, *(1,) * (x.dim() - 2))
+        n = x.numel() // x.shape[1]
+        return (grad_mean.view(view) + 2 * grad_var.view(view) * (x - mean.view(view))) / n, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, copies: int = 1) -> tuple[tuple, tuple]:
+        if in_dims[0] is None:  # the same input for every sample: a batch of identical copies
+            return BatchMoments.apply(x, copies * info.batch_size), (None, None, None)
+        x = x.movedim(in_dims[0], 0).flatten(0, 1)
+        return BatchMoments.apply(x, copies), (None, None, None)
+
+
+def whole_batch_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a BatchNorm run per sample under vmap, with the whole batch's statistics:
+    what the plain target computes on the batch, running statistics updated alike."""
+    self._check_input_dim(x)
+    mean, var, count = BatchMoments.apply(x)
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum
+            if factor is None:  # a cumulative average, as BatchNorm's momentum=None
+                factor = 1.0 / self.num_batches_tracked
+            if self.running_mean is not None:
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.copy_(self.running_mean * (1 - factor) + mean * factor)
+                self.running_var.copy_(self.running_var * (1 - factor) + unbiased * factor)
+    view = (1, -1, *(1,) * (x.dim() - 2))
+    y = (x - mean.view(view)) * torch.rsqrt(var.view(view) + self.eps)
+    if self.weight is not None:
+        y = y * self.weight.view(view)
+    return y if self.bias is None else y + self.bias.view(view)
 
 
 # -- Fused per-sample layers: per-sample outputs without per-sample weights --
@@ -679,13 +803,16 @@ def run_per_sample(
 
 class FusedLayer(NamedTuple):
     """A layer computed from shared weights: its module path, its kind, the indices of its
-    weight and bias in the layout (None: the layer keeps its own), and S for Linear/Conv."""
+    weight and bias in the layout (None: the layer keeps its own), S for Linear/Conv (for a
+    parameter used directly, kind "direct": the rank it is broadcast at), and whether its inputs,
+    shared with a leading 1, are repeated for every sample."""
 
     path: str
     kind: str
     weight: int | None
     bias: int | None
     segments: int
+    broadcast: bool = False
 
 
 class Shared(NamedTuple):
@@ -834,7 +961,8 @@ class FusedIndex(nn.Module):
 
     def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
         """The index tensors, computed from the layout alone: ``chunk``, the chunk of each
-        (segment, row); if S > 1, ``mask[j]``, which weights lie in segment ``j`` of their row."""
+        (segment, row) and of each bias value; if S > 1, ``mask[j]``, which weights lie in
+        segment ``j`` of their row."""
         p, segments, chunk_dim = (
             self.generated[self.layer.weight],
             self.layer.segments,
@@ -844,7 +972,11 @@ class FusedIndex(nn.Module):
         first = pos[:, 0] // chunk_dim
         chunk = first[None, :] + torch.arange(segments, device=device)[:, None]
         segment = pos // chunk_dim - first[:, None]
-        indices = {"chunk": chunk.clamp(max=self.num_embeddings - 1).flatten()}
+        chunks = [chunk.clamp(max=self.num_embeddings - 1).flatten()]
+        if self.layer.bias is not None:  # then the chunk of each bias value
+            b = self.generated[self.layer.bias]
+            chunks.append(torch.arange(b.offset, b.offset + b.size, device=device) // chunk_dim)
+        indices = {"chunk": torch.cat(chunks)}
         if segments > 1:
             segment = segment.view(p.shape)
             steps = torch.arange(segments, device=device).view(-1, *(1,) * len(p.shape))
@@ -856,10 +988,14 @@ class FusedIndex(nn.Module):
         for name, value in self.indices(self.chunk.device).items():
             getattr(self, name).copy_(value)
 
-    def coefficients(self, shared: Shared) -> Tensor:
-        """Each sample's chunk scale for every segment of every row, ``(batch, S, out)``."""
-        out = self.generated[self.layer.weight].shape[0]
-        return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
+    def coefficients(self, shared: Shared) -> tuple[Tensor, Tensor | None]:
+        """Each sample's chunk scale for every (segment, row), ``(batch, S, rows)``, and for every
+        bias value, ``(batch, out)`` (None: the bias is not generated)."""
+        rows = self.generated[self.layer.weight].shape[0]
+        batch, size = shared.scales.shape[0], self.layer.segments * rows
+        coeff = shared.scales.index_select(1, self.chunk)
+        bias = coeff[:, size:] if self.layer.bias is not None else None
+        return coeff[:, :size].view(batch, -1, rows), bias
 
 
 def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -894,8 +1030,17 @@ def install_fusion(
     (the generator's probe: positional, then keyword tensors). Returns the index buffers of the
     Linear/Conv layers and the swapped modules."""
     swapped, indices = [], nn.ModuleList()
-    for layer in map(FusedLayer._make, fused):
+    for layer in (FusedLayer(*f) for f in fused):
         module = target.get_submodule(layer.path)
+        if layer.kind == "direct":  # one entry per parameter; the module is swapped once
+            if not hasattr(module, "hyper_direct"):
+                forward = {"forward": forwards["direct"]}
+                module.__class__ = type(f"Direct{type(module).__name__}", (type(module),), forward)
+                module.hyper_direct = ()
+                swapped.append(module)
+            name = generated[layer.weight].path.rpartition(".")[2]
+            module.hyper_direct += ((name, layer.weight, layer.segments),)
+            continue
         kind = type(
             f"Fused{type(module).__name__}", (type(module),), {"forward": forwards[layer.kind]}
         )
@@ -933,4 +1078,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=5bf31c7b50f9c2481b18ca9f6fde54821596931cf86feca5943a4e4eb09e1194
+# hypernn-gen: sha256=3c979a67350757b7de91b0cd6d5e224a4d128ca54d7e90b027a47057e27627c1

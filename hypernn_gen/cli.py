@@ -145,12 +145,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
                 init_scheme=options.init_scheme,
             )
             check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
-            try:
-                fusion: FusionPlan | str = plan_fusion(
-                    loaded, layout, chunking, linear_generator=not options.generator_hidden
+            if options.generate == "delta":  # base + delta is built per sample, never fused
+                why = "--generate delta builds each sample's weights (base + delta)"
+                fusion: FusionPlan | str = FusionPlan(
+                    (), (), (("", why),), (("", "per sample", why),)
                 )
-            except HypernnGenError as exc:  # dynamic mode is impossible; the layout is still shown
-                fusion = str(exc)
+            else:
+                try:
+                    fusion = plan_fusion(
+                        loaded, layout, chunking, linear_generator=not options.generator_hidden
+                    )
+                except HypernnGenError as exc:  # dynamic mode is impossible; layout still shown
+                    fusion = str(exc)
     if lora_text is not None:
         print(lora_text)
         return 0
@@ -163,18 +169,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_lora(options: Any, loaded: Any, as_json: bool) -> str:
     """``inspect --generate lora``: the adapted layers, their base shapes and adapter sizes."""
-    from .adapters import describe_base, format_lora, load_base, lora_adapters, lora_report
-    from .generate import _meta_module, factory_expression, lora_filter
+    from .adapters import check_base, describe_base, format_lora, lora_report
+    from .generate import factory_expression, lora_layers
 
-    if loaded.framework != "torch":
-        raise GenerationError(
-            f"--generate lora is implemented for PyTorch targets only so far, and "
-            f"{loaded.display} is a {loaded.framework} target"
-        )
     if options.base is not None:
-        load_base(options.base)
-    adapters = lora_adapters(_meta_module(loaded), lora_filter(options))
-    report = lora_report(adapters, options, describe_base(options.base, factory_expression(loaded)))
+        check_base(options.base, loaded.framework)
+    adapters = lora_layers(loaded, options)
+    base = describe_base(options.base, factory_expression(loaded))
+    report = lora_report(adapters, options, base, loaded.framework)
     return json.dumps(report, indent=2) if as_json else format_lora(report)
 
 
@@ -212,8 +214,9 @@ def _jobs(args: argparse.Namespace) -> tuple[list[GenerateOptions], Path | None]
         return [GenerateOptions(target=args.target, **given)], None
     pyproject = Path(args.config) if args.config else find_pyproject()
     if args.config and not pyproject.is_file():
+        what = "is a directory, not a file" if pyproject.is_dir() else "no such file"
         raise GenerationError(
-            f"--config {args.config}: no such file; pass the path of a pyproject.toml with "
+            f"--config {args.config}: {what}; pass the path of a pyproject.toml with "
             "[tool.hypernn-gen] jobs"
         )
     if pyproject is None:
@@ -239,6 +242,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(sys.stderr), paths_relative_to(root):
             results.append((options, generate(options)))
     _refuse_duplicate_outputs(results)
+    _refuse_overwriting_targets(results)
     for _, result in results:  # e.g. "input shape not checked": not only in the file header
         for note in result.layout.notes:
             print(f"{PROG}: note: {result.path}: {note}", file=sys.stderr)
@@ -291,6 +295,20 @@ def _refuse_duplicate_outputs(results: list[tuple[GenerateOptions, Generated]]) 
                 "give each job its own output"
             )
         seen[key] = options.target
+
+
+def _refuse_overwriting_targets(results: list[tuple[GenerateOptions, Generated]]) -> None:
+    """An output that is a target file (this job's or another's) would replace the code it was
+    generated from; refused even with --force (which is for generated and foreign files)."""
+    targets = {Path(os.path.realpath(r.loaded.path)): o.target for o, r in results}
+    for _, result in results:
+        target = targets.get(Path(os.path.realpath(result.path)))
+        if target is not None:
+            raise GenerationError(
+                f"-o {result.path} is the target file of {target}: writing it would replace the "
+                "code the hypernetwork is generated from (even with --force); choose another -o "
+                "path"
+            )
 
 
 # -- templates ------------------------------------------------------------------------------------

@@ -69,7 +69,13 @@ def load_jobs(pyproject: Path) -> list[GenerateOptions]:
     try:
         data = tomllib.loads(pyproject.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise GenerationError(f"{pyproject}: invalid TOML: {exc}") from exc
+        raise GenerationError(
+            f"{pyproject}: invalid TOML: {exc}; fix that line (https://toml.io)"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise GenerationError(
+            f"{pyproject} is not UTF-8 (byte {exc.start}); save it as UTF-8, as TOML requires"
+        ) from exc
     section = data.get("tool", {}).get("hypernn-gen")
     if section is None:
         raise GenerationError(

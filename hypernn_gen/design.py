@@ -31,6 +31,7 @@ from .errors import TraceError
 from .layout import Chunking, Layout, TensorSpec, round_stat
 
 __all__ = [
+    "BATCH_NORM_STATS",
     "CHUNKINGS",
     "INIT_SCHEMES",
     "apply_init",
@@ -47,6 +48,9 @@ __all__ = [
 CHUNKINGS = ("auto", "flat", "tensor")
 INIT_SCHEMES = ("target", "hyperfan-in", "hyperfan-out")
 GRADIENT_SCALINGS = ("on", "off")
+#: dynamic BatchNorm in training: the whole batch's statistics (conditional BatchNorm), or each
+#: sample's own
+BATCH_NORM_STATS = ("batch", "sample")
 
 
 def design_layout(
@@ -296,6 +300,23 @@ def gradient_multipliers(
         round_stat(math.sqrt(embedding_dim / chunk_dim) / s2),
         round_stat(1.0 / (s2 * math.sqrt(num_embeddings * embedding_dim))),
         round_stat(1.0 / (s2 * math.sqrt(num_embeddings))),
+    )
+
+
+def layout_gradient_multipliers(
+    layout: Layout, chunking: Chunking, embedding_dim: int, scaling: str
+) -> tuple[float, float, float] | None:
+    """:func:`gradient_multipliers` of a designed layout, the ``GRADIENT_SCALE`` of generated
+    files and of the runtime (``scaling`` ``"off"``: ``None``, raw gradients)."""
+    if scaling == "off":
+        return None
+    generated = layout.generated
+    return gradient_multipliers(
+        [t.size for t in generated],
+        [t.init_std for t in generated],
+        chunking.num_embeddings,
+        chunking.chunk_dim,
+        embedding_dim,
     )
 
 

@@ -18,14 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .adapters import delta_layout, describe_base, load_base, lora_adapters
+from .adapters import (
+    adapter_out,
+    check_base,
+    delta_layout,
+    describe_base,
+    linen_lora_adapters,
+    lora_adapters,
+    nnx_lora_adapters,
+)
 from .backends import backend_for, framework_backend
-from .design import design_layout, gradient_multipliers
+from .design import design_layout, layout_gradient_multipliers
 from .errors import GenerationError
 from .extract import TargetSource, extract_target_source, kernel_source
 from .fuse import FusionPlan
 from .layout import Chunking, Layout, checkpoint_digest
-from .load import LoadedTarget, load_target, target_time_limit
+from .load import EXAMPLE_CALL, LoadedTarget, load_target, target_time_limit
 from .options import (
     BACKENDS,
     DEFAULT_EMBEDDING_HIDDEN,
@@ -98,15 +106,8 @@ def _generate(options: GenerateOptions) -> Generated:
     backend = backend_for(loaded.framework, options.backend, loaded.display)
     if options.backend is None:
         options = replace(options, backend=backend.family)
-    if options.generate != "weights" and loaded.framework != "torch":
-        raise GenerationError(
-            f"--generate {options.generate} is implemented for PyTorch targets only so far, and "
-            f"{loaded.display} is a {loaded.framework} target; use --generate weights"
-        )
-    if options.base is not None:
-        load_base(
-            options.base
-        )  # a missing or unreadable checkpoint is refused now, not at run time
+    if options.base is not None:  # a missing or unreadable checkpoint is refused now
+        check_base(options.base, loaded.framework)
     layout = trace_selected(loaded, include=options.include, exclude=options.exclude)
     layout, chunking = design_layout(
         layout,
@@ -123,7 +124,7 @@ def _generate(options: GenerateOptions) -> Generated:
     ctx, source = build_context(options, loaded, layout, chunking, path, with_source=True)
     template_dir = Path(options.template_dir) if options.template_dir else None
     rendered = render(ctx, template_dir=template_dir)
-    template = "torch/lora.py.jinja" if options.generate == "lora" else backend.template
+    template = lora_template(loaded.framework) if lora(options) else backend.template
     module = dedupe_imports(check_source(rendered, template=template))
     clash = template_clashes(module, source.imports, source.body, source.names)
     if clash:
@@ -221,7 +222,9 @@ def build_context(
         target_factory=factory_expression(loaded),
     )
     package = loaded.source_module.__package__ or None  # set for a file imported in its package
-    source = extract_target_source(Path(loaded.path), [loaded.name], package=package)
+    call = example_call_expression(loaded)
+    roots = [loaded.name, *([EXAMPLE_CALL] if call else [])]
+    source = extract_target_source(Path(loaded.path), roots, package=package)
     condition_shape, condition_dtype = None, None
     if options.dynamic:
         if options.condition_shape is not None:
@@ -256,7 +259,7 @@ def build_context(
         StateView(t.path, t.shape, t.collection, t.reason, t.keys, t.dtype) for t in layout.state
     )
     command = command_line(options, loaded, path)
-    adapters = lora_adapters(_meta_module(loaded), lora_filter(options)) if lora(options) else ()
+    adapters = lora_layers(loaded, options) if lora(options) else ()
     fusion = None
     if options.dynamic and options.generate == "weights":  # delta: the materialising path
         fusion = plan_fusion(
@@ -266,13 +269,12 @@ def build_context(
         "num_embeddings": chunking.num_embeddings,
         "chunk_dim": chunking.chunk_dim,
         "condition_shape": condition_shape,
-        # Flax files do not scale gradients yet (issue 16): the header and ctx.options say so
-        "gradient_scaling": options.gradient_scaling if loaded.framework == "torch" else "off",
     }
     option_lines = header_options(options, resolved)
     if lora(options):
         option_lines = lora_option_lines(options, condition_shape)
-        what = f"layout:   {len(adapters)} LoRA-adapted Linear layers, " + (
+        layer = "Linear" if loaded.framework == "torch" else "Dense"
+        what = f"layout:   {len(adapters)} LoRA-adapted {layer} layers, " + (
             f"{lora_values(adapters, options.lora_rank):,} adapter values per set"
         )
     else:
@@ -304,7 +306,7 @@ def build_context(
         f"command:  {command}",
     )
     if lora(options):
-        decisions = lora_decisions(options)
+        decisions = lora_decisions(options, loaded)
     else:
         decisions = torch_decisions(
             options, loaded, layout, params, state, fusion, condition_shape, condition_dtype
@@ -341,7 +343,9 @@ def build_context(
             "shared": options.lora_generator == "shared",
         },
         base_checkpoint=_relative(options.base) if options.base else None,
-        gradient_scale=gradient_scale_of(options, layout, chunking),
+        gradient_scale=layout_gradient_multipliers(
+            layout, chunking, options.embedding_dim, options.gradient_scaling
+        ),
         options=context_options(options, resolved),
     )
     return (ctx, source) if with_source else ctx
@@ -360,7 +364,29 @@ def lora_filter(options: GenerateOptions) -> Any:
 
 def lora_values(adapters: tuple, rank: int) -> int:
     """Values of one adapter set: ``rank * (in + out)`` per layer."""
-    return sum(rank * (a.in_features + a.out_features) for a in adapters)
+    return sum(rank * (a.in_features + adapter_out(a)) for a in adapters)
+
+
+def lora_template(framework: str) -> str:
+    """The built-in template of a --generate lora file: ``<framework>/lora.py.jinja``."""
+    return f"{framework}/lora.py.jinja"
+
+
+def lora_layers(loaded: LoadedTarget, options: GenerateOptions) -> tuple:
+    """The adapted layers of a --generate lora file, for any framework."""
+    if loaded.framework == "torch":
+        return lora_adapters(_meta_module(loaded), lora_filter(options))
+    from .trace import _jax_inputs, jax_kwargs
+
+    if loaded.framework == "linen":
+        module = loaded.obj if loaded.factory is None else loaded.factory()
+        return linen_lora_adapters(
+            module, _jax_inputs(loaded), jax_kwargs(loaded), lora_filter(options)
+        )
+    from flax import nnx
+
+    module = loaded.obj if loaded.factory is None else nnx.eval_shape(loaded.factory)
+    return nnx_lora_adapters(module, lora_filter(options))
 
 
 def lora_option_lines(
@@ -388,10 +414,33 @@ def _widths_text(widths: Any) -> str:
     return ",".join(map(str, widths)) if widths else "none"
 
 
-def lora_decisions(options: GenerateOptions) -> dict[str, Any]:
+#: a --generate lora file's kernel module, its roots and its own imports, per framework
+_LORA_KERNELS = {
+    "torch": (
+        "lora_torch",
+        ["Adapter", "LoRAHyperModule"],
+        ["import torch", "from torch import Tensor, nn"],
+    ),
+    "linen": (
+        "lora_linen",
+        ["Adapter", "LinenLoRAHyperNetwork", "merge_adapters"],
+        ["import dataclasses", "from typing import Any", "import flax.linen as nn", "import jax"],
+    ),
+    "nnx": (
+        "lora_nnx",
+        ["Adapter", "FrozenBase", "NNXLoRAHyperModule"],
+        ["from typing import Any", "import jax", "import jax.numpy as jnp", "from flax import nnx"],
+    ),
+}
+
+
+def lora_decisions(options: GenerateOptions, loaded: LoadedTarget) -> dict[str, Any]:
     """The decisions and kernel section of a --generate lora file."""
-    kernel = kernel_source("lora_torch", ["Adapter", "LoRAHyperModule"])
-    own = ["import torch", "from torch import Tensor, nn"]
+    module, roots, own = _LORA_KERNELS[loaded.framework]
+    kernel = kernel_source(module, roots)
+    own = list(own)
+    if loaded.framework != "torch" and "copy.deepcopy(" in factory_expression(loaded):
+        own.append("import copy")
     return {
         "dynamic": options.dynamic,
         "imports": merge_imports([*own, *kernel.imports]),
@@ -418,7 +467,11 @@ def _plan_torch(
 
     module = _meta_module(loaded)
     check_dynamic_support(module, layout)  # raises where dynamic mode is impossible
-    flow = probe_batch_flow(module, *torch_meta_call(loaded)) if loaded.input_specs else None
+    real = loaded.obj if loaded.factory is None else loaded.factory  # where meta cannot branch
+    if not loaded.input_specs:
+        return plan_torch_fusion(module, layout, chunking, linear_generator=linear_generator)
+    args, kwargs = torch_meta_call(loaded)
+    flow = probe_batch_flow(module, args, kwargs, real=real)
     return plan_torch_fusion(module, layout, chunking, linear_generator=linear_generator, flow=flow)
 
 
@@ -463,13 +516,28 @@ def _meta_module(loaded: LoadedTarget):  # noqa: ANN202
         return loaded.factory()
 
 
+def _has_batch_norm(loaded: LoadedTarget) -> bool:
+    """The target has a BatchNorm1d/2d/3d (exact types: the statistics option applies to it)."""
+    from .kernel.torch import BATCH_NORMS
+
+    return any(type(m) in BATCH_NORMS for m in _meta_module(loaded).modules())
+
+
 #: What the Torch specialised part (layout, classes) imports itself, beside the kernel's needs.
 _TORCH_IMPORTS = (
     "from typing import Any, NamedTuple",
     "import torch",
     "from torch import Tensor, nn",
 )
-_FUSED_FORWARD = {"linear": "fused_forward", "conv1d": "fused_forward", "conv2d": "fused_forward"}
+_FUSED_FORWARD = {
+    "linear": "fused_forward",
+    "conv1d": "fused_forward",
+    "conv2d": "fused_forward",
+    "conv3d": "fused_forward",
+    "conv_transpose1d": "conv_transpose_forward",
+    "conv_transpose2d": "conv_transpose_forward",
+    "transposed_linear": "transposed_linear_forward",
+}
 
 
 def torch_decisions(
@@ -511,6 +579,10 @@ def torch_decisions(
         roots += ["scale_grad"] if options.generator_hidden else ["scale_grad", "scaled_linear"]
     if dynamic:
         roots += ["check_condition", "dynamic_inputs", "run_per_sample"]
+    batch_norm_stats = None
+    if dynamic and _has_batch_norm(loaded):
+        batch_norm_stats = options.batch_norm_stats
+        roots.append("set_batch_norm_statistics")
     if delta:
         roots += ["apply_base", "load_checkpoint", "zero_output"]
     if fused:
@@ -527,6 +599,7 @@ def torch_decisions(
     else:
         example_args = tuple(_tensor_expression(s.shape, s.dtype) for s in specs)
     decisions.update(
+        batch_norm_stats=batch_norm_stats,
         example_args=example_args,
         example_kwargs=tuple((k, example_expression(v)) for k, v in loaded.example_kwargs.items()),
         fused=fused,
@@ -564,23 +637,6 @@ def example_expression(value: Any) -> str:
     raise GenerationError(
         f"the example call holds {type(value).__name__!r}, which a PyTorch file's __main__ cannot "
         "repeat; use tensors, None, bools, numbers, strings, or tuples/lists/dicts of them"
-    )
-
-
-def gradient_scale_of(
-    options: GenerateOptions, layout: Layout, chunking: Chunking
-) -> tuple[float, float, float] | None:
-    """The gradient multipliers rendered into the file (``None``: ``--gradient-scaling off``, and
-    Flax files for now)."""
-    if options.gradient_scaling == "off" or options.backend != "torch":
-        return None
-    generated = layout.generated
-    return gradient_multipliers(
-        [t.size for t in generated],
-        [t.init_std for t in generated],
-        chunking.num_embeddings,
-        chunking.chunk_dim,
-        options.embedding_dim,
     )
 
 
@@ -646,23 +702,53 @@ def flax_decisions(
     """The Linen/NNX decisions (fused, collections) and the kernel section: the definitions of
     ``hypernn_gen/kernel/{flax,linen,nnx}.py`` this file's design uses."""
     framework, dynamic = loaded.framework, options.dynamic
-    fused = bool(dynamic and not options.generator_hidden and fusion is not None and fusion.fused)
+    delta = options.generate == "delta"  # the materialising path: base + delta, sample by sample
+    fused = bool(dynamic and not delta and not options.generator_hidden and fusion and fusion.fused)
     collections = tuple(sorted({t.collection for t in state if t.collection != "params"}))
     excluded = any(t.reason == "excluded" for t in state)
-    kernel = kernel_source(framework, flax_kernel_roots(framework, dynamic, fused, excluded))
+    roots = flax_kernel_roots(framework, dynamic, fused, excluded)
+    roots += ["base_flat"] if delta else []
+    if options.gradient_scaling == "on":
+        roots += flax_scaling_roots(framework, bool(options.generator_hidden))
+    kernel = kernel_source(framework, roots)
     own = list(_FLAX_IMPORTS[framework])
-    if framework == "linen" and (collections or excluded):
+    if delta and not dynamic and not options.generator_hidden:  # a zero-initialised generator
+        own.remove("import math")
+    if framework == "linen" and (collections or excluded or delta):
         own.append("import functools")
     if "copy.deepcopy(" in factory_expression(loaded):
         own.append("import copy")
     return {
+        "example_call": example_call_expression(loaded),
+        "batch_norm_stats": options.batch_norm_stats,
         "fused": fused,
+        "delta": delta,
         "collections": collections,
         "imports": merge_imports([*own, *kernel.imports]),
         "kernel_imports": kernel.imports,
         "kernel_source": kernel.body,
         "kernel_names": tuple(sorted(kernel.names)),
     }
+
+
+def flax_scaling_roots(framework: str, generator_hidden: bool) -> list[str]:
+    """The kernel definitions a Flax file with gradient scaling calls: ``scale_grad`` (the
+    table), and the linear generator's layer unless the generator has hidden layers."""
+    if generator_hidden:
+        return ["scale_grad"]
+    return ["scale_grad", "ScaledDense" if framework == "linen" else "ScaledLinear"]
+
+
+def example_call_expression(loaded: LoadedTarget) -> str | None:
+    """Flax: ``example_call`` or ``example_call()``, how a generated file's ``__main__`` makes the
+    target file's example call (copied with the target); ``None`` without one (and for Torch,
+    whose ``__main__`` writes the call out)."""
+    if loaded.framework == "torch" or loaded.example_call is None:
+        return None
+    made = getattr(loaded.source_module, EXAMPLE_CALL, None)
+    if made is None:
+        return None
+    return EXAMPLE_CALL + "()" if callable(made) else EXAMPLE_CALL
 
 
 def flax_kernel_roots(
@@ -672,10 +758,10 @@ def flax_kernel_roots(
     ``nnx``; with what they use of ``kernel/flax.py``) a file of this design calls."""
     roots = ["model_mesh", "split_chunks", "decode", "unflatten", "flatten", "check_flat"]
     if framework == "linen":
-        roots += ["check_layout", "apply_target"]
+        roots += ["check_layout", "apply_target", "carry_digest"]
         roots += ["merge_params", "excluded_params"] if excluded else []
     else:
-        roots += ["check_layout", "without_generated", "run_target"]
+        roots += ["check_layout", "without_generated", "run_target", "digest_array", "check_digest"]
     if dynamic:
         roots += ["is_array", "check_batch", "run_per_sample"]
     if fused:

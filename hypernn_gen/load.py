@@ -52,6 +52,7 @@ from .seeding import seeded_import
 
 __all__ = [
     "DEFAULT_NAMES",
+    "EXAMPLE_CALL",
     "INPUT_DTYPES",
     "InputSpec",
     "LoadedTarget",
@@ -706,8 +707,28 @@ def _build_abstractly(factory: Callable[[], Any]) -> Any:
 
     PyTorch modules are built on the ``meta`` device, JAX ones under ``jax.eval_shape`` (their
     arrays are abstract). A factory that cannot run under ``jax.eval_shape`` (it mutates an
-    ``nnx.Rngs`` created outside, say) is called for real instead.
+    ``nnx.Rngs`` created outside, say) is called for real instead; so is one that reads values
+    on ``meta`` (``torch.linspace(...).tolist()``, as timm's drop-path rates do), on the CPU
+    under a fixed seed, as the tracer does. If that fails too, its error is the one reported
+    (``.cuda()`` fails on meta and on a CPU-only build alike); parameters it puts on another
+    device are refused with the meta error (the device advice).
     """
+    try:
+        return _build_on_meta(factory)
+    except Exception as exc:
+        torch = sys.modules.get("torch")
+        if torch is None or "meta" not in str(exc).lower():
+            raise
+        with seeded_import():
+            built = factory()
+        if isinstance(built, torch.nn.Module) and any(
+            t.device.type != "cpu" for t in (*built.parameters(), *built.buffers())
+        ):
+            raise exc from None
+        return built
+
+
+def _build_on_meta(factory: Callable[[], Any]) -> Any:
     torch = sys.modules.get("torch")
     jax = sys.modules.get("jax")
     with torch.device("meta") if torch is not None else contextlib.nullcontext():

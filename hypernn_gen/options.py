@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .adapters import GENERATES
-from .design import CHUNKINGS, GRADIENT_SCALINGS, INIT_SCHEMES, check_hidden, parse_widths
+from .design import (
+    BATCH_NORM_STATS,
+    CHUNKINGS,
+    GRADIENT_SCALINGS,
+    INIT_SCHEMES,
+    check_hidden,
+    parse_widths,
+)
 from .errors import GenerationError, HypernnGenError
 from .load import INPUT_DTYPES, parse_input_shape
 from .verify import FORMATTERS
@@ -168,8 +175,7 @@ OPTIONS: tuple[Option, ...] = (
         "choice",
         "on",
         "on (default: gradient multipliers that let the target's own optimizer and learning "
-        "rate train the hypernetwork; the forward is unchanged; Torch only for now, Flax files "
-        "are off) or off (raw gradients)",
+        "rate train the hypernetwork; the forward is unchanged) or off (raw gradients)",
         GRADIENT_SCALINGS,
         header=(1, 6),
     ),
@@ -201,6 +207,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="W",
         dynamic_only=True,
         header=(2, 4),
+    ),
+    Option(
+        "batch_norm_stats",
+        "choice",
+        "batch",
+        "dynamic: BatchNorm in training mode normalises by batch (default: statistics over the "
+        "whole batch, as the plain target, each sample's own scale and bias) or sample (each "
+        "sample by its own statistics, as a batch of one)",
+        BATCH_NORM_STATS,
+        dynamic_only=True,
     ),
     Option(
         "input_shapes",
@@ -286,8 +302,8 @@ OPTIONS: tuple[Option, ...] = (
         "base",
         "path",
         None,
-        "delta/lora: checkpoint of the frozen base weights, .safetensors or a torch state dict "
-        "(default: the target's own weights)",
+        "delta/lora: checkpoint of the frozen base weights: Torch .safetensors or a torch state "
+        "dict, Flax a flax.serialization msgpack file (default: the target's own weights)",
         metavar="PATH",
         layout_arg=True,
         generates=("delta", "lora"),

@@ -140,6 +140,8 @@ class TemplateContext:
     #: ``--gradient-scaling on``: the gradient multipliers of the embedding table, the generator's
     #: weight and bias (:func:`hypernn_gen.design.gradient_multipliers`); ``None``: off
     gradient_scale: tuple[float, float, float] | None = None
+    #: dynamic Torch with a BatchNorm: ``--batch-norm-stats`` (``batch`` or ``sample``), else None
+    batch_norm_stats: str | None = None
     imports: tuple[str, ...] = ()  #: the file's own import lines (specialised part and kernel)
     kernel_imports: tuple[str, ...] = ()  #: the import lines the kernel section needs
     kernel_source: str = ""  #: the kernel section: hypernn_gen/kernel definitions, verbatim
@@ -157,6 +159,12 @@ class TemplateContext:
     #: expressions (tensors as ``torch.randn``/``torch.zeros`` of their shape and dtype)
     example_args: tuple[str, ...] = ()
     example_kwargs: tuple[tuple[str, str], ...] = ()
+    #: Flax ``__main__``: the expression giving the target file's example call ``(args, kwargs)``
+    #: (``example_call`` or ``example_call()``, copied with the target), else ``None``
+    example_call: str | None = None
+    #: Flax dynamic mode: how BatchNorm in training mode normalises the samples (``batch`` or
+    #: ``sample``, ``--batch-norm-stats``)
+    batch_norm_stats: str = "batch"
 
     @property
     def condition_dim(self) -> int | None:
@@ -218,7 +226,9 @@ def make_environment(template_dir: Path | None = None) -> jinja2.Environment:
 def render(ctx: TemplateContext, *, template_dir: Path | None = None) -> str:
     """Render the entry template for ``ctx.framework``; errors name the template file and line."""
     env = make_environment(template_dir)
-    name = "torch/lora.py.jinja" if ctx.generate == "lora" else template_name(ctx.framework)
+    name = (
+        f"{ctx.framework}/lora.py.jinja" if ctx.generate == "lora" else template_name(ctx.framework)
+    )
     try:
         return env.get_template(name).render(ctx=ctx)
     except jinja2.TemplateSyntaxError as exc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from .fuse import FusionPlan
+from .fuse import TRANSPOSED_KINDS, FusionPlan
 from .layout import Chunking, Layout, TensorSpec
 from .load import LoadedTarget
 
@@ -66,10 +66,19 @@ def fusion_dict(fusion: FusionPlan | str) -> dict:
     """What a generated dynamic file fuses, as JSON data (a string: why there is no plan)."""
     if isinstance(fusion, str):
         return {"error": fusion}
-    return {
-        "fused": [{"path": f.path, "kind": f.kind, "segments": f.segments} for f in fusion.fused],
+    data = {
+        "fused": [
+            {"path": f.path, "kind": f.kind, "segments": f.segments, "broadcast": f.broadcast}
+            for f in fusion.fused
+        ],
         "per_sample": [{"path": path, "why": why} for path, why in fusion.reasons],
     }
+    if fusion.routes:
+        data["modules"] = [
+            {"path": path, "route": route, "detail": detail}
+            for path, route, detail in fusion.routes
+        ]
+    return data
 
 
 def format_layout(
@@ -100,11 +109,20 @@ def format_layout(
     return "\n".join(lines)
 
 
+#: How ``inspect`` names each route of :attr:`FusionPlan.routes`.
+ROUTES = {
+    "fused": "fused",
+    "whole batch": "whole batch",
+    "per sample": "per sample (vmap)",
+    "inside": "per sample (vmap)",
+}
+
+
 def predicted_products(plan: FusionPlan, layout: Layout, chunking: Chunking) -> float | None:
     """The shared products of the fused Linear/Conv layers per product of the target's own:
     S + 1 per layer (S segments and the generator's bias), or, in Torch, where every row lies in
-    one chunk from a chunk boundary, 1 and one shared row per chunk's worth of rows (``k = C //
-    row`` rows: 1 + k / out)."""
+    one chunk from a chunk boundary (and the rows are the outputs: not a transposed weight), 1 and
+    one shared row per chunk's worth of rows (``k = C // row`` rows: 1 + k / out)."""
     generated, c = layout.generated, chunking.chunk_dim
     total = cost = 0.0
     for f in plan.fused:
@@ -112,7 +130,8 @@ def predicted_products(plan: FusionPlan, layout: Layout, chunking: Chunking) -> 
             continue
         t = generated[f.weight]
         row = t.size // t.shape[0] if layout.framework == "torch" else t.shape[-1]
-        if layout.framework == "torch" and t.offset % c == 0 and c % row == 0:
+        aligned = t.offset % c == 0 and c % row == 0 and f.kind not in TRANSPOSED_KINDS
+        if layout.framework == "torch" and aligned:
             per_chunk = c // row
             cost += t.size * (2.0 if per_chunk > 1 else 1.0 + 1.0 / t.shape[0])
         else:
@@ -124,19 +143,28 @@ def predicted_products(plan: FusionPlan, layout: Layout, chunking: Chunking) -> 
 def format_fusion(
     plan: FusionPlan | str, layout: Layout | None = None, chunking: Chunking | None = None
 ) -> list[str]:
-    """What a generated dynamic file fuses (whole batch, no per-sample weights) and what it runs
-    per sample, with the reason, one layer per line (a string: why dynamic mode is refused), and
-    with the layout, the :func:`predicted_products` of the fused layers."""
+    """Which path every module takes in a generated dynamic file: fused (its batched form, no
+    per-sample weights), on the whole batch (no generated tensors), or per sample under vmap,
+    with the kind or the reason, one module per line (a string: why dynamic mode is refused),
+    and with the layout, the :func:`predicted_products` of the fused layers."""
     if isinstance(plan, str):
         return [f"dynamic mode: not supported: {plan}"]
-    rows = [
-        [f.path or "<root>", "fused", f.kind + (f" (S={f.segments})" if f.segments else "")]
-        for f in plan.fused
-    ]
-    rows += [[path or "<root>", "per sample", why] for path, why in plan.reasons]
+    if plan.routes:
+        rows = [
+            [path or "<root>", ROUTES[route], f"inside {detail}" if route == "inside" else detail]
+            for path, route, detail in plan.routes
+        ]
+    else:  # Flax plans list the fused layers and the per-sample ones only
+        rows = [
+            [f.path or "<root>", "fused", f.kind + (f" (S={f.segments})" if f.segments else "")]
+            for f in plan.fused
+        ]
+        rows += [[path or "<root>", "per sample", why] for path, why in plan.reasons]
     if not rows:
         return ["dynamic mode: no layer owns generated tensors"]
-    header = "dynamic mode: fused layers run on the whole batch; per-sample ones under vmap"
+    header = "dynamic mode: the target runs once on the whole batch; per-sample modules alone, vmap"
+    if rows[0][:2] == ["<root>", ROUTES["per sample"]]:
+        header = "dynamic mode: every sample runs through the whole target alone (vmap)"
     lines = [header, *("  " + line for line in _columns(rows, right=()))]
     ratio = (
         None if layout is None or chunking is None else predicted_products(plan, layout, chunking)

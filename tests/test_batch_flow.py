@@ -87,10 +87,29 @@ def _plan(module: nn.Module, x: torch.Tensor):
     return plan_torch_fusion(module, layout, chunking, flow=probe_batch_flow(module, (x,)))
 
 
-def test_a_module_with_only_shared_inputs_sends_the_whole_target_per_sample() -> None:
+class _PosSqueezed(_Pos):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        return self.head(self.tok(ids) + self.pos(positions).squeeze(0))
+
+
+def test_a_shared_input_whose_output_is_only_broadcast_is_repeated_per_sample() -> None:
     plan = _plan(_Pos(), torch.zeros(2, 6, dtype=torch.long))
+    assert [(f.path, f.kind, f.broadcast) for f in plan.fused] == [
+        ("tok", "embedding", False),
+        ("pos", "embedding", True),  # (1, 6, 4) added to (batch, 6, 4): ids repeated per sample
+        ("head", "linear", False),
+    ]
+    assert plan.reasons == ()
+
+
+def test_a_module_with_only_shared_inputs_sends_the_whole_target_per_sample() -> None:
+    """The output of the shared lookup is squeezed: not provably broadcast, so no guess."""
+    plan = _plan(_PosSqueezed(), torch.zeros(2, 6, dtype=torch.long))
     assert plan.fused == ()  # the root, PER_SAMPLE's "", runs every sample alone
-    assert plan.reasons == (("", "pos: none of its inputs has the batch first"),)
+    ((path, why),) = plan.reasons
+    assert path == "" and why.startswith("pos: none of its inputs has the batch first")
+    assert "used by squeeze" in why
 
 
 def test_a_shared_input_beside_a_batched_one_keeps_that_module_out_of_the_fused_path() -> None:
@@ -107,9 +126,11 @@ def test_a_shared_input_beside_a_batched_one_keeps_that_module_out_of_the_fused_
             return x * shared + self.bias
 
     plan = _plan(Mixed(), torch.zeros(2, 4))
-    # the root owns ``bias`` directly, so it runs per sample with the batch in its input; the
-    # Linear inside it is not planned separately
-    assert plan.fused == () and plan.per_sample == ("",)
+    # the root owns ``bias``, used directly: only added to a batched (batch, 4), so it gets one
+    # value per sample, shaped (batch, 4); the Linear inside it is fused
+    kinds = [(f.path, f.kind) for f in plan.fused]
+    assert kinds == [("", "direct"), ("a", "linear")] and plan.fused[0].segments == 2
+    assert plan.per_sample == ()
     flow = probe_batch_flow(Mixed(), (torch.zeros(2, 4),))
     assert flow.calls[""] == ((True,),) and flow.calls["a"] == ((True,),)
     assert PROBE_BATCHES[0] != PROBE_BATCHES[1]
@@ -121,7 +142,7 @@ def test_generated_file_with_shared_position_ids_equals_each_sample_alone(tmp_pa
     target.write_text(POS_EMB)
     out = tmp_path / "pos_emb_hyper.py"
     assert main([str(target), "--mode", "dynamic", "--embedding-dim", "8", "-o", str(out)]) == 0
-    assert "pos: none of its inputs has the batch first" in out.read_text()
+    assert '("pos", "embedding", 1, None, 0, True)' in out.read_text()  # fused, broadcast
     generated = import_file(out)
     torch.manual_seed(0)
     hyper = hypernetwork_class(generated)()

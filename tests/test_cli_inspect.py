@@ -147,19 +147,21 @@ def test_predicted_cost_of_the_fused_layers(capsys: pytest.CaptureFixture[str]) 
     cost = 256 * 8 * 2 + 256 * 256 * (1 + 1 / 256) + 4 * 256 * (1 + 1 / 4)
     assert predicted(run_ok(capsys, SEED)) == f"{cost / total:.2f}x" == "1.04x"
     flat = run_ok(capsys, SEED, "--chunking", "flat")  # 263-value chunks: every row spans 2
-    assert fusion_section(flat)[0] == ["0", "fused", "linear (S=2)"]
+    assert {r[0]: r[1:] for r in fusion_section(flat)}["0"] == ["fused", "linear (S=2)"]
     assert predicted(flat) == "3.00x"
 
 
 def test_fusion_plan_of_a_torch_target(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """What a generated dynamic file fuses and runs per sample, as its header and FUSED say."""
+    """Which path every module takes, as the generated file's FUSED and PER_SAMPLE say."""
     out = run_ok(capsys, str(TARGETS / "cnn.py"))
     generated = (ROOT / "generated_examples" / "cnn_torch_dynamic.py").read_text()
-    fused = re.findall(r'\("([^"]*)", "(\w+)", \S+, \S+, (\d+)\),', generated)
+    fused = re.findall(r'\("([^"]*)", "(\w+)", \S+, \S+, (\d+), False\),', generated)
     assert len(fused) == 5
-    assert fusion_section(out) == [
+    rows = fusion_section(out)
+    assert [row for row in rows if row[1] == "fused"] == [
         [path, "fused", kind + (f" (S={s})" if s != "0" else "")] for path, kind, s in fused
     ]
+    assert rows[0] == ["<root>", "whole batch", "owns no generated tensor"]
     path = write(
         tmp_path,
         "mixed.py",
@@ -172,24 +174,43 @@ def test_fusion_plan_of_a_torch_target(capsys: pytest.CaptureFixture[str], tmp_p
                 self.gain = nn.Parameter(torch.ones(4))
             def forward(self, x):
                 return x * self.gain
+        class Mixer(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mix = nn.Parameter(torch.ones(4, 4))
+                self.inner = nn.Linear(4, 4)
+            def forward(self, x):
+                return self.inner(x @ self.mix)
         class Net(nn.Module):
             def __init__(self):
                 super().__init__()
                 self.fc = nn.Linear(4, 4)
                 self.scaled = Scaled()
+                self.mixer = Mixer()
+                self.act = nn.ReLU()
                 self.wide = nn.Conv1d(4, 4, 3, groups=2)
             def forward(self, x):
-                return self.wide(self.scaled(self.fc(x)).unsqueeze(-1).expand(-1, -1, 3))
+                h = self.act(self.mixer(self.scaled(self.fc(x))))
+                return self.wide(h.unsqueeze(-1).expand(-1, -1, 3))
         example_input = torch.zeros(1, 4)
         """,
     )
     c = json.loads(run_ok(capsys, f"{path}:Net", "--json"))["chunking"]["chunk_dim"]
-    s = max((4 * o + 3) // c - 4 * o // c + 1 for o in range(4))  # fc.weight starts at 0
-    assert fusion_section(run_ok(capsys, f"{path}:Net")) == [
+    s = max((4 * o + 3) // c - 4 * o // c + 1 for o in range(4))  # fc's rows of 4 from 0
+    rows = fusion_section(run_ok(capsys, f"{path}:Net"))
+    assert rows[:6] == [
+        ["<root>", "whole batch", "owns no generated tensor"],
         ["fc", "fused", f"linear (S={s})"],
-        ["scaled", "per sample", "Scaled has no fused form (it owns gain)"],
-        ["wide", "per sample", "grouped convolution"],
+        ["scaled", "fused", "direct: parameters broadcast per sample (gain at rank 2)"],
+        [
+            "mixer",
+            "per sample (vmap)",
+            "mix is used by matmul, not only broadcast elementwise into batched tensors",
+        ],
+        ["mixer.inner", "per sample (vmap)", "inside mixer"],
+        ["act", "whole batch", "owns no generated tensor"],
     ]
+    assert rows[6][:2] == ["wide", "fused"] and rows[6][2].startswith("conv1d (S=")
     out = run_ok(capsys, str(ROOT / "tests" / "zoo" / "rnn.py"))
     assert out.splitlines()[-1].startswith(
         "dynamic mode: not supported: dynamic mode cannot generate lstm (LSTM)"
@@ -223,7 +244,9 @@ def test_json_is_the_layout_plus_chunking(capsys: pytest.CaptureFixture[str]) ->
     assert layout.flat_size > traced.flat_size  # every tensor from a chunk boundary
     chunking = data.pop("chunking")
     fusion = data.pop("fusion")  # what a dynamic file would fuse, and what not (and why)
-    assert set(fusion) == {"fused", "per_sample"} and fusion["per_sample"]
+    assert set(fusion) == {"fused", "per_sample", "modules"} and fusion["per_sample"]
+    assert fusion["modules"][0]["path"] == "" and fusion["modules"][0]["route"] == "per sample"
+    assert {m["route"] for m in fusion["modules"][1:]} == {"inside"}  # the root runs per sample
     assert data == json.loads(layout.to_json())
     hyper = expected.num_embeddings * 32 + 32 * expected.chunk_dim + expected.chunk_dim + 2 * 16
     assert chunking == {
@@ -415,3 +438,25 @@ def test_python_dash_m(tmp_path: Path) -> None:
         "hypernn-gen: error: targets/seed_mlp.py has no 'Nope'; candidates: make_target. "
         "Pass one as targets/seed_mlp.py:NAME"
     ]
+
+
+@pytest.mark.parametrize("target", ["seed_mlp.py", "linen_mlp.py"])
+def test_delta_plan_says_every_sample_runs_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, target: str
+) -> None:
+    """--generate delta builds base + delta per sample: inspect must not claim a fused plan,
+    and the generated dynamic file indeed installs no fused layer."""
+    path = str(TARGETS / target)
+    out = run_ok(capsys, path, "--generate", "delta")
+    assert "dynamic mode: every sample runs through the whole target alone (vmap)" in out
+    assert fusion_section(out) == [
+        [
+            "<root>",
+            "per sample (vmap)",
+            "--generate delta builds each sample's weights (base + delta)",
+        ]
+    ]
+    written = tmp_path / "delta.py"
+    assert cli.main([path, "--mode", "dynamic", "--generate", "delta", "-o", str(written)]) == 0
+    source = written.read_text()
+    assert "install_fusion(" not in source and "Fused" not in source

@@ -120,6 +120,25 @@ def test_closed_stdout_ends_quietly(tmp_path: Path) -> None:
     assert proc.stderr == ""
 
 
+def test_config_that_is_a_folder_bad_toml_or_not_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    message = one_error(capsys, ["--config", str(tmp_path)])
+    assert message == (
+        f"--config {tmp_path}: is a directory, not a file; pass the path of a pyproject.toml "
+        "with [tool.hypernn-gen] jobs"
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tool.hypernn-gen\n")
+    message = one_error(capsys, ["--config", str(bad)])
+    assert message.startswith(f"{bad}: invalid TOML: ") and "(at line 1, column 18)" in message
+    assert message.endswith("fix that line (https://toml.io)")
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[tool.hypernn-gen]\nnote = "caf\xe9"\n')
+    message = one_error(capsys, ["--config", str(latin)])
+    assert message == f"{latin} is not UTF-8 (byte 30); save it as UTF-8, as TOML requires"
+
+
 # -- pyproject through the schema -----------------------------------------------------------------
 
 

@@ -354,7 +354,7 @@ def check_linen(module: ModuleType, name: str, mode: str, **options: Any) -> Non
     if mode == "dynamic":  # sample b alone through the plain target with weight set b
         assert flat.shape == (BATCH, module.FLAT_SIZE) and not jnp.allclose(flat[0], flat[1])
         apply = jax.jit(target.apply)
-        stats = {col: v["target"] for col, v in variables.items() if col != "params"}
+        stats = {c: v["target"] for c, v in variables.items() if c not in ("params", "layout")}
         for b in range(BATCH):
             ref = apply({"params": unflatten_params(layout, flat[b]), **stats}, x[b : b + 1])
             close(out[b], ref[0], DYNAMIC, f"sample {b}")

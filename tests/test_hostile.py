@@ -229,6 +229,59 @@ def test_a_stale_temp_file_of_ours_is_cleaned(work: Path, capsys) -> None:
     assert not stale.exists() and fresh.exists() and other.exists()
 
 
+def test_force_never_replaces_the_target_file(work: Path, capsys) -> None:
+    mine = (work / "tiny.py").read_text()
+    (work / "link_to_tiny.py").symlink_to(work / "tiny.py")
+    for spec, out in (("tiny.py", "tiny.py"), ("link_to_tiny.py", "./tiny.py")):
+        code, _, err = cli(capsys, spec, "-o", out, "--force")
+        assert code == 2
+        line = one_error(err)
+        assert "is the target file of" in line and "even with --force" in line
+        assert "choose another -o path" in line
+        assert (work / "tiny.py").read_text() == mine
+    pyproject(  # a job's output that is another job's target
+        work,
+        """
+        [[tool.hypernn-gen.jobs]]
+        target = "tiny.py"
+        output = "two.py"
+
+        [[tool.hypernn-gen.jobs]]
+        target = "two.py"
+        """,
+    )
+    (work / "two.py").write_text(mine)
+    code, _, err = cli(capsys, "--force")
+    assert code == 2 and "-o two.py is the target file of two.py" in one_error(err)
+    assert (work / "two.py").read_text() == mine
+
+
+def test_a_real_ctrl_c_while_loading_is_one_line_exit_130(work: Path) -> None:
+    import signal
+
+    write(
+        work / "slow.py",
+        "import pathlib, time\npathlib.Path('started').touch()\ntime.sleep(120)\n" + TINY,
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hypernn_gen", "slow.py", "-o", "out.py"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own SIGINT handler, as in a terminal
+    )
+    deadline = time.monotonic() + 120
+    while not (work / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (130, "", "hypernn-gen: interrupted\n")
+    assert not (work / "out.py").exists()
+
+
 # -- OS errors: one line naming the real path -----------------------------------------------------
 
 
@@ -381,6 +434,24 @@ def test_lazy_modules_and_cuda_get_a_specific_fix(work: Path, capsys, source, ex
     fix = "in_features" if expected.startswith("lazy") else "build it on the CPU"
     assert fix in line and "builds with no arguments" not in line
     assert not (work / "gen.py").exists()
+
+
+def test_a_builder_that_reads_values_on_meta_is_built_for_real(work: Path, capsys) -> None:
+    """timm's ConvNeXt reads its drop-path rates with ``torch.linspace(...).tolist()``: on the
+    meta device that fails ("Cannot copy out of meta tensor"), which is no device move; the
+    target is built for real (seeded) and the header says so."""
+    write(
+        work / "rates.py",
+        "import torch\nfrom torch import nn\n\n\ndef make_target():\n"
+        "    rates = torch.linspace(0, 0.1, 3).tolist()\n"
+        "    return nn.Sequential(nn.Linear(4, 3), nn.Dropout(rates[1]), nn.Linear(3, 2))\n\n\n"
+        "example_input = torch.zeros(2, 4)\n",
+    )
+    code, out, err = cli(capsys, "rates.py", "-o", "gen.py")
+    assert code == 0 and out.startswith("wrote"), err
+    source = (work / "gen.py").read_text()
+    assert "traced by a real build under torch.manual_seed(0)" in source
+    assert "the target moves itself to a device" not in err
 
 
 def test_a_template_that_raises_names_its_file(work: Path, capsys) -> None:

@@ -28,8 +28,7 @@ TARGETS = {
 
 
 def target_source(expr: str, width: int) -> str:
-    return textwrap.dedent(
-        f"""
+    return textwrap.dedent(f"""
         import torch
         from torch import nn
 
@@ -39,8 +38,7 @@ def target_source(expr: str, width: int) -> str:
 
 
         example_input = torch.zeros(2, {width})
-        """
-    )
+        """)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +230,160 @@ def test_static_generated_params_of_the_wrong_shape(files: dict) -> None:
     x = torch.randn(2, 4)
     out, params = hyper(x)
     torch.testing.assert_close(hyper(x, generated_params=params)[0], out, rtol=0, atol=0)
+
+
+# -- Flax: the digest is a variable (Linen: the "layout" collection; NNX: layout_digest) -----------
+
+LINEN_TARGET = """
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense({out})(jnp.tanh(nn.Dense({hidden})(x)))
+
+
+example_input = jnp.zeros((2, {width}))
+"""
+
+NNX_TARGET = """
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Net(nnx.Module):
+    def __init__(self, *, rngs):
+        self.a = nnx.Linear({width}, {hidden}, rngs=rngs)
+        self.b = nnx.Linear({hidden}, {out}, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jnp.tanh(self.a(x)))
+
+
+def make_target():
+    return Net(rngs=nnx.Rngs(0))
+
+
+example_input = jnp.zeros((2, {width}))
+"""
+
+# A (4 -> 8 -> 4) and B (8 -> 4 -> 8): the same variable shapes, other meanings.
+FLAX_SIZES = {"a": (4, 8, 4), "b": (8, 4, 8)}
+
+
+def flax_files(root, source: str, mode: str = "static") -> dict:  # noqa: ANN001
+    modules = {}
+    for name, (width, hidden, out) in FLAX_SIZES.items():
+        (root / f"{name}.py").write_text(source.format(width=width, hidden=hidden, out=out))
+        args = [str(root / f"{name}.py"), "--mode", mode, "--embedding-dim", "4"]
+        args += ["--condition-shape", "4"] if mode == "dynamic" else []
+        assert main([*args, "--num-embeddings", "8", "-o", str(root / f"g_{name}.py")]) == 0
+        modules[name] = import_file(root / f"g_{name}.py")
+    assert modules["a"].CHECKPOINT_DIGEST != modules["b"].CHECKPOINT_DIGEST
+    return modules
+
+
+def digest_of(saved) -> str:  # noqa: ANN001
+    """The 16 hex digits a saved digest variable holds (8 byte values)."""
+    return bytes(int(v) for v in saved.tolist()).hex()
+
+
+def one_line_refusal(info: pytest.ExceptionInfo, saved: str, mine: str) -> None:
+    message = str(info.value)
+    assert "\n" not in message and "another layout" in message and "regenerate" in message
+    assert saved in message and mine in message
+
+
+def test_linen_variables_of_another_layout_are_refused(tmp_path) -> None:  # noqa: ANN001
+    jax = pytest.importorskip("jax")
+    from hypernn_gen.errors import HyperNetworkError
+    from hypernn_gen.runtime.flax import FlaxHyperNetwork
+
+    modules = flax_files(tmp_path, LINEN_TARGET)
+    a, b = modules["a"].NetHyperNetwork(), modules["b"].NetHyperNetwork()
+    xa, xb = jax.numpy.ones((2, 4)), jax.numpy.ones((2, 8))
+    va, vb = a.init(jax.random.key(0), xa), b.init(jax.random.key(0), xb)
+    assert jax.tree.map(jax.numpy.shape, va) == jax.tree.map(jax.numpy.shape, vb)
+    digest_a, digest_b = modules["a"].CHECKPOINT_DIGEST, modules["b"].CHECKPOINT_DIGEST
+    assert digest_of(va["layout"]["digest"]) == digest_a
+    with pytest.raises(ValueError, match=digest_a) as info:
+        b.apply(va, xb)
+    one_line_refusal(info, digest_a, digest_b)
+    out_b, flat_b = b.apply(vb, xb)  # its own variables
+    # jax.grad over all the variables still works: the digest's gradient is zero
+    grads = jax.jit(jax.grad(lambda v: b.apply(v, xb)[0].sum()))(vb)
+    assert not grads["layout"]["digest"].any() and grads["params"]["param_scale"].any()
+    # no digest (saved before digests existed): applies as before, the same numbers
+    old_out, old_flat = b.apply({"params": vb["params"]}, xb)
+    assert jax.numpy.array_equal(old_flat, flat_b) and jax.numpy.array_equal(old_out, out_b)
+    runtime = FlaxHyperNetwork(modules["a"].Net(), embedding_dim=4, num_embeddings=8)
+    vr = runtime.init(jax.random.key(0), xa)
+    assert digest_of(vr["layout"]["digest"]) == digest_a
+    out_gen, _ = a.apply(vr, xa)  # generated file and runtime share the digest and the names
+    out_rt, _ = runtime.apply(vr, xa)
+    assert jax.numpy.allclose(out_gen, out_rt, atol=1e-6)
+    with pytest.raises(HyperNetworkError, match="another layout") as info:
+        runtime.apply(vb, xa)
+    one_line_refusal(info, digest_b, digest_a)
+
+
+def test_nnx_state_of_another_layout_is_refused(tmp_path) -> None:  # noqa: ANN001
+    jax = pytest.importorskip("jax")
+    from flax import nnx
+
+    from hypernn_gen.errors import HyperNetworkError
+    from hypernn_gen.runtime.flax import NNXHyperNetwork
+
+    modules = flax_files(tmp_path, NNX_TARGET)
+    digest_a, digest_b = modules["a"].CHECKPOINT_DIGEST, modules["b"].CHECKPOINT_DIGEST
+    a = modules["a"].AHyperNetwork(rngs=nnx.Rngs(0))
+    b = modules["b"].BHyperNetwork(rngs=nnx.Rngs(1))
+    xb = jax.numpy.ones((2, 8))
+    saved_a, saved_b = nnx.clone(nnx.state(a)), nnx.clone(nnx.state(b))  # not views
+    assert jax.tree.map(jax.numpy.shape, saved_a) == jax.tree.map(jax.numpy.shape, saved_b)
+    assert digest_of(saved_a["layout_digest"][...]) == digest_a
+    out_b, flat_b = b(xb)
+    nnx.update(b, saved_a)  # shapes match: nnx takes it; the call refuses it
+    with pytest.raises(ValueError, match=digest_a) as info:
+        b(xb)
+    one_line_refusal(info, digest_a, digest_b)
+    nnx.update(b, saved_b)
+    again_out, again_flat = b(xb)
+    assert jax.numpy.array_equal(again_flat, flat_b) and jax.numpy.array_equal(again_out, out_b)
+    # the runtime twin of A: the same digest and names, checkpoints cross both ways
+    runtime = NNXHyperNetwork(
+        modules["a"].make_target(), embedding_dim=4, num_embeddings=8, rngs=nnx.Rngs(2)
+    )
+    assert runtime.checkpoint_digest == digest_a
+    nnx.update(runtime, saved_a)
+    xa = jax.numpy.ones((2, 4))
+    assert jax.numpy.allclose(runtime(xa)[0], a(xa)[0], atol=1e-6)
+    nnx.update(runtime, saved_b)
+    with pytest.raises(HyperNetworkError, match="another layout") as info:
+        runtime(xa)
+    one_line_refusal(info, digest_b, digest_a)
+
+
+def test_nnx_dynamic_state_of_another_layout_is_refused(tmp_path) -> None:  # noqa: ANN001
+    jax = pytest.importorskip("jax")
+    from flax import nnx
+
+    from hypernn_gen.runtime.flax import NNXHyperNetwork
+
+    modules = flax_files(tmp_path, NNX_TARGET, mode="dynamic")
+    b = modules["b"].BHyperNetwork(rngs=nnx.Rngs(0))
+    runtime_a = NNXHyperNetwork(
+        modules["a"].make_target(),
+        mode="dynamic",
+        embedding_dim=4,
+        num_embeddings=8,
+        condition_shape=(4,),
+        rngs=nnx.Rngs(0),
+    )
+    assert runtime_a.checkpoint_digest == modules["a"].CHECKPOINT_DIGEST
+    nnx.update(b, nnx.state(runtime_a))
+    with pytest.raises(ValueError, match=runtime_a.checkpoint_digest) as info:
+        b(jax.numpy.ones((2, 8)), condition=jax.numpy.ones((2, 4)))
+    one_line_refusal(info, runtime_a.checkpoint_digest, modules["b"].CHECKPOINT_DIGEST)

@@ -15,18 +15,21 @@ import numpy as np
 import pytest
 
 from hypernn_gen.extract import KERNEL_BEGIN, KERNEL_END, kernel_source
-from hypernn_gen.generate import flax_kernel_roots
+from hypernn_gen.generate import flax_kernel_roots, flax_scaling_roots
 from hypernn_gen.kernel import flax as fk
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "hypernn_gen" / "kernel"
+# Weight-generating files; the adapter files carry the LoRA kernels (tests/test_lora_flax.py).
 FLAX_FILES = sorted(
-    [
+    path
+    for path in [
         *(REPO / "generated_examples").glob("*linen*.py"),
         *(REPO / "generated_examples").glob("*nnx*.py"),
         REPO / "examples" / "digits" / "digits_linen_static.py",
         REPO / "examples" / "digits" / "digits_nnx_static.py",
     ]
+    if "_lora_" not in path.name and "_delta_" not in path.name
 )
 
 
@@ -75,6 +78,73 @@ def test_decode_is_an_affine_map_per_tensor() -> None:
     np.testing.assert_allclose(
         np.asarray(jitted(raw, scale, shift)), expected, rtol=1e-6, atol=1e-6
     )
+
+
+def test_decode_with_gradient_scaling_divides_the_decoder_gradients_by_size() -> None:
+    """The same values exactly; the gradients of scale and shift of tensor t over size(t), the
+    gradient of raw unchanged (the plain decode's, by autodiff)."""
+    rng = np.random.default_rng(2)
+    raw = jnp.asarray(rng.normal(size=(FLAT_SIZE,)).astype(np.float32))
+    scale = jnp.asarray(rng.normal(size=len(TENSORS)).astype(np.float32))
+    shift = jnp.asarray(rng.normal(size=len(TENSORS)).astype(np.float32))
+    weights = jnp.asarray(rng.normal(size=(FLAT_SIZE,)).astype(np.float32))
+
+    def loss(r: jax.Array, a: jax.Array, b: jax.Array, multipliers: tuple | None) -> jax.Array:
+        return jnp.sum(weights * fk.decode(r, a, b, TENSORS, FLAT_SIZE, multipliers))
+
+    plain, scaled = (fk.decode(raw, scale, shift, TENSORS, FLAT_SIZE, m) for m in (None, (2, 3, 4)))
+    np.testing.assert_array_equal(np.asarray(scaled), np.asarray(plain))
+    g_plain = jax.grad(loss, argnums=(0, 1, 2))(raw, scale, shift, None)
+    g_scaled = jax.grad(loss, argnums=(0, 1, 2))(raw, scale, shift, (2.0, 3.0, 4.0))
+    sizes = np.asarray([t.size for t in TENSORS], np.float32)
+    np.testing.assert_array_equal(np.asarray(g_scaled[0]), np.asarray(g_plain[0]))
+    for got, expected in zip(g_scaled[1:], g_plain[1:], strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected) / sizes, rtol=1e-6)
+
+
+def test_scaled_dense_is_dense_with_multiplied_gradients() -> None:
+    """ScaledDense (Linen) and ScaledLinear (NNX): nn.Dense's/nnx.Linear's parameters and
+    outputs exactly, gradients times the multipliers; scale_grad's value is its input."""
+    import flax.linen as nn
+    from flax import nnx
+
+    from hypernn_gen.kernel.linen import ScaledDense
+    from hypernn_gen.kernel.nnx import ScaledLinear
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+    dense, scaled = (
+        nn.Dense(4),
+        ScaledDense(4, (0.5, 3.0), kernel_init=nn.initializers.lecun_normal()),
+    )
+    variables = dense.init(jax.random.key(1), x)
+    np.testing.assert_array_equal(
+        np.asarray(scaled.init(jax.random.key(1), x)["params"]["kernel"]),
+        np.asarray(variables["params"]["kernel"]),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(scaled.apply(variables, x)), np.asarray(dense.apply(variables, x))
+    )
+    grads = [
+        jax.grad(lambda v, m=m: jnp.sum(m.apply(v, x) ** 2))(variables) for m in (dense, scaled)
+    ]
+    for key, factor in (("kernel", 0.5), ("bias", 3.0)):
+        np.testing.assert_allclose(
+            np.asarray(grads[1]["params"][key]),
+            factor * np.asarray(grads[0]["params"][key]),
+            rtol=1e-6,
+        )
+    plain, ours = nnx.Linear(3, 4, rngs=nnx.Rngs(0)), ScaledLinear(3, 4, rngs=nnx.Rngs(0))
+    ours.gradient_scale = (0.25, 2.0)
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(plain(x)))
+    g = [nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m) for m in (plain, ours)]
+    np.testing.assert_allclose(
+        np.asarray(g[1]["kernel"][...]), 0.25 * np.asarray(g[0]["kernel"][...]), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(g[1]["bias"][...]), 2.0 * np.asarray(g[0]["bias"][...]), rtol=1e-6
+    )
+    assert fk.scale_grad(x, None) is x
+    np.testing.assert_array_equal(np.asarray(fk.scale_grad(x, 7.0)), np.asarray(x))
 
 
 def test_unflatten_keeps_batch_dims_and_casts() -> None:
@@ -164,7 +234,10 @@ def test_generated_kernel_section_is_a_verbatim_copy(path: Path) -> None:
     framework = "nnx" if "from flax import nnx" in text else "linen"
     dynamic = "a dynamic hypernetwork" in text.splitlines()[0]
     fused, excluded = "\nFUSED: " in text, "\nEXCLUDED: " in text
-    kernel = kernel_source(framework, flax_kernel_roots(framework, dynamic, fused, excluded))
+    roots = flax_kernel_roots(framework, dynamic, fused, excluded)
+    if "\nGRADIENT_SCALE = " in text:
+        roots += flax_scaling_roots(framework, "\nGENERATOR_HIDDEN = " in text)
+    kernel = kernel_source(framework, roots)
     assert kernel.body in section
     assert text.index(KERNEL_END) < text.index('if __name__ == "__main__":')
     ours = _definitions((KERNEL_DIR / "flax.py").read_text())

@@ -378,3 +378,68 @@ def test_delta_hypernetwork_built_on_meta_gets_its_base_back() -> None:
     plain = module.make_target()
     params = lazy.unflatten_params(lazy.base)
     assert_close(out, functional_call(plain, params, (x,)), STATIC)
+
+
+# -- Conv2d ---------------------------------------------------------------------------------------
+
+
+def test_conv2d_lora_generated_runtime_merged_weights_and_peft(tmp_path: Path) -> None:
+    """LoRA on Conv2d layers (PEFT's: A a convolution like the layer's, B 1x1): a generated file
+    and its runtime twin, the exact start, per-sample adapters against each sample's merged
+    weights run through the plain CNN, and PEFT loading the export of one condition."""
+    from hypernn_gen.select import path_filter
+
+    target = TARGETS_DIR / "cnn.py"
+    out = tmp_path / "cnn_lora.py"
+    include = ("--include", "features.0.*", "--include", "features.3.*")
+    flags = (
+        "--generate",
+        "lora",
+        "--mode",
+        "dynamic",
+        "--condition-shape",
+        "3",
+        "--lora-rank",
+        "2",
+    )
+    assert main([f"{target}:SmallCNN", *flags, *include, "-o", str(out)]) == 0
+    module = import_file(out)
+    assert [(a.path, a.out_features, a.in_features) for a in module.ADAPTERS] == [
+        ("features.0", 8, 9),
+        ("features.3", 16, 72),
+    ]
+    torch.manual_seed(1)
+    plain = import_file(target, "_lora_cnn").SmallCNN().eval()
+    torch.manual_seed(0)
+    predicate = path_filter(("features.0.*", "features.3.*"))
+    runtime = TorchHyperNetwork(
+        plain, generate="lora", mode="dynamic", condition_shape=(3,), lora_rank=2, include=predicate
+    ).eval()
+    gen = hypernetwork_class(module)(plain).eval()
+    gen.load_state_dict(runtime.state_dict())
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    c = torch.randn(3, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(gen(x, condition=c)[0], plain(x))  # exactly: B = 0
+    perturb_b(runtime)
+    gen.load_state_dict(runtime.state_dict())
+    out_g, adapters = gen(x, condition=c)
+    out_r, _ = runtime(x, condition=c)
+    assert_close(out_g, out_r, STATIC)
+    assert adapters["features.3.lora_A"].shape == (3, 2, 72)
+    with torch.no_grad():
+        for b in range(3):
+            merged = copy.deepcopy(plain)
+            merged.load_state_dict(runtime.merged_state_dict(c[b : b + 1]))
+            assert_close(out_r[b : b + 1], merged(x[b : b + 1]), DYNAMIC, f"sample {b}")
+        assert (out_r[0] - plain(x[:1])[0]).abs().max() > 1e-4  # the adapters act
+    out_g.sum().backward()
+    out_r.sum().backward()
+    for (name, p), q in zip(gen.named_parameters(), runtime.parameters(), strict=True):
+        if p.requires_grad:
+            assert_close(p.grad, q.grad, GRAD, name)
+    peft = pytest.importorskip("peft")
+    runtime.save_peft(tmp_path / "adapter", condition=c[1:2])
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(plain), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert_close(loaded(x[1:2]), out_r[1:2], DYNAMIC, "peft")

@@ -156,10 +156,10 @@ KWARG_TARGET = textwrap.dedent(
     class Gate(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = nn.Parameter(torch.randn(4))  # used directly: runs per sample
+            self.w = nn.Parameter(torch.randn(4))  # reduced, not broadcast: runs per sample
 
         def forward(self, x, mask=None, table=None):
-            return x * self.w * mask + table.sum(0)
+            return x * self.w.cumsum(0) * mask + table.sum(0)
 
 
     class Net(nn.Module):

@@ -211,7 +211,8 @@ def test_linen_round_trip_and_static(linen_mlp, linen_cnn):
         out, flat = hn.apply(variables, x)
         assert flat.shape == (layout.flat_size,)
         reference = {"params": unflatten_params(layout, flat)}
-        reference |= {k: v["target"] for k, v in variables.items() if k != "params"}
+        # the target's collections sit under "target"; "layout" is the hypernetwork's digest
+        reference |= {k: v["target"] for k, v in variables.items() if k not in ("params", "layout")}
         np.testing.assert_array_equal(out, target.apply(reference, x))
     params = linen_mlp[1]["params"]
     assert set(params) == {"embedding_module", "weight_generator", "param_scale", "param_shift"}
@@ -219,7 +220,10 @@ def test_linen_round_trip_and_static(linen_mlp, linen_cnn):
 
 
 def test_linen_dynamic_per_sample():
-    hn, variables, layout = linen_setup(LinenCNN(), X_CNN, mode="dynamic")
+    # per-sample BatchNorm statistics (the default, "batch", is in tests/real/test_real_flax.py)
+    hn, variables, layout = linen_setup(
+        LinenCNN(), X_CNN, mode="dynamic", batch_norm_stats="sample"
+    )
     out, flat = jax.jit(hn.apply)(variables, X_CNN)
     assert flat.shape == (B, layout.flat_size) and out.shape == (B, 3)
     assert not jnp.allclose(flat[0], flat[1])
@@ -439,7 +443,8 @@ def test_nnx_round_trip_and_static():
 
 
 def test_nnx_dynamic_per_sample():
-    hn, target = nnx_hn(nnx_cnn, mode="dynamic")
+    # per-sample BatchNorm statistics (the default, "batch", is in tests/real/test_real_flax.py)
+    hn, target = nnx_hn(nnx_cnn, mode="dynamic", batch_norm_stats="sample")
     hn.eval()
     target.eval()
     frozen = nnx.to_pure_dict(nnx.state(hn.target, nnx.BatchStat))

@@ -409,9 +409,10 @@ def test_static_running_stats_equal_the_plain_target_on_the_same_batch() -> None
         torch.testing.assert_close(hn.target.get_buffer(name), buffer, rtol=0, atol=0)
 
 
-def test_dynamic_running_stats_are_the_mean_over_per_sample_runs() -> None:
+def test_per_sample_running_stats_are_the_mean_over_per_sample_runs() -> None:
+    """batch_norm_stats="sample" (the default, "batch": tests/test_batch_norm_stats.py)."""
     target = bn_cnn()
-    hn = TorchHyperNetwork(target, mode="dynamic")
+    hn = TorchHyperNetwork(target, mode="dynamic", batch_norm_stats="sample")
     x = torch.randn(4, 3, 6, 6) * 2 - 1
     out, flat = hn(x)
     means, variances = [], []

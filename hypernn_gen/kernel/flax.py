@@ -8,11 +8,13 @@ call the same code. ``error`` is the exception class a check raises (generated f
 """
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 
 def model_mesh(model_axis: str, chunk_dim: int, error: type[Exception] = ValueError) -> Any:
@@ -66,14 +68,52 @@ def concat_flat(pieces: list[jax.Array], offsets: list[int], flat_size: int) -> 
     return jnp.concatenate(out, axis=-1)
 
 
+def scale_grad(x: jax.Array, factor: Any) -> jax.Array:
+    """``x`` itself in the forward (exactly), its gradient times ``factor`` (a number, or an
+    array broadcasting against ``x``) in the backward; ``None``: ``x`` untouched. The gradient
+    multipliers of docs/concepts.md."""
+    if factor is None:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
+def scaled_dense(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, weight_scale: Any, bias_scale: Any
+) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (as ``nn.Dense``/``nnx.Linear`` compute it), the
+    gradients of the kernel and the bias multiplied by ``weight_scale`` and ``bias_scale``."""
+    kernel = scale_grad(kernel, weight_scale)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + scale_grad(bias, bias_scale)
+
+
+def decoder(
+    scale: jax.Array, shift: jax.Array, tensors: Any, gradient_scale: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The decode's ``scale`` and ``shift``; with gradient scaling (``gradient_scale`` given),
+    each tensor's gradients divided by its size, the number of values they are summed over."""
+    if gradient_scale is None:
+        return scale, shift
+    factors = np.asarray([1.0 / t.size for t in tensors], np.float32)
+    return scale_grad(scale, factors), scale_grad(shift, factors)
+
+
 def decode(
-    raw: jax.Array, scale: jax.Array, shift: jax.Array, tensors: Any, flat_size: int
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    flat_size: int,
+    gradient_scale: Any = None,
 ) -> jax.Array:
     """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor ``t``.
 
     ``raw`` is ``(..., flat_size)``; ``scale``/``shift`` are ``(len(tensors),)``. One slice per
     tensor: XLA would constant-fold a repeated ``(flat_size,)`` scale table at compile time.
+    ``gradient_scale``: the multipliers (see :func:`decoder`); ``None``: raw gradients.
     """
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     scale, shift = scale.astype(raw.dtype), shift.astype(raw.dtype)
     pieces = [
         shift[i] + scale[i] * raw[..., t.offset : t.offset + t.size] for i, t in enumerate(tensors)
@@ -108,9 +148,38 @@ def check_flat(
         )
 
 
+def digest_array(digest: str) -> jax.Array:
+    """The checkpoint digest (16 hex digits) as the 8 bytes saved variables carry, stored as
+    float32 (exact, and exact in bfloat16 too): ``jax.grad`` over all variables still works
+    (its gradient is zero), which an integer leaf would refuse."""
+    return jnp.asarray(list(bytes.fromhex(digest)), jnp.float32)
+
+
+def check_digest(saved: Any, digest: str, error: type[Exception] = ValueError) -> None:
+    """Refuse variables saved from a hypernetwork of another layout (other tensors, offsets,
+    chunking, mode or sizes; shapes alone cannot tell). ``None`` (saved before digests existed)
+    passes; so do traced values (inside ``jax.jit``): the check runs where values are concrete."""
+    if saved is None or isinstance(saved, jax.core.Tracer):
+        return
+    found = bytes(np.asarray(saved).astype(np.uint8).tolist()).hex()
+    if found != digest:
+        raise error(
+            f"the variables were saved from a hypernetwork of another layout (digest {found}, "
+            f"this one's is {digest}): their values would land on other tensors; load them into "
+            "the hypernetwork they were saved from, or regenerate this one with that target and "
+            "those options"
+        )
+
+
+def is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def is_array(x: Any) -> bool:
-    """An array input (batched per sample); anything else is passed to every sample as is."""
-    return isinstance(x, jax.Array | np.ndarray)
+    """An array input (batched per sample; not a PRNG key); anything else is passed to every
+    sample as is."""
+    return isinstance(x, jax.Array | np.ndarray) and not is_key(x)
 
 
 def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) -> None:
@@ -123,6 +192,95 @@ def check_batch(inputs: tuple, batch: int, error: type[Exception] = ValueError) 
                 f"has batch size {size}; give the target inputs and the condition the same "
                 "leading batch dimension"
             )
+
+
+def split_call(
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    rngs_type: Any = None,
+    error: type[Exception] = ValueError,
+) -> tuple[list, Any]:
+    """The per-sample parts of a call ``(args, kwargs)``, and ``one(parts) -> (args, kwargs)``
+    that rebuilds sample ``b``'s call from its parts (inside ``jax.vmap``).
+
+    Per sample: an array with the leading batch dimension (sample ``b`` gets row ``b``, as a
+    batch of one), by position or keyword; a single typed PRNG key and an ``nnx.Rngs``
+    (``rngs_type``), split so that each sample draws from keys of its own, as each row of the
+    plain target's batch does. Shared: everything else (flags, ``None``, 0-d keyword arrays). A
+    keyword array without the batch dimension is refused: which dimension is the batch cannot be
+    known.
+    """
+    values = [*args, *kwargs.values()]
+    parts, kinds = [], []
+    for i, x in enumerate(values):
+        kind = None
+        if is_key(x) and x.ndim == 0:
+            kind, x = "key", jax.random.split(x, batch)
+        elif rngs_type is not None and isinstance(x, rngs_type):
+            kind, x = "rngs", {name: jax.random.split(s(), batch) for name, s in x.items()}
+        elif (is_array(x) or is_key(x)) and (i < len(args) or x.ndim):
+            if x.shape[0] != batch:
+                raise error(
+                    f"dynamic mode made {batch} weight sets but keyword argument "
+                    f"{list(kwargs)[i - len(args)]!r} has shape {tuple(x.shape)}, whose first "
+                    f"dimension is not that batch; each sample runs alone: give it the batch "
+                    "dimension first (jnp.broadcast_to) or build it inside the target"
+                )
+            kind = "row"
+        if kind is not None:
+            parts.append(x)
+            kinds.append((i, kind))
+
+    def one(xs: list) -> tuple[list, dict]:
+        out = list(values)
+        for (i, kind), x in zip(kinds, xs, strict=True):
+            out[i] = x[None] if kind == "row" else rngs_type(**x) if kind == "rngs" else x
+        return out[: len(args)], dict(zip(kwargs, out[len(args) :], strict=True))
+
+    return parts, one
+
+
+#: The ``jax.vmap`` axis of a dynamic hypernetwork's samples.
+SAMPLE_AXIS = "hypernn_samples"
+
+#: How a BatchNorm in training mode normalises a dynamic hypernetwork's samples: ``batch``
+#: (conditional BatchNorm: statistics over the whole batch, as the plain target's, each sample's
+#: own scale and bias) or ``sample`` (each sample by its own statistics, as a batch of one).
+BATCH_NORM_STATS = ("batch", "sample")
+
+
+def sample_axes(
+    axis_name: Any, groups: Any, stats: str, error: type[Exception] = ValueError
+) -> Any:
+    """A BatchNorm's ``axis_name`` for one sample (inside ``jax.vmap`` over ``SAMPLE_AXIS``):
+    ``stats="batch"``: ``SAMPLE_AXIS`` first, then the devices' axes (statistics over the
+    samples and devices, as the plain target's over its batch); ``"sample"``: as it is.
+    """
+    if stats == "sample":
+        return axis_name
+    if groups is not None:
+        raise error(
+            "a BatchNorm with axis_index_groups cannot take statistics over the samples of a "
+            "dynamic hypernetwork (its groups name devices, not samples); drop "
+            "axis_index_groups or generate with --batch-norm-stats sample"
+        )
+    names = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return (SAMPLE_AXIS, *names)
+
+
+def check_sample_reduction(x: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse BatchNorm statistics over the samples (a reduction over the ``jax.vmap`` axis) of
+    an input that varies over a ``shard_map`` axis under ``check_vma=True``: JAX (0.10) fails
+    there with a bare AssertionError."""
+    aval = jax.typeof(x) if is_array(x) else None
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older: aval.vma
+    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
+        raise error(
+            f"{where} in training mode takes its statistics over the samples, which JAX cannot "
+            "do inside shard_map with check_vma=True; call shard_map with check_vma=False, or "
+            "generate with --batch-norm-stats sample (each sample's own statistics)"
+        )
 
 
 def per_sample(x: jax.Array, batch: int) -> jax.Array:
@@ -310,11 +468,19 @@ def shared_inputs(
     shift: jax.Array,
     tensors: Any,
     fused: Any,
+    gradient_scale: Any = None,
 ) -> Shared:
     """What all samples share: the embedding ``table``, the (linear) ``generator``'s kernel and
     bias (:func:`linear_weights`), the decoder's ``scale`` and ``shift``; ``fused``: plain
-    ``(path, kernel, bias, segments)`` tuples."""
+    ``(path, kernel, bias, segments)`` tuples. ``gradient_scale``: the multipliers of the
+    table, the generator's weight and bias (the generator applies its own), or ``None``."""
+    if gradient_scale is not None:
+        table = scale_grad(table, gradient_scale[0])
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
     kernel, bias = linear_weights(generator, table)
+    if gradient_scale is not None:  # read from the parameters: the generator's multipliers
+        kernel = scale_grad(kernel, gradient_scale[1])
+        bias = scale_grad(bias, gradient_scale[2])
     layers = tuple(FusedLayer(*layer) for layer in fused)
     chunk_dim, dim = bias.shape[0], table.shape[1]
     rank_d = {layer.kernel for layer in layers if low_rank(tensors[layer.kernel], chunk_dim, dim)}
@@ -438,3 +604,55 @@ def low_rank_output(
     if layer.bias is not None:
         y = y + shared.materialise(layer.bias, scales).astype(dtype)
     return y
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A nested dict of arrays saved with ``flax.serialization.msgpack_serialize`` (Linen: the
+    variables or their ``params``; NNX: ``nnx.state(model).to_pure_dict()``)."""
+    return serialization.msgpack_restore(Path(path).read_bytes())
+
+
+def lookup(tree: Any, keys: tuple) -> Any:
+    """The leaf of a nested dict at ``keys`` (int keys also as strings, as msgpack stores them);
+    ``None`` when absent."""
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree[key] if key in tree else tree.get(str(key))
+    return tree
+
+
+def base_leaf(
+    tree: Any, keys: tuple, shape: tuple, path: str, error: type[Exception] = ValueError
+) -> jax.Array:
+    """The base checkpoint's value at ``keys``, checked against the target's ``shape``."""
+    value = lookup(tree, keys)
+    if value is None or isinstance(value, dict):
+        raise error(f"the base checkpoint has no {path!r}; save the target's own variables")
+    if tuple(value.shape) != tuple(shape):
+        raise error(
+            f"the base checkpoint's {path!r} has shape {tuple(value.shape)}, the target's is "
+            f"{tuple(shape)}; save the variables of this target"
+        )
+    return jnp.asarray(value)
+
+
+def base_flat(
+    params: Any,
+    base: Any,
+    tensors: Any,
+    flat_size: int,
+    collection: str | None = None,
+    error: type[Exception] = ValueError,
+) -> jax.Array:
+    """``--generate delta``'s frozen base, one flat vector ``(flat_size,)``: the generated tensors
+    of ``params`` (the target's own), or of ``base`` when given (a msgpack checkpoint path or a
+    tree; Linen, ``collection="params"``: the variables or their ``params``; NNX:
+    ``nnx.state(model).to_pure_dict()``), each checked against the layout's shape."""
+    if base is None:
+        return jax.lax.stop_gradient(flatten(params, tensors, flat_size, error))
+    tree = read_checkpoint(base) if isinstance(base, (str, Path)) else base
+    if collection is not None and collection in tree:
+        tree = tree[collection]
+    pieces = [base_leaf(tree, t.keys, t.shape, t.path, error).reshape(-1) for t in tensors]
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)

@@ -13,30 +13,45 @@ import flax.linen as nn
 import jax
 
 from .flax import (
+    SAMPLE_AXIS,
     Shared,
+    base_flat,
     check_batch,
+    check_digest,
     check_flat,
     check_params,
+    check_sample_reduction,
     decode,
+    digest_array,
     flatten,
     fused_output,
     is_array,
     merge_samples,
     model_mesh,
     per_sample,
+    sample_axes,
+    scale_grad,
+    scaled_dense,
     shared_inputs,
+    split_call,
     split_chunks,
     squeeze_sample,
     unflatten,
 )
 
 __all__ = [
+    "base_flat",
+    "ScaledDense",
     "Shared",
     "apply_target",
+    "carry_digest",
+    "batch_norm_axes",
     "check_batch",
+    "check_digest",
     "check_flat",
     "check_layout",
     "decode",
+    "digest_array",
     "excluded_params",
     "flatten",
     "fused_apply",
@@ -45,6 +60,7 @@ __all__ = [
     "merge_params",
     "model_mesh",
     "run_per_sample",
+    "scale_grad",
     "shared_inputs",
     "split_chunks",
     "unflatten",
@@ -72,6 +88,16 @@ def check_layout(
     check_params(found, expected, "regenerate the file for the new target and inputs")
 
 
+def carry_digest(module: nn.Module, digest: str, error: type[Exception] = ValueError) -> None:
+    """The checkpoint digest as the variable ``("layout", "digest")`` (8 bytes): made at init,
+    checked at every apply whose variables have it (``check_digest``); variables without a
+    ``"layout"`` collection (saved before digests existed) apply as before."""
+    if module.is_initializing():
+        module.variable("layout", "digest", digest_array, digest)
+    elif module.has_variable("layout", "digest"):
+        check_digest(module.get_variable("layout", "digest"), digest, error)
+
+
 def merge_params(generated: dict[str, Any], excluded: dict[str, Any]) -> dict[str, Any]:
     """Deep merge of two ``params`` trees with disjoint leaves."""
     out = dict(generated)
@@ -93,14 +119,56 @@ def excluded_params(params: dict[str, Any], excluded: Any) -> dict[str, Any]:
     return out
 
 
+def batch_norm_axes(initializing: bool, stats: str | None = None) -> Callable:
+    """An ``nn.intercept_methods`` interceptor that sets the ``axis_name`` of the target's
+    ``nn.BatchNorm`` layers (exact type) for one run: while the hypernetwork initialises, the
+    devices' axes are dropped (Flax's own init skips them too, so init works outside ``pmap``);
+    per sample (``stats``: dynamic mode, ``"batch"`` or ``"sample"``), :func:`sample_axes`."""
+
+    def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        m = context.module
+        if context.method_name != "__call__" or type(m) is not nn.BatchNorm:
+            return next_fun(*args, **kwargs)
+        running = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        running = m.use_running_average if running is None else running
+        if running or (stats in (None, "sample") and not (initializing and m.axis_name)):
+            return next_fun(*args, **kwargs)
+        if stats == "batch":
+            check_sample_reduction(args[0], f"BatchNorm {'/'.join(m.path)}")
+        if stats == "batch" and kwargs.get("mask") is not None:
+            raise ValueError(
+                f"BatchNorm {'/'.join(m.path)} is called with a mask: its statistics over the "
+                "whole batch cannot be made from the samples' own (their masked sizes differ); "
+                "generate with --batch-norm-stats sample"
+            )
+        axes = None if initializing else m.axis_name
+        axes = axes if stats is None else sample_axes(axes, m.axis_index_groups, stats)
+        saved = m.axis_name
+        object.__setattr__(m, "axis_name", axes)  # a frozen dataclass field, read by __call__
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(m, "axis_name", saved)
+
+    return intercept
+
+
 def apply_target(
-    apply: Callable, variables: dict, args: tuple, rngs: dict, mutable: list, kwargs: dict
+    apply: Callable,
+    variables: dict,
+    args: tuple,
+    rngs: dict,
+    mutable: list,
+    kwargs: dict,
+    initializing: bool = False,
+    stats: str | None = None,
 ) -> tuple[Any, dict]:
     """``apply(variables, *args, ...)`` (a target's ``apply``), returning ``(output, the updated
-    mutable collections)``."""
-    if not mutable:
-        return apply(variables, *args, rngs=rngs, **kwargs), {}
-    out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+    mutable collections)``; its BatchNorm layers' axes set by :func:`batch_norm_axes`."""
+    with nn.intercept_methods(batch_norm_axes(initializing, stats)):
+        if not mutable:
+            return apply(variables, *args, rngs=rngs, **kwargs), {}
+        out, updates = apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
     return out, {col: updates[col] for col in mutable}
 
 
@@ -114,37 +182,43 @@ def run_per_sample(
     inputs: tuple,
     kwargs: dict,
     fused: Callable | None = None,
+    initializing: bool = False,
+    stats: str = "batch",
 ) -> tuple[Any, dict]:
     """Sample ``b`` through the target alone (a batch of 1) with ``samples[b]``, batched with
-    ``jax.vmap``: its weight set, or, with ``fused`` (:func:`fused_path`), its embedding scales.
+    ``jax.vmap`` over ``SAMPLE_AXIS``: its weight set, or, with ``fused`` (:func:`fused_path`),
+    its embedding scales.
 
-    ``state`` holds the target's collections besides ``params``: each sample gets its own copy
-    of the ``mutable`` ones (BatchNorm statistics) and its own rng keys, the frozen ones are
-    shared. Returns the outputs and the mutable collections with the copies' mean written back.
+    The call is split per sample by ``split_call`` (arrays by row, a PRNG key into one key per
+    sample). ``state`` holds the target's collections besides ``params``: each sample gets its
+    own copy of the ``mutable`` ones and its own rng keys, the frozen ones are shared; BatchNorm
+    in training mode normalises by ``stats`` (``"batch"`` or ``"sample"``). Returns the outputs
+    and the mutable collections with the copies' mean written back.
     """
     batch = jax.tree.leaves(samples)[0].shape[0]
-    positions = [i for i, x in enumerate(inputs) if is_array(x)]
+    parts, sample_call = split_call(inputs, kwargs, batch)
     sample_rngs = {name: jax.random.split(key, batch) for name, key in rngs.items()}
     frozen = {col: value for col, value in state.items() if col not in mutable}
     copies = {col: jax.tree.map(lambda x: per_sample(x, batch), state[col]) for col in mutable}
 
     def one_sample(sample: Any, own: dict, keys: dict, xs: list) -> tuple[Any, dict]:
-        args = list(inputs)
-        for i, x in zip(positions, xs, strict=True):
-            args[i] = x[None]
+        args, sample_kwargs = sample_call(xs)
         p, apply = (sample, target.apply) if fused is None else fused(sample)
         variables = {**frozen, **own, "params": merge_params(p, excluded)}
-        out, updates = apply_target(apply, variables, tuple(args), keys, mutable, kwargs)
+        out, updates = apply_target(
+            apply, variables, tuple(args), keys, mutable, sample_kwargs, initializing, stats
+        )
         return squeeze_sample(out), updates
 
-    arrays = [inputs[i] for i in positions]
-    out, updates = jax.vmap(one_sample)(samples, copies, sample_rngs, arrays)
+    vmapped = jax.vmap(one_sample, axis_name=SAMPLE_AXIS)
+    out, updates = vmapped(samples, copies, sample_rngs, parts)
     return out, {col: jax.tree.map(merge_samples, state[col], updates[col]) for col in mutable}
 
 
 def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Array) -> Callable:
     """``target.apply`` for one sample: its fused layers compute their output from the shared
-    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is."""
+    ``stacks`` and the sample's ``scales`` (``nn.intercept_methods``); all else runs as is.
+    """
     found = {layer.path: (layer, stack) for layer, stack in zip(shared.fused, stacks, strict=True)}
 
     def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -165,10 +239,27 @@ def fused_apply(target: nn.Module, shared: Shared, stacks: tuple, scales: jax.Ar
 
 def fused_path(target: nn.Module, shared: Shared) -> Callable:
     """The fused path's step for :func:`run_per_sample`: a sample's embedding scales -> (its
-    tensors not fused, ``target.apply`` with the fused layers computing from shared weights)."""
+    tensors not fused, ``target.apply`` with the fused layers computing from shared weights).
+    """
     stacks = tuple(shared.stack(layer) for layer in shared.fused)
 
     def sample(scales: jax.Array) -> tuple[dict, Callable]:
         return shared.params(scales), fused_apply(target, shared, stacks, scales)
 
     return sample
+
+
+class ScaledDense(nn.Module):
+    """``nn.Dense`` (the same ``kernel`` and ``bias``, the same init) whose gradients are
+    multiplied by ``gradient_scale``: ``(kernel's, bias's)`` multipliers, ``None``: raw."""
+
+    features: int
+    gradient_scale: tuple = (None, None)
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return scaled_dense(x, kernel, bias, *self.gradient_scale)

@@ -16,34 +16,47 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .flax import (
+    SAMPLE_AXIS,
     Shared,
+    base_flat,
     check_batch,
+    check_digest,
     check_flat,
     check_params,
+    check_sample_reduction,
     decode,
+    digest_array,
     flatten,
     fused_output,
     is_array,
     merge_samples,
     model_mesh,
     per_sample,
+    sample_axes,
+    scale_grad,
+    scaled_dense,
     shared_inputs,
+    split_call,
     split_chunks,
     squeeze_sample,
     unflatten,
 )
 
 __all__ = [
+    "base_flat",
     "FUSION",
     "FusedConv",
     "FusedLinear",
     "GeneratedSlot",
+    "ScaledLinear",
     "Shared",
     "as_params",
     "check_batch",
+    "check_digest",
     "check_flat",
     "check_layout",
     "decode",
+    "digest_array",
     "flatten",
     "fused_layers",
     "fused_path",
@@ -52,6 +65,7 @@ __all__ = [
     "model_mesh",
     "run_per_sample",
     "run_target",
+    "scale_grad",
     "shared_inputs",
     "split_chunks",
     "unflatten",
@@ -116,31 +130,44 @@ def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs
 
 
 def run_per_sample(
-    target: nnx.Module, samples: Any, inputs: tuple, kwargs: dict, fused: Callable | None = None
+    target: nnx.Module,
+    samples: Any,
+    inputs: tuple,
+    kwargs: dict,
+    fused: Callable | None = None,
+    stats: str = "batch",
 ) -> Any:
     """Sample ``b`` through the target alone (a batch of 1) with ``samples[b]``, batched with
-    ``jax.vmap``: its weight set, or, with ``fused`` (:func:`fused_path`), its embedding scales.
+    ``jax.vmap`` over ``SAMPLE_AXIS``: its weight set, or, with ``fused`` (:func:`fused_path`),
+    its embedding scales.
 
-    Each sample gets its own copy of the target's state (BatchNorm then sees that sample's
-    statistics, Dropout its own key); the copies' mean is written back afterwards.
+    The call is split per sample by ``split_call`` (arrays by row, a PRNG key and an
+    ``nnx.Rngs`` into keys of each sample's own). Each sample gets its own copy of the target's
+    state (Dropout its own key); BatchNorm in training mode normalises by ``stats``
+    (``"batch"``: over the whole batch; ``"sample"``: alone); the copies' mean is written back
+    afterwards.
     """
     batch = jax.tree.leaves(samples)[0].shape[0]
     graphdef, slots, fixed, rest = nnx.split(target, GeneratedSlot, nnx.Param, ...)
     copies = jax.tree.map(lambda x: per_sample(x, batch), rest)
-    positions = [i for i, x in enumerate(inputs) if is_array(x)]
+    parts, sample_call = split_call(inputs, kwargs, batch, nnx.Rngs)
 
     def one_sample(sample: Any, fixed: nnx.State, own: nnx.State, xs: list) -> tuple[Any, Any]:
-        args = list(inputs)
-        for i, x in zip(positions, xs, strict=True):
-            args[i] = x[None]
+        args, sample_kwargs = sample_call(xs)
         params, layers = (sample, contextlib.nullcontext()) if fused is None else fused(sample)
         module = nnx.merge(graphdef, as_params(slots, params), fixed, own)
+        for path, m in nnx.iter_modules(module):  # this sample's copy: its BatchNorm axes
+            if type(m) is nnx.BatchNorm:
+                m.axis_name = sample_axes(m.axis_name, m.axis_index_groups, stats)
+                if stats == "batch" and m.use_running_average is not True and xs:
+                    where = f"BatchNorm {'.'.join(map(str, path))}"
+                    check_sample_reduction(jax.tree.leaves(xs)[0], where)
         with layers:
-            out = module(*args, **kwargs)
+            out = module(*args, **sample_kwargs)
         return squeeze_sample(out), nnx.state(module, nnx.Not(nnx.Any(nnx.Param, GeneratedSlot)))
 
-    arrays = [inputs[i] for i in positions]
-    out, updated = jax.vmap(one_sample, in_axes=(0, None, 0, 0))(samples, fixed, copies, arrays)
+    vmapped = jax.vmap(one_sample, in_axes=(0, None, 0, 0), axis_name=SAMPLE_AXIS)
+    out, updated = vmapped(samples, fixed, copies, parts)
     nnx.update(target, jax.tree.map(merge_samples, rest, updated))
     return out
 
@@ -154,8 +181,15 @@ def fused_layers(shared: Shared, stacks: tuple, scales: jax.Array) -> Iterator[N
     """While active, the fused layers compute one sample's output from the shared ``stacks`` and
     the sample's ``scales``."""
 
-    def call(module: Any, x: jax.Array) -> jax.Array:
+    def call(module: Any, x: jax.Array, out_sharding: Any = None) -> jax.Array:
         i = module.fused_index
+        if out_sharding is not None:
+            raise ValueError(
+                f"out_sharding={out_sharding!r} on the fused layer "
+                f"{'.'.join(map(str, shared.fused[i].path))}: a fused layer computes one sample "
+                "at a time and cannot place its output; call the "
+                "hypernetwork with return_params=True (materialising path) or drop out_sharding"
+            )
         conv = isinstance(module, nnx.Conv)
         return fused_output(shared.fused[i], stacks[i], shared, scales, module, x, conv)
 
@@ -171,9 +205,11 @@ class FusedLinear(nnx.Linear):
 
     fused_index: int  # its entry in the fused layers
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return call(self, inputs, out_sharding)
 
 
 class FusedConv(nnx.Conv):
@@ -181,9 +217,11 @@ class FusedConv(nnx.Conv):
 
     fused_index: int  # its entry in the fused layers
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         call = FUSION.get()
-        return super().__call__(inputs) if call is None else call(self, inputs)
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return call(self, inputs, out_sharding)
 
 
 def install_fusion(target: nnx.Module, fused: Any) -> None:
@@ -205,3 +243,14 @@ def fused_path(shared: Shared) -> Callable:
         return shared.params(scales), fused_layers(shared, stacks, scales)
 
     return sample
+
+
+class ScaledLinear(nnx.Linear):
+    """``nnx.Linear`` (the same variables) whose gradients are multiplied by ``gradient_scale``:
+    ``(kernel's, bias's)`` multipliers, ``None``: raw (set after construction)."""
+
+    gradient_scale: tuple = (None, None)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel, bias = self.kernel[...], self.bias[...]
+        return scaled_dense(inputs, kernel, bias, *self.gradient_scale)

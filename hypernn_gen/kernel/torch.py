@@ -363,11 +363,39 @@ def run_per_sample(
     keyword, in any container) are split per sample; the others (positions, masks) are shared.
     The output may hold anything: its tensors come back with the batch first, ``None`` and other
     plain values as they are, containers and objects (``ModelOutput``, ``DynamicCache``) rebuilt.
-    In training each sample gets its own copy of the module's buffers (BatchNorm statistics)
-    and their mean is written back.
+    In training each sample gets its own copy of the module's buffers and their mean is written
+    back; a BatchNorm (:func:`batch_statistics`) normalises with the whole batch's statistics
+    (:class:`BatchMoments`), as the plain target on the batch, so every copy gets the same update.
+    A forward that branches on tensor values (``if mask.all():``) runs one sample at a time
+    (:func:`loop_samples`), with the same result.
     """
     buffers = dict(module.named_buffers()) if module.training else {}
     copies = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in buffers.items()}
+    whole = [m for m in module.modules() if batch_statistics(m)]
+    for m in whole:  # conditional BatchNorm: the whole batch's statistics, inside vmap too
+        m.forward = whole_batch_norm_forward.__get__(m)
+    try:
+        out = vmap_samples(module, params, copies, args, kwargs, batch, flags)
+    finally:
+        for m in whole:
+            del m.forward
+    with torch.no_grad():
+        for name, value in copies.items():
+            mean = value.float().mean(0) if value.is_floating_point() else value[0]
+            buffers[name].copy_(mean.to(buffers[name].dtype))
+    return out
+
+
+def vmap_samples(
+    module: nn.Module,
+    params: dict[str, Tensor],
+    copies: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    flags: tuple | None,
+) -> Any:
+    """:func:`run_per_sample`'s vmap: sample b with ``params[...][b]`` and ``copies[...][b]``."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     split = iter(batched_leaves(batch, args, kwargs, flags))
     where = [isinstance(x, Tensor) and next(split) for x in leaves]
@@ -389,6 +417,10 @@ def run_per_sample(
     try:
         tensors = vmap(one_sample, in_dims=(0, 0, 0), randomness="different")(params, copies, xs)
     except RuntimeError as exc:
+        if "data-dependent control flow" in str(exc):  # if mask.all(): one sample at a time
+            tensors = loop_samples(module, one_sample, params, copies, xs, batch)
+            out_spec, outs = template[-1]
+            return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
         if "inplace randomness" not in str(exc):
             raise
         raise ValueError(
@@ -397,12 +429,114 @@ def run_per_sample(
             "per sample under vmap; call it in eval mode, or draw with torch.bernoulli(torch.full"
             "(...)) / torch.rand(...) < p instead"
         ) from None
-    with torch.no_grad():
-        for name, value in copies.items():
-            mean = value.float().mean(0) if value.is_floating_point() else value[0]
-            buffers[name].copy_(mean.to(buffers[name].dtype))
     out_spec, outs = template[-1]
     return pytree.tree_unflatten([fill_tensors(o, tensors) for o in outs], out_spec)
+
+
+def loop_samples(
+    module: nn.Module,
+    one_sample: Any,
+    params: dict[str, Tensor],
+    copies: dict[str, Tensor],
+    xs: list[Tensor],
+    batch: int,
+) -> tuple[Tensor, ...]:
+    """What vmap gives, one sample after another: for a forward that branches on tensor values
+    (transformers' ``if mask.all():``), which vmap cannot run."""
+    if any(batch_statistics(m) for m in module.modules()):
+        raise ValueError(
+            f"{type(module).__name__}'s forward branches on tensor values, so its samples run one "
+            "at a time, where a BatchNorm cannot see the whole batch's statistics; use "
+            "batch_norm_stats 'sample', eval mode, or the fused path (no generated_params/"
+            "return_params)"
+        )
+    results = [
+        one_sample(
+            {k: v[b] for k, v in params.items()},
+            {k: v[b] for k, v in copies.items()},  # views: in-place updates land in the copies
+            [x[b] for x in xs],
+        )
+        for b in range(batch)
+    ]
+    return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def set_batch_norm_statistics(target: nn.Module, how: str) -> None:
+    """Dynamic mode's BatchNorm statistics for every BatchNorm of ``target`` (exact types):
+    ``"batch"`` (conditional BatchNorm: the whole batch's statistics, as the plain target, then
+    each sample's own weight and bias) or ``"sample"`` (each sample normalised alone)."""
+    for module in target.modules():
+        if type(module) in BATCH_NORMS:
+            module.hyper_stats = how
+
+
+def batch_statistics(module: nn.Module) -> bool:
+    """A BatchNorm set to the whole batch's statistics (:func:`set_batch_norm_statistics`) that
+    normalises with batch statistics now (training, or no running statistics)."""
+    return getattr(module, "hyper_stats", None) == "batch" and (
+        module.training or module.running_mean is None
+    )
+
+
+class BatchMoments(torch.autograd.Function):
+    """Mean, biased variance and count of ``x`` over every dimension but 1 (the channels);
+    under vmap over the vmapped batch too, outputs the same for every sample."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x: Tensor, copies: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        count = x.numel() // x.shape[1] * copies
+        if count <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{tuple(x.shape)} for the whole batch"
+            )
+        var, mean = torch.var_mean(x, [d for d in range(x.dim()) if d != 1], correction=0)
+        return mean, var, torch.tensor(count, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(inputs[0], output[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor, _: Tensor) -> tuple:
+        x, mean = ctx.saved_tensors
+        view = (1, -1, *(1,) * (x.dim() - 2))
+        n = x.numel() // x.shape[1]
+        return (grad_mean.view(view) + 2 * grad_var.view(view) * (x - mean.view(view))) / n, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, copies: int = 1) -> tuple[tuple, tuple]:
+        if in_dims[0] is None:  # the same input for every sample: a batch of identical copies
+            return BatchMoments.apply(x, copies * info.batch_size), (None, None, None)
+        x = x.movedim(in_dims[0], 0).flatten(0, 1)
+        return BatchMoments.apply(x, copies), (None, None, None)
+
+
+def whole_batch_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a BatchNorm run per sample under vmap, with the whole batch's statistics:
+    what the plain target computes on the batch, running statistics updated alike."""
+    self._check_input_dim(x)
+    mean, var, count = BatchMoments.apply(x)
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum
+            if factor is None:  # a cumulative average, as BatchNorm's momentum=None
+                factor = 1.0 / self.num_batches_tracked
+            if self.running_mean is not None:
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.copy_(self.running_mean * (1 - factor) + mean * factor)
+                self.running_var.copy_(self.running_var * (1 - factor) + unbiased * factor)
+    view = (1, -1, *(1,) * (x.dim() - 2))
+    y = (x - mean.view(view)) * torch.rsqrt(var.view(view) + self.eps)
+    if self.weight is not None:
+        y = y * self.weight.view(view)
+    return y if self.bias is None else y + self.bias.view(view)
 
 
 # -- Fused per-sample layers: per-sample outputs without per-sample weights --
@@ -419,13 +553,16 @@ def run_per_sample(
 
 class FusedLayer(NamedTuple):
     """A layer computed from shared weights: its module path, its kind, the indices of its
-    weight and bias in the layout (None: the layer keeps its own), and S for Linear/Conv."""
+    weight and bias in the layout (None: the layer keeps its own), S for Linear/Conv (for a
+    parameter used directly, kind "direct": the rank it is broadcast at), and whether its inputs,
+    shared with a leading 1, are repeated for every sample."""
 
     path: str
     kind: str
     weight: int | None
     bias: int | None
     segments: int
+    broadcast: bool = False
 
 
 class Shared(NamedTuple):
@@ -574,7 +711,8 @@ class FusedIndex(nn.Module):
 
     def indices(self, device: torch.device | None = None) -> dict[str, Tensor]:
         """The index tensors, computed from the layout alone: ``chunk``, the chunk of each
-        (segment, row); if S > 1, ``mask[j]``, which weights lie in segment ``j`` of their row."""
+        (segment, row) and of each bias value; if S > 1, ``mask[j]``, which weights lie in
+        segment ``j`` of their row."""
         p, segments, chunk_dim = (
             self.generated[self.layer.weight],
             self.layer.segments,
@@ -584,7 +722,11 @@ class FusedIndex(nn.Module):
         first = pos[:, 0] // chunk_dim
         chunk = first[None, :] + torch.arange(segments, device=device)[:, None]
         segment = pos // chunk_dim - first[:, None]
-        indices = {"chunk": chunk.clamp(max=self.num_embeddings - 1).flatten()}
+        chunks = [chunk.clamp(max=self.num_embeddings - 1).flatten()]
+        if self.layer.bias is not None:  # then the chunk of each bias value
+            b = self.generated[self.layer.bias]
+            chunks.append(torch.arange(b.offset, b.offset + b.size, device=device) // chunk_dim)
+        indices = {"chunk": torch.cat(chunks)}
         if segments > 1:
             segment = segment.view(p.shape)
             steps = torch.arange(segments, device=device).view(-1, *(1,) * len(p.shape))
@@ -596,10 +738,14 @@ class FusedIndex(nn.Module):
         for name, value in self.indices(self.chunk.device).items():
             getattr(self, name).copy_(value)
 
-    def coefficients(self, shared: Shared) -> Tensor:
-        """Each sample's chunk scale for every segment of every row, ``(batch, S, out)``."""
-        out = self.generated[self.layer.weight].shape[0]
-        return shared.scales.index_select(1, self.chunk).view(shared.scales.shape[0], -1, out)
+    def coefficients(self, shared: Shared) -> tuple[Tensor, Tensor | None]:
+        """Each sample's chunk scale for every (segment, row), ``(batch, S, rows)``, and for every
+        bias value, ``(batch, out)`` (None: the bias is not generated)."""
+        rows = self.generated[self.layer.weight].shape[0]
+        batch, size = shared.scales.shape[0], self.layer.segments * rows
+        coeff = shared.scales.index_select(1, self.chunk)
+        bias = coeff[:, size:] if self.layer.bias is not None else None
+        return coeff[:, :size].view(batch, -1, rows), bias
 
 
 # A convolution repeats each weight over every output position, so S + 1 shared convolutions
@@ -609,56 +755,135 @@ class FusedIndex(nn.Module):
 GROUPED_CONV_LIMIT = 1 << 22
 
 
-def grouped_conv(self: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """Sample b through the convolution with kernel ``weight[b]`` (no bias): one convolution
-    with ``groups=batch`` over the batch folded into the channels."""
+def grouped_conv(conv: Any, x: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """Sample b through ``conv(x, weight, groups)`` with its own kernel ``weight[b]`` (no bias):
+    one convolution, ``batch x groups`` groups, over the batch folded into the channels."""
     batch = x.shape[0]
-    conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
-    folded = x.reshape(1, -1, *x.shape[2:])
-    y = conv(folded, weight.flatten(0, 1), None, self.stride, self.padding, self.dilation, batch)
+    y = conv(x.reshape(1, -1, *x.shape[2:]), weight.flatten(0, 1), batch * groups)
     return y.view(batch, -1, *y.shape[2:])
 
 
-def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated).
+def batch_input(self: nn.Module, shared: Shared, x: Tensor) -> Tensor:
+    """The input, repeated for every sample where it is shared with a leading 1 (position ids
+    ``(1, L)``) and the planner proved the output only broadcast into batched tensors."""
+    if self.hyper_layer.broadcast and x.shape[0] == 1:
+        return x.expand(shared.scales.shape[0], *x.shape[1:])
+    return x
+
+
+def add_bias(self: nn.Module, shared: Shared, y: Tensor, out_view: tuple[int, ...]) -> Tensor:
+    """``y`` plus each sample's generated bias (or the layer's own), shaped as ``out_view``."""
+    if self.hyper_layer.bias is not None:
+        return y + shared.materialise(self.hyper_layer.bias).view(out_view)
+    return y if self.bias is None else y + self.bias.view(out_view[1:])
+
+
+def fused_product(
+    self: nn.Module,
+    shared: Shared,
+    x: Tensor,
+    apply: Any,
+    ones: Tensor | None,
+    out_view: tuple[int, ...],
+    in_view: tuple[int, ...] | None = None,
+) -> Tensor:
+    """Each sample through the layer's operation ``apply(x, weight)`` with its own weight.
 
     With W_b = shift + scale * (sum_j c_j[b] * M_j + BG) (M_j: g0 on segment j of every row, BG:
     the generator's bias at each weight's position), y_b = shift * (1 x_b) + scale * (sum_j
-    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, and 1 x_b (a sum over the inputs).
-    """
-    shared: Shared | None = self.hyper_shared
-    if shared is None:
-        return type(self).__mro__[1].forward(self, x)
+    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, ``ones`` = 1 x_b (None only where
+    every row lies in one chunk from a chunk boundary: :func:`row_products`). Rows are the outputs
+    (``in_view`` None: c_j scales the output, shaped ``out_view``) or the inputs (transposed
+    weights: c_j scales the input, shaped ``in_view``)."""
     index: FusedIndex = self.hyper_index[0]
     i, s = index.layer.weight, index.layer.segments
     p = shared.generated[i]
-    linear = isinstance(self, nn.Linear)  # (batch, ..., in) or (batch, in, *spatial)
-    if linear:
-        channel_shape = (x.shape[0], *(1,) * (x.dim() - 2), -1)
-    else:
-        channel_shape = (x.shape[0], -1, *(1,) * (x.dim() - 2))
+    if index.aligned and in_view is None:
+        return row_products(self, shared, index.layer, x, apply, out_view)
+    g0, bias = shared.g0(i).view(p.shape), shared.bg(i).view(p.shape)  # views, no copies
+    coeff, bias_coeff = index.coefficients(shared)
+    segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
+    y = apply(x, bias)
+    for j, segment in enumerate(segments):
+        if in_view is None:
+            y = y + apply(x, segment) * coeff[:, j].view(out_view)
+        else:
+            y = y + apply(x * coeff[:, j].view(in_view), segment)
+    assert ones is not None
+    y = shared.param_shift[i] * ones + shared.param_scale[i] * y
+    if bias_coeff is not None:
+        return y + shared.raw(index.layer.bias, bias_coeff).view(out_view)
+    own = getattr(self, "bias", None)  # nn.MultiheadAttention: its in_proj_bias is generated
+    return y if own is None else y + own.view(out_view[1:])
 
-    def apply(weight: Tensor) -> Tensor:  # the layer's own operation with a shared weight
-        return F.linear(x, weight) if linear else self._conv_forward(x, weight, None)
 
-    if not linear and x.shape[0] * p.size <= GROUPED_CONV_LIMIT:
-        y = grouped_conv(self, x, shared.materialise(i))
-    elif index.aligned and (linear or self.groups == 1):
-        return row_products(self, shared, index.layer, x, apply, channel_shape)
-    else:
-        g0, bias = shared.g0(i).view(p.shape), shared.bg(i).view(p.shape)  # views, no copies
-        coeff = index.coefficients(shared)
-        segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
-        y = apply(bias)
-        for j, segment in enumerate(segments):
-            y = y + apply(segment) * coeff[:, j].view(channel_shape)
-        ones = x.sum(-1, keepdim=True) if linear else apply(g0.new_ones(1, *p.shape[1:]))  # 1 x
-        y = shared.param_shift[i] * ones + shared.param_scale[i] * y
-    if index.layer.bias is not None:
-        return y + shared.materialise(index.layer.bias).view(channel_shape)
-    if self.bias is not None:
-        return y + self.bias.view(channel_shape[1:] if linear else (-1, *channel_shape[2:]))
-    return y
+def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a fused Linear/Conv layer (the plain one when no batch is being generated):
+    shared products (:func:`fused_product`), or for a small convolution each sample's kernel
+    built and the batch run as one grouped convolution."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    i = self.hyper_layer.weight
+    p = shared.generated[i]
+    if isinstance(self, nn.Linear):  # (batch, ..., in)
+        out_view = (x.shape[0], *(1,) * (x.dim() - 2), -1)
+        return fused_product(self, shared, x, F.linear, x.sum(-1, keepdim=True), out_view)
+    out_view = (x.shape[0], -1, *(1,) * (x.dim() - 2))  # (batch, in, *spatial)
+
+    def apply(x: Tensor, weight: Tensor, groups: int = self.groups) -> Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+        return conv(x, weight, None, self.stride, self.padding, self.dilation, groups)
+
+    if x.shape[0] * p.size <= GROUPED_CONV_LIMIT:
+        y = grouped_conv(apply, x, shared.materialise(i), self.groups)
+        return add_bias(self, shared, y, out_view)
+
+    if self.hyper_index[0].aligned:  # row_products: no 1 x (its shared row holds the shift)
+        return fused_product(self, shared, x, apply, None, out_view)
+    ones = apply(x, x.new_ones(self.groups, *p.shape[1:]))  # 1 x, per group
+    if self.groups > 1:
+        ones = ones.repeat_interleave(p.shape[0] // self.groups, 1)
+    return fused_product(self, shared, x, apply, ones, out_view)
+
+
+def conv_transpose_forward(self: nn.Module, x: Tensor, output_size: Any = None) -> Tensor:
+    """forward() of a fused ConvTranspose1d/2d: its weight ``(in, out / groups, *kernel)`` has
+    the input first, so each sample's chunk scales multiply the input's channels."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x, output_size)
+    x = batch_input(self, shared, x)
+    n, i = x.dim() - 2, self.hyper_layer.weight
+    p = shared.generated[i]
+    padding = self._output_padding(
+        x, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
+    )
+    conv = F.conv_transpose1d if n == 1 else F.conv_transpose2d
+    batch, view = x.shape[0], (x.shape[0], -1, *(1,) * n)
+
+    def apply(x: Tensor, weight: Tensor, groups: int = self.groups) -> Tensor:
+        return conv(x, weight, None, self.stride, self.padding, padding, groups, self.dilation)
+
+    if batch * p.size <= GROUPED_CONV_LIMIT:
+        y = grouped_conv(apply, x, shared.materialise(i), self.groups)
+        return add_bias(self, shared, y, view)
+    ones = apply(x, x.new_ones(p.shape[0], 1, *p.shape[2:]))  # 1 x, per group
+    if self.groups > 1:
+        ones = ones.repeat_interleave(p.shape[1], 1)
+    return fused_product(self, shared, x, apply, ones, view, view)
+
+
+def transposed_linear_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a layer computing ``x @ weight + bias`` with ``weight (in, out)``
+    (transformers' Conv1D): each sample's chunk scales multiply the input's features."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    view = (x.shape[0], *(1,) * (x.dim() - 2), -1)
+    return fused_product(self, shared, x, torch.matmul, x.sum(-1, keepdim=True), view, view)
 
 
 def row_products(
@@ -667,18 +892,18 @@ def row_products(
     layer: FusedLayer,
     x: Tensor,
     apply: Any,
-    channel_shape: tuple[int, ...],
+    out_view: tuple[int, ...],
 ) -> Tensor:
-    """The output of a Linear/Conv layer whose weight rows each lie in one chunk, ``k = C // row``
-    rows to a chunk, chunks starting on rows (S = 1). Row ``o = q k + h`` of sample b is
-    ``shift + scale * (s[b, first + q] * G0[first + q, h] + bg[h])`` (``G0[c, h]``, ``bg[h]``:
-    the h-th row-sized piece), so ``W_b x_b = s_b * (M x_b) + R x_b``: one shared product with
-    ``M = scale * G0`` (from the scaled table rows), and one with the k rows
-    ``R[h] = shift + scale * bg[h]``, repeated. When ``k = 1`` and it is cheaper,
-    ``M x = (scale E_rows) (Wg^T x)``: M has rank D. A generated bias in one chunk is
+    """The output of a layer ``apply(x, weight)`` whose weight rows (its outputs) each lie in one
+    chunk, ``k = C // row`` rows to a chunk, chunks starting on rows (S = 1). Row ``o = q k + h``
+    of sample b is ``shift + scale * (s[b, first + q] * G0[first + q, h] + bg[h])`` (``G0[c, h]``,
+    ``bg[h]``: the h-th row-sized piece), so ``W_b x_b = s_b * (M x_b) + R x_b``: one shared
+    product with ``M = scale * G0`` (from the scaled table rows), and one with the k rows
+    ``R[h] = shift + scale * bg[h]``, repeated. When ``k = 1``, the layer a Linear and it is
+    cheaper, ``M x = (scale E_rows) (Wg^T x)``: M has rank D. A generated bias in one chunk is
     ``shift' + scale' * bg + (scale' * G0[c]) s[b, c]``: folded in the same way."""
     i = layer.weight
-    p, linear = shared.generated[i], isinstance(self, nn.Linear)
+    p, groups = shared.generated[i], getattr(self, "groups", 1)
     out, row = p.shape[0], p.size // p.shape[0]
     per_chunk, count = shared.chunk_dim // row, shared.span(i)[1]
     scale, shift = shared.param_scale[i], shared.param_shift[i]
@@ -688,30 +913,30 @@ def row_products(
     if per_chunk > 1:  # R for every row (a small layer: k > 1 rows to a chunk)
         fixed = fixed.repeat(count, *(1,) * (len(p.shape) - 1))[:out]
         scales = scales[:, :, None].expand(-1, -1, per_chunk).flatten(1)[:, :out]
-    rest = apply(fixed)
+    elif groups > 1:  # a grouped convolution needs every output channel's row
+        fixed = fixed.expand(out, *p.shape[1:])
+    rest = apply(x, fixed)
     rows = x.numel() // row  # samples (times positions) through the layer
     dim = table.shape[1]
-    if linear and per_chunk == 1 and dim * (row + out) * rows < row * out * (rows + dim):
+    if apply is F.linear and per_chunk == 1 and dim * (row + out) * rows < row * out * (rows + dim):
         products = F.linear(x @ shared.generator, table)
     else:
         g0 = F.linear(table, shared.generator).view(-1)
-        products = apply((g0 if g0.shape[0] == p.size else g0[: p.size]).view(p.shape))
+        products = apply(x, (g0 if g0.shape[0] == p.size else g0[: p.size]).view(p.shape))
     b = layer.bias
     if b is not None and shared.span(b)[1] == 1 and shared.span(b)[2] == 0:
         bias_scales, bias_table = shared.chunks(b)
         bias_scale, size = shared.param_scale[b], shared.generated[b].size
         g0 = F.linear(bias_table * bias_scale, shared.generator).view(-1)[:size]
-        shape = channel_shape[1:] if linear else (-1, *channel_shape[2:])
         fixed = shared.param_shift[b] + bias_scale * shared.bg(b)
-        bias_scales = bias_scales.view(-1, *(1,) * (len(channel_shape) - 1))
-        rest = rest + fixed.view(shape) + bias_scales * g0.view(shape)
+        bias_scales = bias_scales.view(-1, *(1,) * (len(out_view) - 1))
+        rest = rest + fixed.view(out_view[1:]) + bias_scales * g0.view(out_view[1:])
         b = None
-    y = rest + products * scales.view(channel_shape)  # no addcmul: a lighter backward
+    y = rest + products * scales.view(out_view)  # no addcmul: a lighter backward
     if b is not None:
-        return y + shared.materialise(b).view(channel_shape)
-    if layer.bias is None and self.bias is not None:
-        return y + self.bias.view(channel_shape[1:] if linear else (-1, *channel_shape[2:]))
-    return y
+        return y + shared.materialise(b).view(out_view)
+    own = getattr(self, "bias", None) if layer.bias is None else None  # MHA: in_proj_bias
+    return y if own is None else y + own.view(out_view[1:])
 
 
 def affine(self: nn.Module, shared: Shared, y: Tensor, channel_shape: tuple[int, ...]) -> Tensor:
@@ -722,26 +947,45 @@ def affine(self: nn.Module, shared: Shared, y: Tensor, channel_shape: tuple[int,
         if layer.weight is None
         else shared.materialise(layer.weight).view(channel_shape)
     )
-    bias = self.bias if layer.bias is None else shared.materialise(layer.bias).view(channel_shape)
+    if layer.bias is None:
+        bias = getattr(self, "bias", None)  # RMSNorm has none
+    else:
+        bias = shared.materialise(layer.bias).view(channel_shape)
     if weight is not None:
         y = y * weight
     return y if bias is None else y + bias
 
 
 def batch_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """forward() of a BatchNorm layer: every sample normalised as a batch of one, as it would be
-    alone (its own statistics in training, which update the running ones by their mean over the
-    batch), then scaled and shifted by its own generated weight and bias."""
+    """forward() of a BatchNorm layer, then each sample's own generated weight and bias.
+
+    By default (:func:`set_batch_norm_statistics` ``"batch"``) normalised as the plain target
+    normalises the batch, running statistics updated alike (conditional BatchNorm); with
+    ``"sample"`` every sample is normalised as a batch of one, as it would be alone (its own
+    statistics in training, which update the running ones by their mean over the batch)."""
     shared: Shared | None = self.hyper_shared
     if shared is None:
         return type(self).__mro__[1].forward(self, x)
     self._check_input_dim(x)
+    view = (x.shape[0], -1, *(1,) * (x.dim() - 2))
     track = self.training and self.track_running_stats
+    if getattr(self, "hyper_stats", None) == "batch":
+        factor = 0.0 if self.momentum is None else self.momentum
+        if track and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative average
+                factor = 1.0 / float(self.num_batches_tracked)
+        keep = not self.training or self.track_running_stats
+        mean, var = (self.running_mean, self.running_var) if keep else (None, None)
+        use_batch = self.training or self.running_mean is None
+        y = F.batch_norm(x, mean, var, None, None, use_batch, factor, self.eps)
+        return affine(self, shared, y, view)
     if self.training or self.running_mean is None:  # a batch of one: per-sample statistics
         if x.dim() == 2 or x.shape[2:].numel() == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got input size "
-                f"{(1, *x.shape[1:])} per sample; in dynamic mode every sample is normalised alone"
+                f"{(1, *x.shape[1:])} per sample: with per-sample statistics every sample is "
+                "normalised alone; use batch_norm_stats 'batch' (the default)"
             )
         y = F.instance_norm(x, eps=self.eps)
     else:
@@ -758,7 +1002,7 @@ def batch_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
                 var = (flat - mean).square().sum(-1) / (flat.shape[-1] - 1)  # unbiased, as BN
                 self.running_mean.mul_(1.0 - factor).add_(mean.squeeze(-1).mean(0), alpha=factor)
                 self.running_var.mul_(1.0 - factor).add_(var.mean(0), alpha=factor)
-    return affine(self, shared, y, (x.shape[0], -1, *(1,) * (x.dim() - 2)))
+    return affine(self, shared, y, view)
 
 
 def layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -766,6 +1010,7 @@ def layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
     shared: Shared | None = self.hyper_shared
     if shared is None:
         return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
     y = F.layer_norm(x, self.normalized_shape, eps=self.eps)
     ones = (1,) * (x.dim() - 1 - len(self.normalized_shape))
     return affine(self, shared, y, (x.shape[0], *ones, *self.normalized_shape))
@@ -773,10 +1018,11 @@ def layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 def embedding_forward(self: nn.Module, ids: Tensor) -> Tensor:
     """forward() of an Embedding: each looked-up row read from its sample's generated table,
-    computed for the looked-up entries only."""
+    computed for the looked-up entries only (``padding_idx``'s rows without gradient)."""
     shared: Shared | None = self.hyper_shared
     if shared is None:
         return type(self).__mro__[1].forward(self, ids)
+    ids = batch_input(self, shared, ids)
     i = self.hyper_layer.weight
     p = shared.generated[i]
     if ids.numel() and (ids.min() < 0 or ids.max() >= p.shape[0]):
@@ -785,7 +1031,145 @@ def embedding_forward(self: nn.Module, ids: Tensor) -> Tensor:
     sample = torch.arange(ids.shape[0], device=ids.device).view(-1, *(1,) * (pos.dim() - 1))
     coeff = shared.scales[sample, (p.offset + pos) // shared.chunk_dim]
     raw = torch.addcmul(shared.bg(i)[pos], coeff, shared.g0(i)[pos])
-    return torch.addcmul(shared.param_shift[i], shared.param_scale[i], raw)
+    rows = torch.addcmul(shared.param_shift[i], shared.param_scale[i], raw)
+    if self.padding_idx is None:
+        return rows
+    # as F.embedding: the padding row's values are read, but get no gradient
+    return torch.where((ids == self.padding_idx).unsqueeze(-1), rows.detach(), rows)
+
+
+def group_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a GroupNorm: normalise, then each sample's own generated weight and bias."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    y = F.group_norm(x, self.num_groups, eps=self.eps)
+    return affine(self, shared, y, (x.shape[0], -1, *(1,) * (x.dim() - 2)))
+
+
+def rms_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of an RMSNorm: normalise, then each sample's own generated weight."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    y = F.rms_norm(x, self.normalized_shape, eps=self.eps)
+    ones = (1,) * (x.dim() - 1 - len(self.normalized_shape))
+    return affine(self, shared, y, (x.shape[0], *ones, *self.normalized_shape))
+
+
+def elementwise_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a module that uses its weight elementwise (LlamaRMSNorm, T5LayerNorm): its
+    own forward, with each sample's weight shaped ``(batch, 1, ..., D)`` to broadcast."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    x = batch_input(self, shared, x)
+    i = self.hyper_layer.weight
+    shape = shared.generated[i].shape
+    weight = shared.materialise(i).view(x.shape[0], *(1,) * (x.dim() - 1 - len(shape)), *shape)
+    self.hyper_shared = None  # inside, the module's own forward runs
+    try:
+        return functional_call(self, {"weight": weight}, (x,), tie_weights=False)
+    finally:
+        self.hyper_shared = shared
+
+
+def direct_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """forward() of a module whose parameters its forward uses directly, only broadcast
+    elementwise into batched tensors (``x + self.pos_embed``): its own forward, with one value
+    per sample, shaped to broadcast at the rank the planner saw."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, *args, **kwargs)
+    batch, params = shared.scales.shape[0], {}
+    for name, i, rank in self.hyper_direct:
+        shape = shared.generated[i].shape
+        lead = shape[1:] if len(shape) == rank else (*(1,) * (rank - 1 - len(shape)), *shape)
+        params[name] = shared.materialise(i).view(batch, *lead)
+    self.hyper_shared = None  # inside, the module's own forward runs (its children stay fused)
+    try:
+        return functional_call(self, params, args, kwargs, tie_weights=False)
+    finally:
+        self.hyper_shared = shared
+
+
+def multihead_attention_forward(
+    self: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """forward() of an nn.MultiheadAttention (batch first, packed in_proj_weight, no bias_k/v or
+    zero attention): the q/k/v projections fused (:func:`fused_product` over in_proj_weight),
+    the masks and attention as F.multi_head_attention_forward computes them, ``out_proj`` fused."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(
+            self, query, key, value, key_padding_mask, need_weights, attn_mask,
+            average_attn_weights, is_causal,
+        )  # fmt: skip
+    e, h = self.embed_dim, self.num_heads
+
+    def project(x: Tensor) -> Tensor:  # (batch, len, 3 e): q, k, v
+        view = (x.shape[0], *(1,) * (x.dim() - 2), -1)
+        return fused_product(self, shared, x, F.linear, x.sum(-1, keepdim=True), view)
+
+    if query is key and key is value:
+        q, k, v = project(query).split(e, -1)
+    else:
+        q, k, v = (
+            project(query)[..., :e],
+            project(key)[..., e : 2 * e],
+            project(value)[..., 2 * e :],
+        )
+    b, length, source = q.shape[0], q.shape[1], k.shape[1]
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=q.dtype,
+    )
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None
+    else:
+        attn_mask = F._canonical_mask(
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=q.dtype,
+            check_other=False,
+        )
+        is_causal = is_causal and key_padding_mask is None
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)  # (1 or batch x heads, len, source)
+    if key_padding_mask is not None:
+        padding = key_padding_mask.view(b, 1, 1, source).expand(-1, h, -1, -1)
+        padding = padding.reshape(b * h, 1, source)
+        attn_mask = padding if attn_mask is None else attn_mask + padding
+    if attn_mask is not None:
+        attn_mask = attn_mask.view(1 if attn_mask.shape[0] == 1 else b, -1, length, source)
+    dropout = self.dropout if self.training else 0.0
+    q, k, v = (t.reshape(b, -1, h, e // h).transpose(1, 2) for t in (q, k, v))
+    if need_weights:
+        scores = (q * math.sqrt(1.0 / float(e // h))) @ k.transpose(-2, -1)
+        weights = torch.softmax(scores if attn_mask is None else scores + attn_mask, dim=-1)
+        if dropout > 0.0:
+            weights = F.dropout(weights, p=dropout)
+        out = self.out_proj((weights @ v).transpose(1, 2).reshape(b, length, e))
+        return out, weights.mean(dim=1) if average_attn_weights else weights
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout, is_causal)
+    return self.out_proj(out.transpose(1, 2).reshape(b, length, e)), None
 
 
 def per_sample_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -820,8 +1204,17 @@ def install_fusion(
     (the generator's probe: positional, then keyword tensors). Returns the index buffers of the
     Linear/Conv layers and the swapped modules."""
     swapped, indices = [], nn.ModuleList()
-    for layer in map(FusedLayer._make, fused):
+    for layer in (FusedLayer(*f) for f in fused):
         module = target.get_submodule(layer.path)
+        if layer.kind == "direct":  # one entry per parameter; the module is swapped once
+            if not hasattr(module, "hyper_direct"):
+                forward = {"forward": forwards["direct"]}
+                module.__class__ = type(f"Direct{type(module).__name__}", (type(module),), forward)
+                module.hyper_direct = ()
+                swapped.append(module)
+            name = generated[layer.weight].path.rpartition(".")[2]
+            module.hyper_direct += ((name, layer.weight, layer.segments),)
+            continue
         kind = type(
             f"Fused{type(module).__name__}", (type(module),), {"forward": forwards[layer.kind]}
         )

@@ -34,7 +34,13 @@ from torch import nn
 from torch.func import functional_call
 
 from ..adapters import GENERATES, delta_layout
-from ..design import GRADIENT_SCALINGS, check_hidden, design_layout, gradient_multipliers
+from ..design import (
+    BATCH_NORM_STATS,
+    GRADIENT_SCALINGS,
+    check_hidden,
+    design_layout,
+    layout_gradient_multipliers,
+)
 from ..errors import HyperNetworkError
 from ..kernel.torch import (
     apply_base,
@@ -44,6 +50,7 @@ from ..kernel.torch import (
     run_per_sample,
     scale_grad,
     scaled_linear,
+    set_batch_norm_statistics,
     unflatten_params,
     without_generated,
     zero_output,
@@ -249,6 +256,10 @@ class TorchHyperNetwork(nn.Module):
             decode's scale and shift of each tensor, and the default embedding table and linear
             generator (see :func:`hypernn_gen.design.gradient_multipliers`); ``"off"``: raw
             gradients.
+        batch_norm_stats: dynamic mode, a BatchNorm in training: ``"batch"`` (default:
+            conditional BatchNorm, the whole batch's statistics as the plain target on the
+            batch, each sample's own weight and bias; the running statistics move as the
+            target's would) or ``"sample"`` (each sample normalised by its own statistics).
 
     The keyword names are the CLI's flags and the ``[tool.hypernn-gen]`` keys, with ``_``.
 
@@ -297,6 +308,7 @@ class TorchHyperNetwork(nn.Module):
         generate: str = "weights",
         base: Any = None,
         gradient_scaling: str = "on",
+        batch_norm_stats: str = "batch",
     ) -> None:
         super().__init__()
         if mode not in ("static", "dynamic"):
@@ -314,6 +326,10 @@ class TorchHyperNetwork(nn.Module):
         if gradient_scaling not in GRADIENT_SCALINGS:
             raise HyperNetworkError(
                 f"gradient_scaling must be 'on' or 'off', got {gradient_scaling!r}"
+            )
+        if batch_norm_stats not in BATCH_NORM_STATS:
+            raise HyperNetworkError(
+                f"batch_norm_stats must be 'batch' or 'sample', got {batch_norm_stats!r}"
             )
         self.mode: Mode = mode
         layout = trace_module(target_network, include=include)
@@ -365,15 +381,10 @@ class TorchHyperNetwork(nn.Module):
 
         generated = self.layout.generated
         #: the multipliers of the table, the generator's weight and bias (None: off)
-        self.gradient_scale: tuple[float, float, float] | None = None
-        if gradient_scaling == "on":
-            self.gradient_scale = gradient_multipliers(
-                [t.size for t in generated],
-                [t.init_std for t in generated],
-                self.num_embeddings,
-                self.hidden_dim,
-                embedding_dim,
-            )
+        self.gradient_scale = layout_gradient_multipliers(
+            self.layout, self.chunking, embedding_dim, gradient_scaling
+        )
+        if self.gradient_scale is not None:
             if isinstance(self.embedding_module, StaticEmbedding | DynamicEmbedding):
                 self.embedding_module.gradient_scale = self.gradient_scale[0]
             if isinstance(self.weight_generator, LinearWeightGenerator):
@@ -384,6 +395,7 @@ class TorchHyperNetwork(nn.Module):
         if generate == "delta":
             target_network = self._init_delta(target_network, base)
         self.target = without_generated(target_network, paths)
+        set_batch_norm_statistics(self.target, batch_norm_stats)
         #: saved in every state dict (``layout_digest``) and checked on load, as generated files do
         self.checkpoint_digest = checkpoint_digest(self.layout, self.chunking, mode, embedding_dim)
         carry_digest(self, self.checkpoint_digest)

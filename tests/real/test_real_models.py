@@ -1,4 +1,5 @@
-"""Real library models (transformers, diffusers) from tiny configs, with the runtime hypernetwork.
+"""Real library models (transformers, diffusers, torchvision/timm-style vision) from tiny configs,
+with the runtime hypernetwork.
 
 Nothing is downloaded: every model is built from a config. For each model:
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from gen_support import import_file
 from torch import nn
 
 from hypernn_gen.runtime.torch import TorchHyperNetwork
@@ -88,7 +91,9 @@ def unet() -> nn.Module:
 
 
 def _first(out: Any) -> torch.Tensor:
-    """The main output tensor: ModelOutput / tuple element 0, or ``.sample`` (diffusers)."""
+    """The main output tensor: a tensor, ModelOutput / tuple element 0, or ``.sample``."""
+    if isinstance(out, torch.Tensor):  # the vision models' logits
+        return out
     if hasattr(out, "sample"):
         return out.sample
     return out[0]
@@ -106,6 +111,24 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple], Callable[[
         lambda: {"timestep": torch.tensor([3, 7])},
     ),
 }
+
+
+# torchvision/timm do not import on this CPU torch: their models written in their style
+# (tests/real/targets: BasicBlock/BatchNorm/downsample, squeeze-excite/hard-swish/DropPath,
+# depthwise conv/LayerNorm2d/layer scale/trunc_normal_, patch embed/cls token/zero head).
+VISION = {
+    "tv_resnet18": (2, 3, 32, 32),
+    "tv_mobilenetv3": (2, 3, 32, 32),
+    "timm_convnext": (2, 3, 32, 32),
+    "timm_vit": (2, 3, 16, 16),
+}
+for _name, _shape in VISION.items():
+    _factory = import_file(Path(__file__).parent / "targets" / f"{_name}.py").make_target
+    MODELS[_name] = (
+        _factory,
+        lambda shape=_shape: (torch.randn(*shape, generator=torch.Generator().manual_seed(2)),),
+        dict,
+    )
 
 
 def _build(name: str, seed: int = 0) -> nn.Module:

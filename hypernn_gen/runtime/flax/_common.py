@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ...design import GRADIENT_SCALINGS, layout_gradient_multipliers
 from ...errors import HyperNetworkError, TraceError
 from ...kernel import flax as fk
-from ...layout import Layout
+from ...layout import Chunking, Layout
 
 __all__ = ["flatten_params", "unflatten_params"]
 
@@ -80,10 +81,27 @@ get_path = fk.get_path
 # -- decoding -----------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def decode(layout: Layout, raw: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
-    """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor (the kernel's)."""
-    return fk.decode(raw, scale, shift, layout.generated, layout.flat_size)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def decode(
+    layout: Layout,
+    raw: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    gradient_scale: tuple[float, float, float] | None = None,
+) -> jax.Array:
+    """``shift[t] + scale[t] * raw[slice of t]`` for every generated tensor (the kernel's);
+    ``gradient_scale``: the multipliers (:func:`gradient_scale`), ``None``: raw gradients."""
+    return fk.decode(raw, scale, shift, layout.generated, layout.flat_size, gradient_scale)
+
+
+def gradient_scale(
+    layout: Layout, chunking: Chunking, embedding_dim: int, scaling: str
+) -> tuple[float, float, float] | None:
+    """The multipliers of the table, the linear generator's weight and bias for ``scaling``
+    (``"on"``/``"off"``: ``None``), the generated files' ``GRADIENT_SCALE``."""
+    if scaling not in GRADIENT_SCALINGS:
+        raise HyperNetworkError(f"gradient_scaling must be 'on' or 'off', got {scaling!r}")
+    return layout_gradient_multipliers(layout, chunking, embedding_dim, scaling)
 
 
 def condition_dim(shape: tuple[int, ...] | None, dim: int | None) -> int | None:
@@ -179,6 +197,14 @@ def first_array(args: tuple) -> Any:
 def check_batch(args: tuple, batch: int) -> None:
     """Every positional array input must have the leading batch dimension ``batch``."""
     fk.check_batch(args, batch, HyperNetworkError)
+
+
+def check_batch_norm_stats(stats: str) -> None:
+    if stats not in fk.BATCH_NORM_STATS:
+        raise HyperNetworkError(
+            f"batch_norm_stats must be one of {', '.join(map(repr, fk.BATCH_NORM_STATS))}, "
+            f"got {stats!r}"
+        )
 
 
 def condition_batch(condition: Any) -> int:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
 from ...kernel import linen as lk
-from ...layout import Chunking, Layout
+from ...layout import Chunking, Layout, checkpoint_digest
 from ...trace_flax import _array_inputs, trace_linen
 from . import _common as c
 
@@ -78,12 +78,19 @@ class FlaxWeightGenerator(nn.Module):
 
 
 class StaticEmbedding(FlaxEmbeddingModule):
-    """A learned table ``weight`` of ``num_embeddings`` vectors, entries ~ N(0, 1)."""
+    """A learned table ``weight`` of ``num_embeddings`` vectors, entries ~ N(0, 1).
+
+    ``gradient_scale``: the multiplier of the table's gradient (``None``: none), set by
+    :class:`FlaxHyperNetwork` with gradient scaling on.
+    """
+
+    gradient_scale: float | None = None
 
     @nn.compact
     def __call__(self) -> jax.Array:
         shape = (self.num_embeddings, self.embedding_dim)
-        return self.param("weight", nn.initializers.normal(1.0), shape)
+        weight = self.param("weight", nn.initializers.normal(1.0), shape)
+        return lk.scale_grad(weight, self.gradient_scale)
 
 
 class DynamicEmbedding(FlaxEmbeddingModule):
@@ -92,11 +99,12 @@ class DynamicEmbedding(FlaxEmbeddingModule):
     ``m`` (``modulation``) is an MLP of the flattened condition: Dense layers of widths
     ``embedding_hidden`` with ReLU, then Dense(num_embeddings) whose kernel starts at a tenth of
     lecun_normal and bias at zero. ``condition_dim`` is optional (Dense infers it); when
-    given, the condition is checked.
+    given, the condition is checked. ``gradient_scale``: as in :class:`StaticEmbedding`.
     """
 
     condition_dim: int | None = None
     embedding_hidden: tuple[int, ...] = (64,)
+    gradient_scale: float | None = None
 
     def setup(self) -> None:
         self.weight = self.param(
@@ -120,7 +128,7 @@ class DynamicEmbedding(FlaxEmbeddingModule):
         return 1.0 + self.modulation(flat)
 
     def __call__(self, condition: jax.Array) -> jax.Array:
-        return self.scales(condition)[..., None] * self.weight
+        return self.scales(condition)[..., None] * lk.scale_grad(self.weight, self.gradient_scale)
 
 
 class LinearWeightGenerator(FlaxWeightGenerator):
@@ -129,19 +137,26 @@ class LinearWeightGenerator(FlaxWeightGenerator):
     Kernel ~ N(0, 1/embedding_dim), zero bias. ``model_axis``: a mesh axis to split the output
     dimension (``hidden_dim``) over: kernel and bias are ``nn.with_partitioning``-annotated
     ``(None, model_axis)``/``(model_axis,)`` and, under ``jax.set_mesh``, the output is
-    constrained to that split; ``None`` (default): no annotation.
+    constrained to that split; ``None`` (default): no annotation. ``gradient_scale``: the
+    multipliers of the kernel's and the bias's gradients (``None``: none), set by
+    :class:`FlaxHyperNetwork` with gradient scaling on.
     """
 
     model_axis: str | None = None
+    gradient_scale: tuple[float | None, float | None] = (None, None)
 
     @nn.compact
     def __call__(self, embedding: jax.Array) -> jax.Array:
         init = nn.initializers.normal(1.0 / math.sqrt(self.embedding_dim))
+        scale = tuple(self.gradient_scale)
         if self.model_axis is None:
-            return nn.Dense(self.hidden_dim, kernel_init=init, name="linear")(embedding)
+            return lk.ScaledDense(self.hidden_dim, scale, kernel_init=init, name="linear")(
+                embedding
+            )
         mesh = c.model_mesh(self.model_axis, self.hidden_dim)
-        dense = nn.Dense(
+        dense = lk.ScaledDense(
             self.hidden_dim,
+            scale,
             kernel_init=nn.with_partitioning(init, (None, self.model_axis)),
             bias_init=nn.with_partitioning(nn.initializers.zeros_init(), (self.model_axis,)),
             name="linear",
@@ -189,6 +204,14 @@ class FlaxHyperNetwork(nn.Module):
             parameters of the hypernetwork, under ``params["target"]``.
         model_axis: a mesh axis to split the default weight generator's output over (see
             :class:`LinearWeightGenerator`); ``None`` (default): not split.
+        gradient_scaling: ``"on"`` (default): gradient multipliers (forward values unchanged)
+            that let the target's own optimizer and learning rate train the hypernetwork: the
+            decode's scale and shift of each tensor, and the default embedding table and linear
+            generator (see :func:`hypernn_gen.design.gradient_multipliers`); ``"off"``: raw
+            gradients.
+        batch_norm_stats: dynamic mode, BatchNorm in training mode: ``"batch"`` (default:
+            statistics over the whole batch, each sample's own scale and bias) or ``"sample"``
+            (each sample by its own statistics, as a batch of one).
 
     ``hn.apply(variables, *inputs, generated_params=None, condition=None, **target_kwargs)``
     returns ``(output, generated_params)``, the flat vector ``(flat_size,)`` (static) or
@@ -211,6 +234,8 @@ class FlaxHyperNetwork(nn.Module):
     embedding_hidden: tuple[int, ...] = (64,)
     include: Callable[[str], bool] | None = None
     model_axis: str | None = None
+    gradient_scaling: str = "on"
+    batch_norm_stats: str = "batch"
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -247,14 +272,19 @@ class FlaxHyperNetwork(nn.Module):
         """Run the target with generated weights; returns ``(output, generated_params)``."""
         if self.mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {self.mode!r}")
+        c.check_batch_norm_stats(self.batch_norm_stats)
         target = _detached(self.target_network)
         rng_names = [n for n in self.scope.rngs if n != "params"]
         initializing = self.is_initializing()
-        if initializing:
+        # the init statistics: the decoder's start (init) and the gradient multipliers (always)
+        if initializing or self.gradient_scaling == "on":
             layout = _measured_layout(self, inputs, target_kwargs, tuple(rng_names))
         else:
             layout = _structure(target, inputs, target_kwargs, self.include, tuple(rng_names))
         layout, chunking = self.design(layout)
+        grad_scale = c.gradient_scale(layout, chunking, self.embedding_dim, self.gradient_scaling)
+        digest = checkpoint_digest(layout, chunking, self.mode, self.embedding_dim)
+        lk.carry_digest(self, digest, HyperNetworkError)  # as generated files: made, checked
         generated = layout.generated
         scale = self.param("param_scale", lambda _: _vector([t.init_std for t in generated]))
         shift = self.param("param_shift", lambda _: _vector([t.init_mean for t in generated]))
@@ -279,7 +309,7 @@ class FlaxHyperNetwork(nn.Module):
         if dynamic:
             c.check_batch(inputs, batch)
         if generated_params is None or initializing:
-            flat = self._generate(layout, chunking, scale, shift, condition, batch)
+            flat = self._generate(layout, chunking, scale, shift, condition, batch, grad_scale)
         if generated_params is not None:
             c.check_flat(layout, generated_params, self.mode)
             flat = generated_params
@@ -290,12 +320,21 @@ class FlaxHyperNetwork(nn.Module):
         values = {col: v.value for col, v in state.items()}
         if dynamic:
             out, updates = lk.run_per_sample(
-                target, params, values, mutable, excluded, rngs, inputs, target_kwargs
+                target,
+                params,
+                values,
+                mutable,
+                excluded,
+                rngs,
+                inputs,
+                target_kwargs,
+                initializing=initializing,
+                stats=self.batch_norm_stats,
             )
         else:
             values["params"] = lk.merge_params(params, excluded)
             out, updates = lk.apply_target(
-                target.apply, values, inputs, rngs, mutable, target_kwargs
+                target.apply, values, inputs, rngs, mutable, target_kwargs, initializing
             )
         if not initializing:  # init keeps the target's own initial state
             for col in mutable:
@@ -310,8 +349,10 @@ class FlaxHyperNetwork(nn.Module):
         shift: jax.Array,
         condition: Any,
         batch: int | None,
+        grad_scale: tuple[float, float, float] | None,
     ) -> jax.Array:
-        """The decoded flat vector: ``(flat_size,)`` or ``(batch, flat_size)``."""
+        """The decoded flat vector: ``(flat_size,)`` or ``(batch, flat_size)``; ``grad_scale``:
+        the gradient multipliers, given to the default embedding and linear generator."""
         n, d, h = chunking.num_embeddings, self.embedding_dim, chunking.chunk_dim
         embedding_ctor = self.embedding_module_constructor
         if embedding_ctor is None:
@@ -334,18 +375,20 @@ class FlaxHyperNetwork(nn.Module):
             generator_ctor = functools.partial(LinearWeightGenerator, model_axis=self.model_axis)
         elif self.model_axis is not None and not self.generator_hidden:
             raise HyperNetworkError(c.MODEL_AXIS_CUSTOM)
-        embedding_module = self._child(
-            embedding_ctor(d, n), "embedding_module", "FlaxEmbeddingModule"
-        )
-        weight_generator = self._child(
-            generator_ctor(d, h), "weight_generator", "FlaxWeightGenerator"
-        )
+        embedding_module, weight_generator = embedding_ctor(d, n), generator_ctor(d, h)
+        if grad_scale is not None:  # before adoption: a clone has no parent of its own
+            if isinstance(embedding_module, StaticEmbedding | DynamicEmbedding):
+                embedding_module = embedding_module.clone(gradient_scale=grad_scale[0])
+            if isinstance(weight_generator, LinearWeightGenerator):
+                weight_generator = weight_generator.clone(gradient_scale=grad_scale[1:])
+        embedding_module = self._child(embedding_module, "embedding_module", "FlaxEmbeddingModule")
+        weight_generator = self._child(weight_generator, "weight_generator", "FlaxWeightGenerator")
 
         embedding = embedding_module(condition) if batch is not None else embedding_module()
         c.check_embedding(embedding, batch, n, d)
         expected = (n, d) if batch is None else (batch, n, d)
         raw = c.raw_vector(layout, weight_generator(embedding), batch, n, h, str(expected))
-        return c.decode(layout, raw, scale, shift)
+        return c.decode(layout, raw, scale, shift, grad_scale)
 
     def _child(self, module: Any, name: str, base: str) -> nn.Module:
         """Adopt a constructed submodule under a fixed name (``embedding_module``, ...)."""

@@ -30,7 +30,7 @@ from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
 from ...kernel import nnx as nk
 from ...kernel.nnx import GeneratedSlot
-from ...layout import Chunking, Layout
+from ...layout import Chunking, Layout, checkpoint_digest
 from ...trace_flax import trace_nnx_module
 from . import _common as c
 
@@ -71,14 +71,20 @@ class NNXWeightGenerator(nnx.Module):
 
 
 class NNXStaticEmbedding(NNXEmbeddingModule):
-    """A learned table ``weight`` ``(num_embeddings, embedding_dim)``, entries ~ N(0, 1)."""
+    """A learned table ``weight`` ``(num_embeddings, embedding_dim)``, entries ~ N(0, 1).
+
+    ``gradient_scale``: the multiplier of the table's gradient (``None``: none), set by
+    :class:`NNXHyperNetwork` with gradient scaling on.
+    """
+
+    gradient_scale: float | None = None
 
     def __init__(self, embedding_dim: int, num_embeddings: int, *, rngs: nnx.Rngs):
         super().__init__(embedding_dim, num_embeddings)
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, embedding_dim)))
 
     def __call__(self) -> jax.Array:
-        return self.weight[...]
+        return nk.scale_grad(self.weight[...], self.gradient_scale)
 
 
 class NNXDynamicEmbedding(NNXEmbeddingModule):
@@ -87,8 +93,10 @@ class NNXDynamicEmbedding(NNXEmbeddingModule):
     ``m`` (``modulation``) is an MLP of the flattened condition ``(batch, condition_dim)``:
     Linear layers of widths ``embedding_hidden`` with ReLU, then Linear(num_embeddings) whose
     kernel starts at a tenth of lecun_normal and bias at zero. NNX layers need
-    ``condition_dim`` up front.
+    ``condition_dim`` up front. ``gradient_scale``: as in :class:`NNXStaticEmbedding`.
     """
+
+    gradient_scale: float | None = None
 
     def __init__(
         self,
@@ -132,7 +140,9 @@ class NNXDynamicEmbedding(NNXEmbeddingModule):
         return 1.0 + self.modulation(flat)
 
     def __call__(self, condition: jax.Array) -> jax.Array:
-        return self.scales(condition)[..., None] * self.weight[...]
+        return self.scales(condition)[..., None] * nk.scale_grad(
+            self.weight[...], self.gradient_scale
+        )
 
 
 class NNXLinearWeightGenerator(NNXWeightGenerator):
@@ -142,6 +152,8 @@ class NNXLinearWeightGenerator(NNXWeightGenerator):
     bias get ``nnx.with_partitioning`` metadata ``(None, model_axis)``/``(model_axis,)`` (built
     under ``jax.set_mesh(mesh)``: created split) and the output is constrained to that split;
     without a mesh only the metadata is kept. ``None`` (default): no annotation.
+    ``linear`` is an :class:`~hypernn_gen.kernel.nnx.ScaledLinear`: its ``gradient_scale``
+    (the kernel's and bias's gradient multipliers) is set by :class:`NNXHyperNetwork`.
     """
 
     def __init__(
@@ -155,7 +167,7 @@ class NNXLinearWeightGenerator(NNXWeightGenerator):
             init = nnx.with_partitioning(init, (None, model_axis), eager_sharding=eager)
             bias_init = nnx.with_partitioning(bias_init, (model_axis,), eager_sharding=eager)
         self.model_axis = model_axis
-        self.linear = nnx.Linear(
+        self.linear = nk.ScaledLinear(
             embedding_dim, hidden_dim, kernel_init=init, bias_init=bias_init, rngs=rngs
         )
 
@@ -212,6 +224,14 @@ class NNXHyperNetwork(nnx.Module):
             params ``include`` rejects stay ``nnx.Param`` of ``hn.target`` (trained directly).
         model_axis: a mesh axis to split the default weight generator's output over (see
             :class:`NNXLinearWeightGenerator`); ``None`` (default): not split.
+        gradient_scaling: ``"on"`` (default): gradient multipliers (forward values unchanged)
+            that let the target's own optimizer and learning rate train the hypernetwork: the
+            decode's scale and shift of each tensor, and the default embedding table and linear
+            generator (see :func:`hypernn_gen.design.gradient_multipliers`); ``"off"``: raw
+            gradients.
+        batch_norm_stats: dynamic mode, BatchNorm in training mode: ``"batch"`` (default:
+            statistics over the whole batch, each sample's own scale and bias) or ``"sample"``
+            (each sample by its own statistics, as a batch of one).
         rngs: initialises the embedding and the generator.
 
     ``hn(*inputs, generated_params=None, condition=None, **kwargs)`` returns
@@ -236,11 +256,15 @@ class NNXHyperNetwork(nnx.Module):
         embedding_hidden: tuple[int, ...] = (64,),
         include: Callable[[str], bool] | None = None,
         model_axis: str | None = None,
+        gradient_scaling: str = "on",
+        batch_norm_stats: str = "batch",
         rngs: nnx.Rngs,
     ):
         if mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        c.check_batch_norm_stats(batch_norm_stats)
         self.mode = mode
+        self.batch_norm_stats = batch_norm_stats
         self.layout: Layout
         self.chunking: Chunking
         self.layout, self.chunking = c.traced(
@@ -293,9 +317,21 @@ class NNXHyperNetwork(nnx.Module):
                     f"return an instance of a {base} subclass"
                 )
 
+        #: the multipliers of the table, the generator's weight and bias (None: off)
+        self.gradient_scale = c.gradient_scale(
+            self.layout, self.chunking, embedding_dim, gradient_scaling
+        )
+        if self.gradient_scale is not None:
+            if isinstance(self.embedding_module, NNXStaticEmbedding | NNXDynamicEmbedding):
+                self.embedding_module.gradient_scale = self.gradient_scale[0]
+            if isinstance(self.weight_generator, NNXLinearWeightGenerator):
+                self.weight_generator.linear.gradient_scale = self.gradient_scale[1:]
         generated = self.layout.generated
         self.param_scale = nnx.Param(jnp.array([t.init_std for t in generated], jnp.float32))
         self.param_shift = nnx.Param(jnp.array([t.init_mean for t in generated], jnp.float32))
+        #: saved in the state (``layout_digest``) and checked at every call, as generated files do
+        self.checkpoint_digest = checkpoint_digest(self.layout, self.chunking, mode, embedding_dim)
+        self.layout_digest = nnx.Variable(nk.digest_array(self.checkpoint_digest))
         self.target = nk.without_generated(target, self.layout.generated)
 
     # -- generation ---------------------------------------------------------------------------
@@ -317,7 +353,8 @@ class NNXHyperNetwork(nnx.Module):
         raw = c.raw_vector(
             self.layout, self.weight_generator(embedding), batch, n, h, str(expected)
         )
-        return c.decode(self.layout, raw, self.param_scale[...], self.param_shift[...])
+        scale, shift = self.param_scale[...], self.param_shift[...]
+        return c.decode(self.layout, raw, scale, shift, self.gradient_scale)
 
     # -- flat vector <-> tensors --------------------------------------------------------------
 
@@ -341,6 +378,7 @@ class NNXHyperNetwork(nnx.Module):
         **kwargs: Any,
     ) -> tuple[Any, jax.Array]:
         """Run the target with generated weights; returns ``(output, generated_params)``."""
+        nk.check_digest(self.layout_digest[...], self.checkpoint_digest, HyperNetworkError)
         batch = None
         if self.mode == "dynamic":
             if condition is None:
@@ -354,5 +392,7 @@ class NNXHyperNetwork(nnx.Module):
         if batch is None:
             out = nk.run_target(self.target, params, inputs, kwargs)
         else:
-            out = nk.run_per_sample(self.target, params, inputs, kwargs)
+            out = nk.run_per_sample(
+                self.target, params, inputs, kwargs, stats=self.batch_norm_stats
+            )
         return out, generated_params
