@@ -226,7 +226,7 @@ class FlaxHyperNetwork(nn.Module):
     num_embeddings: int | None = None
     chunk_dim: int | None = None
     mode: str = "static"
-    chunking: str = "flat"
+    chunking: str = "auto"
     generator_hidden: tuple[int, ...] = ()
     init_scheme: str = "target"
     condition_shape: tuple[int, ...] | None = None

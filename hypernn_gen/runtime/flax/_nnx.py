@@ -248,7 +248,7 @@ class NNXHyperNetwork(nnx.Module):
         *,
         chunk_dim: int | None = None,
         mode: str = "static",
-        chunking: str = "flat",
+        chunking: str = "auto",
         generator_hidden: tuple[int, ...] = (),
         init_scheme: str = "target",
         condition_shape: tuple[int, ...] | None = None,
