@@ -151,6 +151,41 @@ def test_dynamic_lora_per_sample_equals_one_sample_calls_and_merged_weights(
             assert_close(p.grad, q.grad, GRAD, name)
 
 
+def per_sample_weight_shapes(run, batch: int) -> set:  # noqa: ANN001
+    """The shapes ``(batch, out, in)``/``(batch, in, out)`` of an adapted layer among every
+    tensor a forward and backward make (recorded op by op with a TorchDispatchMode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layers = dict(plain_target().named_modules())
+    forbidden = {(batch, *layers[p].weight.shape) for p in ADAPTED}
+    forbidden |= {(batch, i, o) for _, o, i in forbidden}
+    seen: set = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and tuple(t.shape) in forbidden:
+                    seen.add(tuple(t.shape))
+            return out
+
+    with Record():
+        run()
+    return seen
+
+
+def test_dynamic_lora_never_forms_per_sample_weights(tmp_path: Path) -> None:
+    """Forward and backward of a batch of 5 make no ``(5, out, in)`` tensor; the materialising
+    path of a dynamic delta file (``return_params=True``) does, so the check can fail."""
+    flags = ("--mode", "dynamic", "--condition-shape", str(TASKS))
+    gen, _, _ = lora_twins(tmp_path, flags, mode="dynamic", condition_shape=(TASKS,))
+    x, c = tokens(5), conditions(5)
+    assert per_sample_weight_shapes(lambda: gen(x, condition=c)[0].sum().backward(), 5) == set()
+    delta = hypernetwork_class(generate(tmp_path, "--generate", "delta", *flags))(plain_target())
+    run = lambda: delta(x, condition=c, return_params=True)[0].sum().backward()  # noqa: E731
+    assert (5, 64, 32) in per_sample_weight_shapes(run, 5)
+
+
 # -- the start, the frozen base, the parameter count ---------------------------------------------
 
 
