@@ -1,13 +1,16 @@
 """Dynamic mode on real models: the fused whole-batch path against the materialising vmap path.
 
     python benchmarks/bench_real.py [--threads 1] [--batches 16,32] [--rounds 3] [--quick]
+                                    [--eval]
 
 Targets: a BERT-style encoder (transformers' ``BertModel`` from a tiny config, nothing
 downloaded; ``benchmarks/targets/bert_tiny.py``, every batch of ``--batches``) and ResNet-18
 (torchvision's structure, ``benchmarks/targets/resnet18.py``, 32x32 inputs, 10 classes; the
 first batch only: one vmap step takes about a minute on a loaded 2-core machine). Each is generated with the real
-CLI in dynamic mode. Candidates, forward+backward (``out.square().mean().backward()``), eval mode
-(BatchNorm on running statistics, no dropout, so every candidate computes the same function):
+CLI in dynamic mode. Candidates, forward+backward (a fixed random projection of the output, ``loss``), train
+mode by default (BatchNorm on batch statistics, the generated file's default conditional
+BatchNorm; dropout as the target has it: BERT's 0.1), ``--eval`` for eval mode (running
+statistics, no dropout):
 
 * ``target``: the plain target on the batch (one weight set for all: the floor);
 * ``fused``: the generated module's default path (the target once on the whole batch, every
@@ -16,7 +19,8 @@ CLI in dynamic mode. Candidates, forward+backward (``out.square().mean().backwar
   ``vmap(functional_call)`` over the whole target).
 
 Before timing, ``fused`` and ``vmap`` are checked to agree (outputs and the gradients of every
-hypernetwork parameter). Timing is interleaved (round-robin, rotating start) after a warm-up;
+hypernetwork parameter; in train mode with every ``nn.Dropout`` at p 0 for the check only, since
+the two paths draw different dropout masks). Timing is interleaved (round-robin, rotating start) after a warm-up;
 tables give medians and ratios. Peak memory: each candidate in a fresh subprocess, the growth of
 the peak RSS over one forward+backward, next to one batch x P float32 buffer.
 """
@@ -66,6 +70,17 @@ def first(out: Any) -> Any:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
+def loss(out: Any) -> Any:
+    """A fixed random projection of the first output. Not ``out.square().mean()``: on a
+    LayerNorm output (BERT's last hidden state) that is nearly constant, so every gradient
+    before the last LayerNorm would be rounding noise around zero."""
+    import torch
+
+    out = first(out)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+    return (out * probe).mean()
+
+
 def make_input(target: ModuleType, batch: int) -> Any:
     import torch
 
@@ -76,42 +91,49 @@ def make_input(target: ModuleType, batch: int) -> Any:
     return torch.randint(0, 100, (batch, *x.shape[1:]), generator=generator)
 
 
-def build(generated: ModuleType, target: ModuleType) -> tuple[Any, Any]:
+def build(generated: ModuleType, target: ModuleType, train: bool) -> tuple[Any, Any]:
     import torch
 
     torch.manual_seed(0)
     hyper = next(
         v for k, v in vars(generated).items() if k.endswith("HyperNetwork") and isinstance(v, type)
-    )().eval()
-    plain = target.make_target().eval()
+    )().train(train)
+    plain = target.make_target().train(train)
     return hyper, plain
 
 
 def steps(hyper: Any, plain: Any) -> dict[str, Any]:
     def run_target(x: Any) -> None:
-        first(plain(x)).square().mean().backward()
+        loss(plain(x)).backward()
         plain.zero_grad(set_to_none=True)
 
     def run_fused(x: Any) -> None:
-        first(hyper(x)[0]).square().mean().backward()
+        loss(hyper(x)[0]).backward()
         hyper.zero_grad(set_to_none=True)
 
     def run_vmap(x: Any) -> None:
-        first(hyper(x, return_params=True)[0]).square().mean().backward()
+        loss(hyper(x, return_params=True)[0]).backward()
         hyper.zero_grad(set_to_none=True)
 
     return {"target": run_target, "fused": run_fused, "vmap": run_vmap}
 
 
 def check(hyper: Any, x: Any) -> str:
-    """fused == vmap: outputs and gradients; returns the largest relative difference."""
+    """fused == vmap: outputs and gradients; returns the largest relative difference. Dropout
+    is off for the check (each path draws its own masks); BatchNorm keeps the mode."""
     import torch
 
+    dropouts = [m for m in hyper.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in dropouts]
+    for m in dropouts:
+        m.p = 0.0
+    state = {k: v.clone() for k, v in hyper.state_dict().items()}  # running statistics
     worst = 0.0
     outs, grads = [], []
     for kwargs in ({}, {"return_params": True}):
+        hyper.load_state_dict(state)
         out = first(hyper(x, **kwargs)[0])
-        out.square().mean().backward()
+        loss(out).backward()
         outs.append(out.detach())
         grads.append({n: p.grad.clone() for n, p in hyper.named_parameters() if p.grad is not None})
         hyper.zero_grad(set_to_none=True)
@@ -121,6 +143,9 @@ def check(hyper: Any, x: Any) -> str:
         scale = max(float(b.abs().max()), floor)
         worst = max(worst, float((a - b).abs().max()) / scale)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale)
+    hyper.load_state_dict(state)
+    for m, p in zip(dropouts, saved, strict=True):
+        m.p = p
     return f"{worst:.1e}"
 
 
@@ -150,7 +175,7 @@ def memory_worker(spec: dict[str, Any]) -> None:
     torch.set_num_threads(spec["threads"])
     generated = import_file(Path(spec["generated"]), "generated")
     target = import_file(Path(spec["target"]), "target")
-    hyper, plain = build(generated, target)
+    hyper, plain = build(generated, target, spec["train"])
     x = make_input(target, spec["batch"])
     run = steps(hyper, plain)[spec["candidate"]]
     small = x[:1]
@@ -190,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="batch 4, 2 rounds, no memory")
     parser.add_argument("--memory-only", action="store_true", help="the memory table only")
+    parser.add_argument("--eval", action="store_true", help="eval mode (default: train mode)")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
@@ -202,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 2 if args.quick else args.rounds
     lines = [
         f"- {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch "
-        f"{torch.__version__}, {args.threads} thread(s); load average at the start: "
-        + " / ".join(f"{v:.1f}" for v in os.getloadavg()),
+        f"{torch.__version__}, {args.threads} thread(s), {'eval' if args.eval else 'train'} mode; "
+        "load average at the start: " + " / ".join(f"{v:.1f}" for v in os.getloadavg()),
         f"- command: `python benchmarks/bench_real.py {' '.join(argv or sys.argv[1:])}`",
         "",
         "| target | P (generated) | batch | target alone | fused | vmap | vmap / fused | "
@@ -215,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, path in TARGETS.items():
             generated = generate(path, Path(tmp) / f"{path.stem}_dynamic.py")
             target = import_file(path, path.stem)
-            hyper, plain = build(generated, target)
+            hyper, plain = build(generated, target, not args.eval)
             flat = generated.FLAT_SIZE
             per_sample = getattr(generated, "PER_SAMPLE", ())
             print(f"{label}: {flat:,} values, per sample: {per_sample or 'none'}", flush=True)
@@ -244,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch = batches[0]
                 spec = {
                     "threads": args.threads,
+                    "train": not args.eval,
                     "generated": str(Path(tmp) / f"{path.stem}_dynamic.py"),
                     "target": str(path),
                     "batch": batch,

@@ -606,16 +606,35 @@ def run_per_sample(
     whole = [m for m in module.modules() if batch_statistics(m)]
     for m in whole:  # conditional BatchNorm: the whole batch's statistics, inside vmap too
         m.forward = whole_batch_norm_forward.__get__(m)
+    padded = [  # an nn.Embedding, or its fused/per-sample swap (a subclass made here)
+        m
+        for m in module.modules()
+        if type(m).__mro__[1 if hasattr(m, "hyper_shared") else 0] is nn.Embedding
+        and m.padding_idx is not None
+    ]
+    for m in padded:
+        m.forward = padded_embedding_forward.__get__(m)
     try:
         out = vmap_samples(module, params, copies, args, kwargs, batch, flags)
     finally:
-        for m in whole:
+        for m in whole + padded:
             del m.forward
     with torch.no_grad():
         for name, value in copies.items():
             mean = value.float().mean(0) if value.is_floating_point() else value[0]
             buffers[name].copy_(mean.to(buffers[name].dtype))
     return out
+
+
+def padded_embedding_forward(self: nn.Module, ids: Tensor) -> Tensor:
+    """nn.Embedding's forward, its padding row detached: under vmap with a per-sample weight,
+    F.embedding's backward gives ``padding_idx``'s row a gradient in every sample but the first
+    (torch 2.13), where the plain Embedding gives it none."""
+    row = torch.arange(self.weight.shape[0], device=self.weight.device) == self.padding_idx
+    weight = torch.where(row.unsqueeze(-1), self.weight.detach(), self.weight)
+    return F.embedding(
+        ids, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq
+    )
 
 
 def vmap_samples(
@@ -1157,4 +1176,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=359efe40eb2094ae270ebd50701157de1e2ad0c9625123edf141946230b27fe7
+# hypernn-gen: sha256=41c929b406b8670557092a11c86addc9bb8c6127db40b18e8ac2638c624f349d

@@ -432,3 +432,20 @@ def test_multihead_attention_projections_are_fused(tmp_path: Path) -> None:
     }
     ids = torch.tensor([[3, 0, 5, 7, 0], [1, 2, 0, 4, 9], [6, 6, 0, 0, 2]])
     check_against_materialising(generated, target.Attention(), ids, condition=torch.randn(3, 5))
+
+
+def test_the_materialising_path_gives_the_padding_row_no_gradient() -> None:
+    """Under vmap with a per-sample weight, torch's F.embedding backward gives padding_idx's row
+    a gradient in every sample but the first; run_per_sample must equal each sample alone."""
+    from hypernn_gen.kernel.torch import run_per_sample
+
+    embedding = torch.nn.Embedding(5, 4, padding_idx=0)
+    weight = torch.randn(3, 5, 4, requires_grad=True)
+    ids = torch.tensor([[0, 1, 2], [0, 0, 3], [4, 0, 1]])
+    probe = torch.randn(3, 3, 4)
+    (run_per_sample(embedding, {"weight": weight}, 3, (ids,), {}) * probe).sum().backward()
+    got, weight.grad = weight.grad, None
+    for b in range(3):
+        (functional_call(embedding, {"weight": weight[b]}, (ids[b],)) * probe[b]).sum().backward()
+    assert got[:, 0].abs().max() == 0
+    assert_close(got, weight.grad, GRAD, "per-sample embedding gradient")
