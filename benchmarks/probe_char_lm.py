@@ -9,9 +9,18 @@ tests/test_training_sgd.py (300 steps of 32 windows of 16 characters):
 * ``shared-norm``: the same, each tensor's raw chunk normalised to unit RMS before the decode;
 * ``per-tensor``: every generated tensor its own embedding rows and linear head, with the
   gradient multipliers of docs/concepts.md computed from that tensor's own init variance
-  (``s_t²``; tensors whose init std is 0 use ``--zero-var``), raw chunk normalised to unit RMS.
+  (``s_t²``; tensors whose init std is 0 use ``--zero-var``), raw chunk normalised to unit RMS;
+* ``grouped:BASE:CHUNK:DIM[:ZERO_VAR[:BOOST]]``: the tensors grouped by init std on a log-BASE
+  scale (``round(log_BASE s_t)``; zero-std tensors one group; BASE 0: one group per tensor),
+  each group its own embedding table (``DIM`` wide) and linear head (``CHUNK`` values per row),
+  the multipliers set from the group's size-weighted mean init variance and times ``BOOST``,
+  every tensor's raw chunk normalised to unit RMS before the decode.
 
-Run: ``python benchmarks/probe_char_lm.py --seeds 1 2 3 --threads 1``.
+``--task regression`` runs the same variants on the seed MLP regression of that test file
+(SGD 0.1, SGD + momentum 0.01, Adam 3e-3). Parameter counts exclude the unused shared generator.
+
+Run: ``python benchmarks/probe_char_lm.py --seeds 0 1 2 3 --threads 1 --variants shared
+grouped:2:124:32:1e-2:0.35``.
 """
 
 from __future__ import annotations
@@ -28,7 +37,15 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_training_sgd import char_lm_data, cross_entropy, train  # noqa: E402
+from test_training_sgd import (  # noqa: E402
+    MLP_TARGET,
+    char_lm_data,
+    cross_entropy,
+    mse,
+    regression,
+    train,
+)
+from test_training_sgd import OPTIMIZERS as REGRESSION_OPTIMIZERS  # noqa: E402
 
 from hypernn_gen.kernel.torch import scale_grad  # noqa: E402
 
@@ -95,20 +112,112 @@ class PerTensor(nn.Module):
         return self.base(x, generated_params=self.base.decode(torch.cat(raws)))
 
 
+def std_groups(base: float, gen: object = None) -> list[list[int]]:
+    """Tensors grouped by init std on a log scale (``base``); zero-std tensors form one group."""
+    keys: dict[object, list[int]] = {}
+    for i, p in enumerate((gen or GEN).GENERATED):
+        key = "zero" if p.init_std == 0 else math.floor(math.log(p.init_std, base) + 0.5)
+        keys.setdefault(key, []).append(i)
+    return list(keys.values())
+
+
+class Grouped(nn.Module):
+    """One embedding table and linear head per group of tensors (``chunk`` x ``dim``), the
+    multipliers set from the group's size-weighted mean init variance; normalised decode."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        groups: list[list[int]],
+        zero_var: float,
+        chunk: int,
+        dim: int,
+        norm: bool = True,
+        boost: float = 1.0,
+        gen: object = None,
+    ) -> None:
+        super().__init__()
+        self.gen = gen = gen or GEN
+        (cls,) = [v for k, v in vars(gen).items() if k.endswith("HyperNetwork")]
+        self.base = cls(target)
+        self.groups, self.norm = groups, norm
+        self.tables = nn.ParameterList()
+        self.heads = nn.ModuleList()
+        self.multipliers = []
+        for group in groups:
+            tensors = [gen.GENERATED[i] for i in group]
+            size = sum(p.size for p in tensors)
+            n = -(-size // chunk)
+            self.tables.append(nn.Parameter(torch.randn(n, dim)))
+            head = nn.Linear(dim, chunk)
+            with torch.no_grad():
+                head.weight.normal_(0.0, dim**-0.5)
+                head.bias.zero_()
+            self.heads.append(head)
+            s2 = sum(p.size * (p.init_std**2 if p.init_std > 0 else zero_var) for p in tensors)
+            s2 /= size
+            self.multipliers.append(
+                tuple(
+                    boost * m
+                    for m in (
+                        math.sqrt(dim / chunk) / s2,
+                        1 / (s2 * math.sqrt(n * dim)),
+                        1 / (s2 * math.sqrt(n)),
+                    )
+                )
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        gen = self.gen
+        raws: list[Tensor | None] = [None] * len(gen.GENERATED)
+        for group, table, head, (mt, mw, mb) in zip(
+            self.groups, self.tables, self.heads, self.multipliers, strict=True
+        ):
+            w, b = scale_grad(head.weight, mw), scale_grad(head.bias, mb)
+            raw = nn.functional.linear(scale_grad(table, mt), w, b).reshape(-1)
+            sizes = [gen.GENERATED[i].size for i in group]
+            pieces = raw[: sum(sizes)].split(sizes)
+            for i, piece in zip(group, pieces, strict=True):
+                raws[i] = unit_rms(piece) if self.norm else piece
+        return self.base(x, generated_params=self.base.decode(torch.cat(raws)))
+
+
 OPTIMIZERS = {
     "sgd-0.5": lambda p: torch.optim.SGD(p, lr=0.5),
     "adam-3e-3": lambda p: torch.optim.Adam(p, lr=3e-3),
 }
 
 
-def build(variant: str, target: nn.Module, zero_var: float) -> nn.Module:
+def build(variant: str, target: nn.Module, zero_var: float, gen: object = None) -> nn.Module:
+    # grouped:BASE:CHUNK:DIM[:ZERO_VAR[:BOOST[:raw]]]  (BASE 0: one group per tensor)
+    if variant.startswith("grouped"):
+        _, base, chunk, dim, *rest = variant.split(":")
+        n = len((gen or GEN).GENERATED)
+        groups = std_groups(float(base), gen) if float(base) > 0 else [[i] for i in range(n)]
+        zv = float(rest[0]) if rest else zero_var
+        boost = float(rest[1]) if len(rest) > 1 else 1.0
+        norm = len(rest) < 3
+        return Grouped(target, groups, zv, int(chunk), int(dim), norm=norm, boost=boost, gen=gen)
     if variant == "plain":
         return target
     if variant == "shared":
-        return GEN.TransformerHyperNetwork(target)
+        (cls,) = [v for k, v in vars(gen or GEN).items() if k.endswith("HyperNetwork")]
+        return cls(target)
     if variant == "shared-norm":
         return SharedNorm(target)
     return PerTensor(target, zero_var)
+
+
+def regression_file() -> object:
+    """The seed MLP of tests/test_training_sgd.py, generated in static mode."""
+    import tempfile
+
+    from hypernn_gen.cli import main as cli
+
+    root = Path(tempfile.mkdtemp())
+    (root / "mlp.py").write_text(MLP_TARGET)
+    assert cli([str(root / "mlp.py"), "--mode", "static", "-o", str(root / "mlp_static.py")]) == 0
+    return load(root / "mlp_static.py")
 
 
 def main() -> None:
@@ -117,20 +226,39 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--zero-var", type=float, default=1e-2)
     parser.add_argument("--variants", nargs="+", default=["shared", "shared-norm", "per-tensor"])
+    parser.add_argument("--optimizers", nargs="+", default=None)
+    parser.add_argument("--task", choices=["char-lm", "regression"], default="char-lm")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    x, y = char_lm_data()
-    for name, optimizer in OPTIMIZERS.items():
+    if args.task == "regression":
+        gen, (x, y), loss_fn, table = regression_file(), regression(), mse, REGRESSION_OPTIMIZERS
+    else:
+        gen, (x, y), loss_fn, table = GEN, char_lm_data(), cross_entropy, OPTIMIZERS
+    args.optimizers = args.optimizers or list(table)
+    for name in args.optimizers:
+        optimizer = table[name]
         for seed in args.seeds:
             losses = {}
             for variant in ["plain", *args.variants]:
                 torch.manual_seed(seed)
-                model = build(variant, GEN.make_target(), args.zero_var)
-                losses[variant] = train(model, optimizer, x, y, cross_entropy)
+                model = build(variant, gen.make_target(), args.zero_var, gen)
+                losses[variant] = train(model, optimizer, x, y, loss_fn)
             ratios = " ".join(
                 f"{v}={loss:.3f} ({loss / losses['plain']:.2f}x)" for v, loss in losses.items()
             )
             print(f"{name} seed {seed}: {ratios}", flush=True)
+    for variant in args.variants:
+        torch.manual_seed(0)
+        model = build(variant, gen.make_target(), args.zero_var, gen)
+        unused = (
+            []
+            if variant == "shared"
+            else [model.base.embedding_module, model.base.weight_generator]
+        )
+        count = sum(p.numel() for p in model.parameters()) - sum(
+            p.numel() for m in unused for p in m.parameters()
+        )
+        print(f"{variant}: {count:,} parameters (incl. the target's non-generated ones)")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/cnn.py:SmallCNN (torch, class)
-# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=63 chunk_dim=62 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=1,8,8
-# layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 75a4cac9dc7e9bd3
+# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=23 chunk_dim=256 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=1,8,8
+# layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 15d20e526271ad0c
 # fusion:   fused: features.0, features.1, features.3, features.4, classifier
 # command:  hypernn-gen generated_examples/targets/cnn.py --backend torch --mode dynamic --embedding-dim 32 -o generated_examples/cnn_torch_dynamic.py
 """Dynamic hypernetwork for SmallCNN (PyTorch).
@@ -67,35 +67,35 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 63
-CHUNK_DIM = 62
-FLAT_SIZE = 3_866
-LAYOUT_DIGEST = "75a4cac9dc7e9bd3"
-CHECKPOINT_DIGEST = "3702f2c22d48d792"  # saved in every state dict, checked on load
+NUM_EMBEDDINGS = 23
+CHUNK_DIM = 256
+FLAT_SIZE = 5_888
+LAYOUT_DIGEST = "15d20e526271ad0c"
+CHECKPOINT_DIGEST = "5c8a50cab6210c10"  # saved in every state dict, checked on load
 CONDITION_SHAPE = (1, 8, 8)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
 BATCH_NORM_STATS = "batch"  # BatchNorm in training: batch (conditional) or sample
-GRADIENT_SCALE = (183.916, 5.70157, 32.253)  # gradient multipliers: table, generator weight, bias
+GRADIENT_SCALE = (90.5097, 9.43629, 53.3797)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("features.0.weight", (8, 1, 3, 3), 0, 72, 0.0, 0.19245),
-    ParamSlice("features.0.bias", (8,), 72, 8, 0.0, 0.19245),
-    ParamSlice("features.1.weight", (8,), 80, 8, 1.0, 0.0),
-    ParamSlice("features.1.bias", (8,), 88, 8, 0.0, 0.0),
-    ParamSlice("features.3.weight", (16, 8, 3, 3), 96, 1_152, 0.0, 0.0680414),
-    ParamSlice("features.3.bias", (16,), 1_248, 16, 0.0, 0.0680414),
-    ParamSlice("features.4.weight", (16,), 1_264, 16, 1.0, 0.0),
-    ParamSlice("features.4.bias", (16,), 1_280, 16, 0.0, 0.0),
-    ParamSlice("classifier.weight", (10, 256), 1_296, 2_560, 0.0, 0.0360844),
-    ParamSlice("classifier.bias", (10,), 3_856, 10, 0.0, 0.0360844),
+    ParamSlice("features.0.bias", (8,), 256, 8, 0.0, 0.19245),
+    ParamSlice("features.1.weight", (8,), 512, 8, 1.0, 0.0),
+    ParamSlice("features.1.bias", (8,), 768, 8, 0.0, 0.0),
+    ParamSlice("features.3.weight", (16, 8, 3, 3), 1_024, 1_152, 0.0, 0.0680414),
+    ParamSlice("features.3.bias", (16,), 2_304, 16, 0.0, 0.0680414),
+    ParamSlice("features.4.weight", (16,), 2_560, 16, 1.0, 0.0),
+    ParamSlice("features.4.bias", (16,), 2_816, 16, 0.0, 0.0),
+    ParamSlice("classifier.weight", (10, 256), 3_072, 2_560, 0.0, 0.0360844),
+    ParamSlice("classifier.bias", (10,), 5_632, 10, 0.0, 0.0360844),
 )
 # Fused layers: path, kind, weight/bias index in GENERATED, chunks a row spans, shared input.
 FUSED: tuple[tuple[str, str, int | None, int | None, int, bool], ...] = (
-    ("features.0", "conv2d", 0, 1, 2, False),
+    ("features.0", "conv2d", 0, 1, 1, False),
     ("features.1", "batch_norm", 2, 3, 0, False),
-    ("features.3", "conv2d", 4, 5, 3, False),
+    ("features.3", "conv2d", 4, 5, 2, False),
     ("features.4", "batch_norm", 6, 7, 0, False),
-    ("classifier", "linear", 8, 9, 6, False),
+    ("classifier", "linear", 8, 9, 1, False),
 )
 
 
@@ -215,7 +215,7 @@ class SmallCNNHyperNetwork(nn.Module):
         return self.decode(raw[:, :FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Raw generator output to parameter values, tensor by tensor."""
+        """Raw generator output to parameter values, tensor by tensor (padding: 0)."""
         return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
@@ -820,25 +820,86 @@ class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
     scales: Tensor  # (batch, num_embeddings)
-    g0: tuple[Tensor, ...]  # per generated tensor, flat: g0 at its positions
-    bias: tuple[Tensor, ...]  # per generated tensor, flat: bg at its positions
+    table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
+    generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
+    generator_bias: Tensor  # (chunk_dim,): its bias bg
     param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
     param_shift: tuple[Tensor, ...]
     generated: tuple  # the layout
     chunk_dim: int
+    flat_size: int
+    cache: dict  # g0 and bg per generated tensor, computed when first asked for
+
+    def span(self, i: int) -> tuple[int, int, int]:
+        """Tensor i's first chunk, its number of chunks and its start in the first."""
+        p = self.generated[i]
+        first, last = p.offset // self.chunk_dim, (p.offset + p.size - 1) // self.chunk_dim
+        return first, last - first + 1, p.offset - first * self.chunk_dim
+
+    @property
+    def aligned(self) -> bool:
+        """Every tensor starts a chunk (``chunking="tensor"``): no chunk holds two tensors."""
+        if "aligned" not in self.cache:
+            self.cache["aligned"] = all(p.offset % self.chunk_dim == 0 for p in self.generated)
+        return self.cache["aligned"]
+
+    def chunks(self, i: int) -> tuple[Tensor, Tensor]:
+        """Tensor i's chunks: each sample's scales ``(batch, count)`` and the table's rows
+        ``(count, embedding_dim)``; one split of each for all tensors when no chunk holds two."""
+        first, count, _ = self.span(i)
+        if not self.aligned:
+            return self.scales[:, first : first + count], self.table[first : first + count]
+        if "chunks" not in self.cache:
+            sizes, owners, end = [], [], 0
+            for j in range(len(self.generated)):
+                start, n, _ = self.span(j)
+                if start > end:  # never with chunking="tensor"; kept for safety
+                    sizes.append(start - end)
+                    owners.append(-1)
+                sizes.append(n)
+                owners.append(j)
+                end = start + n
+            if self.table.shape[0] > end:
+                sizes.append(self.table.shape[0] - end)
+                owners.append(-1)
+            pieces = zip(owners, self.scales.split(sizes, 1), self.table.split(sizes), strict=True)
+            self.cache["chunks"] = {j: (s, t) for j, s, t in pieces if j >= 0}
+        return self.cache["chunks"][i]
+
+    def g0(self, i: int) -> Tensor:
+        """``G0 = E Wg^T`` at tensor i's positions, flat: chunk by chunk where every tensor
+        starts a chunk (``chunking="tensor"``), else one product split (one backward node)."""
+        if i not in self.cache:
+            if self.aligned:
+                g0 = F.linear(self.chunks(i)[1], self.generator).view(-1)
+                size = self.generated[i].size
+                self.cache[i] = g0 if g0.shape[0] == size else g0[:size]
+            else:
+                sizes, owners = segments(self.generated, self.flat_size)
+                g0 = F.linear(self.table, self.generator).view(-1)[: self.flat_size]
+                pieces = zip(owners, g0.split(sizes), strict=True)
+                self.cache.update((j, v) for j, v in pieces if j < len(self.generated))
+        return self.cache[i]
+
+    def bg(self, i: int) -> Tensor:
+        """The generator's bias at tensor i's positions, flat."""
+        first, count, start = self.span(i)
+        bias = self.generator_bias if count == 1 else self.generator_bias.repeat(count)
+        size = self.generated[i].size
+        return bias if start == 0 and size == bias.shape[0] else bias[start : start + size]
 
     def raw(self, i: int, coeff: Tensor) -> Tensor:
         """Tensor i's values for every sample, ``(batch, size)``, given the scale of the
-        chunk each value lies in, ``(batch, size)``."""
-        raw = torch.addcmul(self.bias[i], coeff, self.g0[i])
-        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw)
+        chunk each value lies in, ``(batch, size)`` (or ``(batch, 1)``: one chunk)."""
+        raw = self.bg(i) + coeff * self.g0(i)  # no addcmul: its backward is heavier
+        return self.param_shift[i] + self.param_scale[i] * raw
 
     def materialise(self, i: int) -> Tensor:
         """Tensor i for every sample, ``(batch, *shape)``."""
-        p, chunk_dim = self.generated[i], self.chunk_dim
-        first, last = p.offset // chunk_dim, (p.offset + p.size - 1) // chunk_dim
-        start = p.offset - first * chunk_dim
-        scales = self.scales[:, first : last + 1, None].expand(-1, -1, chunk_dim).flatten(1)
+        p, (_, count, start), scales = self.generated[i], self.span(i), self.chunks(i)[0]
+        if count == 1:
+            return self.raw(i, scales).view(-1, *p.shape)
+        scales = scales[:, :, None].expand(-1, -1, self.chunk_dim).flatten(1)
         return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
 
 
@@ -854,21 +915,20 @@ def shared_inputs(
     ``gradient_scale``: the multipliers of the table, the generator's weight and bias."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
-    table = scale_grad(embedding.weight, table_scale)
-    g0 = F.linear(table, scale_grad(generator.weight, weight_scale))
-    bias = scale_grad(generator.bias, bias_scale).expand(table.shape[0], -1)
-    sizes = [p.size for p in generated]
     scale, shift = decoder(
         hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
     )
     return Shared(
         scales=embedding.scales(condition),
-        g0=g0.view(-1)[:flat_size].split(sizes),  # one split: one node in the backward
-        bias=bias.reshape(-1)[:flat_size].split(sizes),
+        table=scale_grad(embedding.weight, table_scale),
+        generator=scale_grad(generator.weight, weight_scale),
+        generator_bias=scale_grad(generator.bias, bias_scale),
         param_scale=scale,
         param_shift=shift,
         generated=generated,
-        chunk_dim=g0.shape[1],
+        chunk_dim=generator.weight.shape[0],
+        flat_size=flat_size,
+        cache={},
     )
 
 
@@ -894,6 +954,9 @@ class FusedIndex(nn.Module):
         super().__init__()
         self.layer = layer
         self.generated, self.chunk_dim, self.num_embeddings = generated, chunk_dim, num_embeddings
+        p = generated[layer.weight]
+        row = p.size // p.shape[0]  # every row in one chunk, chunks starting on rows:
+        self.aligned = p.offset % chunk_dim == 0 and chunk_dim % row == 0  # row_products
         for name, value in self.indices().items():
             self.register_buffer(name, value, persistent=False)
 
@@ -971,7 +1034,7 @@ def fused_product(
     shared: Shared,
     x: Tensor,
     apply: Any,
-    ones: Tensor,
+    ones: Tensor | None,
     out_view: tuple[int, ...],
     in_view: tuple[int, ...] | None = None,
 ) -> Tensor:
@@ -979,13 +1042,16 @@ def fused_product(
 
     With W_b = shift + scale * (sum_j c_j[b] * M_j + BG) (M_j: g0 on segment j of every row, BG:
     the generator's bias at each weight's position), y_b = shift * (1 x_b) + scale * (sum_j
-    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, ``ones`` = 1 x_b. Rows are the outputs
+    c_j[b] * (M_j x_b) + BG x_b): S + 1 shared products, ``ones`` = 1 x_b (None only where
+    every row lies in one chunk from a chunk boundary: :func:`row_products`). Rows are the outputs
     (``in_view`` None: c_j scales the output, shaped ``out_view``) or the inputs (transposed
     weights: c_j scales the input, shaped ``in_view``)."""
     index: FusedIndex = self.hyper_index[0]
     i, s = index.layer.weight, index.layer.segments
     p = shared.generated[i]
-    g0, bias = shared.g0[i].view(p.shape), shared.bias[i].view(p.shape)  # views, no copies
+    if index.aligned and in_view is None:
+        return row_products(self, shared, index.layer, x, apply, out_view)
+    g0, bias = shared.g0(i).view(p.shape), shared.bg(i).view(p.shape)  # views, no copies
     coeff, bias_coeff = index.coefficients(shared)
     segments = [g0] if s == 1 else [torch.where(mask, g0, 0.0) for mask in index.mask]
     y = apply(x, bias)
@@ -994,6 +1060,7 @@ def fused_product(
             y = y + apply(x, segment) * coeff[:, j].view(out_view)
         else:
             y = y + apply(x * coeff[:, j].view(in_view), segment)
+    assert ones is not None
     y = shared.param_shift[i] * ones + shared.param_scale[i] * y
     if bias_coeff is not None:
         return y + shared.raw(index.layer.bias, bias_coeff).view(out_view)
@@ -1024,10 +1091,65 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
         y = grouped_conv(apply, x, shared.materialise(i), self.groups)
         return add_bias(self, shared, y, out_view)
 
+    if self.hyper_index[0].aligned:  # row_products: no 1 x (its shared row holds the shift)
+        return fused_product(self, shared, x, apply, None, out_view)
     ones = apply(x, x.new_ones(self.groups, *p.shape[1:]))  # 1 x, per group
     if self.groups > 1:
         ones = ones.repeat_interleave(p.shape[0] // self.groups, 1)
     return fused_product(self, shared, x, apply, ones, out_view)
+
+
+def row_products(
+    self: nn.Module,
+    shared: Shared,
+    layer: FusedLayer,
+    x: Tensor,
+    apply: Any,
+    out_view: tuple[int, ...],
+) -> Tensor:
+    """The output of a layer ``apply(x, weight)`` whose weight rows (its outputs) each lie in one
+    chunk, ``k = C // row`` rows to a chunk, chunks starting on rows (S = 1). Row ``o = q k + h``
+    of sample b is ``shift + scale * (s[b, first + q] * G0[first + q, h] + bg[h])`` (``G0[c, h]``,
+    ``bg[h]``: the h-th row-sized piece), so ``W_b x_b = s_b * (M x_b) + R x_b``: one shared
+    product with ``M = scale * G0`` (from the scaled table rows), and one with the k rows
+    ``R[h] = shift + scale * bg[h]``, repeated. When ``k = 1``, the layer a Linear and it is
+    cheaper, ``M x = (scale E_rows) (Wg^T x)``: M has rank D. A generated bias in one chunk is
+    ``shift' + scale' * bg + (scale' * G0[c]) s[b, c]``: folded in the same way."""
+    i = layer.weight
+    p, groups = shared.generated[i], getattr(self, "groups", 1)
+    out, row = p.shape[0], p.size // p.shape[0]
+    per_chunk, count = shared.chunk_dim // row, shared.span(i)[1]
+    scale, shift = shared.param_scale[i], shared.param_shift[i]
+    scales, table = shared.chunks(i)
+    table = table * scale
+    fixed = shift + scale * shared.generator_bias.view(per_chunk, *p.shape[1:])  # R
+    if per_chunk > 1:  # R for every row (a small layer: k > 1 rows to a chunk)
+        fixed = fixed.repeat(count, *(1,) * (len(p.shape) - 1))[:out]
+        scales = scales[:, :, None].expand(-1, -1, per_chunk).flatten(1)[:, :out]
+    elif groups > 1:  # a grouped convolution needs every output channel's row
+        fixed = fixed.expand(out, *p.shape[1:])
+    rest = apply(x, fixed)
+    rows = x.numel() // row  # samples (times positions) through the layer
+    dim = table.shape[1]
+    if apply is F.linear and per_chunk == 1 and dim * (row + out) * rows < row * out * (rows + dim):
+        products = F.linear(x @ shared.generator, table)
+    else:
+        g0 = F.linear(table, shared.generator).view(-1)
+        products = apply(x, (g0 if g0.shape[0] == p.size else g0[: p.size]).view(p.shape))
+    b = layer.bias
+    if b is not None and shared.span(b)[1] == 1 and shared.span(b)[2] == 0:
+        bias_scales, bias_table = shared.chunks(b)
+        bias_scale, size = shared.param_scale[b], shared.generated[b].size
+        g0 = F.linear(bias_table * bias_scale, shared.generator).view(-1)[:size]
+        fixed = shared.param_shift[b] + bias_scale * shared.bg(b)
+        bias_scales = bias_scales.view(-1, *(1,) * (len(out_view) - 1))
+        rest = rest + fixed.view(out_view[1:]) + bias_scales * g0.view(out_view[1:])
+        b = None
+    y = rest + products * scales.view(out_view)  # no addcmul: a lighter backward
+    if b is not None:
+        return y + shared.materialise(b).view(out_view)
+    own = getattr(self, "bias", None) if layer.bias is None else None  # MHA: in_proj_bias
+    return y if own is None else y + own.view(out_view[1:])
 
 
 def affine(self: nn.Module, shared: Shared, y: Tensor, channel_shape: tuple[int, ...]) -> Tensor:
@@ -1176,4 +1298,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=41c929b406b8670557092a11c86addc9bb8c6127db40b18e8ac2638c624f349d
+# hypernn-gen: sha256=918327b47acd9168783a2c6658935f9b7cff61e44bd6c5acf08cfed1e017382a

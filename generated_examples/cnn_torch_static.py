@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/cnn.py:SmallCNN (torch, class)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=63 chunk_dim=62 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none
-# layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 75a4cac9dc7e9bd3
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=23 chunk_dim=256 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none
+# layout:   10 generated tensors, 3,866 values, 6 state tensors, digest 15d20e526271ad0c
 # command:  hypernn-gen generated_examples/targets/cnn.py --backend torch --mode static --embedding-dim 32 -o generated_examples/cnn_torch_static.py
 """Static hypernetwork for SmallCNN (PyTorch).
 
@@ -63,24 +63,24 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 63
-CHUNK_DIM = 62
-FLAT_SIZE = 3_866
-LAYOUT_DIGEST = "75a4cac9dc7e9bd3"
-CHECKPOINT_DIGEST = "a2099c14794483c7"  # saved in every state dict, checked on load
-GRADIENT_SCALE = (183.916, 5.70157, 32.253)  # gradient multipliers: table, generator weight, bias
+NUM_EMBEDDINGS = 23
+CHUNK_DIM = 256
+FLAT_SIZE = 5_888
+LAYOUT_DIGEST = "15d20e526271ad0c"
+CHECKPOINT_DIGEST = "b4ecb753f7fa03ff"  # saved in every state dict, checked on load
+GRADIENT_SCALE = (90.5097, 9.43629, 53.3797)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("features.0.weight", (8, 1, 3, 3), 0, 72, 0.0, 0.19245),
-    ParamSlice("features.0.bias", (8,), 72, 8, 0.0, 0.19245),
-    ParamSlice("features.1.weight", (8,), 80, 8, 1.0, 0.0),
-    ParamSlice("features.1.bias", (8,), 88, 8, 0.0, 0.0),
-    ParamSlice("features.3.weight", (16, 8, 3, 3), 96, 1_152, 0.0, 0.0680414),
-    ParamSlice("features.3.bias", (16,), 1_248, 16, 0.0, 0.0680414),
-    ParamSlice("features.4.weight", (16,), 1_264, 16, 1.0, 0.0),
-    ParamSlice("features.4.bias", (16,), 1_280, 16, 0.0, 0.0),
-    ParamSlice("classifier.weight", (10, 256), 1_296, 2_560, 0.0, 0.0360844),
-    ParamSlice("classifier.bias", (10,), 3_856, 10, 0.0, 0.0360844),
+    ParamSlice("features.0.bias", (8,), 256, 8, 0.0, 0.19245),
+    ParamSlice("features.1.weight", (8,), 512, 8, 1.0, 0.0),
+    ParamSlice("features.1.bias", (8,), 768, 8, 0.0, 0.0),
+    ParamSlice("features.3.weight", (16, 8, 3, 3), 1_024, 1_152, 0.0, 0.0680414),
+    ParamSlice("features.3.bias", (16,), 2_304, 16, 0.0, 0.0680414),
+    ParamSlice("features.4.weight", (16,), 2_560, 16, 1.0, 0.0),
+    ParamSlice("features.4.bias", (16,), 2_816, 16, 0.0, 0.0),
+    ParamSlice("classifier.weight", (10, 256), 3_072, 2_560, 0.0, 0.0360844),
+    ParamSlice("classifier.bias", (10,), 5_632, 10, 0.0, 0.0360844),
 )
 
 
@@ -166,7 +166,7 @@ class SmallCNNHyperNetwork(nn.Module):
         return self.decode(raw[:FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Raw generator output to parameter values, tensor by tensor."""
+        """Raw generator output to parameter values, tensor by tensor (padding: 0)."""
         return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
@@ -414,4 +414,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=72ff6264648c69d02afd8116af0677f287d991fee86c3b18a7351eb8b4776fa7
+# hypernn-gen: sha256=21646ac4b96291d58d6aa5387a8d0eb5cebe1dc84d26e9933f2a8e26390d462a

@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
-# layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=38 chunk_dim=40 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=8,8,1
+# layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 3ce348d6e5ce1a99
 # fusion:   fused: Conv_0, Dense_0; per sample: BatchNorm_0
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/linen_cnn_linen_dynamic.py
 """Dynamic hypernetwork for SmallCNN (Flax Linen).
@@ -75,21 +75,21 @@ class ParamSlice(NamedTuple):
 
 EMBEDDING_DIM = 32
 NUM_EMBEDDINGS = 38
-CHUNK_DIM = 37
-FLAT_SIZE = 1_386
-LAYOUT_DIGEST = "17e5c9a94800ee01"
-CHECKPOINT_DIGEST = "ec02777564778425"  # variables["layout"]["digest"], checked
+CHUNK_DIM = 40
+FLAT_SIZE = 1_520
+LAYOUT_DIGEST = "3ce348d6e5ce1a99"
+CHECKPOINT_DIGEST = "e1b24737c6be2f26"  # variables["layout"]["digest"], checked
 CONDITION_SHAPE = (8, 8, 1)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
-GRADIENT_SCALE = (59.5188, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
+GRADIENT_SCALE = (57.2433, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("BatchNorm_0.bias", ("BatchNorm_0", "bias"), (8,), 0, 8, 0.0, 0.0),
-    ParamSlice("BatchNorm_0.scale", ("BatchNorm_0", "scale"), (8,), 8, 8, 1.0, 0.0),
-    ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (8,), 16, 8, 0.0, 0.0),
-    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 24, 72, -0.01687, 0.3497),
-    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (10,), 96, 10, 0.0, 0.0),
-    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 106, 1_280, -0.00345, 0.08812),
+    ParamSlice("BatchNorm_0.scale", ("BatchNorm_0", "scale"), (8,), 40, 8, 1.0, 0.0),
+    ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (8,), 80, 8, 0.0, 0.0),
+    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 120, 72, -0.01687, 0.3497),
+    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (10,), 200, 10, 0.0, 0.0),
+    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 240, 1_280, -0.00345, 0.08812),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ("batch_stats",)
@@ -98,8 +98,8 @@ STATE_COLLECTIONS: tuple[str, ...] = ("batch_stats",)
 # Fused layers (per-sample outputs from shared weights, see the kernel's fused_path): module
 # path in the target, indices of its kernel and bias in GENERATED, chunks a kernel row spans.
 FUSED: tuple[tuple[tuple[str, ...], int, int | None, int], ...] = (
-    (("Conv_0",), 3, 2, 2),
-    (("Dense_0",), 5, 4, 2),
+    (("Conv_0",), 3, 2, 1),
+    (("Dense_0",), 5, 4, 1),
 )
 # Modules whose generated tensors are materialised per sample, and why.
 PER_SAMPLE: tuple[tuple[str, str], ...] = (("BatchNorm_0", "BatchNorm has no fused form"),)
@@ -695,13 +695,21 @@ def fused_indices(
 class Shared(NamedTuple):
     """What every sample's generated tensors are made of (see above), and the layout."""
 
-    g0: jax.Array  # (num_embeddings * chunk_dim,): the generator on the table, without its bias
+    table: jax.Array  # (num_embeddings, embedding_dim): the embedding table E
+    kernel: jax.Array  # (embedding_dim, chunk_dim): the linear generator's kernel Wg
     bias: jax.Array  # (chunk_dim,): the generator's bias
     param_scale: jax.Array
     param_shift: jax.Array
     tensors: tuple  # the layout's generated tensors
     fused: tuple[FusedLayer, ...]
     num_embeddings: int
+    g0s: tuple  # per tensor: the generator on its chunks' rows, without its bias (None: unused)
+
+    def g0(self, p: Any) -> jax.Array:
+        """The generator on the table without its bias, at the positions of ``p``, ``p.shape``."""
+        g0 = self.g0s[self.tensors.index(p)]
+        start = p.offset % self.bias.shape[0]
+        return g0[start : start + p.size].reshape(p.shape)
 
     def chunk_bias(self, p: Any) -> jax.Array:
         """``bias[position % chunk_dim]`` for the values of ``p``, ``p.shape`` (tiled, not
@@ -717,8 +725,7 @@ class Shared(NamedTuple):
         first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
         scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
         scale = scale[start : start + p.size].reshape(p.shape)
-        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        raw = scale * g0 + self.chunk_bias(p)
+        raw = scale * self.g0(p) + self.chunk_bias(p)
         return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
 
     def params(self, scales: jax.Array) -> dict:
@@ -733,15 +740,20 @@ class Shared(NamedTuple):
                 node[p.keys[-1]] = self.materialise(i, scales)
         return params
 
-    def stack(self, layer: FusedLayer) -> jax.Array:
+    def low_rank(self, layer: FusedLayer) -> bool:
+        """See :func:`low_rank`."""
+        return low_rank(self.tensors[layer.kernel], self.bias.shape[0], self.table.shape[1])
+
+    def stack(self, layer: FusedLayer) -> jax.Array | None:
         """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
-        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part;
+        ``None`` for a layer computed in the rank-D form."""
+        if self.low_rank(layer):
+            return None
         i, p, chunk_dim = layer.kernel, self.tensors[layer.kernel], self.bias.shape[0]
         position, chunk = fused_indices(layer, self.tensors, chunk_dim, self.num_embeddings)
         segment = position // chunk_dim - chunk[0][:, None]
-        w0 = self.param_scale[i] * kernel_rows(
-            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        )
+        w0 = self.param_scale[i] * kernel_rows(self.g0(p))
         parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
         parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
         # The barrier keeps XLA from folding the construction into every sample's GEMM.
@@ -757,17 +769,52 @@ def shared_inputs(
     fused: Any,
     gradient_scale: Any = None,
 ) -> Shared:
-    """What all samples share: the (linear) ``generator`` on the embedding ``table``, split into
-    its linear part and its bias, the decoder's ``scale`` and ``shift``; ``fused``: plain
+    """What all samples share: the embedding ``table``, the (linear) ``generator``'s kernel and
+    bias (:func:`linear_weights`), the decoder's ``scale`` and ``shift``; ``fused``: plain
     ``(path, kernel, bias, segments)`` tuples. ``gradient_scale``: the multipliers of the
     table, the generator's weight and bias (the generator applies its own), or ``None``."""
     if gradient_scale is not None:
         table = scale_grad(table, gradient_scale[0])
     scale, shift = decoder(scale, shift, tensors, gradient_scale)
-    bias = generator(jnp.zeros((1, table.shape[-1]), table.dtype))[0]
-    g0 = (generator(table) - bias).reshape(-1)
+    kernel, bias = linear_weights(generator, table)
+    if gradient_scale is not None:  # read from the parameters: the generator's multipliers
+        kernel = scale_grad(kernel, gradient_scale[1])
+        bias = scale_grad(bias, gradient_scale[2])
     layers = tuple(FusedLayer(*layer) for layer in fused)
-    return Shared(g0, bias, scale, shift, tuple(tensors), layers, table.shape[0])
+    chunk_dim, dim = bias.shape[0], table.shape[1]
+    rank_d = {layer.kernel for layer in layers if low_rank(tensors[layer.kernel], chunk_dim, dim)}
+    # the generator on the whole table, one product (unless only rank-D layers), sliced
+    full = (generator(table) - bias).reshape(-1) if len(rank_d) < len(tensors) else None
+    g0s = []
+    for i, p in enumerate(tensors):
+        first = p.offset // chunk_dim * chunk_dim
+        end = first + -(-(p.offset - first + p.size) // chunk_dim) * chunk_dim
+        g0s.append(None if full is None or i in rank_d else full[first:end])
+    return Shared(
+        table, kernel, bias, scale, shift, tuple(tensors), layers, table.shape[0], tuple(g0s)
+    )
+
+
+def low_rank(p: Any, chunk_dim: int, dim: int) -> bool:
+    """Whether a fused kernel ``p`` is a Dense one (2-D; a Conv kernel has 3+ dimensions) whose
+    rows lie whole in chunks, ``k = chunk_dim // out`` rows to a chunk from a chunk boundary,
+    and the rank-``dim`` form (:func:`low_rank_output`) costs less per sample than the stacked
+    GEMM (``2 * rows * out``)."""
+    if len(p.shape) != 2 or p.offset % chunk_dim or chunk_dim % p.shape[-1]:
+        return False
+    return dim * (p.shape[0] + chunk_dim) <= 2 * p.size
+
+
+def linear_weights(generator: Any, table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The kernel ``(embedding_dim, chunk_dim)`` and bias of a linear weight generator, read
+    from its parameters (exactly): its ``linear`` layer, an NNX ``nnx.Linear`` attribute or a
+    bound Linen ``nn.Dense`` (called once first, which creates its parameters in ``init``)."""
+    linear = getattr(generator, "linear", None)
+    if linear is not None and hasattr(linear, "kernel"):  # NNX
+        return linear.kernel[...], linear.bias[...]
+    generator(table[:1])  # Linen: the parameters exist once the generator has run
+    params = generator.variables["params"]["linear"]
+    return params["kernel"], params["bias"]
 
 
 def conv_patches(module: Any, x: jax.Array) -> jax.Array:
@@ -801,7 +848,7 @@ def conv_patches(module: Any, x: jax.Array) -> jax.Array:
 
 def fused_output(
     layer: FusedLayer,
-    stack: jax.Array,
+    stack: jax.Array | None,
     shared: Shared,
     scales: jax.Array,
     module: Any,
@@ -809,6 +856,8 @@ def fused_output(
     conv: bool,
 ) -> jax.Array:
     """One sample's output of a fused Dense/Linear (``conv``: Conv) ``module`` for its input."""
+    if stack is None:
+        return low_rank_output(layer, shared, scales, module, x)
     if conv:
         x = conv_patches(module, x)
     _, chunk = fused_indices(layer, shared.tensors, shared.bias.shape[0], shared.num_embeddings)
@@ -816,6 +865,41 @@ def fused_output(
     dtype = module.dtype or jnp.result_type(x, stack)
     x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
     y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
+def low_rank_output(
+    layer: FusedLayer, shared: Shared, scales: jax.Array, module: Any, x: jax.Array
+) -> jax.Array:
+    """One sample's output of a Dense layer whose kernel rows lie whole in chunks
+    (:meth:`Shared.low_rank`). Row ``r = q k + h`` of the kernel is ``shift + scale * (s[first
+    + q] * (E[first + q] Wg)[h] + bg[h])`` (``[h]``: the h-th piece of ``out`` values), so
+    ``x W = scale * sum_h (sum_q x[r] s[first + q] E[first + q]) Wg[h] + sum_h (sum_q x[r])
+    (shift + scale * bg[h])``: products of size ``rows x D`` and ``k x D x out``, no weights."""
+    i, p = layer.kernel, shared.tensors[layer.kernel]
+    (rows, out), dim = p.shape, shared.table.shape[1]
+    k = shared.bias.shape[0] // out
+    first, count = p.offset // shared.bias.shape[0], -(-rows // k)
+    dtype = module.dtype or jnp.result_type(x, shared.table)
+    x = x.astype(dtype)
+    xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
+    if count * k > rows:  # the last chunk holds fewer rows: the rest is padding
+        pad = [(0, 0)] * (x.ndim - 1) + [(0, count * k - rows)]
+        x, xs = jnp.pad(x, pad), jnp.pad(xs, pad)
+    lead = x.shape[:-1]
+    table = shared.table[first : first + count].astype(dtype)
+    u = jnp.einsum(
+        "...qh,qd->...hd", xs.reshape(*lead, count, k), table, precision=module.precision
+    )
+    kernel = shared.kernel.reshape(dim, k, out).astype(dtype)
+    y = jnp.einsum("...hd,dho->...o", u, kernel, precision=module.precision)
+    fixed = shared.param_shift[i] + shared.param_scale[i] * shared.bias.reshape(k, out)
+    sums = x.reshape(*lead, count, k).sum(-2)
+    y = shared.param_scale[i] * y + jnp.matmul(
+        sums, fixed.astype(dtype), precision=module.precision
+    )
     if layer.bias is not None:
         y = y + shared.materialise(layer.bias, scales).astype(dtype)
     return y
@@ -1028,4 +1112,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=fdea5f60f7345a51eff173101806760271e25a74c29708caa659d69122558a87
+# hypernn-gen: sha256=7f6ed3369cd085734144e9183c0861c2c2a94cb87e4a283ba2af27759c8180c9

@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_cnn.py:SmallCNN (linen, class)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none
-# layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 17e5c9a94800ee01
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=40 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none
+# layout:   6 generated tensors, 1,386 values, 2 state tensors, digest 3ce348d6e5ce1a99
 # command:  hypernn-gen generated_examples/targets/linen_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_cnn_linen_static.py
 """Static hypernetwork for SmallCNN (Flax Linen).
 
@@ -70,19 +70,19 @@ class ParamSlice(NamedTuple):
 
 EMBEDDING_DIM = 32
 NUM_EMBEDDINGS = 38
-CHUNK_DIM = 37
-FLAT_SIZE = 1_386
-LAYOUT_DIGEST = "17e5c9a94800ee01"
-CHECKPOINT_DIGEST = "d3b2ab825fba447e"  # variables["layout"]["digest"], checked
-GRADIENT_SCALE = (59.5188, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
+CHUNK_DIM = 40
+FLAT_SIZE = 1_520
+LAYOUT_DIGEST = "3ce348d6e5ce1a99"
+CHECKPOINT_DIGEST = "4f8a24f9cfb05918"  # variables["layout"]["digest"], checked
+GRADIENT_SCALE = (57.2433, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("BatchNorm_0.bias", ("BatchNorm_0", "bias"), (8,), 0, 8, 0.0, 0.0),
-    ParamSlice("BatchNorm_0.scale", ("BatchNorm_0", "scale"), (8,), 8, 8, 1.0, 0.0),
-    ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (8,), 16, 8, 0.0, 0.0),
-    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 24, 72, -0.01687, 0.3497),
-    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (10,), 96, 10, 0.0, 0.0),
-    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 106, 1_280, -0.00345, 0.08812),
+    ParamSlice("BatchNorm_0.scale", ("BatchNorm_0", "scale"), (8,), 40, 8, 1.0, 0.0),
+    ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (8,), 80, 8, 0.0, 0.0),
+    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 8), 120, 72, -0.01687, 0.3497),
+    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (10,), 200, 10, 0.0, 0.0),
+    ParamSlice("Dense_0.kernel", ("Dense_0", "kernel"), (128, 10), 240, 1_280, -0.00345, 0.08812),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ("batch_stats",)
@@ -610,4 +610,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=b9fc0f7d46222cdd82ccc18fd6b4d159c5fa8e29184995a578970640112377c8
+# hypernn-gen: sha256=be2c8c3afafde71f0fa647996f49bb7d7732f31089b03b12f2f7582dd749216c

@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_transformer.py:make_target (linen, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
-# layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 496a48899a4e80be
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=128 chunk_dim=128 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
+# layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 93d35e67c3215b11
 # fusion:   fused: Block_0.Dense_0, Block_0.Dense_1; per sample: Block_0.LayerNorm_0, Block_0.LayerNorm_1, Block_0.MultiHeadDotProductAttention_0.key, Block_0.MultiHeadDotProductAttention_0.out, Block_0.MultiHeadDotProductAttention_0.query, Block_0.MultiHeadDotProductAttention_0.value, Embed_0, LayerNorm_0, <root>
 # command:  hypernn-gen generated_examples/targets/linen_transformer.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/linen_transformer_linen_dynamic.py
 """Dynamic hypernetwork for LinenTransformer (Flax Linen).
@@ -90,14 +90,14 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 124
-CHUNK_DIM = 124
-FLAT_SIZE = 15_328
-LAYOUT_DIGEST = "496a48899a4e80be"
-CHECKPOINT_DIGEST = "e4f0aaa749c74b76"  # variables["layout"]["digest"], checked
+NUM_EMBEDDINGS = 128
+CHUNK_DIM = 128
+FLAT_SIZE = 16_384
+LAYOUT_DIGEST = "93d35e67c3215b11"
+CHECKPOINT_DIGEST = "3ef5e190fde97fb0"  # variables["layout"]["digest"], checked
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
-GRADIENT_SCALE = (16.256, 0.508001, 2.87368)  # gradient multipliers: table, generator weight, bias
+GRADIENT_SCALE = (16.0, 0.5, 2.82843)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Block_0.Dense_0.bias", ("Block_0", "Dense_0", "bias"), (32,), 0, 32, 0.0, 0.0),
@@ -105,40 +105,40 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.Dense_0.kernel",
         ("Block_0", "Dense_0", "kernel"),
         (128, 32),
-        32,
+        128,
         4_096,
         0.0007218,
         0.08831,
     ),
     ParamSlice(
-        "Block_0.Dense_1.bias", ("Block_0", "Dense_1", "bias"), (128,), 4_128, 128, 0.0, 0.0
+        "Block_0.Dense_1.bias", ("Block_0", "Dense_1", "bias"), (128,), 4_224, 128, 0.0, 0.0
     ),
     ParamSlice(
         "Block_0.Dense_1.kernel",
         ("Block_0", "Dense_1", "kernel"),
         (32, 128),
-        4_256,
+        4_352,
         4_096,
         0.001802,
         0.1761,
     ),
     ParamSlice(
-        "Block_0.LayerNorm_0.bias", ("Block_0", "LayerNorm_0", "bias"), (32,), 8_352, 32, 0.0, 0.0
+        "Block_0.LayerNorm_0.bias", ("Block_0", "LayerNorm_0", "bias"), (32,), 8_448, 32, 0.0, 0.0
     ),
     ParamSlice(
-        "Block_0.LayerNorm_0.scale", ("Block_0", "LayerNorm_0", "scale"), (32,), 8_384, 32, 1.0, 0.0
+        "Block_0.LayerNorm_0.scale", ("Block_0", "LayerNorm_0", "scale"), (32,), 8_576, 32, 1.0, 0.0
     ),
     ParamSlice(
-        "Block_0.LayerNorm_1.bias", ("Block_0", "LayerNorm_1", "bias"), (32,), 8_416, 32, 0.0, 0.0
+        "Block_0.LayerNorm_1.bias", ("Block_0", "LayerNorm_1", "bias"), (32,), 8_704, 32, 0.0, 0.0
     ),
     ParamSlice(
-        "Block_0.LayerNorm_1.scale", ("Block_0", "LayerNorm_1", "scale"), (32,), 8_448, 32, 1.0, 0.0
+        "Block_0.LayerNorm_1.scale", ("Block_0", "LayerNorm_1", "scale"), (32,), 8_832, 32, 1.0, 0.0
     ),
     ParamSlice(
         "Block_0.MultiHeadDotProductAttention_0.key.bias",
         ("Block_0", "MultiHeadDotProductAttention_0", "key", "bias"),
         (4, 8),
-        8_480,
+        8_960,
         32,
         0.0,
         0.0,
@@ -147,7 +147,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.key.kernel",
         ("Block_0", "MultiHeadDotProductAttention_0", "key", "kernel"),
         (32, 4, 8),
-        8_512,
+        9_088,
         1_024,
         -0.0001479,
         0.175,
@@ -156,7 +156,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.out.bias",
         ("Block_0", "MultiHeadDotProductAttention_0", "out", "bias"),
         (32,),
-        9_536,
+        10_112,
         32,
         0.0,
         0.0,
@@ -165,7 +165,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.out.kernel",
         ("Block_0", "MultiHeadDotProductAttention_0", "out", "kernel"),
         (4, 8, 32),
-        9_568,
+        10_240,
         1_024,
         0.003735,
         0.1773,
@@ -174,7 +174,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.query.bias",
         ("Block_0", "MultiHeadDotProductAttention_0", "query", "bias"),
         (4, 8),
-        10_592,
+        11_264,
         32,
         0.0,
         0.0,
@@ -183,7 +183,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.query.kernel",
         ("Block_0", "MultiHeadDotProductAttention_0", "query", "kernel"),
         (32, 4, 8),
-        10_624,
+        11_392,
         1_024,
         -0.004874,
         0.1749,
@@ -192,7 +192,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.value.bias",
         ("Block_0", "MultiHeadDotProductAttention_0", "value", "bias"),
         (4, 8),
-        11_648,
+        12_416,
         32,
         0.0,
         0.0,
@@ -201,25 +201,25 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.value.kernel",
         ("Block_0", "MultiHeadDotProductAttention_0", "value", "kernel"),
         (32, 4, 8),
-        11_680,
+        12_544,
         1_024,
         0.0008068,
         0.1754,
     ),
     ParamSlice(
-        "Embed_0.embedding", ("Embed_0", "embedding"), (64, 32), 12_704, 2_048, -0.0007823, 0.1757
+        "Embed_0.embedding", ("Embed_0", "embedding"), (64, 32), 13_568, 2_048, -0.0007823, 0.1757
     ),
-    ParamSlice("LayerNorm_0.bias", ("LayerNorm_0", "bias"), (32,), 14_752, 32, 0.0, 0.0),
-    ParamSlice("LayerNorm_0.scale", ("LayerNorm_0", "scale"), (32,), 14_784, 32, 1.0, 0.0),
-    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, 0.00141, 0.01962),
+    ParamSlice("LayerNorm_0.bias", ("LayerNorm_0", "bias"), (32,), 15_616, 32, 0.0, 0.0),
+    ParamSlice("LayerNorm_0.scale", ("LayerNorm_0", "scale"), (32,), 15_744, 32, 1.0, 0.0),
+    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 15_872, 512, 0.00141, 0.01962),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ()
 # Fused layers (per-sample outputs from shared weights, see the kernel's fused_path): module
 # path in the target, indices of its kernel and bias in GENERATED, chunks a kernel row spans.
 FUSED: tuple[tuple[tuple[str, ...], int, int | None, int], ...] = (
-    (("Block_0", "Dense_0"), 1, 0, 2),
-    (("Block_0", "Dense_1"), 3, 2, 2),
+    (("Block_0", "Dense_0"), 1, 0, 1),
+    (("Block_0", "Dense_1"), 3, 2, 1),
 )
 # Modules whose generated tensors are materialised per sample, and why.
 PER_SAMPLE: tuple[tuple[str, str], ...] = (
@@ -798,13 +798,21 @@ def fused_indices(
 class Shared(NamedTuple):
     """What every sample's generated tensors are made of (see above), and the layout."""
 
-    g0: jax.Array  # (num_embeddings * chunk_dim,): the generator on the table, without its bias
+    table: jax.Array  # (num_embeddings, embedding_dim): the embedding table E
+    kernel: jax.Array  # (embedding_dim, chunk_dim): the linear generator's kernel Wg
     bias: jax.Array  # (chunk_dim,): the generator's bias
     param_scale: jax.Array
     param_shift: jax.Array
     tensors: tuple  # the layout's generated tensors
     fused: tuple[FusedLayer, ...]
     num_embeddings: int
+    g0s: tuple  # per tensor: the generator on its chunks' rows, without its bias (None: unused)
+
+    def g0(self, p: Any) -> jax.Array:
+        """The generator on the table without its bias, at the positions of ``p``, ``p.shape``."""
+        g0 = self.g0s[self.tensors.index(p)]
+        start = p.offset % self.bias.shape[0]
+        return g0[start : start + p.size].reshape(p.shape)
 
     def chunk_bias(self, p: Any) -> jax.Array:
         """``bias[position % chunk_dim]`` for the values of ``p``, ``p.shape`` (tiled, not
@@ -820,8 +828,7 @@ class Shared(NamedTuple):
         first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
         scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
         scale = scale[start : start + p.size].reshape(p.shape)
-        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        raw = scale * g0 + self.chunk_bias(p)
+        raw = scale * self.g0(p) + self.chunk_bias(p)
         return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
 
     def params(self, scales: jax.Array) -> dict:
@@ -836,15 +843,20 @@ class Shared(NamedTuple):
                 node[p.keys[-1]] = self.materialise(i, scales)
         return params
 
-    def stack(self, layer: FusedLayer) -> jax.Array:
+    def low_rank(self, layer: FusedLayer) -> bool:
+        """See :func:`low_rank`."""
+        return low_rank(self.tensors[layer.kernel], self.bias.shape[0], self.table.shape[1])
+
+    def stack(self, layer: FusedLayer) -> jax.Array | None:
         """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
-        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part;
+        ``None`` for a layer computed in the rank-D form."""
+        if self.low_rank(layer):
+            return None
         i, p, chunk_dim = layer.kernel, self.tensors[layer.kernel], self.bias.shape[0]
         position, chunk = fused_indices(layer, self.tensors, chunk_dim, self.num_embeddings)
         segment = position // chunk_dim - chunk[0][:, None]
-        w0 = self.param_scale[i] * kernel_rows(
-            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        )
+        w0 = self.param_scale[i] * kernel_rows(self.g0(p))
         parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
         parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
         # The barrier keeps XLA from folding the construction into every sample's GEMM.
@@ -860,17 +872,52 @@ def shared_inputs(
     fused: Any,
     gradient_scale: Any = None,
 ) -> Shared:
-    """What all samples share: the (linear) ``generator`` on the embedding ``table``, split into
-    its linear part and its bias, the decoder's ``scale`` and ``shift``; ``fused``: plain
+    """What all samples share: the embedding ``table``, the (linear) ``generator``'s kernel and
+    bias (:func:`linear_weights`), the decoder's ``scale`` and ``shift``; ``fused``: plain
     ``(path, kernel, bias, segments)`` tuples. ``gradient_scale``: the multipliers of the
     table, the generator's weight and bias (the generator applies its own), or ``None``."""
     if gradient_scale is not None:
         table = scale_grad(table, gradient_scale[0])
     scale, shift = decoder(scale, shift, tensors, gradient_scale)
-    bias = generator(jnp.zeros((1, table.shape[-1]), table.dtype))[0]
-    g0 = (generator(table) - bias).reshape(-1)
+    kernel, bias = linear_weights(generator, table)
+    if gradient_scale is not None:  # read from the parameters: the generator's multipliers
+        kernel = scale_grad(kernel, gradient_scale[1])
+        bias = scale_grad(bias, gradient_scale[2])
     layers = tuple(FusedLayer(*layer) for layer in fused)
-    return Shared(g0, bias, scale, shift, tuple(tensors), layers, table.shape[0])
+    chunk_dim, dim = bias.shape[0], table.shape[1]
+    rank_d = {layer.kernel for layer in layers if low_rank(tensors[layer.kernel], chunk_dim, dim)}
+    # the generator on the whole table, one product (unless only rank-D layers), sliced
+    full = (generator(table) - bias).reshape(-1) if len(rank_d) < len(tensors) else None
+    g0s = []
+    for i, p in enumerate(tensors):
+        first = p.offset // chunk_dim * chunk_dim
+        end = first + -(-(p.offset - first + p.size) // chunk_dim) * chunk_dim
+        g0s.append(None if full is None or i in rank_d else full[first:end])
+    return Shared(
+        table, kernel, bias, scale, shift, tuple(tensors), layers, table.shape[0], tuple(g0s)
+    )
+
+
+def low_rank(p: Any, chunk_dim: int, dim: int) -> bool:
+    """Whether a fused kernel ``p`` is a Dense one (2-D; a Conv kernel has 3+ dimensions) whose
+    rows lie whole in chunks, ``k = chunk_dim // out`` rows to a chunk from a chunk boundary,
+    and the rank-``dim`` form (:func:`low_rank_output`) costs less per sample than the stacked
+    GEMM (``2 * rows * out``)."""
+    if len(p.shape) != 2 or p.offset % chunk_dim or chunk_dim % p.shape[-1]:
+        return False
+    return dim * (p.shape[0] + chunk_dim) <= 2 * p.size
+
+
+def linear_weights(generator: Any, table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The kernel ``(embedding_dim, chunk_dim)`` and bias of a linear weight generator, read
+    from its parameters (exactly): its ``linear`` layer, an NNX ``nnx.Linear`` attribute or a
+    bound Linen ``nn.Dense`` (called once first, which creates its parameters in ``init``)."""
+    linear = getattr(generator, "linear", None)
+    if linear is not None and hasattr(linear, "kernel"):  # NNX
+        return linear.kernel[...], linear.bias[...]
+    generator(table[:1])  # Linen: the parameters exist once the generator has run
+    params = generator.variables["params"]["linear"]
+    return params["kernel"], params["bias"]
 
 
 def conv_patches(module: Any, x: jax.Array) -> jax.Array:
@@ -904,7 +951,7 @@ def conv_patches(module: Any, x: jax.Array) -> jax.Array:
 
 def fused_output(
     layer: FusedLayer,
-    stack: jax.Array,
+    stack: jax.Array | None,
     shared: Shared,
     scales: jax.Array,
     module: Any,
@@ -912,6 +959,8 @@ def fused_output(
     conv: bool,
 ) -> jax.Array:
     """One sample's output of a fused Dense/Linear (``conv``: Conv) ``module`` for its input."""
+    if stack is None:
+        return low_rank_output(layer, shared, scales, module, x)
     if conv:
         x = conv_patches(module, x)
     _, chunk = fused_indices(layer, shared.tensors, shared.bias.shape[0], shared.num_embeddings)
@@ -919,6 +968,41 @@ def fused_output(
     dtype = module.dtype or jnp.result_type(x, stack)
     x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
     y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
+def low_rank_output(
+    layer: FusedLayer, shared: Shared, scales: jax.Array, module: Any, x: jax.Array
+) -> jax.Array:
+    """One sample's output of a Dense layer whose kernel rows lie whole in chunks
+    (:meth:`Shared.low_rank`). Row ``r = q k + h`` of the kernel is ``shift + scale * (s[first
+    + q] * (E[first + q] Wg)[h] + bg[h])`` (``[h]``: the h-th piece of ``out`` values), so
+    ``x W = scale * sum_h (sum_q x[r] s[first + q] E[first + q]) Wg[h] + sum_h (sum_q x[r])
+    (shift + scale * bg[h])``: products of size ``rows x D`` and ``k x D x out``, no weights."""
+    i, p = layer.kernel, shared.tensors[layer.kernel]
+    (rows, out), dim = p.shape, shared.table.shape[1]
+    k = shared.bias.shape[0] // out
+    first, count = p.offset // shared.bias.shape[0], -(-rows // k)
+    dtype = module.dtype or jnp.result_type(x, shared.table)
+    x = x.astype(dtype)
+    xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
+    if count * k > rows:  # the last chunk holds fewer rows: the rest is padding
+        pad = [(0, 0)] * (x.ndim - 1) + [(0, count * k - rows)]
+        x, xs = jnp.pad(x, pad), jnp.pad(xs, pad)
+    lead = x.shape[:-1]
+    table = shared.table[first : first + count].astype(dtype)
+    u = jnp.einsum(
+        "...qh,qd->...hd", xs.reshape(*lead, count, k), table, precision=module.precision
+    )
+    kernel = shared.kernel.reshape(dim, k, out).astype(dtype)
+    y = jnp.einsum("...hd,dho->...o", u, kernel, precision=module.precision)
+    fixed = shared.param_shift[i] + shared.param_scale[i] * shared.bias.reshape(k, out)
+    sums = x.reshape(*lead, count, k).sum(-2)
+    y = shared.param_scale[i] * y + jnp.matmul(
+        sums, fixed.astype(dtype), precision=module.precision
+    )
     if layer.bias is not None:
         y = y + shared.materialise(layer.bias, scales).astype(dtype)
     return y
@@ -1128,4 +1212,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=93ce95e0a804c80d37a6469786213334b2d4156d34e5461109b9d5a1a44572b2
+# hypernn-gen: sha256=0b6fe2824fa41c4b915125413c2a063b8d00e69513d7e05b1914598875781015

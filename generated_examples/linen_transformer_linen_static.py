@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_transformer.py:make_target (linen, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none
-# layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 496a48899a4e80be
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=128 chunk_dim=128 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none
+# layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 93d35e67c3215b11
 # command:  hypernn-gen generated_examples/targets/linen_transformer.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_transformer_linen_static.py
 """Static hypernetwork for LinenTransformer (Flax Linen).
 
@@ -82,12 +82,12 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 124
-CHUNK_DIM = 124
-FLAT_SIZE = 15_328
-LAYOUT_DIGEST = "496a48899a4e80be"
-CHECKPOINT_DIGEST = "3840494c9926d234"  # variables["layout"]["digest"], checked
-GRADIENT_SCALE = (16.256, 0.508001, 2.87368)  # gradient multipliers: table, generator weight, bias
+NUM_EMBEDDINGS = 128
+CHUNK_DIM = 128
+FLAT_SIZE = 16_384
+LAYOUT_DIGEST = "93d35e67c3215b11"
+CHECKPOINT_DIGEST = "885dd966800bcd6d"  # variables["layout"]["digest"], checked
+GRADIENT_SCALE = (16.0, 0.5, 2.82843)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Block_0.Dense_0.bias", ("Block_0", "Dense_0", "bias"), (32,), 0, 32, 0.0, 0.0),
@@ -95,40 +95,40 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.Dense_0.kernel",
         ("Block_0", "Dense_0", "kernel"),
         (128, 32),
-        32,
+        128,
         4_096,
         0.0007218,
         0.08831,
     ),
     ParamSlice(
-        "Block_0.Dense_1.bias", ("Block_0", "Dense_1", "bias"), (128,), 4_128, 128, 0.0, 0.0
+        "Block_0.Dense_1.bias", ("Block_0", "Dense_1", "bias"), (128,), 4_224, 128, 0.0, 0.0
     ),
     ParamSlice(
         "Block_0.Dense_1.kernel",
         ("Block_0", "Dense_1", "kernel"),
         (32, 128),
-        4_256,
+        4_352,
         4_096,
         0.001802,
         0.1761,
     ),
     ParamSlice(
-        "Block_0.LayerNorm_0.bias", ("Block_0", "LayerNorm_0", "bias"), (32,), 8_352, 32, 0.0, 0.0
+        "Block_0.LayerNorm_0.bias", ("Block_0", "LayerNorm_0", "bias"), (32,), 8_448, 32, 0.0, 0.0
     ),
     ParamSlice(
-        "Block_0.LayerNorm_0.scale", ("Block_0", "LayerNorm_0", "scale"), (32,), 8_384, 32, 1.0, 0.0
+        "Block_0.LayerNorm_0.scale", ("Block_0", "LayerNorm_0", "scale"), (32,), 8_576, 32, 1.0, 0.0
     ),
     ParamSlice(
-        "Block_0.LayerNorm_1.bias", ("Block_0", "LayerNorm_1", "bias"), (32,), 8_416, 32, 0.0, 0.0
+        "Block_0.LayerNorm_1.bias", ("Block_0", "LayerNorm_1", "bias"), (32,), 8_704, 32, 0.0, 0.0
     ),
     ParamSlice(
-        "Block_0.LayerNorm_1.scale", ("Block_0", "LayerNorm_1", "scale"), (32,), 8_448, 32, 1.0, 0.0
+        "Block_0.LayerNorm_1.scale", ("Block_0", "LayerNorm_1", "scale"), (32,), 8_832, 32, 1.0, 0.0
     ),
     ParamSlice(
         "Block_0.MultiHeadDotProductAttention_0.key.bias",
         ("Block_0", "MultiHeadDotProductAttention_0", "key", "bias"),
         (4, 8),
-        8_480,
+        8_960,
         32,
         0.0,
         0.0,
@@ -137,7 +137,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.key.kernel",
         ("Block_0", "MultiHeadDotProductAttention_0", "key", "kernel"),
         (32, 4, 8),
-        8_512,
+        9_088,
         1_024,
         -0.0001479,
         0.175,
@@ -146,7 +146,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.out.bias",
         ("Block_0", "MultiHeadDotProductAttention_0", "out", "bias"),
         (32,),
-        9_536,
+        10_112,
         32,
         0.0,
         0.0,
@@ -155,7 +155,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.out.kernel",
         ("Block_0", "MultiHeadDotProductAttention_0", "out", "kernel"),
         (4, 8, 32),
-        9_568,
+        10_240,
         1_024,
         0.003735,
         0.1773,
@@ -164,7 +164,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.query.bias",
         ("Block_0", "MultiHeadDotProductAttention_0", "query", "bias"),
         (4, 8),
-        10_592,
+        11_264,
         32,
         0.0,
         0.0,
@@ -173,7 +173,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.query.kernel",
         ("Block_0", "MultiHeadDotProductAttention_0", "query", "kernel"),
         (32, 4, 8),
-        10_624,
+        11_392,
         1_024,
         -0.004874,
         0.1749,
@@ -182,7 +182,7 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.value.bias",
         ("Block_0", "MultiHeadDotProductAttention_0", "value", "bias"),
         (4, 8),
-        11_648,
+        12_416,
         32,
         0.0,
         0.0,
@@ -191,17 +191,17 @@ GENERATED: tuple[ParamSlice, ...] = (
         "Block_0.MultiHeadDotProductAttention_0.value.kernel",
         ("Block_0", "MultiHeadDotProductAttention_0", "value", "kernel"),
         (32, 4, 8),
-        11_680,
+        12_544,
         1_024,
         0.0008068,
         0.1754,
     ),
     ParamSlice(
-        "Embed_0.embedding", ("Embed_0", "embedding"), (64, 32), 12_704, 2_048, -0.0007823, 0.1757
+        "Embed_0.embedding", ("Embed_0", "embedding"), (64, 32), 13_568, 2_048, -0.0007823, 0.1757
     ),
-    ParamSlice("LayerNorm_0.bias", ("LayerNorm_0", "bias"), (32,), 14_752, 32, 0.0, 0.0),
-    ParamSlice("LayerNorm_0.scale", ("LayerNorm_0", "scale"), (32,), 14_784, 32, 1.0, 0.0),
-    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, 0.00141, 0.01962),
+    ParamSlice("LayerNorm_0.bias", ("LayerNorm_0", "bias"), (32,), 15_616, 32, 0.0, 0.0),
+    ParamSlice("LayerNorm_0.scale", ("LayerNorm_0", "scale"), (32,), 15_744, 32, 1.0, 0.0),
+    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 15_872, 512, 0.00141, 0.01962),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ()
@@ -707,4 +707,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=60d2ff0ecc9a36ccb70c51236051747ba670bc8db07e2078667ca217e38d7b83
+# hypernn-gen: sha256=9fba4d06eae3c023f9d26fb81ac5078abcc8da3cc1a34eccfe472c904123b227

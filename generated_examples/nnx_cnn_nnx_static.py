@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_cnn.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=37 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none
-# layout:   6 generated tensors, 1,386 values, 4 state tensors, digest d19cc5e10d64838d
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=38 chunk_dim=40 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none
+# layout:   6 generated tensors, 1,386 values, 4 state tensors, digest 64056269635d92fd
 # command:  hypernn-gen generated_examples/targets/nnx_cnn.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_cnn_nnx_static.py
 """Static hypernetwork for NnxCnn (Flax NNX).
 
@@ -71,19 +71,19 @@ class ParamSlice(NamedTuple):
 
 EMBEDDING_DIM = 32
 NUM_EMBEDDINGS = 38
-CHUNK_DIM = 37
-FLAT_SIZE = 1_386
-LAYOUT_DIGEST = "d19cc5e10d64838d"
-CHECKPOINT_DIGEST = "7152b69e550ebe1d"  # the layout_digest variable, checked
-GRADIENT_SCALE = (59.5188, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
+CHUNK_DIM = 40
+FLAT_SIZE = 1_520
+LAYOUT_DIGEST = "64056269635d92fd"
+CHECKPOINT_DIGEST = "7771da41bc949533"  # the layout_digest variable, checked
+GRADIENT_SCALE = (57.2433, 1.83533, 10.3822)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("bn.bias", ("bn", "bias"), (8,), 0, 8, 0.0, 0.0),
-    ParamSlice("bn.scale", ("bn", "scale"), (8,), 8, 8, 1.0, 0.0),
-    ParamSlice("conv.bias", ("conv", "bias"), (8,), 16, 8, 0.0, 0.0),
-    ParamSlice("conv.kernel", ("conv", "kernel"), (3, 3, 1, 8), 24, 72, 0.01193, 0.3911),
-    ParamSlice("linear.bias", ("linear", "bias"), (10,), 96, 10, 0.0, 0.0),
-    ParamSlice("linear.kernel", ("linear", "kernel"), (128, 10), 106, 1_280, 0.001358, 0.09037),
+    ParamSlice("bn.scale", ("bn", "scale"), (8,), 40, 8, 1.0, 0.0),
+    ParamSlice("conv.bias", ("conv", "bias"), (8,), 80, 8, 0.0, 0.0),
+    ParamSlice("conv.kernel", ("conv", "kernel"), (3, 3, 1, 8), 120, 72, 0.01193, 0.3911),
+    ParamSlice("linear.bias", ("linear", "bias"), (10,), 200, 10, 0.0, 0.0),
+    ParamSlice("linear.kernel", ("linear", "kernel"), (128, 10), 240, 1_280, 0.001358, 0.09037),
 )
 # The target's other state, kept by the hypernetwork's copy of the target (hypernetwork.target):
 #   BatchStat: bn.mean (8,)
@@ -502,4 +502,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=0f193ef60bb83b7f355e8aa437d041c522152ac5febed50bec44975eeb710f15
+# hypernn-gen: sha256=52c82f73c76290483fedbccb67df3cc63928707fe2e920fcf59b4de3758fd094

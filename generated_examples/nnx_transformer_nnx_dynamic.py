@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
-# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
-# layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 4dce26a7936cb729
+# options:  backend=flax mode=dynamic embedding_dim=32 num_embeddings=128 chunk_dim=128 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
+# layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 1d6d6e76d408c687
 # fusion:   fused: block.fc, block.proj; per sample: block.attn.key, block.attn.out, block.attn.query, block.attn.value, block.ln1, block.ln2, embed, ln_f, <root>
 # command:  hypernn-gen generated_examples/targets/nnx_transformer.py --backend flax --mode dynamic --embedding-dim 32 -o generated_examples/nnx_transformer_nnx_dynamic.py
 """Dynamic hypernetwork for NnxTransformer (Flax NNX).
@@ -98,14 +98,14 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 124
-CHUNK_DIM = 124
-FLAT_SIZE = 15_328
-LAYOUT_DIGEST = "4dce26a7936cb729"
-CHECKPOINT_DIGEST = "5626701b6aaba52b"  # the layout_digest variable, checked
+NUM_EMBEDDINGS = 128
+CHUNK_DIM = 128
+FLAT_SIZE = 16_384
+LAYOUT_DIGEST = "1d6d6e76d408c687"
+CHECKPOINT_DIGEST = "70a15d4075b9ff7b"  # the layout_digest variable, checked
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
-GRADIENT_SCALE = (16.256, 0.508001, 2.87368)  # gradient multipliers: table, generator weight, bias
+GRADIENT_SCALE = (16.0, 0.5, 2.82843)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("block.attn.key.bias", ("block", "attn", "key", "bias"), (4, 8), 0, 32, 0.0, 0.0),
@@ -113,76 +113,76 @@ GENERATED: tuple[ParamSlice, ...] = (
         "block.attn.key.kernel",
         ("block", "attn", "key", "kernel"),
         (32, 4, 8),
-        32,
+        128,
         1_024,
         0.0001392,
         0.1785,
     ),
-    ParamSlice("block.attn.out.bias", ("block", "attn", "out", "bias"), (32,), 1_056, 32, 0.0, 0.0),
+    ParamSlice("block.attn.out.bias", ("block", "attn", "out", "bias"), (32,), 1_152, 32, 0.0, 0.0),
     ParamSlice(
         "block.attn.out.kernel",
         ("block", "attn", "out", "kernel"),
         (4, 8, 32),
-        1_088,
+        1_280,
         1_024,
         0.003918,
         0.1779,
     ),
     ParamSlice(
-        "block.attn.query.bias", ("block", "attn", "query", "bias"), (4, 8), 2_112, 32, 0.0, 0.0
+        "block.attn.query.bias", ("block", "attn", "query", "bias"), (4, 8), 2_304, 32, 0.0, 0.0
     ),
     ParamSlice(
         "block.attn.query.kernel",
         ("block", "attn", "query", "kernel"),
         (32, 4, 8),
-        2_144,
+        2_432,
         1_024,
         -0.006534,
         0.1768,
     ),
     ParamSlice(
-        "block.attn.value.bias", ("block", "attn", "value", "bias"), (4, 8), 3_168, 32, 0.0, 0.0
+        "block.attn.value.bias", ("block", "attn", "value", "bias"), (4, 8), 3_456, 32, 0.0, 0.0
     ),
     ParamSlice(
         "block.attn.value.kernel",
         ("block", "attn", "value", "kernel"),
         (32, 4, 8),
-        3_200,
+        3_584,
         1_024,
         0.00469,
         0.1732,
     ),
-    ParamSlice("block.fc.bias", ("block", "fc", "bias"), (128,), 4_224, 128, 0.0, 0.0),
+    ParamSlice("block.fc.bias", ("block", "fc", "bias"), (128,), 4_608, 128, 0.0, 0.0),
     ParamSlice(
-        "block.fc.kernel", ("block", "fc", "kernel"), (32, 128), 4_352, 4_096, 0.001218, 0.1776
+        "block.fc.kernel", ("block", "fc", "kernel"), (32, 128), 4_736, 4_096, 0.001218, 0.1776
     ),
-    ParamSlice("block.ln1.bias", ("block", "ln1", "bias"), (32,), 8_448, 32, 0.0, 0.0),
-    ParamSlice("block.ln1.scale", ("block", "ln1", "scale"), (32,), 8_480, 32, 1.0, 0.0),
-    ParamSlice("block.ln2.bias", ("block", "ln2", "bias"), (32,), 8_512, 32, 0.0, 0.0),
-    ParamSlice("block.ln2.scale", ("block", "ln2", "scale"), (32,), 8_544, 32, 1.0, 0.0),
-    ParamSlice("block.proj.bias", ("block", "proj", "bias"), (32,), 8_576, 32, 0.0, 0.0),
+    ParamSlice("block.ln1.bias", ("block", "ln1", "bias"), (32,), 8_832, 32, 0.0, 0.0),
+    ParamSlice("block.ln1.scale", ("block", "ln1", "scale"), (32,), 8_960, 32, 1.0, 0.0),
+    ParamSlice("block.ln2.bias", ("block", "ln2", "bias"), (32,), 9_088, 32, 0.0, 0.0),
+    ParamSlice("block.ln2.scale", ("block", "ln2", "scale"), (32,), 9_216, 32, 1.0, 0.0),
+    ParamSlice("block.proj.bias", ("block", "proj", "bias"), (32,), 9_344, 32, 0.0, 0.0),
     ParamSlice(
         "block.proj.kernel",
         ("block", "proj", "kernel"),
         (128, 32),
-        8_608,
+        9_472,
         4_096,
         -0.0003904,
         0.08755,
     ),
     ParamSlice(
-        "embed.embedding", ("embed", "embedding"), (64, 32), 12_704, 2_048, -0.005305, 0.1771
+        "embed.embedding", ("embed", "embedding"), (64, 32), 13_568, 2_048, -0.005305, 0.1771
     ),
-    ParamSlice("ln_f.bias", ("ln_f", "bias"), (32,), 14_752, 32, 0.0, 0.0),
-    ParamSlice("ln_f.scale", ("ln_f", "scale"), (32,), 14_784, 32, 1.0, 0.0),
-    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, -0.00213, 0.02063),
+    ParamSlice("ln_f.bias", ("ln_f", "bias"), (32,), 15_616, 32, 0.0, 0.0),
+    ParamSlice("ln_f.scale", ("ln_f", "scale"), (32,), 15_744, 32, 1.0, 0.0),
+    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 15_872, 512, -0.00213, 0.02063),
 )
 
 # Fused layers (per-sample outputs from shared weights, see the kernel's fused_path): module
 # path in the target, indices of its kernel and bias in GENERATED, chunks a kernel row spans.
 FUSED: tuple[tuple[tuple[str | int, ...], int, int | None, int], ...] = (
-    (("block", "fc"), 9, 8, 2),
-    (("block", "proj"), 15, 14, 2),
+    (("block", "fc"), 9, 8, 1),
+    (("block", "proj"), 15, 14, 1),
 )
 # Modules whose generated tensors are materialised per sample, and why.
 PER_SAMPLE: tuple[tuple[str, str], ...] = (
@@ -757,13 +757,21 @@ def fused_indices(
 class Shared(NamedTuple):
     """What every sample's generated tensors are made of (see above), and the layout."""
 
-    g0: jax.Array  # (num_embeddings * chunk_dim,): the generator on the table, without its bias
+    table: jax.Array  # (num_embeddings, embedding_dim): the embedding table E
+    kernel: jax.Array  # (embedding_dim, chunk_dim): the linear generator's kernel Wg
     bias: jax.Array  # (chunk_dim,): the generator's bias
     param_scale: jax.Array
     param_shift: jax.Array
     tensors: tuple  # the layout's generated tensors
     fused: tuple[FusedLayer, ...]
     num_embeddings: int
+    g0s: tuple  # per tensor: the generator on its chunks' rows, without its bias (None: unused)
+
+    def g0(self, p: Any) -> jax.Array:
+        """The generator on the table without its bias, at the positions of ``p``, ``p.shape``."""
+        g0 = self.g0s[self.tensors.index(p)]
+        start = p.offset % self.bias.shape[0]
+        return g0[start : start + p.size].reshape(p.shape)
 
     def chunk_bias(self, p: Any) -> jax.Array:
         """``bias[position % chunk_dim]`` for the values of ``p``, ``p.shape`` (tiled, not
@@ -779,8 +787,7 @@ class Shared(NamedTuple):
         first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
         scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
         scale = scale[start : start + p.size].reshape(p.shape)
-        g0 = self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        raw = scale * g0 + self.chunk_bias(p)
+        raw = scale * self.g0(p) + self.chunk_bias(p)
         return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
 
     def params(self, scales: jax.Array) -> dict:
@@ -795,15 +802,20 @@ class Shared(NamedTuple):
                 node[p.keys[-1]] = self.materialise(i, scales)
         return params
 
-    def stack(self, layer: FusedLayer) -> jax.Array:
+    def low_rank(self, layer: FusedLayer) -> bool:
+        """See :func:`low_rank`."""
+        return low_rank(self.tensors[layer.kernel], self.bias.shape[0], self.table.shape[1])
+
+    def stack(self, layer: FusedLayer) -> jax.Array | None:
         """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
-        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part."""
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part;
+        ``None`` for a layer computed in the rank-D form."""
+        if self.low_rank(layer):
+            return None
         i, p, chunk_dim = layer.kernel, self.tensors[layer.kernel], self.bias.shape[0]
         position, chunk = fused_indices(layer, self.tensors, chunk_dim, self.num_embeddings)
         segment = position // chunk_dim - chunk[0][:, None]
-        w0 = self.param_scale[i] * kernel_rows(
-            self.g0[p.offset : p.offset + p.size].reshape(p.shape)
-        )
+        w0 = self.param_scale[i] * kernel_rows(self.g0(p))
         parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
         parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
         # The barrier keeps XLA from folding the construction into every sample's GEMM.
@@ -819,17 +831,52 @@ def shared_inputs(
     fused: Any,
     gradient_scale: Any = None,
 ) -> Shared:
-    """What all samples share: the (linear) ``generator`` on the embedding ``table``, split into
-    its linear part and its bias, the decoder's ``scale`` and ``shift``; ``fused``: plain
+    """What all samples share: the embedding ``table``, the (linear) ``generator``'s kernel and
+    bias (:func:`linear_weights`), the decoder's ``scale`` and ``shift``; ``fused``: plain
     ``(path, kernel, bias, segments)`` tuples. ``gradient_scale``: the multipliers of the
     table, the generator's weight and bias (the generator applies its own), or ``None``."""
     if gradient_scale is not None:
         table = scale_grad(table, gradient_scale[0])
     scale, shift = decoder(scale, shift, tensors, gradient_scale)
-    bias = generator(jnp.zeros((1, table.shape[-1]), table.dtype))[0]
-    g0 = (generator(table) - bias).reshape(-1)
+    kernel, bias = linear_weights(generator, table)
+    if gradient_scale is not None:  # read from the parameters: the generator's multipliers
+        kernel = scale_grad(kernel, gradient_scale[1])
+        bias = scale_grad(bias, gradient_scale[2])
     layers = tuple(FusedLayer(*layer) for layer in fused)
-    return Shared(g0, bias, scale, shift, tuple(tensors), layers, table.shape[0])
+    chunk_dim, dim = bias.shape[0], table.shape[1]
+    rank_d = {layer.kernel for layer in layers if low_rank(tensors[layer.kernel], chunk_dim, dim)}
+    # the generator on the whole table, one product (unless only rank-D layers), sliced
+    full = (generator(table) - bias).reshape(-1) if len(rank_d) < len(tensors) else None
+    g0s = []
+    for i, p in enumerate(tensors):
+        first = p.offset // chunk_dim * chunk_dim
+        end = first + -(-(p.offset - first + p.size) // chunk_dim) * chunk_dim
+        g0s.append(None if full is None or i in rank_d else full[first:end])
+    return Shared(
+        table, kernel, bias, scale, shift, tuple(tensors), layers, table.shape[0], tuple(g0s)
+    )
+
+
+def low_rank(p: Any, chunk_dim: int, dim: int) -> bool:
+    """Whether a fused kernel ``p`` is a Dense one (2-D; a Conv kernel has 3+ dimensions) whose
+    rows lie whole in chunks, ``k = chunk_dim // out`` rows to a chunk from a chunk boundary,
+    and the rank-``dim`` form (:func:`low_rank_output`) costs less per sample than the stacked
+    GEMM (``2 * rows * out``)."""
+    if len(p.shape) != 2 or p.offset % chunk_dim or chunk_dim % p.shape[-1]:
+        return False
+    return dim * (p.shape[0] + chunk_dim) <= 2 * p.size
+
+
+def linear_weights(generator: Any, table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The kernel ``(embedding_dim, chunk_dim)`` and bias of a linear weight generator, read
+    from its parameters (exactly): its ``linear`` layer, an NNX ``nnx.Linear`` attribute or a
+    bound Linen ``nn.Dense`` (called once first, which creates its parameters in ``init``)."""
+    linear = getattr(generator, "linear", None)
+    if linear is not None and hasattr(linear, "kernel"):  # NNX
+        return linear.kernel[...], linear.bias[...]
+    generator(table[:1])  # Linen: the parameters exist once the generator has run
+    params = generator.variables["params"]["linear"]
+    return params["kernel"], params["bias"]
 
 
 def conv_patches(module: Any, x: jax.Array) -> jax.Array:
@@ -863,7 +910,7 @@ def conv_patches(module: Any, x: jax.Array) -> jax.Array:
 
 def fused_output(
     layer: FusedLayer,
-    stack: jax.Array,
+    stack: jax.Array | None,
     shared: Shared,
     scales: jax.Array,
     module: Any,
@@ -871,6 +918,8 @@ def fused_output(
     conv: bool,
 ) -> jax.Array:
     """One sample's output of a fused Dense/Linear (``conv``: Conv) ``module`` for its input."""
+    if stack is None:
+        return low_rank_output(layer, shared, scales, module, x)
     if conv:
         x = conv_patches(module, x)
     _, chunk = fused_indices(layer, shared.tensors, shared.bias.shape[0], shared.num_embeddings)
@@ -878,6 +927,41 @@ def fused_output(
     dtype = module.dtype or jnp.result_type(x, stack)
     x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
     y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
+def low_rank_output(
+    layer: FusedLayer, shared: Shared, scales: jax.Array, module: Any, x: jax.Array
+) -> jax.Array:
+    """One sample's output of a Dense layer whose kernel rows lie whole in chunks
+    (:meth:`Shared.low_rank`). Row ``r = q k + h`` of the kernel is ``shift + scale * (s[first
+    + q] * (E[first + q] Wg)[h] + bg[h])`` (``[h]``: the h-th piece of ``out`` values), so
+    ``x W = scale * sum_h (sum_q x[r] s[first + q] E[first + q]) Wg[h] + sum_h (sum_q x[r])
+    (shift + scale * bg[h])``: products of size ``rows x D`` and ``k x D x out``, no weights."""
+    i, p = layer.kernel, shared.tensors[layer.kernel]
+    (rows, out), dim = p.shape, shared.table.shape[1]
+    k = shared.bias.shape[0] // out
+    first, count = p.offset // shared.bias.shape[0], -(-rows // k)
+    dtype = module.dtype or jnp.result_type(x, shared.table)
+    x = x.astype(dtype)
+    xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
+    if count * k > rows:  # the last chunk holds fewer rows: the rest is padding
+        pad = [(0, 0)] * (x.ndim - 1) + [(0, count * k - rows)]
+        x, xs = jnp.pad(x, pad), jnp.pad(xs, pad)
+    lead = x.shape[:-1]
+    table = shared.table[first : first + count].astype(dtype)
+    u = jnp.einsum(
+        "...qh,qd->...hd", xs.reshape(*lead, count, k), table, precision=module.precision
+    )
+    kernel = shared.kernel.reshape(dim, k, out).astype(dtype)
+    y = jnp.einsum("...hd,dho->...o", u, kernel, precision=module.precision)
+    fixed = shared.param_shift[i] + shared.param_scale[i] * shared.bias.reshape(k, out)
+    sums = x.reshape(*lead, count, k).sum(-2)
+    y = shared.param_scale[i] * y + jnp.matmul(
+        sums, fixed.astype(dtype), precision=module.precision
+    )
     if layer.bias is not None:
         y = y + shared.materialise(layer.bias, scales).astype(dtype)
     return y
@@ -1105,4 +1189,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=df2b17ddb7ca5873249b2f714afa85f44cf38d2c0c29d5a67e765ebe342ee041
+# hypernn-gen: sha256=4fe33f55abc2777046ff6bec2ec8185fa34a0328a225a1e16e0788063262614c

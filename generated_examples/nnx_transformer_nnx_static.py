@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/nnx_transformer.py:make_target (nnx, factory)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none
-# layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 4dce26a7936cb729
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=128 chunk_dim=128 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none
+# layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 1d6d6e76d408c687
 # command:  hypernn-gen generated_examples/targets/nnx_transformer.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_transformer_nnx_static.py
 """Static hypernetwork for NnxTransformer (Flax NNX).
 
@@ -89,12 +89,12 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 124
-CHUNK_DIM = 124
-FLAT_SIZE = 15_328
-LAYOUT_DIGEST = "4dce26a7936cb729"
-CHECKPOINT_DIGEST = "5720bd4398a4adc8"  # the layout_digest variable, checked
-GRADIENT_SCALE = (16.256, 0.508001, 2.87368)  # gradient multipliers: table, generator weight, bias
+NUM_EMBEDDINGS = 128
+CHUNK_DIM = 128
+FLAT_SIZE = 16_384
+LAYOUT_DIGEST = "1d6d6e76d408c687"
+CHECKPOINT_DIGEST = "8b46766c2875c131"  # the layout_digest variable, checked
+GRADIENT_SCALE = (16.0, 0.5, 2.82843)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("block.attn.key.bias", ("block", "attn", "key", "bias"), (4, 8), 0, 32, 0.0, 0.0),
@@ -102,69 +102,69 @@ GENERATED: tuple[ParamSlice, ...] = (
         "block.attn.key.kernel",
         ("block", "attn", "key", "kernel"),
         (32, 4, 8),
-        32,
+        128,
         1_024,
         0.0001392,
         0.1785,
     ),
-    ParamSlice("block.attn.out.bias", ("block", "attn", "out", "bias"), (32,), 1_056, 32, 0.0, 0.0),
+    ParamSlice("block.attn.out.bias", ("block", "attn", "out", "bias"), (32,), 1_152, 32, 0.0, 0.0),
     ParamSlice(
         "block.attn.out.kernel",
         ("block", "attn", "out", "kernel"),
         (4, 8, 32),
-        1_088,
+        1_280,
         1_024,
         0.003918,
         0.1779,
     ),
     ParamSlice(
-        "block.attn.query.bias", ("block", "attn", "query", "bias"), (4, 8), 2_112, 32, 0.0, 0.0
+        "block.attn.query.bias", ("block", "attn", "query", "bias"), (4, 8), 2_304, 32, 0.0, 0.0
     ),
     ParamSlice(
         "block.attn.query.kernel",
         ("block", "attn", "query", "kernel"),
         (32, 4, 8),
-        2_144,
+        2_432,
         1_024,
         -0.006534,
         0.1768,
     ),
     ParamSlice(
-        "block.attn.value.bias", ("block", "attn", "value", "bias"), (4, 8), 3_168, 32, 0.0, 0.0
+        "block.attn.value.bias", ("block", "attn", "value", "bias"), (4, 8), 3_456, 32, 0.0, 0.0
     ),
     ParamSlice(
         "block.attn.value.kernel",
         ("block", "attn", "value", "kernel"),
         (32, 4, 8),
-        3_200,
+        3_584,
         1_024,
         0.00469,
         0.1732,
     ),
-    ParamSlice("block.fc.bias", ("block", "fc", "bias"), (128,), 4_224, 128, 0.0, 0.0),
+    ParamSlice("block.fc.bias", ("block", "fc", "bias"), (128,), 4_608, 128, 0.0, 0.0),
     ParamSlice(
-        "block.fc.kernel", ("block", "fc", "kernel"), (32, 128), 4_352, 4_096, 0.001218, 0.1776
+        "block.fc.kernel", ("block", "fc", "kernel"), (32, 128), 4_736, 4_096, 0.001218, 0.1776
     ),
-    ParamSlice("block.ln1.bias", ("block", "ln1", "bias"), (32,), 8_448, 32, 0.0, 0.0),
-    ParamSlice("block.ln1.scale", ("block", "ln1", "scale"), (32,), 8_480, 32, 1.0, 0.0),
-    ParamSlice("block.ln2.bias", ("block", "ln2", "bias"), (32,), 8_512, 32, 0.0, 0.0),
-    ParamSlice("block.ln2.scale", ("block", "ln2", "scale"), (32,), 8_544, 32, 1.0, 0.0),
-    ParamSlice("block.proj.bias", ("block", "proj", "bias"), (32,), 8_576, 32, 0.0, 0.0),
+    ParamSlice("block.ln1.bias", ("block", "ln1", "bias"), (32,), 8_832, 32, 0.0, 0.0),
+    ParamSlice("block.ln1.scale", ("block", "ln1", "scale"), (32,), 8_960, 32, 1.0, 0.0),
+    ParamSlice("block.ln2.bias", ("block", "ln2", "bias"), (32,), 9_088, 32, 0.0, 0.0),
+    ParamSlice("block.ln2.scale", ("block", "ln2", "scale"), (32,), 9_216, 32, 1.0, 0.0),
+    ParamSlice("block.proj.bias", ("block", "proj", "bias"), (32,), 9_344, 32, 0.0, 0.0),
     ParamSlice(
         "block.proj.kernel",
         ("block", "proj", "kernel"),
         (128, 32),
-        8_608,
+        9_472,
         4_096,
         -0.0003904,
         0.08755,
     ),
     ParamSlice(
-        "embed.embedding", ("embed", "embedding"), (64, 32), 12_704, 2_048, -0.005305, 0.1771
+        "embed.embedding", ("embed", "embedding"), (64, 32), 13_568, 2_048, -0.005305, 0.1771
     ),
-    ParamSlice("ln_f.bias", ("ln_f", "bias"), (32,), 14_752, 32, 0.0, 0.0),
-    ParamSlice("ln_f.scale", ("ln_f", "scale"), (32,), 14_784, 32, 1.0, 0.0),
-    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 14_816, 512, -0.00213, 0.02063),
+    ParamSlice("ln_f.bias", ("ln_f", "bias"), (32,), 15_616, 32, 0.0, 0.0),
+    ParamSlice("ln_f.scale", ("ln_f", "scale"), (32,), 15_744, 32, 1.0, 0.0),
+    ParamSlice("pos_emb", ("pos_emb",), (16, 32), 15_872, 512, -0.00213, 0.02063),
 )
 
 
@@ -578,4 +578,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=381e07bcd2d88a3e76510d0227ba08fa84b7751fde6331a3e7850ac1d6478e51
+# hypernn-gen: sha256=29460b27c3b47ebf0037979db04d9fa64eb01872ee4593bab84b80a16b11f6fb

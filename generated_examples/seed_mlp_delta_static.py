@@ -2,8 +2,8 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/seed_mlp.py:make_target (torch, factory)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=263 chunk_dim=263 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=270 chunk_dim=256 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none
 # generate: delta (each generated tensor is its frozen base plus a delta that starts at 0)
 # base:     the target's own weights (make_target())
 # layout:   5 generated tensors, 69,120 values, 0 state tensors, digest 92f8307eadc3dee6
@@ -55,13 +55,13 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 263
-CHUNK_DIM = 263
+NUM_EMBEDDINGS = 270
+CHUNK_DIM = 256
 FLAT_SIZE = 69_120
 LAYOUT_DIGEST = "92f8307eadc3dee6"
-CHECKPOINT_DIGEST = "7da76ff9486e7dec"  # saved in every state dict, checked on load
+CHECKPOINT_DIGEST = "a3a6b47e5f044160"  # saved in every state dict, checked on load
 BASE_CHECKPOINT: str | None = None  # None: the target's own weights
-GRADIENT_SCALE = (178.594, 5.58107, 31.5713)  # gradient multipliers: table, generator weight, bias
+GRADIENT_SCALE = (181.019, 5.50824, 31.1593)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("0.weight", (256, 8), 0, 2_048, 0.0, 0.204124),
@@ -455,4 +455,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=47026cd259e7757e8af2d2a3c95652669991d0757f9cfdec2537ead4ae76e95a
+# hypernn-gen: sha256=0444689bb2ecf40d046e2a30dfcf1f8a17164f778f5edab56df0889e1141cd67

@@ -2,8 +2,8 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/seed_mlp.py:make_target (torch, factory)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=263 chunk_dim=263 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=270 chunk_dim=256 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 69,120 values, 0 state tensors, digest 92f8307eadc3dee6
 # command:  hypernn-gen generated_examples/targets/seed_mlp.py --backend torch --mode static --embedding-dim 32 --template-dir generated_examples/templates -o generated_examples/seed_mlp_torch_static_sinusoidal.py
 """Static hypernetwork for SeedMlp (PyTorch).
@@ -53,12 +53,12 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 263
-CHUNK_DIM = 263
+NUM_EMBEDDINGS = 270
+CHUNK_DIM = 256
 FLAT_SIZE = 69_120
 LAYOUT_DIGEST = "92f8307eadc3dee6"
-CHECKPOINT_DIGEST = "7da76ff9486e7dec"  # saved in every state dict, checked on load
-GRADIENT_SCALE = (178.594, 5.58107, 31.5713)  # gradient multipliers: table, generator weight, bias
+CHECKPOINT_DIGEST = "a3a6b47e5f044160"  # saved in every state dict, checked on load
+GRADIENT_SCALE = (181.019, 5.50824, 31.1593)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("0.weight", (256, 8), 0, 2_048, 0.0, 0.204124),
@@ -402,4 +402,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=af956e0369762af054d33e5d9bdb51cad85431bd8f5270d3c222f17dac5502b5
+# hypernn-gen: sha256=2c9a5b74385779cf487b9843ae22659d22dc535a2db7a54ffb9ba3b90932b132

@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/transformer.py:make_target (torch, factory)
-# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
-# layout:   16 generated tensors, 15,328 values, 1 state tensors, digest 4e869ab506b9ea78
+# options:  backend=torch mode=dynamic embedding_dim=32 num_embeddings=126 chunk_dim=128 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none embedding_hidden=64 condition_shape=16
+# layout:   16 generated tensors, 15,328 values, 1 state tensors, digest 27263f84be78f20e
 # fusion:   no layer fused: every generated tensor is materialised per sample
 # command:  hypernn-gen generated_examples/targets/transformer.py --backend torch --mode dynamic --embedding-dim 32 -o generated_examples/transformer_torch_dynamic.py
 """Dynamic hypernetwork for Transformer (PyTorch).
@@ -90,32 +90,32 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 124
-CHUNK_DIM = 124
-FLAT_SIZE = 15_328
-LAYOUT_DIGEST = "4e869ab506b9ea78"
-CHECKPOINT_DIGEST = "fd2b36717cbfe648"  # saved in every state dict, checked on load
+NUM_EMBEDDINGS = 126
+CHUNK_DIM = 128
+FLAT_SIZE = 16_128
+LAYOUT_DIGEST = "27263f84be78f20e"
+CHECKPOINT_DIGEST = "a9be7f1977279a16"  # saved in every state dict, checked on load
 CONDITION_SHAPE = (16,)  # one sample's conditioning input
 EMBEDDING_HIDDEN = (64,)  # hidden widths of the embedding network
-GRADIENT_SCALE = (4.064, 0.127, 0.718421)  # gradient multipliers: table, generator weight, bias
+GRADIENT_SCALE = (4.0, 0.125988, 0.712697)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("pos_emb", (16, 32), 0, 512, 0.0, 0.02),
     ParamSlice("tok_emb.weight", (64, 32), 512, 2_048, 0.0, 1.0),
     ParamSlice("block.ln1.weight", (32,), 2_560, 32, 1.0, 0.0),
-    ParamSlice("block.ln1.bias", (32,), 2_592, 32, 0.0, 0.0),
-    ParamSlice("block.attn.in_proj_weight", (96, 32), 2_624, 3_072, 0.0, 0.125),
-    ParamSlice("block.attn.in_proj_bias", (96,), 5_696, 96, 0.0, 0.0),
-    ParamSlice("block.attn.out_proj.weight", (32, 32), 5_792, 1_024, 0.0, 0.102062),
-    ParamSlice("block.attn.out_proj.bias", (32,), 6_816, 32, 0.0, 0.0),
-    ParamSlice("block.ln2.weight", (32,), 6_848, 32, 1.0, 0.0),
-    ParamSlice("block.ln2.bias", (32,), 6_880, 32, 0.0, 0.0),
-    ParamSlice("block.mlp.0.weight", (128, 32), 6_912, 4_096, 0.0, 0.102062),
-    ParamSlice("block.mlp.0.bias", (128,), 11_008, 128, 0.0, 0.102062),
-    ParamSlice("block.mlp.2.weight", (32, 128), 11_136, 4_096, 0.0, 0.051031),
-    ParamSlice("block.mlp.2.bias", (32,), 15_232, 32, 0.0, 0.051031),
-    ParamSlice("ln_f.weight", (32,), 15_264, 32, 1.0, 0.0),
-    ParamSlice("ln_f.bias", (32,), 15_296, 32, 0.0, 0.0),
+    ParamSlice("block.ln1.bias", (32,), 2_688, 32, 0.0, 0.0),
+    ParamSlice("block.attn.in_proj_weight", (96, 32), 2_816, 3_072, 0.0, 0.125),
+    ParamSlice("block.attn.in_proj_bias", (96,), 5_888, 96, 0.0, 0.0),
+    ParamSlice("block.attn.out_proj.weight", (32, 32), 6_016, 1_024, 0.0, 0.102062),
+    ParamSlice("block.attn.out_proj.bias", (32,), 7_040, 32, 0.0, 0.0),
+    ParamSlice("block.ln2.weight", (32,), 7_168, 32, 1.0, 0.0),
+    ParamSlice("block.ln2.bias", (32,), 7_296, 32, 0.0, 0.0),
+    ParamSlice("block.mlp.0.weight", (128, 32), 7_424, 4_096, 0.0, 0.102062),
+    ParamSlice("block.mlp.0.bias", (128,), 11_520, 128, 0.0, 0.102062),
+    ParamSlice("block.mlp.2.weight", (32, 128), 11_648, 4_096, 0.0, 0.051031),
+    ParamSlice("block.mlp.2.bias", (32,), 15_744, 32, 0.0, 0.051031),
+    ParamSlice("ln_f.weight", (32,), 15_872, 32, 1.0, 0.0),
+    ParamSlice("ln_f.bias", (32,), 16_000, 32, 0.0, 0.0),
 )
 # Tied tensors: generated once, used under every name.
 TIED: dict[str, str] = {
@@ -245,7 +245,7 @@ class TransformerHyperNetwork(nn.Module):
         return self.decode(raw[:, :FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Raw generator output to parameter values, tensor by tensor."""
+        """Raw generator output to parameter values, tensor by tensor (padding: 0)."""
         return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
@@ -838,25 +838,86 @@ class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
     scales: Tensor  # (batch, num_embeddings)
-    g0: tuple[Tensor, ...]  # per generated tensor, flat: g0 at its positions
-    bias: tuple[Tensor, ...]  # per generated tensor, flat: bg at its positions
+    table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
+    generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
+    generator_bias: Tensor  # (chunk_dim,): its bias bg
     param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
     param_shift: tuple[Tensor, ...]
     generated: tuple  # the layout
     chunk_dim: int
+    flat_size: int
+    cache: dict  # g0 and bg per generated tensor, computed when first asked for
+
+    def span(self, i: int) -> tuple[int, int, int]:
+        """Tensor i's first chunk, its number of chunks and its start in the first."""
+        p = self.generated[i]
+        first, last = p.offset // self.chunk_dim, (p.offset + p.size - 1) // self.chunk_dim
+        return first, last - first + 1, p.offset - first * self.chunk_dim
+
+    @property
+    def aligned(self) -> bool:
+        """Every tensor starts a chunk (``chunking="tensor"``): no chunk holds two tensors."""
+        if "aligned" not in self.cache:
+            self.cache["aligned"] = all(p.offset % self.chunk_dim == 0 for p in self.generated)
+        return self.cache["aligned"]
+
+    def chunks(self, i: int) -> tuple[Tensor, Tensor]:
+        """Tensor i's chunks: each sample's scales ``(batch, count)`` and the table's rows
+        ``(count, embedding_dim)``; one split of each for all tensors when no chunk holds two."""
+        first, count, _ = self.span(i)
+        if not self.aligned:
+            return self.scales[:, first : first + count], self.table[first : first + count]
+        if "chunks" not in self.cache:
+            sizes, owners, end = [], [], 0
+            for j in range(len(self.generated)):
+                start, n, _ = self.span(j)
+                if start > end:  # never with chunking="tensor"; kept for safety
+                    sizes.append(start - end)
+                    owners.append(-1)
+                sizes.append(n)
+                owners.append(j)
+                end = start + n
+            if self.table.shape[0] > end:
+                sizes.append(self.table.shape[0] - end)
+                owners.append(-1)
+            pieces = zip(owners, self.scales.split(sizes, 1), self.table.split(sizes), strict=True)
+            self.cache["chunks"] = {j: (s, t) for j, s, t in pieces if j >= 0}
+        return self.cache["chunks"][i]
+
+    def g0(self, i: int) -> Tensor:
+        """``G0 = E Wg^T`` at tensor i's positions, flat: chunk by chunk where every tensor
+        starts a chunk (``chunking="tensor"``), else one product split (one backward node)."""
+        if i not in self.cache:
+            if self.aligned:
+                g0 = F.linear(self.chunks(i)[1], self.generator).view(-1)
+                size = self.generated[i].size
+                self.cache[i] = g0 if g0.shape[0] == size else g0[:size]
+            else:
+                sizes, owners = segments(self.generated, self.flat_size)
+                g0 = F.linear(self.table, self.generator).view(-1)[: self.flat_size]
+                pieces = zip(owners, g0.split(sizes), strict=True)
+                self.cache.update((j, v) for j, v in pieces if j < len(self.generated))
+        return self.cache[i]
+
+    def bg(self, i: int) -> Tensor:
+        """The generator's bias at tensor i's positions, flat."""
+        first, count, start = self.span(i)
+        bias = self.generator_bias if count == 1 else self.generator_bias.repeat(count)
+        size = self.generated[i].size
+        return bias if start == 0 and size == bias.shape[0] else bias[start : start + size]
 
     def raw(self, i: int, coeff: Tensor) -> Tensor:
         """Tensor i's values for every sample, ``(batch, size)``, given the scale of the
-        chunk each value lies in, ``(batch, size)``."""
-        raw = torch.addcmul(self.bias[i], coeff, self.g0[i])
-        return torch.addcmul(self.param_shift[i], self.param_scale[i], raw)
+        chunk each value lies in, ``(batch, size)`` (or ``(batch, 1)``: one chunk)."""
+        raw = self.bg(i) + coeff * self.g0(i)  # no addcmul: its backward is heavier
+        return self.param_shift[i] + self.param_scale[i] * raw
 
     def materialise(self, i: int) -> Tensor:
         """Tensor i for every sample, ``(batch, *shape)``."""
-        p, chunk_dim = self.generated[i], self.chunk_dim
-        first, last = p.offset // chunk_dim, (p.offset + p.size - 1) // chunk_dim
-        start = p.offset - first * chunk_dim
-        scales = self.scales[:, first : last + 1, None].expand(-1, -1, chunk_dim).flatten(1)
+        p, (_, count, start), scales = self.generated[i], self.span(i), self.chunks(i)[0]
+        if count == 1:
+            return self.raw(i, scales).view(-1, *p.shape)
+        scales = scales[:, :, None].expand(-1, -1, self.chunk_dim).flatten(1)
         return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
 
 
@@ -872,21 +933,20 @@ def shared_inputs(
     ``gradient_scale``: the multipliers of the table, the generator's weight and bias."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
-    table = scale_grad(embedding.weight, table_scale)
-    g0 = F.linear(table, scale_grad(generator.weight, weight_scale))
-    bias = scale_grad(generator.bias, bias_scale).expand(table.shape[0], -1)
-    sizes = [p.size for p in generated]
     scale, shift = decoder(
         hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
     )
     return Shared(
         scales=embedding.scales(condition),
-        g0=g0.view(-1)[:flat_size].split(sizes),  # one split: one node in the backward
-        bias=bias.reshape(-1)[:flat_size].split(sizes),
+        table=scale_grad(embedding.weight, table_scale),
+        generator=scale_grad(generator.weight, weight_scale),
+        generator_bias=scale_grad(generator.bias, bias_scale),
         param_scale=scale,
         param_shift=shift,
         generated=generated,
-        chunk_dim=g0.shape[1],
+        chunk_dim=generator.weight.shape[0],
+        flat_size=flat_size,
+        cache={},
     )
 
 
@@ -912,6 +972,9 @@ class FusedIndex(nn.Module):
         super().__init__()
         self.layer = layer
         self.generated, self.chunk_dim, self.num_embeddings = generated, chunk_dim, num_embeddings
+        p = generated[layer.weight]
+        row = p.size // p.shape[0]  # every row in one chunk, chunks starting on rows:
+        self.aligned = p.offset % chunk_dim == 0 and chunk_dim % row == 0  # row_products
         for name, value in self.indices().items():
             self.register_buffer(name, value, persistent=False)
 
@@ -1034,4 +1097,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=fca1e2afe59c69a7312b36b71d198f6ffc63fef4d65f011b657ee444bc536f99
+# hypernn-gen: sha256=f45cb16d3b7ced7dbdee69ed201dabfbd5a795b5ca1852e747e07da5e7bd291b

@@ -2,9 +2,9 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/transformer.py:make_target (torch, factory)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=124 chunk_dim=124 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none
-# layout:   16 generated tensors, 15,328 values, 1 state tensors, digest 4e869ab506b9ea78
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=126 chunk_dim=128 gradient_scaling=on
+#           chunking=auto init_scheme=target generator_hidden=none
+# layout:   16 generated tensors, 15,328 values, 1 state tensors, digest 27263f84be78f20e
 # command:  hypernn-gen generated_examples/targets/transformer.py --backend torch --mode static --embedding-dim 32 -o generated_examples/transformer_torch_static.py
 """Static hypernetwork for Transformer (PyTorch).
 
@@ -86,30 +86,30 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 124
-CHUNK_DIM = 124
-FLAT_SIZE = 15_328
-LAYOUT_DIGEST = "4e869ab506b9ea78"
-CHECKPOINT_DIGEST = "0134a9090b21b472"  # saved in every state dict, checked on load
-GRADIENT_SCALE = (4.064, 0.127, 0.718421)  # gradient multipliers: table, generator weight, bias
+NUM_EMBEDDINGS = 126
+CHUNK_DIM = 128
+FLAT_SIZE = 16_128
+LAYOUT_DIGEST = "27263f84be78f20e"
+CHECKPOINT_DIGEST = "2fb663dc67cbbacc"  # saved in every state dict, checked on load
+GRADIENT_SCALE = (4.0, 0.125988, 0.712697)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("pos_emb", (16, 32), 0, 512, 0.0, 0.02),
     ParamSlice("tok_emb.weight", (64, 32), 512, 2_048, 0.0, 1.0),
     ParamSlice("block.ln1.weight", (32,), 2_560, 32, 1.0, 0.0),
-    ParamSlice("block.ln1.bias", (32,), 2_592, 32, 0.0, 0.0),
-    ParamSlice("block.attn.in_proj_weight", (96, 32), 2_624, 3_072, 0.0, 0.125),
-    ParamSlice("block.attn.in_proj_bias", (96,), 5_696, 96, 0.0, 0.0),
-    ParamSlice("block.attn.out_proj.weight", (32, 32), 5_792, 1_024, 0.0, 0.102062),
-    ParamSlice("block.attn.out_proj.bias", (32,), 6_816, 32, 0.0, 0.0),
-    ParamSlice("block.ln2.weight", (32,), 6_848, 32, 1.0, 0.0),
-    ParamSlice("block.ln2.bias", (32,), 6_880, 32, 0.0, 0.0),
-    ParamSlice("block.mlp.0.weight", (128, 32), 6_912, 4_096, 0.0, 0.102062),
-    ParamSlice("block.mlp.0.bias", (128,), 11_008, 128, 0.0, 0.102062),
-    ParamSlice("block.mlp.2.weight", (32, 128), 11_136, 4_096, 0.0, 0.051031),
-    ParamSlice("block.mlp.2.bias", (32,), 15_232, 32, 0.0, 0.051031),
-    ParamSlice("ln_f.weight", (32,), 15_264, 32, 1.0, 0.0),
-    ParamSlice("ln_f.bias", (32,), 15_296, 32, 0.0, 0.0),
+    ParamSlice("block.ln1.bias", (32,), 2_688, 32, 0.0, 0.0),
+    ParamSlice("block.attn.in_proj_weight", (96, 32), 2_816, 3_072, 0.0, 0.125),
+    ParamSlice("block.attn.in_proj_bias", (96,), 5_888, 96, 0.0, 0.0),
+    ParamSlice("block.attn.out_proj.weight", (32, 32), 6_016, 1_024, 0.0, 0.102062),
+    ParamSlice("block.attn.out_proj.bias", (32,), 7_040, 32, 0.0, 0.0),
+    ParamSlice("block.ln2.weight", (32,), 7_168, 32, 1.0, 0.0),
+    ParamSlice("block.ln2.bias", (32,), 7_296, 32, 0.0, 0.0),
+    ParamSlice("block.mlp.0.weight", (128, 32), 7_424, 4_096, 0.0, 0.102062),
+    ParamSlice("block.mlp.0.bias", (128,), 11_520, 128, 0.0, 0.102062),
+    ParamSlice("block.mlp.2.weight", (32, 128), 11_648, 4_096, 0.0, 0.051031),
+    ParamSlice("block.mlp.2.bias", (32,), 15_744, 32, 0.0, 0.051031),
+    ParamSlice("ln_f.weight", (32,), 15_872, 32, 1.0, 0.0),
+    ParamSlice("ln_f.bias", (32,), 16_000, 32, 0.0, 0.0),
 )
 # Tied tensors: generated once, used under every name.
 TIED: dict[str, str] = {
@@ -199,7 +199,7 @@ class TransformerHyperNetwork(nn.Module):
         return self.decode(raw[:FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Raw generator output to parameter values, tensor by tensor."""
+        """Raw generator output to parameter values, tensor by tensor (padding: 0)."""
         return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
@@ -447,4 +447,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=ce08e95bb4956aa5a5ca1b0cd8f8749d12584dc62cd11662a43150b1e65399dc
+# hypernn-gen: sha256=56e4aea7bc32d5b55db4f14c4ae5bb7b7432ca258b6ff004a3fdd9fb467702ca

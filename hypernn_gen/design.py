@@ -6,7 +6,11 @@ same hypernetwork from the same options:
 
 * ``chunking="flat"`` (hyper-nn's layout): the generated tensors lie end to end and a chunk may
   span two tensors. ``chunking="tensor"``: every tensor starts on a chunk boundary (the gaps are
-  padding the hypernetwork generates and discards), so each chunk belongs to one tensor.
+  padding the hypernetwork generates and discards), so each chunk belongs to one tensor; without
+  a chunk size, :func:`row_chunk` picks one that holds whole rows of the layers (S = 1: the
+  fused dynamic path's floor). ``chunking="auto"`` (the default): ``"tensor"`` with
+  :func:`row_chunk` when neither ``num_embeddings`` nor ``chunk_dim`` is given, else ``"flat"``
+  (hyper-nn's layout for hyper-nn's arguments).
 * ``init_scheme="target"`` (the default, variance-preserving): each generated tensor starts with the mean
   and standard deviation of the target's own initialisation. ``"hyperfan-in"`` and
   ``"hyperfan-out"``: the output variances of Chang, Sacramento and Wang, *Principled Weight
@@ -37,9 +41,11 @@ __all__ = [
     "design_layout",
     "gradient_multipliers",
     "parse_widths",
+    "row_chunk",
+    "row_cost",
 ]
 
-CHUNKINGS = ("flat", "tensor")
+CHUNKINGS = ("auto", "flat", "tensor")
 INIT_SCHEMES = ("target", "hyperfan-in", "hyperfan-out")
 GRADIENT_SCALINGS = ("on", "off")
 #: dynamic BatchNorm in training: the whole batch's statistics (conditional BatchNorm), or each
@@ -52,7 +58,7 @@ def design_layout(
     *,
     num_embeddings: int | None = None,
     chunk_dim: int | None = None,
-    chunking: str = "flat",
+    chunking: str = "auto",
     init_scheme: str = "target",
 ) -> tuple[Layout, Chunking]:
     """Apply the layout-shaping options: the initialisation scheme, then the chunking."""
@@ -69,15 +75,18 @@ def chunk_layout(
     *,
     num_embeddings: int | None = None,
     chunk_dim: int | None = None,
-    chunking: str = "flat",
+    chunking: str = "auto",
 ) -> tuple[Layout, Chunking]:
     """The layout with offsets for ``chunking``, and the number and size of its chunks.
 
-    Give ``num_embeddings`` or ``chunk_dim`` (or neither: both about the square root of the
-    generated parameter count); the other is derived.
+    Give ``num_embeddings`` or ``chunk_dim`` (or neither: ``"flat"`` makes both about the square
+    root of the generated parameter count, ``"tensor"`` takes :func:`row_chunk`, chunks holding
+    whole rows); the other is derived.
     """
     if chunking not in CHUNKINGS:
         raise TraceError(f"unknown chunking {chunking!r}; choose one of {', '.join(CHUNKINGS)}")
+    if chunking == "auto":  # no size given: chunks that hold whole rows; else hyper-nn's
+        chunking = "tensor" if num_embeddings is None and chunk_dim is None else "flat"
     if chunking == "flat":
         return layout, Chunking.resolve(
             layout.flat_size, num_embeddings=num_embeddings, chunk_dim=chunk_dim
@@ -90,7 +99,7 @@ def chunk_layout(
             raise TraceError(f"{name} must be a positive integer, got {value}")
     if chunk_dim is None:
         if num_embeddings is None:
-            chunk_dim = math.ceil(math.sqrt(sum(sizes)))
+            chunk_dim = row_chunk(layout)
         else:
             chunk_dim = _smallest_chunk(sizes, num_embeddings)
     aligned = aligned_layout(layout, chunk_dim)
@@ -101,6 +110,68 @@ def chunk_layout(
             f"chunk at least), num_embeddings={num_embeddings} is too few; give only one of them"
         )
     return aligned, Chunking(num_embeddings or needed, chunk_dim)
+
+
+#: The embedding size :func:`row_cost` assumes (the default ``embedding_dim``).
+COST_EMBEDDING_DIM = 32
+#: A default chunking may pad the generated values by at most this fraction of its output.
+MAX_DEFAULT_PADDING = 0.5
+
+
+def row_length(layout: Layout, t: TensorSpec) -> int:
+    """The values of one output row of a 2-D+ tensor, as the fused path contracts it: Torch
+    ``(out, in, *kernel)`` rows are ``in * kernel``; a Flax kernel ``(..., in, out)`` is
+    contracted along rows of ``out``."""
+    return t.shape[-1] if layout.framework in ("linen", "nnx") else t.size // t.shape[0]
+
+
+def max_spans(rows: int, row: int, chunk_dim: int) -> int:
+    """At most how many chunks one row spans, ``rows`` rows of ``row`` values from a chunk
+    boundary (an upper bound: rows start at multiples of ``gcd(row, chunk_dim)``)."""
+    if rows * row <= chunk_dim:
+        return 1
+    return (chunk_dim - math.gcd(row, chunk_dim) + row - 1) // chunk_dim + 1
+
+
+def row_cost(layout: Layout, chunk_dim: int) -> int:
+    """The predicted cost of ``chunking="tensor"`` with ``chunk_dim``: the shared products of
+    the fused path (each 2-D+ tensor's values times the chunks a row spans, S; they are paid
+    per sample, so they count twice), the padding the
+    generator computes and discards, and the hypernetwork's own size (an embedding per chunk, a
+    generator output per chunk value)."""
+    products = sum(
+        t.size * max_spans(t.size // row_length(layout, t), row_length(layout, t), chunk_dim)
+        for t in layout.generated
+        if len(t.shape) >= 2
+    )
+    padded = padded_size(layout, chunk_dim)
+    hypernetwork = (padded // chunk_dim + chunk_dim) * COST_EMBEDDING_DIM  # table + generator
+    return 2 * products + padded - layout.num_generated + hypernetwork  # products: per sample
+
+
+def padded_size(layout: Layout, chunk_dim: int) -> int:
+    """The flat size of :func:`aligned_layout` (every tensor from a chunk boundary)."""
+    return sum(-(-t.size // chunk_dim) * chunk_dim for t in layout.generated)
+
+
+def row_chunk(layout: Layout) -> int:
+    """The default chunk size of ``chunking="tensor"``: the one with the smallest
+    :func:`row_cost`, among multiples of the row lengths near ``sqrt(P)`` (up to 4x either
+    way, or the row itself) and ``ceil(sqrt(P))``, padding at most
+    :data:`MAX_DEFAULT_PADDING` of the output; ties go to the size nearest ``sqrt(P)``. Chunks
+    that hold whole rows (S = 1) set the fused path's floor: one shared product per layer."""
+    base = math.ceil(math.sqrt(layout.num_generated))
+    candidates = {base}
+    for row in {row_length(layout, t) for t in layout.generated if len(t.shape) >= 2}:
+        low = max(1, -(-base // (4 * row)))
+        candidates.update(row * m for m in range(low, low + 64) if row * m <= max(4 * base, row))
+
+    def fits(c: int) -> bool:
+        padded = padded_size(layout, c)
+        return padded - layout.num_generated <= MAX_DEFAULT_PADDING * padded
+
+    usable = [c for c in sorted(candidates) if c == base or fits(c)]
+    return min(usable, key=lambda c: (row_cost(layout, c), abs(math.log(c / base)), c))
 
 
 def aligned_layout(layout: Layout, chunk_dim: int) -> Layout:

@@ -142,9 +142,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "chunking",
         "choice",
-        "flat",
-        "flat (default: chunks run across tensors, as hyper-nn) "
-        "or tensor (every tensor starts on a chunk)",
+        "auto",
+        "auto (default: tensor with chunks holding whole rows when no size is given, else "
+        "flat), flat (chunks run across tensors, as hyper-nn) or tensor (every tensor starts "
+        "on a chunk)",
         CHUNKINGS,
         layout_arg=True,
         header=(2, 1),

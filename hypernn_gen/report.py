@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from .fuse import FusionPlan
+from .fuse import TRANSPOSED_KINDS, FusionPlan
 from .layout import Chunking, Layout, TensorSpec
 from .load import LoadedTarget
 
@@ -105,7 +105,7 @@ def format_layout(
     if layout.notes:
         lines += ["", "notes:"] + [f"  - {note}" for note in layout.notes]
     if fusion is not None:
-        lines += ["", *format_fusion(fusion)]
+        lines += ["", *format_fusion(fusion, layout, chunking)]
     return "\n".join(lines)
 
 
@@ -118,10 +118,35 @@ ROUTES = {
 }
 
 
-def format_fusion(plan: FusionPlan | str) -> list[str]:
+def predicted_products(plan: FusionPlan, layout: Layout, chunking: Chunking) -> float | None:
+    """The shared products of the fused Linear/Conv layers per product of the target's own:
+    S + 1 per layer (S segments and the generator's bias), or, in Torch, where every row lies in
+    one chunk from a chunk boundary (and the rows are the outputs: not a transposed weight), 1 and
+    one shared row per chunk's worth of rows (``k = C // row`` rows: 1 + k / out)."""
+    generated, c = layout.generated, chunking.chunk_dim
+    total = cost = 0.0
+    for f in plan.fused:
+        if not f.segments or f.weight is None:
+            continue
+        t = generated[f.weight]
+        row = t.size // t.shape[0] if layout.framework == "torch" else t.shape[-1]
+        aligned = t.offset % c == 0 and c % row == 0 and f.kind not in TRANSPOSED_KINDS
+        if layout.framework == "torch" and aligned:
+            per_chunk = c // row
+            cost += t.size * (2.0 if per_chunk > 1 else 1.0 + 1.0 / t.shape[0])
+        else:
+            cost += t.size * (f.segments + 1)
+        total += t.size
+    return cost / total if total else None
+
+
+def format_fusion(
+    plan: FusionPlan | str, layout: Layout | None = None, chunking: Chunking | None = None
+) -> list[str]:
     """Which path every module takes in a generated dynamic file: fused (its batched form, no
     per-sample weights), on the whole batch (no generated tensors), or per sample under vmap,
-    with the kind or the reason, one module per line (a string: why dynamic mode is refused)."""
+    with the kind or the reason, one module per line (a string: why dynamic mode is refused),
+    and with the layout, the :func:`predicted_products` of the fused layers."""
     if isinstance(plan, str):
         return [f"dynamic mode: not supported: {plan}"]
     if plan.routes:
@@ -140,7 +165,16 @@ def format_fusion(plan: FusionPlan | str) -> list[str]:
     header = "dynamic mode: the target runs once on the whole batch; per-sample modules alone, vmap"
     if rows[0][:2] == ["<root>", ROUTES["per sample"]]:
         header = "dynamic mode: every sample runs through the whole target alone (vmap)"
-    return [header, *("  " + line for line in _columns(rows, right=()))]
+    lines = [header, *("  " + line for line in _columns(rows, right=()))]
+    ratio = (
+        None if layout is None or chunking is None else predicted_products(plan, layout, chunking)
+    )
+    if ratio is not None:
+        lines.append(
+            f"  predicted cost: {ratio:.2f}x the target's products in the fused Linear/Conv "
+            "layers (S + 1 each; about 1 where chunks hold whole rows)"
+        )
+    return lines
 
 
 def _row(t: TensorSpec) -> list[str]:
@@ -169,7 +203,7 @@ def _totals(layout: Layout, chunking: Chunking) -> list[str]:
     generated, state = layout.generated, layout.state
     hyper = hypernetwork_param_count(layout, chunking)
     n, c, d = chunking.num_embeddings, chunking.chunk_dim, DEFAULT_EMBEDDING_DIM
-    padding = chunking.total - layout.flat_size
+    padding = chunking.total - layout.num_generated
     return _columns(
         [
             ["generated parameters", f"{layout.num_generated:,}", _tensors(len(generated))],

@@ -185,7 +185,7 @@ def test_the_runtime_keyword_matches_the_generated_files(files: dict[str, Module
             copy.deepcopy(plain),
             mode="dynamic",
             condition_shape=(2, 4, 4),
-            num_embeddings=module.NUM_EMBEDDINGS,
+            embedding_dim=module.EMBEDDING_DIM,  # the default chunking, as the CLI's
             batch_norm_stats=stats,
         ).train()
         hyper.load_state_dict(runtime.state_dict())

@@ -14,7 +14,7 @@ import pytest
 
 from hypernn_gen import cli
 from hypernn_gen.cli import main
-from hypernn_gen.layout import Chunking
+from hypernn_gen.design import design_layout
 from hypernn_gen.load import load_target
 from hypernn_gen.trace import trace_target
 
@@ -81,12 +81,15 @@ def test_totals_chunking_and_hypernetwork_size(capsys: pytest.CaptureFixture[str
     assert totals["generated parameters"] == ["69,120", "in", "5", "tensors"]
     assert totals["state values"][0] == "0"
     assert totals["flat size"] == ["69,120"]
-    chunking = Chunking.resolve(69_120)
-    n, c = chunking.num_embeddings, chunking.chunk_dim
-    assert (n, c) == (263, 263)
-    assert totals["default chunking"][:5] == [f"{n * c:,}", "263", "embeddings", "x", "263"]
+    # the default: chunks of 256 values hold whole rows of every layer (rows of 8 and 256), each
+    # tensor from a chunk boundary: 2,048 / 256 + 1 + 65,536 / 256 + 1 + 1,024 / 256 chunks
+    n, c = 8 + 1 + 256 + 1 + 4, 256
+    assert totals["default chunking"][:6] == [f"{n * c:,}", "270", "embeddings", "x", "256"] + [
+        "values"
+    ]
+    assert n * c == 69_120  # no padding
     hyper = n * 32 + 32 * c + c + 2 * 5
-    assert totals["hypernetwork (D=32)"][0] == f"{hyper:,}" == "17,105"
+    assert totals["hypernetwork (D=32)"][0] == f"{hyper:,}" == "17,098"
     assert totals["compression"][0] == f"{69_120 / hyper:.2f}x"
 
 
@@ -127,7 +130,25 @@ def test_state_rows_tied_aliases_and_notes(
 def fusion_section(out: str) -> list[list[str]]:
     """The rows of the report's last section (the dynamic-mode fusion plan), split on 2+ spaces."""
     section = out.split("\n\ndynamic mode:")[1].splitlines()[1:]
-    return [re.split(r"\s{2,}", line.strip()) for line in section]
+    rows = [line for line in section if not line.startswith("  predicted cost:")]
+    return [re.split(r"\s{2,}", line.strip()) for line in rows]
+
+
+def test_predicted_cost_of_the_fused_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    """Shared products per target product: S + 1 per layer, or where every row lies in one
+    chunk from a chunk boundary, 1 and one shared row (1 + 1 / out; k > 1 rows to a chunk: 2)."""
+    sizes = {"0": (256, 8), "2": (256, 256), "4": (4, 256)}
+    total = sum(o * i for o, i in sizes.values())
+
+    def predicted(out: str) -> str:
+        return next(ln for ln in out.splitlines() if "predicted cost:" in ln).split()[2]
+
+    # default chunks of 256: 0.weight has 32 rows to a chunk, 2.weight and 4.weight one
+    cost = 256 * 8 * 2 + 256 * 256 * (1 + 1 / 256) + 4 * 256 * (1 + 1 / 4)
+    assert predicted(run_ok(capsys, SEED)) == f"{cost / total:.2f}x" == "1.04x"
+    flat = run_ok(capsys, SEED, "--chunking", "flat")  # 263-value chunks: every row spans 2
+    assert {r[0]: r[1:] for r in fusion_section(flat)}["0"] == ["fused", "linear (S=2)"]
+    assert predicted(flat) == "3.00x"
 
 
 def test_fusion_plan_of_a_torch_target(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -174,7 +195,7 @@ def test_fusion_plan_of_a_torch_target(capsys: pytest.CaptureFixture[str], tmp_p
         example_input = torch.zeros(1, 4)
         """,
     )
-    c = Chunking.resolve(16 + 4 + 4 + 16 + 16 + 4 + 24 + 4).chunk_dim
+    c = json.loads(run_ok(capsys, f"{path}:Net", "--json"))["chunking"]["chunk_dim"]
     s = max((4 * o + 3) // c - 4 * o // c + 1 for o in range(4))  # fc's rows of 4 from 0
     rows = fusion_section(run_ok(capsys, f"{path}:Net"))
     assert rows[:6] == [
@@ -218,14 +239,15 @@ def test_input_shape_and_dtype_options(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_json_is_the_layout_plus_chunking(capsys: pytest.CaptureFixture[str]) -> None:
     data = json.loads(run_ok(capsys, str(TARGETS / "transformer.py"), "--json"))
-    layout = trace_target(load_target(str(TARGETS / "transformer.py")))
+    traced = trace_target(load_target(str(TARGETS / "transformer.py")))
+    layout, expected = design_layout(traced)  # the default chunking, with its offsets
+    assert layout.flat_size > traced.flat_size  # every tensor from a chunk boundary
     chunking = data.pop("chunking")
     fusion = data.pop("fusion")  # what a dynamic file would fuse, and what not (and why)
     assert set(fusion) == {"fused", "per_sample", "modules"} and fusion["per_sample"]
     assert fusion["modules"][0]["path"] == "" and fusion["modules"][0]["route"] == "per sample"
     assert {m["route"] for m in fusion["modules"][1:]} == {"inside"}  # the root runs per sample
     assert data == json.loads(layout.to_json())
-    expected = Chunking.resolve(layout.flat_size)
     hyper = expected.num_embeddings * 32 + 32 * expected.chunk_dim + expected.chunk_dim + 2 * 16
     assert chunking == {
         "num_embeddings": expected.num_embeddings,
@@ -375,8 +397,8 @@ def test_inspect_linen_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert "state (collection)" in rows["BatchNorm_0.mean"]
     assert "generated" in rows["Conv_0.kernel"]
     assert fusion_section(out) == [
-        ["Conv_0", "fused", "conv (S=2)"],
-        ["Dense_0", "fused", "dense (S=2)"],
+        ["Conv_0", "fused", "conv (S=1)"],  # the default chunks hold whole rows
+        ["Dense_0", "fused", "dense (S=1)"],
         ["BatchNorm_0", "per sample", "BatchNorm has no fused form"],
     ]
 
@@ -386,7 +408,7 @@ def test_inspect_nnx_target_json(capsys: pytest.CaptureFixture[str]) -> None:
     data = json.loads(run_ok(capsys, str(TARGETS / "nnx_mlp.py"), "--json"))
     assert data["framework"] == "nnx"
     fused = [(f["path"], f["kind"], f["segments"]) for f in data["fusion"]["fused"]]
-    assert fused == [("hidden1", "dense", 2), ("hidden2", "dense", 2), ("out", "dense", 2)]
+    assert fused == [("hidden1", "dense", 1), ("hidden2", "dense", 1), ("out", "dense", 1)]
     assert data["num_generated"] == 8 * 64 + 64 + 64 * 64 + 64 + 64 * 4
 
 

@@ -89,8 +89,7 @@ def build(module: ModuleType, target: str, mode: str) -> tuple[nn.Module, nn.Mod
         copy.deepcopy(plain),
         mode=mode,
         condition_dim=condition_dim,
-        num_embeddings=module.NUM_EMBEDDINGS,
-        embedding_dim=32,
+        embedding_dim=32,  # the default chunking, as the CLI's
     )
     hyper.load_state_dict(runtime.state_dict())
     return plain, hyper, runtime
@@ -203,15 +202,16 @@ def test_generated_params_follow_the_layout_contract(target: str, mode: str, gen
             table = scale[:, :, None] * table  # (batch, NUM_EMBEDDINGS, EMBEDDING_DIM)
         gen = hyper.weight_generator.linear
         raw = (table @ gen.weight.T + gen.bias).flatten(-2)[..., : module.FLAT_SIZE]
-        scale = torch.cat(
-            [hyper.param_scale[i].expand(p.size) for i, p in enumerate(module.GENERATED)]
-        )
-        shift = torch.cat(
-            [hyper.param_shift[i].expand(p.size) for i, p in enumerate(module.GENERATED)]
-        )
-        expected = shift + scale * raw
+        # each tensor at its offset, padding between tensors (row-aligned layouts) is 0
+        expected = torch.zeros_like(raw)
+        for i, p in enumerate(module.GENERATED):
+            at = slice(p.offset, p.offset + p.size)
+            expected[..., at] = hyper.param_shift[i] + hyper.param_scale[i] * raw[..., at]
         assert_close(params_of(hyper, mode, x), expected, STATIC)
-    assert raw.shape[-1] == module.FLAT_SIZE == sum(p.size for p in module.GENERATED)
+    assert raw.shape[-1] == module.FLAT_SIZE
+    ends = [0] + [p.offset + p.size for p in module.GENERATED]
+    starts = [p.offset for p in module.GENERATED] + [module.FLAT_SIZE]
+    assert all(end <= start for end, start in zip(ends, starts, strict=True)), "tensors overlap"
 
 
 # -- the plain target as reference ----------------------------------------------------------------
@@ -219,13 +219,19 @@ def test_generated_params_follow_the_layout_contract(target: str, mode: str, gen
 
 @pytest.mark.parametrize(("target", "mode"), CASES)
 def test_layout_round_trip_reproduces_the_plain_target(target: str, mode: str, generated) -> None:
-    plain, hyper, _ = build(generated(target, mode), target, mode)
+    module = generated(target, mode)
+    plain, hyper, _ = build(module, target, mode)
     plain.eval(), hyper.eval()
     own = dict(plain.named_parameters())
     flat = hyper.flatten_params(own)
     # independently: the target's trainable parameters, concatenated in registration order
+    # registration order, each at its offset in the layout, zero padding elsewhere
     trainable = [p.detach().reshape(-1) for p in plain.parameters() if p.requires_grad]
-    assert torch.equal(flat, torch.cat(trainable))
+    assert [p.size for p in module.GENERATED] == [t.numel() for t in trainable]
+    expected = torch.zeros(module.FLAT_SIZE)
+    for p, t in zip(module.GENERATED, trainable, strict=True):
+        expected[p.offset : p.offset + p.size] = t
+    assert torch.equal(flat, expected)
     back = hyper.unflatten_params(flat)
     for name, p in plain.named_parameters(remove_duplicate=False):  # tied names too
         if p.requires_grad:  # frozen ones are not generated: they stay in hyper.target
@@ -403,7 +409,6 @@ def test_excluded_parameters_stay_parameters_of_the_target(mode: str, tmp_path) 
         copy.deepcopy(plain),
         mode=mode,
         condition_dim=64 if mode == "dynamic" else None,
-        num_embeddings=module.NUM_EMBEDDINGS,
         include=lambda path: not path.startswith("classifier."),
     )
     assert set(hyper.state_dict()) == set(runtime.state_dict())

@@ -323,7 +323,7 @@ def test_provenance_header(work: Path, capsys: pytest.CaptureFixture[str]) -> No
 
     # the layout digest, computed independently by the runtime's tracer
     target_net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-    digest = TorchHyperNetwork(target_net).layout.digest()
+    digest = TorchHyperNetwork(target_net, num_embeddings=7).layout.digest()  # both flat
     flat = 8 * 16 + 16 + 16 * 3 + 3
     assert f"hypernn-gen {__version__}: a dynamic hypernetwork for Mlp" in header
     assert "# target:   targets/mlp.py:make_target (torch, factory)" in header

@@ -302,6 +302,19 @@ def test_check_params_names_the_first_difference() -> None:
 
 # -- the fused path against the materialised weights ---------------------------------------------
 
+
+class LinearGenerator:
+    """A linear weight generator as a bound Linen module presents it: callable, its parameters
+    under ``variables["params"]["linear"]``."""
+
+    def __init__(self, w: jax.Array, b: jax.Array) -> None:
+        self.variables = {"params": {"linear": {"kernel": w, "bias": b}}}
+
+    def __call__(self, e: jax.Array) -> jax.Array:
+        linear = self.variables["params"]["linear"]
+        return e @ linear["kernel"] + linear["bias"]
+
+
 CHUNK, N_EMB = 5, 8
 # a Dense kernel (3, 4) starting inside chunk 0 (rows span 2 chunks), its bias, a Conv kernel
 FUSED_LAYOUT = (
@@ -320,7 +333,7 @@ def _shared() -> tuple[fk.Shared, np.ndarray, np.ndarray]:
     scale = jnp.asarray(rng.normal(size=4), jnp.float32)
     shift = jnp.asarray(rng.normal(size=4), jnp.float32)
     fused = ((("d",), 0, 1, 2), (("c",), 2, None, 2))
-    shared = fk.shared_inputs(lambda e: e @ w + b, table, scale, shift, FUSED_LAYOUT, fused)
+    shared = fk.shared_inputs(LinearGenerator(w, b), table, scale, shift, FUSED_LAYOUT, fused)
     scales = rng.normal(size=(N_EMB,)).astype(np.float32)
     # the plain computation: the generator on the scaled table, decoded per tensor
     raw = (np.asarray(table) * scales[:, None]) @ np.asarray(w) + np.asarray(b)
@@ -358,6 +371,45 @@ def test_fused_output_is_the_layer_with_materialised_weights() -> None:
         layer, shared.stack(layer), shared, jnp.asarray(scales), conv, image, True
     )
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+# chunks of 6 holding whole kernel rows of 3 (k = 2 rows to a chunk), every tensor from a chunk
+# boundary; d.kernel has 5 rows, so its last chunk holds one row and padding
+ROW_CHUNK = 6
+ROW_LAYOUT = (
+    Named("d.kernel", ("d", "kernel"), (5, 3), 0, 15),
+    Named("d.bias", ("d", "bias"), (3,), 18, 3),
+    Named("w.kernel", ("w", "kernel"), (4, 6), 24, 24),
+)
+
+
+def test_low_rank_output_is_the_dense_layer_with_materialised_weights() -> None:
+    rng = np.random.default_rng(6)
+    w = jnp.asarray(rng.normal(size=(3, ROW_CHUNK)), jnp.float32)  # embedding_dim 3
+    b = jnp.asarray(rng.normal(size=(ROW_CHUNK,)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    scale = jnp.asarray(rng.normal(size=3), jnp.float32)
+    shift = jnp.asarray(rng.normal(size=3), jnp.float32)
+    fused = ((("d",), 0, 1, 1), (("w",), 2, None, 1))
+    shared = fk.shared_inputs(LinearGenerator(w, b), table, scale, shift, ROW_LAYOUT, fused)
+    scales = rng.normal(size=(8,)).astype(np.float32)
+    raw = (np.asarray(table) * scales[:, None]) @ np.asarray(w) + np.asarray(b)
+    flat = np.asarray(fk.decode(jnp.asarray(raw.reshape(-1)), scale, shift, ROW_LAYOUT, 48))
+    dense = SimpleNamespace(dtype=None, precision=jax.lax.Precision.HIGHEST)
+    # rank-D where cheaper than the stacked GEMM: w (3 x (4 + 6) <= 2 x 24), not d (33 > 30)
+    assert [shared.low_rank(layer) for layer in shared.fused] == [False, True]
+    assert shared.stack(shared.fused[1]) is None
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    got = fk.fused_output(shared.fused[1], None, shared, jnp.asarray(scales), dense, x, False)
+    np.testing.assert_allclose(np.asarray(got), x @ flat[24:48].reshape(4, 6), rtol=1e-5, atol=1e-5)
+    # d in both forms (the rank-D one asked directly), leading positions kept
+    x = rng.normal(size=(2, 7, 5)).astype(np.float32)
+    expected = x @ flat[:15].reshape(5, 3) + flat[18:21]
+    got = fk.low_rank_output(shared.fused[0], shared, jnp.asarray(scales), dense, x)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+    stack = shared.stack(shared.fused[0])
+    got = fk.fused_output(shared.fused[0], stack, shared, jnp.asarray(scales), dense, x, False)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
 # -- Linen and NNX: running the target ------------------------------------------------------------

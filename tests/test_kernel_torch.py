@@ -8,6 +8,7 @@ source text, byte for byte.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -182,6 +183,101 @@ def test_fused_linear_equals_per_sample_weights(chunk_dim: int) -> None:
             )
     assert all(m.hyper_shared is None for m in swapped)  # restored after the call
     assert len(indices) == 1
+
+
+def aligned_layout(shapes: list[tuple[str, tuple[int, ...]]], chunk_dim: int) -> tuple:
+    """chunking="tensor": every tensor from a chunk boundary."""
+    layout, offset = [], 0
+    for path, shape in shapes:
+        size = math.prod(shape)
+        layout.append(Slice(path, shape, offset, size, 0.1 * len(layout), 0.5 + len(layout)))
+        offset += -(-size // chunk_dim) * chunk_dim
+    return tuple(layout), offset
+
+
+ROW_CASES = {  # (target, input shape without the batch, chunk size, embedding dim)
+    "linear, a row per chunk, rank-D product": (lambda: nn.Linear(6, 4), (6,), 6, 2),
+    "linear, a row per chunk, shared GEMM": (lambda: nn.Linear(6, 4), (6,), 6, 64),
+    "linear, 2 rows per chunk, no bias": (lambda: nn.Linear(3, 5, bias=False), (3,), 6, 4),
+    "linear on (batch, positions, in)": (lambda: nn.Linear(4, 3), (2, 4), 8, 4),
+    "conv2d, a row per chunk": (lambda: nn.Conv2d(2, 3, 3, padding=1), (2, 5, 5), 18, 4),
+    "conv2d, 2 rows per chunk": (lambda: nn.Conv2d(2, 3, 3), (2, 5, 5), 36, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_CASES))
+def test_fused_rows_in_one_chunk_equal_per_sample_weights(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks that hold whole rows (row_products: one shared product, the generator's bias and
+    the shift as a few shared rows, a generated bias folded in): outputs and every gradient
+    against sample b through the layer with weight set b built by hand."""
+    monkeypatch.setattr(kernel, "GROUPED_CONV_LIMIT", 0)  # convolutions take the shared path
+    make, sample, chunk_dim, dim = ROW_CASES[case]
+    torch.manual_seed(0)
+    target = nn.Sequential(make())
+    names = [(n, tuple(v.shape)) for n, v in target.named_parameters()]
+    layout, flat_size = aligned_layout(names, chunk_dim)
+    fused = target[0]
+    row = layout[0].size // layout[0].shape[0]
+    assert chunk_dim % row == 0
+    num_embeddings = flat_size // chunk_dim
+    hyper = SimpleNamespace(
+        embedding_module=SimpleNamespace(
+            weight=nn.Parameter(torch.randn(num_embeddings, dim)),
+            scales=None,
+        ),
+        weight_generator=SimpleNamespace(linear=nn.Linear(dim, chunk_dim)),
+        param_scale=nn.Parameter(torch.rand(len(layout)) + 0.5),
+        param_shift=nn.Parameter(torch.randn(len(layout))),
+    )
+    modulation = nn.Parameter(torch.randn(num_embeddings, 2))
+    hyper.embedding_module.scales = lambda c: 1.0 + c @ modulation.T
+    with torch.no_grad():
+        hyper.weight_generator.linear.bias.normal_()
+    leaves = [
+        hyper.embedding_module.weight,
+        modulation,
+        hyper.weight_generator.linear.weight,
+        hyper.weight_generator.linear.bias,
+        hyper.param_scale,
+        hyper.param_shift,
+    ]
+    bias = 1 if len(layout) > 1 else None
+    stripped = kernel.without_generated(target, {p.path for p in layout})
+    kind = "linear" if isinstance(fused, nn.Linear) else "conv2d"
+    indices, swapped = kernel.install_fusion(
+        stripped,
+        (("0", kind, 0, bias, 1),),
+        {kind: kernel.fused_forward},
+        (),
+        layout,
+        {},
+        chunk_dim,
+        num_embeddings,
+    )
+    assert indices[0].aligned
+    condition, x = torch.randn(3, 2), torch.randn(3, *sample)
+    shared = kernel.shared_inputs(hyper, condition, layout, flat_size)
+    out = kernel.run_fused(stripped, swapped, shared, (x,), {})
+    got = torch.autograd.grad(out.square().sum(), leaves)
+
+    scales = hyper.embedding_module.scales(condition)
+    generator = hyper.weight_generator.linear
+    table = F.linear(hyper.embedding_module.weight, generator.weight)
+    raw = (scales[:, :, None] * table + generator.bias).flatten(1)
+    weights = kernel.decode(raw, hyper.param_scale, hyper.param_shift, layout, flat_size)
+    params = kernel.unflatten_params(weights, layout, flat_size)
+    want = torch.stack(
+        [
+            functional_call(target, {n: v[b] for n, v in params.items()}, (x[b : b + 1],))[0]
+            for b in range(3)
+        ]
+    )
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    expected = torch.autograd.grad(want.square().sum(), leaves)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
 
 
 # -- the generated files' kernel sections ----------------------------------------------------

@@ -151,6 +151,41 @@ def test_dynamic_lora_per_sample_equals_one_sample_calls_and_merged_weights(
             assert_close(p.grad, q.grad, GRAD, name)
 
 
+def per_sample_weight_shapes(run, batch: int) -> set:  # noqa: ANN001
+    """The shapes ``(batch, out, in)``/``(batch, in, out)`` of an adapted layer among every
+    tensor a forward and backward make (recorded op by op with a TorchDispatchMode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layers = dict(plain_target().named_modules())
+    forbidden = {(batch, *layers[p].weight.shape) for p in ADAPTED}
+    forbidden |= {(batch, i, o) for _, o, i in forbidden}
+    seen: set = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and tuple(t.shape) in forbidden:
+                    seen.add(tuple(t.shape))
+            return out
+
+    with Record():
+        run()
+    return seen
+
+
+def test_dynamic_lora_never_forms_per_sample_weights(tmp_path: Path) -> None:
+    """Forward and backward of a batch of 5 make no ``(5, out, in)`` tensor; the materialising
+    path of a dynamic delta file (``return_params=True``) does, so the check can fail."""
+    flags = ("--mode", "dynamic", "--condition-shape", str(TASKS))
+    gen, _, _ = lora_twins(tmp_path, flags, mode="dynamic", condition_shape=(TASKS,))
+    x, c = tokens(5), conditions(5)
+    assert per_sample_weight_shapes(lambda: gen(x, condition=c)[0].sum().backward(), 5) == set()
+    delta = hypernetwork_class(generate(tmp_path, "--generate", "delta", *flags))(plain_target())
+    run = lambda: delta(x, condition=c, return_params=True)[0].sum().backward()  # noqa: E731
+    assert (5, 64, 32) in per_sample_weight_shapes(run, 5)
+
+
 # -- the start, the frozen base, the parameter count ---------------------------------------------
 
 
@@ -257,8 +292,18 @@ def test_delta_matches_runtime_starts_at_the_base_and_keeps_it_frozen(
     base = gen.base.clone()
     torch.optim.SGD(gen.parameters(), lr=0.1).step()
     assert torch.equal(gen.base, base)
-    out_after, _ = gen(x, **kwargs)
+    out_after, flat_after = gen(x, **kwargs, **({"return_params": True} if kwargs else {}))
     assert (out_after - out_g).abs().max() > 0  # it moved away from the base
+    if mode == "dynamic":  # the batch equals one-sample calls and the plain target per sample
+        assert (flat_after[0] - flat_after[1]).abs().max() > 1e-6  # the samples' deltas differ
+        for b in range(x.shape[0]):
+            one, _ = gen(x[b : b + 1], condition=c[b : b + 1], return_params=True)
+            assert_close(one[0], out_after[b], DYNAMIC, f"sample {b} alone")
+            weights = gen.unflatten_params(flat_after[b])
+            plain_out = functional_call(
+                plain, {**dict(plain.named_parameters()), **weights}, x[b : b + 1]
+            )
+            assert_close(plain_out[0], out_after[b], DYNAMIC, f"sample {b} plain target")
 
 
 # -- --base checkpoints ---------------------------------------------------------------------------
@@ -328,6 +373,34 @@ def test_include_selects_the_adapted_layers_and_the_header_records_them(tmp_path
     assert "# base:     the target's own weights (TinyLM())" in text
     default = generate(tmp_path, "--generate", "lora")
     assert [a.path for a in default.ADAPTERS] == ADAPTED  # not the LM head
+
+
+def test_inspect_shows_each_adapted_layer_its_base_shape_rank_and_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    path = tmp_path / "base.pt"
+    torch.save(plain_target().state_dict(), path)
+    args = ["inspect", f"{TARGET}:TinyLM", "--generate", "lora", "--lora-rank", "4"]
+    assert main([*args, "--base", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    layers = dict(plain_target().named_modules())
+    assert [row["path"] for row in report["layers"]] == ADAPTED
+    for row in report["layers"]:
+        weight = layers[row["path"]].weight  # (out, in): A is (r, in), B (out, r)
+        assert row["base_shape"] == list(weight.shape) and row["rank"] == 4
+        assert row["adapter_values"] == 4 * (weight.shape[0] + weight.shape[1]), row
+    assert report["adapter_values"] == sum(row["adapter_values"] for row in report["layers"])
+    assert report["base_values"] == sum(layers[p].weight.numel() for p in ADAPTED)
+    assert report["base"].startswith("checkpoint ") and report["base"].endswith("base.pt")
+    runtime = TorchHyperNetwork(plain_target(), generate="lora", lora_rank=4)
+    trainable = sum(p.numel() for p in runtime.parameters() if p.requires_grad)
+    assert report["generator_params"] == trainable
+    assert main(args) == 0  # the table: one row per layer with these numbers
+    text = capsys.readouterr().out
+    assert "base: the target's own weights" in text
+    assert "layers.0.up           (64, 32)        0     4     4             384" in text
 
 
 def test_adapter_options_have_the_same_names_in_cli_config_and_runtime() -> None:

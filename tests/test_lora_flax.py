@@ -224,6 +224,52 @@ def test_dynamic_flax_lora_per_sample_equals_one_sample_calls_and_merged_kernels
     jax.tree.map(close, twins.grads("gen", x, condition=c), twins.grads("runtime", x, condition=c))
 
 
+def value_shapes(jaxpr) -> set:  # noqa: ANN001
+    """The shape of every value a jaxpr (and every jaxpr inside it) computes."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes |= {tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")}
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's own jaxpr
+                if hasattr(inner, "eqns"):
+                    shapes |= value_shapes(inner)
+    return shapes
+
+
+def test_dynamic_flax_lora_never_forms_per_sample_kernels() -> None:
+    """The forward and backward of a batch of 5 (Linen runtime, traced to a jaxpr from abstract
+    variables) compute no ``(5, *kernel)`` value of an adapted layer; the dynamic delta
+    hypernetwork of the same model (per-sample kernels by design) does: the check can fail."""
+    from hypernn_gen.runtime.flax import FlaxHyperNetwork
+
+    model, x, c = target_module("linen").TinyGPT(), tokens(5), conditions(5)
+
+    def shapes(hn) -> tuple[set, dict]:  # noqa: ANN001
+        variables = jax.eval_shape(hn.init, jax.random.key(0), x, condition=c)
+        rest = {k: v for k, v in variables.items() if k != "params"}
+
+        def loss(params, rest):  # noqa: ANN001, ANN202
+            return jnp.square(hn.apply({**rest, "params": params}, x, condition=c)[0]).mean()
+
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], rest).jaxpr
+        return value_shapes(jaxpr), variables
+
+    lora_shapes, variables = shapes(
+        FlaxLoRAHyperNetwork(model, mode="dynamic", condition_shape=(TASKS,), lora_rank=4)
+    )
+    kernels = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables["base"]["target"]["params"])[
+        0
+    ]:
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        if name.endswith(".kernel") and any(name.startswith(f"{p}.") for p in LINEN_ADAPTED):
+            kernels.add((5, *leaf.shape))
+    assert len(kernels) >= 2, kernels
+    assert lora_shapes & kernels == set()
+    assert shapes(FlaxHyperNetwork(model, mode="dynamic", generate="delta"))[0] & kernels
+
+
 # -- the start, the frozen base, the parameter count, training -----------------------------------
 
 

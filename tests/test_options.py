@@ -40,6 +40,8 @@ HYPER_OPTIONS = {
     "init_scheme",
     "condition_shape",
     "embedding_hidden",
+    "generate",  # weights|delta (lora: its own classes in Flax, a dispatch in Torch)
+    "base",
 }
 
 

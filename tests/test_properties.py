@@ -111,8 +111,7 @@ def check_target(source: str, shape: tuple[int, ...]) -> None:
                 copy.deepcopy(plain),
                 mode=mode,
                 condition_dim=math.prod(shape[1:]) if mode == "dynamic" else None,
-                num_embeddings=module.NUM_EMBEDDINGS,
-                embedding_dim=32,
+                embedding_dim=32,  # the default chunking, as the generator's
             )
             assert set(hyper.state_dict()) == set(runtime.state_dict())
             hyper.load_state_dict(runtime.state_dict())

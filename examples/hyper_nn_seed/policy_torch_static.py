@@ -3,7 +3,7 @@
 #
 # target:   examples/hyper_nn_seed/policy.py:make_target (torch, factory)
 # options:  backend=torch mode=static embedding_dim=32 num_embeddings=512 chunk_dim=135 gradient_scaling=on
-#           chunking=flat init_scheme=target generator_hidden=none
+#           chunking=auto init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 69,120 values, 0 state tensors, digest 92f8307eadc3dee6
 # command:  hypernn-gen examples/hyper_nn_seed/policy.py --backend torch --mode static --embedding-dim 32 --num-embeddings 512 -o examples/hyper_nn_seed/policy_torch_static.py
 """Static hypernetwork for Policy (PyTorch).
@@ -382,4 +382,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=dffb1a9d520639f580419b761ee1efa09186ae5b120cc191c12247c5ee11f200
+# hypernn-gen: sha256=4198ab999c9941d12bb01ef0204e841e360766a8aa335d82f93cfc33035c78fc

@@ -227,12 +227,13 @@ class TorchHyperNetwork(nn.Module):
         weight_generator_constructor: ``(embedding_dim, hidden_dim) -> TorchWeightGenerator``.
             Default: :class:`LinearWeightGenerator`.
         embedding_dim: size of each embedding.
-        num_embeddings, chunk_dim: give one (or neither, then both are about the square root of
-            the generated parameter count); the other is derived so that
-            ``num_embeddings * chunk_dim`` covers the flat vector.
+        num_embeddings, chunk_dim: give one (or neither: chunks that hold whole rows of the
+            layers, near the square root of the generated parameter count); the other is
+            derived so that ``num_embeddings * chunk_dim`` covers the flat vector.
         mode: ``"static"`` (one weight set) or ``"dynamic"`` (one weight set per sample).
-        chunking: ``"flat"`` (chunks run across tensors, as in hyper-nn) or ``"tensor"`` (every
-            tensor starts on a chunk boundary); see :mod:`hypernn_gen.design`.
+        chunking: ``"auto"`` (``"tensor"`` when no size is given, else ``"flat"``), ``"flat"``
+            (chunks run across tensors, as in hyper-nn) or ``"tensor"`` (every tensor starts on
+            a chunk boundary); see :mod:`hypernn_gen.design`.
         generator_hidden: hidden widths of the default weight generator (``()``: linear).
         init_scheme: ``"target"`` (each tensor starts with the target's own init mean/std),
             ``"hyperfan-in"`` or ``"hyperfan-out"`` (Chang et al. 2020).
@@ -297,7 +298,7 @@ class TorchHyperNetwork(nn.Module):
         *,
         chunk_dim: int | None = None,
         mode: Mode = "static",
-        chunking: str = "flat",
+        chunking: str = "auto",
         generator_hidden: Sequence[int] = (),
         init_scheme: str = "target",
         condition_shape: Sequence[int] | None = None,

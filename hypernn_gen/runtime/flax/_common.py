@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -102,6 +103,30 @@ def gradient_scale(
     if scaling not in GRADIENT_SCALINGS:
         raise HyperNetworkError(f"gradient_scaling must be 'on' or 'off', got {scaling!r}")
     return layout_gradient_multipliers(layout, chunking, embedding_dim, scaling)
+
+
+def check_generate(generate: str, base: Any, generator_constructor: Any) -> bool:
+    """Check ``generate``/``base`` (the Torch runtime's rules); ``True`` for ``"delta"``."""
+    if generate == "lora":
+        raise HyperNetworkError(
+            'generate="lora" has its own classes for Flax: use FlaxLoRAHyperNetwork or '
+            "NNXLoRAHyperNetwork (hypernn_gen.runtime.flax.lora)"
+        )
+    if generate not in ("weights", "delta"):
+        raise HyperNetworkError(f"generate must be 'weights' or 'delta', got {generate!r}")
+    if base is not None and generate != "delta":
+        raise HyperNetworkError('base= applies to generate="delta" only')
+    if generate == "delta" and generator_constructor is not None:
+        raise HyperNetworkError(
+            'generate="delta" starts every delta at exactly 0 by zeroing the default weight '
+            "generator's output layer; drop weight_generator_constructor"
+        )
+    if isinstance(base, str | Path) and not Path(base).is_file():
+        raise HyperNetworkError(
+            f"base checkpoint {str(base)!r} is not a file; pass the path of a msgpack file "
+            "(flax.serialization.msgpack_serialize of the target's variables)"
+        )
+    return generate == "delta"
 
 
 def condition_dim(shape: tuple[int, ...] | None, dim: int | None) -> int | None:

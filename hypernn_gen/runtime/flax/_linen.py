@@ -30,8 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ...adapters import delta_layout
 from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
+from ...kernel import flax as fk
 from ...kernel import linen as lk
 from ...layout import Chunking, Layout, checkpoint_digest
 from ...trace_flax import _array_inputs, trace_linen
@@ -139,15 +141,21 @@ class LinearWeightGenerator(FlaxWeightGenerator):
     ``(None, model_axis)``/``(model_axis,)`` and, under ``jax.set_mesh``, the output is
     constrained to that split; ``None`` (default): no annotation. ``gradient_scale``: the
     multipliers of the kernel's and the bias's gradients (``None``: none), set by
-    :class:`FlaxHyperNetwork` with gradient scaling on.
+    :class:`FlaxHyperNetwork` with gradient scaling on. ``zero_output``: the kernel starts at
+    zero too (``generate="delta"``: every delta starts at exactly 0).
     """
 
     model_axis: str | None = None
     gradient_scale: tuple[float | None, float | None] = (None, None)
+    zero_output: bool = False
 
     @nn.compact
     def __call__(self, embedding: jax.Array) -> jax.Array:
-        init = nn.initializers.normal(1.0 / math.sqrt(self.embedding_dim))
+        init = (
+            nn.initializers.zeros_init()
+            if self.zero_output
+            else nn.initializers.normal(1.0 / math.sqrt(self.embedding_dim))
+        )
         scale = tuple(self.gradient_scale)
         if self.model_axis is None:
             return lk.ScaledDense(self.hidden_dim, scale, kernel_init=init, name="linear")(
@@ -169,9 +177,11 @@ class MLPWeightGenerator(FlaxWeightGenerator):
     """An MLP from an embedding to a chunk: ``hidden_<i>`` (widths ``generator_hidden``,
     He-normal kernels, ReLU), then ``output`` (kernel ~ N(0, 1/width)); zero biases, so the
     output has unit variance at init. Not linear: nothing can be fused in dynamic mode.
+    ``zero_output``: ``output``'s kernel starts at zero (``generate="delta"``).
     """
 
     generator_hidden: tuple[int, ...] = (64,)
+    zero_output: bool = False
 
     @nn.compact
     def __call__(self, embedding: jax.Array) -> jax.Array:
@@ -180,7 +190,11 @@ class MLPWeightGenerator(FlaxWeightGenerator):
             init = nn.initializers.normal(math.sqrt(2.0 / width))
             x = nn.relu(nn.Dense(hidden, kernel_init=init, name=f"hidden_{i}")(x))
             width = hidden
-        init = nn.initializers.normal(1.0 / math.sqrt(width))
+        init = (
+            nn.initializers.zeros_init()
+            if self.zero_output
+            else nn.initializers.normal(1.0 / math.sqrt(width))
+        )
         return nn.Dense(self.hidden_dim, kernel_init=init, name="output")(x)
 
 
@@ -212,6 +226,13 @@ class FlaxHyperNetwork(nn.Module):
         batch_norm_stats: dynamic mode, BatchNorm in training mode: ``"batch"`` (default:
             statistics over the whole batch, each sample's own scale and bias) or ``"sample"``
             (each sample by its own statistics, as a batch of one).
+        generate: ``"weights"`` (default: the generated tensors are the target's) or
+            ``"delta"`` (each is a frozen base plus a generated delta that starts at exactly 0:
+            the default generator's output layer starts at zero; the twin of a
+            ``--generate delta`` file). LoRA: :class:`~hypernn_gen.runtime.flax.lora.FlaxLoRAHyperNetwork`.
+        base: ``"delta"``: the base values, ``variables["base"]["flat"]`` (made at init, never a
+            param): a msgpack checkpoint path or variables (the variables or their ``params``);
+            ``None`` (default): the target's own init.
 
     ``hn.apply(variables, *inputs, generated_params=None, condition=None, **target_kwargs)``
     returns ``(output, generated_params)``, the flat vector ``(flat_size,)`` (static) or
@@ -226,7 +247,7 @@ class FlaxHyperNetwork(nn.Module):
     num_embeddings: int | None = None
     chunk_dim: int | None = None
     mode: str = "static"
-    chunking: str = "flat"
+    chunking: str = "auto"
     generator_hidden: tuple[int, ...] = ()
     init_scheme: str = "target"
     condition_shape: tuple[int, ...] | None = None
@@ -236,6 +257,8 @@ class FlaxHyperNetwork(nn.Module):
     model_axis: str | None = None
     gradient_scaling: str = "on"
     batch_norm_stats: str = "batch"
+    generate: str = "weights"
+    base: Any = None
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -248,8 +271,9 @@ class FlaxHyperNetwork(nn.Module):
         return self.design(_measured_layout(self, example_inputs, target_kwargs, ()))[0]
 
     def design(self, layout: Layout) -> tuple[Layout, Chunking]:
-        """The traced layout with the init scheme and chunking applied, and the chunking."""
-        return c.traced(
+        """The traced layout with the init scheme and chunking applied (``generate="delta"``:
+        the delta's decode, :func:`~hypernn_gen.adapters.delta_layout`), and the chunking."""
+        designed, chunking = c.traced(
             lambda: design_layout(
                 layout,
                 num_embeddings=self.num_embeddings,
@@ -258,6 +282,7 @@ class FlaxHyperNetwork(nn.Module):
                 init_scheme=self.init_scheme,
             )
         )
+        return (delta_layout(designed) if self.generate == "delta" else designed), chunking
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -273,6 +298,7 @@ class FlaxHyperNetwork(nn.Module):
         if self.mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {self.mode!r}")
         c.check_batch_norm_stats(self.batch_norm_stats)
+        delta = c.check_generate(self.generate, self.base, self.weight_generator_constructor)
         target = _detached(self.target_network)
         rng_names = [n for n in self.scope.rngs if n != "params"]
         initializing = self.is_initializing()
@@ -290,8 +316,11 @@ class FlaxHyperNetwork(nn.Module):
         shift = self.param("param_shift", lambda _: _vector([t.init_mean for t in generated]))
 
         # The target's own init gives its state collections and excluded params (init only).
+        own = delta and self.base is None  # the base is the target's own init
         target_init = functools.cache(
-            lambda: _target_init(target, layout, self._rngs(rng_names, True), inputs, target_kwargs)
+            lambda: _target_init(
+                target, layout, self._rngs(rng_names, True), inputs, target_kwargs, own
+            )
         )
         state_cols = sorted({t.collection for t in layout.state if t.collection != "params"})
         state = {
@@ -301,6 +330,20 @@ class FlaxHyperNetwork(nn.Module):
         if any(t.collection == "params" for t in layout.state):
             # A variable, not self.param: param's shape check would run the init in apply too.
             excluded = self.variable("params", "target", lambda: target_init()["params"]).value
+        base = None
+        if delta:  # the frozen base (not a param: nothing trains it), as generated files keep it
+            base = self.variable(
+                "base",
+                "flat",
+                lambda: fk.base_flat(
+                    target_init()["own"] if own else None,
+                    self.base,
+                    generated,
+                    layout.flat_size,
+                    "params",
+                    HyperNetworkError,
+                ),
+            ).value
 
         dynamic = self.mode == "dynamic"
         if dynamic and condition is None:
@@ -310,6 +353,8 @@ class FlaxHyperNetwork(nn.Module):
             c.check_batch(inputs, batch)
         if generated_params is None or initializing:
             flat = self._generate(layout, chunking, scale, shift, condition, batch, grad_scale)
+            if base is not None:  # generate="delta": the frozen base plus the generated delta
+                flat = jax.lax.stop_gradient(base) + flat
         if generated_params is not None:
             c.check_flat(layout, generated_params, self.mode)
             flat = generated_params
@@ -365,14 +410,17 @@ class FlaxHyperNetwork(nn.Module):
             else:
                 embedding_ctor = StaticEmbedding
         generator_ctor = self.weight_generator_constructor
+        zero = self.generate == "delta"  # every delta starts at exactly 0
         if generator_ctor is None and self.generator_hidden:
             if self.model_axis is not None:
                 raise HyperNetworkError(c.MODEL_AXIS_HIDDEN)
             generator_ctor = functools.partial(
-                MLPWeightGenerator, generator_hidden=tuple(self.generator_hidden)
+                MLPWeightGenerator, generator_hidden=tuple(self.generator_hidden), zero_output=zero
             )
         if generator_ctor is None:
-            generator_ctor = functools.partial(LinearWeightGenerator, model_axis=self.model_axis)
+            generator_ctor = functools.partial(
+                LinearWeightGenerator, model_axis=self.model_axis, zero_output=zero
+            )
         elif self.model_axis is not None and not self.generator_hidden:
             raise HyperNetworkError(c.MODEL_AXIS_CUSTOM)
         embedding_module, weight_generator = embedding_ctor(d, n), generator_ctor(d, h)
@@ -464,9 +512,10 @@ def _structure(
 
 
 def _target_init(
-    target: nn.Module, layout: Layout, rngs: dict, inputs: tuple, kwargs: dict
+    target: nn.Module, layout: Layout, rngs: dict, inputs: tuple, kwargs: dict, own: bool = False
 ) -> dict:
-    """The target's initial state collections and excluded params, compiled (params dropped)."""
+    """The target's initial state collections and excluded params, compiled (params dropped;
+    ``own``: all its params too, as ``"own"``: ``generate="delta"``'s default base)."""
     _, rebuild = _array_inputs(inputs)
     arrays = [x for x in inputs if hasattr(x, "shape") and hasattr(x, "dtype")]
     keep = {t.collection for t in layout.state}
@@ -478,6 +527,8 @@ def _target_init(
         out = {col: variables[col] for col in keep if col != "params"}
         if excluded:
             out["params"] = lk.excluded_params(variables["params"], excluded)
+        if own:
+            out["own"] = variables["params"]
         return out
 
     return init(rngs, arrays)

@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ...adapters import delta_layout
 from ...design import check_hidden, design_layout
 from ...errors import HyperNetworkError
+from ...kernel import flax as fk
 from ...kernel import nnx as nk
 from ...kernel.nnx import GeneratedSlot
 from ...layout import Chunking, Layout, checkpoint_digest
@@ -154,13 +156,25 @@ class NNXLinearWeightGenerator(NNXWeightGenerator):
     without a mesh only the metadata is kept. ``None`` (default): no annotation.
     ``linear`` is an :class:`~hypernn_gen.kernel.nnx.ScaledLinear`: its ``gradient_scale``
     (the kernel's and bias's gradient multipliers) is set by :class:`NNXHyperNetwork`.
+    ``zero_output``: the kernel starts at zero too (``generate="delta"``: every delta starts at
+    exactly 0).
     """
 
     def __init__(
-        self, embedding_dim: int, hidden_dim: int, *, model_axis: str | None = None, rngs: nnx.Rngs
+        self,
+        embedding_dim: int,
+        hidden_dim: int,
+        *,
+        model_axis: str | None = None,
+        zero_output: bool = False,
+        rngs: nnx.Rngs,
     ):
         super().__init__(embedding_dim, hidden_dim)
-        init = nnx.initializers.normal(1.0 / math.sqrt(embedding_dim))
+        init = (
+            nnx.initializers.zeros_init()
+            if zero_output
+            else nnx.initializers.normal(1.0 / math.sqrt(embedding_dim))
+        )
         bias_init = nnx.initializers.zeros_init()
         if model_axis is not None:
             eager = c.model_mesh(model_axis, hidden_dim) is not None
@@ -181,7 +195,8 @@ class NNXLinearWeightGenerator(NNXWeightGenerator):
 class NNXMLPWeightGenerator(NNXWeightGenerator):
     """An MLP (``layers``) from an embedding to a chunk: widths ``generator_hidden`` with ReLU,
     He-normal kernels, then a kernel ~ N(0, 1/width); zero biases, so the output has unit
-    variance at init. Not linear: nothing can be fused in dynamic mode."""
+    variance at init. Not linear: nothing can be fused in dynamic mode. ``zero_output``: the
+    last kernel starts at zero (``generate="delta"``)."""
 
     def __init__(
         self,
@@ -189,6 +204,7 @@ class NNXMLPWeightGenerator(NNXWeightGenerator):
         hidden_dim: int,
         generator_hidden: tuple[int, ...] = (64,),
         *,
+        zero_output: bool = False,
         rngs: nnx.Rngs,
     ):
         super().__init__(embedding_dim, hidden_dim)
@@ -198,7 +214,11 @@ class NNXMLPWeightGenerator(NNXWeightGenerator):
             init = nnx.initializers.normal(math.sqrt(2.0 / width))
             layers += [nnx.Linear(width, hidden, kernel_init=init, rngs=rngs), nnx.relu]
             width = hidden
-        init = nnx.initializers.normal(1.0 / math.sqrt(width))
+        init = (
+            nnx.initializers.zeros_init()
+            if zero_output
+            else nnx.initializers.normal(1.0 / math.sqrt(width))
+        )
         self.layers = nnx.Sequential(
             *layers, nnx.Linear(width, hidden_dim, kernel_init=init, rngs=rngs)
         )
@@ -232,6 +252,13 @@ class NNXHyperNetwork(nnx.Module):
         batch_norm_stats: dynamic mode, BatchNorm in training mode: ``"batch"`` (default:
             statistics over the whole batch, each sample's own scale and bias) or ``"sample"``
             (each sample by its own statistics, as a batch of one).
+        generate: ``"weights"`` (default: the generated tensors are the target's) or
+            ``"delta"`` (each is a frozen base plus a generated delta that starts at exactly 0:
+            the default generator's output layer starts at zero; the twin of a
+            ``--generate delta`` file). LoRA: :class:`~hypernn_gen.runtime.flax.lora.NNXLoRAHyperNetwork`.
+        base: ``"delta"``: the base values, ``self.base`` (an ``nnx.Variable``, not an
+            ``nnx.Param``: nothing trains it): a msgpack checkpoint path or
+            ``nnx.to_pure_dict(nnx.state(model))``; ``None`` (default): the target's current values.
         rngs: initialises the embedding and the generator.
 
     ``hn(*inputs, generated_params=None, condition=None, **kwargs)`` returns
@@ -248,7 +275,7 @@ class NNXHyperNetwork(nnx.Module):
         *,
         chunk_dim: int | None = None,
         mode: str = "static",
-        chunking: str = "flat",
+        chunking: str = "auto",
         generator_hidden: tuple[int, ...] = (),
         init_scheme: str = "target",
         condition_shape: tuple[int, ...] | None = None,
@@ -258,11 +285,14 @@ class NNXHyperNetwork(nnx.Module):
         model_axis: str | None = None,
         gradient_scaling: str = "on",
         batch_norm_stats: str = "batch",
+        generate: str = "weights",
+        base: Any = None,
         rngs: nnx.Rngs,
     ):
         if mode not in ("static", "dynamic"):
             raise HyperNetworkError(f"mode must be 'static' or 'dynamic', got {mode!r}")
         c.check_batch_norm_stats(batch_norm_stats)
+        delta = c.check_generate(generate, base, weight_generator_constructor)
         self.mode = mode
         self.batch_norm_stats = batch_norm_stats
         self.layout: Layout
@@ -276,6 +306,8 @@ class NNXHyperNetwork(nnx.Module):
                 init_scheme=init_scheme,
             )
         )
+        if delta:
+            self.layout = delta_layout(self.layout)
         self.embedding_dim = embedding_dim
         self.num_embeddings = self.chunking.num_embeddings
         self.hidden_dim = self.chunking.chunk_dim
@@ -295,11 +327,11 @@ class NNXHyperNetwork(nnx.Module):
             raise HyperNetworkError(c.MODEL_AXIS_HIDDEN)
         if weight_generator_constructor is None and generator_hidden:
             weight_generator_constructor = functools.partial(
-                NNXMLPWeightGenerator, generator_hidden=tuple(generator_hidden)
+                NNXMLPWeightGenerator, generator_hidden=tuple(generator_hidden), zero_output=delta
             )
         if weight_generator_constructor is None:
             weight_generator_constructor = functools.partial(
-                NNXLinearWeightGenerator, model_axis=model_axis
+                NNXLinearWeightGenerator, model_axis=model_axis, zero_output=delta
             )
         self.embedding_module = embedding_module_constructor(
             embedding_dim, self.num_embeddings, rngs=rngs
@@ -307,14 +339,14 @@ class NNXHyperNetwork(nnx.Module):
         self.weight_generator = weight_generator_constructor(
             embedding_dim, self.hidden_dim, rngs=rngs
         )
-        for name, module, base in (
+        for name, module, kind in (
             ("embedding", self.embedding_module, "NNXEmbeddingModule"),
             ("weight generator", self.weight_generator, "NNXWeightGenerator"),
         ):
             if not isinstance(module, nnx.Module):
                 raise HyperNetworkError(
                     f"the {name} constructor returned {type(module).__name__}, not an nnx.Module; "
-                    f"return an instance of a {base} subclass"
+                    f"return an instance of a {kind} subclass"
                 )
 
         #: the multipliers of the table, the generator's weight and bias (None: off)
@@ -332,6 +364,21 @@ class NNXHyperNetwork(nnx.Module):
         #: saved in the state (``layout_digest``) and checked at every call, as generated files do
         self.checkpoint_digest = checkpoint_digest(self.layout, self.chunking, mode, embedding_dim)
         self.layout_digest = nnx.Variable(nk.digest_array(self.checkpoint_digest))
+        #: ``generate="delta"``: the frozen base (an nnx.Variable, not an nnx.Param); else None
+        self.base: nnx.Variable | None = (
+            nnx.Variable(
+                fk.base_flat(
+                    nnx.state(target, nnx.Param),
+                    base,
+                    generated,
+                    self.layout.flat_size,
+                    None,
+                    HyperNetworkError,
+                )
+            )
+            if delta
+            else None
+        )
         self.target = nk.without_generated(target, self.layout.generated)
 
     # -- generation ---------------------------------------------------------------------------
@@ -354,7 +401,8 @@ class NNXHyperNetwork(nnx.Module):
             self.layout, self.weight_generator(embedding), batch, n, h, str(expected)
         )
         scale, shift = self.param_scale[...], self.param_shift[...]
-        return c.decode(self.layout, raw, scale, shift, self.gradient_scale)
+        flat = c.decode(self.layout, raw, scale, shift, self.gradient_scale)
+        return flat if self.base is None else self.base[...] + flat
 
     # -- flat vector <-> tensors --------------------------------------------------------------
 
