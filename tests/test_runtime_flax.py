@@ -661,7 +661,7 @@ def test_include_tied_and_dynamic_jit():
     assert head["kernel"].shape == (3, 2)
     out, flat = jax.jit(hn.apply)(variables, X_MLP)
     layout = hn.layout(X_MLP)
-    assert flat.shape == (B, layout.flat_size) and layout.flat_size == 8 * 3 + 3
+    assert flat.shape == (B, layout.flat_size) and layout.num_generated == 8 * 3 + 3
     single = jax.jit(
         lambda f, x: Tiny().apply({"params": {**unflatten_params(layout, f), "head": head}}, x)
     )
