@@ -847,6 +847,7 @@ class Shared(NamedTuple):
     chunk_dim: int
     flat_size: int
     cache: dict  # g0 and bg per generated tensor, computed when first asked for
+    base: tuple[Tensor, ...] | None = None  # --generate delta: each tensor's frozen base, flat
 
     def span(self, i: int) -> tuple[int, int, int]:
         """Tensor i's first chunk, its number of chunks and its start in the first."""
@@ -910,7 +911,8 @@ class Shared(NamedTuple):
         """Tensor i's values for every sample, ``(batch, size)``, given the scale of the
         chunk each value lies in, ``(batch, size)`` (or ``(batch, 1)``: one chunk)."""
         raw = self.bg(i) + coeff * self.g0(i)  # no addcmul: its backward is heavier
-        return self.param_shift[i] + self.param_scale[i] * raw
+        value = self.param_shift[i] + self.param_scale[i] * raw
+        return value if self.base is None else self.base[i] + value
 
     def materialise(self, i: int) -> Tensor:
         """Tensor i for every sample, ``(batch, *shape)``."""
@@ -927,10 +929,12 @@ def shared_inputs(
     generated: tuple,
     flat_size: int,
     gradient_scale: tuple | None = None,
+    delta: bool = False,
 ) -> Shared:
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
-    ``gradient_scale``: the multipliers of the table, the generator's weight and bias."""
+    ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
+    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``)."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
     scale, shift = decoder(
@@ -947,6 +951,11 @@ def shared_inputs(
         chunk_dim=generator.weight.shape[0],
         flat_size=flat_size,
         cache={},
+        base=(
+            tuple(hypernetwork.base[p.offset : p.offset + p.size] for p in generated)
+            if delta
+            else None
+        ),
     )
 
 
@@ -1097,4 +1106,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=f45cb16d3b7ced7dbdee69ed201dabfbd5a795b5ca1852e747e07da5e7bd291b
+# hypernn-gen: sha256=3d462349bc4fa5ba0f5822bb052f7e548c62bc6737312676b24b28a8a297dca4

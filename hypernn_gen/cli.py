@@ -145,7 +145,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
                 init_scheme=options.init_scheme,
             )
             check_sizes(options, layout.num_generated, chunking.num_embeddings, chunking.chunk_dim)
-            if options.generate == "delta":  # base + delta is built per sample, never fused
+            if options.generate == "delta" and loaded.framework != "torch":  # Flax: per sample
                 why = "--generate delta builds each sample's weights (base + delta)"
                 fusion: FusionPlan | str = FusionPlan(
                     (), (), (("", why),), (("", "per sample", why),)
@@ -163,7 +163,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(layout_json(layout, chunking, fusion))
     else:
-        print(format_layout(loaded, layout, chunking, fusion))
+        print(format_layout(loaded, layout, chunking, fusion, options.generate == "delta"))
     return 0
 
 

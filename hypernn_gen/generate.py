@@ -261,7 +261,9 @@ def build_context(
     command = command_line(options, loaded, path)
     adapters = lora_layers(loaded, options) if lora(options) else ()
     fusion = None
-    if options.dynamic and options.generate == "weights":  # delta: the materialising path
+    # Flax delta: the materialising path (base + delta per sample); Torch delta fuses (W x + D_b x)
+    torch_delta = options.generate == "delta" and loaded.framework == "torch"
+    if options.dynamic and (options.generate == "weights" or torch_delta):
         fusion = plan_fusion(
             loaded, layout, chunking, linear_generator=not options.generator_hidden
         )

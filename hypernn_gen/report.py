@@ -82,9 +82,14 @@ def fusion_dict(fusion: FusionPlan | str) -> dict:
 
 
 def format_layout(
-    loaded: LoadedTarget, layout: Layout, chunking: Chunking, fusion: FusionPlan | str | None = None
+    loaded: LoadedTarget,
+    layout: Layout,
+    chunking: Chunking,
+    fusion: FusionPlan | str | None = None,
+    delta: bool = False,
 ) -> str:
-    """The ``inspect`` report: header, tensor table, totals, notes and the fusion plan."""
+    """The ``inspect`` report: header, tensor table, totals, notes and the fusion plan
+    (``delta``: ``--generate delta``, each fused layer also runs its frozen base)."""
     inputs = ", ".join(f"{spec.shape} {spec.dtype}" for spec in loaded.input_specs)
     lines = _columns(
         [
@@ -105,7 +110,7 @@ def format_layout(
     if layout.notes:
         lines += ["", "notes:"] + [f"  - {note}" for note in layout.notes]
     if fusion is not None:
-        lines += ["", *format_fusion(fusion, layout, chunking)]
+        lines += ["", *format_fusion(fusion, layout, chunking, delta)]
     return "\n".join(lines)
 
 
@@ -118,11 +123,14 @@ ROUTES = {
 }
 
 
-def predicted_products(plan: FusionPlan, layout: Layout, chunking: Chunking) -> float | None:
+def predicted_products(
+    plan: FusionPlan, layout: Layout, chunking: Chunking, delta: bool = False
+) -> float | None:
     """The shared products of the fused Linear/Conv layers per product of the target's own:
     S + 1 per layer (S segments and the generator's bias), or, in Torch, where every row lies in
     one chunk from a chunk boundary (and the rows are the outputs: not a transposed weight), 1 and
-    one shared row per chunk's worth of rows (``k = C // row`` rows: 1 + k / out)."""
+    one shared row per chunk's worth of rows (``k = C // row`` rows: 1 + k / out); ``delta``: one
+    more per layer, the frozen base's own product (``W x + D_b x``)."""
     generated, c = layout.generated, chunking.chunk_dim
     total = cost = 0.0
     for f in plan.fused:
@@ -137,11 +145,15 @@ def predicted_products(plan: FusionPlan, layout: Layout, chunking: Chunking) -> 
         else:
             cost += t.size * (f.segments + 1)
         total += t.size
+        cost += t.size if delta else 0.0
     return cost / total if total else None
 
 
 def format_fusion(
-    plan: FusionPlan | str, layout: Layout | None = None, chunking: Chunking | None = None
+    plan: FusionPlan | str,
+    layout: Layout | None = None,
+    chunking: Chunking | None = None,
+    delta: bool = False,
 ) -> list[str]:
     """Which path every module takes in a generated dynamic file: fused (its batched form, no
     per-sample weights), on the whole batch (no generated tensors), or per sample under vmap,
@@ -167,12 +179,16 @@ def format_fusion(
         header = "dynamic mode: every sample runs through the whole target alone (vmap)"
     lines = [header, *("  " + line for line in _columns(rows, right=()))]
     ratio = (
-        None if layout is None or chunking is None else predicted_products(plan, layout, chunking)
+        None
+        if layout is None or chunking is None
+        else predicted_products(plan, layout, chunking, delta)
     )
     if ratio is not None:
+        each = "S + 2 each: the frozen base's too" if delta else "S + 1 each"
+        whole = "about 2" if delta else "about 1"
         lines.append(
             f"  predicted cost: {ratio:.2f}x the target's products in the fused Linear/Conv "
-            "layers (S + 1 each; about 1 where chunks hold whole rows)"
+            f"layers ({each}; {whole} where chunks hold whole rows)"
         )
     return lines
 

@@ -440,13 +440,12 @@ def test_python_dash_m(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("target", ["seed_mlp.py", "linen_mlp.py"])
 def test_delta_plan_says_every_sample_runs_alone(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, target: str
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """--generate delta builds base + delta per sample: inspect must not claim a fused plan,
-    and the generated dynamic file indeed installs no fused layer."""
-    path = str(TARGETS / target)
+    """Flax --generate delta builds base + delta per sample: inspect must not claim a fused
+    plan, and the generated dynamic file indeed fuses nothing."""
+    path = str(TARGETS / "linen_mlp.py")
     out = run_ok(capsys, path, "--generate", "delta")
     assert "dynamic mode: every sample runs through the whole target alone (vmap)" in out
     assert fusion_section(out) == [
@@ -460,3 +459,26 @@ def test_delta_plan_says_every_sample_runs_alone(
     assert cli.main([path, "--mode", "dynamic", "--generate", "delta", "-o", str(written)]) == 0
     source = written.read_text()
     assert "install_fusion(" not in source and "Fused" not in source
+
+
+def test_torch_delta_plan_is_fused_and_counts_the_base_product(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Torch --generate delta fuses as --generate weights does (W x_b + D_b x_b): the same
+    routes, one more shared product per fused layer (the frozen base's), and the generated
+    dynamic file installs the fused layers with the base passed to them."""
+    path = str(TARGETS / "seed_mlp.py")
+    out, weights = run_ok(capsys, path, "--generate", "delta"), run_ok(capsys, path)
+    assert fusion_section(out) == fusion_section(weights)
+    assert ["0", "fused", "linear (S=1)"] in fusion_section(out)
+
+    def predicted(text: str) -> float:
+        line = next(ln for ln in text.splitlines() if "predicted cost:" in ln)
+        return float(line.split()[2].rstrip("x"))
+
+    assert predicted(out) == pytest.approx(predicted(weights) + 1.0, abs=0.006)
+    assert "S + 2 each: the frozen base's too" in out
+    written = tmp_path / "delta.py"
+    assert cli.main([path, "--mode", "dynamic", "--generate", "delta", "-o", str(written)]) == 0
+    source = written.read_text()
+    assert "install_fusion(" in source and "delta=True" in source

@@ -184,6 +184,11 @@ def test_dynamic_lora_never_forms_per_sample_weights(tmp_path: Path) -> None:
     delta = hypernetwork_class(generate(tmp_path, "--generate", "delta", *flags))(plain_target())
     run = lambda: delta(x, condition=c, return_params=True)[0].sum().backward()  # noqa: E731
     assert (5, 64, 32) in per_sample_weight_shapes(run, 5)
+    # the fused delta path (W x_b + D_b x_b) makes none either (pos_emb, read by indexing,
+    # would run the root per sample: excluded)
+    fused = generate(tmp_path, "--generate", "delta", "--exclude", "pos_emb", *flags)
+    delta = hypernetwork_class(fused)(plain_target())
+    assert per_sample_weight_shapes(lambda: delta(x, condition=c)[0].sum().backward(), 5) == set()
 
 
 # -- the start, the frozen base, the parameter count ---------------------------------------------
@@ -282,6 +287,8 @@ def test_delta_matches_runtime_starts_at_the_base_and_keeps_it_frozen(
     assert_close(out_g, plain(x), STATIC)  # the delta starts at exactly 0: the base model
     assert torch.equal(out_r, out_g)
     assert torch.equal(flat_r, flat_g)
+    if mode == "dynamic":  # the fused path (no per-sample weights) equals the runtime twin too
+        assert_close(gen(x, condition=c)[0], out_r, DYNAMIC, "fused")
     assert "base" in dict(gen.named_buffers()) and "base" not in dict(gen.named_parameters())
     out_g.square().mean().backward()
     out_r.square().mean().backward()
@@ -516,3 +523,71 @@ def test_conv2d_lora_generated_runtime_merged_weights_and_peft(tmp_path: Path) -
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(plain), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         assert_close(loaded(x[1:2]), out_r[1:2], DYNAMIC, "peft")
+
+
+# -- dynamic delta on the fused path: W x_b + D_b x_b, no per-sample weights ----------------------
+
+FUSED_DELTA_CASES = {
+    "seed-mlp": ("seed_mlp.py", (), lambda b, g: torch.randn(b, 8, generator=g)),
+    "seed-mlp-flat": ("seed_mlp.py", ("--chunking", "flat"), lambda b, g: torch.randn(b, 8, generator=g)),
+    "cnn": ("cnn.py:SmallCNN", (), lambda b, g: torch.randn(b, 1, 8, 8, generator=g)),
+    "cnn-shared-convs": ("cnn.py:SmallCNN", (), lambda b, g: torch.randn(b, 1, 8, 8, generator=g)),
+    "transformer": ("transformer.py", (), lambda b, g: torch.randint(0, 64, (b, 10), generator=g)),
+    "transformer-fused": (  # without pos_emb the root runs once: embedding, MHA, norms fused
+        "transformer.py", ("--exclude", "pos_emb"), lambda b, g: torch.randint(0, 64, (b, 10), generator=g)
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FUSED_DELTA_CASES))
+def test_fused_dynamic_delta_equals_the_materialising_path_and_starts_at_the_base(
+    tmp_path: Path, case: str
+) -> None:
+    """``--generate delta --mode dynamic`` runs fused (the base's product shared by the batch):
+    at the start exactly the plain target; with a nonzero delta, outputs and every gradient equal
+    the materialising path's (``return_params=True``: base + delta per sample, vmap)."""
+    target, flags, make_input = FUSED_DELTA_CASES[case]
+    out = tmp_path / f"{case}.py"
+    args = [str(TARGETS_DIR / target), "--generate", "delta", "--mode", "dynamic", *flags]
+    assert main([*args, "--condition-shape", str(TASKS), "-o", str(out)]) == 0
+    module = import_file(out, f"_fused_delta_{case.replace('-', '_')}")
+    source = out.read_text()
+    assert "install_fusion(" in source and "delta=True" in source
+    if case == "cnn-shared-convs":  # the shared convolutions, not one grouped convolution
+        module.GROUPED_CONV_LIMIT = 0
+    torch.manual_seed(0)
+    hyper = hypernetwork_class(module)()
+    hyper.train(case.startswith("transformer"))  # no dropout; MHA's eval fast path has no backward
+    plain = hyper.target  # its generated tensors are gone: rebuild the base model from `base`
+    base = hyper.unflatten_params(hyper.base.expand(1, -1))
+    gen = torch.Generator().manual_seed(6)
+    x, c = make_input(3, gen), conditions(3)
+    fused, params = hyper(x, condition=c)
+    assert params is None
+    reference = torch.stack(
+        [
+            functional_call(plain, {k: v[0] for k, v in base.items()}, (x[b : b + 1],))[0]
+            for b in range(3)
+        ]
+    )
+    assert torch.equal(hyper(x, condition=c, return_params=True)[1], hyper.base.expand(3, -1))
+    assert_close(fused, reference, DYNAMIC, "the start: the base model")
+    with torch.no_grad():  # a nonzero delta, different per sample
+        for p in hyper.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    fused, _ = hyper(x, condition=c)
+    fused.square().mean().backward()
+    grads = {n: p.grad for n, p in hyper.named_parameters()}
+    assert grads["weight_generator.linear.weight"] is not None
+    hyper.zero_grad(set_to_none=True)
+    materialised, flat = hyper(x, condition=c, return_params=True)
+    assert (flat - hyper.base).abs().amax(1).min() > 1e-3  # every sample has a nonzero delta
+    assert (materialised - reference).abs().max() > 1e-3  # the delta changes the output
+    assert_close(fused, materialised, DYNAMIC, "outputs")
+    materialised.square().mean().backward()
+    for name, p in hyper.named_parameters():
+        if p.grad is None or grads[name] is None:  # a parameter neither path uses
+            assert p.grad is None and grads[name] is None, name
+        else:
+            assert_close(grads[name], p.grad, GRAD, name)
+    assert "base" not in dict(hyper.named_parameters())

@@ -783,6 +783,7 @@ class Shared(NamedTuple):
     chunk_dim: int
     flat_size: int
     cache: dict  # g0 and bg per generated tensor, computed when first asked for
+    base: tuple[Tensor, ...] | None = None  # --generate delta: each tensor's frozen base, flat
 
     def span(self, i: int) -> tuple[int, int, int]:
         """Tensor i's first chunk, its number of chunks and its start in the first."""
@@ -846,7 +847,8 @@ class Shared(NamedTuple):
         """Tensor i's values for every sample, ``(batch, size)``, given the scale of the
         chunk each value lies in, ``(batch, size)`` (or ``(batch, 1)``: one chunk)."""
         raw = self.bg(i) + coeff * self.g0(i)  # no addcmul: its backward is heavier
-        return self.param_shift[i] + self.param_scale[i] * raw
+        value = self.param_shift[i] + self.param_scale[i] * raw
+        return value if self.base is None else self.base[i] + value
 
     def materialise(self, i: int) -> Tensor:
         """Tensor i for every sample, ``(batch, *shape)``."""
@@ -863,10 +865,12 @@ def shared_inputs(
     generated: tuple,
     flat_size: int,
     gradient_scale: tuple | None = None,
+    delta: bool = False,
 ) -> Shared:
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
-    ``gradient_scale``: the multipliers of the table, the generator's weight and bias."""
+    ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
+    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``)."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
     scale, shift = decoder(
@@ -883,6 +887,11 @@ def shared_inputs(
         chunk_dim=generator.weight.shape[0],
         flat_size=flat_size,
         cache={},
+        base=(
+            tuple(hypernetwork.base[p.offset : p.offset + p.size] for p in generated)
+            if delta
+            else None
+        ),
     )
 
 
@@ -1016,6 +1025,8 @@ def fused_product(
             y = y + apply(x * coeff[:, j].view(in_view), segment)
     assert ones is not None
     y = shared.param_shift[i] * ones + shared.param_scale[i] * y
+    if shared.base is not None:  # delta: W x_b + D_b x_b, the frozen base W shared
+        y = y + apply(x, shared.base[i].view(p.shape))
     if bias_coeff is not None:
         return y + shared.raw(index.layer.bias, bias_coeff).view(out_view)
     own = getattr(self, "bias", None)  # nn.MultiheadAttention: its in_proj_bias is generated
@@ -1083,6 +1094,8 @@ def row_products(
     elif groups > 1:  # a grouped convolution needs every output channel's row
         fixed = fixed.expand(out, *p.shape[1:])
     rest = apply(x, fixed)
+    if shared.base is not None:  # delta: W x_b + D_b x_b, the frozen base W shared
+        rest = rest + apply(x, shared.base[i].view(p.shape))
     rows = x.numel() // row  # samples (times positions) through the layer
     dim = table.shape[1]
     if apply is F.linear and per_chunk == 1 and dim * (row + out) * rows < row * out * (rows + dim):
@@ -1096,6 +1109,7 @@ def row_products(
         bias_scale, size = shared.param_scale[b], shared.generated[b].size
         g0 = F.linear(bias_table * bias_scale, shared.generator).view(-1)[:size]
         fixed = shared.param_shift[b] + bias_scale * shared.bg(b)
+        fixed = fixed if shared.base is None else shared.base[b] + fixed
         bias_scales = bias_scales.view(-1, *(1,) * (len(out_view) - 1))
         rest = rest + fixed.view(out_view[1:]) + bias_scales * g0.view(out_view[1:])
         b = None
@@ -1186,4 +1200,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=26c914af0fcddc3eb327aa52c74fabb112f68ba0ef1d32c58a78a86317b22a27
+# hypernn-gen: sha256=52c9643fe9811d29b083f3e18e8f71b04e6e9a53e1d36459ee17cc8d18f4e6e0
