@@ -2,10 +2,10 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   generated_examples/targets/linen_mlp.py:MLP (linen, class)
-# options:  backend=flax mode=static embedding_dim=32 num_embeddings=78 chunk_dim=64 gradient_scaling=on
-#           chunking=auto init_scheme=target generator_hidden=none
+# options:  backend=flax mode=static embedding_dim=32 num_embeddings=71 chunk_dim=71 gradient_scaling=on
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 4,992 values, 0 state tensors, digest 19edc0f11d9aa69c
-# command:  hypernn-gen generated_examples/targets/linen_mlp.py --backend flax --mode static --embedding-dim 32 -o generated_examples/linen_mlp_linen_static.py
+# command:  hypernn-gen generated_examples/targets/linen_mlp.py --backend flax --mode static --embedding-dim 32 --chunking flat -o generated_examples/linen_mlp_linen_static.py
 """Static hypernetwork for MLP (Flax Linen).
 
 MLPEmbedding -> MLPWeightGenerator -> 4,992 values for the target's 5 trainable tensors.
@@ -60,12 +60,12 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 78
-CHUNK_DIM = 64
+NUM_EMBEDDINGS = 71
+CHUNK_DIM = 71
 FLAT_SIZE = 4_992
 LAYOUT_DIGEST = "19edc0f11d9aa69c"
-CHECKPOINT_DIGEST = "282c1020cd55e86e"  # variables["layout"]["digest"], checked
-GRADIENT_SCALE = (22.6274, 0.640513, 3.62329)  # gradient multipliers: table, generator weight, bias
+CHECKPOINT_DIGEST = "42acecd8660e1f52"  # variables["layout"]["digest"], checked
+GRADIENT_SCALE = (21.483, 0.671345, 3.7977)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (64,), 0, 64, 0.0, 0.0),
@@ -578,4 +578,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=d5c2e3e3511b462900ddd37f2037b6f9cb84aac1068d64b552909c689c6cb875
+# hypernn-gen: sha256=99b8d678381baaf3d80e26125831417e8f29616b3dcb777eff72aae45e4f3fc8

@@ -75,7 +75,7 @@ def test_bad_choice_is_one_line_with_did_you_mean(capsys: pytest.CaptureFixture[
     message = one_error(capsys, [SEED, "--mode", "dynamc"])
     assert message == "argument --mode: invalid choice: 'dynamc'; did you mean 'dynamic'?"
     message = one_error(capsys, [SEED, "--chunking", "zzz"])
-    assert message == "argument --chunking: invalid choice: 'zzz'; choose flat, tensor"
+    assert message == "argument --chunking: invalid choice: 'zzz'; choose auto, flat, tensor"
 
 
 def test_exclusive_flags_and_bad_int_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:

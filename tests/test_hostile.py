@@ -353,7 +353,7 @@ def test_a_target_in_a_package_with_relative_imports(work: Path, capsys) -> None
     built = loaded.factory()
     assert type(built).__name__ == "Block"
     assert [tuple(p.shape) for p in built.parameters()] == [(3, 4), (3,)]
-    code, out, err = cli(capsys, "inspect", "pkg/models/net.py", "--json")
+    code, out, err = cli(capsys, "inspect", "pkg/models/net.py", "--json", "--chunking", "flat")
     assert code == 0, err
     assert json.loads(out)["flat_size"] == 15
     # the generated file is standalone: the relative import became an absolute one
@@ -383,7 +383,7 @@ def test_coding_line_and_bom_are_valid_python(work: Path, capsys, prefix: bytes)
 
 def test_prints_at_import_stay_off_stdout(work: Path, capsys) -> None:
     write(work / "chatty.py", "print('hello from the target')\n" + TINY)
-    code, out, err = cli(capsys, "inspect", "chatty.py", "--json")
+    code, out, err = cli(capsys, "inspect", "chatty.py", "--json", "--chunking", "flat")
     assert code == 0
     assert json.loads(out)["flat_size"] == 4 * 3 + 3 + 3 * 2 + 2
     assert "hello from the target" in err
@@ -649,7 +649,7 @@ def test_complex_parameters_are_accepted_when_excluded(work: Path, capsys, frame
     assert other not in line  # advice of this framework only
     assert not (work / "gen.py").exists()
     # the advised --exclude works: the file runs its own example, phase stays the target's
-    code, out, _ = cli(capsys, "cplx.py", "--exclude", "phase", "-o", "gen.py")
+    code, out, _ = cli(capsys, "cplx.py", "--exclude", "phase", "-o", "gen.py", "--chunking", "flat")
     assert code == 0 and "2 tensors" in out, out
     result = run_python_file(work, "gen.py")
     assert result.returncode == 0, result.stderr

@@ -2,10 +2,10 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/digits/target_linen.py:DigitsCNN (linen, class)
-# options:  backend=flax mode=static embedding_dim=16 num_embeddings=204 chunk_dim=192 gradient_scaling=on
-#           chunking=auto init_scheme=target generator_hidden=none
-# layout:   8 generated tensors, 38,282 values, 0 state tensors, digest 10560053157bbb1a
-# command:  hypernn-gen examples/digits/target_linen.py --backend flax --mode static --embedding-dim 16 -o examples/digits/digits_linen_static.py
+# options:  backend=flax mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=on
+#           chunking=flat init_scheme=target generator_hidden=none
+# layout:   8 generated tensors, 38,282 values, 0 state tensors, digest ffff7b7a1a7b0314
+# command:  hypernn-gen examples/digits/target_linen.py --backend flax --mode static --embedding-dim 16 --chunking flat -o examples/digits/digits_linen_static.py
 """Static hypernetwork for DigitsCNN (Flax Linen).
 
 DigitsCNNEmbedding -> DigitsCNNWeightGenerator -> 38,282 values for the target's 8 trainable
@@ -63,26 +63,26 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 16
-NUM_EMBEDDINGS = 204
-CHUNK_DIM = 192
-FLAT_SIZE = 39_168
-LAYOUT_DIGEST = "10560053157bbb1a"
-CHECKPOINT_DIGEST = "c3e12505745ab62a"  # variables["layout"]["digest"], checked
-GRADIENT_SCALE = (73.9008, 4.4809, 17.9236)  # gradient multipliers: table, generator weight, bias
+NUM_EMBEDDINGS = 196
+CHUNK_DIM = 196
+FLAT_SIZE = 38_282
+LAYOUT_DIGEST = "ffff7b7a1a7b0314"
+CHECKPOINT_DIGEST = "0d0a63c4bf3491eb"  # variables["layout"]["digest"], checked
+GRADIENT_SCALE = (73.1429, 4.57143, 18.2857)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("Conv_0.bias", ("Conv_0", "bias"), (16,), 0, 16, 0.0, 0.0),
-    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 16), 192, 144, -0.03194, 0.3408),
-    ParamSlice("Conv_1.bias", ("Conv_1", "bias"), (32,), 384, 32, 0.0, 0.0),
+    ParamSlice("Conv_0.kernel", ("Conv_0", "kernel"), (3, 3, 1, 16), 16, 144, -0.03194, 0.3408),
+    ParamSlice("Conv_1.bias", ("Conv_1", "bias"), (32,), 160, 32, 0.0, 0.0),
     ParamSlice(
-        "Conv_1.kernel", ("Conv_1", "kernel"), (3, 3, 16, 32), 576, 4_608, -0.001315, 0.0835
+        "Conv_1.kernel", ("Conv_1", "kernel"), (3, 3, 16, 32), 192, 4_608, -0.001315, 0.0835
     ),
-    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (64,), 5_184, 64, 0.0, 0.0),
+    ParamSlice("Dense_0.bias", ("Dense_0", "bias"), (64,), 4_800, 64, 0.0, 0.0),
     ParamSlice(
-        "Dense_0.kernel", ("Dense_0", "kernel"), (512, 64), 5_376, 32_768, -5.383e-05, 0.04424
+        "Dense_0.kernel", ("Dense_0", "kernel"), (512, 64), 4_864, 32_768, -5.383e-05, 0.04424
     ),
-    ParamSlice("Dense_1.bias", ("Dense_1", "bias"), (10,), 38_208, 10, 0.0, 0.0),
-    ParamSlice("Dense_1.kernel", ("Dense_1", "kernel"), (64, 10), 38_400, 640, 0.006869, 0.1252),
+    ParamSlice("Dense_1.bias", ("Dense_1", "bias"), (10,), 37_632, 10, 0.0, 0.0),
+    ParamSlice("Dense_1.kernel", ("Dense_1", "kernel"), (64, 10), 37_642, 640, 0.006869, 0.1252),
 )
 # The target's other collections: variables of the hypernetwork under the key "target".
 STATE_COLLECTIONS: tuple[str, ...] = ()
@@ -588,4 +588,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=4e27647c06e006ed64c7ce4346d8cad0acd007be5b099f1df0e45279cbca11b9
+# hypernn-gen: sha256=f0bd0e3ec6e87b3d4ecfb6a77ba2e3d23a0ca2764b2ed0d44f8c7e71b202cdf0

@@ -2,10 +2,10 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/digits/target.py:DigitsCNN (torch, class)
-# options:  backend=torch mode=static embedding_dim=16 num_embeddings=80 chunk_dim=512 gradient_scaling=on
-#           chunking=auto init_scheme=target generator_hidden=none
-# layout:   8 generated tensors, 38,282 values, 0 state tensors, digest 3345a3e8d82f3502
-# command:  hypernn-gen examples/digits/target.py --backend torch --mode static --embedding-dim 16 -o examples/digits/digits_torch_static.py
+# options:  backend=torch mode=static embedding_dim=16 num_embeddings=196 chunk_dim=196 gradient_scaling=on
+#           chunking=flat init_scheme=target generator_hidden=none
+# layout:   8 generated tensors, 38,282 values, 0 state tensors, digest 74c94e2c7432a748
+# command:  hypernn-gen examples/digits/target.py --backend torch --mode static --embedding-dim 16 --chunking flat -o examples/digits/digits_torch_static.py
 """Static hypernetwork for DigitsCNN (PyTorch).
 
 DigitsCNNEmbedding -> DigitsCNNWeightGenerator -> 38,282 values for the target's 8 trainable
@@ -64,22 +64,22 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 16
-NUM_EMBEDDINGS = 80
-CHUNK_DIM = 512
-FLAT_SIZE = 40_960
-LAYOUT_DIGEST = "3345a3e8d82f3502"
-CHECKPOINT_DIGEST = "b4cfc5deebf18fb5"  # saved in every state dict, checked on load
-GRADIENT_SCALE = (181.019, 28.6217, 114.487)  # gradient multipliers: table, generator weight, bias
+NUM_EMBEDDINGS = 196
+CHUNK_DIM = 196
+FLAT_SIZE = 38_282
+LAYOUT_DIGEST = "74c94e2c7432a748"
+CHECKPOINT_DIGEST = "69999095844bfab4"  # saved in every state dict, checked on load
+GRADIENT_SCALE = (292.571, 18.2857, 73.1429)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("features.0.weight", (16, 1, 3, 3), 0, 144, 0.0, 0.19245),
-    ParamSlice("features.0.bias", (16,), 512, 16, 0.0, 0.19245),
-    ParamSlice("features.2.weight", (32, 16, 3, 3), 1_024, 4_608, 0.0, 0.0481125),
-    ParamSlice("features.2.bias", (32,), 5_632, 32, 0.0, 0.0481125),
-    ParamSlice("classifier.1.weight", (64, 512), 6_144, 32_768, 0.0, 0.0255155),
-    ParamSlice("classifier.1.bias", (64,), 38_912, 64, 0.0, 0.0255155),
-    ParamSlice("classifier.3.weight", (10, 64), 39_424, 640, 0.0, 0.0721688),
-    ParamSlice("classifier.3.bias", (10,), 40_448, 10, 0.0, 0.0721688),
+    ParamSlice("features.0.bias", (16,), 144, 16, 0.0, 0.19245),
+    ParamSlice("features.2.weight", (32, 16, 3, 3), 160, 4_608, 0.0, 0.0481125),
+    ParamSlice("features.2.bias", (32,), 4_768, 32, 0.0, 0.0481125),
+    ParamSlice("classifier.1.weight", (64, 512), 4_800, 32_768, 0.0, 0.0255155),
+    ParamSlice("classifier.1.bias", (64,), 37_568, 64, 0.0, 0.0255155),
+    ParamSlice("classifier.3.weight", (10, 64), 37_632, 640, 0.0, 0.0721688),
+    ParamSlice("classifier.3.bias", (10,), 38_272, 10, 0.0, 0.0721688),
 )
 
 
@@ -149,7 +149,7 @@ class DigitsCNNHyperNetwork(nn.Module):
         return self.decode(raw[:FLAT_SIZE])
 
     def decode(self, raw: Tensor) -> Tensor:
-        """Raw generator output to parameter values, tensor by tensor (padding: 0)."""
+        """Raw generator output to parameter values, tensor by tensor."""
         return decode(raw, self.param_scale, self.param_shift, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
 
     def unflatten_params(self, flat: Tensor) -> dict[str, Tensor]:
@@ -397,4 +397,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=5dcd1891d2cb5373721f4cabea8f17389c7f58c1f639028f92c2f7de7954e9d9
+# hypernn-gen: sha256=92cd8fb041789745456b74a16ef91cdf05f931c8ab4723fe5c0ae7dd6f642303

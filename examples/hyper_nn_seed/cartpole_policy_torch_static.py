@@ -2,10 +2,10 @@
 # Do not edit by hand: change the options or templates, then run the command below.
 #
 # target:   examples/hyper_nn_seed/cartpole_policy.py:make_target (torch, factory)
-# options:  backend=torch mode=static embedding_dim=32 num_embeddings=264 chunk_dim=256 gradient_scaling=on
-#           chunking=auto init_scheme=target generator_hidden=none
+# options:  backend=torch mode=static embedding_dim=32 num_embeddings=260 chunk_dim=260 gradient_scaling=on
+#           chunking=flat init_scheme=target generator_hidden=none
 # layout:   5 generated tensors, 67,584 values, 0 state tensors, digest 20909676f13b0d00
-# command:  hypernn-gen examples/hyper_nn_seed/cartpole_policy.py --backend torch --mode static --embedding-dim 32 -o examples/hyper_nn_seed/cartpole_policy_torch_static.py
+# command:  hypernn-gen examples/hyper_nn_seed/cartpole_policy.py --backend torch --mode static --embedding-dim 32 --chunking flat -o examples/hyper_nn_seed/cartpole_policy_torch_static.py
 """Static hypernetwork for CartpolePolicy (PyTorch).
 
 CartpolePolicyEmbedding -> CartpolePolicyWeightGenerator -> 67,584 values for the target's 5
@@ -53,12 +53,12 @@ class ParamSlice(NamedTuple):
 
 
 EMBEDDING_DIM = 32
-NUM_EMBEDDINGS = 264
-CHUNK_DIM = 256
+NUM_EMBEDDINGS = 260
+CHUNK_DIM = 260
 FLAT_SIZE = 67_584
 LAYOUT_DIGEST = "20909676f13b0d00"
-CHECKPOINT_DIGEST = "64a7959fdf5c2d76"  # saved in every state dict, checked on load
-GRADIENT_SCALE = (90.5097, 2.78524, 15.7557)  # gradient multipliers: table, generator weight, bias
+CHECKPOINT_DIGEST = "9574d94ab369d925"  # saved in every state dict, checked on load
+GRADIENT_SCALE = (89.8107, 2.80659, 15.8764)  # gradient multipliers: table, generator weight, bias
 
 GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("0.weight", (256, 4), 0, 1_024, 0.0, 0.288675),
@@ -383,4 +383,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=20719e0b49a0328b9cc2805511a51034072b393eda5f10399332172c88d06c2a
+# hypernn-gen: sha256=a423766d94618210224ba5dc16623e5d5c4629dc2eea4d9f697c68b9adf44c96
