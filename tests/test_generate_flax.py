@@ -615,7 +615,7 @@ def test_committed_digits_files_match_runtime(api: str) -> None:
     x, key = _normal((BATCH, 8, 8, 1)), jax.random.key(3)
     if api == "nnx":
         target = plain.target  # the instance the file was generated from (its init statistics)
-        runtime = NNXHyperNetwork(target, embedding_dim=16, rngs=nnx.Rngs(0))
+        runtime = NNXHyperNetwork(target, embedding_dim=16, chunking="flat", rngs=nnx.Rngs(0))
         gen = module.DigitsCNNHyperNetwork(target, rngs=nnx.Rngs(0))
         assert flat_listing(gen) == flat_listing(runtime)
         close(pure(nnx.state(gen)), pure(nnx.state(runtime)), STATIC, "init")
@@ -627,7 +627,7 @@ def test_committed_digits_files_match_runtime(api: str) -> None:
         close(round_trip, target(x), STATIC, "round trip")
     else:
         target = plain.DigitsCNN()
-        runtime = FlaxHyperNetwork(target, embedding_dim=16)
+        runtime = FlaxHyperNetwork(target, embedding_dim=16, chunking="flat")
         gen = module.DigitsCNNHyperNetwork()
         variables = jax.jit(runtime.init)(jax.random.key(0), x)
         assert shapes(jax.eval_shape(gen.init, jax.random.key(0), x)) == shapes(variables)
