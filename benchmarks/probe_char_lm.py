@@ -202,7 +202,12 @@ class Aligned(nn.Module):
     over their derived value), each tensor's raw chunk normalised to unit RMS (``norm``)."""
 
     def __init__(
-        self, target: nn.Module, gen: object, norm: bool = True, boost: float = 1.0
+        self,
+        target: nn.Module,
+        gen: object,
+        norm: bool = True,
+        boost: float = 1.0,
+        trace: bool = False,
     ) -> None:
         super().__init__()
         from types import SimpleNamespace
@@ -218,6 +223,12 @@ class Aligned(nn.Module):
         chunking = Chunking(gen.NUM_EMBEDDINGS, gen.CHUNK_DIM)
         self.rows = design.group_rows(layout, chunking)
         mult = design.group_gradient_multipliers(layout, chunking, gen.EMBEDDING_DIM)
+        if trace:  # the blocks' mean eigenvalue (trace over size) 1/3 each, not their middle
+            c, d = gen.CHUNK_DIM, gen.EMBEDDING_DIM
+            mult = [
+                (mt * math.sqrt(c / d), mw * math.sqrt(len(r) / d), mb * math.sqrt(len(r)))
+                for (mt, mw, mb), r in zip(mult, self.rows, strict=True)
+            ]
         self.multipliers = [tuple(boost * m for m in ms) for ms in mult]
         c, d = gen.CHUNK_DIM, gen.EMBEDDING_DIM
         self.table = nn.Parameter(torch.randn(gen.NUM_EMBEDDINGS, d))
@@ -257,11 +268,13 @@ OPTIMIZERS = {
 
 def build(variant: str, target: nn.Module, zero_var: float, gen: object = None) -> nn.Module:
     # grouped:BASE:CHUNK:DIM[:ZERO_VAR[:BOOST[:raw]]]  (BASE 0: one group per tensor)
-    # aligned[:BOOST[:raw]]  (the design of hypernn_gen.design on the file's own chunks)
+    # aligned[-trace][:BOOST[:raw]]  (the design of hypernn_gen.design on the file's chunks;
+    # -trace: multipliers from each block's mean eigenvalue)
     if variant.startswith("aligned"):
-        _, *rest = variant.split(":")
+        name, *rest = variant.split(":")
         boost = float(rest[0]) if rest else 1.0
-        return Aligned(target, gen or GEN, norm=len(rest) < 2, boost=boost)
+        trace = name.endswith("-trace")
+        return Aligned(target, gen or GEN, norm=len(rest) < 2, boost=boost, trace=trace)
     if variant.startswith("grouped"):
         _, base, chunk, dim, *rest = variant.split(":")
         n = len((gen or GEN).GENERATED)
