@@ -185,6 +185,15 @@ def unit_rms(piece: Tensor) -> Tensor:
     return piece * torch.rsqrt(piece.square().mean(-1, keepdim=True) + NORM_EPS)
 
 
+def normalize_raw(raw: Tensor, generated: tuple, flat_size: int) -> Tensor:
+    """``raw`` with each generated tensor's values at unit RMS (:func:`unit_rms`, per sample;
+    padding between tensors is left as it is): the normalised decode's first step."""
+    sizes, owners = segments(generated, flat_size)
+    pieces = raw.split(sizes, -1)
+    n = len(generated)
+    return torch.cat([unit_rms(p) if i < n else p for i, p in zip(owners, pieces, strict=True)], -1)
+
+
 def decoder(
     param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -205,18 +214,14 @@ def decode(
     generated: tuple,
     flat_size: int,
     gradient_scale: tuple | None = None,
-    normalize: bool = False,
 ) -> Tensor:
     """Per-tensor affine map from raw generator output to parameter values, tensor by tensor
-    (leading batch dimensions are kept; padding between tensors is 0); ``normalize``: each
-    tensor's raw values first brought to unit RMS (:func:`unit_rms`)."""
+    (leading batch dimensions are kept; padding between tensors is 0)."""
     scale, shift = decoder(
         param_scale.to(raw.dtype), param_shift.to(raw.dtype), generated, gradient_scale
     )
     sizes, owners = segments(generated, flat_size)
     pieces = raw.split(sizes, -1)
-    if normalize:
-        pieces = [unit_rms(p) if i < len(scale) else p for i, p in zip(owners, pieces, strict=True)]
     decoded = [
         torch.addcmul(shift[i], piece, scale[i]) if i < len(scale) else torch.zeros_like(piece)
         for i, piece in zip(owners, pieces, strict=True)

@@ -50,6 +50,7 @@ from ..kernel.torch import (
     decode,
     flatten_params,
     grouped_linear,
+    normalize_raw,
     row_factors,
     run_per_sample,
     scale_grad,
@@ -534,6 +535,8 @@ class TorchHyperNetwork(nn.Module):
     def _decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Per-tensor affine map from the raw vector to the target's parameters (the kernel's)."""
         layout = self.layout
+        if self.normalize:
+            raw = normalize_raw(raw, layout.generated, layout.flat_size)
         out = decode(
             raw,
             self.param_scale,
@@ -541,7 +544,6 @@ class TorchHyperNetwork(nn.Module):
             layout.generated,
             layout.flat_size,
             self.gradient_scale,
-            self.normalize,
         )
         return out + self.base if self.generates == "delta" else out
 
