@@ -142,6 +142,58 @@ def scaled_linear(
     return F.linear(x, scale_grad(layer.weight, weight_scale), bias)
 
 
+def grouped_linear(
+    embedding: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    rows: tuple,
+    gradient_scale: tuple | None = None,
+) -> Tensor:
+    """Chunks ``(..., N, C)`` from embeddings ``(..., N, D)``: chunk ``k`` through the head
+    ``g`` whose ``rows[g]`` hold ``k``, ``embedding[..., k] @ weight[g].T + bias[g]``
+    (``weight (G, C, D)``, ``bias (G, C)``); ``gradient_scale[g]``: the multipliers of head
+    ``g``'s weight and bias (the table's are the embedding module's)."""
+    order = [k for r in rows for k in r]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    outs = []
+    for g, r in enumerate(rows):
+        w, b = weight[g], bias[g]
+        if gradient_scale is not None:
+            w, b = scale_grad(w, gradient_scale[g][1]), scale_grad(b, gradient_scale[g][2])
+        e = embedding.index_select(-2, torch.tensor(r, dtype=torch.long, device=embedding.device))
+        outs.append(F.linear(e, w, b))
+    return torch.cat(outs, -2).index_select(-2, inverse.to(embedding.device))
+
+
+def row_factors(rows: tuple, gradient_scale: tuple) -> Tensor:
+    """The table's per-row gradient multipliers ``(N, 1)`` of a grouped generator: row ``k``
+    gets its group's table multiplier."""
+    factors = torch.empty(sum(len(r) for r in rows), 1)
+    for r, m in zip(rows, gradient_scale, strict=True):
+        factors[list(r)] = m[0]
+    return factors
+
+
+#: Added to a tensor's mean square before the normalised decode's square root.
+NORM_EPS = 1e-12
+
+
+def unit_rms(piece: Tensor) -> Tensor:
+    """``piece`` over its root mean square along the last dimension (one tensor's raw values,
+    per sample): the normalised decode of a grouped generator."""
+    return piece * torch.rsqrt(piece.square().mean(-1, keepdim=True) + NORM_EPS)
+
+
+def normalize_raw(raw: Tensor, generated: tuple, flat_size: int) -> Tensor:
+    """``raw`` with each generated tensor's values at unit RMS (:func:`unit_rms`, per sample;
+    padding between tensors is left as it is): the normalised decode's first step."""
+    sizes, owners = segments(generated, flat_size)
+    pieces = raw.split(sizes, -1)
+    n = len(generated)
+    return torch.cat([unit_rms(p) if i < n else p for i, p in zip(owners, pieces, strict=True)], -1)
+
+
 def decoder(
     param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:

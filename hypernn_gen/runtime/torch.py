@@ -39,6 +39,8 @@ from ..design import (
     GRADIENT_SCALINGS,
     check_hidden,
     design_layout,
+    group_gradient_multipliers,
+    group_rows,
     layout_gradient_multipliers,
 )
 from ..errors import HyperNetworkError
@@ -47,6 +49,9 @@ from ..kernel.torch import (
     carry_digest,
     decode,
     flatten_params,
+    grouped_linear,
+    normalize_raw,
+    row_factors,
     run_per_sample,
     scale_grad,
     scaled_linear,
@@ -60,6 +65,7 @@ from ..trace_torch import check_dynamic_support, trace_module
 
 __all__ = [
     "DynamicEmbedding",
+    "GroupedLinearWeightGenerator",
     "LinearWeightGenerator",
     "MLPWeightGenerator",
     "StaticEmbedding",
@@ -69,6 +75,9 @@ __all__ = [
 ]
 
 Mode = Literal["static", "dynamic"]
+#: ``"one"``: one linear generator for every chunk; ``"std"``: one head per group of tensors of
+#: similar init std, each tensor's raw values normalised (hypernn_gen.design.std_groups)
+GENERATOR_GROUPS = ("one", "std")
 
 
 class TorchEmbeddingModule(nn.Module):
@@ -103,6 +112,15 @@ class TorchWeightGenerator(nn.Module):
         self.hidden_dim = hidden_dim
 
 
+def row_scale(module: nn.Module) -> Any:
+    """The table's gradient multiplier: per row (``row_scale``, a grouped generator's) or one."""
+    return (
+        getattr(module, "row_scale", None)
+        if module.gradient_scale is None
+        else (module.gradient_scale)
+    )
+
+
 class StaticEmbedding(TorchEmbeddingModule):
     """A learned table of ``num_embeddings`` vectors, entries ~ N(0, 1).
 
@@ -117,7 +135,7 @@ class StaticEmbedding(TorchEmbeddingModule):
         self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
 
     def forward(self) -> torch.Tensor:
-        return scale_grad(self.weight, self.gradient_scale)
+        return scale_grad(self.weight, row_scale(self))
 
 
 class DynamicEmbedding(TorchEmbeddingModule):
@@ -162,7 +180,7 @@ class DynamicEmbedding(TorchEmbeddingModule):
         return 1.0 + self.modulation(condition.flatten(1).to(self.weight.dtype))
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
-        return self.scales(condition).unsqueeze(-1) * scale_grad(self.weight, self.gradient_scale)
+        return self.scales(condition).unsqueeze(-1) * scale_grad(self.weight, row_scale(self))
 
 
 class LinearWeightGenerator(TorchWeightGenerator):
@@ -184,6 +202,31 @@ class LinearWeightGenerator(TorchWeightGenerator):
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         return scaled_linear(self.linear, embedding, *self.gradient_scale)
+
+
+class GroupedLinearWeightGenerator(TorchWeightGenerator):
+    """One linear head per group of chunks (``generator_groups="std"``): chunk ``k`` is made by
+    the head of the group whose ``rows`` hold it (:func:`hypernn_gen.design.group_rows`), each
+    head initialised as :class:`LinearWeightGenerator`'s. ``weight (G, C, D)``, ``bias (G, C)``;
+    ``gradient_scale``: per group, the table's, weight's and bias's multipliers (the table's
+    are applied by the embedding module)."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        hidden_dim: int,
+        rows: tuple[tuple[int, ...], ...],
+        gradient_scale: tuple | None = None,
+    ) -> None:
+        super().__init__(embedding_dim, hidden_dim)
+        self.rows, self.gradient_scale = rows, gradient_scale
+        self.weight = nn.Parameter(torch.empty(len(rows), hidden_dim, embedding_dim))
+        self.bias = nn.Parameter(torch.zeros(len(rows), hidden_dim))
+        with torch.no_grad():
+            self.weight.normal_(0.0, 1.0 / math.sqrt(embedding_dim))
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(embedding, self.weight, self.bias, self.rows, self.gradient_scale)
 
 
 class MLPWeightGenerator(TorchWeightGenerator):
@@ -309,6 +352,7 @@ class TorchHyperNetwork(nn.Module):
         base: Any = None,
         gradient_scaling: str = "on",
         batch_norm_stats: str = "batch",
+        generator_groups: str = "one",
     ) -> None:
         super().__init__()
         if mode not in ("static", "dynamic"):
@@ -361,7 +405,24 @@ class TorchHyperNetwork(nn.Module):
         else:
             self.embedding_module = embedding_module_constructor(embedding_dim, self.num_embeddings)
         generator_hidden = check_hidden(tuple(generator_hidden), "generator_hidden")
-        if weight_generator_constructor is not None:
+        #: grouped generator: per group, its chunks and its multipliers (None: one generator)
+        self.generator_rows = self.group_scale = None
+        self.normalize = generator_groups == "std"
+        if generator_groups not in GENERATOR_GROUPS:
+            raise HyperNetworkError(
+                f"generator_groups must be 'one' or 'std', got {generator_groups!r}"
+            )
+        if self.normalize:
+            self._check_groups(weight_generator_constructor, generator_hidden, generate)
+            self.generator_rows = group_rows(self.layout, self.chunking)
+            if gradient_scaling == "on":
+                self.group_scale = group_gradient_multipliers(
+                    self.layout, self.chunking, embedding_dim
+                )
+            self.weight_generator = GroupedLinearWeightGenerator(
+                embedding_dim, self.hidden_dim, self.generator_rows, self.group_scale
+            )
+        elif weight_generator_constructor is not None:
             self.weight_generator = weight_generator_constructor(embedding_dim, self.hidden_dim)
         elif generator_hidden:
             self.weight_generator = MLPWeightGenerator(
@@ -384,7 +445,11 @@ class TorchHyperNetwork(nn.Module):
         self.gradient_scale = layout_gradient_multipliers(
             self.layout, self.chunking, embedding_dim, gradient_scaling
         )
-        if self.gradient_scale is not None:
+        if self.group_scale is not None:
+            self.embedding_module.register_buffer(
+                "row_scale", row_factors(self.generator_rows, self.group_scale), persistent=False
+            )
+        elif self.gradient_scale is not None:
             if isinstance(self.embedding_module, StaticEmbedding | DynamicEmbedding):
                 self.embedding_module.gradient_scale = self.gradient_scale[0]
             if isinstance(self.weight_generator, LinearWeightGenerator):
@@ -470,6 +535,8 @@ class TorchHyperNetwork(nn.Module):
     def _decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Per-tensor affine map from the raw vector to the target's parameters (the kernel's)."""
         layout = self.layout
+        if self.normalize:
+            raw = normalize_raw(raw, layout.generated, layout.flat_size)
         out = decode(
             raw,
             self.param_scale,
@@ -479,6 +546,19 @@ class TorchHyperNetwork(nn.Module):
             self.gradient_scale,
         )
         return out + self.base if self.generates == "delta" else out
+
+    def _check_groups(self, constructor: Any, hidden: tuple, generate: str) -> None:
+        """``generator_groups="std"``: the default linear generator on tensor-aligned chunks."""
+        if constructor is not None or hidden or generate != "weights":
+            raise HyperNetworkError(
+                'generator_groups="std" builds its own linear heads: drop '
+                "weight_generator_constructor, generator_hidden and generate"
+            )
+        if any(t.offset % self.hidden_dim for t in self.layout.generated):
+            raise HyperNetworkError(
+                'generator_groups="std" needs every tensor on its own chunks: pass '
+                'chunking="tensor" (the default "auto" is, without num_embeddings/chunk_dim)'
+            )
 
     def _expected_embedding(self, condition: Any) -> tuple[int, ...]:
         shape = (self.num_embeddings, self.embedding_dim)
