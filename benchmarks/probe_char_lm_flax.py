@@ -5,11 +5,12 @@ The data, batches and steps of tests/test_training_sgd.py's char LM (300 steps o
 static hypernetwork generated_examples/linen_transformer_linen_static.py. Variants:
 
 * ``shared``: the generated file as it is (one generator for every tensor);
-* ``grouped:BASE:CHUNK:DIM[:ZERO_VAR[:BOOST]]``: the design of benchmarks/probe_char_lm.py
+* ``grouped:BASE:CHUNK:DIM[:ZERO_VAR[:BOOST[:raw]]]``: the design of benchmarks/probe_char_lm.py
   written functionally on the generated file's layout: the tensors grouped by init std on a
   log-BASE scale (zero-std tensors one group), each group its own N(0, 1) table (``DIM`` wide)
   and linear head (``CHUNK`` values), the multipliers from the group's mean init variance times
-  ``BOOST``, every tensor's raw chunk normalised to unit RMS before the decode.
+  ``BOOST``, every tensor's raw chunk normalised to unit RMS before the decode (``raw``: not
+  normalised).
 
 Run: ``python benchmarks/probe_char_lm_flax.py --seeds 1 2 3 --variants shared
 grouped:2:124:32:1e-2:0.35``.
@@ -100,6 +101,7 @@ def grouped(spec: str, seed: int) -> tuple[Any, Any]:
     chunk, dim = int(chunk), int(dim)
     zero_var = float(rest[0]) if rest else 1e-2
     boost = float(rest[1]) if len(rest) > 1 else 1.0
+    norm = len(rest) < 3  # a third field (``raw``): no normalisation
     groups = (
         std_groups(float(base)) if float(base) > 0 else [[i] for i in range(len(GEN.GENERATED))]
     )
@@ -143,7 +145,7 @@ def grouped(spec: str, seed: int) -> tuple[Any, Any]:
             off = 0
             for i in group:
                 size = GEN.GENERATED[i].size
-                raws[i] = unit_rms(raw[off : off + size])
+                raws[i] = unit_rms(raw[off : off + size]) if norm else raw[off : off + size]
                 off += size
         flat_raw = GEN.concat_flat(raws, [t.offset for t in GEN.GENERATED], GEN.FLAT_SIZE)
         flat = GEN.decode(

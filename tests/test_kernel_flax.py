@@ -476,3 +476,32 @@ def test_nnx_slots_and_per_sample_run_match_a_loop() -> None:
 )
 def test_every_template_is_at_most_350_lines(template: Path) -> None:
     assert len(template.read_text().splitlines()) <= 350, template
+
+
+def test_unit_rms_normalises_each_tensor_per_sample() -> None:
+    rng = np.random.default_rng(0)
+    tensors = [Slice(("a",), (3,), 0, 3), Slice(("b",), (2, 2), 4, 4)]
+    raw = rng.normal(size=(2, 9)).astype(np.float32) * 3
+    out = np.asarray(fk.unit_rms(jnp.asarray(raw), tensors, 9))
+    expected = np.zeros_like(raw)
+    for t in tensors:
+        piece = raw[:, t.offset : t.offset + t.size].astype(np.float64)
+        rms = np.sqrt((piece**2).mean(-1, keepdims=True) + 1e-12)
+        expected[:, t.offset : t.offset + t.size] = piece / rms
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("offset", "size"), [(3, 20), (16, 8), (17, 3), (0, 48)])
+def test_sample_mean_square_is_that_of_the_materialised_values(offset: int, size: int) -> None:
+    """Per sample, the mean square of a tensor's values (chunk k: s_k * table[k] @ kernel +
+    bias) from the chunks' moments equals the one of the materialised generator output."""
+    rng = np.random.default_rng(1)
+    table, kernel = rng.normal(size=(6, 4)), rng.normal(size=(4, 8))
+    bias, scales = rng.normal(size=8), rng.normal(size=(3, 6))
+    raw = (scales[:, :, None] * (table @ kernel) + bias).reshape(3, -1)  # float64 reference
+    expected = (raw[:, offset : offset + size] ** 2).mean(-1)
+    moments = fk.chunk_moments(
+        *(jnp.asarray(a, jnp.float32) for a in (table, kernel, bias)), offset, size
+    )
+    found = fk.sample_mean_square(moments, jnp.asarray(scales, jnp.float32), size)
+    np.testing.assert_allclose(np.asarray(found), expected, rtol=1e-5)

@@ -606,6 +606,56 @@ def low_rank_output(
     return y
 
 
+def unit_rms(raw: jax.Array, tensors: Any, flat_size: int, eps: float = 1e-12) -> jax.Array:
+    """Every tensor's slice of ``raw`` ``(..., flat_size)`` divided by its root mean square
+    (per leading index: per sample in dynamic mode), ``sqrt(mean(slice²) + eps)``; the gaps
+    between tensors are zeros (the normalised decode of docs/concepts.md, issue 16)."""
+    pieces = []
+    for t in tensors:
+        piece = raw[..., t.offset : t.offset + t.size]
+        pieces.append(piece / jnp.sqrt(jnp.mean(piece * piece, axis=-1, keepdims=True) + eps))
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def chunk_moments(
+    table: jax.Array, kernel: jax.Array, bias: jax.Array, offset: int, size: int
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """For the values ``[offset, offset + size)`` of a linear generator's output (chunk ``k``:
+    ``table[k] @ kernel + bias``), per chunk ``k`` they span: ``sum g0²``, ``sum g0 * bias``
+    and ``sum bias²`` over the values of that chunk (``g0 = table[k] @ kernel``), each
+    ``(chunks,)``, and the first chunk. The generator output is not formed: the sums of ``g0²``
+    are ``table[k] G table[k]ᵀ`` with ``G`` the ``D x D`` Gram of the kernel's columns the chunk
+    holds (at most three column ranges: the first chunk's, the last's, the whole)."""
+    chunk_dim = bias.shape[0]
+    first, last = offset // chunk_dim, (offset + size - 1) // chunk_dim
+    ranges = []
+    for k in range(first, last + 1):
+        lo = offset - k * chunk_dim if k == first else 0
+        hi = offset + size - k * chunk_dim if k == last else chunk_dim
+        ranges.append((lo, hi))
+    grams: dict = {}
+    squares, crosses, biases = [], [], []
+    for k, (lo, hi) in zip(range(first, last + 1), ranges, strict=True):
+        if (lo, hi) not in grams:
+            w, b = kernel[:, lo:hi], bias[lo:hi]
+            grams[lo, hi] = (w @ w.T, w @ b, b @ b)
+        gram, wb, bb = grams[lo, hi]
+        squares.append(table[k] @ gram @ table[k])
+        crosses.append(table[k] @ wb)
+        biases.append(bb)
+    return jnp.stack(squares), jnp.stack(crosses), jnp.stack(biases), first
+
+
+def sample_mean_square(
+    moments: tuple[jax.Array, jax.Array, jax.Array, int], scales: jax.Array, size: int
+) -> jax.Array:
+    """The mean square of one sample's values of a tensor (chunk ``k``: ``scales[k] * g0 +
+    bias``), from :func:`chunk_moments`: ``sum_k (s_k² A_k + 2 s_k B_k + C_k) / size``."""
+    squares, crosses, biases, first = moments
+    s = scales[..., first : first + squares.shape[0]]
+    return (s * s * squares + 2 * s * crosses + biases).sum(-1) / size
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A nested dict of arrays saved with ``flax.serialization.msgpack_serialize`` (Linen: the
     variables or their ``params``; NNX: ``nnx.state(model).to_pure_dict()``)."""
