@@ -64,6 +64,19 @@ def unit_rms(raw: Tensor) -> Tensor:
     return raw / raw.square().mean().add(1e-12).sqrt()
 
 
+def assemble(raws: list[Tensor], gen: object) -> Tensor:
+    """The per-tensor raw pieces at their layout offsets (zero padding between tensors)."""
+    pieces, end = [], 0
+    for p, raw in zip(gen.GENERATED, raws, strict=True):
+        if p.offset > end:
+            pieces.append(raw.new_zeros(p.offset - end))
+        pieces.append(raw)
+        end = p.offset + p.size
+    if gen.FLAT_SIZE > end:
+        pieces.append(raws[0].new_zeros(gen.FLAT_SIZE - end))
+    return torch.cat(pieces)
+
+
 class SharedNorm(nn.Module):
     """The generated hypernetwork, each tensor's raw chunk normalised before the decode."""
 
@@ -109,7 +122,7 @@ class PerTensor(nn.Module):
             w, b = scale_grad(head.weight, mw), scale_grad(head.bias, mb)
             raw = nn.functional.linear(scale_grad(table, mt), w, b).reshape(-1)[: p.size]
             raws.append(unit_rms(raw))
-        return self.base(x, generated_params=self.base.decode(torch.cat(raws)))
+        return self.base(x, generated_params=self.base.decode(assemble(raws, GEN)))
 
 
 def std_groups(base: float, gen: object = None) -> list[list[int]]:
@@ -179,7 +192,61 @@ class Grouped(nn.Module):
             pieces = raw[: sum(sizes)].split(sizes)
             for i, piece in zip(group, pieces, strict=True):
                 raws[i] = unit_rms(piece) if self.norm else piece
-        return self.base(x, generated_params=self.base.decode(torch.cat(raws)))
+        return self.base(x, generated_params=self.base.decode(assemble(raws, gen)))
+
+
+class Aligned(nn.Module):
+    """The design of hypernn_gen.design: the generated file's own tensor-aligned chunks, one
+    head per :func:`~hypernn_gen.design.std_groups` group on that group's embedding rows, the
+    multipliers of :func:`~hypernn_gen.design.group_gradient_multipliers` (times ``boost``
+    over their derived value), each tensor's raw chunk normalised to unit RMS (``norm``)."""
+
+    def __init__(
+        self, target: nn.Module, gen: object, norm: bool = True, boost: float = 1.0
+    ) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        from hypernn_gen import design
+        from hypernn_gen.layout import Chunking
+
+        self.gen = gen
+        (cls,) = [v for k, v in vars(gen).items() if k.endswith("HyperNetwork")]
+        self.base = cls(target)
+        self.norm = norm
+        layout = SimpleNamespace(generated=gen.GENERATED)
+        chunking = Chunking(gen.NUM_EMBEDDINGS, gen.CHUNK_DIM)
+        self.rows = design.group_rows(layout, chunking)
+        mult = design.group_gradient_multipliers(layout, chunking, gen.EMBEDDING_DIM)
+        self.multipliers = [tuple(boost * m for m in ms) for ms in mult]
+        c, d = gen.CHUNK_DIM, gen.EMBEDDING_DIM
+        self.table = nn.Parameter(torch.randn(gen.NUM_EMBEDDINGS, d))
+        self.heads = nn.ModuleList()
+        for _ in self.rows:
+            head = nn.Linear(d, c)
+            with torch.no_grad():
+                head.weight.normal_(0.0, d**-0.5)
+                head.bias.zero_()
+            self.heads.append(head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gen = self.gen
+        c = gen.CHUNK_DIM
+        out = self.table.new_zeros(gen.NUM_EMBEDDINGS, c)
+        chunks = []
+        for rows, head, (mt, mw, mb) in zip(self.rows, self.heads, self.multipliers, strict=True):
+            idx = torch.tensor(rows)
+            table = scale_grad(self.table[idx], mt)
+            w, b = scale_grad(head.weight, mw), scale_grad(head.bias, mb)
+            chunks.append((idx, nn.functional.linear(table, w, b)))
+        for idx, val in chunks:
+            out = out.index_copy(0, idx, val)
+        flat = out.reshape(-1)
+        raws = []
+        for p in gen.GENERATED:
+            piece = flat[p.offset : p.offset + p.size]
+            raws.append(unit_rms(piece) if self.norm else piece)
+        return self.base(x, generated_params=self.base.decode(assemble(raws, gen)))
 
 
 OPTIMIZERS = {
@@ -190,6 +257,11 @@ OPTIMIZERS = {
 
 def build(variant: str, target: nn.Module, zero_var: float, gen: object = None) -> nn.Module:
     # grouped:BASE:CHUNK:DIM[:ZERO_VAR[:BOOST[:raw]]]  (BASE 0: one group per tensor)
+    # aligned[:BOOST[:raw]]  (the design of hypernn_gen.design on the file's own chunks)
+    if variant.startswith("aligned"):
+        _, *rest = variant.split(":")
+        boost = float(rest[0]) if rest else 1.0
+        return Aligned(target, gen or GEN, norm=len(rest) < 2, boost=boost)
     if variant.startswith("grouped"):
         _, base, chunk, dim, *rest = variant.split(":")
         n = len((gen or GEN).GENERATED)
@@ -253,6 +325,8 @@ def main() -> None:
         unused = (
             []
             if variant == "shared"
+            else [model.base.embedding_module]
+            if variant.startswith("aligned")
             else [model.base.embedding_module, model.base.weight_generator]
         )
         count = sum(p.numel() for p in model.parameters()) - sum(

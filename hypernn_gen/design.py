@@ -38,6 +38,10 @@ __all__ = [
     "GRADIENT_SCALINGS",
     "check_hidden",
     "chunk_layout",
+    "chunk_owners",
+    "group_gradient_multipliers",
+    "group_rows",
+    "std_groups",
     "design_layout",
     "gradient_multipliers",
     "parse_widths",
@@ -346,3 +350,68 @@ def check_hidden(hidden: tuple[int, ...], what: str) -> tuple[int, ...]:
     if bad:
         raise TraceError(f"{what} must be positive integers (e.g. 64,64), got {bad[0]!r}")
     return hidden
+
+
+#: The variance a zero-std tensor (LayerNorm weights and biases, zero-initialised biases) is
+#: counted with in its group's multipliers: its decode scale starts at 0, so there is no init
+#: variance to match; 1e-2 is the probe's choice (benchmarks/probe_char_lm.py), not derived.
+ZERO_VARIANCE = 1e-2
+#: The generator's parameter groups whose blocks of ``K = J Jᵀ`` add up on every generated
+#: value (embedding table, head weight, head bias): each group's multiplier alone moves the
+#: typical direction at the target's step, so each is divided by their number (concepts.md).
+GENERATOR_BLOCKS = 3
+
+
+def std_groups(init_stds: list[float] | tuple[float, ...]) -> tuple[int, ...]:
+    """The generator group of every generated tensor: tensors with the same
+    ``round(log2 init_std)`` share a group (one head and its embedding rows), zero-std tensors
+    form one group; groups are numbered in order of their first tensor."""
+    keys: dict[object, int] = {}
+    return tuple(
+        keys.setdefault("zero" if s == 0 else math.floor(math.log2(s) + 0.5), len(keys))
+        for s in init_stds
+    )
+
+
+def chunk_owners(layout: Layout, chunking: Chunking) -> tuple[int, ...]:
+    """The generated tensor (index in ``layout.generated``) every chunk belongs to, for a
+    tensor-aligned layout (``chunking="tensor"``); trailing unused chunks belong to the last
+    tensor (their values are discarded)."""
+    c = chunking.chunk_dim
+    owners = [len(layout.generated) - 1] * chunking.num_embeddings
+    for i, t in enumerate(layout.generated):
+        if t.offset % c:
+            raise TraceError("chunk_owners needs a tensor-aligned layout (chunking='tensor')")
+        for k in range(t.offset // c, -(-(t.offset + t.size) // c)):
+            owners[k] = i
+    return tuple(owners)
+
+
+def group_rows(layout: Layout, chunking: Chunking) -> tuple[tuple[int, ...], ...]:
+    """Per :func:`std_groups` group, the chunks (embedding rows) it generates, in order."""
+    groups = std_groups([t.init_std for t in layout.generated])
+    rows: list[list[int]] = [[] for _ in range(max(groups, default=-1) + 1)]
+    for k, owner in enumerate(chunk_owners(layout, chunking)):
+        rows[groups[owner]].append(k)
+    return tuple(tuple(r) for r in rows)
+
+
+def group_gradient_multipliers(
+    layout: Layout, chunking: Chunking, embedding_dim: int
+) -> tuple[tuple[float, float, float], ...]:
+    """Per :func:`std_groups` group, the multipliers of its embedding rows, its head's weight
+    and its head's bias: :func:`gradient_multipliers` of the group's own tensors and rows
+    (zero-std tensors counted with :data:`ZERO_VARIANCE`), divided by
+    :data:`GENERATOR_BLOCKS`."""
+    generated = layout.generated
+    groups = std_groups([t.init_std for t in generated])
+    rows = group_rows(layout, chunking)
+    out = []
+    for g, r in enumerate(rows):
+        members = [t for t, h in zip(generated, groups, strict=True) if h == g]
+        stds = [t.init_std if t.init_std > 0 else math.sqrt(ZERO_VARIANCE) for t in members]
+        m = gradient_multipliers(
+            [t.size for t in members], stds, len(r), chunking.chunk_dim, embedding_dim
+        )
+        out.append(tuple(round_stat(x / GENERATOR_BLOCKS) for x in m))
+    return tuple(out)

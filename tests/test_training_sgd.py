@@ -307,3 +307,51 @@ def test_flax_gradient_scaling_must_be_on_or_off() -> None:
     hn = FlaxHyperNetwork(linen.MLP(), gradient_scaling="yes")
     with pytest.raises(HyperNetworkError, match="gradient_scaling must be 'on' or 'off'"):
         hn.init(jax.random.key(0), jnp.zeros((2, 8)))
+
+
+# -- the grouped generator's design (hypernn_gen.design) -----------------------------------------
+
+
+def test_std_groups_by_log2_std_and_zero_apart() -> None:
+    from hypernn_gen.design import std_groups
+
+    # 0.02 and 0.025: 2^-5.6 and 2^-5.3 round to -6 and -5; 1.0 and 1.2 to 0; the zeros together
+    assert std_groups([1.0, 0.02, 0.0, 1.2, 0.025, 0.0, 0.021]) == (0, 1, 2, 0, 3, 2, 1)
+
+
+def test_group_rows_cover_each_chunk_once_by_its_owner() -> None:
+    """Every chunk of a tensor-aligned layout lands in the group of the tensor whose values it
+    holds (checked against the offsets directly), and each group's multipliers are those of its
+    own tensors and rows over the three generator blocks."""
+    from hypernn_gen.design import (
+        ZERO_VARIANCE,
+        design_layout,
+        gradient_multipliers,
+        group_gradient_multipliers,
+        group_rows,
+        std_groups,
+    )
+    from hypernn_gen.trace_torch import trace_module
+
+    module = import_file(REPO / "generated_examples" / "transformer_torch_static.py")
+    layout, chunking = design_layout(trace_module(module.make_target()), chunking="tensor")
+    generated = layout.generated
+    groups = std_groups([t.init_std for t in generated])
+    rows = group_rows(layout, chunking)
+    assert len(rows) == max(groups) + 1 >= 3
+    assert sorted(k for r in rows for k in r) == list(range(chunking.num_embeddings))
+    c = chunking.chunk_dim
+    for g, r in enumerate(rows):
+        for k in r:
+            holders = [i for i, t in enumerate(generated) if t_overlaps(t, k, c)]
+            assert {groups[i] for i in holders} <= {g}, (k, holders)
+    mult = group_gradient_multipliers(layout, chunking, 32)
+    for g, r in enumerate(rows):
+        members = [t for t, h in zip(generated, groups, strict=True) if h == g]
+        stds = [t.init_std or math.sqrt(ZERO_VARIANCE) for t in members]
+        expected = gradient_multipliers([t.size for t in members], stds, len(r), c, 32)
+        assert mult[g] == pytest.approx(tuple(m / 3 for m in expected), rel=1e-5)
+
+
+def t_overlaps(t: Any, k: int, c: int) -> bool:
+    return t.offset < (k + 1) * c and k * c < t.offset + t.size
