@@ -10,7 +10,10 @@ static hypernetwork generated_examples/linen_transformer_linen_static.py. Varian
   log-BASE scale (zero-std tensors one group), each group its own N(0, 1) table (``DIM`` wide)
   and linear head (``CHUNK`` values), the multipliers from the group's mean init variance times
   ``BOOST``, every tensor's raw chunk normalised to unit RMS before the decode (``raw``: not
-  normalised).
+  normalised);
+* ``aligned[:BOOST[:raw]]``: the design of hypernn_gen.design (``group_rows``,
+  ``group_gradient_multipliers``) on the file's own tensor-aligned chunks, one table, a head
+  per group, through the Flax kernel (``grouped_generator``, ``unit_rms``, ``decode``).
 
 Run: ``python benchmarks/probe_char_lm_flax.py --seeds 1 2 3 --variants shared
 grouped:2:124:32:1e-2:0.35``.
@@ -158,6 +161,50 @@ def grouped(spec: str, seed: int) -> tuple[Any, Any]:
     return loss_fn, params, count
 
 
+def aligned(spec: str, seed: int) -> tuple[Any, Any, int]:
+    """hypernn_gen.design's grouped generator on the file's own tensor-aligned chunks, through
+    the Flax kernel (``grouped_generator``, ``unit_rms``, ``decode``)."""
+    from types import SimpleNamespace
+
+    from hypernn_gen import design
+    from hypernn_gen.kernel import flax as fk
+    from hypernn_gen.layout import Chunking
+
+    _, *rest = spec.split(":")
+    boost = float(rest[0]) if rest else 1.0
+    norm = len(rest) < 2  # a second field (``raw``): no normalisation
+    layout = SimpleNamespace(generated=GEN.GENERATED)
+    chunking = Chunking(GEN.NUM_EMBEDDINGS, GEN.CHUNK_DIM)
+    rows = design.group_rows(layout, chunking)
+    mults = [
+        tuple(boost * m for m in ms)
+        for ms in design.group_gradient_multipliers(layout, chunking, GEN.EMBEDDING_DIM)
+    ]
+    n, c, d = GEN.NUM_EMBEDDINGS, GEN.CHUNK_DIM, GEN.EMBEDDING_DIM
+    keys = jax.random.split(jax.random.key(seed), len(rows) + 1)
+    params = {
+        "scale": jnp.asarray([p.init_std for p in GEN.GENERATED], jnp.float32),
+        "shift": jnp.asarray([p.init_mean for p in GEN.GENERATED], jnp.float32),
+        "table": jax.random.normal(keys[0], (n, d)),
+        "kernels": [jax.random.normal(k, (d, c)) / math.sqrt(d) for k in keys[1:]],
+        "biases": [jnp.zeros((c,)) for _ in rows],
+    }
+    target = GEN.make_target()
+
+    def loss_fn(p: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        raw = fk.grouped_generator(p["table"], p["kernels"], p["biases"], rows, mults)
+        raw = raw.reshape(-1)[: GEN.FLAT_SIZE]
+        if norm:
+            raw = fk.unit_rms(raw, GEN.GENERATED, GEN.FLAT_SIZE)
+        flat = fk.decode(
+            raw, p["scale"], p["shift"], GEN.GENERATED, GEN.FLAT_SIZE, GEN.GRADIENT_SCALE
+        )
+        return xent(target.apply({"params": GEN.unflatten_params(flat)}, x), y)
+
+    count = n * d + len(rows) * (d * c + c)
+    return loss_fn, params, count
+
+
 def build(variant: str, seed: int) -> tuple[Any, Any, int]:
     x0 = jnp.zeros((BATCH, 16), jnp.int32)
     if variant == "plain":
@@ -174,6 +221,8 @@ def build(variant: str, seed: int) -> tuple[Any, Any, int]:
 
         count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
         return loss_fn, params, count
+    if variant.startswith("aligned"):
+        return aligned(variant, seed)
     return grouped(variant, seed)
 
 

@@ -505,3 +505,39 @@ def test_sample_mean_square_is_that_of_the_materialised_values(offset: int, size
     )
     found = fk.sample_mean_square(moments, jnp.asarray(scales, jnp.float32), size)
     np.testing.assert_allclose(np.asarray(found), expected, rtol=1e-5)
+
+
+def test_grouped_generator_runs_each_row_through_its_groups_head() -> None:
+    """Row k is table[k] @ kernels[g] + biases[g] for its group g (with and without a leading
+    sample dimension); the gradients of each group's rows and head are multiplied by its own
+    multipliers, the forward unchanged."""
+    rng = np.random.default_rng(2)
+    rows = ((0, 3, 4), (1,), (2, 5))
+    table = rng.normal(size=(2, 6, 4)).astype(np.float32)
+    kernels = [rng.normal(size=(4, 5)).astype(np.float32) for _ in rows]
+    biases = [rng.normal(size=5).astype(np.float32) for _ in rows]
+    expected = np.zeros((2, 6, 5))
+    for r, kernel, bias in zip(rows, kernels, biases, strict=True):
+        for k in r:
+            expected[:, k] = table[:, k].astype(np.float64) @ kernel + bias
+    args = (jnp.asarray(table), [jnp.asarray(k) for k in kernels], [jnp.asarray(b) for b in biases])
+    np.testing.assert_allclose(np.asarray(fk.grouped_generator(*args, rows)), expected, rtol=1e-5)
+    single = fk.grouped_generator(args[0][0], args[1], args[2], rows)
+    np.testing.assert_allclose(np.asarray(single), expected[0], rtol=1e-5)
+    mults = ((2.0, 3.0, 5.0), (7.0, 11.0, 13.0), (0.5, 0.25, 0.125))
+    weights = jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32)
+
+    def loss(*a: object, m: object) -> jax.Array:
+        return jnp.sum(weights * fk.grouped_generator(*a, rows, m))
+
+    raw = jax.grad(lambda *a: loss(*a, m=None), argnums=(0, 1, 2))(*args)
+    scaled = jax.grad(lambda *a: loss(*a, m=mults), argnums=(0, 1, 2))(*args)
+    np.testing.assert_array_equal(
+        np.asarray(fk.grouped_generator(*args, rows, mults)),
+        np.asarray(fk.grouped_generator(*args, rows)),
+    )
+    for g, (r, (mt, mw, mb)) in enumerate(zip(rows, mults, strict=True)):
+        idx = list(r)
+        np.testing.assert_allclose(scaled[0][:, idx], mt * raw[0][:, idx], rtol=1e-6)
+        np.testing.assert_allclose(scaled[1][g], mw * raw[1][g], rtol=1e-6)
+        np.testing.assert_allclose(scaled[2][g], mb * raw[2][g], rtol=1e-6)

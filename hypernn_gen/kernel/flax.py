@@ -606,6 +606,26 @@ def low_rank_output(
     return y
 
 
+def grouped_generator(
+    table: jax.Array, kernels: Any, biases: Any, rows: Any, multipliers: Any = None
+) -> jax.Array:
+    """The raw chunks ``(..., num_embeddings, chunk_dim)`` of a grouped linear generator
+    (hypernn_gen.design: one head per group of tensors of similar init std): the table's rows
+    ``rows[g]`` (``(..., num_embeddings, embedding_dim)``; leading dims: dynamic samples) through
+    head ``g`` (``kernels[g]`` ``(embedding_dim, chunk_dim)``, ``biases[g]``); every row in one
+    group. ``multipliers[g]``: the gradient multipliers of its rows, head weight and bias
+    (``design.group_gradient_multipliers``); ``None``: raw gradients."""
+    chunk_dim = kernels[0].shape[-1]
+    out = jnp.zeros((*table.shape[:-1], chunk_dim), jnp.result_type(table, kernels[0]))
+    for g, (r, kernel, bias) in enumerate(zip(rows, kernels, biases, strict=True)):
+        mt, mw, mb = (None, None, None) if multipliers is None else multipliers[g]
+        idx = np.asarray(r, np.int32)
+        out = out.at[..., idx, :].set(
+            scaled_dense(scale_grad(table[..., idx, :], mt), kernel, bias, mw, mb)
+        )
+    return out
+
+
 def unit_rms(raw: jax.Array, tensors: Any, flat_size: int, eps: float = 1e-12) -> jax.Array:
     """Every tensor's slice of ``raw`` ``(..., flat_size)`` divided by its root mean square
     (per leading index: per sample in dynamic mode), ``sqrt(mean(slice²) + eps)``; the gaps
