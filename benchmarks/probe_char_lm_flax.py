@@ -13,7 +13,7 @@ static hypernetwork generated_examples/linen_transformer_linen_static.py. Varian
   normalised);
 * ``aligned[:BOOST[:raw]]``: the design of hypernn_gen.design (``group_rows``,
   ``group_gradient_multipliers``) on the file's own tensor-aligned chunks, one table, a head
-  per group, through the Flax kernel (``grouped_generator``, ``unit_rms``, ``decode``).
+  per group, through the Flax kernel (``grouped_linear``, ``normalized``, ``decode``).
 
 Run: ``python benchmarks/probe_char_lm_flax.py --seeds 1 2 3 --variants shared
 grouped:2:124:32:1e-2:0.35``.
@@ -163,7 +163,7 @@ def grouped(spec: str, seed: int) -> tuple[Any, Any]:
 
 def aligned(spec: str, seed: int) -> tuple[Any, Any, int]:
     """hypernn_gen.design's grouped generator on the file's own tensor-aligned chunks, through
-    the Flax kernel (``grouped_generator``, ``unit_rms``, ``decode``)."""
+    the Flax kernel (``grouped_linear``, ``normalized``, ``decode``)."""
     from types import SimpleNamespace
 
     from hypernn_gen import design
@@ -186,16 +186,18 @@ def aligned(spec: str, seed: int) -> tuple[Any, Any, int]:
         "scale": jnp.asarray([p.init_std for p in GEN.GENERATED], jnp.float32),
         "shift": jnp.asarray([p.init_mean for p in GEN.GENERATED], jnp.float32),
         "table": jax.random.normal(keys[0], (n, d)),
-        "kernels": [jax.random.normal(k, (d, c)) / math.sqrt(d) for k in keys[1:]],
-        "biases": [jnp.zeros((c,)) for _ in rows],
+        "kernel": jnp.stack([jax.random.normal(k, (d, c)) / math.sqrt(d) for k in keys[1:]]),
+        "bias": jnp.zeros((len(rows), c)),
     }
+    factors = fk.row_factors(rows, mults)
     target = GEN.make_target()
 
     def loss_fn(p: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-        raw = fk.grouped_generator(p["table"], p["kernels"], p["biases"], rows, mults)
+        table = fk.scale_grad(p["table"], factors)
+        raw = fk.grouped_linear(table, p["kernel"], p["bias"], rows, mults)
         raw = raw.reshape(-1)[: GEN.FLAT_SIZE]
         if norm:
-            raw = fk.unit_rms(raw, GEN.GENERATED, GEN.FLAT_SIZE)
+            raw = fk.normalized(raw, GEN.GENERATED, GEN.FLAT_SIZE)
         flat = fk.decode(
             raw, p["scale"], p["shift"], GEN.GENERATED, GEN.FLAT_SIZE, GEN.GRADIENT_SCALE
         )

@@ -606,34 +606,48 @@ def low_rank_output(
     return y
 
 
-def grouped_generator(
-    table: jax.Array, kernels: Any, biases: Any, rows: Any, multipliers: Any = None
+def grouped_linear(
+    embedding: jax.Array, kernel: jax.Array, bias: jax.Array, rows: Any, gradient_scale: Any = None
 ) -> jax.Array:
-    """The raw chunks ``(..., num_embeddings, chunk_dim)`` of a grouped linear generator
-    (hypernn_gen.design: one head per group of tensors of similar init std): the table's rows
-    ``rows[g]`` (``(..., num_embeddings, embedding_dim)``; leading dims: dynamic samples) through
-    head ``g`` (``kernels[g]`` ``(embedding_dim, chunk_dim)``, ``biases[g]``); every row in one
-    group. ``multipliers[g]``: the gradient multipliers of its rows, head weight and bias
-    (``design.group_gradient_multipliers``); ``None``: raw gradients."""
-    chunk_dim = kernels[0].shape[-1]
-    out = jnp.zeros((*table.shape[:-1], chunk_dim), jnp.result_type(table, kernels[0]))
-    for g, (r, kernel, bias) in enumerate(zip(rows, kernels, biases, strict=True)):
-        mt, mw, mb = (None, None, None) if multipliers is None else multipliers[g]
+    """Chunks ``(..., N, C)`` from embeddings ``(..., N, D)`` (leading dims: dynamic samples):
+    chunk ``k`` through the head ``g`` whose ``rows[g]`` hold it (``design.group_rows``),
+    ``embedding[..., k, :] @ kernel[g] + bias[g]`` (``kernel (G, D, C)``, ``bias (G, C)``);
+    ``gradient_scale[g]``: the multipliers of group ``g`` (``design.group_gradient_multipliers``:
+    table, weight, bias; the table's are the embedding module's, :func:`row_factors`), ``None``:
+    raw gradients."""
+    out = jnp.zeros((*embedding.shape[:-1], kernel.shape[-1]), jnp.result_type(embedding, kernel))
+    for g, r in enumerate(rows):
+        mw, mb = (None, None) if gradient_scale is None else gradient_scale[g][1:]
         idx = np.asarray(r, np.int32)
         out = out.at[..., idx, :].set(
-            scaled_dense(scale_grad(table[..., idx, :], mt), kernel, bias, mw, mb)
+            scaled_dense(embedding[..., idx, :], kernel[g], bias[g], mw, mb)
         )
     return out
 
 
-def unit_rms(raw: jax.Array, tensors: Any, flat_size: int, eps: float = 1e-12) -> jax.Array:
-    """Every tensor's slice of ``raw`` ``(..., flat_size)`` divided by its root mean square
-    (per leading index: per sample in dynamic mode), ``sqrt(mean(slice²) + eps)``; the gaps
-    between tensors are zeros (the normalised decode of docs/concepts.md, issue 16)."""
-    pieces = []
-    for t in tensors:
-        piece = raw[..., t.offset : t.offset + t.size]
-        pieces.append(piece / jnp.sqrt(jnp.mean(piece * piece, axis=-1, keepdims=True) + eps))
+def row_factors(rows: Any, gradient_scale: Any) -> np.ndarray:
+    """The table's per-row gradient multipliers ``(N, 1)`` of a grouped generator: row ``k``
+    gets its group's table multiplier."""
+    factors = np.empty((sum(len(r) for r in rows), 1), np.float32)
+    for r, m in zip(rows, gradient_scale, strict=True):
+        factors[list(r)] = m[0]
+    return factors
+
+
+#: Added to a tensor's mean square before the normalised decode's square root.
+NORM_EPS = 1e-12
+
+
+def unit_rms(piece: jax.Array) -> jax.Array:
+    """``piece`` over its root mean square along the last axis (one tensor's raw values, per
+    sample): the normalised decode of a grouped generator."""
+    return piece * jax.lax.rsqrt(jnp.mean(piece * piece, axis=-1, keepdims=True) + NORM_EPS)
+
+
+def normalized(raw: jax.Array, tensors: Any, flat_size: int) -> jax.Array:
+    """Every tensor's slice of ``raw`` ``(..., flat_size)`` brought to unit RMS
+    (:func:`unit_rms`); the gaps between tensors are zeros (their values are discarded)."""
+    pieces = [unit_rms(raw[..., t.offset : t.offset + t.size]) for t in tensors]
     return concat_flat(pieces, [t.offset for t in tensors], flat_size)
 
 
