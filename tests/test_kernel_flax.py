@@ -476,3 +476,72 @@ def test_nnx_slots_and_per_sample_run_match_a_loop() -> None:
 )
 def test_every_template_is_at_most_350_lines(template: Path) -> None:
     assert len(template.read_text().splitlines()) <= 350, template
+
+
+def test_normalized_brings_each_tensor_to_unit_rms_per_sample() -> None:
+    rng = np.random.default_rng(0)
+    tensors = [Slice(("a",), (3,), 0, 3), Slice(("b",), (2, 2), 4, 4)]
+    raw = rng.normal(size=(2, 9)).astype(np.float32) * 3
+    out = np.asarray(fk.normalized(jnp.asarray(raw), tensors, 9))
+    expected = np.zeros_like(raw)
+    for t in tensors:
+        piece = raw[:, t.offset : t.offset + t.size].astype(np.float64)
+        rms = np.sqrt((piece**2).mean(-1, keepdims=True) + fk.NORM_EPS)
+        expected[:, t.offset : t.offset + t.size] = piece / rms
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("offset", "size"), [(3, 20), (16, 8), (17, 3), (0, 48)])
+def test_sample_mean_square_is_that_of_the_materialised_values(offset: int, size: int) -> None:
+    """Per sample, the mean square of a tensor's values (chunk k: s_k * table[k] @ kernel +
+    bias) from the chunks' moments equals the one of the materialised generator output."""
+    rng = np.random.default_rng(1)
+    table, kernel = rng.normal(size=(6, 4)), rng.normal(size=(4, 8))
+    bias, scales = rng.normal(size=8), rng.normal(size=(3, 6))
+    raw = (scales[:, :, None] * (table @ kernel) + bias).reshape(3, -1)  # float64 reference
+    expected = (raw[:, offset : offset + size] ** 2).mean(-1)
+    moments = fk.chunk_moments(
+        *(jnp.asarray(a, jnp.float32) for a in (table, kernel, bias)), offset, size
+    )
+    found = fk.sample_mean_square(moments, jnp.asarray(scales, jnp.float32), size)
+    np.testing.assert_allclose(np.asarray(found), expected, rtol=1e-5)
+
+
+def test_grouped_linear_runs_each_row_through_its_groups_head() -> None:
+    """Row k is embedding[k] @ kernel[g] + bias[g] for its group g (with and without a leading
+    sample dimension); each head's gradients are multiplied by its group's multipliers, the
+    forward unchanged; row_factors gives every row its group's table multiplier."""
+    rng = np.random.default_rng(2)
+    rows = ((0, 3, 4), (1,), (2, 5))
+    emb = rng.normal(size=(2, 6, 4)).astype(np.float32)
+    kernel = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    bias = rng.normal(size=(3, 5)).astype(np.float32)
+    expected = np.zeros((2, 6, 5))
+    for g, r in enumerate(rows):
+        for k in r:
+            expected[:, k] = emb[:, k].astype(np.float64) @ kernel[g] + bias[g]
+    args = (jnp.asarray(emb), jnp.asarray(kernel), jnp.asarray(bias))
+    np.testing.assert_allclose(np.asarray(fk.grouped_linear(*args, rows)), expected, rtol=1e-5)
+    single = fk.grouped_linear(args[0][0], *args[1:], rows)
+    np.testing.assert_allclose(np.asarray(single), expected[0], rtol=1e-5)
+    mults = ((2.0, 3.0, 5.0), (7.0, 11.0, 13.0), (0.5, 0.25, 0.125))
+    np.testing.assert_array_equal(fk.row_factors(rows, mults)[:, 0], [2, 7, 0.5, 2, 2, 0.5])
+    np.testing.assert_array_equal(
+        np.asarray(fk.grouped_linear(*args, rows, mults)),
+        np.asarray(fk.grouped_linear(*args, rows)),
+    )
+    weights = jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32)
+
+    def grads(m: object) -> tuple:
+        def loss(*a: jax.Array) -> jax.Array:
+            return jnp.sum(weights * fk.grouped_linear(*a, rows, m))
+
+        return jax.grad(loss, argnums=(0, 1, 2))(*args)
+
+    raw, scaled = grads(None), grads(mults)
+    np.testing.assert_array_equal(
+        np.asarray(scaled[0]), np.asarray(raw[0])
+    )  # the table's: not here
+    for g, (_, mw, mb) in enumerate(mults):
+        np.testing.assert_allclose(scaled[1][g], mw * raw[1][g], rtol=1e-6)
+        np.testing.assert_allclose(scaled[2][g], mb * raw[2][g], rtol=1e-6)

@@ -606,6 +606,90 @@ def low_rank_output(
     return y
 
 
+def grouped_linear(
+    embedding: jax.Array, kernel: jax.Array, bias: jax.Array, rows: Any, gradient_scale: Any = None
+) -> jax.Array:
+    """Chunks ``(..., N, C)`` from embeddings ``(..., N, D)`` (leading dims: dynamic samples):
+    chunk ``k`` through the head ``g`` whose ``rows[g]`` hold it (``design.group_rows``),
+    ``embedding[..., k, :] @ kernel[g] + bias[g]`` (``kernel (G, D, C)``, ``bias (G, C)``);
+    ``gradient_scale[g]``: the multipliers of group ``g`` (``design.group_gradient_multipliers``:
+    table, weight, bias; the table's are the embedding module's, :func:`row_factors`), ``None``:
+    raw gradients."""
+    out = jnp.zeros((*embedding.shape[:-1], kernel.shape[-1]), jnp.result_type(embedding, kernel))
+    for g, r in enumerate(rows):
+        mw, mb = (None, None) if gradient_scale is None else gradient_scale[g][1:]
+        idx = np.asarray(r, np.int32)
+        out = out.at[..., idx, :].set(
+            scaled_dense(embedding[..., idx, :], kernel[g], bias[g], mw, mb)
+        )
+    return out
+
+
+def row_factors(rows: Any, gradient_scale: Any) -> np.ndarray:
+    """The table's per-row gradient multipliers ``(N, 1)`` of a grouped generator: row ``k``
+    gets its group's table multiplier."""
+    factors = np.empty((sum(len(r) for r in rows), 1), np.float32)
+    for r, m in zip(rows, gradient_scale, strict=True):
+        factors[list(r)] = m[0]
+    return factors
+
+
+#: Added to a tensor's mean square before the normalised decode's square root.
+NORM_EPS = 1e-12
+
+
+def unit_rms(piece: jax.Array) -> jax.Array:
+    """``piece`` over its root mean square along the last axis (one tensor's raw values, per
+    sample): the normalised decode of a grouped generator."""
+    return piece * jax.lax.rsqrt(jnp.mean(piece * piece, axis=-1, keepdims=True) + NORM_EPS)
+
+
+def normalized(raw: jax.Array, tensors: Any, flat_size: int) -> jax.Array:
+    """Every tensor's slice of ``raw`` ``(..., flat_size)`` brought to unit RMS
+    (:func:`unit_rms`); the gaps between tensors are zeros (their values are discarded)."""
+    pieces = [unit_rms(raw[..., t.offset : t.offset + t.size]) for t in tensors]
+    return concat_flat(pieces, [t.offset for t in tensors], flat_size)
+
+
+def chunk_moments(
+    table: jax.Array, kernel: jax.Array, bias: jax.Array, offset: int, size: int
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """For the values ``[offset, offset + size)`` of a linear generator's output (chunk ``k``:
+    ``table[k] @ kernel + bias``), per chunk ``k`` they span: ``sum g0²``, ``sum g0 * bias``
+    and ``sum bias²`` over the values of that chunk (``g0 = table[k] @ kernel``), each
+    ``(chunks,)``, and the first chunk. The generator output is not formed: the sums of ``g0²``
+    are ``table[k] G table[k]ᵀ`` with ``G`` the ``D x D`` Gram of the kernel's columns the chunk
+    holds (at most three column ranges: the first chunk's, the last's, the whole)."""
+    chunk_dim = bias.shape[0]
+    first, last = offset // chunk_dim, (offset + size - 1) // chunk_dim
+    ranges = []
+    for k in range(first, last + 1):
+        lo = offset - k * chunk_dim if k == first else 0
+        hi = offset + size - k * chunk_dim if k == last else chunk_dim
+        ranges.append((lo, hi))
+    grams: dict = {}
+    squares, crosses, biases = [], [], []
+    for k, (lo, hi) in zip(range(first, last + 1), ranges, strict=True):
+        if (lo, hi) not in grams:
+            w, b = kernel[:, lo:hi], bias[lo:hi]
+            grams[lo, hi] = (w @ w.T, w @ b, b @ b)
+        gram, wb, bb = grams[lo, hi]
+        squares.append(table[k] @ gram @ table[k])
+        crosses.append(table[k] @ wb)
+        biases.append(bb)
+    return jnp.stack(squares), jnp.stack(crosses), jnp.stack(biases), first
+
+
+def sample_mean_square(
+    moments: tuple[jax.Array, jax.Array, jax.Array, int], scales: jax.Array, size: int
+) -> jax.Array:
+    """The mean square of one sample's values of a tensor (chunk ``k``: ``scales[k] * g0 +
+    bias``), from :func:`chunk_moments`: ``sum_k (s_k² A_k + 2 s_k B_k + C_k) / size``."""
+    squares, crosses, biases, first = moments
+    s = scales[..., first : first + squares.shape[0]]
+    return (s * s * squares + 2 * s * crosses + biases).sum(-1) / size
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A nested dict of arrays saved with ``flax.serialization.msgpack_serialize`` (Linen: the
     variables or their ``params``; NNX: ``nnx.state(model).to_pure_dict()``)."""

@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...design import GRADIENT_SCALINGS, layout_gradient_multipliers
+from ...design import (
+    GRADIENT_SCALINGS,
+    group_gradient_multipliers,
+    group_rows,
+    layout_gradient_multipliers,
+)
 from ...errors import HyperNetworkError, TraceError
 from ...kernel import flax as fk
 from ...layout import Chunking, Layout
@@ -103,6 +108,52 @@ def gradient_scale(
     if scaling not in GRADIENT_SCALINGS:
         raise HyperNetworkError(f"gradient_scaling must be 'on' or 'off', got {scaling!r}")
     return layout_gradient_multipliers(layout, chunking, embedding_dim, scaling)
+
+
+#: ``"one"``: one linear generator for every chunk; ``"std"``: one head per group of tensors of
+#: similar init std, each tensor's raw values normalised (hypernn_gen.design.std_groups)
+GENERATOR_GROUPS = ("one", "std")
+
+
+def generator_groups(
+    groups: str,
+    layout: Layout,
+    chunking: Chunking,
+    embedding_dim: int,
+    scaling: str,
+    constructor: Any,
+    hidden: tuple,
+    generate: str,
+) -> tuple[tuple, tuple | None] | None:
+    """``generator_groups="std"``: the chunks of every group (``design.group_rows``) and their
+    multipliers (``design.group_gradient_multipliers``; ``None`` with ``gradient_scaling="off"``);
+    ``None`` for ``"one"`` (the Torch runtime's rules)."""
+    if groups not in GENERATOR_GROUPS:
+        raise HyperNetworkError(f"generator_groups must be 'one' or 'std', got {groups!r}")
+    if groups == "one":
+        return None
+    if constructor is not None or hidden or generate != "weights":
+        raise HyperNetworkError(
+            'generator_groups="std" builds its own linear heads: drop '
+            "weight_generator_constructor, generator_hidden and generate"
+        )
+    if any(t.offset % chunking.chunk_dim for t in layout.generated):
+        raise HyperNetworkError(
+            'generator_groups="std" needs every tensor on its own chunks: pass '
+            'chunking="tensor" (the default "auto" is, without num_embeddings/chunk_dim)'
+        )
+    rows = group_rows(layout, chunking)
+    scale = None
+    if scaling == "on":
+        scale = group_gradient_multipliers(layout, chunking, embedding_dim)
+    return rows, scale
+
+
+def table_scale(scale: Any) -> Any:
+    """An embedding module's ``gradient_scale`` for ``scale_grad``: one number, ``None``, or
+    per row (a grouped generator's, kept as a tuple: NNX attributes must be hashable) as
+    ``(num_embeddings, 1)``."""
+    return np.asarray(scale, np.float32)[:, None] if isinstance(scale, tuple) else scale
 
 
 def check_generate(generate: str, base: Any, generator_constructor: Any) -> bool:

@@ -44,6 +44,7 @@ __all__ = [
     "FlaxEmbeddingModule",
     "FlaxHyperNetwork",
     "FlaxWeightGenerator",
+    "GroupedLinearWeightGenerator",
     "LinearWeightGenerator",
     "MLPWeightGenerator",
     "StaticEmbedding",
@@ -86,13 +87,13 @@ class StaticEmbedding(FlaxEmbeddingModule):
     :class:`FlaxHyperNetwork` with gradient scaling on.
     """
 
-    gradient_scale: float | None = None
+    gradient_scale: float | tuple[float, ...] | None = None
 
     @nn.compact
     def __call__(self) -> jax.Array:
         shape = (self.num_embeddings, self.embedding_dim)
         weight = self.param("weight", nn.initializers.normal(1.0), shape)
-        return lk.scale_grad(weight, self.gradient_scale)
+        return lk.scale_grad(weight, c.table_scale(self.gradient_scale))
 
 
 class DynamicEmbedding(FlaxEmbeddingModule):
@@ -106,7 +107,7 @@ class DynamicEmbedding(FlaxEmbeddingModule):
 
     condition_dim: int | None = None
     embedding_hidden: tuple[int, ...] = (64,)
-    gradient_scale: float | None = None
+    gradient_scale: float | tuple[float, ...] | None = None
 
     def setup(self) -> None:
         self.weight = self.param(
@@ -130,7 +131,9 @@ class DynamicEmbedding(FlaxEmbeddingModule):
         return 1.0 + self.modulation(flat)
 
     def __call__(self, condition: jax.Array) -> jax.Array:
-        return self.scales(condition)[..., None] * lk.scale_grad(self.weight, self.gradient_scale)
+        return self.scales(condition)[..., None] * lk.scale_grad(
+            self.weight, c.table_scale(self.gradient_scale)
+        )
 
 
 class LinearWeightGenerator(FlaxWeightGenerator):
@@ -171,6 +174,24 @@ class LinearWeightGenerator(FlaxWeightGenerator):
         )
         raw = dense(embedding)
         return raw if mesh is None else c.split_chunks(raw, self.model_axis)
+
+
+class GroupedLinearWeightGenerator(FlaxWeightGenerator):
+    """One linear head per group of chunks (``generator_groups="std"``): chunk ``k`` is made by
+    the head of the group whose ``rows`` hold it (:func:`hypernn_gen.design.group_rows`), each
+    head initialised as :class:`LinearWeightGenerator`'s. ``kernel (G, D, C)``, ``bias (G,
+    C)``; ``gradient_scale``: per group, the table's, kernel's and bias's multipliers (the
+    table's are applied by the embedding module)."""
+
+    rows: tuple[tuple[int, ...], ...] = ()
+    gradient_scale: tuple | None = None
+
+    @nn.compact
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        g, d, h = len(self.rows), self.embedding_dim, self.hidden_dim
+        kernel = self.param("kernel", nn.initializers.normal(1.0 / math.sqrt(d)), (g, d, h))
+        bias = self.param("bias", nn.initializers.zeros_init(), (g, h))
+        return fk.grouped_linear(embedding, kernel, bias, self.rows, self.gradient_scale)
 
 
 class MLPWeightGenerator(FlaxWeightGenerator):
@@ -223,6 +244,12 @@ class FlaxHyperNetwork(nn.Module):
             decode's scale and shift of each tensor, and the default embedding table and linear
             generator (see :func:`hypernn_gen.design.gradient_multipliers`); ``"off"``: raw
             gradients.
+        generator_groups: ``"one"`` (default): one linear generator for every chunk;
+            ``"std"``: one linear head per group of tensors of similar init std
+            (:class:`GroupedLinearWeightGenerator`, :func:`hypernn_gen.design.std_groups`),
+            each group's multipliers its own, each tensor's raw values brought to unit RMS
+            before the decode (tensor-aligned chunks; not with a custom or hidden-layer
+            generator, ``generate="delta"`` or ``model_axis``).
         batch_norm_stats: dynamic mode, BatchNorm in training mode: ``"batch"`` (default:
             statistics over the whole batch, each sample's own scale and bias) or ``"sample"``
             (each sample by its own statistics, as a batch of one).
@@ -259,6 +286,7 @@ class FlaxHyperNetwork(nn.Module):
     batch_norm_stats: str = "batch"
     generate: str = "weights"
     base: Any = None
+    generator_groups: str = "one"
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -303,7 +331,8 @@ class FlaxHyperNetwork(nn.Module):
         rng_names = [n for n in self.scope.rngs if n != "params"]
         initializing = self.is_initializing()
         # the init statistics: the decoder's start (init) and the gradient multipliers (always)
-        if initializing or self.gradient_scaling == "on":
+        # (and the groups of generator_groups="std")
+        if initializing or self.gradient_scaling == "on" or self.generator_groups == "std":
             layout = _measured_layout(self, inputs, target_kwargs, tuple(rng_names))
         else:
             layout = _structure(target, inputs, target_kwargs, self.include, tuple(rng_names))
@@ -411,6 +440,24 @@ class FlaxHyperNetwork(nn.Module):
                 embedding_ctor = StaticEmbedding
         generator_ctor = self.weight_generator_constructor
         zero = self.generate == "delta"  # every delta starts at exactly 0
+        groups = c.generator_groups(
+            self.generator_groups,
+            layout,
+            chunking,
+            d,
+            self.gradient_scaling,
+            generator_ctor,
+            tuple(self.generator_hidden),
+            self.generate,
+        )
+        if groups is not None:
+            if self.model_axis is not None:
+                raise HyperNetworkError(
+                    'generator_groups="std" cannot split its heads: drop model_axis'
+                )
+            generator_ctor = functools.partial(
+                GroupedLinearWeightGenerator, rows=groups[0], gradient_scale=groups[1]
+            )
         if generator_ctor is None and self.generator_hidden:
             if self.model_axis is not None:
                 raise HyperNetworkError(c.MODEL_AXIS_HIDDEN)
@@ -421,10 +468,15 @@ class FlaxHyperNetwork(nn.Module):
             generator_ctor = functools.partial(
                 LinearWeightGenerator, model_axis=self.model_axis, zero_output=zero
             )
-        elif self.model_axis is not None and not self.generator_hidden:
+        elif self.model_axis is not None and not self.generator_hidden and groups is None:
             raise HyperNetworkError(c.MODEL_AXIS_CUSTOM)
         embedding_module, weight_generator = embedding_ctor(d, n), generator_ctor(d, h)
-        if grad_scale is not None:  # before adoption: a clone has no parent of its own
+        if groups is not None and groups[1] is not None:  # per row: its group's multiplier
+            rows = fk.row_factors(*groups)
+            embedding_module = embedding_module.clone(
+                gradient_scale=tuple(float(f) for f in rows[:, 0])
+            )
+        elif grad_scale is not None:  # before adoption: a clone has no parent of its own
             if isinstance(embedding_module, StaticEmbedding | DynamicEmbedding):
                 embedding_module = embedding_module.clone(gradient_scale=grad_scale[0])
             if isinstance(weight_generator, LinearWeightGenerator):
@@ -436,6 +488,8 @@ class FlaxHyperNetwork(nn.Module):
         c.check_embedding(embedding, batch, n, d)
         expected = (n, d) if batch is None else (batch, n, d)
         raw = c.raw_vector(layout, weight_generator(embedding), batch, n, h, str(expected))
+        if groups is not None:  # each tensor's raw values at unit RMS
+            raw = fk.normalized(raw, layout.generated, layout.flat_size)
         return c.decode(layout, raw, scale, shift, grad_scale)
 
     def _child(self, module: Any, name: str, base: str) -> nn.Module:

@@ -41,6 +41,7 @@ __all__ = [
     "NNXDynamicEmbedding",
     "NNXEmbeddingModule",
     "NNXHyperNetwork",
+    "NNXGroupedLinearWeightGenerator",
     "NNXLinearWeightGenerator",
     "NNXMLPWeightGenerator",
     "NNXStaticEmbedding",
@@ -86,7 +87,7 @@ class NNXStaticEmbedding(NNXEmbeddingModule):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, embedding_dim)))
 
     def __call__(self) -> jax.Array:
-        return nk.scale_grad(self.weight[...], self.gradient_scale)
+        return nk.scale_grad(self.weight[...], c.table_scale(self.gradient_scale))
 
 
 class NNXDynamicEmbedding(NNXEmbeddingModule):
@@ -143,7 +144,7 @@ class NNXDynamicEmbedding(NNXEmbeddingModule):
 
     def __call__(self, condition: jax.Array) -> jax.Array:
         return self.scales(condition)[..., None] * nk.scale_grad(
-            self.weight[...], self.gradient_scale
+            self.weight[...], c.table_scale(self.gradient_scale)
         )
 
 
@@ -190,6 +191,34 @@ class NNXLinearWeightGenerator(NNXWeightGenerator):
         if self.model_axis is None or c.model_mesh(self.model_axis, self.hidden_dim) is None:
             return raw
         return c.split_chunks(raw, self.model_axis)
+
+
+class NNXGroupedLinearWeightGenerator(NNXWeightGenerator):
+    """One linear head per group of chunks (``generator_groups="std"``): chunk ``k`` is made by
+    the head of the group whose ``rows`` hold it (:func:`hypernn_gen.design.group_rows`), each
+    head initialised as :class:`NNXLinearWeightGenerator`'s. ``kernel (G, D, C)``, ``bias (G,
+    C)``; ``gradient_scale``: per group, the table's, kernel's and bias's multipliers (the
+    table's are applied by the embedding module)."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        hidden_dim: int,
+        rows: tuple[tuple[int, ...], ...],
+        gradient_scale: tuple | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(embedding_dim, hidden_dim)
+        self.rows, self.gradient_scale = rows, gradient_scale
+        init = nnx.initializers.normal(1.0 / math.sqrt(embedding_dim))
+        self.kernel = nnx.Param(init(rngs.params(), (len(rows), embedding_dim, hidden_dim)))
+        self.bias = nnx.Param(jnp.zeros((len(rows), hidden_dim), jnp.float32))
+
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        return fk.grouped_linear(
+            embedding, self.kernel[...], self.bias[...], self.rows, self.gradient_scale
+        )
 
 
 class NNXMLPWeightGenerator(NNXWeightGenerator):
@@ -249,6 +278,12 @@ class NNXHyperNetwork(nnx.Module):
             decode's scale and shift of each tensor, and the default embedding table and linear
             generator (see :func:`hypernn_gen.design.gradient_multipliers`); ``"off"``: raw
             gradients.
+        generator_groups: ``"one"`` (default): one linear generator for every chunk;
+            ``"std"``: one linear head per group of tensors of similar init std
+            (:class:`NNXGroupedLinearWeightGenerator`, :func:`hypernn_gen.design.std_groups`),
+            each group's multipliers its own, each tensor's raw values brought to unit RMS
+            before the decode (tensor-aligned chunks; not with a custom or hidden-layer
+            generator, ``generate="delta"`` or ``model_axis``).
         batch_norm_stats: dynamic mode, BatchNorm in training mode: ``"batch"`` (default:
             statistics over the whole batch, each sample's own scale and bias) or ``"sample"``
             (each sample by its own statistics, as a batch of one).
@@ -287,6 +322,7 @@ class NNXHyperNetwork(nnx.Module):
         batch_norm_stats: str = "batch",
         generate: str = "weights",
         base: Any = None,
+        generator_groups: str = "one",
         rngs: nnx.Rngs,
     ):
         if mode not in ("static", "dynamic"):
@@ -325,6 +361,30 @@ class NNXHyperNetwork(nnx.Module):
             raise HyperNetworkError(c.MODEL_AXIS_CUSTOM)
         if model_axis is not None and generator_hidden:
             raise HyperNetworkError(c.MODEL_AXIS_HIDDEN)
+        groups = c.generator_groups(
+            generator_groups,
+            self.layout,
+            self.chunking,
+            embedding_dim,
+            gradient_scaling,
+            weight_generator_constructor,
+            tuple(generator_hidden),
+            generate,
+        )
+        #: ``generator_groups="std"``: per group its chunks and multipliers; each tensor's raw
+        #: values normalised before the decode
+        self.generator_rows, self.group_scale = groups or (None, None)
+        self.normalize = groups is not None
+        if groups is not None and model_axis is not None:
+            raise HyperNetworkError(
+                'generator_groups="std" cannot split its heads: drop model_axis'
+            )
+        if groups is not None:
+            weight_generator_constructor = functools.partial(
+                NNXGroupedLinearWeightGenerator,
+                rows=self.generator_rows,
+                gradient_scale=self.group_scale,
+            )
         if weight_generator_constructor is None and generator_hidden:
             weight_generator_constructor = functools.partial(
                 NNXMLPWeightGenerator, generator_hidden=tuple(generator_hidden), zero_output=delta
@@ -353,7 +413,10 @@ class NNXHyperNetwork(nnx.Module):
         self.gradient_scale = c.gradient_scale(
             self.layout, self.chunking, embedding_dim, gradient_scaling
         )
-        if self.gradient_scale is not None:
+        if self.group_scale is not None:
+            rows = fk.row_factors(self.generator_rows, self.group_scale)
+            self.embedding_module.gradient_scale = tuple(float(f) for f in rows[:, 0])
+        elif self.gradient_scale is not None:
             if isinstance(self.embedding_module, NNXStaticEmbedding | NNXDynamicEmbedding):
                 self.embedding_module.gradient_scale = self.gradient_scale[0]
             if isinstance(self.weight_generator, NNXLinearWeightGenerator):
@@ -400,6 +463,8 @@ class NNXHyperNetwork(nnx.Module):
         raw = c.raw_vector(
             self.layout, self.weight_generator(embedding), batch, n, h, str(expected)
         )
+        if self.normalize:
+            raw = fk.normalized(raw, self.layout.generated, self.layout.flat_size)
         scale, shift = self.param_scale[...], self.param_shift[...]
         flat = c.decode(self.layout, raw, scale, shift, self.gradient_scale)
         return flat if self.base is None else self.base[...] + flat
