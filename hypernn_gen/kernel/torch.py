@@ -974,14 +974,24 @@ def row_products(
     scales, table = shared.chunks(i)
     table = table * scale
     fixed = shift + scale * shared.generator_bias.view(per_chunk, *p.shape[1:])  # R
-    if per_chunk > 1:  # R for every row (a small layer: k > 1 rows to a chunk)
-        fixed = fixed.repeat(count, *(1,) * (len(p.shape) - 1))[:out]
+    tile = per_chunk > 1 and groups == 1  # R x for the k rows only, then repeated
+    if per_chunk > 1:  # a small layer: k > 1 rows to a chunk
         scales = scales[:, :, None].expand(-1, -1, per_chunk).flatten(1)[:, :out]
-    elif groups > 1:  # a grouped convolution needs every output channel's row
+        if not tile:  # a grouped convolution needs every output channel's row
+            fixed = fixed.repeat(count, *(1,) * (len(p.shape) - 1))[:out]
+    elif groups > 1:
         fixed = fixed.expand(out, *p.shape[1:])
-    rest = apply(x, fixed)
+    rest, small = apply(x, fixed), None
+    axis = out_view.index(-1) - len(out_view)  # the output dimension
+    if tile and out == count * per_chunk:  # output o is row o % k of R: broadcast over chunks
+        rest, small = None, rest.unsqueeze(axis - 1)
+    elif tile:  # the last chunk partly filled: repeated, then cut
+        repeats = [1] * rest.dim()
+        repeats[axis] = count
+        rest = rest.repeat(repeats).narrow(axis, 0, out)
     if shared.base is not None:  # delta: W x_b + D_b x_b, the frozen base W shared
-        rest = rest + apply(x, shared.base[i].view(p.shape))
+        base = apply(x, shared.base[i].view(p.shape))
+        rest = base if rest is None else rest + base
     rows = x.numel() // row  # samples (times positions) through the layer
     dim = table.shape[1]
     if apply is F.linear and per_chunk == 1 and dim * (row + out) * rows < row * out * (rows + dim):
@@ -997,9 +1007,13 @@ def row_products(
         fixed = shared.param_shift[b] + bias_scale * shared.bg(b)
         fixed = fixed if shared.base is None else shared.base[b] + fixed
         bias_scales = bias_scales.view(-1, *(1,) * (len(out_view) - 1))
-        rest = rest + fixed.view(out_view[1:]) + bias_scales * g0.view(out_view[1:])
+        folded = fixed.view(out_view[1:]) + bias_scales * g0.view(out_view[1:])
+        rest = folded if rest is None else rest + folded
         b = None
-    y = rest + products * scales.view(out_view)  # no addcmul: a lighter backward
+    y = products * scales.view(out_view)  # no addcmul: a lighter backward
+    if small is not None:
+        y = (y.unflatten(axis, (count, per_chunk)) + small).flatten(axis - 1, axis)
+    y = y if rest is None else rest + y
     if b is not None:
         return y + shared.materialise(b).view(out_view)
     own = getattr(self, "bias", None) if layer.bias is None else None  # MHA: in_proj_bias
