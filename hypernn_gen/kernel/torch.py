@@ -688,17 +688,19 @@ class Shared(NamedTuple):
             spans = [(i, first, start) for i, first, count, start in spans if count == 1]
             ids = [i for i, _, _ in spans]
             sizes = [self.generated[i].size for i in ids]
-            long = dict(dtype=torch.long, device=self.scales.device)
-            counts = torch.tensor(sizes, **long)
-            ends = counts.cumsum(0)
-            owner = torch.arange(len(ids), **long).repeat_interleave(counts, output_size=sum(sizes))
-            within = torch.arange(sum(sizes), **long) - (ends - counts)[owner]
-            pos = torch.tensor([start for _, _, start in spans], **long)[owner] + within
-            chunk = torch.tensor([first for _, first, _ in spans], **long)
+            counts = torch.tensor(sizes)  # the indices: on the host, then copied without a sync
+            owner = torch.arange(len(ids)).repeat_interleave(counts, output_size=sum(sizes))
+            within = torch.arange(sum(sizes)) - (counts.cumsum(0) - counts)[owner]
+            pos = torch.tensor([start for _, _, start in spans])[owner] + within
+            chunk = torch.tensor([first for _, first, _ in spans])
+            index = torch.stack([owner, owner * self.chunk_dim + pos, pos, chunk[owner]])
+            device = self.scales.device
+            owner, g0_at, pos, chunk_at = index.to(device, non_blocking=True)
+            chunk = chunk.to(device, non_blocking=True)
             g0 = F.linear(self.table.index_select(0, chunk), self.generator)  # (tensors, C)
-            g0 = g0.view(-1).index_select(0, owner * self.chunk_dim + pos)
+            g0 = g0.view(-1).index_select(0, g0_at)
             bg = self.generator_bias.index_select(0, pos)
-            coeff = self.scales.index_select(1, chunk.index_select(0, owner))
+            coeff = self.scales.index_select(1, chunk_at)
             scale = torch.stack([self.param_scale[i] for i in ids]).index_select(0, owner)
             shift = torch.stack([self.param_shift[i] for i in ids]).index_select(0, owner)
             value = shift + scale * (bg + coeff * g0)  # as raw(): bg + s * g0, then decoded
