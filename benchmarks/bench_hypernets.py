@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -724,9 +725,13 @@ def build_dynamic(
             )
     except SystemExit as error:
         candidates[name] = Candidate(name, error=f"n/a: {error}".splitlines()[0][:160])
+        setup.compile_note = " ".join(str(error).split())[:600]  # in full under the notes
         return setup
     except Exception as error:  # noqa: BLE001 - reported in the table
-        candidates[name] = Candidate(name, error=f"n/a: {type(error).__name__}: {error}"[:160])
+        message = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+        candidates[name] = Candidate(name, error=f"n/a: {message}"[:160])
+        setup.compile_note = f"in the benchmark process: {message}"[:600]
+        traceback.print_exc()
         return setup
     candidates[name] = candidate
     return setup

@@ -200,6 +200,8 @@ ROW_CASES = {  # (target, input shape without the batch, chunk size, embedding d
     "linear, a row per chunk, shared GEMM": (lambda: nn.Linear(6, 4), (6,), 6, 64),
     "linear, 2 rows per chunk, no bias": (lambda: nn.Linear(3, 5, bias=False), (3,), 6, 4),
     "linear on (batch, positions, in)": (lambda: nn.Linear(4, 3), (2, 4), 8, 4),
+    "linear, 2 rows per chunk, chunks full": (lambda: nn.Linear(3, 4), (2, 3), 6, 4),
+    "conv2d, 2 rows per chunk, chunks full": (lambda: nn.Conv2d(2, 4, 3), (2, 5, 5), 36, 4),
     "conv2d, a row per chunk": (lambda: nn.Conv2d(2, 3, 3, padding=1), (2, 5, 5), 18, 4),
     "conv2d, 2 rows per chunk": (lambda: nn.Conv2d(2, 3, 3), (2, 5, 5), 36, 4),
 }
