@@ -357,9 +357,10 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
-def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+def scale_grad(x: Tensor, factor: float | Tensor | None) -> Tensor:
     """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
-    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    (``None``: ``x`` untouched; a tensor: one factor per element). The gradient multipliers of
+    docs/concepts.md."""
     if factor is None:
         return x
     detached = x.detach()
@@ -379,12 +380,10 @@ def decoder(
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
     their gradients divided by the tensor's size, the number of values they are summed over."""
-    scale, shift = param_scale.unbind(), param_shift.unbind()
     if gradient_scale is None:
-        return scale, shift
-    factors = [1.0 / p.size for p in generated]
-    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
-    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+        return param_scale.unbind(), param_shift.unbind()
+    factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+    return scale_grad(param_scale, factors).unbind(), scale_grad(param_shift, factors).unbind()
 
 
 def decode(
@@ -897,12 +896,48 @@ class Shared(NamedTuple):
         return value if self.base is None else self.base[i] + value
 
     def materialise(self, i: int) -> Tensor:
-        """Tensor i for every sample, ``(batch, *shape)``."""
-        p, (_, count, start), scales = self.generated[i], self.span(i), self.chunks(i)[0]
+        """Tensor i for every sample, ``(batch, *shape)``: with every tensor in one chunk
+        (:meth:`small`) if it lies in one, else from its own chunks."""
+        p, (_, count, start) = self.generated[i], self.span(i)
+        if count == 1 and self.base is None:
+            return self.small()[i].view(-1, *p.shape)
+        scales, rows = self.chunks(i)
         if count == 1:
             return self.raw(i, scales).view(-1, *p.shape)
-        scales = scales[:, :, None].expand(-1, -1, self.chunk_dim).flatten(1)
-        return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
+        # chunk by chunk, (shift + scale bg) + (scale s_b) G0: two passes over batch x size
+        scale, shift = self.param_scale[i], self.param_shift[i]
+        g0 = F.linear(rows, self.generator)  # (count, chunk_dim)
+        value = shift + scale * self.generator_bias + (scale * scales)[:, :, None] * g0
+        value = value.flatten(1)[:, start : start + p.size]
+        return (value if self.base is None else self.base[i] + value).view(-1, *p.shape)
+
+    def small(self) -> dict[int, Tensor]:
+        """Every tensor lying in one chunk (biases, norms' weights, small kernels) for every
+        sample, ``(batch, size)`` each, computed once for all: a few operations on the values
+        gathered from their chunks, instead of a few operations per tensor."""
+        if "small" not in self.cache:
+            spans = [(i, *self.span(i)) for i in range(len(self.generated))]
+            spans = [(i, first, start) for i, first, count, start in spans if count == 1]
+            ids = [i for i, _, _ in spans]
+            sizes = [self.generated[i].size for i in ids]
+            counts = torch.tensor(sizes)  # the indices: on the host, then copied without a sync
+            owner = torch.arange(len(ids)).repeat_interleave(counts, output_size=sum(sizes))
+            within = torch.arange(sum(sizes)) - (counts.cumsum(0) - counts)[owner]
+            pos = torch.tensor([start for _, _, start in spans])[owner] + within
+            chunk = torch.tensor([first for _, first, _ in spans])
+            index = torch.stack([owner, owner * self.chunk_dim + pos, pos, chunk[owner]])
+            device = self.scales.device
+            owner, g0_at, pos, chunk_at = index.to(device, non_blocking=True)
+            chunk = chunk.to(device, non_blocking=True)
+            g0 = F.linear(self.table.index_select(0, chunk), self.generator)  # (tensors, C)
+            g0 = g0.view(-1).index_select(0, g0_at)
+            bg = self.generator_bias.index_select(0, pos)
+            coeff = self.scales.index_select(1, chunk_at)
+            scale = torch.stack([self.param_scale[i] for i in ids]).index_select(0, owner)
+            shift = torch.stack([self.param_shift[i] for i in ids]).index_select(0, owner)
+            value = shift + scale * (bg + coeff * g0)  # as raw(): bg + s * g0, then decoded
+            self.cache["small"] = dict(zip(ids, value.split(sizes, 1), strict=True))
+        return self.cache["small"]
 
 
 def shared_inputs(
@@ -1091,7 +1126,8 @@ def fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     p = shared.generated[i]
     if isinstance(self, nn.Linear):  # (batch, ..., in)
         out_view = (x.shape[0], *(1,) * (x.dim() - 2), -1)
-        return fused_product(self, shared, x, F.linear, x.sum(-1, keepdim=True), out_view)
+        ones = None if self.hyper_index[0].aligned else x.sum(-1, keepdim=True)  # 1 x
+        return fused_product(self, shared, x, F.linear, ones, out_view)
     out_view = (x.shape[0], -1, *(1,) * (x.dim() - 2))  # (batch, in, *spatial)
 
     def apply(x: Tensor, weight: Tensor, groups: int = self.groups) -> Tensor:
@@ -1134,14 +1170,24 @@ def row_products(
     scales, table = shared.chunks(i)
     table = table * scale
     fixed = shift + scale * shared.generator_bias.view(per_chunk, *p.shape[1:])  # R
-    if per_chunk > 1:  # R for every row (a small layer: k > 1 rows to a chunk)
-        fixed = fixed.repeat(count, *(1,) * (len(p.shape) - 1))[:out]
+    tile = per_chunk > 1 and groups == 1  # R x for the k rows only, then repeated
+    if per_chunk > 1:  # a small layer: k > 1 rows to a chunk
         scales = scales[:, :, None].expand(-1, -1, per_chunk).flatten(1)[:, :out]
-    elif groups > 1:  # a grouped convolution needs every output channel's row
+        if not tile:  # a grouped convolution needs every output channel's row
+            fixed = fixed.repeat(count, *(1,) * (len(p.shape) - 1))[:out]
+    elif groups > 1:
         fixed = fixed.expand(out, *p.shape[1:])
-    rest = apply(x, fixed)
+    rest, small = apply(x, fixed), None
+    axis = out_view.index(-1) - len(out_view)  # the output dimension
+    if tile and out == count * per_chunk:  # output o is row o % k of R: broadcast over chunks
+        rest, small = None, rest.unsqueeze(axis - 1)
+    elif tile:  # the last chunk partly filled: repeated, then cut
+        repeats = [1] * rest.dim()
+        repeats[axis] = count
+        rest = rest.repeat(repeats).narrow(axis, 0, out)
     if shared.base is not None:  # delta: W x_b + D_b x_b, the frozen base W shared
-        rest = rest + apply(x, shared.base[i].view(p.shape))
+        base = apply(x, shared.base[i].view(p.shape))
+        rest = base if rest is None else rest + base
     rows = x.numel() // row  # samples (times positions) through the layer
     dim = table.shape[1]
     if apply is F.linear and per_chunk == 1 and dim * (row + out) * rows < row * out * (rows + dim):
@@ -1157,9 +1203,13 @@ def row_products(
         fixed = shared.param_shift[b] + bias_scale * shared.bg(b)
         fixed = fixed if shared.base is None else shared.base[b] + fixed
         bias_scales = bias_scales.view(-1, *(1,) * (len(out_view) - 1))
-        rest = rest + fixed.view(out_view[1:]) + bias_scales * g0.view(out_view[1:])
+        folded = fixed.view(out_view[1:]) + bias_scales * g0.view(out_view[1:])
+        rest = folded if rest is None else rest + folded
         b = None
-    y = rest + products * scales.view(out_view)  # no addcmul: a lighter backward
+    y = products * scales.view(out_view)  # no addcmul: a lighter backward
+    if small is not None:
+        y = (y.unflatten(axis, (count, per_chunk)) + small).flatten(axis - 1, axis)
+    y = y if rest is None else rest + y
     if b is not None:
         return y + shared.materialise(b).view(out_view)
     own = getattr(self, "bias", None) if layer.bias is None else None  # MHA: in_proj_bias
@@ -1312,4 +1362,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=67c72eddb7c9c03c25f123642d7c63b635ecc284bc0224cb8a3fa39bb3863984
+# hypernn-gen: sha256=887cb8157586bbc9fd56a335cdb0fc0b81724b54b69536c4ce48cd9f4da5416b

@@ -290,9 +290,10 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
-def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+def scale_grad(x: Tensor, factor: float | Tensor | None) -> Tensor:
     """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
-    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    (``None``: ``x`` untouched; a tensor: one factor per element). The gradient multipliers of
+    docs/concepts.md."""
     if factor is None:
         return x
     detached = x.detach()
@@ -312,12 +313,10 @@ def decoder(
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
     their gradients divided by the tensor's size, the number of values they are summed over."""
-    scale, shift = param_scale.unbind(), param_shift.unbind()
     if gradient_scale is None:
-        return scale, shift
-    factors = [1.0 / p.size for p in generated]
-    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
-    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+        return param_scale.unbind(), param_shift.unbind()
+    factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+    return scale_grad(param_scale, factors).unbind(), scale_grad(param_shift, factors).unbind()
 
 
 def decode(
@@ -402,4 +401,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=2c9a5b74385779cf487b9843ae22659d22dc535a2db7a54ffb9ba3b90932b132
+# hypernn-gen: sha256=5667828cf447b547fa2eac6218bd38c4af6f898ed11308a7cdebb6c8b1acf8c0

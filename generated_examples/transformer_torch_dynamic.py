@@ -387,9 +387,10 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
-def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+def scale_grad(x: Tensor, factor: float | Tensor | None) -> Tensor:
     """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
-    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    (``None``: ``x`` untouched; a tensor: one factor per element). The gradient multipliers of
+    docs/concepts.md."""
     if factor is None:
         return x
     detached = x.detach()
@@ -409,12 +410,10 @@ def decoder(
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
     their gradients divided by the tensor's size, the number of values they are summed over."""
-    scale, shift = param_scale.unbind(), param_shift.unbind()
     if gradient_scale is None:
-        return scale, shift
-    factors = [1.0 / p.size for p in generated]
-    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
-    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+        return param_scale.unbind(), param_shift.unbind()
+    factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+    return scale_grad(param_scale, factors).unbind(), scale_grad(param_shift, factors).unbind()
 
 
 def decode(
@@ -915,12 +914,48 @@ class Shared(NamedTuple):
         return value if self.base is None else self.base[i] + value
 
     def materialise(self, i: int) -> Tensor:
-        """Tensor i for every sample, ``(batch, *shape)``."""
-        p, (_, count, start), scales = self.generated[i], self.span(i), self.chunks(i)[0]
+        """Tensor i for every sample, ``(batch, *shape)``: with every tensor in one chunk
+        (:meth:`small`) if it lies in one, else from its own chunks."""
+        p, (_, count, start) = self.generated[i], self.span(i)
+        if count == 1 and self.base is None:
+            return self.small()[i].view(-1, *p.shape)
+        scales, rows = self.chunks(i)
         if count == 1:
             return self.raw(i, scales).view(-1, *p.shape)
-        scales = scales[:, :, None].expand(-1, -1, self.chunk_dim).flatten(1)
-        return self.raw(i, scales[:, start : start + p.size]).view(-1, *p.shape)
+        # chunk by chunk, (shift + scale bg) + (scale s_b) G0: two passes over batch x size
+        scale, shift = self.param_scale[i], self.param_shift[i]
+        g0 = F.linear(rows, self.generator)  # (count, chunk_dim)
+        value = shift + scale * self.generator_bias + (scale * scales)[:, :, None] * g0
+        value = value.flatten(1)[:, start : start + p.size]
+        return (value if self.base is None else self.base[i] + value).view(-1, *p.shape)
+
+    def small(self) -> dict[int, Tensor]:
+        """Every tensor lying in one chunk (biases, norms' weights, small kernels) for every
+        sample, ``(batch, size)`` each, computed once for all: a few operations on the values
+        gathered from their chunks, instead of a few operations per tensor."""
+        if "small" not in self.cache:
+            spans = [(i, *self.span(i)) for i in range(len(self.generated))]
+            spans = [(i, first, start) for i, first, count, start in spans if count == 1]
+            ids = [i for i, _, _ in spans]
+            sizes = [self.generated[i].size for i in ids]
+            counts = torch.tensor(sizes)  # the indices: on the host, then copied without a sync
+            owner = torch.arange(len(ids)).repeat_interleave(counts, output_size=sum(sizes))
+            within = torch.arange(sum(sizes)) - (counts.cumsum(0) - counts)[owner]
+            pos = torch.tensor([start for _, _, start in spans])[owner] + within
+            chunk = torch.tensor([first for _, first, _ in spans])
+            index = torch.stack([owner, owner * self.chunk_dim + pos, pos, chunk[owner]])
+            device = self.scales.device
+            owner, g0_at, pos, chunk_at = index.to(device, non_blocking=True)
+            chunk = chunk.to(device, non_blocking=True)
+            g0 = F.linear(self.table.index_select(0, chunk), self.generator)  # (tensors, C)
+            g0 = g0.view(-1).index_select(0, g0_at)
+            bg = self.generator_bias.index_select(0, pos)
+            coeff = self.scales.index_select(1, chunk_at)
+            scale = torch.stack([self.param_scale[i] for i in ids]).index_select(0, owner)
+            shift = torch.stack([self.param_shift[i] for i in ids]).index_select(0, owner)
+            value = shift + scale * (bg + coeff * g0)  # as raw(): bg + s * g0, then decoded
+            self.cache["small"] = dict(zip(ids, value.split(sizes, 1), strict=True))
+        return self.cache["small"]
 
 
 def shared_inputs(
@@ -1106,4 +1141,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=3d462349bc4fa5ba0f5822bb052f7e548c62bc6737312676b24b28a8a297dca4
+# hypernn-gen: sha256=f207a0ec005881af5dc7e157c9579d8d32d0f8a5c0a19901fff6721310bac92f

@@ -335,9 +335,10 @@ def segments(generated: tuple, flat_size: int) -> tuple[list[int], list[int]]:
     return sizes, owners
 
 
-def scale_grad(x: Tensor, factor: float | None) -> Tensor:
+def scale_grad(x: Tensor, factor: float | Tensor | None) -> Tensor:
     """``x`` itself in the forward (exactly), its gradient times ``factor`` in the backward
-    (``None``: ``x`` untouched). The gradient multipliers of docs/concepts.md."""
+    (``None``: ``x`` untouched; a tensor: one factor per element). The gradient multipliers of
+    docs/concepts.md."""
     if factor is None:
         return x
     detached = x.detach()
@@ -357,12 +358,10 @@ def decoder(
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
     their gradients divided by the tensor's size, the number of values they are summed over."""
-    scale, shift = param_scale.unbind(), param_shift.unbind()
     if gradient_scale is None:
-        return scale, shift
-    factors = [1.0 / p.size for p in generated]
-    scale = tuple(scale_grad(s, f) for s, f in zip(scale, factors, strict=True))
-    return scale, tuple(scale_grad(s, f) for s, f in zip(shift, factors, strict=True))
+        return param_scale.unbind(), param_shift.unbind()
+    factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+    return scale_grad(param_scale, factors).unbind(), scale_grad(param_shift, factors).unbind()
 
 
 def decode(
@@ -447,4 +446,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=56e4aea7bc32d5b55db4f14c4ae5bb7b7432ca258b6ff004a3fdd9fb467702ca
+# hypernn-gen: sha256=a2ead09a969f8512773d565dfe81312a199b9f91f02ebf7b6eacf5b1bde5da4e
