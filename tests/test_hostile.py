@@ -649,7 +649,9 @@ def test_complex_parameters_are_accepted_when_excluded(work: Path, capsys, frame
     assert other not in line  # advice of this framework only
     assert not (work / "gen.py").exists()
     # the advised --exclude works: the file runs its own example, phase stays the target's
-    code, out, _ = cli(capsys, "cplx.py", "--exclude", "phase", "-o", "gen.py", "--chunking", "flat")
+    code, out, _ = cli(
+        capsys, "cplx.py", "--exclude", "phase", "-o", "gen.py", "--chunking", "flat"
+    )
     assert code == 0 and "2 tensors" in out, out
     result = run_python_file(work, "gen.py")
     assert result.returncode == 0, result.stderr
