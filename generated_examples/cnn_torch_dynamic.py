@@ -15,6 +15,9 @@ Dynamic mode: every sample gets its own weight set, computed from its conditioni
 
     hypernetwork = SmallCNNHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
+
+``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
+builds no per-sample weights.
 """
 
 from __future__ import annotations
@@ -363,8 +366,7 @@ def scale_grad(x: Tensor, factor: float | Tensor | None) -> Tensor:
     docs/concepts.md."""
     if factor is None:
         return x
-    detached = x.detach()
-    return detached + factor * (x - detached)
+    return torch.lerp(x.detach(), x, factor)  # x + factor (x - x): one operation, x exactly
 
 
 def scaled_linear(
@@ -818,7 +820,7 @@ class FusedLayer(NamedTuple):
 class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
-    scales: Tensor  # (batch, num_embeddings)
+    scales: Tensor | None  # (batch, num_embeddings); None: static (one weight set)
     table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
     generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
     generator_bias: Tensor  # (chunk_dim,): its bias bg
@@ -951,15 +953,21 @@ def shared_inputs(
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
     ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
-    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``)."""
+    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``).
+    ``condition`` None: a static hypernetwork's one weight set (``scales`` None), its table what
+    ``embedding_module()`` returns."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
     scale, shift = decoder(
         hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
     )
+    if condition is None:  # static: one weight set, from the embedding module's own table
+        scales, table = None, embedding()
+    else:
+        scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
     return Shared(
-        scales=embedding.scales(condition),
-        table=scale_grad(embedding.weight, table_scale),
+        scales=scales,
+        table=table,
         generator=scale_grad(generator.weight, weight_scale),
         generator_bias=scale_grad(generator.bias, bias_scale),
         param_scale=scale,
@@ -1362,4 +1370,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=887cb8157586bbc9fd56a335cdb0fc0b81724b54b69536c4ce48cd9f4da5416b
+# hypernn-gen: sha256=66c1bf5b378e2b9d258d11a985587a9d76f1052c0c453553ca0aff0c3dd8a916

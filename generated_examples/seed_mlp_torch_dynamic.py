@@ -15,6 +15,9 @@ Dynamic mode: every sample gets its own weight set, computed from its conditioni
 
     hypernetwork = SeedMlpHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
+
+``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
+builds no per-sample weights.
 """
 
 from __future__ import annotations
@@ -324,8 +327,7 @@ def scale_grad(x: Tensor, factor: float | Tensor | None) -> Tensor:
     docs/concepts.md."""
     if factor is None:
         return x
-    detached = x.detach()
-    return detached + factor * (x - detached)
+    return torch.lerp(x.detach(), x, factor)  # x + factor (x - x): one operation, x exactly
 
 
 def scaled_linear(
@@ -767,7 +769,7 @@ class FusedLayer(NamedTuple):
 class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
-    scales: Tensor  # (batch, num_embeddings)
+    scales: Tensor | None  # (batch, num_embeddings); None: static (one weight set)
     table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
     generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
     generator_bias: Tensor  # (chunk_dim,): its bias bg
@@ -900,15 +902,21 @@ def shared_inputs(
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
     ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
-    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``)."""
+    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``).
+    ``condition`` None: a static hypernetwork's one weight set (``scales`` None), its table what
+    ``embedding_module()`` returns."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
     scale, shift = decoder(
         hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
     )
+    if condition is None:  # static: one weight set, from the embedding module's own table
+        scales, table = None, embedding()
+    else:
+        scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
     return Shared(
-        scales=embedding.scales(condition),
-        table=scale_grad(embedding.weight, table_scale),
+        scales=scales,
+        table=table,
         generator=scale_grad(generator.weight, weight_scale),
         generator_bias=scale_grad(generator.bias, bias_scale),
         param_scale=scale,
@@ -1245,4 +1253,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=f956a6db0ba24a16456022a9482e82d1230b7732746c8447e50e57025cb4236b
+# hypernn-gen: sha256=df7302ab8309587fef8c1ec86a11a8a0b350439fc6aa8d05d96457e4364561ea

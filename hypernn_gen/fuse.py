@@ -772,3 +772,57 @@ def _check_transposed_linear(sub) -> str | None:  # noqa: ANN001
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=1e-5):
         return f"{type(sub).__name__}.forward is not x @ weight + bias"
     return None
+
+
+# -- Static mode: Linear layers computed at rank D ------------------------------------------------
+
+
+def plan_low_rank(  # noqa: ANN001 - module: a torch nn.Module (torch imported lazily)
+    module, layout: Layout, chunking: Chunking, embedding_dim: int, args: tuple, kwargs: dict
+) -> tuple[tuple[str, int], ...]:
+    """The Linear layers a static Torch file computes at rank D: ``(path, weight index)`` each.
+
+    Weight row ``o`` of a Linear whose rows each fill one chunk is ``shift + scale * (Wg E[first +
+    o] + bg)``, so ``W x = (scale E_rows)(Wg^T x) + ((shift + scale bg) . x)``: ``D (in + out)``
+    multiply-adds per input row instead of ``in out`` plus building W. Chosen where that is
+    cheaper for any batch, for plain ``nn.Linear`` layers (exact type) whose weight has one name,
+    and only if the example call runs on ``meta`` with those weights gone: nothing else in the
+    forward reads them (a parent's ``F.linear(x, self.head.weight)`` would), else none is chosen.
+    """
+    import copy
+
+    import torch
+    from torch import nn
+
+    index = {".".join(map(str, t.keys)): i for i, t in enumerate(layout.generated)}
+    aliased = {".".join(map(str, a)) for t in layout.generated for a in t.aliases}
+    chosen = []
+    for path, sub in module.named_modules():
+        prefix = f"{path}." if path else ""
+        i = index.get(prefix + "weight")
+        if type(sub) is not nn.Linear or i is None or layout.generated[i].aliases:
+            continue
+        t = layout.generated[i]
+        out, row = t.shape
+        aligned = t.offset % chunking.chunk_dim == 0 and row == chunking.chunk_dim
+        if aligned and embedding_dim * (row + out) < row * out and prefix + "bias" not in aliased:
+            chosen.append((path, i))
+    if not chosen:
+        return ()
+    # A copy on meta without the chosen weights, their forward a stand-in of the right shape.
+    memo = {
+        id(t): t if t.device.type == "meta" else torch.empty_like(t, device="meta")
+        for t in (*module.parameters(), *module.buffers())
+    }
+    try:
+        clone = copy.deepcopy(module, memo)
+        for path, _ in chosen:
+            sub = clone.get_submodule(path)
+            del sub._parameters["weight"]
+            stand_in = {"forward": lambda self, x: x.new_empty(*x.shape[:-1], self.out_features)}
+            sub.__class__ = type("LowRankProbe", (nn.Linear,), stand_in)
+        with torch.no_grad(), torch.device("meta"):
+            clone(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the forward reads a weight elsewhere, or cannot run on meta
+        return ()
+    return tuple(chosen)

@@ -267,6 +267,9 @@ def build_context(
         fusion = plan_fusion(
             loaded, layout, chunking, linear_generator=not options.generator_hidden
         )
+    low_rank = (
+        plan_static(loaded, layout, chunking, options) if fast_static(options, loaded) else ()
+    )
     resolved = {
         "num_embeddings": chunking.num_embeddings,
         "chunk_dim": chunking.chunk_dim,
@@ -305,13 +308,22 @@ def build_context(
         what,
         *(f"note:     {note}" for note in layout.notes if not lora(options)),
         *([f"fusion:   {fusion.summary()}"] if fusion is not None else []),
+        *([f"rank-D:   {', '.join(path for path, _ in low_rank)}"] if low_rank else []),
         f"command:  {command}",
     )
     if lora(options):
         decisions = lora_decisions(options, loaded)
     else:
         decisions = torch_decisions(
-            options, loaded, layout, params, state, fusion, condition_shape, condition_dtype
+            options,
+            loaded,
+            layout,
+            params,
+            state,
+            fusion,
+            condition_shape,
+            condition_dtype,
+            low_rank=low_rank,
         )
     ctx = TemplateContext(
         **decisions,
@@ -460,6 +472,37 @@ def plan_fusion(
     return planner(loaded, layout, chunking, linear_generator=linear_generator)
 
 
+def fast_static(options: GenerateOptions, loaded: LoadedTarget) -> bool:
+    """A static Torch file whose forward builds no flat vector: the built-in linear weight
+    generator (its ``linear`` is read directly, so a template that writes its own
+    ``weight_generator`` block keeps the flat vector)."""
+    from .render import own_blocks
+
+    template_dir = Path(options.template_dir) if options.template_dir else None
+    return (
+        loaded.framework == "torch"
+        and not options.dynamic
+        and options.generate in ("weights", "delta")
+        and not options.generator_hidden
+        and "weight_generator" not in own_blocks(loaded.framework, template_dir)
+    )
+
+
+def plan_static(
+    loaded: LoadedTarget, layout: Layout, chunking: Chunking, options: GenerateOptions
+) -> tuple[tuple[str, int], ...]:
+    """The Linear layers a static Torch file computes at rank D (``fuse.plan_low_rank``);
+    none without an example call to check them on."""
+    from .fuse import plan_low_rank
+    from .trace import torch_meta_call
+
+    if not loaded.input_specs and loaded.example_inputs is None:
+        return ()
+    args, kwargs = torch_meta_call(loaded)
+    module = _meta_module(loaded)
+    return plan_low_rank(module, layout, chunking, options.embedding_dim, args, kwargs)
+
+
 def _plan_torch(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, *, linear_generator: bool
 ) -> FusionPlan:
@@ -551,9 +594,12 @@ def torch_decisions(
     fusion: Any,
     condition_shape: tuple[int, ...] | None,
     condition_dtype: str | None,
+    *,
+    low_rank: tuple[tuple[str, int], ...] = (),
 ) -> dict[str, Any]:
     """The template decisions (fused, padded, tied, ...) and, for Torch, the kernel section: the
-    ``hypernn_gen/kernel/torch.py`` definitions this file's design uses."""
+    ``hypernn_gen/kernel/torch.py`` definitions this file's design uses; ``low_rank``: the
+    Linear layers a static file computes at rank D (:func:`plan_static`)."""
     dynamic = options.dynamic
     specs = loaded.input_specs
     decisions: dict[str, Any] = {
@@ -590,6 +636,9 @@ def torch_decisions(
     if fused:
         roots += ["shared_inputs", "run_fused", "install_fusion"]
         roots += list(dict.fromkeys(f for _, f in forwards))
+    static_fast = fast_static(options, loaded)
+    if static_fast:
+        roots += ["shared_inputs", "run_static", *(["install_low_rank"] if low_rank else [])]
     kernel = kernel_source("torch", roots)
     own = (
         [*_TORCH_IMPORTS, "from torch.func import functional_call"]
@@ -605,6 +654,8 @@ def torch_decisions(
         example_args=example_args,
         example_kwargs=tuple((k, example_expression(v)) for k, v in loaded.example_kwargs.items()),
         fused=fused,
+        static_fast=static_fast,
+        low_rank=low_rank,
         fused_kinds=kinds,
         indexed=any(k in _FUSED_FORWARD for k in kinds),
         fused_forwards=forwards,

@@ -34,6 +34,7 @@ __all__ = [
     "TemplateContext",
     "builtin_templates_dir",
     "make_environment",
+    "own_blocks",
     "render",
     "template_name",
 ]
@@ -125,6 +126,10 @@ class TemplateContext:
     target_file: str  #: the target file, relative, as given
     header: tuple[str, ...]  #: provenance comment lines (without ``# ``)
     fusion: Any = None  #: dynamic Torch: a :class:`hypernn_gen.fuse.FusionPlan`, else ``None``
+    #: static Torch, linear generator: the forward builds no flat vector (``return_params``)
+    static_fast: bool = False
+    #: static Torch: ``(module path, weight index)`` of the Linear layers computed at rank D
+    low_rank: tuple[tuple[str, int], ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     # -- decisions, computed once in Python (context version 3) --
     dynamic: bool = False  #: ``mode == "dynamic"``
@@ -221,6 +226,20 @@ def make_environment(template_dir: Path | None = None) -> jinja2.Environment:
     env.filters["int"] = _int
     env.filters["count"] = "{:,}".format
     return env
+
+
+def own_blocks(framework: str, template_dir: Path | None) -> frozenset[str]:
+    """The blocks that ``template_dir``'s entry template for ``framework`` writes itself (none
+    without one): a fast path that reads the built-in classes' internals is taken only where
+    the template keeps them."""
+    if template_dir is None or not (template_dir / template_name(framework)).is_file():
+        return frozenset()
+    try:
+        return frozenset(
+            make_environment(template_dir).get_template(template_name(framework)).blocks
+        )
+    except (jinja2.TemplateError, UnicodeDecodeError, OSError):  # render() reports it
+        return frozenset()
 
 
 def render(ctx: TemplateContext, *, template_dir: Path | None = None) -> str:

@@ -475,7 +475,7 @@ def test_ruff_formatter_output_imports_and_runs(
 
     module = import_file(work / "gen.py")
     net = hypernetwork_class(module)()
-    out, params = net(torch.randn(5, 8))
+    out, params = net(torch.randn(5, 8), return_params=True)
     assert out.shape == (5, 3) and params.shape == (module.FLAT_SIZE,)
 
 

@@ -13,6 +13,9 @@ tensors.
 
     hypernetwork = DigitsCNNHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
+
+``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
+builds each tensor from its own chunks, no flat vector.
 """
 
 from __future__ import annotations
@@ -161,9 +164,18 @@ class DigitsCNNHyperNetwork(nn.Module):
         return flatten_params(params, GENERATED, FLAT_SIZE)
 
     def forward(
-        self, *args: Any, generated_params: Tensor | None = None, **kwargs: Any
-    ) -> tuple[Any, Tensor]:
-        """Run the target with generated weights; returns ``(output, generated_params)``."""
+        self,
+        *args: Any,
+        generated_params: Tensor | None = None,
+        return_params: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, Tensor | None]:
+        """Run the target with generated weights; returns ``(output, generated_params)``, the
+        latter ``None`` (each tensor is built from its own chunks) unless given or ``return_params``.
+        """
+        if generated_params is None and not return_params:  # no flat vector
+            shared = shared_inputs(self, None, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
+            return run_static(self.target, (), shared, args, kwargs, {}), None
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE)
@@ -291,8 +303,7 @@ def scale_grad(x: Tensor, factor: float | Tensor | None) -> Tensor:
     docs/concepts.md."""
     if factor is None:
         return x
-    detached = x.detach()
-    return detached + factor * (x - detached)
+    return torch.lerp(x.detach(), x, factor)  # x + factor (x - x): one operation, x exactly
 
 
 def scaled_linear(
@@ -385,6 +396,243 @@ def check_flat(flat: Tensor, flat_size: int, dynamic: bool = False) -> None:
         )
 
 
+class Shared(NamedTuple):
+    """One batch's generation inputs: per-sample chunk scales and what all samples share."""
+
+    scales: Tensor | None  # (batch, num_embeddings); None: static (one weight set)
+    table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
+    generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
+    generator_bias: Tensor  # (chunk_dim,): its bias bg
+    param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
+    param_shift: tuple[Tensor, ...]
+    generated: tuple  # the layout
+    chunk_dim: int
+    flat_size: int
+    cache: dict  # g0 and bg per generated tensor, computed when first asked for
+    base: tuple[Tensor, ...] | None = None  # --generate delta: each tensor's frozen base, flat
+
+    def span(self, i: int) -> tuple[int, int, int]:
+        """Tensor i's first chunk, its number of chunks and its start in the first."""
+        p = self.generated[i]
+        first, last = p.offset // self.chunk_dim, (p.offset + p.size - 1) // self.chunk_dim
+        return first, last - first + 1, p.offset - first * self.chunk_dim
+
+    @property
+    def aligned(self) -> bool:
+        """Every tensor starts a chunk (``chunking="tensor"``): no chunk holds two tensors."""
+        if "aligned" not in self.cache:
+            self.cache["aligned"] = all(p.offset % self.chunk_dim == 0 for p in self.generated)
+        return self.cache["aligned"]
+
+    def chunks(self, i: int) -> tuple[Tensor, Tensor]:
+        """Tensor i's chunks: each sample's scales ``(batch, count)`` and the table's rows
+        ``(count, embedding_dim)``; one split of each for all tensors when no chunk holds two."""
+        first, count, _ = self.span(i)
+        if not self.aligned:
+            return self.scales[:, first : first + count], self.table[first : first + count]
+        if "chunks" not in self.cache:
+            sizes, owners, end = [], [], 0
+            for j in range(len(self.generated)):
+                start, n, _ = self.span(j)
+                if start > end:  # never with chunking="tensor"; kept for safety
+                    sizes.append(start - end)
+                    owners.append(-1)
+                sizes.append(n)
+                owners.append(j)
+                end = start + n
+            if self.table.shape[0] > end:
+                sizes.append(self.table.shape[0] - end)
+                owners.append(-1)
+            pieces = zip(owners, self.scales.split(sizes, 1), self.table.split(sizes), strict=True)
+            self.cache["chunks"] = {j: (s, t) for j, s, t in pieces if j >= 0}
+        return self.cache["chunks"][i]
+
+    def g0(self, i: int) -> Tensor:
+        """``G0 = E Wg^T`` at tensor i's positions, flat: chunk by chunk where every tensor
+        starts a chunk (``chunking="tensor"``), else one product split (one backward node)."""
+        if i not in self.cache:
+            if self.aligned:
+                g0 = F.linear(self.chunks(i)[1], self.generator).view(-1)
+                size = self.generated[i].size
+                self.cache[i] = g0 if g0.shape[0] == size else g0[:size]
+            else:
+                sizes, owners = segments(self.generated, self.flat_size)
+                g0 = F.linear(self.table, self.generator).view(-1)[: self.flat_size]
+                pieces = zip(owners, g0.split(sizes), strict=True)
+                self.cache.update((j, v) for j, v in pieces if j < len(self.generated))
+        return self.cache[i]
+
+    def bg(self, i: int) -> Tensor:
+        """The generator's bias at tensor i's positions, flat."""
+        first, count, start = self.span(i)
+        bias = self.generator_bias if count == 1 else self.generator_bias.repeat(count)
+        size = self.generated[i].size
+        return bias if start == 0 and size == bias.shape[0] else bias[start : start + size]
+
+    def raw(self, i: int, coeff: Tensor) -> Tensor:
+        """Tensor i's values for every sample, ``(batch, size)``, given the scale of the
+        chunk each value lies in, ``(batch, size)`` (or ``(batch, 1)``: one chunk)."""
+        raw = self.bg(i) + coeff * self.g0(i)  # no addcmul: its backward is heavier
+        value = self.param_shift[i] + self.param_scale[i] * raw
+        return value if self.base is None else self.base[i] + value
+
+    def materialise(self, i: int) -> Tensor:
+        """Tensor i for every sample, ``(batch, *shape)``: with every tensor in one chunk
+        (:meth:`small`) if it lies in one, else from its own chunks."""
+        p, (_, count, start) = self.generated[i], self.span(i)
+        if count == 1 and self.base is None:
+            return self.small()[i].view(-1, *p.shape)
+        scales, rows = self.chunks(i)
+        if count == 1:
+            return self.raw(i, scales).view(-1, *p.shape)
+        # chunk by chunk, (shift + scale bg) + (scale s_b) G0: two passes over batch x size
+        scale, shift = self.param_scale[i], self.param_shift[i]
+        g0 = F.linear(rows, self.generator)  # (count, chunk_dim)
+        value = shift + scale * self.generator_bias + (scale * scales)[:, :, None] * g0
+        value = value.flatten(1)[:, start : start + p.size]
+        return (value if self.base is None else self.base[i] + value).view(-1, *p.shape)
+
+    def small(self) -> dict[int, Tensor]:
+        """Every tensor lying in one chunk (biases, norms' weights, small kernels) for every
+        sample, ``(batch, size)`` each, computed once for all: a few operations on the values
+        gathered from their chunks, instead of a few operations per tensor."""
+        if "small" not in self.cache:
+            spans = [(i, *self.span(i)) for i in range(len(self.generated))]
+            spans = [(i, first, start) for i, first, count, start in spans if count == 1]
+            ids = [i for i, _, _ in spans]
+            sizes = [self.generated[i].size for i in ids]
+            counts = torch.tensor(sizes)  # the indices: on the host, then copied without a sync
+            owner = torch.arange(len(ids)).repeat_interleave(counts, output_size=sum(sizes))
+            within = torch.arange(sum(sizes)) - (counts.cumsum(0) - counts)[owner]
+            pos = torch.tensor([start for _, _, start in spans])[owner] + within
+            chunk = torch.tensor([first for _, first, _ in spans])
+            index = torch.stack([owner, owner * self.chunk_dim + pos, pos, chunk[owner]])
+            device = self.scales.device
+            owner, g0_at, pos, chunk_at = index.to(device, non_blocking=True)
+            chunk = chunk.to(device, non_blocking=True)
+            g0 = F.linear(self.table.index_select(0, chunk), self.generator)  # (tensors, C)
+            g0 = g0.view(-1).index_select(0, g0_at)
+            bg = self.generator_bias.index_select(0, pos)
+            coeff = self.scales.index_select(1, chunk_at)
+            scale = torch.stack([self.param_scale[i] for i in ids]).index_select(0, owner)
+            shift = torch.stack([self.param_shift[i] for i in ids]).index_select(0, owner)
+            value = shift + scale * (bg + coeff * g0)  # as raw(): bg + s * g0, then decoded
+            self.cache["small"] = dict(zip(ids, value.split(sizes, 1), strict=True))
+        return self.cache["small"]
+
+
+def shared_inputs(
+    hypernetwork: nn.Module,
+    condition: Tensor,
+    generated: tuple,
+    flat_size: int,
+    gradient_scale: tuple | None = None,
+    delta: bool = False,
+) -> Shared:
+    """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
+    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
+    ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
+    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``).
+    ``condition`` None: a static hypernetwork's one weight set (``scales`` None), its table what
+    ``embedding_module()`` returns."""
+    embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
+    table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
+    scale, shift = decoder(
+        hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
+    )
+    if condition is None:  # static: one weight set, from the embedding module's own table
+        scales, table = None, embedding()
+    else:
+        scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
+    return Shared(
+        scales=scales,
+        table=table,
+        generator=scale_grad(generator.weight, weight_scale),
+        generator_bias=scale_grad(generator.bias, bias_scale),
+        param_scale=scale,
+        param_shift=shift,
+        generated=generated,
+        chunk_dim=generator.weight.shape[0],
+        flat_size=flat_size,
+        cache={},
+        base=(
+            tuple(hypernetwork.base[p.offset : p.offset + p.size] for p in generated)
+            if delta
+            else None
+        ),
+    )
+
+
+# -- Static mode without the flat vector --
+# A static forward needs no flat vector: each generated tensor is made from its own chunks, and a
+# Linear whose weight rows each fill one chunk never builds its weight (a rank-D product).
+
+
+def static_tensors(shared: Shared, skip: frozenset[int]) -> dict[str, Tensor]:
+    """The generated tensors but those in ``skip``, by name and shaped, for one weight set
+    (``shared.scales`` None): their chunks through the linear generator in one product, split
+    once, then decoded as :func:`decode` does."""
+    spans = [(i, *shared.span(i)) for i in range(len(shared.generated)) if i not in skip]
+    ranges: list[list[int]] = []  # the chunks they lie in: [first, end, start in the block]
+    for _, first, count, _ in sorted(spans, key=lambda span: span[1]):
+        if ranges and first <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], first + count)
+        else:
+            at = ranges[-1][2] + ranges[-1][1] - ranges[-1][0] if ranges else 0
+            ranges.append([first, first + count, at])
+    if not ranges:
+        return {}
+    rows = [shared.table[first:end] for first, end, _ in ranges]
+    table = rows[0] if len(rows) == 1 else torch.cat(rows)
+    raw = F.linear(table, shared.generator, shared.generator_bias).view(-1)
+    pieces, sizes, end = [], [], 0  # tensor i at [begin, begin + size) of the block, in order
+    for begin, i in sorted(
+        ((at + first - block) * shared.chunk_dim + start, i)
+        for i, first, _, start in spans
+        for block, _, at in [next(r for r in ranges if r[0] <= first < r[1])]
+    ):
+        sizes += [begin - end, shared.generated[i].size]
+        pieces.append(i)
+        end = begin + shared.generated[i].size
+    parts = raw.split([*sizes, raw.shape[0] - end])[1::2]  # one split: one backward node
+    params = {}
+    for i, part in zip(pieces, parts, strict=True):
+        p = shared.generated[i]
+        value = torch.addcmul(shared.param_shift[i], part, shared.param_scale[i])
+        value = value if shared.base is None else shared.base[i] + value
+        params[p.path] = value.view(p.shape)
+    return params
+
+
+def run_static(
+    target: nn.Module,
+    low_rank: tuple[nn.Module, ...],
+    shared: Shared,
+    args: tuple,
+    kwargs: dict,
+    tied: dict[str, str],
+) -> Any:
+    """The target with one generated weight set and no flat vector: every tensor from its own
+    chunks (:func:`static_tensors`), the ``low_rank`` layers' weights never built."""
+    params = static_tensors(shared, frozenset(m.hyper_weight for m in low_rank))
+    params.update({alias: params[path] for alias, path in tied.items()})
+    # As functional_call does for names the target does not hold, set as plain attributes for
+    # the call (fewer steps than functional_call, whose generality is not needed here)
+    slots = [path.rpartition(".") for path in params]
+    owners = [(target.get_submodule(owner), leaf) for owner, _, leaf in slots]
+    try:
+        for (module, leaf), value in zip(owners, params.values(), strict=True):
+            setattr(module, leaf, value)
+        for module in low_rank:
+            module.hyper_shared = shared
+        return target(*args, **kwargs)
+    finally:
+        for module, leaf in owners:
+            module.__dict__.pop(leaf, None)
+        for module in low_rank:
+            module.hyper_shared = None
+
+
 # -- end of hypernn-gen kernel
 
 
@@ -393,7 +641,7 @@ if __name__ == "__main__":
     own = sum(p.numel() for p in hypernetwork.parameters())
     print(f"DigitsCNNHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (torch.randn((2, 1, 8, 8), dtype=torch.float32),)
-    output, generated_params = hypernetwork(*inputs)
+    output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=e97c8560388d3e29ea52da89b1072a119cabe648a3fac364e2a7212e47167bee
+# hypernn-gen: sha256=0a3e652f87f58bb476d1fdcd773c98c708067b66928243f8d33d04cdaa22b1e9

@@ -14,6 +14,9 @@ Dynamic mode: every sample gets its own weight set, computed from its conditioni
 
     hypernetwork = SineMLPHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
+
+``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
+builds no per-sample weights.
 """
 
 from __future__ import annotations
@@ -329,8 +332,7 @@ def scale_grad(x: Tensor, factor: float | Tensor | None) -> Tensor:
     docs/concepts.md."""
     if factor is None:
         return x
-    detached = x.detach()
-    return detached + factor * (x - detached)
+    return torch.lerp(x.detach(), x, factor)  # x + factor (x - x): one operation, x exactly
 
 
 def scaled_linear(
@@ -772,7 +774,7 @@ class FusedLayer(NamedTuple):
 class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
-    scales: Tensor  # (batch, num_embeddings)
+    scales: Tensor | None  # (batch, num_embeddings); None: static (one weight set)
     table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
     generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
     generator_bias: Tensor  # (chunk_dim,): its bias bg
@@ -905,15 +907,21 @@ def shared_inputs(
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
     ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
-    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``)."""
+    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``).
+    ``condition`` None: a static hypernetwork's one weight set (``scales`` None), its table what
+    ``embedding_module()`` returns."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
     scale, shift = decoder(
         hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
     )
+    if condition is None:  # static: one weight set, from the embedding module's own table
+        scales, table = None, embedding()
+    else:
+        scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
     return Shared(
-        scales=embedding.scales(condition),
-        table=scale_grad(embedding.weight, table_scale),
+        scales=scales,
+        table=table,
         generator=scale_grad(generator.weight, weight_scale),
         generator_bias=scale_grad(generator.bias, bias_scale),
         param_scale=scale,
@@ -1250,4 +1258,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=6bff20d003665e67d07fe3020909084aa302765b328ed4eb5491c6b4a8f5219a
+# hypernn-gen: sha256=7364e47f6e031d9fb033eaf3995e164b66816da0e1d708224e6e561a61324323

@@ -131,8 +131,7 @@ def scale_grad(x: Tensor, factor: float | Tensor | None) -> Tensor:
     docs/concepts.md."""
     if factor is None:
         return x
-    detached = x.detach()
-    return detached + factor * (x - detached)
+    return torch.lerp(x.detach(), x, factor)  # x + factor (x - x): one operation, x exactly
 
 
 def scaled_linear(
@@ -638,7 +637,7 @@ class FusedLayer(NamedTuple):
 class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
-    scales: Tensor  # (batch, num_embeddings)
+    scales: Tensor | None  # (batch, num_embeddings); None: static (one weight set)
     table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
     generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
     generator_bias: Tensor  # (chunk_dim,): its bias bg
@@ -771,15 +770,21 @@ def shared_inputs(
     """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
     ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
-    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``)."""
+    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``).
+    ``condition`` None: a static hypernetwork's one weight set (``scales`` None), its table what
+    ``embedding_module()`` returns."""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
     scale, shift = decoder(
         hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
     )
+    if condition is None:  # static: one weight set, from the embedding module's own table
+        scales, table = None, embedding()
+    else:
+        scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
     return Shared(
-        scales=embedding.scales(condition),
-        table=scale_grad(embedding.weight, table_scale),
+        scales=scales,
+        table=table,
         generator=scale_grad(generator.weight, weight_scale),
         generator_bias=scale_grad(generator.bias, bias_scale),
         param_scale=scale,
@@ -1375,6 +1380,109 @@ def install_fusion(
     for module in swapped:
         module.hyper_shared = None
     return indices, tuple(swapped)
+
+
+# -- Static mode without the flat vector --
+# A static forward needs no flat vector: each generated tensor is made from its own chunks, and a
+# Linear whose weight rows each fill one chunk never builds its weight (a rank-D product).
+
+
+def static_tensors(shared: Shared, skip: frozenset[int]) -> dict[str, Tensor]:
+    """The generated tensors but those in ``skip``, by name and shaped, for one weight set
+    (``shared.scales`` None): their chunks through the linear generator in one product, split
+    once, then decoded as :func:`decode` does."""
+    spans = [(i, *shared.span(i)) for i in range(len(shared.generated)) if i not in skip]
+    ranges: list[list[int]] = []  # the chunks they lie in: [first, end, start in the block]
+    for _, first, count, _ in sorted(spans, key=lambda span: span[1]):
+        if ranges and first <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], first + count)
+        else:
+            at = ranges[-1][2] + ranges[-1][1] - ranges[-1][0] if ranges else 0
+            ranges.append([first, first + count, at])
+    if not ranges:
+        return {}
+    rows = [shared.table[first:end] for first, end, _ in ranges]
+    table = rows[0] if len(rows) == 1 else torch.cat(rows)
+    raw = F.linear(table, shared.generator, shared.generator_bias).view(-1)
+    pieces, sizes, end = [], [], 0  # tensor i at [begin, begin + size) of the block, in order
+    for begin, i in sorted(
+        ((at + first - block) * shared.chunk_dim + start, i)
+        for i, first, _, start in spans
+        for block, _, at in [next(r for r in ranges if r[0] <= first < r[1])]
+    ):
+        sizes += [begin - end, shared.generated[i].size]
+        pieces.append(i)
+        end = begin + shared.generated[i].size
+    parts = raw.split([*sizes, raw.shape[0] - end])[1::2]  # one split: one backward node
+    params = {}
+    for i, part in zip(pieces, parts, strict=True):
+        p = shared.generated[i]
+        value = torch.addcmul(shared.param_shift[i], part, shared.param_scale[i])
+        value = value if shared.base is None else shared.base[i] + value
+        params[p.path] = value.view(p.shape)
+    return params
+
+
+def low_rank_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """forward() of a static Linear whose weight rows each fill one chunk (the plain one outside
+    :func:`run_static`). Row ``o`` is ``shift + scale * (Wg E[first + o] + bg)``, so ``W x =
+    (scale E_rows) (Wg^T x) + ((shift + scale bg) . x)``: a product of rank D, which the generator
+    chose where ``D (in + out) < in out`` (cheaper than building W, for any batch)."""
+    shared: Shared | None = self.hyper_shared
+    if shared is None:
+        return type(self).__mro__[1].forward(self, x)
+    i = self.hyper_weight
+    p = shared.generated[i]
+    first, scale, shift = p.offset // shared.chunk_dim, shared.param_scale[i], shared.param_shift[i]
+    rows = shared.table[first : first + p.shape[0]] * scale
+    y = F.linear(x @ shared.generator, rows, self.bias)
+    y = y + (x @ (shift + scale * shared.generator_bias)).unsqueeze(-1)
+    if shared.base is not None:  # delta: the frozen base's product too
+        y = y + F.linear(x, shared.base[i].view(p.shape))
+    return y
+
+
+def install_low_rank(
+    target: nn.Module, low_rank: tuple[tuple[str, int], ...]
+) -> tuple[nn.Module, ...]:
+    """Swap the forward of each ``(path, weight index)`` Linear for :func:`low_rank_forward`."""
+    swapped = []
+    for path, i in low_rank:
+        module = target.get_submodule(path)
+        forward = {"forward": low_rank_forward}
+        module.__class__ = type(f"LowRank{type(module).__name__}", (type(module),), forward)
+        module.hyper_weight, module.hyper_shared = i, None
+        swapped.append(module)
+    return tuple(swapped)
+
+
+def run_static(
+    target: nn.Module,
+    low_rank: tuple[nn.Module, ...],
+    shared: Shared,
+    args: tuple,
+    kwargs: dict,
+    tied: dict[str, str],
+) -> Any:
+    """The target with one generated weight set and no flat vector: every tensor from its own
+    chunks (:func:`static_tensors`), the ``low_rank`` layers' weights never built."""
+    params = static_tensors(shared, frozenset(m.hyper_weight for m in low_rank))
+    params.update({alias: params[path] for alias, path in tied.items()})
+    # As functional_call does for names the target does not hold, set as plain attributes for
+    # the call (fewer steps than functional_call, whose generality is not needed here)
+    slots = [path.rpartition(".") for path in params]
+    owners = [(target.get_submodule(owner), leaf) for owner, _, leaf in slots]
+    try:
+        for (module, leaf), value in zip(owners, params.values(), strict=True):
+            setattr(module, leaf, value)
+        for module in low_rank:
+            module.hyper_shared = shared
+        return target(*args, **kwargs)
+    finally:
+        for module, leaf in owners:
+            module.__dict__.pop(leaf, None)
+        for module in low_rank:
+            module.hyper_shared = None
 
 
 # -- Adapters on a frozen base (--generate delta / lora) --

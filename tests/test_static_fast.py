@@ -1,0 +1,143 @@
+"""The static Torch fast path (issue 18): no flat vector, Linear layers at rank D.
+
+A generated static file's ``forward`` returns ``(output, None)`` by default: each generated
+tensor is built from its own chunks and the ``LOW_RANK`` Linear layers never build their weight.
+Its reference is the same file's materialising path (``return_params=True``: the flat vector,
+``functional_call``) and the plain target holding those weights; numbers must agree to float
+rounding, gradients included.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from gen_support import hypernetwork_class, import_file, target_file
+from tolerances import GRAD, STATIC, assert_close
+from torch import nn
+
+from hypernn_gen.cli import main
+
+SEED = str(target_file("seed_mlp"))
+
+
+def generate(tmp_path: Path, target: str, *extra: str, name: str = "gen.py"):
+    out = tmp_path / name
+    assert main([target, "--backend", "torch", "--mode", "static", *extra, "-o", str(out)]) == 0
+    return import_file(out), out.read_text()
+
+
+def both_paths(hyper: nn.Module, *args: torch.Tensor) -> tuple[list, list]:
+    """(output, gradients) of the fast path and of the materialising path, same numbers."""
+    results = []
+    for fast in (True, False):
+        hyper.zero_grad(set_to_none=True)
+        out, params = hyper(*args, return_params=not fast)
+        assert (params is None) == fast
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in hyper.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize("extra", [(), ("--generate", "delta"), ("--chunking", "flat")])
+def test_fast_path_equals_the_materialising_path_and_the_plain_target(tmp_path, extra) -> None:
+    module, text = generate(tmp_path, SEED, *extra)
+    torch.manual_seed(0)
+    hyper = hypernetwork_class(module)()
+    x = torch.randn(6, 8)
+    (fast, fast_grads), (slow, slow_grads) = both_paths(hyper, x)
+    assert_close(fast, slow, STATIC, "fast vs materialising output")
+    assert set(fast_grads) == set(slow_grads) and len(fast_grads) >= 5
+    for name, grad in slow_grads.items():
+        assert_close(fast_grads[name], grad, GRAD, f"gradient of {name}")
+    # the plain target holding the generated weights: an independent computation
+    plain = module.make_target()
+    flat = hyper.generate_params().detach()
+    plain.load_state_dict(hyper.unflatten_params(flat), strict=False)
+    assert_close(fast, plain(x).detach(), STATIC, "fast vs the plain target")
+    if not extra or extra == ("--generate", "delta"):  # row-aligned chunks: 2 is rank D
+        assert module.LOW_RANK == (("2", 2),)
+        assert "# rank-D:   2" in text
+    else:  # flat chunking: no row fills a chunk exactly
+        assert not hasattr(module, "LOW_RANK")
+
+
+def test_low_rank_layers_never_build_their_weight(tmp_path) -> None:
+    module, _ = generate(tmp_path, SEED)
+    hyper = hypernetwork_class(module)()
+    built: list[tuple[int, ...]] = []
+    original = module.static_tensors
+
+    def spy(shared, skip):
+        params = original(shared, skip)
+        built.extend(tuple(v.shape) for v in params.values())
+        return params
+
+    module.static_tensors = spy
+    hyper(torch.randn(3, 8))
+    assert (256, 256) not in built and (256, 8) in built
+
+
+def test_a_weight_read_outside_its_layer_is_not_computed_at_rank_d(tmp_path) -> None:
+    """A parent that reads ``head.weight`` itself would fail without the weight: the planner's
+    meta run sees it and keeps every weight built."""
+    target = tmp_path / "reads_weight.py"
+    target.write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Linear(256, 256)\n"
+        "        self.head = nn.Linear(256, 256)\n\n"
+        "    def forward(self, x):\n"
+        "        h = torch.tanh(self.body(x))\n"
+        "        return self.head(h) + h @ self.head.weight\n\n\n"
+        "example_input = torch.zeros(2, 256)\n"
+    )
+    module, text = generate(tmp_path, f"{target}:Net", "--chunk-dim", "256")
+    assert not hasattr(module, "LOW_RANK") and "# rank-D:" not in text
+    hyper = hypernetwork_class(module)()
+    (fast, _), (slow, _) = both_paths(hyper, torch.randn(4, 256))
+    assert_close(fast, slow, STATIC, "fast vs materialising output")
+
+
+def test_a_template_with_its_own_weight_generator_keeps_the_flat_vector(tmp_path) -> None:
+    templates = tmp_path / "tpl" / "torch"
+    templates.mkdir(parents=True)
+    (templates / "hypernetwork.py.jinja").write_text(
+        '{% extends "builtin/torch/hypernetwork.py.jinja" %}\n'
+        "{% block weight_generator %}\n"
+        "class {{ ctx.names.weight_generator }}(nn.Module):\n"
+        '    """A non-linear generator: the fast path cannot read it."""\n\n'
+        "    def __init__(self) -> None:\n"
+        "        super().__init__()\n"
+        "        self.linear = nn.Linear(EMBEDDING_DIM, CHUNK_DIM)\n\n"
+        "    def reset_parameters(self) -> None:\n"
+        "        self.linear.reset_parameters()\n\n"
+        "    def forward(self, embedding: Tensor) -> Tensor:\n"
+        "        return torch.tanh(self.linear(embedding))\n"
+        "{% endblock weight_generator %}\n"
+    )
+    module, text = generate(tmp_path, SEED, "--template-dir", str(tmp_path / "tpl"))
+    assert "run_static" not in text and not hasattr(module, "LOW_RANK")
+    hyper = hypernetwork_class(module)()
+    out, params = hyper(torch.randn(2, 8))
+    assert params is not None and params.shape == (module.FLAT_SIZE,)
+    flat = hyper.weight_generator(hyper.embedding_module()).reshape(-1)[: module.FLAT_SIZE]
+    assert_close(params, hyper.decode(flat), STATIC, "its own generator's output")
+
+
+def test_a_deep_copy_and_a_reloaded_state_keep_the_fast_path_exact(tmp_path) -> None:
+    module, _ = generate(tmp_path, SEED)
+    torch.manual_seed(1)
+    hyper = hypernetwork_class(module)()
+    twin = copy.deepcopy(hyper)
+    fresh = hypernetwork_class(module)()
+    fresh.load_state_dict(hyper.state_dict())
+    x = torch.randn(5, 8)
+    want = hyper(x, return_params=True)[0]
+    for other in (twin, fresh):
+        assert_close(other(x)[0], want, STATIC, "copy vs original")
