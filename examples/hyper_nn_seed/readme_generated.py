@@ -37,7 +37,8 @@ def main() -> int:
     torch.manual_seed(0)
     hypernetwork = PolicyHyperNetwork()  # builds its own make_target()
     inp = torch.zeros((1, 8))
-    output, generated_params = hypernetwork(inp)
+    # the generated file's fast path returns (output, None); ask for the flat vector
+    output, generated_params = hypernetwork(inp, return_params=True)
     # pass in previously generated params
     again, _ = hypernetwork(inp, generated_params=generated_params)
     assert torch.equal(again, output)
