@@ -454,8 +454,9 @@ def verify_dynamic(target: Target, runtime: Any, generated: Any) -> None:
 
 def verify_static(label: str, runtime: Any, generated: Any, x: Any) -> None:
     want, want_params = runtime(x)
-    got, got_params = generated(x)
+    got, _ = generated(x)  # the fast path: no flat vector
     assert_same(f"{label} static generated vs runtime", got, want)
+    got_params = generated(x, return_params=True)[1]
     assert_same(f"{label} static generated params vs runtime", got_params, want_params)
     want.square().mean().backward()
     got.square().mean().backward()

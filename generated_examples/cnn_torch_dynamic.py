@@ -15,9 +15,6 @@ Dynamic mode: every sample gets its own weight set, computed from its conditioni
 
     hypernetwork = SmallCNNHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds no per-sample weights.
 """
 
 from __future__ import annotations
@@ -1370,4 +1367,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=66c1bf5b378e2b9d258d11a985587a9d76f1052c0c453553ca0aff0c3dd8a916
+# hypernn-gen: sha256=209d3c5a1aeed6d2dffc37782af8edd94c0605814fe85576dc38896a2edd2b2c

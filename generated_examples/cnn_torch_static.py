@@ -13,9 +13,6 @@ tensors (6 more tensors stay ordinary state).
 
     hypernetwork = SmallCNNHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds each tensor from its own chunks, no flat vector.
 """
 
 from __future__ import annotations
@@ -661,4 +658,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=0f3ecf645e6f2e16744fc9cbe12caa376bde4b370b2e7aaf68e592ead128a4f8
+# hypernn-gen: sha256=cb262e8a00602e9adfa1cd2682913245cc0b25d42e2e32f848042351e3522bc9

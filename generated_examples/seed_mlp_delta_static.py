@@ -16,9 +16,6 @@ tensors.
 
     hypernetwork = SeedMlpHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds each tensor from its own chunks, no flat vector.
 """
 
 from __future__ import annotations
@@ -739,4 +736,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=1d94e919bca93efc683596680797f137962fe7fba7e377ff40d7d9a58d65fc5a
+# hypernn-gen: sha256=8538b2c74dcf69d63319217a431408d98ceccbb3171f102d4521b25d149192ac

@@ -15,9 +15,6 @@ Dynamic mode: every sample gets its own weight set, computed from its conditioni
 
     hypernetwork = SeedMlpHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds no per-sample weights.
 """
 
 from __future__ import annotations
@@ -1253,4 +1250,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=df7302ab8309587fef8c1ec86a11a8a0b350439fc6aa8d05d96457e4364561ea
+# hypernn-gen: sha256=d3cc47f08f91f2809a3eda2b67f5fb86acab21f5045697bfcffddde4cced0a5c

@@ -14,9 +14,6 @@ tensors.
 
     hypernetwork = SeedMlpHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds each tensor from its own chunks, no flat vector.
 """
 
 from __future__ import annotations
@@ -667,4 +664,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=61a1a17202a7497b1a28e7db5033762904a549beae9c52919fd9822df716a9a9
+# hypernn-gen: sha256=31ee1880bccc10b06fcbe72be7bf07b0c1d370d22e5b600db1cab538cf54d6ad

@@ -14,9 +14,6 @@ tensors.
 
     hypernetwork = SeedMlpHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds each tensor from its own chunks, no flat vector.
 """
 
 from __future__ import annotations
@@ -686,4 +683,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=a3d196f626831f545ae2d6e9d32de0d39e6289e0f1c395104a908556644331f1
+# hypernn-gen: sha256=512053b809650259087f7f6c7bcfd94260311f067fe74e72ab1d31706d1b8224

@@ -15,9 +15,6 @@ Dynamic mode: every sample gets its own weight set, computed from its conditioni
 
     hypernetwork = TransformerHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds no per-sample weights.
 """
 
 from __future__ import annotations
@@ -1149,4 +1146,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=0acbec4f5ceb180f4c6287a1fecf3b054be14b62f02e5205788eac1c985ed619
+# hypernn-gen: sha256=a46553e4877e759fd83cb57e740062351709b30132fcb794bb540b982d9dece9

@@ -13,9 +13,6 @@ trainable tensors (1 more tensors stay ordinary state).
 
     hypernetwork = TransformerHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds each tensor from its own chunks, no flat vector.
 """
 
 from __future__ import annotations
@@ -694,4 +691,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=cc36d4b5a70595362710d90fb56769673607d145bff6515392045a219d9cd99e
+# hypernn-gen: sha256=dcce5e0ce3e8113c8f2eb104eb1a06585146119f87d568e94190fe1d4255558f

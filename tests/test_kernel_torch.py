@@ -368,6 +368,7 @@ def test_layout_block_renders_from_a_hand_built_context() -> None:
     ctx = SimpleNamespace(
         dynamic=False,
         fused=False,
+        low_rank=(),
         delta=False,
         generator_hidden=(),
         gradient_scale=(1.5, 0.25, 0.5),

@@ -131,9 +131,12 @@ def test_gpt_like_static_hypernetwork_builds_on_meta_and_materialises(
     assert_identical(built, ref)
 
     tokens = torch.randint(0, 512, (2, 16))
-    out, flat = built(tokens)
-    expected, _ = ref(tokens)
+    out, flat = built(tokens, return_params=True)
+    expected, _ = ref(tokens, return_params=True)
     assert out.shape == (2, 16, 512) and flat.shape == (module.FLAT_SIZE,)
+    fast, none = built(tokens)  # the fast path (no flat vector) equals it to rounding
+    assert none is None
+    torch.testing.assert_close(fast, out, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(out).all()
     assert torch.equal(out, expected)
     # the generated weights start at the target's own scale (GPT-2 init: std 0.02)

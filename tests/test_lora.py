@@ -282,13 +282,13 @@ def test_delta_matches_runtime_starts_at_the_base_and_keeps_it_frozen(
     gen.load_state_dict(runtime.state_dict())
     x, c = tokens(), conditions()
     kwargs = {"condition": c} if mode == "dynamic" else {}
-    out_g, flat_g = gen(x, **kwargs, **({"return_params": True} if mode == "dynamic" else {}))
+    out_g, flat_g = gen(x, **kwargs, return_params=True)
     out_r, flat_r = runtime(x, **kwargs)
     assert_close(out_g, plain(x), STATIC)  # the delta starts at exactly 0: the base model
     assert torch.equal(out_r, out_g)
     assert torch.equal(flat_r, flat_g)
-    if mode == "dynamic":  # the fused path (no per-sample weights) equals the runtime twin too
-        assert_close(gen(x, condition=c)[0], out_r, DYNAMIC, "fused")
+    # the fused / fast path (no flat vector) equals the runtime twin too
+    assert_close(gen(x, **kwargs)[0], out_r, DYNAMIC if mode == "dynamic" else STATIC, "fast")
     assert "base" in dict(gen.named_buffers()) and "base" not in dict(gen.named_parameters())
     out_g.square().mean().backward()
     out_r.square().mean().backward()

@@ -399,8 +399,9 @@ def test_committed_sinusoidal_override_is_the_runtime_with_that_embedding() -> N
     )
     gen.load_state_dict(runtime.state_dict())
     x = torch.randn(7, 8)
-    (out, flat), (expected, expected_flat) = gen(x), runtime(x)
+    (out, flat), (expected, expected_flat) = gen(x, return_params=True), runtime(x)
     assert_close(out, expected, STATIC, "output")
+    assert_close(gen(x)[0], expected, STATIC, "output, fast path (own embedding module)")
     assert_close(flat, expected_flat, STATIC, "generated_params")
     # no learned table: the hypernetwork is smaller than the built-in one by N x D parameters
     builtin = TorchHyperNetwork(make_plain_target("seed_mlp"), num_embeddings=n)

@@ -13,9 +13,6 @@ tensors.
 
     hypernetwork = DigitsCNNHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds each tensor from its own chunks, no flat vector.
 """
 
 from __future__ import annotations
@@ -644,4 +641,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=0a3e652f87f58bb476d1fdcd773c98c708067b66928243f8d33d04cdaa22b1e9
+# hypernn-gen: sha256=cbb712de2395a846d539e129b83fa805bc7b9847a4b75fa0d01734ac22424bb9

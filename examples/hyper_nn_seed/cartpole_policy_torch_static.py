@@ -13,9 +13,6 @@ trainable tensors.
 
     hypernetwork = CartpolePolicyHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds each tensor from its own chunks, no flat vector.
 """
 
 from __future__ import annotations
@@ -630,4 +627,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=dee37ad6b211e2683716bc128cdd3e1f743c5184542528658f775c2e2cb05fc1
+# hypernn-gen: sha256=b6c2aa1a3a1110eac9b5e9e9e350549aa9314e20a23f38a5c59d7d7f7513d2db

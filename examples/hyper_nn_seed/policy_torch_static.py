@@ -12,9 +12,6 @@ PolicyEmbedding -> PolicyWeightGenerator -> 69,120 values for the target's 5 tra
 
     hypernetwork = PolicyHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds each tensor from its own chunks, no flat vector.
 """
 
 from __future__ import annotations
@@ -629,4 +626,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=9ff0b6d249131c58e180eb3fe26f6c0301d97a0cfbfce0e0c72d98f2768a5fa3
+# hypernn-gen: sha256=48a1fc2b944e690778102c72e7c5a05de196b380ab9357e15c1a773e49e89cd2

@@ -14,9 +14,6 @@ Dynamic mode: every sample gets its own weight set, computed from its conditioni
 
     hypernetwork = SineMLPHyperNetwork()
     output, generated_params = hypernetwork(*inputs)
-
-``generated_params`` is ``None`` unless asked for (``return_params=True``): the fast path
-builds no per-sample weights.
 """
 
 from __future__ import annotations
@@ -1258,4 +1255,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=7364e47f6e031d9fb033eaf3995e164b66816da0e1d708224e6e561a61324323
+# hypernn-gen: sha256=e9041a580798aede7d639d26d50d80fafcc5abb6a453ff174d39db00be3ae1be
