@@ -124,7 +124,7 @@ class SeedMlpHyperNetwork(nn.Module):
         self.param_scale = nn.Parameter(torch.tensor([p.init_std for p in GENERATED]))
         self.param_shift = nn.Parameter(torch.tensor([p.init_mean for p in GENERATED]))
         self.target = without_generated(target_network, {p.path for p in GENERATED})
-        self.low_rank = install_low_rank(self.target, LOW_RANK)
+        self.static_plan = install_static(self.target, LOW_RANK, GENERATED, CHUNK_DIM, {})
 
     def reset_parameters(self) -> None:
         """Initialise again, with the random draws ``__init__`` makes: after
@@ -162,7 +162,7 @@ class SeedMlpHyperNetwork(nn.Module):
         not at all) unless given or ``return_params``."""
         if generated_params is None and not return_params:  # no flat vector
             shared = shared_inputs(self, None, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
-            return run_static(self.target, self.low_rank, shared, args, kwargs, {}), None
+            return run_static(self.static_plan, self.target, shared, args, kwargs), None
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE)
@@ -555,40 +555,72 @@ def shared_inputs(
 # Linear whose weight rows each fill one chunk never builds its weight (a rank-D product).
 
 
-def static_tensors(shared: Shared, skip: frozenset[int]) -> dict[str, Tensor]:
-    """The generated tensors but those in ``skip``, by name and shaped, for one weight set
-    (``shared.scales`` None): their chunks through the linear generator in one product, split
-    once, then decoded as :func:`decode` does."""
-    spans = [(i, *shared.span(i)) for i in range(len(shared.generated)) if i not in skip]
-    ranges: list[list[int]] = []  # the chunks they lie in: [first, end, start in the block]
+class StaticPlan(NamedTuple):
+    """What a static call sets on the target, fixed by the layout (:func:`install_static`)."""
+
+    low_rank: tuple[nn.Module, ...]  # the Linear layers computed at rank D
+    rows: tuple[tuple[int, int], ...]  # the chunks the other tensors lie in: [first, end) runs
+    sizes: tuple[int, ...]  # the generator's output on those rows, split: gap, tensor, gap, ...
+    built: tuple[int, ...]  # the tensors those pieces are, in order (indices in the layout)
+    slots: tuple[tuple[nn.Module, str, int], ...]  # (owner, attribute, tensor index), aliases too
+
+
+def install_static(
+    target: nn.Module,
+    low_rank: tuple[tuple[str, int], ...],
+    generated: tuple,
+    chunk_dim: int,
+    tied: dict[str, str],
+) -> StaticPlan:
+    """Swap the forward of each ``(path, weight index)`` Linear in ``low_rank`` for
+    :func:`low_rank_forward` and plan where every other generated tensor comes from."""
+    swapped = []
+    for path, i in low_rank:
+        module = target.get_submodule(path)
+        forward = {"forward": low_rank_forward}
+        module.__class__ = type(f"LowRank{type(module).__name__}", (type(module),), forward)
+        module.hyper_weight, module.hyper_shared = i, None
+        swapped.append(module)
+    skip = {i for _, i in low_rank}
+    spans = []  # (index, first chunk, chunks, start in the first) of the tensors built
+    for i, p in enumerate(generated):
+        if i not in skip:
+            first = p.offset // chunk_dim
+            spans.append(
+                (i, first, (p.offset + p.size - 1) // chunk_dim - first + 1, p.offset % chunk_dim)
+            )
+    runs: list[list[int]] = []  # [first, end, start in the block]
     for _, first, count, _ in sorted(spans, key=lambda span: span[1]):
-        if ranges and first <= ranges[-1][1]:
-            ranges[-1][1] = max(ranges[-1][1], first + count)
+        if runs and first <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], first + count)
         else:
-            at = ranges[-1][2] + ranges[-1][1] - ranges[-1][0] if ranges else 0
-            ranges.append([first, first + count, at])
-    if not ranges:
-        return {}
-    rows = [shared.table[first:end] for first, end, _ in ranges]
-    table = rows[0] if len(rows) == 1 else torch.cat(rows)
-    raw = F.linear(table, shared.generator, shared.generator_bias).view(-1)
-    pieces, sizes, end = [], [], 0  # tensor i at [begin, begin + size) of the block, in order
-    for begin, i in sorted(
-        ((at + first - block) * shared.chunk_dim + start, i)
+            runs.append(
+                [first, first + count, runs[-1][2] + runs[-1][1] - runs[-1][0] if runs else 0]
+            )
+    starts = sorted(
+        ((at + first - run) * chunk_dim + start, i)
         for i, first, _, start in spans
-        for block, _, at in [next(r for r in ranges if r[0] <= first < r[1])]
-    ):
-        sizes += [begin - end, shared.generated[i].size]
-        pieces.append(i)
-        end = begin + shared.generated[i].size
-    parts = raw.split([*sizes, raw.shape[0] - end])[1::2]  # one split: one backward node
-    params = {}
-    for i, part in zip(pieces, parts, strict=True):
-        p = shared.generated[i]
-        value = torch.addcmul(shared.param_shift[i], part, shared.param_scale[i])
-        value = value if shared.base is None else shared.base[i] + value
-        params[p.path] = value.view(p.shape)
-    return params
+        for run, _, at in [next(r for r in runs if r[0] <= first < r[1])]
+    )
+    sizes, end = [], 0
+    for begin, i in starts:
+        sizes += [begin - end, generated[i].size]
+        end = begin + generated[i].size
+    total = (runs[-1][2] + runs[-1][1] - runs[-1][0]) * chunk_dim if runs else 0
+    names = {p.path: i for i, p in enumerate(generated) if i not in skip}
+    names.update({alias: names[path] for alias, path in tied.items() if path in names})
+    order = {i: n for n, (_, i) in enumerate(starts)}
+    slots = []
+    for name, i in sorted(names.items(), key=lambda item: order[item[1]]):
+        owner, _, leaf = name.rpartition(".")
+        slots.append((target.get_submodule(owner), leaf, order[i]))
+    return StaticPlan(
+        tuple(swapped),
+        tuple((first, end) for first, end, _ in runs),
+        (*sizes, total - end) if runs else (),
+        tuple(i for _, i in starts),
+        tuple(slots),
+    )
 
 
 def low_rank_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -610,46 +642,40 @@ def low_rank_forward(self: nn.Module, x: Tensor) -> Tensor:
     return y
 
 
-def install_low_rank(
-    target: nn.Module, low_rank: tuple[tuple[str, int], ...]
-) -> tuple[nn.Module, ...]:
-    """Swap the forward of each ``(path, weight index)`` Linear for :func:`low_rank_forward`."""
-    swapped = []
-    for path, i in low_rank:
-        module = target.get_submodule(path)
-        forward = {"forward": low_rank_forward}
-        module.__class__ = type(f"LowRank{type(module).__name__}", (type(module),), forward)
-        module.hyper_weight, module.hyper_shared = i, None
-        swapped.append(module)
-    return tuple(swapped)
+def static_tensors(shared: Shared, plan: StaticPlan) -> list[Tensor]:
+    """The generated tensors the plan builds, in its order, shaped, for one weight set
+    (``shared.scales`` None): their chunks through the linear generator in one product, split
+    once, then decoded as :func:`decode` does."""
+    if not plan.rows:
+        return []
+    rows = [shared.table[first:end] for first, end in plan.rows]
+    table = rows[0] if len(rows) == 1 else torch.cat(rows)
+    raw = F.linear(table, shared.generator, shared.generator_bias).view(-1)
+    values = []
+    for i, part in zip(plan.built, raw.split(plan.sizes)[1::2], strict=True):  # one split
+        value = torch.addcmul(shared.param_shift[i], part, shared.param_scale[i])
+        value = value if shared.base is None else shared.base[i] + value
+        values.append(value.view(shared.generated[i].shape))
+    return values
 
 
 def run_static(
-    target: nn.Module,
-    low_rank: tuple[nn.Module, ...],
-    shared: Shared,
-    args: tuple,
-    kwargs: dict,
-    tied: dict[str, str],
+    plan: StaticPlan, target: nn.Module, shared: Shared, args: tuple, kwargs: dict
 ) -> Any:
     """The target with one generated weight set and no flat vector: every tensor from its own
-    chunks (:func:`static_tensors`), the ``low_rank`` layers' weights never built."""
-    params = static_tensors(shared, frozenset(m.hyper_weight for m in low_rank))
-    params.update({alias: params[path] for alias, path in tied.items()})
-    # As functional_call does for names the target does not hold, set as plain attributes for
-    # the call (fewer steps than functional_call, whose generality is not needed here)
-    slots = [path.rpartition(".") for path in params]
-    owners = [(target.get_submodule(owner), leaf) for owner, _, leaf in slots]
+    chunks (:func:`static_tensors`), set as a plain attribute for the call as functional_call
+    does for names the target does not hold; the ``low_rank`` layers' weights never built."""
+    values = static_tensors(shared, plan)
     try:
-        for (module, leaf), value in zip(owners, params.values(), strict=True):
-            setattr(module, leaf, value)
-        for module in low_rank:
+        for module, leaf, n in plan.slots:
+            setattr(module, leaf, values[n])
+        for module in plan.low_rank:
             module.hyper_shared = shared
         return target(*args, **kwargs)
     finally:
-        for module, leaf in owners:
+        for module, leaf, _ in plan.slots:
             module.__dict__.pop(leaf, None)
-        for module in low_rank:
+        for module in plan.low_rank:
             module.hyper_shared = None
 
 
@@ -664,4 +690,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=31ee1880bccc10b06fcbe72be7bf07b0c1d370d22e5b600db1cab538cf54d6ad
+# hypernn-gen: sha256=292ecddc87e3cc079a134fc92e4864e093f425859fa3ce59ca835a2ad100f129

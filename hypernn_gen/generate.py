@@ -638,7 +638,7 @@ def torch_decisions(
         roots += list(dict.fromkeys(f for _, f in forwards))
     static_fast = fast_static(options, loaded)
     if static_fast:
-        roots += ["shared_inputs", "run_static", *(["install_low_rank"] if low_rank else [])]
+        roots += ["shared_inputs", "run_static", "install_static"]
     kernel = kernel_source("torch", roots)
     own = (
         [*_TORCH_IMPORTS, "from torch.func import functional_call"]

@@ -71,10 +71,10 @@ def test_low_rank_layers_never_build_their_weight(tmp_path) -> None:
     built: list[tuple[int, ...]] = []
     original = module.static_tensors
 
-    def spy(shared, skip):
-        params = original(shared, skip)
-        built.extend(tuple(v.shape) for v in params.values())
-        return params
+    def spy(shared, plan):
+        values = original(shared, plan)
+        built.extend(tuple(v.shape) for v in values)
+        return values
 
     module.static_tensors = spy
     hyper(torch.randn(3, 8))
