@@ -263,7 +263,10 @@ def build_context(
     fusion = None
     # Flax delta: the materialising path (base + delta per sample); Torch delta fuses (W x + D_b x)
     torch_delta = options.generate == "delta" and loaded.framework == "torch"
-    if options.dynamic and (options.generate == "weights" or torch_delta):
+    # the fused path reads the built-in embedding's and generator's parameters directly
+    fusible = options.generate == "weights" or torch_delta
+    own = own_classes(options, loaded)
+    if options.dynamic and fusible and not own:
         fusion = plan_fusion(
             loaded, layout, chunking, linear_generator=not options.generator_hidden
         )
@@ -308,6 +311,11 @@ def build_context(
         what,
         *(f"note:     {note}" for note in layout.notes if not lora(options)),
         *([f"fusion:   {fusion.summary()}"] if fusion is not None else []),
+        *(
+            [f"fusion:   none (the template writes its own {' and '.join(sorted(own))} class)"]
+            if options.dynamic and own and not lora(options)
+            else []
+        ),
         *([f"rank-D:   {', '.join(path for path, _ in low_rank)}"] if low_rank else []),
         f"command:  {command}",
     )
@@ -472,19 +480,26 @@ def plan_fusion(
     return planner(loaded, layout, chunking, linear_generator=linear_generator)
 
 
+def own_classes(options: GenerateOptions, loaded: LoadedTarget) -> frozenset[str]:
+    """Which of the built-in ``embedding``/``weight_generator`` classes a ``--template-dir``
+    writes itself: the fast paths read those classes' parameters directly (the table, the
+    scales, the generator's ``linear``), so they are taken only where the template keeps them."""
+    from .render import own_blocks
+
+    template_dir = Path(options.template_dir) if options.template_dir else None
+    return own_blocks(loaded.framework, template_dir) & {"embedding", "weight_generator"}
+
+
 def fast_static(options: GenerateOptions, loaded: LoadedTarget) -> bool:
     """A static Torch file whose forward builds no flat vector: the built-in linear weight
     generator (its ``linear`` is read directly, so a template that writes its own
     ``weight_generator`` block keeps the flat vector)."""
-    from .render import own_blocks
-
-    template_dir = Path(options.template_dir) if options.template_dir else None
     return (
         loaded.framework == "torch"
         and not options.dynamic
         and options.generate in ("weights", "delta")
         and not options.generator_hidden
-        and "weight_generator" not in own_blocks(loaded.framework, template_dir)
+        and "weight_generator" not in own_classes(options, loaded)
     )
 
 

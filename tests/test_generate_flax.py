@@ -776,3 +776,68 @@ def test_fused_path_builds_no_per_sample_weights(name: str) -> None:
     assert (2 * 8, 64) in seen and (2 * 64, 64) not in seen, repr(sorted(seen))
     assert (BATCH, 1, 1, module.EMBEDDING_DIM) in seen, repr(sorted(seen))
     assert not seen & forbidden, seen & forbidden
+
+
+# -- a template with its own weight generator -------------------------------------------------
+
+OWN_GENERATOR = {
+    "linen": (
+        "    model_axis: str | None = None\n\n"
+        "    @nn.compact\n"
+        "    def __call__(self, embedding: jax.Array) -> jax.Array:\n"
+        '        return 3.0 * jax.numpy.tanh(nn.Dense(CHUNK_DIM, name="linear")(embedding))\n\n'
+        "{% block helpers %}{{ super() }}{% endblock helpers %}\n"
+    ),
+    "nnx": (
+        "    def __init__(self, *, model_axis: str | None = None, rngs: nnx.Rngs) -> None:\n"
+        "        self.model_axis = model_axis\n"
+        "        self.linear = nnx.Linear(EMBEDDING_DIM, CHUNK_DIM, rngs=rngs)\n\n"
+        "    def __call__(self, embedding: jax.Array) -> jax.Array:\n"
+        "        return 3.0 * jax.numpy.tanh(self.linear(embedding))\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_a_template_with_its_own_generator_takes_the_per_sample_path(tmp_path, framework) -> None:
+    """The fused path reads the built-in generator's parameters directly and would drop the
+    template's ``tanh``: the file runs every sample through the target with its own weights,
+    and each output is the plain target's with that sample's weight set."""
+    templates = tmp_path / "tpl" / framework
+    templates.mkdir(parents=True)
+    (templates / "hypernetwork.py.jinja").write_text(
+        f'{{% extends "builtin/{framework}/hypernetwork.py.jinja" %}}\n'
+        "{% block weight_generator %}\n"
+        "class {{ ctx.names.weight_generator }}("
+        + ("nn.Module" if framework == "linen" else "nnx.Module")
+        + "):\n"
+        '    """A non-linear generator: the fused path cannot read it."""\n\n'
+        + OWN_GENERATOR[framework]
+        + "{% endblock weight_generator %}\n"
+    )
+    out = tmp_path / "dyn.py"
+    name = f"{framework}_mlp"
+    target = str(TARGETS_DIR / f"{name}.py") + ("" if framework == "nnx" else ":MLP")
+    cmd = [target, "--mode", "dynamic", "--template-dir", str(tmp_path / "tpl"), "-o", str(out)]
+    assert main(cmd) == 0
+    text = out.read_text()
+    assert "fusion:   none (the template writes its own weight_generator class)" in text
+    assert "fused_path(" not in text
+    module = import_file(out)
+    x = _normal((BATCH, 8))
+    if framework == "linen":
+        hn = hypernetwork_class(module)()
+        variables = hn.init(jax.random.key(0), x)
+        output, _ = hn.apply(variables, x)
+        _, flat = hn.apply(variables, x, return_params=True)
+        for b in range(BATCH):
+            ref = module.MLP().apply({"params": module.unflatten_params(flat[b])}, x[b : b + 1])
+            close(output[b], ref[0], DYNAMIC, f"sample {b}")
+    else:
+        hn = hypernetwork_class(module)(rngs=nnx.Rngs(0))
+        output, _ = hn(x)
+        _, flat = hn(x, return_params=True)
+        for b in range(BATCH):
+            plain = with_params(module.make_target(), hn.unflatten_params(flat[b]))
+            close(output[b], plain(x[b : b + 1])[0], DYNAMIC, f"sample {b}")
+    assert flat.shape == (BATCH, module.FLAT_SIZE)

@@ -141,3 +141,42 @@ def test_a_deep_copy_and_a_reloaded_state_keep_the_fast_path_exact(tmp_path) -> 
     want = hyper(x, return_params=True)[0]
     for other in (twin, fresh):
         assert_close(other(x)[0], want, STATIC, "copy vs original")
+
+
+def test_a_dynamic_template_with_its_own_classes_takes_the_per_sample_path(tmp_path) -> None:
+    """The fused path reads the built-in generator's ``linear`` directly: with a non-linear
+    generator of the template's own it would silently drop the ``tanh``. The file takes the
+    per-sample path instead, and each sample's output is the plain target's with that sample's
+    weights (the independent computation)."""
+    templates = tmp_path / "tpl" / "torch"
+    templates.mkdir(parents=True)
+    (templates / "hypernetwork.py.jinja").write_text(
+        '{% extends "builtin/torch/hypernetwork.py.jinja" %}\n'
+        "{% block weight_generator %}\n"
+        "class {{ ctx.names.weight_generator }}(nn.Module):\n"
+        '    """A non-linear generator: the fused path cannot read it."""\n\n'
+        "    def __init__(self) -> None:\n"
+        "        super().__init__()\n"
+        "        self.linear = nn.Linear(EMBEDDING_DIM, CHUNK_DIM)\n\n"
+        "    def reset_parameters(self) -> None:\n"
+        "        self.linear.reset_parameters()\n\n"
+        "    def forward(self, embedding: Tensor) -> Tensor:\n"
+        "        return 3.0 * torch.tanh(self.linear(embedding))\n"
+        "{% endblock weight_generator %}\n"
+    )
+    out = tmp_path / "dyn.py"
+    cmd = [SEED, "--mode", "dynamic", "--template-dir", str(tmp_path / "tpl"), "-o", str(out)]
+    assert main(cmd) == 0
+    text = out.read_text()
+    assert "fusion:   none (the template writes its own weight_generator class)" in text
+    assert "run_fused" not in text and "FUSED" not in text
+    module = import_file(out)
+    torch.manual_seed(0)
+    hyper = hypernetwork_class(module)()
+    x = torch.randn(3, 8)
+    output, _ = hyper(x)
+    flat = hyper.generate_params(x).detach()
+    for b in range(len(x)):
+        plain = module.make_target()
+        plain.load_state_dict(hyper.unflatten_params(flat[b]), strict=False)
+        assert_close(output[b], plain(x[b : b + 1])[0].detach(), STATIC, f"sample {b}")
