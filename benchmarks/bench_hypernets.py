@@ -69,6 +69,13 @@ TARGETS_DIR = ROOT / "generated_examples" / "targets"
 HYPERNN_DIR = Path("/tmp/hypernn_pkg")
 HYPERNN_VERSION = "0.2.2"
 THREADS = 2  # torch intra-op threads (--threads)
+#: glibc malloc settings for the benchmark process and its workers. With glibc's defaults the
+#: mmap threshold moves: after a candidate frees a large buffer (the runtime's batch x P
+#: weights) it rises, and the next candidates' allocations come from a heap that is trimmed
+#: and grown again every step, which made a small candidate 2-3x slower beside a large one
+#: than alone (RESULTS.md, section 13). Fixed at glibc's largest threshold, with trimming
+#: off, every candidate allocates as it does in a steady loop on its own.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 EMBEDDING_DIM = 32  # the CLI's and the runtime's default; hyper-nn gets the same
 COMPILE_LIMIT_S = 120.0
 TABLE_BATCHES = (64, 256)
@@ -1180,6 +1187,10 @@ def method_notes(budget: Budget) -> list[str]:
         "heavy outside load two threads degrade badly (each parallel region waits for a "
         "descheduled partner thread: a 1 ms step then has 100+ ms outliers), which inflates "
         "candidates made of many small operations; one thread is much steadier.",
+        "- glibc malloc is fixed for the run (`"
+        + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+        + "`, set by the script): with the moving default threshold a small candidate timed "
+        "beside one that frees large buffers ran 2-3x slower than alone.",
         "- Ratios in brackets are to the target alone on the same batch; the speed-up columns "
         "divide the other candidate's median by the generated module's (eager, fused path).",
         "- forward+backward: train mode, `loss = output.square().mean()`, `backward()`, "
@@ -1281,6 +1292,14 @@ def generation_table(generations: dict[tuple[str, str], Generation]) -> list[str
     return lines
 
 
+def fixed_allocator() -> None:
+    """Run again with :data:`MALLOC_ENV` (read by glibc at start-up only) unless already set."""
+    if platform.system() != "Linux" or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -1328,4 +1347,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    fixed_allocator()
     sys.exit(main())
