@@ -1,4 +1,4 @@
-"""Dynamic-mode speed of Flax hypernetworks: the target alone, the runtime and the generated module.
+"""Speed of Flax hypernetworks, dynamic and static: the target alone, the runtime, generated files.
 
     python benchmarks/bench_flax.py [--quick] [--seconds 4]
 
@@ -11,10 +11,13 @@ respect to every parameter):
 * the runtime ``FlaxHyperNetwork(mode="dynamic")``: ``jax.vmap`` over the samples with
   materialised per-sample weights (``batch x P`` values);
 * the generated module (``hypernn-gen --backend flax --mode dynamic``), default fused path:
-  shared stacked weights, one GEMM per layer, no per-sample weights.
+  shared stacked weights, one GEMM per layer, no per-sample weights;
+* the generated static module (``--mode static``): one weight set for the whole batch.
 
-Before timing, the generated module is checked against the runtime with the runtime's variables
-(outputs and gradients). Timing: after a compile and a warm-up call, the candidates run
+Before timing, each generated module is checked against its runtime twin (``FlaxHyperNetwork``
+in the same mode) with the runtime's variables (outputs and gradients).
+
+Timing: after a compile and a warm-up call, the candidates run
 round-robin (the starting candidate rotating every round) for ``--seconds`` per cell; the table
 gives medians and ratios to the target alone. Interleaving with the runtime, which allocates
 ``batch x P`` values per call (GiBs for the 1.1M-parameter MLP at batch 256), slows the calls
@@ -97,21 +100,29 @@ def candidates(key: str, tmp: Path, batch: int) -> tuple[dict[str, Callable[[], 
     from hypernn_gen.runtime.flax import FlaxHyperNetwork
 
     target_file = write_target(key, tmp)
-    out = tmp / f"bench_flax_{key}_linen_dynamic.py"
-    if not out.exists():
-        args = [str(target_file), "--backend", "flax", "--mode", "dynamic", "-o", str(out)]
-        with contextlib.redirect_stdout(sys.stderr):
-            assert cli(args) == 0
-    generated = import_file(out)
+    files = {}
+    for mode in ("dynamic", "static"):
+        out = tmp / f"bench_flax_{key}_linen_{mode}.py"
+        if not out.exists():
+            args = [str(target_file), "--backend", "flax", "--mode", mode, "-o", str(out)]
+            with contextlib.redirect_stdout(sys.stderr):
+                assert cli(args) == 0
+        files[mode] = import_file(out)
+    generated = files["dynamic"]
     target = import_file(target_file).MLP()
-    hn_class = next(v for k, v in vars(generated).items() if k.endswith("HyperNetwork"))
+    hn_class, static_class = (
+        next(v for k, v in vars(files[mode]).items() if k.endswith("HyperNetwork"))
+        for mode in ("dynamic", "static")
+    )
     runtime, fused = FlaxHyperNetwork(target, mode="dynamic"), hn_class()
+    runtime_static, static = FlaxHyperNetwork(target, mode="static"), static_class()
 
     x = jnp.asarray(
         np.random.default_rng(0).standard_normal((batch, TARGETS[key][1][0])), "float32"
     )
     own = jax.jit(target.init)(jax.random.key(1), x)
     variables = jax.jit(runtime.init)(jax.random.key(0), x)
+    static_variables = jax.jit(runtime_static.init)(jax.random.key(2), x)
 
     def step(module: Any, variables: Any) -> Callable[[], Any]:
         def loss(params: Any) -> tuple[jax.Array, jax.Array]:
@@ -126,15 +137,21 @@ def candidates(key: str, tmp: Path, batch: int) -> tuple[dict[str, Callable[[], 
         "target alone": step(target, own),
         "runtime (vmap, materialising)": step(runtime, variables),
         "generated (fused)": step(fused, variables),
+        "generated static": step(static, static_variables),
     }
-    (_, want), want_grads = steps["runtime (vmap, materialising)"]()
-    (_, got), got_grads = steps["generated (fused)"]()
-    for a, b in zip(
-        jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads)), strict=True
-    ):
-        error = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
-        if error > 1e-4:
-            raise SystemExit(f"MISMATCH: generated vs runtime, {key} batch {batch}: {error:.2e}")
+    checks = (
+        ("generated (fused)", step(runtime, variables)),
+        ("generated static", step(runtime_static, static_variables)),
+    )
+    for name, reference in checks:  # each generated module against its runtime twin
+        (_, want), want_grads = reference()
+        (_, got), got_grads = steps[name]()
+        for a, b in zip(
+            jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads)), strict=True
+        ):
+            error = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+            if error > 1e-4:
+                raise SystemExit(f"MISMATCH: {name} vs runtime, {key} batch {batch}: {error:.2e}")
     flat = sum(p.size for p in generated.GENERATED)
     return steps, flat
 

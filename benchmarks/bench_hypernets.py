@@ -1156,13 +1156,14 @@ class Benchmark:
                 "",
             ]
         parts += [
-            "## 6. Flax (JAX), dynamic mode, forward+backward (jitted)",
+            "## 6. Flax (JAX), forward+backward (jitted)",
             "",
             "Linen MLPs; median ms per step (ratio to the target alone). The runtime "
-            "materialises batch x P weights under `jax.vmap`; the generated module's fused path "
-            "uses one shared stacked weight per Dense layer (see `hypernn_gen/fuse_flax.py`). "
-            "The generated module was checked against the runtime (outputs and gradients) "
-            "first; `python benchmarks/bench_flax.py` runs this section alone.",
+            "materialises batch x P weights under `jax.vmap`; the generated dynamic module's "
+            "fused path builds no per-sample weights (see `hypernn_gen/fuse_flax.py`); the "
+            "generated static module makes one weight set for the batch. Each generated module "
+            "was checked against its runtime twin (outputs and gradients) first; "
+            "`python benchmarks/bench_flax.py` runs this section alone.",
             "",
             self.flax_text,
             "",
