@@ -807,6 +807,7 @@ class Shared(NamedTuple):
     fused: tuple[FusedLayer, ...]
     num_embeddings: int
     g0s: tuple  # per tensor: the generator on its chunks' rows, without its bias (None: unused)
+    decoded: dict | None = None  # static (:func:`static_inputs`): the tensors not rank-D, built
 
     def g0(self, p: Any) -> jax.Array:
         """The generator on the table without its bias, at the positions of ``p``, ``p.shape``."""
@@ -823,7 +824,10 @@ class Shared(NamedTuple):
         return tiled[start : start + p.size].reshape(p.shape)
 
     def materialise(self, i: int, scales: jax.Array) -> jax.Array:
-        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``."""
+        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``
+        (static: as :func:`static_inputs` built it)."""
+        if self.decoded is not None:
+            return self.decoded[i]
         p, chunk_dim = self.tensors[i], self.bias.shape[0]
         first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
         scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
@@ -987,7 +991,10 @@ def low_rank_output(
     first, count = p.offset // shared.bias.shape[0], -(-rows // k)
     dtype = module.dtype or jnp.result_type(x, shared.table)
     x = x.astype(dtype)
-    xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
+    if scales is None:  # static: one weight set, every chunk's scale 1
+        xs = x
+    else:
+        xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
     if count * k > rows:  # the last chunk holds fewer rows: the rest is padding
         pad = [(0, 0)] * (x.ndim - 1) + [(0, count * k - rows)]
         x, xs = jnp.pad(x, pad), jnp.pad(xs, pad)
@@ -1212,4 +1219,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=0b6fe2824fa41c4b915125413c2a063b8d00e69513d7e05b1914598875781015
+# hypernn-gen: sha256=11d0f478d3fdf2ceea95c9771afadad52d73cf2cb2d64b95bbcf530ba8accf91

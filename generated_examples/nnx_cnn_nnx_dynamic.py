@@ -679,6 +679,7 @@ class Shared(NamedTuple):
     fused: tuple[FusedLayer, ...]
     num_embeddings: int
     g0s: tuple  # per tensor: the generator on its chunks' rows, without its bias (None: unused)
+    decoded: dict | None = None  # static (:func:`static_inputs`): the tensors not rank-D, built
 
     def g0(self, p: Any) -> jax.Array:
         """The generator on the table without its bias, at the positions of ``p``, ``p.shape``."""
@@ -695,7 +696,10 @@ class Shared(NamedTuple):
         return tiled[start : start + p.size].reshape(p.shape)
 
     def materialise(self, i: int, scales: jax.Array) -> jax.Array:
-        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``."""
+        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``
+        (static: as :func:`static_inputs` built it)."""
+        if self.decoded is not None:
+            return self.decoded[i]
         p, chunk_dim = self.tensors[i], self.bias.shape[0]
         first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
         scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
@@ -859,7 +863,10 @@ def low_rank_output(
     first, count = p.offset // shared.bias.shape[0], -(-rows // k)
     dtype = module.dtype or jnp.result_type(x, shared.table)
     x = x.astype(dtype)
-    xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
+    if scales is None:  # static: one weight set, every chunk's scale 1
+        xs = x
+    else:
+        xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
     if count * k > rows:  # the last chunk holds fewer rows: the rest is padding
         pad = [(0, 0)] * (x.ndim - 1) + [(0, count * k - rows)]
         x, xs = jnp.pad(x, pad), jnp.pad(xs, pad)
@@ -1102,4 +1109,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=2af0cbb9353914be1e4ae3af5c3d8ab2e475e4e2b2bbe0be6544cf33bbfa08d8
+# hypernn-gen: sha256=5fcc1df668a3822c81ce8dd44218e0cb604b61ee3b0515d6f8e68914ad6d498a

@@ -670,6 +670,7 @@ class Shared(NamedTuple):
     fused: tuple[FusedLayer, ...]
     num_embeddings: int
     g0s: tuple  # per tensor: the generator on its chunks' rows, without its bias (None: unused)
+    decoded: dict | None = None  # static (:func:`static_inputs`): the tensors not rank-D, built
 
     def g0(self, p: Any) -> jax.Array:
         """The generator on the table without its bias, at the positions of ``p``, ``p.shape``."""
@@ -686,7 +687,10 @@ class Shared(NamedTuple):
         return tiled[start : start + p.size].reshape(p.shape)
 
     def materialise(self, i: int, scales: jax.Array) -> jax.Array:
-        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``."""
+        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``
+        (static: as :func:`static_inputs` built it)."""
+        if self.decoded is not None:
+            return self.decoded[i]
         p, chunk_dim = self.tensors[i], self.bias.shape[0]
         first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
         scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
@@ -850,7 +854,10 @@ def low_rank_output(
     first, count = p.offset // shared.bias.shape[0], -(-rows // k)
     dtype = module.dtype or jnp.result_type(x, shared.table)
     x = x.astype(dtype)
-    xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
+    if scales is None:  # static: one weight set, every chunk's scale 1
+        xs = x
+    else:
+        xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
     if count * k > rows:  # the last chunk holds fewer rows: the rest is padding
         pad = [(0, 0)] * (x.ndim - 1) + [(0, count * k - rows)]
         x, xs = jnp.pad(x, pad), jnp.pad(xs, pad)
@@ -1093,4 +1100,4 @@ if __name__ == "__main__":
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=b4f1206adf769df86cc6fbcaf400072462715e1dac8d1341d5dcd714a7b8f435
+# hypernn-gen: sha256=9535b8936bf68674675590ecd95b86ffb9c7facd481d16944da40e5faf8777e5

@@ -491,13 +491,15 @@ def own_classes(options: GenerateOptions, loaded: LoadedTarget) -> frozenset[str
 
 
 def fast_static(options: GenerateOptions, loaded: LoadedTarget) -> bool:
-    """A static Torch file whose forward builds no flat vector: the built-in linear weight
-    generator (its ``linear`` is read directly, so a template that writes its own
-    ``weight_generator`` block keeps the flat vector)."""
+    """A static file whose forward builds no flat vector: the built-in linear weight generator
+    (its ``linear`` is read directly, so a template that writes its own ``weight_generator``
+    block keeps the flat vector). Torch (weights or delta) always; Linen (weights) where a Dense
+    layer can be computed at rank D (:func:`plan_static`)."""
+    generates = ("weights", "delta") if loaded.framework == "torch" else ("weights",)
     return (
-        loaded.framework == "torch"
+        loaded.framework in ("torch", "linen")
         and not options.dynamic
-        and options.generate in ("weights", "delta")
+        and options.generate in generates
         and not options.generator_hidden
         and "weight_generator" not in own_classes(options, loaded)
     )
@@ -506,13 +508,25 @@ def fast_static(options: GenerateOptions, loaded: LoadedTarget) -> bool:
 def plan_static(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, options: GenerateOptions
 ) -> tuple[tuple[str, int], ...]:
-    """The Linear layers a static Torch file computes at rank D (``fuse.plan_low_rank``);
-    none without an example call to check them on."""
+    """The Linear layers a static Torch file computes at rank D (``fuse.plan_low_rank``), the
+    Dense layers a static Linen one does (those the dynamic planner fuses whose kernel rows
+    fill chunks, ``kernel.flax.low_rank``); none without an example call to check them on."""
     from .fuse import plan_low_rank
     from .trace import torch_meta_call
 
     if not loaded.input_specs and loaded.example_inputs is None:
         return ()
+    if loaded.framework == "linen":
+        from .kernel.flax import low_rank
+
+        plan = plan_fusion(loaded, layout, chunking)
+        return tuple(
+            (f.path, f.weight)
+            for f in plan.fused
+            if f.kind == "dense"
+            and f.weight is not None
+            and low_rank(layout.generated[f.weight], chunking.chunk_dim, options.embedding_dim)
+        )
     args, kwargs = torch_meta_call(loaded)
     module = _meta_module(loaded)
     return plan_low_rank(module, layout, chunking, options.embedding_dim, args, kwargs)
@@ -629,7 +643,7 @@ def torch_decisions(
         "excluded": tuple(t.path for t in state if t.reason == "excluded"),
     }
     if loaded.framework != "torch":
-        decisions.update(flax_decisions(options, loaded, state, fusion))
+        decisions.update(flax_decisions(options, loaded, state, fusion, params, low_rank))
         return decisions
     delta = options.generate == "delta"
     decisions["delta"] = delta
@@ -765,16 +779,27 @@ _FLAX_IMPORTS = {
 
 
 def flax_decisions(
-    options: GenerateOptions, loaded: LoadedTarget, state: tuple, fusion: Any
+    options: GenerateOptions,
+    loaded: LoadedTarget,
+    state: tuple,
+    fusion: Any,
+    params: tuple = (),
+    low_rank: tuple[tuple[str, int], ...] = (),
 ) -> dict[str, Any]:
-    """The Linen/NNX decisions (fused, collections) and the kernel section: the definitions of
-    ``hypernn_gen/kernel/{flax,linen,nnx}.py`` this file's design uses."""
+    """The Linen/NNX decisions (fused, collections, the static rank-D layers) and the kernel
+    section: the definitions of ``hypernn_gen/kernel/{flax,linen,nnx}.py`` this file uses."""
     framework, dynamic = loaded.framework, options.dynamic
     delta = options.generate == "delta"  # the materialising path: base + delta, sample by sample
     fused = bool(dynamic and not delta and not options.generator_hidden and fusion and fusion.fused)
     collections = tuple(sorted({t.collection for t in state if t.collection != "params"}))
     excluded = any(t.reason == "excluded" for t in state)
-    roots = flax_kernel_roots(framework, dynamic, fused, excluded)
+    # static Linen: LOW_RANK rows (module keys, kernel index, bias index, segments)
+    bias_of = {p.keys: i for i, p in enumerate(params)}
+    low_rank_layers = tuple(
+        (params[i].keys[:-1], i, bias_of.get((*params[i].keys[:-1], "bias")), 1)
+        for _, i in low_rank
+    )
+    roots = flax_kernel_roots(framework, dynamic, fused, excluded, bool(low_rank_layers))
     roots += ["base_flat"] if delta else []
     if options.gradient_scaling == "on":
         roots += flax_scaling_roots(framework, bool(options.generator_hidden))
@@ -790,6 +815,9 @@ def flax_decisions(
         "example_call": example_call_expression(loaded),
         "batch_norm_stats": options.batch_norm_stats,
         "fused": fused,
+        "static_fast": bool(low_rank_layers),
+        "low_rank": low_rank,
+        "low_rank_layers": low_rank_layers,
         "delta": delta,
         "collections": collections,
         "imports": merge_imports([*own, *kernel.imports]),
@@ -820,10 +848,15 @@ def example_call_expression(loaded: LoadedTarget) -> str | None:
 
 
 def flax_kernel_roots(
-    framework: str, dynamic: bool, fused: bool = False, excluded: bool = False
+    framework: str,
+    dynamic: bool,
+    fused: bool = False,
+    excluded: bool = False,
+    low_rank: bool = False,
 ) -> list[str]:
     """The ``hypernn_gen/kernel/<framework>.py`` definitions (``framework``: ``linen`` or
-    ``nnx``; with what they use of ``kernel/flax.py``) a file of this design calls."""
+    ``nnx``; with what they use of ``kernel/flax.py``) a file of this design calls;
+    ``low_rank``: a static Linen file's rank-D layers."""
     roots = ["model_mesh", "split_chunks", "decode", "unflatten", "flatten", "check_flat"]
     if framework == "linen":
         roots += ["check_layout", "apply_target", "carry_digest"]
@@ -835,4 +868,6 @@ def flax_kernel_roots(
     if fused:
         roots += ["shared_inputs", "fused_path"]
         roots += ["install_fusion"] if framework == "nnx" else []
+    if low_rank:
+        roots += ["static_inputs", "fused_apply"]
     return roots

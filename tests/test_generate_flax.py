@@ -28,6 +28,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -333,8 +334,11 @@ def check_linen(module: ModuleType, name: str, mode: str, **options: Any) -> Non
         fused_flat = None if getattr(module, "FUSED", ()) else flat  # nothing fused: weights
         close(gen.apply(variables, x), (out, fused_flat), tol, "eager vs jit")
         close(gen.apply(variables, x, return_params=True), (out, flat), tol, "materialised")
-    else:
-        close(gen.apply(variables, x), (out, flat), tol, "eager vs jit")
+    else:  # static: LOW_RANK layers at rank D and no flat vector unless asked for
+        fast = bool(getattr(module, "LOW_RANK", ()))
+        close(gen.apply(variables, x), (out, None if fast else flat), tol, "eager vs jit")
+        if fast:
+            close(gen.apply(variables, x, return_params=True), (out, flat), tol, "materialised")
 
     # Layout round trip: the target's own params as generated_params reproduce the plain target.
     layout, _ = runtime.design(trace_linen(target, (x,), measure=False))
@@ -841,3 +845,90 @@ def test_a_template_with_its_own_generator_takes_the_per_sample_path(tmp_path, f
             plain = with_params(module.make_target(), hn.unflatten_params(flat[b]))
             close(output[b], plain(x[b : b + 1])[0], DYNAMIC, f"sample {b}")
     assert flat.shape == (BATCH, module.FLAT_SIZE)
+
+
+# -- the static Linen fast path: Dense layers at rank D -------------------------------------------
+
+WIDE_MLP = """import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(256)(x))
+        x = nn.tanh(nn.Dense(256)(x))
+        return nn.Dense(4)(x)
+
+
+example_input = jnp.zeros((2, 8))
+"""
+
+
+def shapes_made(fn: Callable, *args: Any) -> set[tuple[int, ...]]:
+    """The shapes of every value the jaxpr of ``fn(*args)`` computes (inner jaxprs included)."""
+    found: set[tuple[int, ...]] = set()
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            found.update(tuple(v.aval.shape) for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_linen_static_fast_path_equals_the_flat_vector_path_and_the_plain_target(tmp_path) -> None:
+    """A static Linen file computes ``Dense_1`` (256 x 256, rows filling 256-value chunks) at
+    rank 32, its kernel never built: outputs and every gradient as the flat-vector path's
+    (``return_params=True``) and the plain target's with the generated params."""
+    (tmp_path / "wide.py").write_text(WIDE_MLP)
+    out = tmp_path / "static.py"
+    assert main([str(tmp_path / "wide.py") + ":MLP", "--mode", "static", "-o", str(out)]) == 0
+    module = import_file(out)
+    assert module.LOW_RANK == ((("Dense_1",), 3, 2, 1),)
+    assert "# rank-D:   Dense_1" in out.read_text()
+    hn, x = hypernetwork_class(module)(), _normal((16, 8))
+    variables = hn.init(jax.random.key(0), x)
+    fast, none = hn.apply(variables, x)
+    slow, flat = hn.apply(variables, x, return_params=True)
+    assert none is None and flat.shape == (module.FLAT_SIZE,)
+    close(fast, slow, STATIC, "fast vs flat vector")
+    plain = module.MLP().apply({"params": module.unflatten_params(flat)}, x)
+    close(fast, plain, STATIC, "fast vs the plain target")
+
+    def loss(params: Any, return_params: bool) -> jax.Array:
+        v = {**variables, "params": params}
+        return jnp.mean(hn.apply(v, x, return_params=return_params)[0] ** 2)
+
+    grads = [jax.grad(loss)(variables["params"], rp) for rp in (False, True)]
+    close(grads[0], grads[1], GRAD, "gradients, fast vs flat vector")
+    # the rank-D kernel (256, 256) is never made on the fast path, and is on the other
+    made = [shapes_made(lambda p, rp=rp: loss(p, rp), variables["params"]) for rp in (False, True)]
+    assert (256, 256) not in made[0] and (256, 256) in made[1]
+
+
+def test_linen_static_with_its_own_generator_keeps_the_flat_vector(tmp_path) -> None:
+    templates = tmp_path / "tpl" / "linen"
+    templates.mkdir(parents=True)
+    (templates / "hypernetwork.py.jinja").write_text(
+        '{% extends "builtin/linen/hypernetwork.py.jinja" %}\n'
+        "{% block weight_generator %}\n"
+        "class {{ ctx.names.weight_generator }}(nn.Module):\n"
+        '    """A non-linear generator: the rank-D form cannot read it."""\n\n'
+        + OWN_GENERATOR["linen"]
+        + "{% endblock weight_generator %}\n"
+    )
+    (tmp_path / "wide.py").write_text(WIDE_MLP)
+    out = tmp_path / "static.py"
+    cmd = [str(tmp_path / "wide.py") + ":MLP", "--mode", "static", "-o", str(out)]
+    assert main([*cmd, "--template-dir", str(tmp_path / "tpl")]) == 0
+    module = import_file(out)
+    assert not hasattr(module, "LOW_RANK")
+    hn, x = hypernetwork_class(module)(), _normal((4, 8))
+    variables = hn.init(jax.random.key(0), x)
+    output, flat = hn.apply(variables, x)
+    assert flat.shape == (module.FLAT_SIZE,)
+    plain = module.MLP().apply({"params": module.unflatten_params(flat)}, x)
+    close(output, plain, STATIC, "its own generator's weights")

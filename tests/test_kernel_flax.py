@@ -234,7 +234,7 @@ def test_generated_kernel_section_is_a_verbatim_copy(path: Path) -> None:
     framework = "nnx" if "from flax import nnx" in text else "linen"
     dynamic = "a dynamic hypernetwork" in text.splitlines()[0]
     fused, excluded = "\nFUSED: " in text, "\nEXCLUDED: " in text
-    roots = flax_kernel_roots(framework, dynamic, fused, excluded)
+    roots = flax_kernel_roots(framework, dynamic, fused, excluded, "\nLOW_RANK: " in text)
     if "\nGRADIENT_SCALE = " in text:
         roots += flax_scaling_roots(framework, "\nGENERATOR_HIDDEN = " in text)
     kernel = kernel_source(framework, roots)

@@ -405,6 +405,7 @@ class Shared(NamedTuple):
     fused: tuple[FusedLayer, ...]
     num_embeddings: int
     g0s: tuple  # per tensor: the generator on its chunks' rows, without its bias (None: unused)
+    decoded: dict | None = None  # static (:func:`static_inputs`): the tensors not rank-D, built
 
     def g0(self, p: Any) -> jax.Array:
         """The generator on the table without its bias, at the positions of ``p``, ``p.shape``."""
@@ -421,7 +422,10 @@ class Shared(NamedTuple):
         return tiled[start : start + p.size].reshape(p.shape)
 
     def materialise(self, i: int, scales: jax.Array) -> jax.Array:
-        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``."""
+        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``
+        (static: as :func:`static_inputs` built it)."""
+        if self.decoded is not None:
+            return self.decoded[i]
         p, chunk_dim = self.tensors[i], self.bias.shape[0]
         first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
         scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
@@ -493,6 +497,60 @@ def shared_inputs(
         g0s.append(None if full is None or i in rank_d else full[first:end])
     return Shared(
         table, kernel, bias, scale, shift, tuple(tensors), layers, table.shape[0], tuple(g0s)
+    )
+
+
+def static_inputs(
+    generator: Callable,
+    table: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    low_rank_layers: Any,
+    gradient_scale: Any = None,
+) -> Shared:
+    """A static hypernetwork's one weight set without the flat vector: the Dense layers in
+    ``low_rank_layers`` (plain ``(path, kernel, bias, segments)`` tuples, each passing
+    :func:`low_rank`) computed in the rank-D form, their kernels never built; every other tensor
+    decoded as :func:`decode` does, from the generator on its own chunks only (one product per
+    run of adjacent chunks). ``table``: the embedding module's output (its multiplier applied)."""
+    layers = tuple(FusedLayer(*layer) for layer in low_rank_layers)
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
+    kernel, bias = linear_weights(generator, table)
+    if gradient_scale is not None:  # read from the parameters: the generator's multipliers
+        kernel = scale_grad(kernel, gradient_scale[1])
+        bias = scale_grad(bias, gradient_scale[2])
+    chunk_dim, skip = bias.shape[0], {layer.kernel for layer in layers}
+    spans = sorted(
+        (p.offset // chunk_dim, (p.offset + p.size - 1) // chunk_dim + 1, i)
+        for i, p in enumerate(tensors)
+        if i not in skip
+    )
+    runs: list[list[int]] = []  # [first, end) chunk runs holding the tensors to build
+    for first, end, _ in spans:
+        if runs and first <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([first, end])
+    raws = [generator(table[first:end]).reshape(-1) for first, end in runs]
+    decoded = {}
+    for first, _, i in spans:
+        n, p = next(n for n, (a, b) in enumerate(runs) if a <= first < b), tensors[i]
+        start = p.offset - runs[n][0] * chunk_dim
+        raw = raws[n][start : start + p.size]
+        value = shift[i].astype(raw.dtype) + scale[i].astype(raw.dtype) * raw
+        decoded[i] = value.reshape(p.shape).astype(p.dtype)
+    return Shared(
+        table,
+        kernel,
+        bias,
+        scale,
+        shift,
+        tuple(tensors),
+        layers,
+        table.shape[0],
+        (None,) * len(tensors),
+        decoded,
     )
 
 
@@ -585,7 +643,10 @@ def low_rank_output(
     first, count = p.offset // shared.bias.shape[0], -(-rows // k)
     dtype = module.dtype or jnp.result_type(x, shared.table)
     x = x.astype(dtype)
-    xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
+    if scales is None:  # static: one weight set, every chunk's scale 1
+        xs = x
+    else:
+        xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
     if count * k > rows:  # the last chunk holds fewer rows: the rest is padding
         pad = [(0, 0)] * (x.ndim - 1) + [(0, count * k - rows)]
         x, xs = jnp.pad(x, pad), jnp.pad(xs, pad)

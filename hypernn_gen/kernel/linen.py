@@ -36,6 +36,7 @@ from .flax import (
     split_call,
     split_chunks,
     squeeze_sample,
+    static_inputs,
     unflatten,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "scale_grad",
     "shared_inputs",
     "split_chunks",
+    "static_inputs",
     "unflatten",
 ]
 
