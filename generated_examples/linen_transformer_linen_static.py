@@ -1024,8 +1024,10 @@ if __name__ == "__main__":
     variables = jax.jit(hypernetwork.init)(jax.random.key(0), *inputs)
     own = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"LinenTransformerHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
-    output, generated_params = jax.jit(hypernetwork.apply)(variables, *inputs)
+    output, generated_params = jax.jit(
+        lambda v, *xs: hypernetwork.apply(v, *xs, return_params=True)
+    )(variables, *inputs)
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=314f997bec9d9e9e4ee754fc058ee0c2a189a0a5321086f1ad7303030f6e59b0
+# hypernn-gen: sha256=e7ee3f8b5d3c5b405d7469dadc9a48d38d84465edb15f7acd8699bf81401d372

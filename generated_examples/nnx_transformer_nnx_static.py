@@ -5,6 +5,7 @@
 # options:  backend=flax mode=static embedding_dim=32 num_embeddings=128 chunk_dim=128 gradient_scaling=on
 #           chunking=auto init_scheme=target generator_hidden=none
 # layout:   20 generated tensors, 15,328 values, 0 state tensors, digest 1d6d6e76d408c687
+# rank-D:   block.fc, block.proj
 # command:  hypernn-gen generated_examples/targets/nnx_transformer.py --backend flax --mode static --embedding-dim 32 -o generated_examples/nnx_transformer_nnx_static.py
 """Static hypernetwork for NnxTransformer (Flax NNX).
 
@@ -22,7 +23,10 @@ rng streams) is state of the hypernetwork, updated in training and frozen in eva
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -167,6 +171,13 @@ GENERATED: tuple[ParamSlice, ...] = (
     ParamSlice("pos_emb", ("pos_emb",), (16, 32), 15_872, 512, -0.00213, 0.02063),
 )
 
+# Dense layers computed at rank EMBEDDING_DIM, their kernels never built (see the kernel's
+# static_inputs): module path in the target, indices of its kernel and bias in GENERATED, 1.
+LOW_RANK: tuple[tuple[tuple[str | int, ...], int, int | None, int], ...] = (
+    (("block", "fc"), 9, 8, 1),
+    (("block", "proj"), 15, 14, 1),
+)
+
 
 class NnxTransformerEmbedding(nnx.Module):
     """A learned table of embeddings, ``(NUM_EMBEDDINGS, EMBEDDING_DIM)``, entries ~ N(0, 1)."""
@@ -246,6 +257,7 @@ class NnxTransformerHyperNetwork(nnx.Module):
         self.param_shift = nnx.Param(jnp.array([p.init_mean for p in GENERATED], jnp.float32))
         self.layout_digest = nnx.Variable(digest_array(CHECKPOINT_DIGEST))  # saved in the state
         self.target = without_generated(target_network, GENERATED)
+        install_fusion(self.target, LOW_RANK)
 
     def generate_params(self) -> jax.Array:
         """The target's generated tensors as one flat vector, ``(FLAT_SIZE,)``."""
@@ -275,14 +287,30 @@ class NnxTransformerHyperNetwork(nnx.Module):
         self,
         *inputs: Any,
         generated_params: jax.Array | None = None,
+        return_params: bool = False,
         **kwargs: Any,
-    ) -> tuple[Any, jax.Array]:
+    ) -> tuple[Any, jax.Array | None]:
         """Run the target with generated weights; returns ``(output, generated_params)``.
 
-        ``generated_params`` is ``(FLAT_SIZE,)``; pass one (``flatten_params(target)``) to run the
-        target with those weights instead.
+        The layers in ``LOW_RANK`` are computed at rank ``EMBEDDING_DIM``, their kernels never
+        built, and ``generated_params`` is ``None``, unless ``return_params=True`` or
+        ``generated_params`` is given (or ``model_axis`` is set): then the flat vector
+        ``(FLAT_SIZE,)`` is built and returned. Pass one (``flatten_params(target)``) to run
+        the target with those weights instead.
         """
         check_digest(self.layout_digest[...], CHECKPOINT_DIGEST)  # state from another layout?
+        split = self.weight_generator.model_axis is not None
+        if generated_params is None and not return_params and not split:  # no flat vector
+            table, scale, shift = (
+                self.embedding_module(),
+                self.param_scale[...],
+                self.param_shift[...],
+            )
+            shared = static_inputs(
+                self.weight_generator, table, scale, shift, GENERATED, LOW_RANK, GRADIENT_SCALE
+            )
+            with fused_layers(shared, (None,) * len(LOW_RANK), None):  # LOW_RANK at rank D
+                return run_target(self.target, shared.params(None), inputs, kwargs), None
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE, dynamic=False)
@@ -497,6 +525,284 @@ def check_params(found: dict, expected: dict, fix: str) -> None:
         )
 
 
+# -- Fused per-sample layers: per-sample outputs without per-sample weights --
+#
+# Sample b's flat weights are g[b, p] = shift + scale * (s[b, p // chunk_dim] * g0[p] + bg[p % chunk_dim])
+# (s: per-sample embedding scales, g0: the generator applied to the shared table, without its
+# bias bg). Row r of a Dense/Conv kernel (one input feature; Conv: one input feature at one
+# window position) holds `out` consecutive values, in the chunks first(r) .. first(r) + S - 1, so
+#     y_b = [x_b * s_b[first + 0], ..., x_b * s_b[first + S - 1], x_b] @ stack
+# with `stack` ((S + 1) * rows, out) shared by all samples: under vmap, one GEMM for the whole
+# batch (Conv: on the input's patches). Every other generated tensor is materialised per sample.
+
+
+class FusedLayer(NamedTuple):
+    """A Dense/Linear/Conv layer computed from shared weights: its module path in the target,
+    the indices of its kernel and bias in the layout (bias None: no bias), and S."""
+
+    path: tuple
+    kernel: int
+    bias: int | None
+    segments: int
+
+
+def kernel_rows(kernel: Any) -> Any:
+    """A kernel ``(*window, in, out)`` as rows ``(in * prod(window), out)``, in the order of the
+    input's patches (input feature first); a Dense kernel ``(in, out)`` stays as it is."""
+    n = kernel.ndim
+    return kernel.transpose(n - 2, *range(n - 2), n - 1).reshape(-1, kernel.shape[-1])
+
+
+def fused_indices(
+    layer: FusedLayer, tensors: Any, chunk_dim: int, num_embeddings: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Constants of a fused kernel, as rows: the flat position of each value, and the chunk of
+    each (segment, row), ``(S, rows)``."""
+    p = tensors[layer.kernel]
+    position = kernel_rows(p.offset + np.arange(p.size).reshape(p.shape))
+    chunk = position[:, 0] // chunk_dim + np.arange(layer.segments)[:, None]
+    return position, np.minimum(chunk, num_embeddings - 1)
+
+
+class Shared(NamedTuple):
+    """What every sample's generated tensors are made of (see above), and the layout."""
+
+    table: jax.Array  # (num_embeddings, embedding_dim): the embedding table E
+    kernel: jax.Array  # (embedding_dim, chunk_dim): the linear generator's kernel Wg
+    bias: jax.Array  # (chunk_dim,): the generator's bias
+    param_scale: jax.Array
+    param_shift: jax.Array
+    tensors: tuple  # the layout's generated tensors
+    fused: tuple[FusedLayer, ...]
+    num_embeddings: int
+    g0s: tuple  # per tensor: the generator on its chunks' rows, without its bias (None: unused)
+    decoded: dict | None = None  # static (:func:`static_inputs`): the tensors not rank-D, built
+
+    def g0(self, p: Any) -> jax.Array:
+        """The generator on the table without its bias, at the positions of ``p``, ``p.shape``."""
+        g0 = self.g0s[self.tensors.index(p)]
+        start = p.offset % self.bias.shape[0]
+        return g0[start : start + p.size].reshape(p.shape)
+
+    def chunk_bias(self, p: Any) -> jax.Array:
+        """``bias[position % chunk_dim]`` for the values of ``p``, ``p.shape`` (tiled, not
+        gathered: its gradient is a sum, not a scatter)."""
+        chunk_dim = self.bias.shape[0]
+        start = p.offset % chunk_dim
+        tiled = jnp.tile(self.bias, -(-(start + p.size) // chunk_dim))
+        return tiled[start : start + p.size].reshape(p.shape)
+
+    def materialise(self, i: int, scales: jax.Array) -> jax.Array:
+        """Tensor ``i`` for one sample, from its embedding scales ``(num_embeddings,)``
+        (static: as :func:`static_inputs` built it)."""
+        if self.decoded is not None:
+            return self.decoded[i]
+        p, chunk_dim = self.tensors[i], self.bias.shape[0]
+        first, start = divmod(p.offset, chunk_dim)  # the chunks p spans, repeated, not gathered
+        scale = jnp.repeat(scales[first : first + (start + p.size - 1) // chunk_dim + 1], chunk_dim)
+        scale = scale[start : start + p.size].reshape(p.shape)
+        raw = scale * self.g0(p) + self.chunk_bias(p)
+        return (self.param_shift[i] + self.param_scale[i] * raw).astype(p.dtype)
+
+    def params(self, scales: jax.Array) -> dict:
+        """One sample's tree of the tensors not fused (keyed like ``unflatten``)."""
+        fused = {i for layer in self.fused for i in (layer.kernel, layer.bias)}
+        params: dict = {}
+        for i, p in enumerate(self.tensors):
+            if i not in fused:
+                node = params
+                for key in p.keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[p.keys[-1]] = self.materialise(i, scales)
+        return params
+
+    def low_rank(self, layer: FusedLayer) -> bool:
+        """See :func:`low_rank`."""
+        return low_rank(self.tensors[layer.kernel], self.bias.shape[0], self.table.shape[1])
+
+    def stack(self, layer: FusedLayer) -> jax.Array | None:
+        """The layer's weights shared by all samples, ``((S + 1) * rows, out)``: the kernel's
+        values in segment 0 .. S - 1 of their rows (zero elsewhere), then its constant part;
+        ``None`` for a layer computed in the rank-D form."""
+        if self.low_rank(layer):
+            return None
+        i, p, chunk_dim = layer.kernel, self.tensors[layer.kernel], self.bias.shape[0]
+        position, chunk = fused_indices(layer, self.tensors, chunk_dim, self.num_embeddings)
+        segment = position // chunk_dim - chunk[0][:, None]
+        w0 = self.param_scale[i] * kernel_rows(self.g0(p))
+        parts = [jnp.where(segment == j, w0, 0.0) for j in range(layer.segments)]
+        parts.append(self.param_shift[i] + self.param_scale[i] * kernel_rows(self.chunk_bias(p)))
+        # The barrier keeps XLA from folding the construction into every sample's GEMM.
+        return jax.lax.optimization_barrier(jnp.concatenate(parts).astype(p.dtype))
+
+
+def static_inputs(
+    generator: Callable,
+    table: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    tensors: Any,
+    low_rank_layers: Any,
+    gradient_scale: Any = None,
+) -> Shared:
+    """A static hypernetwork's one weight set without the flat vector: the Dense layers in
+    ``low_rank_layers`` (plain ``(path, kernel, bias, segments)`` tuples, each passing
+    :func:`low_rank`) computed in the rank-D form, their kernels never built; every other tensor
+    decoded as :func:`decode` does, from the generator on its own chunks only (one product per
+    run of adjacent chunks). ``table``: the embedding module's output (its multiplier applied)."""
+    layers = tuple(FusedLayer(*layer) for layer in low_rank_layers)
+    scale, shift = decoder(scale, shift, tensors, gradient_scale)
+    kernel, bias = linear_weights(generator, table)
+    if gradient_scale is not None:  # read from the parameters: the generator's multipliers
+        kernel = scale_grad(kernel, gradient_scale[1])
+        bias = scale_grad(bias, gradient_scale[2])
+    chunk_dim, skip = bias.shape[0], {layer.kernel for layer in layers}
+    spans = sorted(
+        (p.offset // chunk_dim, (p.offset + p.size - 1) // chunk_dim + 1, i)
+        for i, p in enumerate(tensors)
+        if i not in skip
+    )
+    runs: list[list[int]] = []  # [first, end) chunk runs holding the tensors to build
+    for first, end, _ in spans:
+        if runs and first <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([first, end])
+    raws = [generator(table[first:end]).reshape(-1) for first, end in runs]
+    decoded = {}
+    for first, _, i in spans:
+        n, p = next(n for n, (a, b) in enumerate(runs) if a <= first < b), tensors[i]
+        start = p.offset - runs[n][0] * chunk_dim
+        raw = raws[n][start : start + p.size]
+        value = shift[i].astype(raw.dtype) + scale[i].astype(raw.dtype) * raw
+        decoded[i] = value.reshape(p.shape).astype(p.dtype)
+    return Shared(
+        table,
+        kernel,
+        bias,
+        scale,
+        shift,
+        tuple(tensors),
+        layers,
+        table.shape[0],
+        (None,) * len(tensors),
+        decoded,
+    )
+
+
+def low_rank(p: Any, chunk_dim: int, dim: int) -> bool:
+    """Whether a fused kernel ``p`` is a Dense one (2-D; a Conv kernel has 3+ dimensions) whose
+    rows lie whole in chunks, ``k = chunk_dim // out`` rows to a chunk from a chunk boundary,
+    and the rank-``dim`` form (:func:`low_rank_output`) costs less per sample than the stacked
+    GEMM (``2 * rows * out``)."""
+    if len(p.shape) != 2 or p.offset % chunk_dim or chunk_dim % p.shape[-1]:
+        return False
+    return dim * (p.shape[0] + chunk_dim) <= 2 * p.size
+
+
+def linear_weights(generator: Any, table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The kernel ``(embedding_dim, chunk_dim)`` and bias of a linear weight generator, read
+    from its parameters (exactly): its ``linear`` layer, an NNX ``nnx.Linear`` attribute or a
+    bound Linen ``nn.Dense`` (called once first, which creates its parameters in ``init``)."""
+    linear = getattr(generator, "linear", None)
+    if linear is not None and hasattr(linear, "kernel"):  # NNX
+        return linear.kernel[...], linear.bias[...]
+    generator(table[:1])  # Linen: the parameters exist once the generator has run
+    params = generator.variables["params"]["linear"]
+    return params["kernel"], params["bias"]
+
+
+def conv_patches(module: Any, x: jax.Array) -> jax.Array:
+    """The patches ``(..., *spatial, in * prod(window))`` that the Conv ``module`` convolves."""
+    window = tuple(module.kernel_size)
+    n = len(window)
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        return (
+            (1,) * n if value is None else (value,) * n if isinstance(value, int) else tuple(value)
+        )
+
+    padding = module.padding
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(q, q) if isinstance(q, int) else tuple(q) for q in padding]
+    spec = (0, n + 1, *range(1, n + 1))
+    patches = jax.lax.conv_general_dilated_patches(
+        x.reshape(-1, *x.shape[x.ndim - n - 1 :]),
+        window,
+        per_axis(module.strides),
+        padding,
+        lhs_dilation=per_axis(module.input_dilation),
+        rhs_dilation=per_axis(module.kernel_dilation),
+        dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec),
+        precision=jax.lax.Precision.HIGHEST,  # patches are copies of the input: keep them exact
+    )
+    return patches.reshape(*x.shape[: x.ndim - n - 1], *patches.shape[1:])
+
+
+def fused_output(
+    layer: FusedLayer,
+    stack: jax.Array | None,
+    shared: Shared,
+    scales: jax.Array,
+    module: Any,
+    x: jax.Array,
+    conv: bool,
+) -> jax.Array:
+    """One sample's output of a fused Dense/Linear (``conv``: Conv) ``module`` for its input."""
+    if stack is None:
+        return low_rank_output(layer, shared, scales, module, x)
+    if conv:
+        x = conv_patches(module, x)
+    _, chunk = fused_indices(layer, shared.tensors, shared.bias.shape[0], shared.num_embeddings)
+    coeff = jnp.concatenate([scales[chunk], jnp.ones((1, chunk.shape[1]), scales.dtype)])
+    dtype = module.dtype or jnp.result_type(x, stack)
+    x = (x[..., None, :] * coeff).reshape(*x.shape[:-1], -1)  # (..., (S + 1) * rows)
+    y = jnp.matmul(x.astype(dtype), stack.astype(dtype), precision=module.precision)
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
+def low_rank_output(
+    layer: FusedLayer, shared: Shared, scales: jax.Array, module: Any, x: jax.Array
+) -> jax.Array:
+    """One sample's output of a Dense layer whose kernel rows lie whole in chunks
+    (:meth:`Shared.low_rank`). Row ``r = q k + h`` of the kernel is ``shift + scale * (s[first
+    + q] * (E[first + q] Wg)[h] + bg[h])`` (``[h]``: the h-th piece of ``out`` values), so
+    ``x W = scale * sum_h (sum_q x[r] s[first + q] E[first + q]) Wg[h] + sum_h (sum_q x[r])
+    (shift + scale * bg[h])``: products of size ``rows x D`` and ``k x D x out``, no weights."""
+    i, p = layer.kernel, shared.tensors[layer.kernel]
+    (rows, out), dim = p.shape, shared.table.shape[1]
+    k = shared.bias.shape[0] // out
+    first, count = p.offset // shared.bias.shape[0], -(-rows // k)
+    dtype = module.dtype or jnp.result_type(x, shared.table)
+    x = x.astype(dtype)
+    if scales is None:  # static: one weight set, every chunk's scale 1
+        xs = x
+    else:
+        xs = x * jnp.repeat(scales[first : first + count], k)[:rows].astype(dtype)
+    if count * k > rows:  # the last chunk holds fewer rows: the rest is padding
+        pad = [(0, 0)] * (x.ndim - 1) + [(0, count * k - rows)]
+        x, xs = jnp.pad(x, pad), jnp.pad(xs, pad)
+    lead = x.shape[:-1]
+    table = shared.table[first : first + count].astype(dtype)
+    u = jnp.einsum(
+        "...qh,qd->...hd", xs.reshape(*lead, count, k), table, precision=module.precision
+    )
+    kernel = shared.kernel.reshape(dim, k, out).astype(dtype)
+    y = jnp.einsum("...hd,dho->...o", u, kernel, precision=module.precision)
+    fixed = shared.param_shift[i] + shared.param_scale[i] * shared.bias.reshape(k, out)
+    sums = x.reshape(*lead, count, k).sum(-2)
+    y = shared.param_scale[i] * y + jnp.matmul(
+        sums, fixed.astype(dtype), precision=module.precision
+    )
+    if layer.bias is not None:
+        y = y + shared.materialise(layer.bias, scales).astype(dtype)
+    return y
+
+
 class GeneratedSlot(nnx.Variable):
     """Where a generated ``nnx.Param`` sits in the hypernetwork's copy of the target: an empty
     ``(0,)`` array of the parameter's dtype; the values come from the weight generator."""
@@ -553,6 +859,68 @@ def run_target(target: nnx.Module, params: dict[Any, Any], inputs: tuple, kwargs
     return out
 
 
+# While a fused forward runs: (module, input) -> output of the fused layers, for one sample.
+FUSION: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("fusion", default=None)
+
+
+@contextlib.contextmanager
+def fused_layers(shared: Shared, stacks: tuple, scales: jax.Array) -> Iterator[None]:
+    """While active, the fused layers compute one sample's output from the shared ``stacks`` and
+    the sample's ``scales``."""
+
+    def call(module: Any, x: jax.Array, out_sharding: Any = None) -> jax.Array:
+        i = module.fused_index
+        if out_sharding is not None:
+            raise ValueError(
+                f"out_sharding={out_sharding!r} on the fused layer "
+                f"{'.'.join(map(str, shared.fused[i].path))}: a fused layer computes one sample "
+                "at a time and cannot place its output; call the "
+                "hypernetwork with return_params=True (materialising path) or drop out_sharding"
+            )
+        conv = isinstance(module, nnx.Conv)
+        return fused_output(shared.fused[i], stacks[i], shared, scales, module, x, conv)
+
+    token = FUSION.set(call)
+    try:
+        yield
+    finally:
+        FUSION.reset(token)
+
+
+class FusedLinear(nnx.Linear):
+    """``nnx.Linear`` that computes from shared weights while ``fused_layers`` is active."""
+
+    fused_index: int  # its entry in the fused layers
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        call = FUSION.get()
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return call(self, inputs, out_sharding)
+
+
+class FusedConv(nnx.Conv):
+    """``nnx.Conv`` that computes from shared weights while ``fused_layers`` is active."""
+
+    fused_index: int  # its entry in the fused layers
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        call = FUSION.get()
+        if call is None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return call(self, inputs, out_sharding)
+
+
+def install_fusion(target: nnx.Module, fused: Any) -> None:
+    """Turn the target's fused layers (``(path, kernel, bias, segments)`` tuples) into
+    ``FusedLinear``/``FusedConv`` (same variables)."""
+    modules = dict(nnx.iter_modules(target))
+    for i, (path, *_) in enumerate(fused):
+        module = modules[path]
+        module.__class__ = FusedLinear if isinstance(module, nnx.Linear) else FusedConv
+        module.fused_index = i
+
+
 class ScaledLinear(nnx.Linear):
     """``nnx.Linear`` (the same variables) whose gradients are multiplied by ``gradient_scale``:
     ``(kernel's, bias's)`` multipliers, ``None``: raw (set after construction)."""
@@ -574,8 +942,10 @@ if __name__ == "__main__":
     print(f"NnxTransformerHyperNetwork: {own:,} parameters generate {FLAT_SIZE:,} target values")
     inputs = (jnp.zeros((2, 16), dtype=jnp.int32),)
 
-    output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs))(hypernetwork, *inputs)
+    output, generated_params = nnx.jit(lambda hn, *xs: hn(*xs, return_params=True))(
+        hypernetwork, *inputs
+    )
     print("inputs:", [x.shape for x in inputs])
     print("output:", output.shape if isinstance(output, jax.Array) else type(output).__name__)
     print("generated_params:", generated_params.shape)
-# hypernn-gen: sha256=29460b27c3b47ebf0037979db04d9fa64eb01872ee4593bab84b80a16b11f6fb
+# hypernn-gen: sha256=02399e9a5b5327a1dcb23179277f5ade14a50516359887d6a666d255dbd05ef2

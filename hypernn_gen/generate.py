@@ -493,11 +493,11 @@ def own_classes(options: GenerateOptions, loaded: LoadedTarget) -> frozenset[str
 def fast_static(options: GenerateOptions, loaded: LoadedTarget) -> bool:
     """A static file whose forward builds no flat vector: the built-in linear weight generator
     (its ``linear`` is read directly, so a template that writes its own ``weight_generator``
-    block keeps the flat vector). Torch (weights or delta) always; Linen (weights) where a Dense
-    layer can be computed at rank D (:func:`plan_static`)."""
+    block keeps the flat vector). Torch (weights or delta) always; Linen and NNX (weights) where
+    a Dense/Linear layer can be computed at rank D (:func:`plan_static`)."""
     generates = ("weights", "delta") if loaded.framework == "torch" else ("weights",)
     return (
-        loaded.framework in ("torch", "linen")
+        loaded.framework in ("torch", "linen", "nnx")
         and not options.dynamic
         and options.generate in generates
         and not options.generator_hidden
@@ -509,14 +509,14 @@ def plan_static(
     loaded: LoadedTarget, layout: Layout, chunking: Chunking, options: GenerateOptions
 ) -> tuple[tuple[str, int], ...]:
     """The Linear layers a static Torch file computes at rank D (``fuse.plan_low_rank``), the
-    Dense layers a static Linen one does (those the dynamic planner fuses whose kernel rows
-    fill chunks, ``kernel.flax.low_rank``); none without an example call to check them on."""
+    Dense/Linear layers a static Linen/NNX one does (those the dynamic planner fuses whose
+    kernel rows fill chunks, ``kernel.flax.low_rank``); none without an example call."""
     from .fuse import plan_low_rank
     from .trace import torch_meta_call
 
     if not loaded.input_specs and loaded.example_inputs is None:
         return ()
-    if loaded.framework == "linen":
+    if loaded.framework in ("linen", "nnx"):
         from .kernel.flax import low_rank
 
         plan = plan_fusion(loaded, layout, chunking)
@@ -856,7 +856,7 @@ def flax_kernel_roots(
 ) -> list[str]:
     """The ``hypernn_gen/kernel/<framework>.py`` definitions (``framework``: ``linen`` or
     ``nnx``; with what they use of ``kernel/flax.py``) a file of this design calls;
-    ``low_rank``: a static Linen file's rank-D layers."""
+    ``low_rank``: a static file's rank-D layers."""
     roots = ["model_mesh", "split_chunks", "decode", "unflatten", "flatten", "check_flat"]
     if framework == "linen":
         roots += ["check_layout", "apply_target", "carry_digest"]
@@ -869,5 +869,6 @@ def flax_kernel_roots(
         roots += ["shared_inputs", "fused_path"]
         roots += ["install_fusion"] if framework == "nnx" else []
     if low_rank:
-        roots += ["static_inputs", "fused_apply"]
+        roots += ["static_inputs", "fused_apply"] if framework == "linen" else []
+        roots += ["static_inputs", "fused_layers", "install_fusion"] if framework == "nnx" else []
     return roots

@@ -324,7 +324,9 @@ def test_flax_runtime_delta_base_from_the_target_itself(tmp_path: Path, framewor
     out, flat = runtime(runtime.params, inputs())
     if framework == "linen":  # the target's own init, as the generated file's from the same key
         generated = Built(generate(tmp_path, framework, "static"), framework, "static", None)
-        equal(runtime.base(), generated.base(), "the own base")
+        # two inits from the same key, one traced in each module: XLA's rounding of the scaled
+        # normal draw can differ by 1 ulp between them (seen under pytest -n 2), not more
+        close(runtime.base(), generated.base(), atol=1e-6, msg="the own base")
         equal(out, forward(runtime.tree(runtime.base()), inputs()), "start")
     else:  # the live (pretrained) instance's current values
         equal(runtime.base(), runtime.hn.flatten_params(base), "the own base")

@@ -491,10 +491,12 @@ def check_nnx(module: ModuleType, name: str, mode: str, **options: Any) -> None:
 
     # Eager and nnx.jit calls agree with the compiled pure function (eval: no state changes);
     # dynamic: the fused path returns no weights, the materialising one the same output.
-    fused_flat = None if mode == "dynamic" and getattr(module, "FUSED", ()) else flat
+    # static: the LOW_RANK layers at rank D and no flat vector, unless asked for.
+    fast = getattr(module, "FUSED" if mode == "dynamic" else "LOW_RANK", ())
+    fused_flat = None if fast else flat
     close(gen(x), (out, fused_flat), tol, "eager vs jit")
     close(nnx.jit(lambda hn, x: hn(x))(gen, x), (out, fused_flat), tol, "nnx.jit")
-    if mode == "dynamic":
+    if mode == "dynamic" or fast:
         close(gen(x, return_params=True), (out, flat), tol, "materialised")
 
     # Layout round trip: the target's own params as generated_params reproduce the plain target.
@@ -879,33 +881,86 @@ def shapes_made(fn: Callable, *args: Any) -> set[tuple[int, ...]]:
     return found
 
 
-def test_linen_static_fast_path_equals_the_flat_vector_path_and_the_plain_target(tmp_path) -> None:
-    """A static Linen file computes ``Dense_1`` (256 x 256, rows filling 256-value chunks) at
+WIDE_NNX = """import jax.numpy as jnp
+from flax import nnx
+
+
+class MLP(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs) -> None:
+        self.a = nnx.Linear(8, 256, rngs=rngs)
+        self.b = nnx.Linear(256, 256, rngs=rngs)
+        self.c = nnx.Linear(256, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.c(nnx.tanh(self.b(nnx.tanh(self.a(x)))))
+
+
+def make_target() -> MLP:
+    return MLP(rngs=nnx.Rngs(0))
+
+
+example_input = jnp.zeros((2, 8))
+"""
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_static_fast_path_equals_the_flat_vector_path_and_the_plain_target(
+    tmp_path, framework
+) -> None:
+    """A static Linen/NNX file computes the 256 x 256 layer (rows filling 256-value chunks) at
     rank 32, its kernel never built: outputs and every gradient as the flat-vector path's
     (``return_params=True``) and the plain target's with the generated params."""
-    (tmp_path / "wide.py").write_text(WIDE_MLP)
+    (tmp_path / "wide.py").write_text(WIDE_MLP if framework == "linen" else WIDE_NNX)
     out = tmp_path / "static.py"
-    assert main([str(tmp_path / "wide.py") + ":MLP", "--mode", "static", "-o", str(out)]) == 0
+    target = str(tmp_path / "wide.py") + (":MLP" if framework == "linen" else "")
+    assert main([target, "--mode", "static", "-o", str(out)]) == 0
     module = import_file(out)
-    assert module.LOW_RANK == ((("Dense_1",), 3, 2, 1),)
-    assert "# rank-D:   Dense_1" in out.read_text()
-    hn, x = hypernetwork_class(module)(), _normal((16, 8))
-    variables = hn.init(jax.random.key(0), x)
-    fast, none = hn.apply(variables, x)
-    slow, flat = hn.apply(variables, x, return_params=True)
+    layer = "Dense_1" if framework == "linen" else "b"
+    assert [row[0] for row in module.LOW_RANK] == [(layer,)]
+    assert f"# rank-D:   {layer}\n" in out.read_text()
+    x = _normal((16, 8))
+    if framework == "linen":
+        hn = hypernetwork_class(module)()
+        variables = hn.init(jax.random.key(0), x)
+
+        def run(return_params: bool, params: Any = None) -> tuple:
+            v = {**variables, "params": variables["params"] if params is None else params}
+            return hn.apply(v, x, return_params=return_params)
+
+        def grads(return_params: bool) -> Any:
+            loss = lambda p: jnp.mean(run(return_params, p)[0] ** 2)  # noqa: E731
+            return jax.grad(loss)(variables["params"])
+    else:
+        hn = hypernetwork_class(module)(rngs=nnx.Rngs(0))
+
+        def run(return_params: bool, m: Any = None) -> tuple:
+            return (hn if m is None else m)(x, return_params=return_params)
+
+        def grads(return_params: bool) -> Any:
+            loss = lambda m: jnp.mean(run(return_params, m)[0] ** 2)  # noqa: E731
+            return nnx.grad(loss)(hn)
+
+    (fast, none), (slow, flat) = run(False), run(True)
     assert none is None and flat.shape == (module.FLAT_SIZE,)
     close(fast, slow, STATIC, "fast vs flat vector")
-    plain = module.MLP().apply({"params": module.unflatten_params(flat)}, x)
+    if framework == "linen":
+        plain = module.MLP().apply({"params": module.unflatten_params(flat)}, x)
+    else:
+        plain = with_params(module.make_target(), hn.unflatten_params(flat))(x)
     close(fast, plain, STATIC, "fast vs the plain target")
 
-    def loss(params: Any, return_params: bool) -> jax.Array:
-        v = {**variables, "params": params}
-        return jnp.mean(hn.apply(v, x, return_params=return_params)[0] ** 2)
-
-    grads = [jax.grad(loss)(variables["params"], rp) for rp in (False, True)]
-    close(grads[0], grads[1], GRAD, "gradients, fast vs flat vector")
+    close(grads(False), grads(True), GRAD, "gradients, fast vs flat vector")
     # the rank-D kernel (256, 256) is never made on the fast path, and is on the other
-    made = [shapes_made(lambda p, rp=rp: loss(p, rp), variables["params"]) for rp in (False, True)]
+    if framework == "linen":
+        made = [shapes_made(lambda rp=rp: grads(rp)) for rp in (False, True)]
+    else:  # a traced function may not close over NNX variables: pass the state in
+        graphdef, state = nnx.split(hn)
+        copy = lambda s: nnx.merge(graphdef, s, copy=True)  # noqa: E731
+        loss = lambda m, rp: jnp.mean(run(rp, m)[0] ** 2)  # noqa: E731
+        made = [
+            shapes_made(lambda s, rp=rp: nnx.grad(lambda m: loss(m, rp))(copy(s)), state)
+            for rp in (False, True)
+        ]
     assert (256, 256) not in made[0] and (256, 256) in made[1]
 
 

@@ -39,6 +39,7 @@ from .flax import (
     split_call,
     split_chunks,
     squeeze_sample,
+    static_inputs,
     unflatten,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "scale_grad",
     "shared_inputs",
     "split_chunks",
+    "static_inputs",
     "unflatten",
     "without_generated",
 ]
