@@ -793,7 +793,7 @@ def flax_decisions(
     fused = bool(dynamic and not delta and not options.generator_hidden and fusion and fusion.fused)
     collections = tuple(sorted({t.collection for t in state if t.collection != "params"}))
     excluded = any(t.reason == "excluded" for t in state)
-    # static Linen: LOW_RANK rows (module keys, kernel index, bias index, segments)
+    # static Linen/NNX: LOW_RANK rows (module keys, kernel index, bias index, segments)
     bias_of = {p.keys: i for i, p in enumerate(params)}
     low_rank_layers = tuple(
         (params[i].keys[:-1], i, bias_of.get((*params[i].keys[:-1], "bias")), 1)

@@ -131,7 +131,7 @@ class TemplateContext:
     static_fast: bool = False
     #: static Torch/Linen: ``(module path, weight index)`` of the layers computed at rank D
     low_rank: tuple[tuple[str, int], ...] = ()
-    #: static Linen: the ``LOW_RANK`` rows, ``(module keys, kernel index, bias index, 1)``
+    #: static Linen/NNX: the ``LOW_RANK`` rows, ``(module keys, kernel index, bias index, 1)``
     low_rank_layers: tuple[tuple[Any, ...], ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     # -- decisions, computed once in Python (context version 3) --
