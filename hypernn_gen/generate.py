@@ -313,7 +313,7 @@ def build_context(
         *([f"fusion:   {fusion.summary()}"] if fusion is not None else []),
         *(
             [f"fusion:   none (the template writes its own {' and '.join(sorted(own))} class)"]
-            if options.dynamic and own and not lora(options)
+            if options.dynamic and fusible and own
             else []
         ),
         *([f"rank-D:   {', '.join(path for path, _ in low_rank)}"] if low_rank else []),

@@ -126,10 +126,10 @@ class TemplateContext:
     target_file: str  #: the target file, relative, as given
     header: tuple[str, ...]  #: provenance comment lines (without ``# ``)
     fusion: Any = None  #: dynamic Torch: a :class:`hypernn_gen.fuse.FusionPlan`, else ``None``
-    #: static Torch (linear generator), static Linen with rank-D layers: the forward builds no
-    #: flat vector unless ``return_params``
+    #: static Torch (linear generator), static Linen/NNX with rank-D layers: the forward builds
+    #: no flat vector unless ``return_params``
     static_fast: bool = False
-    #: static Torch/Linen: ``(module path, weight index)`` of the layers computed at rank D
+    #: static Torch/Linen/NNX: ``(module path, weight index)`` of the layers computed at rank D
     low_rank: tuple[tuple[str, int], ...] = ()
     #: static Linen/NNX: the ``LOW_RANK`` rows, ``(module keys, kernel index, bias index, 1)``
     low_rank_layers: tuple[tuple[Any, ...], ...] = ()
