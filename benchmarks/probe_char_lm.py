@@ -208,8 +208,10 @@ class Aligned(nn.Module):
         norm: bool = True,
         boost: float = 1.0,
         trace: bool = False,
+        zero: str = "",
     ) -> None:
         super().__init__()
+        self.zero = zero
         from types import SimpleNamespace
 
         from hypernn_gen import design
@@ -239,6 +241,27 @@ class Aligned(nn.Module):
                 head.weight.normal_(0.0, d**-0.5)
                 head.bias.zero_()
             self.heads.append(head)
+        # zero-std tensors (``zero``): "direct" adds a per-value parameter (a diagnosis: the
+        # upper bound of mending them); "head" zero-initialises their group's head, leaves their
+        # raw values unnormalised and adds them to the decode (value = shift + raw at the start)
+        mask = torch.zeros(gen.FLAT_SIZE)
+        for p in gen.GENERATED:
+            if p.init_std == 0:
+                mask[p.offset : p.offset + p.size] = 1
+        self.register_buffer("zero_mask", mask)
+        self.zero_group = [
+            g
+            for g, r in enumerate(self.rows)
+            if all(mask[k * c : (k + 1) * c].sum() > 0 for k in r)
+        ]
+        if zero == "direct":
+            self.direct = nn.Parameter(torch.zeros(gen.FLAT_SIZE))
+        if zero == "head":
+            for g in self.zero_group:
+                with torch.no_grad():
+                    self.heads[g].weight.zero_()
+                mt, _, _ = self.multipliers[g]
+                self.multipliers[g] = (mt, 1.0 / d, 1.0 / len(self.rows[g]))
 
     def forward(self, x: Tensor) -> Tensor:
         gen = self.gen
@@ -256,8 +279,15 @@ class Aligned(nn.Module):
         raws = []
         for p in gen.GENERATED:
             piece = flat[p.offset : p.offset + p.size]
-            raws.append(unit_rms(piece) if self.norm else piece)
-        return self.base(x, generated_params=self.base.decode(assemble(raws, gen)))
+            keep = not self.norm or (self.zero == "head" and p.init_std == 0)
+            raws.append(piece if keep else unit_rms(piece))
+        raw = assemble(raws, gen)
+        decoded = self.base.decode(raw)
+        if self.zero == "direct":
+            decoded = decoded + self.direct * self.zero_mask
+        if self.zero == "head":
+            decoded = decoded + raw * self.zero_mask
+        return self.base(x, generated_params=decoded)
 
 
 OPTIMIZERS = {
@@ -274,7 +304,8 @@ def build(variant: str, target: nn.Module, zero_var: float, gen: object = None) 
         name, *rest = variant.split(":")
         boost = float(rest[0]) if rest else 1.0
         trace = name.endswith("-trace")
-        return Aligned(target, gen or GEN, norm=len(rest) < 2, boost=boost, trace=trace)
+        zero = name.split("-")[1] if name.startswith("aligned-") and not trace else ""
+        return Aligned(target, gen or GEN, norm=len(rest) < 2, boost=boost, trace=trace, zero=zero)
     if variant.startswith("grouped"):
         _, base, chunk, dim, *rest = variant.split(":")
         n = len((gen or GEN).GENERATED)

@@ -161,8 +161,7 @@ class SeedMlpHyperNetwork(nn.Module):
         latter ``None`` (each tensor is built from its own chunks, LOW_RANK layers' weights
         not at all) unless given or ``return_params``."""
         if generated_params is None and not return_params:  # no flat vector
-            shared = shared_inputs(self, None, GENERATED, FLAT_SIZE, GRADIENT_SCALE)
-            return run_static(self.static_plan, self.target, shared, args, kwargs), None
+            return run_static(self, args, kwargs, GRADIENT_SCALE), None
         if generated_params is None:
             generated_params = self.generate_params()
         check_flat(generated_params, FLAT_SIZE)
@@ -383,173 +382,6 @@ def check_flat(flat: Tensor, flat_size: int, dynamic: bool = False) -> None:
         )
 
 
-class Shared(NamedTuple):
-    """One batch's generation inputs: per-sample chunk scales and what all samples share."""
-
-    scales: Tensor | None  # (batch, num_embeddings); None: static (one weight set)
-    table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
-    generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
-    generator_bias: Tensor  # (chunk_dim,): its bias bg
-    param_scale: tuple[Tensor, ...]  # one scalar per generated tensor
-    param_shift: tuple[Tensor, ...]
-    generated: tuple  # the layout
-    chunk_dim: int
-    flat_size: int
-    cache: dict  # g0 and bg per generated tensor, computed when first asked for
-    base: tuple[Tensor, ...] | None = None  # --generate delta: each tensor's frozen base, flat
-
-    def span(self, i: int) -> tuple[int, int, int]:
-        """Tensor i's first chunk, its number of chunks and its start in the first."""
-        p = self.generated[i]
-        first, last = p.offset // self.chunk_dim, (p.offset + p.size - 1) // self.chunk_dim
-        return first, last - first + 1, p.offset - first * self.chunk_dim
-
-    @property
-    def aligned(self) -> bool:
-        """Every tensor starts a chunk (``chunking="tensor"``): no chunk holds two tensors."""
-        if "aligned" not in self.cache:
-            self.cache["aligned"] = all(p.offset % self.chunk_dim == 0 for p in self.generated)
-        return self.cache["aligned"]
-
-    def chunks(self, i: int) -> tuple[Tensor, Tensor]:
-        """Tensor i's chunks: each sample's scales ``(batch, count)`` and the table's rows
-        ``(count, embedding_dim)``; one split of each for all tensors when no chunk holds two."""
-        first, count, _ = self.span(i)
-        if not self.aligned:
-            return self.scales[:, first : first + count], self.table[first : first + count]
-        if "chunks" not in self.cache:
-            sizes, owners, end = [], [], 0
-            for j in range(len(self.generated)):
-                start, n, _ = self.span(j)
-                if start > end:  # never with chunking="tensor"; kept for safety
-                    sizes.append(start - end)
-                    owners.append(-1)
-                sizes.append(n)
-                owners.append(j)
-                end = start + n
-            if self.table.shape[0] > end:
-                sizes.append(self.table.shape[0] - end)
-                owners.append(-1)
-            pieces = zip(owners, self.scales.split(sizes, 1), self.table.split(sizes), strict=True)
-            self.cache["chunks"] = {j: (s, t) for j, s, t in pieces if j >= 0}
-        return self.cache["chunks"][i]
-
-    def g0(self, i: int) -> Tensor:
-        """``G0 = E Wg^T`` at tensor i's positions, flat: chunk by chunk where every tensor
-        starts a chunk (``chunking="tensor"``), else one product split (one backward node)."""
-        if i not in self.cache:
-            if self.aligned:
-                g0 = F.linear(self.chunks(i)[1], self.generator).view(-1)
-                size = self.generated[i].size
-                self.cache[i] = g0 if g0.shape[0] == size else g0[:size]
-            else:
-                sizes, owners = segments(self.generated, self.flat_size)
-                g0 = F.linear(self.table, self.generator).view(-1)[: self.flat_size]
-                pieces = zip(owners, g0.split(sizes), strict=True)
-                self.cache.update((j, v) for j, v in pieces if j < len(self.generated))
-        return self.cache[i]
-
-    def bg(self, i: int) -> Tensor:
-        """The generator's bias at tensor i's positions, flat."""
-        first, count, start = self.span(i)
-        bias = self.generator_bias if count == 1 else self.generator_bias.repeat(count)
-        size = self.generated[i].size
-        return bias if start == 0 and size == bias.shape[0] else bias[start : start + size]
-
-    def raw(self, i: int, coeff: Tensor) -> Tensor:
-        """Tensor i's values for every sample, ``(batch, size)``, given the scale of the
-        chunk each value lies in, ``(batch, size)`` (or ``(batch, 1)``: one chunk)."""
-        raw = self.bg(i) + coeff * self.g0(i)  # no addcmul: its backward is heavier
-        value = self.param_shift[i] + self.param_scale[i] * raw
-        return value if self.base is None else self.base[i] + value
-
-    def materialise(self, i: int) -> Tensor:
-        """Tensor i for every sample, ``(batch, *shape)``: with every tensor in one chunk
-        (:meth:`small`) if it lies in one, else from its own chunks."""
-        p, (_, count, start) = self.generated[i], self.span(i)
-        if count == 1 and self.base is None:
-            return self.small()[i].view(-1, *p.shape)
-        scales, rows = self.chunks(i)
-        if count == 1:
-            return self.raw(i, scales).view(-1, *p.shape)
-        # chunk by chunk, (shift + scale bg) + (scale s_b) G0: two passes over batch x size
-        scale, shift = self.param_scale[i], self.param_shift[i]
-        g0 = F.linear(rows, self.generator)  # (count, chunk_dim)
-        value = shift + scale * self.generator_bias + (scale * scales)[:, :, None] * g0
-        value = value.flatten(1)[:, start : start + p.size]
-        return (value if self.base is None else self.base[i] + value).view(-1, *p.shape)
-
-    def small(self) -> dict[int, Tensor]:
-        """Every tensor lying in one chunk (biases, norms' weights, small kernels) for every
-        sample, ``(batch, size)`` each, computed once for all: a few operations on the values
-        gathered from their chunks, instead of a few operations per tensor."""
-        if "small" not in self.cache:
-            spans = [(i, *self.span(i)) for i in range(len(self.generated))]
-            spans = [(i, first, start) for i, first, count, start in spans if count == 1]
-            ids = [i for i, _, _ in spans]
-            sizes = [self.generated[i].size for i in ids]
-            counts = torch.tensor(sizes)  # the indices: on the host, then copied without a sync
-            owner = torch.arange(len(ids)).repeat_interleave(counts, output_size=sum(sizes))
-            within = torch.arange(sum(sizes)) - (counts.cumsum(0) - counts)[owner]
-            pos = torch.tensor([start for _, _, start in spans])[owner] + within
-            chunk = torch.tensor([first for _, first, _ in spans])
-            index = torch.stack([owner, owner * self.chunk_dim + pos, pos, chunk[owner]])
-            device = self.scales.device
-            owner, g0_at, pos, chunk_at = index.to(device, non_blocking=True)
-            chunk = chunk.to(device, non_blocking=True)
-            g0 = F.linear(self.table.index_select(0, chunk), self.generator)  # (tensors, C)
-            g0 = g0.view(-1).index_select(0, g0_at)
-            bg = self.generator_bias.index_select(0, pos)
-            coeff = self.scales.index_select(1, chunk_at)
-            scale = torch.stack([self.param_scale[i] for i in ids]).index_select(0, owner)
-            shift = torch.stack([self.param_shift[i] for i in ids]).index_select(0, owner)
-            value = shift + scale * (bg + coeff * g0)  # as raw(): bg + s * g0, then decoded
-            self.cache["small"] = dict(zip(ids, value.split(sizes, 1), strict=True))
-        return self.cache["small"]
-
-
-def shared_inputs(
-    hypernetwork: nn.Module,
-    condition: Tensor,
-    generated: tuple,
-    flat_size: int,
-    gradient_scale: tuple | None = None,
-    delta: bool = False,
-) -> Shared:
-    """A batch's :class:`Shared`, from the hypernetwork's embedding table (scaled per sample),
-    its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
-    ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
-    every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``).
-    ``condition`` None: a static hypernetwork's one weight set (``scales`` None), its table what
-    ``embedding_module()`` returns."""
-    embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
-    table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
-    scale, shift = decoder(
-        hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
-    )
-    if condition is None:  # static: one weight set, from the embedding module's own table
-        scales, table = None, embedding()
-    else:
-        scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
-    return Shared(
-        scales=scales,
-        table=table,
-        generator=scale_grad(generator.weight, weight_scale),
-        generator_bias=scale_grad(generator.bias, bias_scale),
-        param_scale=scale,
-        param_shift=shift,
-        generated=generated,
-        chunk_dim=generator.weight.shape[0],
-        flat_size=flat_size,
-        cache={},
-        base=(
-            tuple(hypernetwork.base[p.offset : p.offset + p.size] for p in generated)
-            if delta
-            else None
-        ),
-    )
-
-
 # -- Static mode without the flat vector --
 # A static forward needs no flat vector: each generated tensor is made from its own chunks, and a
 # Linear whose weight rows each fill one chunk never builds its weight (a rank-D product).
@@ -563,6 +395,10 @@ class StaticPlan(NamedTuple):
     sizes: tuple[int, ...]  # the generator's output on those rows, split: gap, tensor, gap, ...
     built: tuple[int, ...]  # the tensors those pieces are, in order (indices in the layout)
     slots: tuple[tuple[nn.Module, str, int], ...]  # (owner, attribute, tensor index), aliases too
+    generated: tuple  # the layout
+    chunk_dim: int
+    owner: Tensor  # the tensor every value of the rows' output belongs to (gaps: len(generated))
+    cache: dict  # owner and 1 / size per device, made when first asked for
 
 
 def install_static(
@@ -614,13 +450,34 @@ def install_static(
     for name, i in sorted(names.items(), key=lambda item: order[item[1]]):
         owner, _, leaf = name.rpartition(".")
         slots.append((target.get_submodule(owner), leaf, order[i]))
+    sizes = [*sizes, total - end] if runs else []
+    built = tuple(i for _, i in starts)
+    owner = [len(generated)] * total  # each value of the block: its tensor (gaps: one past)
+    at = 0
+    for n, size in enumerate(sizes):
+        if n % 2:
+            owner[at : at + size] = [built[n // 2]] * size
+        at += size
     return StaticPlan(
         tuple(swapped),
         tuple((first, end) for first, end, _ in runs),
-        (*sizes, total - end) if runs else (),
-        tuple(i for _, i in starts),
+        tuple(sizes),
+        built,
         tuple(slots),
+        generated,
+        chunk_dim,
+        torch.tensor(owner, dtype=torch.long),
+        {},
     )
+
+
+class LowRankInputs(NamedTuple):
+    """What a LOW_RANK Linear's :func:`low_rank_forward` reads in a static call."""
+
+    generator: Tensor  # (chunk_dim, embedding_dim): Wg
+    rows: Tensor  # (out, embedding_dim): its rows of the table, times its decode scale
+    shift: Tensor  # (chunk_dim,): its decode shift + scale * bg
+    base: Tensor | None  # --generate delta: its frozen base weight
 
 
 def low_rank_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -628,50 +485,193 @@ def low_rank_forward(self: nn.Module, x: Tensor) -> Tensor:
     :func:`run_static`). Row ``o`` is ``shift + scale * (Wg E[first + o] + bg)``, so ``W x =
     (scale E_rows) (Wg^T x) + ((shift + scale bg) . x)``: a product of rank D, which the generator
     chose where ``D (in + out) < in out`` (cheaper than building W, for any batch)."""
-    shared: Shared | None = self.hyper_shared
-    if shared is None:
+    inputs: LowRankInputs | None = self.hyper_shared
+    if inputs is None:
         return type(self).__mro__[1].forward(self, x)
-    i = self.hyper_weight
-    p = shared.generated[i]
-    first, scale, shift = p.offset // shared.chunk_dim, shared.param_scale[i], shared.param_shift[i]
-    rows = shared.table[first : first + p.shape[0]] * scale
-    y = F.linear(x @ shared.generator, rows, self.bias)
-    y = y + (x @ (shift + scale * shared.generator_bias)).unsqueeze(-1)
-    if shared.base is not None:  # delta: the frozen base's product too
-        y = y + F.linear(x, shared.base[i].view(p.shape))
+    y = F.linear(x @ inputs.generator, inputs.rows, self.bias)
+    y = y + (x @ inputs.shift).unsqueeze(-1)
+    if inputs.base is not None:  # delta: the frozen base's product too
+        y = y + F.linear(x, inputs.base)
     return y
 
 
-def static_tensors(shared: Shared, plan: StaticPlan) -> list[Tensor]:
-    """The generated tensors the plan builds, in its order, shaped, for one weight set
-    (``shared.scales`` None): their chunks through the linear generator in one product, split
-    once, then decoded as :func:`decode` does."""
-    if not plan.rows:
-        return []
-    rows = [shared.table[first:end] for first, end in plan.rows]
-    table = rows[0] if len(rows) == 1 else torch.cat(rows)
-    raw = F.linear(table, shared.generator, shared.generator_bias).view(-1)
-    values = []
-    for i, part in zip(plan.built, raw.split(plan.sizes)[1::2], strict=True):  # one split
-        value = torch.addcmul(shared.param_shift[i], part, shared.param_scale[i])
-        value = value if shared.base is None else shared.base[i] + value
-        values.append(value.view(shared.generated[i].shape))
-    return values
+def static_values(
+    plan: StaticPlan,
+    base: tuple[Tensor, ...] | None,
+    table: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+) -> tuple[tuple[Tensor, ...], Tensor | None, Tensor | None]:
+    """The outputs of :class:`StaticWeights` (and the rows' block and raw output it keeps)."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    outputs, block, raw = [], None, None
+    if plan.rows:
+        pieces = [table[first:end] for first, end in plan.rows]
+        block = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        raw = F.linear(block, weight, bias).view(-1)
+        for i, part in zip(plan.built, raw.split(plan.sizes)[1::2], strict=True):
+            value = torch.addcmul(shift[i], part, scale[i])
+            value = value if base is None else base[i] + value
+            outputs.append(value.view(plan.generated[i].shape))
+    for module in plan.low_rank:
+        i, p = module.hyper_weight, plan.generated[module.hyper_weight]
+        first = p.offset // plan.chunk_dim
+        outputs.append(table[first : first + p.shape[0]] * scale[i])
+        outputs.append(shift[i] + scale[i] * bias)
+    if plan.low_rank:
+        outputs.append(weight.view_as(weight))  # Wg itself, for the layers' x Wg
+    return tuple(outputs), block, raw
+
+
+class StaticWeights(torch.autograd.Function):
+    """One static weight set, with its backward written out: the plan's tensors (their chunks
+    through the linear generator in one product, split once, decoded as :func:`decode` does) and
+    every LOW_RANK layer's :class:`LowRankInputs` (:func:`static_values`). The gradient
+    multipliers (``scales``: table, generator weight, bias; the decode's ``1 / size``) are
+    applied in the backward, so the whole generation is one autograd node instead of some forty
+    small ones. A backward that must itself be differentiated (``create_graph=True``) runs
+    :func:`static_values` through autograd instead: the reference, second derivatives and all."""
+
+    @staticmethod
+    def forward(  # noqa: PLR0913 - autograd passes the tensors one by one
+        ctx: Any,
+        plan: StaticPlan,
+        scales: tuple | None,
+        base: tuple[Tensor, ...] | None,
+        table: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        param_scale: Tensor,
+        param_shift: Tensor,
+    ) -> tuple[Tensor, ...]:
+        outputs, block, raw = static_values(
+            plan, base, table, weight, bias, param_scale, param_shift
+        )
+        ctx.plan, ctx.scales, ctx.base = plan, scales, base
+        ctx.save_for_backward(table, weight, bias, param_scale, param_shift, block, raw)
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        plan, scales = ctx.plan, ctx.scales
+        table, weight, bias, param_scale, param_shift, block, raw = ctx.saved_tensors
+        count = len(plan.generated)
+        gaps = any(plan.sizes[0::2])  # values of no tensor (owner: one past the last)
+        owner, inverse = static_constants(plan, param_scale)
+        if torch.is_grad_enabled():  # create_graph: the reference, through autograd
+            inputs = (table, weight, bias, param_scale, param_shift)
+            factors = (None,) * 5 if scales is None else (*scales, inverse, inverse)
+            scaled = [scale_grad(x, f) for x, f in zip(inputs, factors, strict=True)]
+            outputs = static_values(plan, ctx.base, *scaled)[0]
+            found = torch.autograd.grad(
+                outputs, inputs, grads, create_graph=True, allow_unused=True
+            )
+            return None, None, None, *found
+        g_table = torch.zeros_like(table)
+        g_weight = grads[-1] if plan.low_rank else torch.zeros_like(weight)
+        g_bias = torch.zeros_like(bias)
+        g_scale = param_scale.new_zeros(count + gaps)
+        g_shift = param_scale.new_zeros(count + gaps)
+        if plan.rows:  # the block: d value = g, d raw = scale g, then through the product
+            built = grads[: len(plan.built)]
+            pieces = [
+                built[n // 2].reshape(-1) if n % 2 else raw.new_zeros(size)
+                for n, size in enumerate(plan.sizes)
+                if size
+            ]
+            g_value = torch.cat(pieces)
+            g_scale.index_add_(0, owner, g_value * raw)
+            g_shift.index_add_(0, owner, g_value)
+            padded = torch.cat([param_scale, param_scale.new_zeros(1)]) if gaps else param_scale
+            scale_at = padded.index_select(0, owner)  # gaps belong to no tensor: scale 0
+            g_raw = (g_value * scale_at).view(-1, weight.shape[0])
+            g_block = g_raw @ weight
+            at = 0
+            for first, end in plan.rows:
+                g_table[first:end] = g_block[at : at + end - first]
+                at += end - first
+            g_weight = g_weight + g_raw.t() @ block
+            g_bias = g_bias + g_raw.sum(0)
+        low = grads[len(plan.built) :]
+        for n, module in enumerate(plan.low_rank):
+            i, p = module.hyper_weight, plan.generated[module.hyper_weight]
+            g_rows, g_u = low[2 * n], low[2 * n + 1]
+            first = p.offset // plan.chunk_dim
+            rows = table[first : first + p.shape[0]]
+            g_table[first : first + p.shape[0]] = g_rows * param_scale[i]
+            g_scale[i] += (g_rows * rows).sum() + g_u @ bias
+            g_shift[i] += g_u.sum()
+            g_bias = g_bias + param_scale[i] * g_u
+        if gaps:
+            g_scale, g_shift = g_scale[:count], g_shift[:count]
+        if scales is not None:
+            g_table, g_weight, g_bias = (
+                g_table * scales[0],
+                g_weight * scales[1],
+                g_bias * scales[2],
+            )
+            g_scale, g_shift = g_scale * inverse, g_shift * inverse
+        return None, None, None, g_table, g_weight, g_bias, g_scale, g_shift
+
+
+def static_constants(plan: StaticPlan, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The plan's owner index and every tensor's ``1 / size`` on ``like``'s device, kept after
+    the first call (not while torch.compile traces: it may not write the cache)."""
+    key = (like.device, like.dtype)
+    found = plan.cache.get(key)
+    if found is None:
+        inverse = torch.tensor([1.0 / p.size for p in plan.generated], dtype=like.dtype)
+        found = (plan.owner.to(like.device), inverse.to(like.device))
+        if not torch.compiler.is_compiling():
+            plan.cache[key] = found
+    return found
 
 
 def run_static(
-    plan: StaticPlan, target: nn.Module, shared: Shared, args: tuple, kwargs: dict
+    hypernetwork: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    gradient_scale: tuple | None = None,
+    table: Tensor | None = None,
+    delta: bool = False,
 ) -> Any:
     """The target with one generated weight set and no flat vector: every tensor from its own
-    chunks (:func:`static_tensors`), set as a plain attribute for the call as functional_call
-    does for names the target does not hold; the ``low_rank`` layers' weights never built."""
-    values = static_tensors(shared, plan)
-    try:
+    chunks (:class:`StaticWeights`), set as a plain attribute for the call as functional_call
+    does for names the target does not hold; the ``low_rank`` layers' weights never built.
+    ``table``: what a template's own embedding module returns (default: the built-in table,
+    its gradient multiplier applied here); ``delta``: every tensor is the ``base`` buffer's
+    values plus the generated ones."""
+    plan: StaticPlan = hypernetwork.static_plan
+    generator = hypernetwork.weight_generator.linear
+    if table is None:
+        table = hypernetwork.embedding_module.weight
+    elif gradient_scale is not None:
+        gradient_scale = (1.0, *gradient_scale[1:])
+    base = None
+    if delta:
+        flat = hypernetwork.base
+        base = tuple(flat[p.offset : p.offset + p.size] for p in plan.generated)
+    values = StaticWeights.apply(
+        plan,
+        gradient_scale,
+        base,
+        table,
+        generator.weight,
+        generator.bias,
+        hypernetwork.param_scale,
+        hypernetwork.param_shift,
+    )
+    low = values[len(plan.built) :]
+    try:  # setattr: a module may watch its names (nn.RNN's _flat_weights)
         for module, leaf, n in plan.slots:
             setattr(module, leaf, values[n])
-        for module in plan.low_rank:
-            module.hyper_shared = shared
-        return target(*args, **kwargs)
+        for n, module in enumerate(plan.low_rank):
+            i = module.hyper_weight
+            weight = None if base is None else base[i].view(plan.generated[i].shape)
+            module.hyper_shared = LowRankInputs(low[-1], low[2 * n], low[2 * n + 1], weight)
+        return hypernetwork.target(*args, **kwargs)
     finally:
         for module, leaf, _ in plan.slots:
             module.__dict__.pop(leaf, None)
@@ -690,4 +690,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=292ecddc87e3cc079a134fc92e4864e093f425859fa3ce59ca835a2ad100f129
+# hypernn-gen: sha256=756dbe5f8b7bfc0e3fe957133e8676fd46131eec69406ad8ae22d8e9577dd6f4

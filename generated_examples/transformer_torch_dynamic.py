@@ -835,7 +835,7 @@ class FusedLayer(NamedTuple):
 class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
-    scales: Tensor | None  # (batch, num_embeddings); None: static (one weight set)
+    scales: Tensor  # (batch, num_embeddings)
     table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
     generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
     generator_bias: Tensor  # (chunk_dim,): its bias bg
@@ -969,17 +969,13 @@ def shared_inputs(
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
     ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
     every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``).
-    ``condition`` None: a static hypernetwork's one weight set (``scales`` None), its table what
-    ``embedding_module()`` returns."""
+    (A static call has its own path: :func:`run_static`.)"""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
     scale, shift = decoder(
         hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
     )
-    if condition is None:  # static: one weight set, from the embedding module's own table
-        scales, table = None, embedding()
-    else:
-        scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
+    scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
     return Shared(
         scales=scales,
         table=table,
@@ -1146,4 +1142,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=a46553e4877e759fd83cb57e740062351709b30132fcb794bb540b982d9dece9
+# hypernn-gen: sha256=9148bb9b2b4e43f18848a1e37c0ba57d19b4ace0a19a62ce476dd818e9c9c5ce

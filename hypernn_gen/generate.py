@@ -667,7 +667,7 @@ def torch_decisions(
         roots += list(dict.fromkeys(f for _, f in forwards))
     static_fast = fast_static(options, loaded)
     if static_fast:
-        roots += ["shared_inputs", "run_static", "install_static"]
+        roots += ["run_static", "install_static"]
     kernel = kernel_source("torch", roots)
     own = (
         [*_TORCH_IMPORTS, "from torch.func import functional_call"]
@@ -684,6 +684,7 @@ def torch_decisions(
         example_kwargs=tuple((k, example_expression(v)) for k, v in loaded.example_kwargs.items()),
         fused=fused,
         static_fast=static_fast,
+        own_embedding=static_fast and "embedding" in own_classes(options, loaded),
         low_rank=low_rank,
         fused_kinds=kinds,
         indexed=any(k in _FUSED_FORWARD for k in kinds),

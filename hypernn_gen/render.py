@@ -129,6 +129,8 @@ class TemplateContext:
     #: static Torch (linear generator), static Linen/NNX with rank-D layers: the forward builds
     #: no flat vector unless ``return_params``
     static_fast: bool = False
+    #: static Torch fast path: the template writes its own embedding block (its output is the table)
+    own_embedding: bool = False
     #: static Torch/Linen/NNX: ``(module path, weight index)`` of the layers computed at rank D
     low_rank: tuple[tuple[str, int], ...] = ()
     #: static Linen/NNX: the ``LOW_RANK`` rows, ``(module keys, kernel index, bias index, 1)``

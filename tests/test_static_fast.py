@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gen_support import hypernetwork_class, import_file, target_file
+from gen_support import REPO, hypernetwork_class, import_file, target_file
 from tolerances import GRAD, STATIC, assert_close
 from torch import nn
 
@@ -69,16 +69,77 @@ def test_low_rank_layers_never_build_their_weight(tmp_path) -> None:
     module, _ = generate(tmp_path, SEED)
     hyper = hypernetwork_class(module)()
     built: list[tuple[int, ...]] = []
-    original = module.static_tensors
+    original = module.StaticWeights.forward
 
-    def spy(shared, plan):
-        values = original(shared, plan)
+    def spy(ctx, plan, *args):
+        values = original(ctx, plan, *args)
         built.extend(tuple(v.shape) for v in values)
         return values
 
-    module.static_tensors = spy
-    hyper(torch.randn(3, 8))
-    assert (256, 256) not in built and (256, 8) in built
+    module.StaticWeights.forward = staticmethod(spy)
+    try:
+        hyper(torch.randn(3, 8))
+    finally:
+        module.StaticWeights.forward = staticmethod(original)
+    # the Linear "2" gets its table rows (256, 32), its shift (256,) and Wg (256, 32), no weight
+    assert (256, 256) not in built and (256, 8) in built and (256, 32) in built
+
+
+def reference_grads(hyper: nn.Module, loss) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    params = {n: p for n, p in hyper.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {n: g for n, g in zip(params, grads, strict=True) if g is not None}
+
+
+# The static call's generation is one autograd node with its backward written out
+# (kernel.torch.StaticWeights): every target shape the committed files cover, both gradient
+# settings, in float64 so a wrong term cannot hide in float32 rounding; second derivatives too.
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("seed_mlp", ()),
+        ("seed_mlp", ("--gradient-scaling", "off")),
+        ("seed_mlp", ("--generate", "delta")),
+        ("seed_mlp", ("--template-dir", str(REPO / "generated_examples" / "templates"))),
+        ("transformer", ()),  # tied head, layer norms, attention, LOW_RANK MLP layers
+        ("cnn", ()),  # convolutions: every tensor built, none at rank D
+    ],
+)
+def test_the_written_out_backward_equals_autograd_through_the_flat_vector(
+    tmp_path, name, extra
+) -> None:
+    module, _ = generate(tmp_path, str(target_file(name)), *extra)
+    torch.manual_seed(0)
+    hyper = hypernetwork_class(module)().double().eval()  # eval: no dropout draws
+    with torch.no_grad():  # every parameter away from its init (decode scales of 0 included)
+        for p in hyper.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    args = {
+        "seed_mlp": lambda: torch.randn(4, 8, dtype=torch.float64),
+        "transformer": lambda: torch.randint(0, 64, (3, 16)),
+        "cnn": lambda: torch.randn(3, 1, 8, 8, dtype=torch.float64),
+    }[name]()
+    args = (args,)
+    fast = hyper(*args)[0]
+    slow = hyper(*args, return_params=True)[0]
+    assert_close(fast, slow, {"rtol": 1e-12, "atol": 1e-12}, "output")
+    weights = [torch.randn_like(fast)]
+    fast_grads = reference_grads(hyper, (fast * weights[0]).sum())
+    slow_grads = reference_grads(hyper, (slow * weights[0]).sum())
+    assert set(fast_grads) == set(slow_grads) and fast_grads
+    for n, g in slow_grads.items():
+        assert_close(fast_grads[n], g, {"rtol": 1e-10, "atol": 1e-12}, f"gradient of {n}")
+    if name == "transformer":  # torch has no double backward for CPU flash attention
+        return
+    # second derivatives (meta-learning through the hypernetwork): d |dL/dWg|^2 / d params
+    table = hyper.weight_generator.linear.weight
+    second = []
+    for out in (hyper(*args)[0], hyper(*args, return_params=True)[0]):
+        (g,) = torch.autograd.grad((out * weights[0]).sum(), table, create_graph=True)
+        second.append(reference_grads(hyper, g.square().sum()))
+    assert set(second[0]) == set(second[1])
+    for n, g in second[1].items():
+        assert_close(second[0][n], g, {"rtol": 1e-9, "atol": 1e-12}, f"second derivative, {n}")
 
 
 def test_a_weight_read_outside_its_layer_is_not_computed_at_rank_d(tmp_path) -> None:

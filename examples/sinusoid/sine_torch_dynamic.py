@@ -771,7 +771,7 @@ class FusedLayer(NamedTuple):
 class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
-    scales: Tensor | None  # (batch, num_embeddings); None: static (one weight set)
+    scales: Tensor  # (batch, num_embeddings)
     table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
     generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
     generator_bias: Tensor  # (chunk_dim,): its bias bg
@@ -905,17 +905,13 @@ def shared_inputs(
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
     ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
     every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``).
-    ``condition`` None: a static hypernetwork's one weight set (``scales`` None), its table what
-    ``embedding_module()`` returns."""
+    (A static call has its own path: :func:`run_static`.)"""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
     scale, shift = decoder(
         hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
     )
-    if condition is None:  # static: one weight set, from the embedding module's own table
-        scales, table = None, embedding()
-    else:
-        scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
+    scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
     return Shared(
         scales=scales,
         table=table,
@@ -1255,4 +1251,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=e9041a580798aede7d639d26d50d80fafcc5abb6a453ff174d39db00be3ae1be
+# hypernn-gen: sha256=3679825b546bebc65e52da920196af6f57f3900896c18875e2d01360acc264e2

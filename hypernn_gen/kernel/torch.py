@@ -637,7 +637,7 @@ class FusedLayer(NamedTuple):
 class Shared(NamedTuple):
     """One batch's generation inputs: per-sample chunk scales and what all samples share."""
 
-    scales: Tensor | None  # (batch, num_embeddings); None: static (one weight set)
+    scales: Tensor  # (batch, num_embeddings)
     table: Tensor  # (num_embeddings, embedding_dim): the embedding table E
     generator: Tensor  # (chunk_dim, embedding_dim): the linear generator's weight Wg
     generator_bias: Tensor  # (chunk_dim,): its bias bg
@@ -771,17 +771,13 @@ def shared_inputs(
     its linear weight generator (``weight_generator.linear``) and ``param_scale``/``param_shift``;
     ``gradient_scale``: the multipliers of the table, the generator's weight and bias; ``delta``:
     every tensor is the ``base`` buffer's values plus the generated ones (``--generate delta``).
-    ``condition`` None: a static hypernetwork's one weight set (``scales`` None), its table what
-    ``embedding_module()`` returns."""
+    (A static call has its own path: :func:`run_static`.)"""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
     scale, shift = decoder(
         hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
     )
-    if condition is None:  # static: one weight set, from the embedding module's own table
-        scales, table = None, embedding()
-    else:
-        scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
+    scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
     return Shared(
         scales=scales,
         table=table,
@@ -1395,6 +1391,10 @@ class StaticPlan(NamedTuple):
     sizes: tuple[int, ...]  # the generator's output on those rows, split: gap, tensor, gap, ...
     built: tuple[int, ...]  # the tensors those pieces are, in order (indices in the layout)
     slots: tuple[tuple[nn.Module, str, int], ...]  # (owner, attribute, tensor index), aliases too
+    generated: tuple  # the layout
+    chunk_dim: int
+    owner: Tensor  # the tensor every value of the rows' output belongs to (gaps: len(generated))
+    cache: dict  # owner and 1 / size per device, made when first asked for
 
 
 def install_static(
@@ -1446,13 +1446,34 @@ def install_static(
     for name, i in sorted(names.items(), key=lambda item: order[item[1]]):
         owner, _, leaf = name.rpartition(".")
         slots.append((target.get_submodule(owner), leaf, order[i]))
+    sizes = [*sizes, total - end] if runs else []
+    built = tuple(i for _, i in starts)
+    owner = [len(generated)] * total  # each value of the block: its tensor (gaps: one past)
+    at = 0
+    for n, size in enumerate(sizes):
+        if n % 2:
+            owner[at : at + size] = [built[n // 2]] * size
+        at += size
     return StaticPlan(
         tuple(swapped),
         tuple((first, end) for first, end, _ in runs),
-        (*sizes, total - end) if runs else (),
-        tuple(i for _, i in starts),
+        tuple(sizes),
+        built,
         tuple(slots),
+        generated,
+        chunk_dim,
+        torch.tensor(owner, dtype=torch.long),
+        {},
     )
+
+
+class LowRankInputs(NamedTuple):
+    """What a LOW_RANK Linear's :func:`low_rank_forward` reads in a static call."""
+
+    generator: Tensor  # (chunk_dim, embedding_dim): Wg
+    rows: Tensor  # (out, embedding_dim): its rows of the table, times its decode scale
+    shift: Tensor  # (chunk_dim,): its decode shift + scale * bg
+    base: Tensor | None  # --generate delta: its frozen base weight
 
 
 def low_rank_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -1460,50 +1481,193 @@ def low_rank_forward(self: nn.Module, x: Tensor) -> Tensor:
     :func:`run_static`). Row ``o`` is ``shift + scale * (Wg E[first + o] + bg)``, so ``W x =
     (scale E_rows) (Wg^T x) + ((shift + scale bg) . x)``: a product of rank D, which the generator
     chose where ``D (in + out) < in out`` (cheaper than building W, for any batch)."""
-    shared: Shared | None = self.hyper_shared
-    if shared is None:
+    inputs: LowRankInputs | None = self.hyper_shared
+    if inputs is None:
         return type(self).__mro__[1].forward(self, x)
-    i = self.hyper_weight
-    p = shared.generated[i]
-    first, scale, shift = p.offset // shared.chunk_dim, shared.param_scale[i], shared.param_shift[i]
-    rows = shared.table[first : first + p.shape[0]] * scale
-    y = F.linear(x @ shared.generator, rows, self.bias)
-    y = y + (x @ (shift + scale * shared.generator_bias)).unsqueeze(-1)
-    if shared.base is not None:  # delta: the frozen base's product too
-        y = y + F.linear(x, shared.base[i].view(p.shape))
+    y = F.linear(x @ inputs.generator, inputs.rows, self.bias)
+    y = y + (x @ inputs.shift).unsqueeze(-1)
+    if inputs.base is not None:  # delta: the frozen base's product too
+        y = y + F.linear(x, inputs.base)
     return y
 
 
-def static_tensors(shared: Shared, plan: StaticPlan) -> list[Tensor]:
-    """The generated tensors the plan builds, in its order, shaped, for one weight set
-    (``shared.scales`` None): their chunks through the linear generator in one product, split
-    once, then decoded as :func:`decode` does."""
-    if not plan.rows:
-        return []
-    rows = [shared.table[first:end] for first, end in plan.rows]
-    table = rows[0] if len(rows) == 1 else torch.cat(rows)
-    raw = F.linear(table, shared.generator, shared.generator_bias).view(-1)
-    values = []
-    for i, part in zip(plan.built, raw.split(plan.sizes)[1::2], strict=True):  # one split
-        value = torch.addcmul(shared.param_shift[i], part, shared.param_scale[i])
-        value = value if shared.base is None else shared.base[i] + value
-        values.append(value.view(shared.generated[i].shape))
-    return values
+def static_values(
+    plan: StaticPlan,
+    base: tuple[Tensor, ...] | None,
+    table: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    param_scale: Tensor,
+    param_shift: Tensor,
+) -> tuple[tuple[Tensor, ...], Tensor | None, Tensor | None]:
+    """The outputs of :class:`StaticWeights` (and the rows' block and raw output it keeps)."""
+    scale, shift = param_scale.unbind(), param_shift.unbind()
+    outputs, block, raw = [], None, None
+    if plan.rows:
+        pieces = [table[first:end] for first, end in plan.rows]
+        block = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        raw = F.linear(block, weight, bias).view(-1)
+        for i, part in zip(plan.built, raw.split(plan.sizes)[1::2], strict=True):
+            value = torch.addcmul(shift[i], part, scale[i])
+            value = value if base is None else base[i] + value
+            outputs.append(value.view(plan.generated[i].shape))
+    for module in plan.low_rank:
+        i, p = module.hyper_weight, plan.generated[module.hyper_weight]
+        first = p.offset // plan.chunk_dim
+        outputs.append(table[first : first + p.shape[0]] * scale[i])
+        outputs.append(shift[i] + scale[i] * bias)
+    if plan.low_rank:
+        outputs.append(weight.view_as(weight))  # Wg itself, for the layers' x Wg
+    return tuple(outputs), block, raw
+
+
+class StaticWeights(torch.autograd.Function):
+    """One static weight set, with its backward written out: the plan's tensors (their chunks
+    through the linear generator in one product, split once, decoded as :func:`decode` does) and
+    every LOW_RANK layer's :class:`LowRankInputs` (:func:`static_values`). The gradient
+    multipliers (``scales``: table, generator weight, bias; the decode's ``1 / size``) are
+    applied in the backward, so the whole generation is one autograd node instead of some forty
+    small ones. A backward that must itself be differentiated (``create_graph=True``) runs
+    :func:`static_values` through autograd instead: the reference, second derivatives and all."""
+
+    @staticmethod
+    def forward(  # noqa: PLR0913 - autograd passes the tensors one by one
+        ctx: Any,
+        plan: StaticPlan,
+        scales: tuple | None,
+        base: tuple[Tensor, ...] | None,
+        table: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        param_scale: Tensor,
+        param_shift: Tensor,
+    ) -> tuple[Tensor, ...]:
+        outputs, block, raw = static_values(
+            plan, base, table, weight, bias, param_scale, param_shift
+        )
+        ctx.plan, ctx.scales, ctx.base = plan, scales, base
+        ctx.save_for_backward(table, weight, bias, param_scale, param_shift, block, raw)
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        plan, scales = ctx.plan, ctx.scales
+        table, weight, bias, param_scale, param_shift, block, raw = ctx.saved_tensors
+        count = len(plan.generated)
+        gaps = any(plan.sizes[0::2])  # values of no tensor (owner: one past the last)
+        owner, inverse = static_constants(plan, param_scale)
+        if torch.is_grad_enabled():  # create_graph: the reference, through autograd
+            inputs = (table, weight, bias, param_scale, param_shift)
+            factors = (None,) * 5 if scales is None else (*scales, inverse, inverse)
+            scaled = [scale_grad(x, f) for x, f in zip(inputs, factors, strict=True)]
+            outputs = static_values(plan, ctx.base, *scaled)[0]
+            found = torch.autograd.grad(
+                outputs, inputs, grads, create_graph=True, allow_unused=True
+            )
+            return None, None, None, *found
+        g_table = torch.zeros_like(table)
+        g_weight = grads[-1] if plan.low_rank else torch.zeros_like(weight)
+        g_bias = torch.zeros_like(bias)
+        g_scale = param_scale.new_zeros(count + gaps)
+        g_shift = param_scale.new_zeros(count + gaps)
+        if plan.rows:  # the block: d value = g, d raw = scale g, then through the product
+            built = grads[: len(plan.built)]
+            pieces = [
+                built[n // 2].reshape(-1) if n % 2 else raw.new_zeros(size)
+                for n, size in enumerate(plan.sizes)
+                if size
+            ]
+            g_value = torch.cat(pieces)
+            g_scale.index_add_(0, owner, g_value * raw)
+            g_shift.index_add_(0, owner, g_value)
+            padded = torch.cat([param_scale, param_scale.new_zeros(1)]) if gaps else param_scale
+            scale_at = padded.index_select(0, owner)  # gaps belong to no tensor: scale 0
+            g_raw = (g_value * scale_at).view(-1, weight.shape[0])
+            g_block = g_raw @ weight
+            at = 0
+            for first, end in plan.rows:
+                g_table[first:end] = g_block[at : at + end - first]
+                at += end - first
+            g_weight = g_weight + g_raw.t() @ block
+            g_bias = g_bias + g_raw.sum(0)
+        low = grads[len(plan.built) :]
+        for n, module in enumerate(plan.low_rank):
+            i, p = module.hyper_weight, plan.generated[module.hyper_weight]
+            g_rows, g_u = low[2 * n], low[2 * n + 1]
+            first = p.offset // plan.chunk_dim
+            rows = table[first : first + p.shape[0]]
+            g_table[first : first + p.shape[0]] = g_rows * param_scale[i]
+            g_scale[i] += (g_rows * rows).sum() + g_u @ bias
+            g_shift[i] += g_u.sum()
+            g_bias = g_bias + param_scale[i] * g_u
+        if gaps:
+            g_scale, g_shift = g_scale[:count], g_shift[:count]
+        if scales is not None:
+            g_table, g_weight, g_bias = (
+                g_table * scales[0],
+                g_weight * scales[1],
+                g_bias * scales[2],
+            )
+            g_scale, g_shift = g_scale * inverse, g_shift * inverse
+        return None, None, None, g_table, g_weight, g_bias, g_scale, g_shift
+
+
+def static_constants(plan: StaticPlan, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The plan's owner index and every tensor's ``1 / size`` on ``like``'s device, kept after
+    the first call (not while torch.compile traces: it may not write the cache)."""
+    key = (like.device, like.dtype)
+    found = plan.cache.get(key)
+    if found is None:
+        inverse = torch.tensor([1.0 / p.size for p in plan.generated], dtype=like.dtype)
+        found = (plan.owner.to(like.device), inverse.to(like.device))
+        if not torch.compiler.is_compiling():
+            plan.cache[key] = found
+    return found
 
 
 def run_static(
-    plan: StaticPlan, target: nn.Module, shared: Shared, args: tuple, kwargs: dict
+    hypernetwork: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    gradient_scale: tuple | None = None,
+    table: Tensor | None = None,
+    delta: bool = False,
 ) -> Any:
     """The target with one generated weight set and no flat vector: every tensor from its own
-    chunks (:func:`static_tensors`), set as a plain attribute for the call as functional_call
-    does for names the target does not hold; the ``low_rank`` layers' weights never built."""
-    values = static_tensors(shared, plan)
-    try:
+    chunks (:class:`StaticWeights`), set as a plain attribute for the call as functional_call
+    does for names the target does not hold; the ``low_rank`` layers' weights never built.
+    ``table``: what a template's own embedding module returns (default: the built-in table,
+    its gradient multiplier applied here); ``delta``: every tensor is the ``base`` buffer's
+    values plus the generated ones."""
+    plan: StaticPlan = hypernetwork.static_plan
+    generator = hypernetwork.weight_generator.linear
+    if table is None:
+        table = hypernetwork.embedding_module.weight
+    elif gradient_scale is not None:
+        gradient_scale = (1.0, *gradient_scale[1:])
+    base = None
+    if delta:
+        flat = hypernetwork.base
+        base = tuple(flat[p.offset : p.offset + p.size] for p in plan.generated)
+    values = StaticWeights.apply(
+        plan,
+        gradient_scale,
+        base,
+        table,
+        generator.weight,
+        generator.bias,
+        hypernetwork.param_scale,
+        hypernetwork.param_shift,
+    )
+    low = values[len(plan.built) :]
+    try:  # setattr: a module may watch its names (nn.RNN's _flat_weights)
         for module, leaf, n in plan.slots:
             setattr(module, leaf, values[n])
-        for module in plan.low_rank:
-            module.hyper_shared = shared
-        return target(*args, **kwargs)
+        for n, module in enumerate(plan.low_rank):
+            i = module.hyper_weight
+            weight = None if base is None else base[i].view(plan.generated[i].shape)
+            module.hyper_shared = LowRankInputs(low[-1], low[2 * n], low[2 * n + 1], weight)
+        return hypernetwork.target(*args, **kwargs)
     finally:
         for module, leaf, _ in plan.slots:
             module.__dict__.pop(leaf, None)
