@@ -562,13 +562,10 @@ class StaticWeights(torch.autograd.Function):
         owner, inverse = static_constants(plan, param_scale)
         if torch.is_grad_enabled():  # create_graph: the reference, through autograd
             inputs = (table, weight, bias, param_scale, param_shift)
-            factors = (None,) * 5 if scales is None else (*scales, inverse, inverse)
-            scaled = [scale_grad(x, f) for x, f in zip(inputs, factors, strict=True)]
-            outputs = static_values(plan, ctx.base, *scaled)[0]
-            found = torch.autograd.grad(
-                outputs, inputs, grads, create_graph=True, allow_unused=True
-            )
-            return None, None, None, *found
+            outputs = reference_static_values(plan, scales, ctx.base, *inputs)
+            wanted = [x for x in inputs if x.requires_grad]
+            found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True))
+            return None, None, None, *(next(found) if x.requires_grad else None for x in inputs)
         g_table = torch.zeros_like(table)
         g_weight = grads[-1] if plan.low_rank else torch.zeros_like(weight)
         g_bias = torch.zeros_like(bias)
@@ -616,6 +613,17 @@ class StaticWeights(torch.autograd.Function):
         return None, None, None, g_table, g_weight, g_bias, g_scale, g_shift
 
 
+def reference_static_values(
+    plan: StaticPlan, scales: tuple | None, base: tuple[Tensor, ...] | None, *inputs: Tensor
+) -> tuple[Tensor, ...]:
+    """:class:`StaticWeights`' outputs through autograd, the multipliers by :func:`scale_grad`:
+    what its written-out backward must equal, and what runs where that backward does not."""
+    _, inverse = static_constants(plan, inputs[3])
+    factors = (None,) * 5 if scales is None else (*scales, inverse, inverse)
+    scaled = [scale_grad(x, f) for x, f in zip(inputs, factors, strict=True)]
+    return static_values(plan, base, *scaled)[0]
+
+
 def static_constants(plan: StaticPlan, like: Tensor) -> tuple[Tensor, Tensor]:
     """The plan's owner index and every tensor's ``1 / size`` on ``like``'s device, kept after
     the first call (not while torch.compile traces: it may not write the cache)."""
@@ -653,16 +661,17 @@ def run_static(
     if delta:
         flat = hypernetwork.base
         base = tuple(flat[p.offset : p.offset + p.size] for p in plan.generated)
-    values = StaticWeights.apply(
-        plan,
-        gradient_scale,
-        base,
+    inputs = (
         table,
         generator.weight,
         generator.bias,
         hypernetwork.param_scale,
         hypernetwork.param_shift,
     )
+    if torch.is_autocast_enabled(table.device.type):  # the backward's dtypes: autograd's
+        values = reference_static_values(plan, gradient_scale, base, *inputs)
+    else:
+        values = StaticWeights.apply(plan, gradient_scale, base, *inputs)
     low = values[len(plan.built) :]
     try:  # setattr: a module may watch its names (nn.RNN's _flat_weights)
         for module, leaf, n in plan.slots:
@@ -690,4 +699,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=756dbe5f8b7bfc0e3fe957133e8676fd46131eec69406ad8ae22d8e9577dd6f4
+# hypernn-gen: sha256=7abeac2609a9bd05496e1ad4bb452c3a77ed53c885b16b7c3fa91e7e74585ef6

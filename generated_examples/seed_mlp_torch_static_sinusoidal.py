@@ -584,13 +584,10 @@ class StaticWeights(torch.autograd.Function):
         owner, inverse = static_constants(plan, param_scale)
         if torch.is_grad_enabled():  # create_graph: the reference, through autograd
             inputs = (table, weight, bias, param_scale, param_shift)
-            factors = (None,) * 5 if scales is None else (*scales, inverse, inverse)
-            scaled = [scale_grad(x, f) for x, f in zip(inputs, factors, strict=True)]
-            outputs = static_values(plan, ctx.base, *scaled)[0]
-            found = torch.autograd.grad(
-                outputs, inputs, grads, create_graph=True, allow_unused=True
-            )
-            return None, None, None, *found
+            outputs = reference_static_values(plan, scales, ctx.base, *inputs)
+            wanted = [x for x in inputs if x.requires_grad]
+            found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True))
+            return None, None, None, *(next(found) if x.requires_grad else None for x in inputs)
         g_table = torch.zeros_like(table)
         g_weight = grads[-1] if plan.low_rank else torch.zeros_like(weight)
         g_bias = torch.zeros_like(bias)
@@ -638,6 +635,17 @@ class StaticWeights(torch.autograd.Function):
         return None, None, None, g_table, g_weight, g_bias, g_scale, g_shift
 
 
+def reference_static_values(
+    plan: StaticPlan, scales: tuple | None, base: tuple[Tensor, ...] | None, *inputs: Tensor
+) -> tuple[Tensor, ...]:
+    """:class:`StaticWeights`' outputs through autograd, the multipliers by :func:`scale_grad`:
+    what its written-out backward must equal, and what runs where that backward does not."""
+    _, inverse = static_constants(plan, inputs[3])
+    factors = (None,) * 5 if scales is None else (*scales, inverse, inverse)
+    scaled = [scale_grad(x, f) for x, f in zip(inputs, factors, strict=True)]
+    return static_values(plan, base, *scaled)[0]
+
+
 def static_constants(plan: StaticPlan, like: Tensor) -> tuple[Tensor, Tensor]:
     """The plan's owner index and every tensor's ``1 / size`` on ``like``'s device, kept after
     the first call (not while torch.compile traces: it may not write the cache)."""
@@ -675,16 +683,17 @@ def run_static(
     if delta:
         flat = hypernetwork.base
         base = tuple(flat[p.offset : p.offset + p.size] for p in plan.generated)
-    values = StaticWeights.apply(
-        plan,
-        gradient_scale,
-        base,
+    inputs = (
         table,
         generator.weight,
         generator.bias,
         hypernetwork.param_scale,
         hypernetwork.param_shift,
     )
+    if torch.is_autocast_enabled(table.device.type):  # the backward's dtypes: autograd's
+        values = reference_static_values(plan, gradient_scale, base, *inputs)
+    else:
+        values = StaticWeights.apply(plan, gradient_scale, base, *inputs)
     low = values[len(plan.built) :]
     try:  # setattr: a module may watch its names (nn.RNN's _flat_weights)
         for module, leaf, n in plan.slots:
@@ -712,4 +721,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=2753ca01ea5f9a56d55bb499831bae7db45eb1746bd4b166ab2a08cd0fecdbc5
+# hypernn-gen: sha256=aa17196c39c13c987db438f67600aee89ae89efdb166cadc4416eb2b8af7f1d4

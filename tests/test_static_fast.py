@@ -241,3 +241,26 @@ def test_a_dynamic_template_with_its_own_classes_takes_the_per_sample_path(tmp_p
         plain = module.make_target()
         plain.load_state_dict(hyper.unflatten_params(flat[b]), strict=False)
         assert_close(output[b], plain(x[b : b + 1])[0].detach(), STATIC, f"sample {b}")
+
+
+def test_under_autocast_the_static_call_takes_the_reference_path(tmp_path) -> None:
+    """The written-out backward works in the inputs' dtypes; under autocast the generation runs
+    through autograd instead (bfloat16 products, float32 parameters) and trains."""
+    module, _ = generate(tmp_path, SEED)
+    torch.manual_seed(0)
+    hyper = hypernetwork_class(module)()
+    x = torch.randn(16, 8)
+    want = reference_grads(hyper, hyper(x)[0].square().mean())
+    spy = []
+    original = module.StaticWeights.apply
+    module.StaticWeights.apply = lambda *a: spy.append(1) or original(*a)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = hyper(x)[0]
+        got = reference_grads(hyper, out.float().square().mean())
+    finally:
+        module.StaticWeights.apply = original
+    assert out.dtype == torch.bfloat16 and not spy
+    for name, g in want.items():
+        cosine = torch.nn.functional.cosine_similarity(got[name].flatten(), g.flatten(), dim=0)
+        assert cosine > 0.99, f"gradient of {name} under autocast: cosine {cosine:.4f}"
