@@ -298,8 +298,9 @@ OPTIMIZERS = {
 
 def build(variant: str, target: nn.Module, zero_var: float, gen: object = None) -> nn.Module:
     # grouped:BASE:CHUNK:DIM[:ZERO_VAR[:BOOST[:raw]]]  (BASE 0: one group per tensor)
-    # aligned[-trace][:BOOST[:raw]]  (the design of hypernn_gen.design on the file's chunks;
-    # -trace: multipliers from each block's mean eigenvalue)
+    # aligned[-trace|-direct|-head][:BOOST[:raw]]  (the design of hypernn_gen.design on the
+    # file's chunks; -trace: multipliers from each block's mean eigenvalue; -direct / -head:
+    # zero-std tensors with a per-value parameter of their own / a zero-initialised head)
     if variant.startswith("aligned"):
         name, *rest = variant.split(":")
         boost = float(rest[0]) if rest else 1.0
