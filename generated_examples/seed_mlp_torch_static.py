@@ -557,15 +557,15 @@ class StaticWeights(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         plan, scales = ctx.plan, ctx.scales
         table, weight, bias, param_scale, param_shift, block, raw = ctx.saved_tensors
-        count = len(plan.generated)
-        gaps = any(plan.sizes[0::2])  # values of no tensor (owner: one past the last)
-        owner, inverse = static_constants(plan, param_scale)
         if torch.is_grad_enabled():  # create_graph: the reference, through autograd
             inputs = (table, weight, bias, param_scale, param_shift)
             outputs = reference_static_values(plan, scales, ctx.base, *inputs)
             wanted = [x for x in inputs if x.requires_grad]
             found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True))
             return None, None, None, *(next(found) if x.requires_grad else None for x in inputs)
+        count = len(plan.generated)
+        gaps = any(plan.sizes[0::2])  # values of no tensor (owner: one past the last)
+        owner, inverse = static_constants(plan, param_scale)
         g_table = torch.zeros_like(table)
         g_weight = grads[-1] if plan.low_rank else torch.zeros_like(weight)
         g_bias = torch.zeros_like(bias)
@@ -603,12 +603,9 @@ class StaticWeights(torch.autograd.Function):
             g_bias = g_bias + param_scale[i] * g_u
         if gaps:
             g_scale, g_shift = g_scale[:count], g_shift[:count]
-        if scales is not None:
-            g_table, g_weight, g_bias = (
-                g_table * scales[0],
-                g_weight * scales[1],
-                g_bias * scales[2],
-            )
+        if scales is not None:  # the table's is None where an own embedding applies its own
+            g_table = g_table if scales[0] is None else g_table * scales[0]
+            g_weight, g_bias = g_weight * scales[1], g_bias * scales[2]
             g_scale, g_shift = g_scale * inverse, g_shift * inverse
         return None, None, None, g_table, g_weight, g_bias, g_scale, g_shift
 
@@ -655,8 +652,8 @@ def run_static(
     generator = hypernetwork.weight_generator.linear
     if table is None:
         table = hypernetwork.embedding_module.weight
-    elif gradient_scale is not None:
-        gradient_scale = (1.0, *gradient_scale[1:])
+    elif gradient_scale is not None:  # the embedding module's forward applies its own
+        gradient_scale = (None, *gradient_scale[1:])
     base = None
     if delta:
         flat = hypernetwork.base
@@ -699,4 +696,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=7abeac2609a9bd05496e1ad4bb452c3a77ed53c885b16b7c3fa91e7e74585ef6
+# hypernn-gen: sha256=7fdbf65f8ff919ef342c3c71a56847f1343aad6726be8933a385966706a5f96c

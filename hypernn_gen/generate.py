@@ -870,6 +870,6 @@ def flax_kernel_roots(
         roots += ["shared_inputs", "fused_path"]
         roots += ["install_fusion"] if framework == "nnx" else []
     if low_rank:
-        roots += ["static_inputs", "fused_apply"] if framework == "linen" else []
-        roots += ["static_inputs", "fused_layers", "install_fusion"] if framework == "nnx" else []
+        roots += ["static_inputs"]
+        roots += ["fused_apply"] if framework == "linen" else ["fused_layers", "install_fusion"]
     return roots

@@ -85,7 +85,7 @@ def test_low_rank_layers_never_build_their_weight(tmp_path) -> None:
     assert (256, 256) not in built and (256, 8) in built and (256, 32) in built
 
 
-def reference_grads(hyper: nn.Module, loss) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def grads_of(hyper: nn.Module, loss) -> dict[str, torch.Tensor]:  # noqa: ANN001
     params = {n: p for n, p in hyper.named_parameters() if p.requires_grad}
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     return {n: g for n, g in zip(params, grads, strict=True) if g is not None}
@@ -124,8 +124,8 @@ def test_the_written_out_backward_equals_autograd_through_the_flat_vector(
     slow = hyper(*args, return_params=True)[0]
     assert_close(fast, slow, {"rtol": 1e-12, "atol": 1e-12}, "output")
     weights = [torch.randn_like(fast)]
-    fast_grads = reference_grads(hyper, (fast * weights[0]).sum())
-    slow_grads = reference_grads(hyper, (slow * weights[0]).sum())
+    fast_grads = grads_of(hyper, (fast * weights[0]).sum())
+    slow_grads = grads_of(hyper, (slow * weights[0]).sum())
     assert set(fast_grads) == set(slow_grads) and fast_grads
     for n, g in slow_grads.items():
         assert_close(fast_grads[n], g, {"rtol": 1e-10, "atol": 1e-12}, f"gradient of {n}")
@@ -136,7 +136,7 @@ def test_the_written_out_backward_equals_autograd_through_the_flat_vector(
     second = []
     for out in (hyper(*args)[0], hyper(*args, return_params=True)[0]):
         (g,) = torch.autograd.grad((out * weights[0]).sum(), table, create_graph=True)
-        second.append(reference_grads(hyper, g.square().sum()))
+        second.append(grads_of(hyper, g.square().sum()))
     assert set(second[0]) == set(second[1])
     for n, g in second[1].items():
         assert_close(second[0][n], g, {"rtol": 1e-9, "atol": 1e-12}, f"second derivative, {n}")
@@ -250,14 +250,14 @@ def test_under_autocast_the_static_call_takes_the_reference_path(tmp_path) -> No
     torch.manual_seed(0)
     hyper = hypernetwork_class(module)()
     x = torch.randn(16, 8)
-    want = reference_grads(hyper, hyper(x)[0].square().mean())
+    want = grads_of(hyper, hyper(x)[0].square().mean())
     spy = []
     original = module.StaticWeights.apply
     module.StaticWeights.apply = lambda *a: spy.append(1) or original(*a)
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = hyper(x)[0]
-        got = reference_grads(hyper, out.float().square().mean())
+        got = grads_of(hyper, out.float().square().mean())
     finally:
         module.StaticWeights.apply = original
     assert out.dtype == torch.bfloat16 and not spy

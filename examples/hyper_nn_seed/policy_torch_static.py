@@ -553,15 +553,15 @@ class StaticWeights(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         plan, scales = ctx.plan, ctx.scales
         table, weight, bias, param_scale, param_shift, block, raw = ctx.saved_tensors
-        count = len(plan.generated)
-        gaps = any(plan.sizes[0::2])  # values of no tensor (owner: one past the last)
-        owner, inverse = static_constants(plan, param_scale)
         if torch.is_grad_enabled():  # create_graph: the reference, through autograd
             inputs = (table, weight, bias, param_scale, param_shift)
             outputs = reference_static_values(plan, scales, ctx.base, *inputs)
             wanted = [x for x in inputs if x.requires_grad]
             found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True))
             return None, None, None, *(next(found) if x.requires_grad else None for x in inputs)
+        count = len(plan.generated)
+        gaps = any(plan.sizes[0::2])  # values of no tensor (owner: one past the last)
+        owner, inverse = static_constants(plan, param_scale)
         g_table = torch.zeros_like(table)
         g_weight = grads[-1] if plan.low_rank else torch.zeros_like(weight)
         g_bias = torch.zeros_like(bias)
@@ -599,12 +599,9 @@ class StaticWeights(torch.autograd.Function):
             g_bias = g_bias + param_scale[i] * g_u
         if gaps:
             g_scale, g_shift = g_scale[:count], g_shift[:count]
-        if scales is not None:
-            g_table, g_weight, g_bias = (
-                g_table * scales[0],
-                g_weight * scales[1],
-                g_bias * scales[2],
-            )
+        if scales is not None:  # the table's is None where an own embedding applies its own
+            g_table = g_table if scales[0] is None else g_table * scales[0]
+            g_weight, g_bias = g_weight * scales[1], g_bias * scales[2]
             g_scale, g_shift = g_scale * inverse, g_shift * inverse
         return None, None, None, g_table, g_weight, g_bias, g_scale, g_shift
 
@@ -651,8 +648,8 @@ def run_static(
     generator = hypernetwork.weight_generator.linear
     if table is None:
         table = hypernetwork.embedding_module.weight
-    elif gradient_scale is not None:
-        gradient_scale = (1.0, *gradient_scale[1:])
+    elif gradient_scale is not None:  # the embedding module's forward applies its own
+        gradient_scale = (None, *gradient_scale[1:])
     base = None
     if delta:
         flat = hypernetwork.base
@@ -695,4 +692,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=2b3e7e084a4e29827a0f4e1a3a6cccd913307f3e102ea77a90c547955e26d67d
+# hypernn-gen: sha256=c2752d20a37d1b8765361b9181cd2a018a4f4806ca1290a6aaebfb4dff2e8918
