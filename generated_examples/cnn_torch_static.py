@@ -329,13 +329,23 @@ def scaled_linear(
 
 
 def decoder(
-    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    gradient_scale: tuple | None,
+    constants: dict | None = None,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
-    their gradients divided by the tensor's size, the number of values they are summed over."""
+    their gradients divided by the tensor's size, the number of values they are summed over
+    (those factors kept in ``constants`` after the first call)."""
     if gradient_scale is None:
         return param_scale.unbind(), param_shift.unbind()
-    factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+    key = ("inverse sizes", param_scale.device, param_scale.dtype)
+    factors = None if constants is None else constants.get(key)
+    if factors is None:
+        factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+        if constants is not None and not torch.compiler.is_compiling():
+            constants[key] = factors
     return scale_grad(param_scale, factors).unbind(), scale_grad(param_shift, factors).unbind()
 
 
@@ -724,4 +734,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=a3949085a12d42b79231e5d6d07938d868dfffd2f40f192c2d4b9046786fcfad
+# hypernn-gen: sha256=46efe5ce4840b09a76698639a0694947f5eae77a93a0ffbcd26ef40e84e9c44e

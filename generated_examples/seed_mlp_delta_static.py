@@ -327,13 +327,23 @@ def scaled_linear(
 
 
 def decoder(
-    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    gradient_scale: tuple | None,
+    constants: dict | None = None,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
-    their gradients divided by the tensor's size, the number of values they are summed over."""
+    their gradients divided by the tensor's size, the number of values they are summed over
+    (those factors kept in ``constants`` after the first call)."""
     if gradient_scale is None:
         return param_scale.unbind(), param_shift.unbind()
-    factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+    key = ("inverse sizes", param_scale.device, param_scale.dtype)
+    factors = None if constants is None else constants.get(key)
+    if factors is None:
+        factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+        if constants is not None and not torch.compiler.is_compiling():
+            constants[key] = factors
     return scale_grad(param_scale, factors).unbind(), scale_grad(param_shift, factors).unbind()
 
 
@@ -768,4 +778,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=b76c694deda5e53c6e863edead666fc0827818dfdeefc25f97cbe09002a7c1e7
+# hypernn-gen: sha256=1b3521cb892bc0354b687cdcd4859caa0c479455e5fdfa5685cf762b98dcd8ad

@@ -312,13 +312,23 @@ def scaled_linear(
 
 
 def decoder(
-    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    gradient_scale: tuple | None,
+    constants: dict | None = None,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
-    their gradients divided by the tensor's size, the number of values they are summed over."""
+    their gradients divided by the tensor's size, the number of values they are summed over
+    (those factors kept in ``constants`` after the first call)."""
     if gradient_scale is None:
         return param_scale.unbind(), param_shift.unbind()
-    factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+    key = ("inverse sizes", param_scale.device, param_scale.dtype)
+    factors = None if constants is None else constants.get(key)
+    if factors is None:
+        factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+        if constants is not None and not torch.compiler.is_compiling():
+            constants[key] = factors
     return scale_grad(param_scale, factors).unbind(), scale_grad(param_shift, factors).unbind()
 
 
@@ -707,4 +717,4 @@ if __name__ == "__main__":
     output, generated_params = hypernetwork(*inputs, return_params=True)
     print("output:", tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
     print("generated_params:", tuple(generated_params.shape))
-# hypernn-gen: sha256=324205a207d18c84143f75a771b037e826d39a0daf61d10ab965eda32cf9ebdf
+# hypernn-gen: sha256=7df924101681fe8b75d68fa6ecf5fe539f19d082c61f77e91acf4e883c518fe5

@@ -195,13 +195,23 @@ def normalize_raw(raw: Tensor, generated: tuple, flat_size: int) -> Tensor:
 
 
 def decoder(
-    param_scale: Tensor, param_shift: Tensor, generated: tuple, gradient_scale: tuple | None
+    param_scale: Tensor,
+    param_shift: Tensor,
+    generated: tuple,
+    gradient_scale: tuple | None,
+    constants: dict | None = None,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Each tensor's decode scale and shift; with gradient scaling (``gradient_scale`` given),
-    their gradients divided by the tensor's size, the number of values they are summed over."""
+    their gradients divided by the tensor's size, the number of values they are summed over
+    (those factors kept in ``constants`` after the first call)."""
     if gradient_scale is None:
         return param_scale.unbind(), param_shift.unbind()
-    factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+    key = ("inverse sizes", param_scale.device, param_scale.dtype)
+    factors = None if constants is None else constants.get(key)
+    if factors is None:
+        factors = param_scale.new_tensor([1.0 / p.size for p in generated])  # one op for all
+        if constants is not None and not torch.compiler.is_compiling():
+            constants[key] = factors
     return scale_grad(param_scale, factors).unbind(), scale_grad(param_shift, factors).unbind()
 
 
@@ -647,6 +657,7 @@ class Shared(NamedTuple):
     chunk_dim: int
     flat_size: int
     cache: dict  # g0 and bg per generated tensor, computed when first asked for
+    constants: dict  # index tensors fixed by the layout, per device, kept across calls
     base: tuple[Tensor, ...] | None = None  # --generate delta: each tensor's frozen base, flat
 
     def span(self, i: int) -> tuple[int, int, int]:
@@ -735,19 +746,7 @@ class Shared(NamedTuple):
         sample, ``(batch, size)`` each, computed once for all: a few operations on the values
         gathered from their chunks, instead of a few operations per tensor."""
         if "small" not in self.cache:
-            spans = [(i, *self.span(i)) for i in range(len(self.generated))]
-            spans = [(i, first, start) for i, first, count, start in spans if count == 1]
-            ids = [i for i, _, _ in spans]
-            sizes = [self.generated[i].size for i in ids]
-            counts = torch.tensor(sizes)  # the indices: on the host, then copied without a sync
-            owner = torch.arange(len(ids)).repeat_interleave(counts, output_size=sum(sizes))
-            within = torch.arange(sum(sizes)) - (counts.cumsum(0) - counts)[owner]
-            pos = torch.tensor([start for _, _, start in spans])[owner] + within
-            chunk = torch.tensor([first for _, first, _ in spans])
-            index = torch.stack([owner, owner * self.chunk_dim + pos, pos, chunk[owner]])
-            device = self.scales.device
-            owner, g0_at, pos, chunk_at = index.to(device, non_blocking=True)
-            chunk = chunk.to(device, non_blocking=True)
+            ids, sizes, (owner, g0_at, pos, chunk_at, chunk) = self.small_index()
             g0 = F.linear(self.table.index_select(0, chunk), self.generator)  # (tensors, C)
             g0 = g0.view(-1).index_select(0, g0_at)
             bg = self.generator_bias.index_select(0, pos)
@@ -757,6 +756,30 @@ class Shared(NamedTuple):
             value = shift + scale * (bg + coeff * g0)  # as raw(): bg + s * g0, then decoded
             self.cache["small"] = dict(zip(ids, value.split(sizes, 1), strict=True))
         return self.cache["small"]
+
+    def small_index(self) -> tuple[list[int], list[int], tuple[Tensor, ...]]:
+        """:meth:`small`'s tensors and sizes, and its index tensors: each value's tensor (in that
+        list), place in the generator's output, in the chunk, and chunk; each tensor's chunk.
+        Made on the host, copied without a sync, and kept per device after the first call (not
+        while torch.compile traces: it may not write the cache)."""
+        key = ("small", self.scales.device)
+        if key in self.constants:
+            return self.constants[key]
+        spans = [(i, *self.span(i)) for i in range(len(self.generated))]
+        spans = [(i, first, start) for i, first, count, start in spans if count == 1]
+        ids = [i for i, _, _ in spans]
+        sizes = [self.generated[i].size for i in ids]
+        counts = torch.tensor(sizes)
+        owner = torch.arange(len(ids)).repeat_interleave(counts, output_size=sum(sizes))
+        within = torch.arange(sum(sizes)) - (counts.cumsum(0) - counts)[owner]
+        pos = torch.tensor([start for _, _, start in spans])[owner] + within
+        chunk = torch.tensor([first for _, first, _ in spans])
+        index = torch.stack([owner, owner * self.chunk_dim + pos, pos, chunk[owner]])
+        device = self.scales.device
+        found = (ids, sizes, (*index.to(device, non_blocking=True), chunk.to(device)))
+        if not torch.compiler.is_compiling():
+            self.constants[key] = found
+        return found
 
 
 def shared_inputs(
@@ -774,8 +797,9 @@ def shared_inputs(
     (A static call has its own path: :func:`run_static`.)"""
     embedding, generator = hypernetwork.embedding_module, hypernetwork.weight_generator.linear
     table_scale, weight_scale, bias_scale = gradient_scale or (None, None, None)
+    constants = vars(hypernetwork).setdefault("hyper_constants", {})  # per device, kept
     scale, shift = decoder(
-        hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale
+        hypernetwork.param_scale, hypernetwork.param_shift, generated, gradient_scale, constants
     )
     scales, table = embedding.scales(condition), scale_grad(embedding.weight, table_scale)
     return Shared(
@@ -794,6 +818,7 @@ def shared_inputs(
             if delta
             else None
         ),
+        constants=constants,
     )
 
 
